@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Creates .venv if missing, installs the package with its test extra, and runs the test suite (CPU only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+fi
+.venv/bin/python -m pip install --quiet -e ".[test]"
+exec .venv/bin/python -m pytest tests "$@"

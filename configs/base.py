@@ -1,0 +1,87 @@
+"""Every config key with its default, documented once. Recipes start from `get_config()` and override.
+
+Any key may be overridden from the command line, e.g. `--config.model.num_layers=4`. Allowed values of the
+choice keys live in `llm/config_validation.py`, which checks every config before a run starts.
+"""
+
+import ml_collections
+
+# Logical axis -> mesh axes. The single sharding table of the project (MaxText style): model code names
+# the logical axes of each parameter and activation, this table decides where they live on the mesh.
+# Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters sharded, ZeRO-3 style),
+# `tensor` (Megatron-style tensor parallel).
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Seeds parameter init, data order and dropout; a resumed run reuses it.
+
+    # Devices form a (data, fsdp, tensor) mesh; one entry may be -1 ("all remaining devices").
+    config.mesh_shape = (1, -1, 1)
+    config.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES  # See DEFAULT_LOGICAL_AXIS_RULES above.
+
+    config.model = model = ml_collections.ConfigDict()
+    model.vocab_size = 32000  # Must cover every id of the tokenizer (pad, bos, eos, unk, chat markers included).
+    model.max_seq_len = 1024  # Longest context; sizes the learned position table and bounds RoPE positions.
+    model.num_layers = 12  # Transformer blocks.
+    model.embed_dim = 768  # Width of the residual stream.
+    model.num_heads = 12  # Query heads.
+    model.num_kv_heads = 12  # Key/value heads: = num_heads is MHA, 1 is MQA, in between is GQA.
+    model.head_dim = 0  # Per-head width; 0 means embed_dim // num_heads.
+    model.mlp_dim = 3072  # Hidden width of the feed-forward block.
+    model.mlp_activation = "gelu"  # "gelu" (GPT-2) or "swiglu" (Llama: gated, three matrices).
+    model.norm = "layernorm"  # "layernorm" or "rmsnorm"; pre-norm in every block plus one final norm.
+    model.norm_eps = 1e-5  # Epsilon of the normalization layers.
+    model.position_encoding = "rope"  # "rope", "learned" (absolute table) or "sinusoidal".
+    model.rope_theta = 10000.0  # RoPE base frequency.
+    model.tie_embeddings = True  # Output projection shares the token embedding matrix.
+    model.use_bias = False  # Biases in attention and MLP projections.
+    model.dropout_rate = 0.0  # Dropout on embeddings, attention output and MLP output (training only).
+    model.scan_layers = False  # Stack the blocks and run them with lax.scan: compile time flat in depth.
+    model.remat_policy = "none"  # Activation rematerialization: "none", "full" or "save_dots".
+    model.attention_impl = "auto"  # "auto" (by platform), "xla" (reference) or "cudnn" (GPU flash attention).
+    model.dtype = "float32"  # Compute dtype of matmuls and activations ("bfloat16" on accelerators).
+    model.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
+
+    config.data = data = ml_collections.ConfigDict()
+    data.path = ""  # Directory with train/ and validation/ ArrayRecord shards (scripts/prepare_data.py).
+    data.seq_len = 1024  # Row length of the packed shards; must equal the shards' and be <= max_seq_len.
+    data.num_workers = 0  # Grain worker processes (0 is fastest for pre-tokenized shards on few cores).
+    data.prefetch_buffer_size = 4  # Batches each Grain worker reads ahead (with num_workers > 0).
+
+    config.train = train = ml_collections.ConfigDict()
+    train.num_steps = 1000  # Optimizer steps.
+    train.batch_size = 32  # Global batch in sequences (all hosts, all microbatches).
+    train.grad_accum_steps = 1  # Microbatches per step; the batch is split and gradients summed in one jit.
+    train.z_loss = 0.0  # Coefficient of the z-loss (log Z)^2 that keeps logits from drifting (PaLM: 1e-4).
+    train.log_every = 10  # Steps between metrics.jsonl / TensorBoard entries.
+    train.eval_every = 200  # Steps between validation passes (0: never).
+    train.eval_batches = 10  # Validation batches per pass (the first N of the split, in order).
+    train.checkpoint_every = 200  # Steps between checkpoints; the final step is always saved.
+    train.keep_checkpoints = 3  # Most recent checkpoints kept on disk.
+    train.peak_tflops_per_device = 0.0  # Peak for MFU; 0 looks the device kind up (unknown kinds: no MFU).
+
+    config.optimizer = opt = ml_collections.ConfigDict()
+    opt.learning_rate = 6e-4  # Peak learning rate.
+    opt.schedule = "cosine"  # After warmup: "cosine", "linear" (to the final value) or "constant".
+    opt.warmup_steps = 100  # Linear warmup from 0 to the peak.
+    opt.final_lr_ratio = 0.1  # Final learning rate as a fraction of the peak (cosine and linear).
+    opt.b1 = 0.9  # AdamW beta1.
+    opt.b2 = 0.95  # AdamW beta2.
+    opt.eps = 1e-8  # AdamW epsilon.
+    opt.weight_decay = 0.1  # Decoupled weight decay; applied to weight matrices only (not norms, biases, embeddings).
+    opt.grad_clip_norm = 1.0  # Clip the global gradient norm to this (0: no clipping).
+
+    return config

@@ -1,0 +1,133 @@
+"""Start-up validation of a training config: fail at once, naming the key and what it may be.
+
+`configs/base.py` is the schema: a config may not add a key it lacks, and every value must have the type
+of the base default. On top of that, this module holds the allowed values of the choice keys and the
+constraints that tie keys together. Nothing here touches devices or compiles anything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from configs import base
+from llm.model.attention import ATTENTION_IMPLS
+from llm.train.optimizer import SCHEDULES
+
+CHOICES = {
+    "model.mlp_activation": ("gelu", "swiglu"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.position_encoding": ("rope", "learned", "sinusoidal"),
+    "model.remat_policy": ("none", "full", "save_dots"),
+    "model.attention_impl": ATTENTION_IMPLS,
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "optimizer.schedule": SCHEDULES,
+}
+
+POSITIVE = ("model.vocab_size", "model.max_seq_len", "model.num_layers", "model.embed_dim", "model.num_heads",
+            "model.num_kv_heads", "model.mlp_dim", "model.norm_eps", "model.rope_theta", "data.seq_len",
+            "train.num_steps", "train.batch_size", "train.grad_accum_steps", "train.log_every",
+            "train.checkpoint_every", "train.keep_checkpoints", "optimizer.learning_rate")
+NON_NEGATIVE = ("model.head_dim", "data.num_workers", "train.z_loss", "train.eval_every", "train.eval_batches",
+                "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
+                "train.peak_tflops_per_device", "data.prefetch_buffer_size")
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or a value outside what it allows."""
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first offending key."""
+    _check_schema(config, base.get_config(), prefix="")
+    for key, allowed in CHOICES.items():
+        if _get(config, key) not in allowed:
+            raise ConfigError(f"config.{key}={_get(config, key)!r} is not one of {allowed}.")
+    for key in POSITIVE:
+        if not _get(config, key) > 0:
+            raise ConfigError(f"config.{key}={_get(config, key)!r} must be > 0.")
+    for key in NON_NEGATIVE:
+        if not _get(config, key) >= 0:
+            raise ConfigError(f"config.{key}={_get(config, key)!r} must be >= 0.")
+    _check_relations(config)
+
+
+def _check_schema(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
+    for key in config.keys():
+        name = prefix + key
+        if key not in schema:
+            raise ConfigError(f"Unknown config key config.{name}; known keys here: {sorted(schema.keys())}.")
+        value, default = config[key], schema[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"config.{name} must be a section (ConfigDict), got {value!r}.")
+            _check_schema(value, default, name + ".")
+        elif not _same_type(value, default):
+            raise ConfigError(f"config.{name}={value!r} has type {type(value).__name__}; "
+                              f"expected {type(default).__name__} like the default {default!r}.")
+    missing = sorted(set(schema.keys()) - set(config.keys()))
+    if missing:
+        raise ConfigError(f"config.{prefix}{missing[0]} is missing (a recipe must start from configs/base.py).")
+
+
+def _same_type(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(default))
+
+
+def _check_relations(config: ml_collections.ConfigDict) -> None:
+    model, train = config.model, config.train
+    if model.num_heads % model.num_kv_heads:
+        raise ConfigError(f"config.model.num_kv_heads={model.num_kv_heads} must divide "
+                          f"config.model.num_heads={model.num_heads} (grouped-query attention).")
+    if not model.head_dim and model.embed_dim % model.num_heads:
+        raise ConfigError(f"config.model.embed_dim={model.embed_dim} is not divisible by config.model.num_heads="
+                          f"{model.num_heads}; set config.model.head_dim explicitly.")
+    if model.position_encoding == "rope" and (model.head_dim or model.embed_dim // model.num_heads) % 2:
+        raise ConfigError("RoPE needs an even head dimension (config.model.head_dim / embed_dim // num_heads).")
+    if config.data.seq_len > model.max_seq_len:
+        raise ConfigError(f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_seq_len="
+                          f"{model.max_seq_len}.")
+    if train.batch_size % train.grad_accum_steps:
+        raise ConfigError(f"config.train.batch_size={train.batch_size} must be divisible by "
+                          f"config.train.grad_accum_steps={train.grad_accum_steps}.")
+    if config.optimizer.warmup_steps > train.num_steps:
+        raise ConfigError(f"config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds "
+                          f"config.train.num_steps={train.num_steps}.")
+    if not 0.0 <= config.optimizer.final_lr_ratio <= 1.0:
+        raise ConfigError(f"config.optimizer.final_lr_ratio={config.optimizer.final_lr_ratio} must be in [0, 1].")
+    if not 0.0 <= model.dropout_rate < 1.0:
+        raise ConfigError(f"config.model.dropout_rate={model.dropout_rate} must be in [0, 1).")
+    rule_names = [rule[0] for rule in config.logical_axis_rules]
+    for rule in config.logical_axis_rules:
+        axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+        unknown = [a for a in axes if a is not None and a not in ("data", "fsdp", "tensor")]
+        if unknown:
+            raise ConfigError(f"config.logical_axis_rules maps {rule[0]!r} to unknown mesh axes {unknown}; "
+                              "mesh axes are ('data', 'fsdp', 'tensor').")
+    for name in ("batch", "embed", "vocab", "mlp", "heads", "kv_heads", "head_dim", "layers", "length", "norm"):
+        if name not in rule_names:
+            raise ConfigError(f"config.logical_axis_rules has no rule for the logical axis {name!r}.")
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def check_batch_divides_mesh(config: ml_collections.ConfigDict, data_parallel: int) -> None:
+    """The global batch (per microbatch) must split evenly over the data-parallel devices."""
+    micro = config.train.batch_size // config.train.grad_accum_steps
+    if micro % data_parallel:
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size} / grad_accum_steps="
+                          f"{config.train.grad_accum_steps} = {micro} rows per microbatch is not divisible by the "
+                          f"{data_parallel} data-parallel devices of mesh_shape={tuple(config.mesh_shape)}.")

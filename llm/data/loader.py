@@ -1,0 +1,98 @@
+"""Grain pipelines over the packed ArrayRecord shards written by the corpus pipeline (llm/data/records.py).
+
+Training reads an endless, per-epoch reshuffled stream of batches; each process of a multi-host run reads
+its own interleaved slice of the rows. The iterator state goes into every checkpoint, so a resumed run sees
+exactly the batches an uninterrupted run would have seen. Validation reads the first N batches of its split,
+in order, every time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from llm.data import records
+
+Batch = dict[str, np.ndarray]
+
+
+def _rows(split_dir: str, seq_len: int) -> grain.MapDataset:
+    """The decoded rows of one split, after checking that their length is the model's `seq_len`."""
+    paths = records.shard_paths(split_dir)
+    source = grain.sources.ArrayRecordDataSource(paths)
+    if len(source) == 0:
+        raise ValueError(f"The shards in {split_dir!r} hold no rows.")
+    row_len = len(source[0]) // (4 * len(records.FIELDS))
+    if row_len != seq_len:
+        raise ValueError(f"Rows in {paths[0]!r} have length {row_len}, but config.data.seq_len is {seq_len}. "
+                         "Set --config.data.seq_len to match, or re-pack the data.")
+    return grain.MapDataset.source(source).map(records.decode_row)
+
+
+def _process_slice(rows: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+    return rows[process_index::process_count]
+
+
+class TrainIterator:
+    """Endless batches of training rows with a checkpointable position.
+
+    `get_state()` returns a JSON-serializable dict that records the Grain iterator state together with the
+    worker count and process layout, because Grain's state is only meaningful for the same layout: restoring
+    it under another one could silently yield other data, so `set_state` refuses.
+    """
+
+    def __init__(self, split_dir: str, seq_len: int, batch_size: int, seed: int, num_workers: int = 0,
+                 prefetch_buffer_size: int = 4, process_index: int = 0, process_count: int = 1):
+        rows = _process_slice(_rows(split_dir, seq_len), process_index, process_count)
+        if len(rows) < batch_size:
+            raise ValueError(f"{split_dir!r} holds {len(rows)} rows for this process, fewer than one batch of "
+                             f"{batch_size}.")
+        # Shuffle, then repeat with a fresh shuffle every epoch; batches never straddle an epoch boundary
+        # in a way that depends on the worker count.
+        dataset = rows.seed(seed).shuffle().repeat(None).batch(batch_size, drop_remainder=True)
+        dataset = dataset.to_iter_dataset()
+        if num_workers > 0:
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=num_workers, per_worker_buffer_size=prefetch_buffer_size))
+        self._iterator = iter(dataset)
+        self._layout = {"num_workers": num_workers, "process_index": process_index,
+                        "process_count": process_count, "batch_size": batch_size, "seed": seed}
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"layout": self._layout, "grain": self._iterator.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        saved = state["layout"]
+        if saved != self._layout:
+            changed = {k: (saved.get(k), v) for k, v in self._layout.items() if saved.get(k) != v}
+            raise ValueError(
+                "The checkpoint's data-iterator state was saved with another data layout "
+                f"(key: (saved, now)) {changed}. Grain iterator state is only valid for the same worker count, "
+                "process layout, batch size and seed; restore with the saved values (e.g. "
+                f"--config.data.num_workers={saved.get('num_workers')}).")
+        self._iterator.set_state(state["grain"])
+
+
+def validation_batches(split_dir: str, seq_len: int, batch_size: int, num_batches: int,
+                       process_index: int = 0, process_count: int = 1) -> list[Batch]:
+    """The first `num_batches` batches of the validation split (fewer if the split is smaller), in order."""
+    rows = _process_slice(_rows(split_dir, seq_len), process_index, process_count)
+    batched = rows.batch(batch_size, drop_remainder=True)
+    if len(batched) == 0:
+        raise ValueError(f"{split_dir!r} holds {len(rows)} rows for this process, fewer than one batch of "
+                         f"{batch_size}; lower config.train.batch_size or add validation data.")
+    return [batched[i] for i in range(min(num_batches, len(batched)))]
+
+
+def split_dir(data_path: str, split: str) -> str:
+    return os.path.join(data_path, split)

@@ -1,0 +1,100 @@
+"""Building blocks of the transformer: initializers, norms, feed-forward, position encodings, dropout.
+
+Every parameter is created through `sharding.with_logical_axes`, which records its logical axis names
+(`embed`, `mlp`, `vocab`, ...); `configs/base.py` maps those names to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from llm import sharding
+
+# GPT-2 initialization: N(0, 0.02) everywhere; projections that write into the residual stream are
+# scaled by 1/sqrt(2 * num_layers) so the stream's variance does not grow with depth.
+INIT_STD = 0.02
+
+
+def normal_init(logical_axes: tuple[str, ...], std: float = INIT_STD):
+    return sharding.with_logical_axes(nnx.initializers.normal(std), logical_axes)
+
+
+def zeros_init(logical_axes: tuple[str, ...]):
+    return sharding.with_logical_axes(nnx.initializers.zeros_init(), logical_axes)
+
+
+def residual_std(cfg: ml_collections.ConfigDict) -> float:
+    return INIT_STD / math.sqrt(2 * cfg.num_layers)
+
+
+def head_dim(cfg: ml_collections.ConfigDict) -> int:
+    return cfg.head_dim or cfg.embed_dim // cfg.num_heads
+
+
+def make_norm(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
+    """RMSNorm or LayerNorm over `embed`, computed in float32 whatever the compute dtype."""
+    scale_init = sharding.with_logical_axes(nnx.initializers.ones_init(), ("norm",))
+    common = dict(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    if cfg.norm == "rmsnorm":
+        return nnx.RMSNorm(cfg.embed_dim, scale_init=scale_init, **common)
+    return nnx.LayerNorm(cfg.embed_dim, scale_init=scale_init, use_bias=True,
+                         bias_init=zeros_init(("norm",)), **common)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when `key` is None (evaluation) or rate is 0.
+
+    Functional rather than nnx.Dropout so the key can be derived from (seed, step, layer) and a resumed
+    run draws exactly the masks an uninterrupted one would.
+    """
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """Feed-forward block: GELU (up, down) or SwiGLU (gate, up, down)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.activation = cfg.mlp_activation
+        linear = dict(use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                      rngs=rngs)
+        up = dict(kernel_init=normal_init(("embed", "mlp")), bias_init=zeros_init(("mlp",)), **linear)
+        self.up = nnx.Linear(cfg.embed_dim, cfg.mlp_dim, **up)
+        if self.activation == "swiglu":
+            self.gate = nnx.Linear(cfg.embed_dim, cfg.mlp_dim, **up)
+        self.down = nnx.Linear(cfg.mlp_dim, cfg.embed_dim, kernel_init=normal_init(("mlp", "embed"), residual_std(cfg)),
+                               bias_init=zeros_init(("embed",)), **linear)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.activation == "swiglu":
+            hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+        else:
+            hidden = jax.nn.gelu(self.up(x))
+        hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
+        return self.down(hidden)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form) of x: (batch, length, heads, head_dim)."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (batch, length, half)
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def sinusoidal(positions: jax.Array, dim: int) -> jax.Array:
+    """The fixed sin/cos table of "Attention is all you need", evaluated at `positions`: (..., dim)."""
+    half = dim // 2
+    inv_freq = 1.0 / 10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)

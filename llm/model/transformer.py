@@ -1,0 +1,133 @@
+"""A decoder-only transformer in Flax NNX, read top to bottom.
+
+    tokens -> embedding (+ learned or sinusoidal positions) -> N x Block -> final norm -> logits
+    Block: x + Attention(Norm(x)), then x + MLP(Norm(x))          (pre-norm residual blocks)
+
+The configuration (`configs/base.py`, section `model`) picks GPT-2 or Llama style pieces. Blocks are either
+a Python list or, with `scan_layers`, one stacked Block whose parameters carry a leading `layers` axis and
+run under `lax.scan` (compile time independent of depth). `remat_policy` rematerializes block activations.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from llm import sharding
+from llm.model import layers
+from llm.model.attention import Attention
+
+REMAT_POLICIES = {
+    "full": None,  # Save nothing: recompute the whole block in the backward pass.
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep matmul outputs.
+}
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.dropout_rate = cfg.dropout_rate
+        self.attention_norm = layers.make_norm(cfg, rngs)
+        self.attention = Attention(cfg, rngs=rngs)
+        self.mlp_norm = layers.make_norm(cfg, rngs)
+        self.mlp = layers.MLP(cfg, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 dropout_key: jax.Array | None) -> jax.Array:
+        keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        attended = self.attention(self.attention_norm(x).astype(x.dtype), positions, segment_ids)
+        x = x + layers.dropout(attended, self.dropout_rate, keys[0])
+        x = sharding.constrain(x, ("batch", "length", "embed"))
+        x = x + layers.dropout(self.mlp(self.mlp_norm(x).astype(x.dtype)), self.dropout_rate, keys[1])
+        return sharding.constrain(x, ("batch", "length", "embed"))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        # A frozen copy: hashable, and safe from later edits of the caller's config.
+        self.cfg = cfg = ml_collections.FrozenConfigDict(cfg)
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
+                               embedding_init=layers.normal_init(("vocab", "embed")), rngs=rngs)
+        if cfg.position_encoding == "learned":
+            self.position_embed = nnx.Embed(cfg.max_seq_len, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
+                                            embedding_init=layers.normal_init(("length", "embed")), rngs=rngs)
+        if cfg.scan_layers:
+            self.blocks = _stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = layers.make_norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.unembed = nnx.Linear(cfg.embed_dim, cfg.vocab_size, use_bias=False, dtype=dtype,
+                                      param_dtype=param_dtype, kernel_init=layers.normal_init(("embed", "vocab")),
+                                      rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits (batch, length, vocab) for int tokens (batch, length).
+
+        `positions` default to 0..length-1 and `segment_ids` to one segment per row. `dropout_key` turns
+        dropout on (training); without it the model is deterministic.
+        """
+        return self.logits(self.features(tokens, positions, segment_ids, dropout_key=dropout_key))
+
+    def features(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """The final normalized hidden states (batch, length, embed), before the output projection."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        x = self.embed(tokens)
+        if self.cfg.position_encoding == "learned":
+            x = x + self.position_embed(positions)
+        elif self.cfg.position_encoding == "sinusoidal":
+            x = x + layers.sinusoidal(positions, self.cfg.embed_dim).astype(x.dtype)
+        embed_key, blocks_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        x = layers.dropout(x, self.cfg.dropout_rate, embed_key)
+        x = sharding.constrain(x, ("batch", "length", "embed"))
+        x = self._run_blocks(x, positions, segment_ids, blocks_key)
+        return self.final_norm(x).astype(x.dtype)
+
+    def logits(self, features: jax.Array) -> jax.Array:
+        logits = self.embed.attend(features) if self.cfg.tie_embeddings else self.unembed(features)
+        return sharding.constrain(logits, ("batch", "length", "vocab"))
+
+    def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                    dropout_key: jax.Array | None) -> jax.Array:
+        def apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, layer: jax.Array) -> jax.Array:
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
+            return nnx.merge(graphdef, params)(x, positions, segment_ids, key)
+
+        if self.cfg.remat_policy != "none":
+            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat_policy], static_argnums=(0,))
+
+        if self.cfg.scan_layers:
+            graphdef, params = nnx.split(self.blocks)
+
+            def body(x: jax.Array, layer_and_params: tuple[jax.Array, nnx.State]) -> tuple[jax.Array, None]:
+                layer, layer_params = layer_and_params
+                return apply(graphdef, layer_params, x, layer), None
+
+            x, _ = jax.lax.scan(body, x, (jnp.arange(self.cfg.num_layers), params))
+            return x
+        for layer, block in enumerate(self.blocks):
+            graphdef, params = nnx.split(block)
+            x = apply(graphdef, params, x, jnp.asarray(layer))
+        return x
+
+
+def _stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:
+    """One Block whose every parameter has a leading axis of size num_layers (logical axis `layers`)."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=sharding.stacked_layers_metadata())
+    def create(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=rngs)
+
+    return create(rngs)
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

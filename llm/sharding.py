@@ -1,0 +1,176 @@
+"""Meshes, logical axis rules and shardings: the ONLY module that calls JAX/Flax partitioning APIs.
+
+Model code never names a mesh axis. It annotates each parameter with logical axis names through
+`with_logical_axes(initializer, ("embed", "mlp"))` and each key activation through
+`constrain(x, ("batch", "length", "embed"))`. The config's `logical_axis_rules` table maps those names to
+the mesh axes `data`, `fsdp` and `tensor`, so changing the parallelism of a run is a config change, and the
+next rename of a partitioning API in Flax or JAX touches this file only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, Any]]
+
+# The rules in force while tracing model code; set by `use_mesh`.
+_active_rules: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("logical_axis_rules", default=None)
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-host run (TPU pod slice, SLURM or GPU cluster), detected from the environment by JAX.
+
+    Call it before any other JAX call, on every host. Each process then feeds its own shard of the data
+    (see `llm/data/loader.py`) and `global_batch` assembles the global arrays.
+    """
+    jax.distributed.initialize()
+    logging.info("Process %d of %d, %d local devices.", jax.process_index(), jax.process_count(),
+                 jax.local_device_count())
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Replaces a single -1 entry of a (data, fsdp, tensor) shape by the number of devices left over."""
+    shape = tuple(int(n) for n in mesh_shape)
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh_shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}.")
+    if shape.count(-1) > 1 or any(n == 0 or n < -1 for n in shape):
+        raise ValueError(f"mesh_shape entries must be positive, with at most one -1; got {shape}.")
+    known = math.prod(n for n in shape if n != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh_shape {shape}: {num_devices} devices are not divisible by {known}.")
+        shape = tuple(num_devices // known if n == -1 else n for n in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh_shape {shape} needs {math.prod(shape)} devices, but {num_devices} are available.")
+    return shape
+
+
+def make_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh over all devices (or the given ones)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(mesh_shape, len(devices))
+    # Auto axes: XLA propagates shardings between our annotations (JAX now defaults to Explicit).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Makes `mesh` and the logical axis `rules` current for tracing, jitting and `constrain`."""
+    rules = tuple((name, _as_tuple(axes)) for name, axes in rules)
+    token = _active_rules.set(rules)
+    try:
+        # Flax reads the same table when it derives shardings itself (e.g. in nnx.eval_shape).
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            yield
+    finally:
+        _active_rules.reset(token)
+
+
+def _as_tuple(axes: Any) -> Any:
+    # Configs hold rules as lists after a round trip through JSON; flax wants tuples or strings.
+    return tuple(axes) if isinstance(axes, list) else axes
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per array."""
+    return nn.logical_to_mesh_axes(tuple(logical_axes), tuple((n, _as_tuple(a)) for n, a in rules))
+
+
+def with_logical_axes(initializer: Callable[..., jax.Array], logical_axes: Sequence[str | None]):
+    """Wraps a parameter initializer so the created nnx.Param records its logical axis names."""
+    return nnx.with_partitioning(initializer, tuple(logical_axes))
+
+
+def stacked_layers_metadata() -> dict[str, str]:
+    """`transform_metadata` for nnx.vmap over blocks: the new leading axis of every parameter is `layers`."""
+    return {nnx.PARTITION_NAME: "layers"}
+
+
+def no_eager_sharding():
+    """Context in which annotated parameters may be created without a mesh (we shard them explicitly)."""
+    return nnx.use_eager_sharding(False)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pins an activation's sharding inside jitted code; a no-op outside `use_mesh`."""
+    rules = _active_rules.get()
+    if rules is None or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
+
+
+def _sharding_for(leaf: Any, mesh: Mesh, rules: Rules) -> NamedSharding:
+    names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
+    shape = getattr(leaf.value if isinstance(leaf, nnx.Variable) else leaf, "shape", ())
+    if not names:
+        return NamedSharding(mesh, PartitionSpec())
+    spec = list(logical_to_spec(names, rules))
+    spec += [None] * (len(shape) - len(spec))
+    for dim, axes in enumerate(spec):
+        size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+        if size > 1 and shape[dim] % size:
+            # Uneven shards are not supported by jit; replicate this dimension rather than fail.
+            logging.warning("Dimension %d (%s, size %d) of a parameter is not divisible by mesh axes %s; "
+                            "replicating it.", dim, names[dim], shape[dim], axes)
+            spec[dim] = None
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Shardings for a pytree of nnx Variables and arrays (params, optimizer state, train state).
+
+    The result has the structure of `tree` (Variables keep their metadata, their value becomes a
+    NamedSharding), so it serves as jit `in_shardings`/`out_shardings` and for `abstract_with_shardings`.
+    A Variable is placed as its logical axes say; anything else (step counters, scalars) is replicated.
+    Optax moments are copies of the parameter Variables, so they inherit the parameters' shardings.
+    """
+    def for_leaf(leaf: Any) -> Any:
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(_sharding_for(leaf, mesh, rules))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(for_leaf, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def logical_sharding(mesh: Mesh, rules: Rules, logical_axes: Sequence[str | None]) -> NamedSharding:
+    """The NamedSharding of an array with the given logical axes (e.g. a batch: ("batch", "length"))."""
+    return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+    """Assembles each process's slice of a batch into global arrays sharded along `batch`.
+
+    Every process passes the rows it read itself; single-process runs pass the whole batch.
+    """
+    sharding = logical_sharding(mesh, rules, ("batch", "length"))
+    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+            for name, value in local_batch.items()}
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying shardings: the target that lets Orbax restore onto any mesh."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch dimension is split (the global batch must be a multiple of it)."""
+    axes = logical_to_spec(("batch",), rules)[0]
+    axes = (axes,) if isinstance(axes, str) else axes or ()
+    return math.prod(mesh.shape[a] for a in axes)

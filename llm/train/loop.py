@@ -1,0 +1,178 @@
+"""The pretraining loop: resume or init, step, log, evaluate, checkpoint, stop on NaN.
+
+    python scripts/train.py --config=configs/tiny_es.py --workdir=DIR --config.data.path=DATA
+
+writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/ and DIR/checkpoints/. Running it again with
+the same DIR resumes from the latest checkpoint and ends exactly where an uninterrupted run would: same
+parameters, same data order, same dropout masks, same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from llm import config_validation, sharding
+from llm.data import loader
+from llm.train import checkpoint, metrics as metrics_lib, optimizer as optimizer_lib, step as step_lib
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss or gradient; the last good checkpoint is kept."""
+
+
+def check_data_path(config: ml_collections.ConfigDict) -> None:
+    """Fails before any compilation when the data directory or one of its splits is missing."""
+    path = config.data.path
+    if not path:
+        raise config_validation.ConfigError(
+            "config.data.path is empty: pass --config.data.path=DIR, a directory made by scripts/prepare_data.py "
+            "with train/ and validation/ shards.")
+    for split in ("train", "validation") if config.train.eval_every else ("train",):
+        records_dir = loader.split_dir(path, split)
+        if not os.path.isdir(records_dir):
+            raise FileNotFoundError(f"config.data.path={path!r} has no {split}/ directory ({records_dir!r} is "
+                                    "missing); prepare it with scripts/prepare_data.py.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes training) to `config.train.num_steps`; returns the last logged metrics."""
+    config_validation.validate(config)
+    check_data_path(config)
+    mesh = sharding.make_mesh(config.mesh_shape)
+    rules = config.logical_axis_rules
+    config_validation.check_batch_divides_mesh(config, sharding.data_parallel_size(mesh, rules))
+
+    os.makedirs(workdir, exist_ok=True)
+    config_dict = json.loads(config.to_json())
+    if jax.process_index() == 0:
+        _write_json(os.path.join(workdir, "config.json"), config_dict)
+
+    train_cfg = config.train
+    num_steps = train_cfg.num_steps
+    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_steps)
+    optimizer = optimizer_lib.make_optimizer(config.optimizer, num_steps)
+    local_batch = train_cfg.batch_size // jax.process_count()
+    data = loader.TrainIterator(
+        loader.split_dir(config.data.path, "train"), config.data.seq_len, local_batch, config.seed,
+        config.data.num_workers, config.data.prefetch_buffer_size, jax.process_index(), jax.process_count())
+    validation = []
+    if train_cfg.eval_every:
+        validation = loader.validation_batches(
+            loader.split_dir(config.data.path, "validation"), config.data.seq_len, local_batch,
+            train_cfg.eval_batches, jax.process_index(), jax.process_count())
+    checkpointer = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                           train_cfg.keep_checkpoints)
+
+    with sharding.use_mesh(mesh, rules):
+        steps = step_lib.build_steps(config, mesh, optimizer, schedule)
+        start = checkpointer.latest_step()
+        if start is None:
+            start, state = 0, steps.init()
+        else:
+            _check_same_model(checkpointer.restore_config(start), config_dict)
+            state, data_state, _ = checkpointer.restore(start, steps.abstract_state)
+            data.set_state(data_state)
+            logging.info("Resumed from step %d in %s.", start, checkpointer.directory)
+        writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+        flops_per_token = metrics_lib.train_flops_per_token(config.model, config.data.seq_len)
+        peak = metrics_lib.peak_flops_per_device(train_cfg.peak_tflops_per_device)
+        tokens_per_step = train_cfg.batch_size * config.data.seq_len
+
+        last = {}
+        interval_start, interval_steps = time.perf_counter(), 0
+        try:
+            for step in range(start, num_steps):
+                batch = sharding.global_batch(next(data), mesh, rules)
+                state, step_metrics = steps.train(state, batch)
+                done = step + 1
+                interval_steps += 1
+                if done == start + 1:
+                    # The first step includes compilation: time throughput from the end of it.
+                    jax.block_until_ready(step_metrics)
+                    interval_start, interval_steps = time.perf_counter(), 0
+                is_last = done == num_steps
+                if done % train_cfg.log_every == 0 or is_last or done % train_cfg.checkpoint_every == 0:
+                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    _check_finite(values, done, checkpointer)
+                if done % train_cfg.log_every == 0 or is_last:
+                    elapsed = time.perf_counter() - interval_start
+                    tokens_per_sec = tokens_per_step * interval_steps / elapsed if interval_steps else None
+                    last = {
+                        "loss": values["loss"],
+                        "perplexity": math.exp(min(values["loss"], 50.0)),
+                        "learning_rate": values["learning_rate"],
+                        "grad_norm": values["grad_norm"],
+                        "tokens_per_sec": tokens_per_sec,
+                        "mfu": metrics_lib.mfu(tokens_per_sec, flops_per_token, peak) if tokens_per_sec else None,
+                    }
+                    writer.write(done, last)
+                    logging.info("step %d: %s", done, _format(last))
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if validation and (done % train_cfg.eval_every == 0 or is_last):
+                    evaluation = evaluate(steps, state, validation, mesh, rules)
+                    writer.write(done, evaluation)
+                    logging.info("step %d: %s", done, _format(evaluation))
+                    last.update(evaluation)
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if done % train_cfg.checkpoint_every == 0 or is_last:
+                    checkpointer.save(done, state, data.get_state(), config_dict)
+        finally:
+            checkpointer.wait()
+            checkpointer.close()
+            writer.close()
+    return last
+
+
+def evaluate(steps: step_lib.Steps, state: step_lib.TrainState, batches: list[loader.Batch], mesh: Any,
+             rules: Any) -> dict[str, float]:
+    """Token-weighted loss and perplexity over the validation batches."""
+    loss_sum = weight = 0.0
+    for batch in batches:
+        result = jax.device_get(steps.eval(state, sharding.global_batch(batch, mesh, rules)))
+        loss_sum += float(result["loss_sum"])
+        weight += float(result["weight"])
+    eval_loss = loss_sum / max(weight, 1.0)
+    return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+def _check_finite(values: dict[str, float], step: int, checkpointer: checkpoint.Checkpointer) -> None:
+    if all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
+        return
+    checkpointer.wait()
+    raise NonFiniteLossError(
+        f"Non-finite training values at step {step}: loss={values['loss']}, grad_norm={values['grad_norm']}. "
+        f"Stopped without saving; the last good checkpoint is step {checkpointer.latest_step()} in "
+        f"{checkpointer.directory}. Lower config.optimizer.learning_rate, enable grad clipping or a z-loss, "
+        "then re-run to resume from it.")
+
+
+def _check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Resuming with another architecture or seed would not be the same run: refuse, naming the key."""
+    for section in ("model", "seed"):
+        if saved.get(section) != current.get(section):
+            diff = section
+            if isinstance(current.get(section), dict):
+                diff = next(f"model.{k}" for k in current[section] if saved[section].get(k) != current[section][k])
+            raise config_validation.ConfigError(
+                f"The workdir holds a checkpoint of a different run: config.{diff} differs from the saved "
+                "config. Use a new --workdir, or restore the saved value.")
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _format(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())

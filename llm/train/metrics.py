@@ -1,0 +1,119 @@
+"""Run metrics: TensorBoard events, metrics.jsonl, and the FLOP accounting behind MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import tensorboardX
+
+from llm.model import layers
+
+# Dense bfloat16 peak FLOP/s per device, from the vendors' data sheets. MFU is reported against these
+# whatever the compute dtype, as is customary (PaLM, MaxText), so float32 runs show a low MFU.
+PEAK_FLOPS_BY_DEVICE_KIND = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def matmul_params(model: ml_collections.ConfigDict) -> int:
+    """Parameters that take part in a matmul for every token: all projection kernels and the unembedding.
+
+    Embedding lookups (token and learned positions) are gathers, not matmuls, and are not counted.
+    """
+    head = layers.head_dim(model)
+    attention = model.embed_dim * head * (2 * model.num_heads + 2 * model.num_kv_heads)
+    mlp = (3 if model.mlp_activation == "swiglu" else 2) * model.embed_dim * model.mlp_dim
+    return model.num_layers * (attention + mlp) + model.embed_dim * model.vocab_size
+
+
+def train_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> float:
+    """Model FLOPs to train on one token (forward + backward = 3 x forward), the PaLM appendix B formula:
+
+        6 * matmul_params + 6 * num_layers * seq_len * num_heads * head_dim
+
+    The second term is the attention scores and weighted values (q k^T and a v, 2 FLOPs per multiply-add,
+    4 * seq_len * heads * head_dim per layer and token), halved because a causal query sees on average
+    half the keys. Rematerialization is not counted: this is model FLOPs, not hardware FLOPs.
+    """
+    attention = 6 * model.num_layers * seq_len * model.num_heads * layers.head_dim(model)
+    return 6 * matmul_params(model) + attention
+
+
+def peak_flops_per_device(configured_tflops: float = 0.0) -> float | None:
+    """The configured peak, or the data-sheet peak of this device kind; None when unknown (e.g. CPU)."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS_BY_DEVICE_KIND.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, peak_per_device: float | None) -> float | None:
+    if peak_per_device is None:
+        return None
+    return tokens_per_sec * flops_per_token / (peak_per_device * jax.device_count())
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Only process 0 writes. On resume, entries past the restored step (written by the interrupted run after
+    its last checkpoint) are dropped so the file reads like one uninterrupted run.
+    """
+
+    def __init__(self, workdir: str, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if not self.enabled:
+            return
+        self._truncate_after(resume_step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self._tensorboard.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tensorboard.close()
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly scalars; NaN and inf become null so the file stays valid JSON."""
+    if value is None:
+        return None
+    value = float(value) if not isinstance(value, (int, str)) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value

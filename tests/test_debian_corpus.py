@@ -88,7 +88,9 @@ def test_sword_one_document_per_chapter_with_book_and_chapter(sword_root):
     assert docs[1].text == "Y fueron acabados los cielos y la tierra."
     assert docs[0].metadata == {"source": "sword-text-sparv", "licence": "public-domain", "book": "Génesis",
                                 "chapter": 1, "archaic_orthography": True}
-    assert docs[2].metadata["book"] == "San Mateo"
+    # The last chapter of a book keeps its book when the next book's heading follows it.
+    assert [(d.metadata["book"], d.metadata["chapter"]) for d in docs] == [
+        ("Génesis", 1), ("Génesis", 2), ("San Mateo", 1)]
 
 
 def test_sword_rejects_a_module_of_another_format(sword_root):
@@ -213,6 +215,13 @@ no debe partirse con guiones de separación silábica.
 .TP
 \fB\-a\fP, \fB\-\-all\fP
 no oculta las entradas que comienzan con «.»
+.SH "ESTADO DE SALIDA"
+.TS
+allbox;
+l l.
+Código	Significado
+0	Éxito
+.TE
 """
 
 
@@ -233,8 +242,9 @@ def test_manpages_rendered_by_groff_to_plain_text(tmp_path):
         "NOMBRE\nls - lista el contenido de un directorio\n\n"
         "DESCRIPCIÓN\nMuestra información de los ARCHIVOS del directorio actual, una información muy "
         "extensa que en una terminal de ochenta columnas ocuparía varias líneas y que no debe partirse con "
-        "guiones de separación silábica.\n\n-a, --all\nno oculta las entradas que comienzan con «.»"
-    )  # no page header/footer, no bold overstrikes, no hyphenation, one line per paragraph
+        "guiones de separación silábica.\n\n-a, --all\nno oculta las entradas que comienzan con «.»\n\n"
+        "ESTADO DE SALIDA\n\nCódigo Significado\n\n0 Éxito"
+    )  # no page header/footer, no bold overstrikes, no hyphenation, no table borders, one line a paragraph
     assert docs[0].metadata == {"source": "manpages-es", "licence": "GPL-3+"}
 
 

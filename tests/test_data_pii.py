@@ -29,7 +29,9 @@ def test_spanish_and_latin_american_phones(number):
     assert scrub(f"Llama al {number} por la tarde.") == "Llama al <TELEFONO> por la tarde."
 
 
-@pytest.mark.parametrize("address", ["192.168.1.10", "10.0.0.1", "2001:db8::ff00:42:8329", "fe80::1ff:fe23:4567:890a"])
+@pytest.mark.parametrize(
+    "address", ["192.168.1.10", "10.0.0.1", "2001:db8::ff00:42:8329", "fe80::1ff:fe23:4567:890a"]
+)
 def test_ip_addresses(address):
     assert scrub(f"El servidor {address} no responde.") == "El servidor <IP> no responde."
 
@@ -84,6 +86,7 @@ def test_invalid_checksums_and_lookalikes_are_not_scrubbed(text):
         "Quedamos el 12/05/2023 a las 18:30 o el 2023-05-12.",
         "El ISBN es 978-84-376-0494-7 y pi vale 3.14159265358979.",
         "LibreOffice 7.4.1.2 y el núcleo 2.6.32.",
+        "12.6.2.1. Compilando e instalando un programa",
         "devuelve 0,651416873060081 y 0.450563708411459",
         "Tenía 12345678 y ya no tiene nada.",
     ],

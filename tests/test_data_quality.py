@@ -12,7 +12,8 @@ from llm.data.document import Document, Dropped
 @pytest.fixture(scope="module")
 def thresholds() -> quality.QualityThresholds:
     config = get_config().quality
-    return quality.QualityThresholds(**{field.name: config[field.name] for field in dataclasses.fields(quality.QualityThresholds)})
+    names = [field.name for field in dataclasses.fields(quality.QualityThresholds)]
+    return quality.QualityThresholds(**{name: config[name] for name in names})
 
 
 KEPT = {
@@ -22,7 +23,8 @@ KEPT = {
     "bible": (
         "Porque de tal manera amó Dios al mundo, que ha dado a su Hijo unigénito, para que todo aquel que en él "
         "cree, no se pierda, mas tenga vida eterna.\n"
-        "Porque no envió Dios a su Hijo al mundo para que condene al mundo, mas para que el mundo sea salvo por él."
+        "Porque no envió Dios a su Hijo al mundo para que condene al mundo, mas para que el mundo sea salvo "
+        "por él."
     ),
     "recipe": (
         "Gazpacho andaluz\n\n"
@@ -42,9 +44,9 @@ def test_real_spanish_is_kept(name, thresholds):
 DROPPED = {
     "quality.too_few_words": "Inicio Contacto",
     "quality.mean_word_length": "a b c d e f g h i j k l m n o p q r s t u v w x y z de la que",
-    "quality.non_alpha_words": "Tabla de precios 1250 3400 5600 7800 9000 1100 2200 3300 4400 5500 6600 en euros y con el IVA",
+    "quality.non_alpha_words": "Precios 1250 3400 5600 7800 9000 1100 2200 3300 4400 5500 en euros y con el IVA",
     "quality.few_stop_words": "Zapatillas baratas zapatillas running zapatillas mujer oferta envío gratis",
-    "quality.duplicate_lines": "Compra ahora en la tienda\n" * 4 + "Gracias por su visita a la web\nVuelva pronto a la web",
+    "quality.duplicate_lines": "Compra ahora en la tienda\n" * 4 + "Gracias por su visita\nVuelva pronto a la web",
     "quality.duplicate_paragraphs": (
         "Oferta del día\n\nOferta del día\n\nLa tienda abre de lunes a sábado.\nEl envío es gratis desde 30 euros."
         "\nLos cambios se aceptan durante un mes.\nEl pago se hace con tarjeta o en efectivo."
@@ -86,7 +88,8 @@ def test_too_many_words(thresholds):
 def test_quality_stage_returns_document_or_drop(thresholds):
     document = Document("refrán", KEPT["refran"])
     assert quality.quality_stage(document, thresholds=thresholds) is document
-    assert quality.quality_stage(Document("x", "Hola"), thresholds=thresholds) == Dropped("x", "quality.too_few_words")
+    dropped = quality.quality_stage(Document("x", "Hola"), thresholds=thresholds)
+    assert dropped == Dropped("x", "quality.too_few_words")
 
 
 # --- Offensive words -----------------------------------------------------------------------------------------
@@ -103,9 +106,10 @@ def test_offensive_matching_is_case_and_accent_insensitive_on_whole_words():
 def test_offensive_stage_threshold():
     words = offensive.offensive_words()
     insulting = Document("insulto", "Eres un gilipollas y un cabrón, joder.")
-    assert offensive.offensive_stage(insulting, offensive=words, max_fraction=0.02) == Dropped("insulto", "offensive.too_many")
+    dropped = offensive.offensive_stage(insulting, offensive=words, max_fraction=0.02)
+    assert dropped == Dropped("insulto", "offensive.too_many")
     # One swear word in a long, ordinary text is normal Spanish and is kept.
-    long_text = Document("cuento", "Joder, qué frío hace. " + "Caminamos por la orilla del río hasta el pueblo. " * 10)
+    long_text = Document("cuento", "Joder, qué frío hace. " + "Caminamos por la orilla hacia el pueblo. " * 10)
     assert offensive.offensive_stage(long_text, offensive=words, max_fraction=0.02) is long_text
     # Innocent words that are insults elsewhere are not in the built-in list.
     animals = Document("fauna", "Las zorras tienen cavernas; la perra y la polla duermen en la concha del patio.")

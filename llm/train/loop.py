@@ -111,6 +111,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         "perplexity": math.exp(min(values["loss"], 50.0)),
                         "learning_rate": values["learning_rate"],
                         "grad_norm": values["grad_norm"],
+                        "param_norm": values["param_norm"],
                         "tokens_per_sec": tokens_per_sec,
                         "mfu": metrics_lib.mfu(tokens_per_sec, flops_per_token, peak) if tokens_per_sec else None,
                     }
@@ -145,11 +146,12 @@ def evaluate(steps: step_lib.Steps, state: step_lib.TrainState, batches: list[lo
 
 
 def _check_finite(values: dict[str, float], step: int, checkpointer: checkpoint.Checkpointer) -> None:
-    if all(math.isfinite(values[k]) for k in ("loss", "grad_norm")):
+    if all(math.isfinite(values[k]) for k in ("loss", "grad_norm", "param_norm")):
         return
     checkpointer.wait()
     raise NonFiniteLossError(
-        f"Non-finite training values at step {step}: loss={values['loss']}, grad_norm={values['grad_norm']}. "
+        f"Non-finite training values at step {step}: loss={values['loss']}, grad_norm={values['grad_norm']}, "
+        f"param_norm={values['param_norm']}. "
         f"Stopped without saving; the last good checkpoint is step {checkpointer.latest_step()} in "
         f"{checkpointer.directory}. Lower config.optimizer.learning_rate, enable grad clipping or a z-loss, "
         "then re-run to resume from it.")

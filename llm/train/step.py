@@ -94,9 +94,11 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
         weight = jnp.maximum(weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grad_sum)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_state = {"step": step + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        new_params = optax.apply_updates(params, updates)
+        new_state = {"step": step + 1, "params": new_params, "opt_state": opt_state}
+        # param_norm is of the *updated* parameters: the NaN guard checks it before saving them.
         metrics = {"loss": loss_sum / weight, "grad_norm": optax.global_norm(grads),
-                   "learning_rate": schedule(step), "target_tokens": weight_sum}
+                   "param_norm": optax.global_norm(new_params), "learning_rate": schedule(step)}
         return new_state, metrics
 
     def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:

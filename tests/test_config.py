@@ -1,0 +1,69 @@
+"""Configs: every recipe validates; a wrong key, a bad value or a missing data path fails at once, clearly."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_config
+
+from configs import base, gpt2_small_es, llama_1b_es, tiny_es
+from llm import config_validation
+from llm.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("recipe", [base, tiny_es, gpt2_small_es, llama_1b_es])
+def test_recipes_are_valid(recipe):
+    config_validation.validate(recipe.get_config())
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.norm", "batchnorm", r"config.model.norm='batchnorm' is not one of \('layernorm', 'rmsnorm'\)"),
+    ("model.position_encoding", "alibi", r"not one of \('rope', 'learned', 'sinusoidal'\)"),
+    ("model.num_kv_heads", 3, "num_kv_heads=3 must divide"),
+    ("train.batch_size", 0, "config.train.batch_size=0 must be > 0"),
+    ("optimizer.schedule", "step", r"config.optimizer.schedule='step' is not one of"),
+    ("model.num_layers", "four", "config.model.num_layers='four' has type str; expected int"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(key, value, message):
+    config = tiny_config()
+    section, name = key.split(".")
+    with config[section].ignore_type():
+        config[section][name] = value
+    with pytest.raises(config_validation.ConfigError, match=message):
+        config_validation.validate(config)
+
+
+def test_unknown_key_in_a_recipe_is_rejected():
+    config = tiny_config()
+    config.model.num_layer = 3  # typo
+    with pytest.raises(config_validation.ConfigError, match="Unknown config key config.model.num_layer"):
+        config_validation.validate(config)
+
+
+def test_missing_data_path_is_named():
+    config = tiny_config()
+    config.data.path = "/nonexistent/data"
+    with pytest.raises(FileNotFoundError, match="config.data.path='/nonexistent/data' has no train/"):
+        loop.check_data_path(config)
+
+
+def _train_cli(*flags):
+    command = [sys.executable, os.path.join(REPO, "scripts", "train.py"), "--workdir=/tmp/unused", *flags]
+    return subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          timeout=120)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.model.nm_layers=4", "nm_layers"),
+    ("--config.model.norm=batchnorm", "config.model.norm='batchnorm' is not one of ('layernorm', 'rmsnorm')"),
+    ("--config.data.path=/nonexistent/data", "config.data.path='/nonexistent/data' has no train/"),
+    ("--config.data.path=", "config.data.path is empty"),
+])
+def test_command_line_errors_fail_before_any_work(flag, message, tmp_path):
+    result = _train_cli(f"--config={REPO}/configs/tiny_es.py", flag)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Compiling" not in result.stderr and not os.path.exists("/tmp/unused")

@@ -1,0 +1,149 @@
+"""The training loop: loss falls, metrics are written, a killed run resumes bit-exactly, NaN stops a run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from llm import sharding
+from llm.train import checkpoint, loop, optimizer as optimizer_lib, step as step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_FLAGS = ["--config.model.vocab_size=128", "--config.model.max_seq_len=32", "--config.model.num_layers=2",
+               "--config.model.embed_dim=32", "--config.model.num_heads=4", "--config.model.num_kv_heads=2",
+               "--config.model.mlp_dim=64", "--config.data.seq_len=32", "--config.train.batch_size=8",
+               "--config.train.log_every=2", "--config.train.eval_every=10", "--config.train.eval_batches=2",
+               "--config.train.checkpoint_every=5", "--config.optimizer.warmup_steps=2",
+               "--config.model.dropout_rate=0.1"]
+
+
+def _read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
+    config = tiny_config()
+    config.data.path = data_dir
+    config.train.num_steps = 40
+    config.train.eval_every = 20
+    last = loop.train(config, str(tmp_path))
+    entries = _read_metrics(tmp_path)
+    train_entries = [e for e in entries if "loss" in e]
+    assert train_entries[-1]["loss"] < 0.75 * train_entries[0]["loss"]
+    for key in ("step", "loss", "perplexity", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"):
+        assert key in train_entries[-1]
+    evals = [e for e in entries if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [20, 40]
+    assert evals[-1]["eval_perplexity"] == pytest.approx(np.exp(evals[-1]["eval_loss"]))
+    assert last["eval_loss"] == evals[-1]["eval_loss"]
+    assert os.listdir(tmp_path / "tensorboard")
+    assert json.load(open(tmp_path / "config.json"))["model"]["num_layers"] == 2
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "30", "40"]  # keep_checkpoints=3
+
+
+def _train_cli(workdir, data_dir, num_steps):
+    return [sys.executable, os.path.join(REPO, "scripts", "train.py"), "--config=" + os.path.join(REPO, "configs", "tiny_es.py"),
+            f"--workdir={workdir}", f"--config.data.path={data_dir}", f"--config.train.num_steps={num_steps}",
+            *TRAIN_FLAGS]
+
+
+def _final_params(workdir, step):
+    config = tiny_config()
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    with sharding.use_mesh(mesh, config.logical_axis_rules):
+        steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 30),
+                                     optimizer_lib.learning_rate_schedule(config.optimizer, 30))
+        saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+        state, data_state, _ = saver.restore(step, steps.abstract_state)
+        saver.close()
+    return jax.device_get(nnx.to_pure_dict(state["params"])), data_state
+
+
+def test_run_killed_with_sigkill_resumes_bit_exactly(tmp_path, data_dir):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    subprocess.run(_train_cli(uninterrupted, data_dir, 30), check=True, env=env, capture_output=True)
+
+    process = subprocess.Popen(_train_cli(interrupted, data_dir, 30), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    # Kill as soon as the first checkpoint is complete (Orbax renames it into place when done).
+    deadline = time.time() + 300
+    while not os.path.isdir(interrupted / "checkpoints" / "5") and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    saved = sorted(int(s) for s in os.listdir(interrupted / "checkpoints") if s.isdigit())
+    assert saved and saved[-1] < 30, "the run finished before it could be killed"
+
+    subprocess.run(_train_cli(interrupted, data_dir, 30), check=True, env=env, capture_output=True)
+
+    want, want_data = _final_params(str(uninterrupted), 30)
+    got, got_data = _final_params(str(interrupted), 30)
+    jax.tree.map(np.testing.assert_array_equal, want, got)
+    assert want_data == got_data
+    exact_keys = ("step", "loss", "perplexity", "learning_rate", "grad_norm", "eval_loss", "eval_perplexity")
+    strip = lambda entries: [{k: v for k, v in e.items() if k in exact_keys} for e in entries]
+    assert strip(_read_metrics(interrupted)) == strip(_read_metrics(uninterrupted))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    config = tiny_config()
+    config.data.path = data_dir
+    config.train.update(num_steps=40, checkpoint_every=1, log_every=1, eval_every=0)
+    # Warmup makes step 1 an update with learning rate 0; the next ones, at ~1e30, overflow the model.
+    config.optimizer.update(learning_rate=1e30, grad_clip_norm=0.0, warmup_steps=2, schedule="constant")
+    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint is step"):
+        loop.train(config, str(tmp_path))
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    logged = {e["step"]: e["loss"] for e in _read_metrics(tmp_path)}
+    assert saved and all(logged[s] is not None for s in saved)
+    assert saved[-1] < 40
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    results = []
+    for accum in (1, 4):
+        config = tiny_config(train__grad_accum_steps=accum)
+        mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+        with sharding.use_mesh(mesh, config.logical_axis_rules):
+            steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 20),
+                                         optimizer_lib.learning_rate_schedule(config.optimizer, 20))
+            rng = np.random.default_rng(0)
+            batch = {"tokens": rng.integers(0, 128, (8, 32)), "positions": np.tile(np.arange(32), (8, 1)),
+                     "segment_ids": np.ones((8, 32), int), "loss_mask": rng.integers(0, 2, (8, 32))}
+            batch = sharding.global_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh,
+                                          config.logical_axis_rules)
+            state, metrics = steps.train(steps.init(), batch)
+            results.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings():
+    config = tiny_config(model__use_bias=True, model__norm="layernorm", model__tie_embeddings=False)
+    params = nnx.state(step_lib.create_model(config), nnx.Param)
+    mask, _ = jax.tree_util.tree_flatten_with_path(optimizer_lib.weight_decay_mask(params))
+    decayed = {jax.tree_util.keystr(path).removesuffix(".value") for path, value in mask if value}
+    assert decayed and all(path.endswith("['kernel']") for path in decayed)
+    assert any("unembed" in path for path in decayed)
+    assert not any(part in path for path in decayed for part in ("scale", "bias", "embedding"))
+
+
+@pytest.mark.parametrize("schedule", optimizer_lib.SCHEDULES)
+def test_learning_rate_schedules_warm_up_then_decay_to_the_final_ratio(schedule):
+    config = tiny_config(optimizer__schedule=schedule)
+    config.optimizer.update(learning_rate=1.0, warmup_steps=10, final_lr_ratio=0.1)
+    lr = optimizer_lib.learning_rate_schedule(config.optimizer, 100)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    final = {"cosine": 0.1, "linear": 0.1, "constant": 1.0}[schedule]
+    assert float(lr(100)) == pytest.approx(final, rel=1e-4)

@@ -82,4 +82,33 @@ def get_config() -> ml_collections.ConfigDict:
     config.offensive.extra_words = ()  # Words added to the built-in list (matched case- and accent-insensitively).
     config.offensive.words_file = ""  # Optional UTF-8 file of extra words, one per line, "#" comments.
 
+    # Deduplication (llm/data/dedup.py): exact (normalized-text hash), then MinHash LSH near duplicates.
+    config.dedup = ml_collections.ConfigDict()
+    config.dedup.exact = True  # Drop documents whose NFC, case-folded, whitespace-collapsed text repeats.
+    config.dedup.near = True  # Drop near duplicates (estimated Jaccard of word shingles >= threshold).
+    config.dedup.num_perm = 256  # MinHash permutations; 128 misses the 0.9 precision target near J=0.8.
+    config.dedup.shingle_size = 5  # Words per shingle.
+    config.dedup.seed = 0  # Seeds the permutations; signatures are comparable only under the same seed.
+    config.dedup.bands = 28  # LSH bands: S-curve threshold (1/28)^(1/9) = 0.69, miss rate at J=0.8: 1.8%.
+    config.dedup.rows = 9  # Signature values per band (bands * rows <= num_perm).
+    config.dedup.threshold = 0.8  # Candidates are confirmed when their estimated Jaccard reaches this.
+
+    # Tokenizer (llm/tokenizer.py): SentencePiece on the cleaned corpus, NFC + identity, byte fallback.
+    config.tokenizer = ml_collections.ConfigDict()
+    config.tokenizer.vocab_size = 32000  # Includes pad/unk/bos/eos, 4 chat-role markers and 256 byte pieces.
+    config.tokenizer.model_type = "bpe"  # "bpe" or "unigram".
+    config.tokenizer.character_coverage = 0.9999  # Rarer characters go to byte fallback, freeing vocab slots.
+    config.tokenizer.input_sentence_size = 5_000_000  # Lines sampled for training; bounds memory on big corpora.
+    config.tokenizer.max_sentence_bytes = 4096  # Longer lines are cut at spaces (SentencePiece skips them).
+    config.tokenizer.seed = 0  # Seeds SentencePiece's sampling of training lines.
+
+    # Packing (llm/data/packing.py): fixed-length rows with segment ids, positions and loss mask.
+    config.pack = ml_collections.ConfigDict()
+    config.pack.seq_len = 1024  # Row length; must equal the training config's data.seq_len.
+    config.pack.add_bos = True  # Start every document with bos.
+    config.pack.add_eos = True  # End every document with eos, so the model learns where documents stop.
+    config.pack.validation_fraction = 0.005  # Share of documents (by a hash of the id) held out for validation.
+    config.pack.min_validation_rows = 8  # Validation gets at least this many rows, taking more documents if needed.
+    config.pack.train_shards = 8  # ArrayRecord shards of the train split (>= the data loader's processes).
+    config.pack.validation_shards = 1  # Shards of the validation split.
     return config

@@ -8,6 +8,7 @@ token on the UD Spanish-GSD dev sentences and checks that Spanish characters rou
 """
 
 import os
+from collections.abc import Iterator
 
 from absl import app, flags
 
@@ -22,6 +23,10 @@ _OUTPUT_PREFIX = flags.DEFINE_string("output_prefix", None, "Writes PREFIX.model
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size, reserved and byte pieces included.")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", list(tokenizer.MODEL_TYPES), "SentencePiece algorithm.")
 _EVAL_CONLLU = flags.DEFINE_string("eval_conllu", tokenizer.DEFAULT_UD_PATH, "CoNLL-U file for the metrics.")
+_ON_ERROR = flags.DEFINE_enum("on_error", "raise", list(sources.ON_ERROR), "Malformed input: stop, or skip it.")
+_MAX_DOCUMENT_BYTES = flags.DEFINE_integer(
+    "max_document_bytes", sources.DEFAULT_MAX_DOCUMENT_BYTES, "Larger paragraphs or JSONL lines are malformed."
+)
 
 
 def _validate_flags() -> int:
@@ -43,10 +48,24 @@ def main(argv: list[str]) -> None:
     num_files = _validate_flags()
     print(f"Training a {_VOCAB_SIZE.value}-piece {_MODEL_TYPE.value} tokenizer on {num_files} file(s).")
     documents = sources.read_files(
-        [_INPUT.value], format=_FORMAT.value, text_mode="paragraph", text_field=_TEXT_FIELD.value, on_error="raise"
+        [_INPUT.value], format=_FORMAT.value, text_mode="paragraph", text_field=_TEXT_FIELD.value,
+        on_error=_ON_ERROR.value, max_document_bytes=_MAX_DOCUMENT_BYTES.value,
     )
-    texts = (doc.text for doc in documents if isinstance(doc, Document))
-    tok = tokenizer.train_tokenizer(texts, _OUTPUT_PREFIX.value, _VOCAB_SIZE.value, _MODEL_TYPE.value)
+    dropped = []
+
+    def texts() -> Iterator[str]:
+        for doc in documents:
+            if isinstance(doc, Document):
+                yield doc.text
+            else:
+                dropped.append(doc)
+
+    try:
+        tok = tokenizer.train_tokenizer(texts(), _OUTPUT_PREFIX.value, _VOCAB_SIZE.value, _MODEL_TYPE.value)
+    except sources.SourceError as e:
+        raise SystemExit(f"Error: {e}") from e
+    if dropped:
+        print(f"Skipped {len(dropped)} malformed input document(s), e.g. {dropped[0].id}: {dropped[0].reason}.")
     print(f"Wrote {tok.path} ({tok.vocab_size} pieces).")
     if os.path.isfile(_EVAL_CONLLU.value):
         ud = tokenizer.conllu_texts(_EVAL_CONLLU.value)

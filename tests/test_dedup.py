@@ -76,7 +76,8 @@ def _reference_signature(text: str, num_perm: int, k: int, seed: int) -> list[in
 
     digest = hashlib.blake2b(f"minhash:{seed}:{num_perm}".encode(), digest_size=64).digest()
     stream = b"".join(
-        hashlib.blake2b(digest + i.to_bytes(4, "little"), digest_size=64).digest() for i in range(num_perm // 8 + 1)
+        hashlib.blake2b(digest + i.to_bytes(4, "little"), digest_size=64).digest()
+        for i in range(num_perm // 8 + 1)
     )
     values = [int.from_bytes(stream[4 * i : 4 * i + 4], "little") for i in range(2 * num_perm)]
     a = [v | 1 for v in values[:num_perm]]

@@ -34,7 +34,9 @@ def test_short_documents_share_a_row():
 
 def test_long_document_fills_the_row_and_continues_in_new_segments():
     rows = _rows([[1, 2, 3], list(range(100, 110))], seq_len=4)
-    assert [r["tokens"] for r in rows] == [[1, 2, 3, 100], [101, 102, 103, 104], [105, 106, 107, 108], [109, 0, 0, 0]]
+    assert [r["tokens"] for r in rows] == [
+        [1, 2, 3, 100], [101, 102, 103, 104], [105, 106, 107, 108], [109, 0, 0, 0]
+    ]
     assert [r["segment_ids"] for r in rows] == [[1, 1, 1, 2], [1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
     # Positions restart in every piece, and the first token of a piece is no target.
     assert [r["positions"] for r in rows] == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 2, 3], [0, 0, 0, 0]]

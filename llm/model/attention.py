@@ -1,11 +1,16 @@
-"""Causal self-attention with multi-head, grouped-query and multi-query variants, and the kernel choice.
+"""Causal self-attention with multi-head, grouped-query and multi-query variants, a KV cache, and the kernel.
 
 `num_kv_heads` sets the variant: equal to `num_heads` is multi-head, 1 is multi-query, anything that
 divides `num_heads` is grouped-query. Packed rows carry segment ids, and a query attends only to earlier
 keys of its own segment, so documents packed into one row never see each other.
+
+For generation, a `LayerCache` holds one layer's keys and values for `max_len` positions. New keys and
+values are written at the cache's `index`, and queries attend to every written position up to their own.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +53,35 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, se
     return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
 
 
+class LayerCache(NamedTuple):
+    """One layer's view of the KV cache; `segment_ids` and `index` are shared by all layers.
+
+    keys, values: (batch, max_len, kv_heads, head_dim). segment_ids: (batch, max_len), the segment of each
+    cached position *including* the tokens being written now (0 = padding or not yet written).
+    index: () int32, the position where this call's first token is written.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+
+def cached_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
+                     cache: LayerCache) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes this call's keys/values into the cache and attends over it; returns (out, keys, values)."""
+    start = (0, cache.index, 0, 0)
+    keys = jax.lax.dynamic_update_slice(cache.keys, key.astype(cache.keys.dtype), start)
+    values = jax.lax.dynamic_update_slice(cache.values, value.astype(cache.values.dtype), start)
+    query_index = cache.index + jnp.arange(query.shape[1])
+    causal = jnp.arange(keys.shape[1])[None, :] <= query_index[:, None]
+    same_segment = segment_ids[:, :, None] == cache.segment_ids[:, None, :]
+    mask = (causal[None] & same_segment)[:, None]
+    out = jax.nn.dot_product_attention(query, keys.astype(query.dtype), values.astype(query.dtype), mask=mask,
+                                       implementation="xla")
+    return out, keys, values
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, layers.head_dim(cfg)
@@ -71,7 +105,9 @@ class Attention(nnx.Module):
             kernel_init=layers.normal_init(("heads", "head_dim", "embed"), layers.residual_std(cfg)),
             bias_init=layers.zeros_init(("embed",)), **common)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """Returns the attention output and, when given a cache, the cache with this call's keys written."""
         query, key, value = self.query(x), self.key(x), self.value(x)
         if self.use_rope:
             query = layers.rope(query, positions, self.rope_theta)
@@ -79,4 +115,7 @@ class Attention(nnx.Module):
         query = sharding.constrain(query, ("batch", "length", "heads", "head_dim"))
         key = sharding.constrain(key, ("batch", "length", "kv_heads", "head_dim"))
         value = sharding.constrain(value, ("batch", "length", "kv_heads", "head_dim"))
-        return self.out(dot_product_attention(query, key, value, segment_ids, self.impl))
+        if cache is None:
+            return self.out(dot_product_attention(query, key, value, segment_ids, self.impl)), None
+        out, keys, values = cached_attention(query, key, value, segment_ids, cache)
+        return self.out(out), cache._replace(keys=keys, values=values)

@@ -6,9 +6,12 @@
 The configuration (`configs/base.py`, section `model`) picks GPT-2 or Llama style pieces. Blocks are either
 a Python list or, with `scan_layers`, one stacked Block whose parameters carry a leading `layers` axis and
 run under `lax.scan` (compile time independent of depth). `remat_policy` rematerializes block activations.
+For generation, `decode` threads a `KVCache` through the blocks (see llm/infer/).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +20,7 @@ from flax import nnx
 
 from llm import sharding
 from llm.model import layers
-from llm.model.attention import Attention
+from llm.model.attention import Attention, LayerCache
 
 REMAT_POLICIES = {
     "full": None,  # Save nothing: recompute the whole block in the backward pass.
@@ -33,14 +36,34 @@ class Block(nnx.Module):
         self.mlp_norm = layers.make_norm(cfg, rngs)
         self.mlp = layers.MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 dropout_key: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
         keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        attended = self.attention(self.attention_norm(x).astype(x.dtype), positions, segment_ids)
+        attended, cache = self.attention(self.attention_norm(x).astype(x.dtype), positions, segment_ids, cache)
         x = x + layers.dropout(attended, self.dropout_rate, keys[0])
         x = sharding.constrain(x, ("batch", "length", "embed"))
         x = x + layers.dropout(self.mlp(self.mlp_norm(x).astype(x.dtype)), self.dropout_rate, keys[1])
-        return sharding.constrain(x, ("batch", "length", "embed"))
+        return sharding.constrain(x, ("batch", "length", "embed")), cache
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for `max_len` positions of a batch of sequences being generated.
+
+    keys, values: (layers, batch, max_len, kv_heads, head_dim). segment_ids: (batch, max_len), 1 for a
+    written token, 0 for padding or a position not written yet. index: () int32, the next position to write.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def create(cls, cfg: ml_collections.ConfigDict, batch: int, max_len: int) -> "KVCache":
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, layers.head_dim(cfg))
+        dtype = jnp.dtype(cfg.dtype)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
+                   jnp.zeros((), jnp.int32))
 
 
 class Transformer(nnx.Module):
@@ -72,9 +95,22 @@ class Transformer(nnx.Module):
         """
         return self.logits(self.features(tokens, positions, segment_ids, dropout_key=dropout_key))
 
+    def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Logits for `tokens` written at `cache.index` (a whole prompt, or one token per row), and the cache
+        with their keys and values added. Earlier positions are attended to through the cache."""
+        cache = cache._replace(
+            segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index)))
+        hidden, cache = self._forward(tokens, positions, segment_ids, None, cache)
+        return self.logits(hidden), cache._replace(index=cache.index + tokens.shape[1])
+
     def features(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """The final normalized hidden states (batch, length, embed), before the output projection."""
+        return self._forward(tokens, positions, segment_ids, dropout_key, None)[0]
+
+    def _forward(self, tokens: jax.Array, positions: jax.Array | None, segment_ids: jax.Array | None,
+                 dropout_key: jax.Array | None, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
@@ -87,35 +123,42 @@ class Transformer(nnx.Module):
         embed_key, blocks_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = layers.dropout(x, self.cfg.dropout_rate, embed_key)
         x = sharding.constrain(x, ("batch", "length", "embed"))
-        x = self._run_blocks(x, positions, segment_ids, blocks_key)
-        return self.final_norm(x).astype(x.dtype)
+        x, cache = self._run_blocks(x, positions, segment_ids, blocks_key, cache)
+        return self.final_norm(x).astype(x.dtype), cache
 
     def logits(self, features: jax.Array) -> jax.Array:
         logits = self.embed.attend(features) if self.cfg.tie_embeddings else self.unembed(features)
         return sharding.constrain(logits, ("batch", "length", "vocab"))
 
     def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                    dropout_key: jax.Array | None) -> jax.Array:
-        def apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, layer: jax.Array) -> jax.Array:
+                    dropout_key: jax.Array | None, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+        def apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, layer: jax.Array,
+                  layer_kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, tuple | None]:
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
-            return nnx.merge(graphdef, params)(x, positions, segment_ids, key)
+            layer_cache = None if layer_kv is None else LayerCache(*layer_kv, cache.segment_ids, cache.index)
+            x, layer_cache = nnx.merge(graphdef, params)(x, positions, segment_ids, key, layer_cache)
+            return x, None if layer_cache is None else (layer_cache.keys, layer_cache.values)
 
-        if self.cfg.remat_policy != "none":
+        if self.cfg.remat_policy != "none" and cache is None:
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat_policy], static_argnums=(0,))
 
+        kv = None if cache is None else (cache.keys, cache.values)
         if self.cfg.scan_layers:
             graphdef, params = nnx.split(self.blocks)
 
-            def body(x: jax.Array, layer_and_params: tuple[jax.Array, nnx.State]) -> tuple[jax.Array, None]:
-                layer, layer_params = layer_and_params
-                return apply(graphdef, layer_params, x, layer), None
+            def body(x: jax.Array, inputs: tuple) -> tuple[jax.Array, tuple | None]:
+                layer, layer_params, layer_kv = inputs
+                return apply(graphdef, layer_params, x, layer, layer_kv)
 
-            x, _ = jax.lax.scan(body, x, (jnp.arange(self.cfg.num_layers), params))
-            return x
-        for layer, block in enumerate(self.blocks):
-            graphdef, params = nnx.split(block)
-            x = apply(graphdef, params, x, jnp.asarray(layer))
-        return x
+            x, kv = jax.lax.scan(body, x, (jnp.arange(self.cfg.num_layers), params, kv))
+        else:
+            for layer, block in enumerate(self.blocks):
+                graphdef, params = nnx.split(block)
+                layer_kv = None if kv is None else (kv[0][layer], kv[1][layer])
+                x, layer_kv = apply(graphdef, params, x, jnp.asarray(layer), layer_kv)
+                if kv is not None:
+                    kv = (kv[0].at[layer].set(layer_kv[0]), kv[1].at[layer].set(layer_kv[1]))
+        return x, None if cache is None else cache._replace(keys=kv[0], values=kv[1])
 
 
 def _stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:

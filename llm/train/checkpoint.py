@@ -36,6 +36,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state: Any, data_state: dict[str, Any], config: dict[str, Any]) -> None:
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
@@ -47,6 +50,13 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore()))
         return restored.state, restored.data, restored.config
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the model parameters of `step` (no optimizer state): what inference and evaluation need."""
+        target = {"params": abstract_params}
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+        return restored.state["params"]
 
     def restore_config(self, step: int) -> dict[str, Any]:
         return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config

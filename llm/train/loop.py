@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -55,6 +56,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     config_dict = json.loads(config.to_json())
     if jax.process_index() == 0:
         _write_json(os.path.join(workdir, "config.json"), config_dict)
+        # A run directory is self-contained: inference and evaluation find the tokenizer next to the weights.
+        tokenizer_path = os.path.join(config.data.path, "tokenizer.model")
+        if os.path.exists(tokenizer_path):
+            shutil.copyfile(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
 
     train_cfg = config.train
     num_steps = train_cfg.num_steps

@@ -1,0 +1,1 @@
+"""Inference: load a trained run, prefill + decode with a KV cache, sampling."""

@@ -1,0 +1,144 @@
+"""Batched generation with a KV cache: one jitted prefill over the prompts, then one jitted step per token.
+
+Prompts of different lengths are left-padded to a common length, so every row decodes at the same cache
+index; padding carries segment id 0 and is masked out, and positions count from each prompt's own start,
+so a prompt gives the same tokens alone or in a batch. Prompt lengths, batch sizes and cache lengths are
+rounded up to powers of two ("buckets"), so a new prompt length rarely means a new compilation. The cache
+is donated to each step and updated in place.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llm.infer.sampling import SamplingParams, sample
+from llm.model.transformer import KVCache, Transformer
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, cap: int | None = None) -> int:
+    """The power of two >= n (at least MIN_BUCKET), capped at `cap`."""
+    size = max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+    return min(size, cap) if cap else size
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
+             segment_ids: jax.Array, cache: KVCache, key: jax.Array, sampling: SamplingParams):
+    model = nnx.merge(graphdef, params)
+    logits, cache = model.decode(tokens, positions, segment_ids, cache)
+    vocab = logits.shape[-1]
+    seen = jnp.zeros((tokens.shape[0], vocab), bool).at[jnp.arange(tokens.shape[0])[:, None], tokens].set(
+        segment_ids > 0)
+    next_tokens = sample(logits[:, -1], key, sampling, seen)
+    return next_tokens, logits[:, -1], cache, seen
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache", "seen"))
+def _decode_step(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
+                 cache: KVCache, seen: jax.Array, key: jax.Array, sampling: SamplingParams):
+    model = nnx.merge(graphdef, params)
+    seen = seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
+    logits, cache = model.decode(tokens[:, None], positions[:, None], jnp.ones_like(tokens)[:, None], cache)
+    next_tokens = sample(logits[:, -1], key, sampling, seen)
+    return next_tokens, logits[:, -1], cache, seen
+
+
+class Generator:
+    """Generates token ids for batches of prompts with one model."""
+
+    def __init__(self, model: Transformer):
+        self.graphdef, self.params = nnx.split(model)
+        self.cfg = model.cfg
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] = (), seed: int = 0,
+                 on_tokens: Callable[[list[int | None]], bool | None] | None = None) -> list[list[int]]:
+        """The new tokens of each prompt, without the stop token that ended it.
+
+        `on_tokens` (streaming) receives each step's new token per row (None for finished rows); returning
+        True stops generation. Generation stops at `max_new_tokens`, at the end of the model's context, or
+        when every row has produced a stop token.
+        """
+        lengths = [len(p) for p in prompts]
+        if not prompts or min(lengths) == 0:
+            raise ValueError("Every prompt needs at least one token (an empty prompt has nothing to continue; "
+                             "encode it with a beginning-of-sequence token).")
+        context = self.cfg.max_seq_len
+        if max(lengths) >= context:
+            raise ValueError(f"A prompt of {max(lengths)} tokens does not fit the model's context of {context} "
+                             "tokens (it needs room for at least one new token); shorten the prompt.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        prompt_len = bucket(max(lengths), context)
+        max_new_tokens = min(max_new_tokens, context - max(lengths))
+        cache_len = bucket(prompt_len + max_new_tokens, context)
+        max_new_tokens = min(max_new_tokens, cache_len - prompt_len)
+        batch = bucket(len(prompts))
+
+        tokens = np.zeros((batch, prompt_len), np.int32)
+        segment_ids = np.zeros((batch, prompt_len), np.int32)
+        positions = np.zeros((batch, prompt_len), np.int32)
+        rows = list(prompts) + [prompts[0]] * (batch - len(prompts))  # Filler rows keep the batch a bucket.
+        for row, prompt in enumerate(rows):
+            pad = prompt_len - len(prompt)
+            tokens[row, pad:] = prompt
+            segment_ids[row, pad:] = 1
+            positions[row, pad:] = np.arange(len(prompt))
+        next_positions = np.array([len(p) for p in rows], np.int32)
+
+        key = jax.random.key(seed)
+        cache = KVCache.create(self.cfg, batch, cache_len)
+        next_tokens, _, cache, seen = _prefill(self.graphdef, self.params, tokens, positions, segment_ids, cache,
+                                               jax.random.fold_in(key, 0), sampling)
+        outputs: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        stop = set(stop_token_ids)
+        for step in range(max_new_tokens):
+            chosen = np.asarray(next_tokens)
+            streamed: list[int | None] = []
+            for row in range(len(prompts)):
+                token = int(chosen[row])
+                if finished[row] or token in stop:
+                    finished[row] = True
+                    streamed.append(None)
+                else:
+                    outputs[row].append(token)
+                    streamed.append(token)
+            if (on_tokens is not None and on_tokens(streamed)) or all(finished) or step == max_new_tokens - 1:
+                break
+            next_tokens, _, cache, seen = _decode_step(self.graphdef, self.params, next_tokens,
+                                                       jnp.asarray(next_positions + step), cache, seen,
+                                                       jax.random.fold_in(key, step + 1), sampling)
+        return outputs
+
+
+def generate_text(run, prompts: list[str], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                  stop_strings: Sequence[str] = (), seed: int = 0) -> list[str]:
+    """Completions of text prompts for a loaded run (llm.infer.loading.Run), cut at the first stop string.
+
+    Generation ends at the end-of-sequence token, or as soon as every row contains a stop string.
+    """
+    tokenizer = run.tokenizer
+    outputs: list[list[int]] = [[] for _ in prompts]
+
+    def collect(step_tokens: list[int | None]) -> bool:
+        for row, token in enumerate(step_tokens):
+            if token is not None:
+                outputs[row].append(token)
+        return bool(stop_strings) and all(any(s in tokenizer.decode(out) for s in stop_strings) for out in outputs)
+
+    encoded = [tokenizer.encode(prompt, add_bos=True) for prompt in prompts]
+    run.generator.generate(encoded, max_new_tokens, sampling, (tokenizer.eos_id,), seed, on_tokens=collect)
+    return [_cut_at_stop(tokenizer.decode(ids), stop_strings) for ids in outputs]
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    return text[:min((text.find(s) for s in stop_strings if s in text), default=len(text))]

@@ -1,0 +1,84 @@
+"""Generation: the KV cache reproduces the full forward pass, batching changes nothing, bad input is refused."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import forward, tiny_config
+
+from llm.infer import sampling as sampling_lib
+from llm.infer.generate import Generator
+from llm.model.transformer import KVCache
+from llm.train.step import create_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(tiny_config())
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decoding_with_the_cache_gives_the_logits_of_a_full_forward_pass(scan_layers):
+    model = create_model(tiny_config(model__scan_layers=scan_layers))
+    tokens = jnp.array([[7, 21, 3, 99, 45, 8, 60, 12, 5]])
+    full = forward(model, tokens)
+    cache = KVCache.create(model.cfg, batch=1, max_len=16)
+    ones = jnp.ones_like(tokens)
+    logits, cache = model.decode(tokens[:, :5], jnp.arange(5)[None], ones[:, :5], cache)
+    np.testing.assert_allclose(logits, full[:, :5], atol=1e-5)
+    for t in range(5, 9):
+        logits, cache = model.decode(tokens[:, t:t + 1], jnp.array([[t]]), ones[:, :1], cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+    assert int(cache.index) == 9
+
+
+def test_a_batch_of_different_lengths_gives_each_prompt_its_greedy_output_alone(model):
+    prompts = [[2, 17, 40], [2, 5, 9, 31, 77, 12, 8, 90, 4, 33, 61, 19, 20], [2, 100]]
+    generator = Generator(model)
+    batched = generator.generate(prompts, max_new_tokens=8)
+    alone = [generator.generate([p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == alone
+    assert all(len(out) == 8 for out in batched)
+
+
+def test_greedy_is_deterministic_and_sampling_follows_the_seed(model):
+    generator = Generator(model)
+    prompt = [[2, 11, 12]]
+    assert generator.generate(prompt, 6) == generator.generate(prompt, 6, seed=123)
+    hot = sampling_lib.SamplingParams(temperature=1.5)
+    assert generator.generate(prompt, 6, hot, seed=1) == generator.generate(prompt, 6, hot, seed=1)
+    samples = {tuple(generator.generate(prompt, 6, hot, seed=s)[0]) for s in range(4)}
+    assert len(samples) > 1
+
+
+def test_stop_tokens_end_a_row_and_streaming_sees_every_token(model):
+    generator = Generator(model)
+    free = generator.generate([[2, 11, 12]], 6)[0]
+    stopped = generator.generate([[2, 11, 12]], 6, stop_token_ids=(free[2],))[0]
+    assert stopped == free[:free.index(free[2])]
+    streamed = []
+    generator.generate([[2, 11, 12]], 6, on_tokens=lambda tokens: streamed.append(tokens[0]))
+    assert streamed == free
+
+
+@pytest.mark.parametrize("prompts, message", [
+    ([[]], "at least one token"),
+    ([list(range(1, 40))], "does not fit the model's context of 32"),
+])
+def test_bad_prompts_get_a_clear_error(model, prompts, message):
+    with pytest.raises(ValueError, match=message):
+        Generator(model).generate(prompts, 4)
+
+
+def test_sampling_filters_keep_the_right_tokens():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    seen = jnp.zeros((1, 4), bool)
+    draws = lambda params: {int(sampling_lib.sample(logits, jax.random.key(i), params, seen)[0]) for i in range(64)}
+    assert draws(sampling_lib.SamplingParams(temperature=1.0, top_k=2)) == {0, 1}
+    assert draws(sampling_lib.SamplingParams(temperature=1.0, top_p=0.7)) == {0, 1}
+    assert draws(sampling_lib.SamplingParams(temperature=1.0, min_p=0.4)) == {0, 1}
+    penalized = sampling_lib.sample(logits, jax.random.key(0), sampling_lib.SamplingParams(repetition_penalty=10.0),
+                                    jnp.array([[True, False, False, False]]))
+    assert int(penalized[0]) == 1
+    with pytest.raises(ValueError, match="top_p"):
+        sampling_lib.SamplingParams(top_p=0.0)

@@ -71,3 +71,42 @@ def data_dir(tmp_path_factory):
 def forward(model, tokens, positions=None, segment_ids=None, dropout_key=None):
     """The model's logits, jitted: one compilation instead of hundreds of eagerly dispatched ops."""
     return model(tokens, positions, segment_ids, dropout_key=dropout_key)
+
+
+SUBJECTS = ["La niña", "El señor García", "Mi abuela", "El pingüino", "La compañía", "Un músico", "La ciudad"]
+VERBS = ["canta", "escribe", "cocina", "estudia", "camina", "trabaja", "sueña"]
+OBJECTS = ["una canción", "en el jardín", "por la mañana", "con alegría", "junto al río", "en español",
+           "después de la reunión"]
+
+
+def spanish_documents(count: int) -> list[str]:
+    """Deterministic little Spanish documents (accents, ñ, ü, ¿?, ¡!) for tokenizer and end-to-end tests."""
+    docs = []
+    for i in range(count):
+        sentences = [f"{SUBJECTS[(i + j) % 7]} {VERBS[(i * 3 + j) % 7]} {OBJECTS[(i + 2 * j) % 7]}."
+                     for j in range(4)]
+        docs.append(" ".join(sentences) + f" ¿Quién lo sabe? ¡Nadie, {i}!")
+    return docs
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A complete little run directory: tokenizer, packed data and 30 trained steps (shared by the tests of
+    inference, evaluation and the command-line tools)."""
+    from llm.data import packing
+    from llm.tokenizer import train_tokenizer
+    from llm.train import loop
+
+    data_dir = tmp_path_factory.mktemp("run_data")
+    tokenizer = train_tokenizer(spanish_documents(200), str(data_dir / "tokenizer"), vocab_size=320)
+    docs = [(f"doc{i}", tokenizer.encode(text)) for i, text in enumerate(spanish_documents(400))]
+    validation_ids = packing.split_train_validation([(i, len(t) + 2) for i, t in docs], TINY_SEQ_LEN, 0.1, 8)
+    packing.write_packed_splits(docs, str(data_dir), TINY_SEQ_LEN, validation_ids, bos_id=tokenizer.bos_id,
+                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    # A context longer than the training rows leaves room for chat prompts (RoPE needs no position table).
+    config = tiny_config(model__vocab_size=tokenizer.vocab_size, model__max_seq_len=128)
+    config.data.path = str(data_dir)
+    config.train.update(num_steps=30, eval_every=30, checkpoint_every=30)
+    workdir = tmp_path_factory.mktemp("run")
+    loop.train(config, str(workdir))
+    return str(workdir)

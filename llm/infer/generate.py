@@ -142,3 +142,38 @@ def generate_text(run, prompts: list[str], max_new_tokens: int, sampling: Sampli
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:min((text.find(s) for s in stop_strings if s in text), default=len(text))]
+
+
+def stream_text(run, prompt: str, max_new_tokens: int, emit: Callable[[str], None],
+                sampling: SamplingParams = SamplingParams(), stop_strings: Sequence[str] = (), seed: int = 0) -> str:
+    """Generates one completion, passing each new piece of text to `emit` as soon as it is known.
+
+    Text that could still turn out to be the start of a stop string is held back until it cannot.
+    Returns the whole completion (cut at the stop string).
+    """
+    tokenizer = run.tokenizer
+    ids: list[int] = []
+    shown = 0
+    hold_back = max((len(s) for s in stop_strings), default=1) - 1
+
+    def on_tokens(step_tokens: list[int | None]) -> bool:
+        nonlocal shown
+        if step_tokens[0] is None:
+            return True
+        ids.append(step_tokens[0])
+        text = tokenizer.decode(ids)
+        stopped = any(s in text for s in stop_strings)
+        visible = _cut_at_stop(text, stop_strings) if stopped else text[:max(len(text) - hold_back, shown)]
+        # A trailing U+FFFD is half of a multi-byte character split across byte-fallback tokens: wait for it.
+        visible = visible.rstrip("\ufffd") if not stopped else visible
+        if len(visible) > shown:
+            emit(visible[shown:])
+            shown = len(visible)
+        return stopped
+
+    run.generator.generate([tokenizer.encode(prompt, add_bos=True)], max_new_tokens, sampling,
+                           (tokenizer.eos_id,), seed, on_tokens=on_tokens)
+    text = _cut_at_stop(tokenizer.decode(ids), stop_strings)
+    if len(text) > shown:
+        emit(text[shown:])
+    return text

@@ -1,0 +1,67 @@
+"""scripts/sample.py and scripts/chat.py on a trained run: Spanish text out, clear errors in."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llm.infer import generate, loading
+from llm.infer.sampling import SamplingParams
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name, *flags, stdin=None):
+    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *flags], capture_output=True,
+                          text=True, input=stdin, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_a_run_loads_and_generates_text(trained_run):
+    run = loading.load_run(trained_run)
+    assert run.step == 30 and run.tokenizer.vocab_size == run.config.model.vocab_size
+    greedy = generate.generate_text(run, ["La niña canta", "¿Quién"], max_new_tokens=12)
+    assert greedy == generate.generate_text(run, ["La niña canta", "¿Quién"], max_new_tokens=12)
+    assert all(isinstance(text, str) for text in greedy)
+    streamed = []
+    text = generate.stream_text(run, "La niña canta", 12, streamed.append)
+    assert "".join(streamed) == text == greedy[0]
+
+
+def test_stop_strings_cut_the_completion(trained_run):
+    run = loading.load_run(trained_run)
+    free = generate.generate_text(run, ["El pingüino"], max_new_tokens=16)[0]
+    assert len(free) > 3
+    stop = free[2:4]
+    cut = generate.generate_text(run, ["El pingüino"], max_new_tokens=16, stop_strings=[stop])[0]
+    assert cut == free[:free.index(stop)]
+
+
+def test_sample_script_prints_one_line_per_sample(trained_run):
+    result = _script("sample.py", f"--workdir={trained_run}", "--prompt=Mi abuela", "--num_samples=2",
+                     "--max_new_tokens=8", "--temperature=0.9")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- Mi abuela") == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt="], "--prompt must not be empty"),
+    (["--prompt=Hola", "--workdir=/nonexistent/run"], "--workdir='/nonexistent/run' does not exist"),
+    (["--prompt=" + "palabra " * 100], "does not fit the model's context"),
+])
+def test_sample_script_errors_are_clear(trained_run, flags, message):
+    result = _script("sample.py", f"--workdir={trained_run}", *flags)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_missing_checkpoint_is_named(tmp_path, trained_run):
+    (tmp_path / "config.json").write_text(open(os.path.join(trained_run, "config.json")).read())
+    (tmp_path / "tokenizer.model").write_bytes(open(os.path.join(trained_run, "tokenizer.model"), "rb").read())
+    with pytest.raises(FileNotFoundError, match="No checkpoints in"):
+        loading.load_run(str(tmp_path))
+
+
+def test_chat_script_streams_answers_until_exit(trained_run):
+    result = _script("chat.py", f"--workdir={trained_run}", "--max_new_tokens=8", stdin="Hola\n/reset\n¿Qué tal?\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("Asistente:") == 2

@@ -29,7 +29,7 @@ def test_decoding_with_the_cache_gives_the_logits_of_a_full_forward_pass(scan_la
     for t in range(5, 9):
         logits, cache = model.decode(tokens[:, t:t + 1], jnp.array([[t]]), ones[:, :1], cache)
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
-    assert int(cache.index) == 9
+    assert cache.index.tolist() == [9]
 
 
 def test_a_batch_of_different_lengths_gives_each_prompt_its_greedy_output_alone(model):
@@ -82,3 +82,19 @@ def test_sampling_filters_keep_the_right_tokens():
     assert int(penalized[0]) == 1
     with pytest.raises(ValueError, match="top_p"):
         sampling_lib.SamplingParams(top_p=0.0)
+
+
+def test_rows_at_different_cache_positions_decode_independently(model):
+    long, short = [7, 21, 3, 99, 45, 8], [60, 12, 5, 31]
+    full_long, full_short = forward(model, jnp.array([long])), forward(model, jnp.array([short]))
+    cache = KVCache.create(model.cfg, batch=2, max_len=16)
+    # Prefill both rows with 5 tokens; the short row's last two are padding (segment 0) it will overwrite.
+    tokens = jnp.array([long[:5], short[:3] + [0, 0]])
+    segments = jnp.array([[1] * 5, [1, 1, 1, 0, 0]])
+    _, cache = model.decode(tokens, jnp.array([list(range(5))] * 2), segments, cache)
+    cache = cache._replace(index=jnp.array([5, 3]))
+    logits, cache = model.decode(jnp.array([[long[5]], [short[3]]]), jnp.array([[5], [3]]), jnp.ones((2, 1), int),
+                                 cache)
+    np.testing.assert_allclose(logits[0, 0], full_long[0, 5], atol=1e-5)
+    np.testing.assert_allclose(logits[1, 0], full_short[0, 3], atol=1e-5)
+    assert cache.index.tolist() == [6, 4]

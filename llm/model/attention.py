@@ -58,7 +58,8 @@ class LayerCache(NamedTuple):
 
     keys, values: (batch, max_len, kv_heads, head_dim). segment_ids: (batch, max_len), the segment of each
     cached position *including* the tokens being written now (0 = padding or not yet written).
-    index: () int32, the position where this call's first token is written.
+    index: (batch,) int32, where each row's first token of this call is written. Rows may be at different
+    positions, which is what continuous batching needs.
     """
 
     keys: jax.Array
@@ -67,16 +68,22 @@ class LayerCache(NamedTuple):
     index: jax.Array
 
 
+def write_rows(cache: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
+    """Writes update[b] into cache[b] starting at position index[b] along axis 1 (in place under donation)."""
+    def write_row(row: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(row, new, start, axis=0)
+    return jax.vmap(write_row)(cache, update, index)
+
+
 def cached_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
                      cache: LayerCache) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Writes this call's keys/values into the cache and attends over it; returns (out, keys, values)."""
-    start = (0, cache.index, 0, 0)
-    keys = jax.lax.dynamic_update_slice(cache.keys, key.astype(cache.keys.dtype), start)
-    values = jax.lax.dynamic_update_slice(cache.values, value.astype(cache.values.dtype), start)
-    query_index = cache.index + jnp.arange(query.shape[1])
-    causal = jnp.arange(keys.shape[1])[None, :] <= query_index[:, None]
+    keys = write_rows(cache.keys, key.astype(cache.keys.dtype), cache.index)
+    values = write_rows(cache.values, value.astype(cache.values.dtype), cache.index)
+    query_index = cache.index[:, None] + jnp.arange(query.shape[1])  # (batch, q_len)
+    causal = jnp.arange(keys.shape[1])[None, None, :] <= query_index[:, :, None]
     same_segment = segment_ids[:, :, None] == cache.segment_ids[:, None, :]
-    mask = (causal[None] & same_segment)[:, None]
+    mask = (causal & same_segment)[:, None]
     out = jax.nn.dot_product_attention(query, keys.astype(query.dtype), values.astype(query.dtype), mask=mask,
                                        implementation="xla")
     return out, keys, values

@@ -20,7 +20,7 @@ from flax import nnx
 
 from llm import sharding
 from llm.model import layers
-from llm.model.attention import Attention, LayerCache
+from llm.model.attention import Attention, LayerCache, write_rows
 
 REMAT_POLICIES = {
     "full": None,  # Save nothing: recompute the whole block in the backward pass.
@@ -50,7 +50,8 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for `max_len` positions of a batch of sequences being generated.
 
     keys, values: (layers, batch, max_len, kv_heads, head_dim). segment_ids: (batch, max_len), 1 for a
-    written token, 0 for padding or a position not written yet. index: () int32, the next position to write.
+    written token, 0 for padding or a position not written yet. index: (batch,) int32, the next position
+    each row writes to.
     """
 
     keys: jax.Array
@@ -63,7 +64,7 @@ class KVCache(NamedTuple):
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, layers.head_dim(cfg))
         dtype = jnp.dtype(cfg.dtype)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
-                   jnp.zeros((), jnp.int32))
+                   jnp.zeros((batch,), jnp.int32))
 
 
 class Transformer(nnx.Module):
@@ -99,8 +100,7 @@ class Transformer(nnx.Module):
                cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Logits for `tokens` written at `cache.index` (a whole prompt, or one token per row), and the cache
         with their keys and values added. Earlier positions are attended to through the cache."""
-        cache = cache._replace(
-            segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index)))
+        cache = cache._replace(segment_ids=write_rows(cache.segment_ids, segment_ids, cache.index))
         hidden, cache = self._forward(tokens, positions, segment_ids, None, cache)
         return self.logits(hidden), cache._replace(index=cache.index + tokens.shape[1])
 

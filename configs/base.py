@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.batch_size = 32  # Global batch in sequences (all hosts, all microbatches).
     train.grad_accum_steps = 1  # Microbatches per step; the batch is split and gradients summed in one jit.
     train.z_loss = 0.0  # Coefficient of the z-loss (log Z)^2 that keeps logits from drifting (PaLM: 1e-4).
+    train.loss_chunk_size = 0  # >0: cross-entropy over this many positions at a time; full logits never stored.
     train.log_every = 10  # Steps between metrics.jsonl / TensorBoard entries.
     train.eval_every = 200  # Steps between validation passes (0: never).
     train.eval_batches = 10  # Validation batches per pass (the first N of the split, in order).

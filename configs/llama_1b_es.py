@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data.seq_len = 2048
     config.train.batch_size = 256
+    config.train.loss_chunk_size = 256  # 32K-vocab float32 logits of a whole batch would not fit.
     config.train.num_steps = 50000
     config.train.eval_every = 1000
     config.train.checkpoint_every = 1000

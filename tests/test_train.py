@@ -147,3 +147,21 @@ def test_learning_rate_schedules_warm_up_then_decay_to_the_final_ratio(schedule)
     assert float(lr(10)) == pytest.approx(1.0)
     final = {"cosine": 0.1, "linear": 0.1, "constant": 1.0}[schedule]
     assert float(lr(100)) == pytest.approx(final, rel=1e-4)
+
+
+def test_chunked_cross_entropy_equals_the_full_one():
+    results = []
+    for chunk in (0, 7):  # 7 does not divide the 31 predicted positions: the padding must not count.
+        config = tiny_config(train__loss_chunk_size=chunk, train__z_loss=1e-3)
+        mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+        with sharding.use_mesh(mesh, config.logical_axis_rules):
+            steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 20),
+                                         optimizer_lib.learning_rate_schedule(config.optimizer, 20))
+            rng = np.random.default_rng(1)
+            batch = {"tokens": rng.integers(0, 128, (8, 32)), "positions": np.tile(np.arange(32), (8, 1)),
+                     "segment_ids": np.ones((8, 32), int), "loss_mask": rng.integers(0, 2, (8, 32))}
+            batch = sharding.global_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh,
+                                          config.logical_axis_rules)
+            _, metrics = steps.train(steps.init(), batch)
+            results.append((float(metrics["loss"]), float(metrics["grad_norm"]), float(metrics["param_norm"])))
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5)

@@ -5,26 +5,6 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-
-    # Sources (llm/data/sources.py): with no paths, tfds_name or hf_name, the embedded Debian corpus is read.
-    config.sources = ml_collections.ConfigDict()
-    config.sources.paths = ""  # Comma-separated files, directories or globs (.txt/.md, .jsonl, .parquet; .gz ok).
-    config.sources.format = "auto"  # "auto" (by extension), or "text", "jsonl", "parquet" for every file.
-    config.sources.text_mode = "file"  # Text files: "file" = one document each, "paragraph" = per blank line.
-    config.sources.text_field = "text"  # JSONL field / Parquet column / TFDS or HF feature holding the text.
-    config.sources.licence = "unknown"  # Licence recorded for documents from paths/TFDS/HF (model card).
-    config.sources.tfds_name = ""  # TFDS dataset prepared as ArrayRecord, read with tfds.data_source.
-    config.sources.tfds_split = "train"  # TFDS split to read.
-    config.sources.tfds_data_dir = ""  # TFDS data_dir; "" = the TFDS default (~/tensorflow_datasets).
-    config.sources.hf_name = ""  # Hugging Face dataset, streamed (extra [hf]; needs network or the HF cache).
-    config.sources.hf_config = ""  # Hugging Face dataset config name, if it has several.
-    config.sources.hf_split = "train"  # Hugging Face split to read.
-    config.sources.on_error = "skip"  # Malformed input: "raise" (error naming file:line) or "skip" (counted).
-    config.sources.max_document_bytes = 8 * 1024 * 1024  # Larger documents/lines are malformed input.
-    config.sources.debian_cache_dir = "~/.cache/spanish_llm/debian"  # Where the .debs are fetched and unpacked.
-    config.sources.debian_packages = (  # Comma-separated packages of the embedded corpus (a subset is fine).
-        "sword-text-sparv,fortunes-es,libreoffice-help-es,lilypond-doc-html-es,manpages-es,debian-reference-es"
-    )
     # Cleaning (llm/data/clean.py): NFC, control characters, leftover HTML, boilerplate lines, whitespace.
     config.clean = ml_collections.ConfigDict()
     config.clean.enabled = True  # Run the cleaning stage (a document left empty is dropped as "clean.empty").
@@ -82,6 +62,26 @@ def get_config() -> ml_collections.ConfigDict:
     config.offensive.extra_words = ()  # Words added to the built-in list (matched case- and accent-insensitively).
     config.offensive.words_file = ""  # Optional UTF-8 file of extra words, one per line, "#" comments.
 
+    # Sources (llm/data/sources.py): with no paths, tfds_name or hf_name, the embedded Debian corpus is read.
+    config.sources = ml_collections.ConfigDict()
+    config.sources.paths = ""  # Comma-separated files, directories or globs (.txt/.md, .jsonl, .parquet; .gz ok).
+    config.sources.format = "auto"  # "auto" (by extension), or "text", "jsonl", "parquet" for every file.
+    config.sources.text_mode = "file"  # Text files: "file" = one document each, "paragraph" = per blank line.
+    config.sources.text_field = "text"  # JSONL field / Parquet column / TFDS or HF feature holding the text.
+    config.sources.licence = "unknown"  # Licence recorded for documents from paths/TFDS/HF (model card).
+    config.sources.tfds_name = ""  # TFDS dataset prepared as ArrayRecord, read with tfds.data_source.
+    config.sources.tfds_split = "train"  # TFDS split to read.
+    config.sources.tfds_data_dir = ""  # TFDS data_dir; "" = the TFDS default (~/tensorflow_datasets).
+    config.sources.hf_name = ""  # Hugging Face dataset, streamed (extra [hf]; needs network or the HF cache).
+    config.sources.hf_config = ""  # Hugging Face dataset config name, if it has several.
+    config.sources.hf_split = "train"  # Hugging Face split to read.
+    config.sources.on_error = "skip"  # Malformed input: "raise" (error naming file:line) or "skip" (counted).
+    config.sources.max_document_bytes = 8 * 1024 * 1024  # Larger documents/lines are malformed input.
+    config.sources.debian_cache_dir = "~/.cache/spanish_llm/debian"  # Where the .debs are fetched and unpacked.
+    config.sources.debian_packages = (  # Comma-separated packages of the embedded corpus (a subset is fine).
+        "sword-text-sparv,fortunes-es,libreoffice-help-es,lilypond-doc-html-es,manpages-es,debian-reference-es"
+    )
+
     # Deduplication (llm/data/dedup.py): exact (normalized-text hash), then MinHash LSH near duplicates.
     config.dedup = ml_collections.ConfigDict()
     config.dedup.exact = True  # Drop documents whose NFC, case-folded, whitespace-collapsed text repeats.
@@ -111,4 +111,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.pack.min_validation_rows = 8  # Validation gets at least this many rows, taking more documents if needed.
     config.pack.train_shards = 8  # ArrayRecord shards of the train split (>= the data loader's processes).
     config.pack.validation_shards = 1  # Shards of the validation split.
+
+    # Runners (llm/data/local_runner.py, beam_runner.py); how the corpus steps run, not what they output.
+    config.runner = ml_collections.ConfigDict()
+    config.runner.num_workers = 0  # Worker processes of the local runner; 0 = one per CPU core.
+    config.runner.chunk_size = 256  # Documents per task sent to a worker (and per MinHash batch in Beam).
+
+    # Outputs of the corpus steps (DIR/stages/filter/, DIR/stages/dedup/: JSONL shards + counts.json).
+    config.output = ml_collections.ConfigDict()
+    config.output.corpus_shards = 8  # JSONL shards per step: shard = hash(id) % shards, sorted by id inside.
+
+    # Report (DIR/report.json): tokenizer fertility and bytes per token are measured on this text.
+    config.report = ml_collections.ConfigDict()
+    config.report.eval_conllu = ""  # CoNLL-U file; "" = ../shared/data/es_eval/ud_gsd_es_dev.conllu if present.
     return config

@@ -1,9 +1,19 @@
-"""Next-token cross-entropy over packed rows, with a loss mask and an optional z-loss, in float32."""
+"""Next-token cross-entropy over packed rows, with a loss mask and an optional z-loss, in float32.
+
+`next_token_loss` takes the logits; `chunked_next_token_loss` takes the final hidden states and the output
+projection, and computes the same sums chunk by chunk along the sequence, recomputing each chunk's logits in
+the backward pass. With a large vocabulary the full (batch, length, vocab) float32 logits, and their
+gradient, are then never in memory at once.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+
+LossSums = tuple[jax.Array, jax.Array, jax.Array]  # (cross-entropy sum, z-loss term, weight sum)
 
 
 def next_token_weights(segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -16,17 +26,44 @@ def next_token_weights(segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Arra
     return (same_segment & (loss_mask[:, 1:] > 0)).astype(jnp.float32)
 
 
-def next_token_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array,
-                    z_loss: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Sums over the batch of (cross-entropy, z-loss term, weight) for predicting tokens[:, 1:].
-
-    Sums rather than means, so gradient accumulation over microbatches divides once by the total weight and
-    equals the full-batch gradient. The z-loss z_loss * log(Z)^2 (PaLM) keeps the softmax normalizer near 1.
-    """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = tokens[:, 1:]
+def _loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float) -> LossSums:
+    logits = logits.astype(jnp.float32)
     log_normalizer = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     cross_entropy = jnp.sum((log_normalizer - target_logits) * weights)
     z_term = z_loss * jnp.sum(jnp.square(log_normalizer) * weights)
     return cross_entropy, z_term, jnp.sum(weights)
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array, z_loss: float = 0.0) -> LossSums:
+    """Sums over the batch of (cross-entropy, z-loss term, weight) for predicting tokens[:, 1:].
+
+    Sums rather than means, so gradient accumulation over microbatches divides once by the total weight and
+    equals the full-batch gradient. The z-loss z_loss * log(Z)^2 (PaLM) keeps the softmax normalizer near 1.
+    """
+    return _loss_sums(logits[:, :-1], tokens[:, 1:], weights, z_loss)
+
+
+def chunked_next_token_loss(features: jax.Array, project: Callable[[jax.Array], jax.Array], tokens: jax.Array,
+                            weights: jax.Array, z_loss: float, chunk_size: int) -> LossSums:
+    """`next_token_loss(project(features), ...)`, `chunk_size` positions of logits at a time."""
+    features, targets = features[:, :-1], tokens[:, 1:]
+    length = features.shape[1]
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length  # Padded positions carry weight 0.
+    features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
+    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+
+    def chunks(x: jax.Array) -> jax.Array:  # (batch, length, ...) -> (num_chunks, batch, chunk_size, ...)
+        return jnp.swapaxes(x.reshape(x.shape[0], num_chunks, chunk_size, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_sums(f: jax.Array, t: jax.Array, w: jax.Array) -> LossSums:
+        return _loss_sums(project(f), t, w, z_loss)
+
+    def body(totals: LossSums, inputs: tuple) -> tuple[LossSums, None]:
+        return jax.tree.map(jnp.add, totals, chunk_sums(*inputs)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    totals, _ = jax.lax.scan(body, (zero, zero, zero), (chunks(features), chunks(targets), chunks(weights)))
+    return totals

@@ -67,9 +67,14 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
 
     def loss_terms(params: nnx.State, batch: Batch, key: jax.Array | None) -> tuple[jax.Array, tuple]:
         model = nnx.merge(graphdef, params)
-        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key)
+        features = model.features(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key)
         weights = losses.next_token_weights(batch["segment_ids"], batch["loss_mask"])
-        cross_entropy, z_term, weight = losses.next_token_loss(logits, batch["tokens"], weights, train_cfg.z_loss)
+        if train_cfg.loss_chunk_size:
+            cross_entropy, z_term, weight = losses.chunked_next_token_loss(
+                features, model.logits, batch["tokens"], weights, train_cfg.z_loss, train_cfg.loss_chunk_size)
+        else:
+            cross_entropy, z_term, weight = losses.next_token_loss(
+                model.logits(features), batch["tokens"], weights, train_cfg.z_loss)
         return cross_entropy + z_term, (cross_entropy, weight)
 
     grad_fn = jax.value_and_grad(loss_terms, has_aux=True)

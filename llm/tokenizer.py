@@ -209,3 +209,26 @@ def bytes_per_token(tokenizer: Tokenizer, texts: Sequence[str]) -> float:
 def round_trips(tokenizer: Tokenizer, text: str) -> bool:
     """True if decoding the encoding of `text` gives back exactly its NFC form."""
     return tokenizer.decode(tokenizer.encode(text)) == _nfc(text)
+
+
+def benchmark(tokenizer: Tokenizer, texts: Sequence[str] | None = None, repeats: int = 5) -> dict[str, float]:
+    """Encoding speed (MB/s, batch and one text at a time) and quality (fertility, bytes/token) on `texts`,
+    by default the UD Spanish-GSD dev sentences."""
+    import time
+
+    texts = list(texts) if texts is not None else conllu_texts()
+    megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
+
+    def best_seconds(encode_all) -> float:
+        timings = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            encode_all()
+            timings.append(time.perf_counter() - start)
+        return min(timings)
+
+    batch_s = best_seconds(lambda: tokenizer.encode_batch(texts))
+    single_s = best_seconds(lambda: [tokenizer.encode(text) for text in texts])
+    return {"texts": len(texts), "megabytes": megabytes, "encode_batch_mb_per_sec": megabytes / batch_s,
+            "encode_mb_per_sec": megabytes / single_s, "fertility": fertility(tokenizer, texts),
+            "bytes_per_token": bytes_per_token(tokenizer, texts), "vocab_size": tokenizer.vocab_size}

@@ -1,7 +1,9 @@
 """Benchmarks that print figures (never timed unit tests).
 
     python scripts/benchmark.py train --config=configs/tiny_es.py [--steps=10] [--json_out=F]
+    python scripts/benchmark.py decode (--workdir=DIR | --config=C) [--batch_sizes=1,8,64] [--json_out=F]
     python scripts/benchmark.py data [--num_docs=20000] [--json_out=F]
+    python scripts/benchmark.py tokenizer --tokenizer=DIR/tokenizer.model [--json_out=F]
 
 Every result carries the machine it came from (device kind and count, JAX version).
 """
@@ -13,20 +15,47 @@ from ml_collections import config_flags
 
 from llm.train import benchmark as train_benchmark
 
-SUBCOMMANDS = ("train", "data")
+SUBCOMMANDS = ("train", "decode", "data", "tokenizer")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_es.py", "Model/training config (train).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train).", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first, the first compiles (train).", lower_bound=1)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Trained run to benchmark (decode); else --config's shape.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Decode batch sizes (decode).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens (decode).", lower_bound=1)
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Decode steps timed (decode).", lower_bound=4)
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (tokenizer).")
 _NUM_DOCS = flags.DEFINE_integer("num_docs", 20000, "Synthetic documents (data).", lower_bound=100)
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the result as JSON to this file.")
 
 
-def _print_table(result: dict) -> None:
-    width = max(len(k) for k in result)
+def _flatten(result: dict, prefix: str = "") -> dict:
+    flat = {}
     for key, value in result.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _print_table(result: dict) -> None:
+    flat = _flatten(result)
+    width = max(len(k) for k in flat)
+    for key, value in flat.items():
         shown = f"{value:,.4g}" if isinstance(value, float) else str(value)
         print(f"{key:<{width}}  {shown}")
+
+
+def _decode() -> dict:
+    from llm.infer import benchmark as decode_benchmark, loading
+    from llm.train import step as step_lib
+    batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+    if _WORKDIR.value:
+        model = loading.load_run(_WORKDIR.value).model
+    else:
+        model = step_lib.create_model(_CONFIG.value)
+    return decode_benchmark.benchmark_decode(model, batch_sizes, _PROMPT_LEN.value, _NEW_TOKENS.value)
 
 
 def main(argv: list[str]) -> None:
@@ -34,6 +63,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Usage: benchmark.py {{{'|'.join(SUBCOMMANDS)}}} [flags]; got {argv[1:]}")
     if argv[1] == "train":
         result = train_benchmark.benchmark_train(_CONFIG.value, _STEPS.value, _WARMUP.value)
+    elif argv[1] == "decode":
+        result = {"benchmark": "decode", **train_benchmark.machine(), **_decode()}
+    elif argv[1] == "tokenizer":
+        if not _TOKENIZER.value:
+            raise app.UsageError("benchmark.py tokenizer needs --tokenizer=PATH/tokenizer.model.")
+        from llm import tokenizer as tokenizer_lib
+        result = {"benchmark": "tokenizer", **train_benchmark.machine(),
+                  **tokenizer_lib.benchmark(tokenizer_lib.Tokenizer.load(_TOKENIZER.value))}
     else:
         from llm.data import dedup_bench  # The data benchmark needs datasketch, a test/bench dependency.
         result = {"benchmark": "data", **train_benchmark.machine(), **dedup_bench.run(_NUM_DOCS.value)}

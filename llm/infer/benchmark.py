@@ -1,0 +1,110 @@
+"""Decode speed: prefill throughput, time to first token, and decode tokens/s at several batch sizes.
+
+Where time goes is reported in three parts per batch size: the device time of one decode step (timed over
+many steps with no host round trip), the same loop as `Generator.generate` runs it (one host round trip per
+token, as streaming needs), and the difference, which is host overhead. At batch 1, decoding is bound by
+reading every parameter (and the KV cache) once per token; on devices with a known memory bandwidth the
+result includes the fraction of that bound reached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm.infer import generate
+from llm.infer.sampling import SamplingParams
+from llm.model.transformer import KVCache, Transformer
+
+# Peak HBM bandwidth in bytes/s, from the vendors' data sheets.
+HBM_BANDWIDTH_BY_DEVICE_KIND = {
+    "H200": 4.8e12,
+    "H100": 3.35e12,
+    "A100": 2.0e12,
+    "L4": 0.3e12,
+    "TPU v6": 1.64e12,
+    "TPU v5p": 2.76e12,
+    "TPU v5 lite": 0.82e12,
+    "TPU v5e": 0.82e12,
+    "TPU v4": 1.2e12,
+}
+
+
+def _bandwidth() -> float | None:
+    kind = jax.devices()[0].device_kind.lower()
+    return next((bw for name, bw in HBM_BANDWIDTH_BY_DEVICE_KIND.items() if name.lower() in kind), None)
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def benchmark_decode(model: Transformer, batch_sizes: Sequence[int] = (1, 8, 64), prompt_len: int = 128,
+                     new_tokens: int = 32, vocab_limit: int | None = None) -> dict[str, Any]:
+    """Times prefill and decode of random prompts; the model's weights need not be trained."""
+    cfg = model.cfg
+    prompt_len = min(prompt_len, cfg.max_seq_len - new_tokens - 1)
+    if prompt_len < 1:
+        raise ValueError(f"max_seq_len={cfg.max_seq_len} leaves no room for {new_tokens} new tokens.")
+    generator = generate.Generator(model)
+    graphdef, params = generator.graphdef, generator.params
+    greedy = SamplingParams()
+    vocab = vocab_limit or cfg.vocab_size
+    rng = np.random.default_rng(0)
+    result: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens,
+                              "param_bytes": _nbytes(params)}
+    bandwidth = _bandwidth()
+
+    for batch in batch_sizes:
+        prompts = rng.integers(4, vocab, (batch, prompt_len)).astype(np.int32)
+        cache_len = generate.bucket(prompt_len + new_tokens, cfg.max_seq_len)
+        positions = np.broadcast_to(np.arange(prompt_len, dtype=np.int32), prompts.shape)
+        segments = np.ones_like(prompts)
+        key = jax.random.key(0)
+
+        def prefill():
+            cache = KVCache.create(cfg, batch, cache_len)
+            return generate._prefill(graphdef, params, prompts, positions, segments, cache, key, greedy)
+
+        jax.block_until_ready(prefill())  # Compile.
+        start = time.perf_counter()
+        next_tokens, _, cache, seen = jax.block_until_ready(prefill())
+        prefill_s = time.perf_counter() - start
+
+        def decode_steps(next_tokens, cache, seen, count, host_round_trip):
+            for step in range(count):
+                next_tokens, _, cache, seen = generate._decode_step(
+                    graphdef, params, next_tokens, jnp.full((batch,), prompt_len + step, jnp.int32), cache, seen,
+                    key, greedy)
+                if host_round_trip:
+                    np.asarray(next_tokens)
+            return jax.block_until_ready((next_tokens, cache, seen))
+
+        next_tokens, cache, seen = decode_steps(next_tokens, cache, seen, 1, False)  # Compile.
+        start = time.perf_counter()
+        next_tokens, cache, seen = decode_steps(next_tokens, cache, seen, new_tokens // 2, False)
+        device_step_s = (time.perf_counter() - start) / (new_tokens // 2)
+        start = time.perf_counter()
+        decode_steps(next_tokens, cache, seen, new_tokens // 2 - 1, True)
+        streamed_step_s = (time.perf_counter() - start) / (new_tokens // 2 - 1)
+
+        entry = {
+            "prefill_tokens_per_sec": batch * prompt_len / prefill_s,
+            "time_to_first_token_s": prefill_s,
+            "decode_tokens_per_sec": batch / device_step_s,
+            "decode_step_ms": device_step_s * 1e3,
+            "streamed_decode_tokens_per_sec": batch / streamed_step_s,
+            "host_overhead_ms_per_step": (streamed_step_s - device_step_s) * 1e3,
+        }
+        if bandwidth:
+            # Bytes each step must read: all parameters plus the keys and values written so far.
+            kv_bytes = _nbytes((cache.keys, cache.values)) * (prompt_len + new_tokens / 2) / cache_len
+            entry["hbm_bound_fraction"] = (result["param_bytes"] + kv_bytes) / device_step_s / bandwidth
+        result[f"batch_{batch}"] = entry
+    return result
+

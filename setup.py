@@ -27,9 +27,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "datasketch==2.0.0", "apache-beam==2.77.0"],
+    "test": ["pytest>=8", "datasketch==2.0.0", "apache-beam==2.77.0",
+             # The server's tests run a real server and talk to it with the official client.
+             "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0", "openai==3.54.0", "httpx==0.28.1"],
     "beam": ["apache-beam==2.77.0"],
-    "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],
     "hf": ["datasets>=3"],
 }
 
@@ -38,6 +40,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     packages=find_packages(include=["llm", "llm.*", "configs", "configs.*"]),
+    package_data={"llm.serve": ["static/*.html"]},  # The chat page.
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -1,11 +1,18 @@
-"""Turning next-token logits into tokens: greedy, temperature, top-k, top-p, min-p, repetition penalty."""
+"""Turning next-token logits into tokens: greedy, temperature, top-k, top-p, min-p, repetition penalty.
+
+`sample` takes one SamplingParams for the whole batch (static: the step is specialized on it);
+`sample_rows` takes parameters per row as arrays, for a server batching requests that ask for different ones.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +36,33 @@ class SamplingParams:
                                  "top_k >= 0, 0 < top_p <= 1, 0 <= min_p < 1, repetition_penalty > 0).")
 
 
+def _penalize(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
+    """CTRL repetition penalty on the tokens marked in `seen`; `penalty` is a scalar or (batch, 1)."""
+    penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def _top_p_filter(logits: jax.Array, top_p) -> jax.Array:
+    """Masks the tokens outside the nucleus of mass `top_p` (a scalar or (batch, 1))."""
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # A token stays if the tokens more likely than it have not yet reached top_p.
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def _min_p_filter(logits: jax.Array, min_p) -> jax.Array:
+    """Masks the tokens less likely than `min_p` (a scalar or (batch, 1)) times the most likely one."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
+
+
 def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.Array) -> jax.Array:
     """Next tokens (batch,) from logits (batch, vocab); `seen` (batch, vocab) marks tokens already present."""
     logits = logits.astype(jnp.float32)
     if params.repetition_penalty != 1.0:
-        penalized = jnp.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
-        logits = jnp.where(seen, penalized, logits)
+        logits = _penalize(logits, seen, params.repetition_penalty)
     if params.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / params.temperature
@@ -42,13 +70,44 @@ def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.
         kth_largest = jax.lax.top_k(logits, params.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
     if params.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # A token stays if the tokens more likely than it have not yet reached top_p.
-        mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-        cutoff = jnp.min(jnp.where(mass_before < params.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        logits = _top_p_filter(logits, params.top_p)
     if params.min_p > 0.0:
-        probs = jax.nn.softmax(logits, axis=-1)
-        logits = jnp.where(probs < params.min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
+        logits = _min_p_filter(logits, params.min_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+class RowSampling(NamedTuple):
+    """Sampling parameters per row of a batch, as arrays (batch,), so that rows of one jitted step can each
+    follow their own request (continuous batching). Same meaning and "off" values as SamplingParams."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+
+    @classmethod
+    def stack(cls, rows: Sequence[SamplingParams]) -> "RowSampling":
+        """Host arrays for a batch whose row i follows rows[i]."""
+        return cls(*(np.array([getattr(p, name) for p in rows], dtype)
+                     for name, dtype in zip(cls._fields, (np.float32, np.int32, np.float32, np.float32, np.float32))))
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, params: RowSampling, seen: jax.Array) -> jax.Array:
+    """Next tokens (batch,) with each row's own parameters and PRNG key (`keys`: (batch,) typed keys).
+
+    Every filter runs on every row (a row whose filter is off is left unchanged), so one compiled step
+    serves any mix of requests. A row with temperature 0 takes the argmax, exactly like `sample`.
+    """
+    column = lambda x: x[:, None]
+    logits = _penalize(logits.astype(jnp.float32), seen, column(params.repetition_penalty))
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / column(jnp.where(params.temperature > 0, params.temperature, 1.0))
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    kth_largest = jnp.take_along_axis(sorted_logits, column(jnp.clip(params.top_k - 1, 0, logits.shape[-1] - 1)),
+                                      axis=-1)
+    logits = jnp.where(column(params.top_k > 0) & (logits < kth_largest), -jnp.inf, logits)
+    logits = jnp.where(column(params.top_p < 1.0), _top_p_filter(logits, column(params.top_p)), logits)
+    logits = _min_p_filter(logits, column(params.min_p))
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, logits).astype(jnp.int32)
+    return jnp.where(params.temperature > 0, drawn, greedy)

@@ -1,0 +1,230 @@
+"""From validated API requests to engine requests, and from engine events to OpenAI's response objects.
+
+A request becomes one engine request per choice (prompts x n). `Choice` collects one choice's events and
+renders them either as a whole response (`final`) or incrementally as stream chunks (`delta`), in the
+shapes of OpenAI's `text_completion`, `chat.completion` and `chat.completion.chunk` objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+
+from llm import chat_template
+from llm.serve import engine as engine_lib
+from llm.serve.schemas import ChatCompletionRequest, CompletionRequest
+from llm.infer.sampling import SamplingParams
+from llm.tokenizer import Tokenizer
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
+
+
+class RequestError(ValueError):
+    """A request the server cannot serve as asked (HTTP 400), with the parameter and OpenAI's error code."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    cache_len: int  # Prompt plus completion tokens must fit one KV-cache row.
+    max_prompt_tokens: int
+    max_tokens: int  # Most completion tokens one choice may ask for.
+    max_choices: int  # Most choices (prompts x n) one request may ask for.
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one HTTP request asks of the engine: one engine request per choice."""
+
+    chat: bool
+    requests: list[engine_lib.Request]
+    echo: list[str | None]  # Per choice: the prompt text to put before the completion (completions' echo).
+    skip_prompt_tokens: list[int]  # Per choice: leading prompt tokens left out of echoed logprobs (an added BOS).
+    logprobs: bool
+    stream: bool
+    include_usage: bool
+    prompt_tokens: int  # Counted once per prompt, however many choices it has (as OpenAI's usage does).
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token as text in logprobs: its piece with SentencePiece's '▁' as a space; byte pieces as 'bytes:\\xNN'."""
+    piece = tokenizer.piece(token_id)
+    match = _BYTE_PIECE.fullmatch(piece)
+    return f"bytes:\\x{match.group(1).lower()}" if match else piece.replace("\u2581", " ")
+
+
+def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
+    match = _BYTE_PIECE.fullmatch(tokenizer.piece(token_id))
+    return [int(match.group(1), 16)] if match else list(tokenizer.piece(token_id).replace("\u2581", " ").encode())
+
+
+def _sampling(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+    return SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
+                          top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p,
+                          min_p=body.min_p or 0.0,
+                          repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
+
+
+def _max_tokens(requested: int | None, prompt_len: int, limits: Limits, default: int | None) -> int:
+    if prompt_len > limits.max_prompt_tokens:
+        raise RequestError(f"The prompt has {prompt_len} tokens; this server accepts at most "
+                           f"{limits.max_prompt_tokens}.", "prompt", "context_length_exceeded")
+    room = limits.cache_len - prompt_len
+    if requested is None:
+        requested = default if default is not None else min(limits.max_tokens, room)
+        if requested < 1:
+            raise RequestError(f"The prompt has {prompt_len} tokens and leaves no room for an answer in the "
+                               f"context of {limits.cache_len} tokens.", "messages", "context_length_exceeded")
+    if requested > limits.max_tokens:
+        raise RequestError(f"max_tokens={requested} is more than this server allows ({limits.max_tokens}).",
+                           "max_tokens")
+    if requested > room:
+        raise RequestError(f"This model's maximum context length is {limits.cache_len} tokens. However, you "
+                           f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} "
+                           f"for the completion). Please reduce the prompt or max_tokens.", "max_tokens",
+                           "context_length_exceeded")
+    return requested
+
+
+def _choices(prompts: list[list[int]], n: int, limits: Limits) -> None:
+    if len(prompts) * n > limits.max_choices:
+        raise RequestError(f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices; this server allows "
+                           f"{limits.max_choices} per request.", "n")
+
+
+def _seeds(seed: int | None, count: int) -> list[int]:
+    """Choice i uses seed + i, so the n choices of one request differ but the request is reproducible."""
+    base = secrets.randbits(31) if seed is None else seed
+    return [base + i for i in range(count)]
+
+
+def plan_completion(body: CompletionRequest, tokenizer: Tokenizer, limits: Limits) -> Plan:
+    raw = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+    if raw and isinstance(raw[0], int):
+        raw = [raw]
+    prompts = [tokenizer.encode(p, add_bos=True) if isinstance(p, str) else list(p) for p in raw]
+    n = body.n or 1
+    _choices(prompts, n, limits)
+    if body.logprobs is not None and body.logprobs > engine_lib.MAX_LOGPROBS:
+        raise RequestError(f"logprobs must be at most {engine_lib.MAX_LOGPROBS}.", "logprobs")
+    requests, echo, skip = [], [], []
+    seeds = _seeds(body.seed, len(prompts) * n)
+    for text, ids in zip(raw, prompts):
+        if any(token >= tokenizer.vocab_size for token in ids):
+            raise RequestError(f"Prompt token ids must be below the vocabulary size {tokenizer.vocab_size}.",
+                               "prompt")
+        max_tokens = _max_tokens(body.max_tokens, len(ids), limits, default=16)
+        for _ in range(n):
+            requests.append(engine_lib.Request(
+                ids, max_tokens, _sampling(body), seeds[len(requests)], body.stop_strings(),
+                () if body.ignore_eos else (tokenizer.eos_id,), body.logprobs, prompt_logprobs=bool(body.echo) and body.logprobs is not None))
+            echo.append((text if isinstance(text, str) else tokenizer.decode(text)) if body.echo else None)
+            skip.append(1 if isinstance(text, str) else 0)  # The BOS the server added is not the user's text.
+    return Plan(False, requests, echo, skip, body.logprobs is not None, bool(body.stream),
+                bool(body.stream_options and body.stream_options.include_usage), sum(map(len, prompts)))
+
+
+def plan_chat(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -> Plan:
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        ids, _ = chat_template.render(tokenizer, messages, add_generation_prompt=True)
+    except chat_template.ChatFormatError as error:
+        raise RequestError(str(error), "messages") from None
+    n = body.n or 1
+    _choices([ids], n, limits)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = _max_tokens(requested, len(ids), limits, default=None)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    if body.top_logprobs and not body.logprobs:
+        raise RequestError("top_logprobs needs logprobs=true.", "top_logprobs")
+    stop_ids = () if body.ignore_eos else chat_template.stop_token_ids(tokenizer)
+    requests = [engine_lib.Request(ids, max_tokens, _sampling(body), seed, body.stop_strings(), stop_ids, logprobs)
+                for seed in _seeds(body.seed, n)]
+    return Plan(True, requests, [None] * n, [0] * n, logprobs is not None, bool(body.stream),
+                bool(body.stream_options and body.stream_options.include_usage), len(ids))
+
+
+class Choice:
+    """Collects one choice's events; renders them whole (`final`) or as stream deltas (`delta`)."""
+
+    def __init__(self, index: int, plan: Plan, tokenizer: Tokenizer):
+        self.index, self.plan, self.tokenizer = index, plan, tokenizer
+        self.request = plan.requests[index]
+        self.echo = plan.echo[index]
+        self.text: list[str] = [self.echo or ""]
+        self.ids: list[int] = []
+        self.logprobs: list[float | None] = []
+        self.tops: list[list[tuple[int, float]] | None] = []
+        self.finished: engine_lib.Finished | None = None
+        self._prompt_tokens = 0  # Leading entries of ids/logprobs that belong to the echoed prompt.
+
+    def add(self, event: engine_lib.Event) -> dict | None:
+        """Records `event`; returns the stream delta it produces (None when there is nothing to send)."""
+        start = len(self.ids)
+        if isinstance(event, engine_lib.PromptLogprobs):
+            skip = self.plan.skip_prompt_tokens[self.index]
+            self.ids += list(self.request.prompt[skip:])
+            self.logprobs += event.logprobs[skip:]
+            self.tops += event.top[skip:]
+            self._prompt_tokens = len(self.ids)
+            return None  # Sent with the echoed prompt text in the first chunk.
+        if isinstance(event, engine_lib.Token):
+            self.ids.append(event.token_id)
+            self.logprobs.append(event.logprob)
+            self.tops.append(event.top)
+            self.text.append(event.text)
+            if not event.text and not self.plan.logprobs:
+                return None
+            return self._delta(event.text, start, None)
+        self.finished = event
+        self.text.append(event.text)
+        return self._delta(event.text, len(self.ids), event.reason)
+
+    def opening(self) -> dict | None:
+        """The first stream delta: the assistant role (chat) or the echoed prompt (completions)."""
+        if self.plan.chat:
+            return {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None}
+        if self.echo is None:
+            return None
+        return self._delta(self.echo, 0, None, end=self._prompt_tokens)
+
+    def _delta(self, text: str, start: int, reason: str | None, end: int | None = None) -> dict:
+        logprobs = self._logprobs(start, len(self.ids) if end is None else end) if self.plan.logprobs else None
+        if self.plan.chat:
+            delta = {"content": text} if text or reason is None else {}
+            return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+    def final(self) -> dict:
+        text = "".join(self.text)
+        logprobs = self._logprobs(0, len(self.ids)) if self.plan.logprobs else None
+        if self.plan.chat:
+            return {"index": self.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": self.finished.reason}
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": self.finished.reason}
+
+    def _logprobs(self, start: int, end: int) -> dict:
+        tok = self.tokenizer
+        if self.plan.chat:
+            return {"content": [
+                {"token": token_text(tok, i), "logprob": lp, "bytes": token_bytes(tok, i),
+                 "top_logprobs": [{"token": token_text(tok, t), "logprob": v, "bytes": token_bytes(tok, t)}
+                                  for t, v in top or []]}
+                for i, lp, top in zip(self.ids[start:end], self.logprobs[start:end], self.tops[start:end])]}
+        return {"tokens": [token_text(tok, i) for i in self.ids[start:end]],
+                "token_logprobs": self.logprobs[start:end],
+                "top_logprobs": [None if top is None else {token_text(tok, t): v for t, v in top}
+                                 for top in self.tops[start:end]],
+                "text_offset": [self._text_offset(position) for position in range(start, end)]}
+
+    def _text_offset(self, position: int) -> int:
+        """Where token `position` starts in the returned text (echoed prompt, then completion)."""
+        if position < self._prompt_tokens:
+            return len(self.tokenizer.decode(self.ids[:position]))
+        base = len(self.echo) if self.echo is not None else 0
+        return base + len(self.tokenizer.decode(self.ids[self._prompt_tokens:position]))

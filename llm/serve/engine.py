@@ -1,0 +1,404 @@
+"""Continuous batching: one background thread decodes a fixed set of slots; requests join and leave between steps.
+
+    submit() -> waiting queue --admit: prefill into a free slot--> slots[0..B) --one decode step for all--> events
+
+The KV cache has `max_batch_size` rows of `max_cache_len` positions, allocated once, so the memory is fixed
+by the config. A new request is prefilled alone into its slot's row (the prompt right-padded to a
+power-of-two bucket, so a new prompt length rarely compiles anything), then decodes one token per step
+together with every other active row; each row sits at its own cache position (`KVCache.index` is per
+row). A request that finishes, hits a stop string or is cancelled frees its slot at once, and a waiting
+request takes it before the next step: a long request never holds up short ones.
+
+The decode step is one jitted function over all slots with the cache donated (updated in place). Each row
+samples with its own parameters and seed (`sampling.sample_rows`). Log-probabilities are those of the
+model's raw distribution (log-softmax of the logits), whatever the sampling parameters, which is what
+log-likelihood evaluation needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llm.infer.generate import bucket
+from llm.infer.sampling import RowSampling, SamplingParams, sample_rows
+from llm.model.transformer import KVCache
+from llm.tokenizer import Tokenizer
+
+MAX_LOGPROBS = 20  # Most alternatives per token a request may ask for (OpenAI's limit for chat).
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One completion to generate: token ids in, tokens and text out."""
+
+    prompt: Sequence[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # Generation ends before the first of these strings; it is not returned.
+    stop_token_ids: tuple[int, ...] = ()  # Tokens that end generation (not returned), e.g. end-of-sequence.
+    logprobs: int | None = None  # Alternatives per generated token (0: only the chosen one's); None: no logprobs.
+    prompt_logprobs: bool = False  # Also the log-probability of every prompt token given the ones before it.
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptLogprobs:
+    """Sent once after prefill when asked for: per prompt token (the first has none, nothing precedes it)."""
+
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """One generated token. `text` is the newly visible text: empty while it could still be the start of a
+    stop string or half of a multi-byte character (it is released with a later token or at the end)."""
+
+    token_id: int
+    text: str
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """The last event of a request. reason: 'stop' (stop token or string), 'length' (max_tokens or the
+    cache is full), 'cancelled', or 'error' (with `error`)."""
+
+    reason: str
+    text: str  # Text held back until the end, if any.
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+Event = PromptLogprobs | Token | Finished
+
+
+class Ticket:
+    """A submitted request: `cancel()` frees its slot before the next decode step."""
+
+    def __init__(self, request: Request, emit: Callable[[Event], None], engine: "Engine"):
+        self.request, self.emit, self.submitted = request, emit, time.perf_counter()
+        self.cancelled = False
+        self._engine = engine
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._engine.wake()
+
+
+class _TextStream:
+    """Detokenizes a growing list of ids and decides what text is safe to show (same rules as
+    llm.infer.generate.stream_text): text that could start a stop string, or a trailing half character
+    (U+FFFD from byte-fallback pieces), is held back until it cannot."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.shown = 0
+        self.hold_back = max((len(s) for s in stop), default=1) - 1
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """The newly visible text after `token`, and whether a stop string has appeared."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            visible = text[:cut]
+        else:
+            visible = text[:max(len(text) - self.hold_back, self.shown)].rstrip("\ufffd")
+        delta = visible[self.shown:]
+        self.shown = max(self.shown, len(visible))
+        return delta, cut >= 0
+
+    def rest(self) -> str:
+        """Everything not shown yet, at the end of generation (no stop string appeared)."""
+        return self.tokenizer.decode(self.ids)[self.shown:]
+
+
+@dataclasses.dataclass
+class _Row:
+    ticket: Ticket
+    text: _TextStream
+    generated: int = 0
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "with_prompt_logprobs"), donate_argnames=("cache", "seen"))
+def _prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, seen: jax.Array, slot: jax.Array,
+             tokens: jax.Array, length: jax.Array, sampling: RowSampling, seed: jax.Array,
+             with_prompt_logprobs: bool):
+    """Writes one prompt (tokens (1, bucket), the first `length` real) into row `slot` and samples its first
+    new token. Returns (token, logprob, top ids, top logprobs, prompt logprobs or None, cache, seen)."""
+    model = nnx.merge(graphdef, params)
+    take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis)
+    put = lambda x, row, axis: jax.lax.dynamic_update_slice_in_dim(x, row, slot, axis)
+    row = KVCache(take(cache.keys, 1), take(cache.values, 1), take(cache.segment_ids, 0), jnp.zeros((1,), jnp.int32))
+    real = jnp.arange(tokens.shape[1]) < length
+    # Padding after the prompt has segment 0 and sits beyond the row's index: decoding overwrites it.
+    logits, row = model.decode(tokens, jnp.arange(tokens.shape[1])[None], real[None].astype(jnp.int32), row)
+    cache = KVCache(put(cache.keys, row.keys, 1), put(cache.values, row.values, 1),
+                    put(cache.segment_ids, row.segment_ids, 0), cache.index.at[slot].set(length))
+    vocab = logits.shape[-1]
+    row_seen = jnp.zeros((vocab,), bool).at[jnp.where(real, tokens[0], vocab)].set(True, mode="drop")
+    seen = seen.at[slot].set(row_seen)
+    logprobs = jax.nn.log_softmax(logits[0].astype(jnp.float32))  # (bucket, vocab)
+    last_logits = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)
+    last = jax.lax.dynamic_index_in_dim(logprobs, length - 1, keepdims=False)
+    key = jax.random.fold_in(jax.random.key(seed[0]), 0)
+    token = sample_rows(last_logits[None], key[None], sampling, row_seen[None])[0]
+    top_logprobs, top_ids = jax.lax.top_k(last, MAX_LOGPROBS)
+    prompt = None
+    if with_prompt_logprobs:
+        # Position t predicts token t + 1.
+        chosen = jnp.take_along_axis(logprobs[:-1], tokens[0, 1:, None], axis=-1)[:, 0]
+        prompt = (chosen, *jax.lax.top_k(logprobs[:-1], MAX_LOGPROBS))
+    return token, last[token], top_ids, top_logprobs, prompt, cache, seen
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "seen"))
+def _decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, seen: jax.Array, tokens: jax.Array,
+                 active: jax.Array, sampling: RowSampling, seeds: jax.Array, counts: jax.Array):
+    """One new token for every slot: tokens (B,) are written at each row's own cache index. Idle rows are
+    computed too (the shapes never change) but reset to index 0, where the next prefill overwrites them."""
+    model = nnx.merge(graphdef, params)
+    rows = jnp.arange(tokens.shape[0])
+    seen = seen.at[rows, tokens].set(seen[rows, tokens] | active)
+    cache = cache._replace(index=jnp.where(active, cache.index, 0))
+    logits, cache = model.decode(tokens[:, None], cache.index[:, None], jnp.ones_like(tokens)[:, None], cache)
+    logits = logits[:, -1]
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+    next_tokens = sample_rows(logits, keys, sampling, seen)
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    chosen = jnp.take_along_axis(logprobs, next_tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    return next_tokens, chosen, top_ids, top_logprobs, cache, seen
+
+
+class Engine:
+    """Serves generation requests from one model with continuous batching on a background thread.
+
+    `model` is any loaded model with the Transformer interface (`cfg`, `decode(tokens, positions,
+    segment_ids, cache)`), e.g. `load_run(workdir).model` or a quantized model built from it. `metrics`
+    (optional) receives `queue(waiting, active)`, `tokens(prompt, completion)` and `first_token(seconds)`.
+    """
+
+    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, max_batch_size: int = 8,
+                 max_cache_len: int | None = None, metrics=None):
+        self.cfg = model.cfg
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
+        context = self.cfg.max_seq_len
+        if max_cache_len is not None and not 1 < max_cache_len <= context:
+            raise ValueError(f"max_cache_len must be in [2, {context}] (the model's context), got {max_cache_len}.")
+        self.graphdef, self.params = nnx.split(model)
+        self.tokenizer, self.metrics = tokenizer, metrics
+        self.max_batch_size, self.max_cache_len = max_batch_size, max_cache_len or context
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._slots: list[_Row | None] = [None] * max_batch_size
+        self._tokens = np.zeros(max_batch_size, np.int32)  # Each row's last token, fed to the next step.
+        self._counts = np.zeros(max_batch_size, np.int32)  # Tokens sampled so far: folds into the row's key.
+        self._seeds = np.zeros(max_batch_size, np.uint32)
+        self._sampling = RowSampling.stack([SamplingParams()] * max_batch_size)
+        self._reset_device_state()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="llm-serve-engine", daemon=True)
+        self.error: str | None = None  # The last failure of the decode loop (reported by /health).
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self._cache.keys.nbytes + self._cache.values.nbytes
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_active(self) -> int:
+        return sum(row is not None for row in self._slots)
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ends the loop; requests still waiting or running finish with reason 'cancelled'."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+        for ticket in list(self._waiting) + [row.ticket for row in self._slots if row]:
+            ticket.emit(Finished("cancelled", "", len(ticket.request.prompt), 0))
+
+    def wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    def submit(self, request: Request, emit: Callable[[Event], None]) -> Ticket:
+        """Queues `request`; `emit` is called from the engine thread with each of its events, Finished last."""
+        prompt_len = len(request.prompt)
+        if not 1 <= prompt_len <= self.max_cache_len:
+            raise ValueError(f"A prompt must have 1 to {self.max_cache_len} tokens, got {prompt_len}.")
+        if not 0 <= request.max_tokens <= self.max_cache_len - prompt_len:
+            raise ValueError(f"max_tokens={request.max_tokens} with a prompt of {prompt_len} tokens exceeds the "
+                             f"cache length of {self.max_cache_len} tokens.")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}.")
+        if any(not 0 <= t < self.cfg.vocab_size for t in request.prompt):
+            raise ValueError(f"Prompt token ids must be in [0, {self.cfg.vocab_size}).")
+        ticket = Ticket(request, emit, self)
+        with self._lock:
+            self._waiting.append(ticket)
+            self._lock.notify()
+        self._report_queue()
+        return ticket
+
+    def warmup(self) -> None:
+        """Compiles the decode step and the prefill of every prompt bucket (before serving, so that the first
+        requests of each length are not slow). Call before `start`."""
+        sizes, size = [], bucket(1, self.max_cache_len)
+        while True:
+            sizes.append(size)
+            if size >= self.max_cache_len:
+                break
+            size = bucket(size + 1, self.max_cache_len)
+        for size in sizes:
+            self._run_prefill(0, [1] * size, Request([1] * size, 0))
+        self._run_decode(np.zeros(self.max_batch_size, bool))
+        self._reset_device_state()
+
+    def _reset_device_state(self) -> None:
+        self._cache = KVCache.create(self.cfg, self.max_batch_size, self.max_cache_len)
+        self._seen = jnp.zeros((self.max_batch_size, self.cfg.vocab_size), bool)
+
+    def _report_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue(self.num_waiting, self.num_active)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopping or self._waiting or any(self._slots)):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if any(self._slots):
+                    self._step()
+            except Exception as error:  # A failed step must not take the server down: fail its requests.
+                logging.exception("Decode loop failed; failing the running requests.")
+                self.error = f"{type(error).__name__}: {error}"
+                for slot, row in enumerate(self._slots):
+                    if row is not None:
+                        self._finish(slot, "error", error=self.error)
+                self._reset_device_state()
+            self._report_queue()
+
+    def _drop_cancelled(self) -> None:
+        for slot, row in enumerate(self._slots):
+            if row is not None and row.ticket.cancelled:
+                self._finish(slot, "cancelled")
+
+    def _admit(self) -> None:
+        """Prefills waiting requests into free slots until either runs out."""
+        for slot in range(self.max_batch_size):
+            if self._slots[slot] is not None:
+                continue
+            with self._lock:
+                ticket = self._waiting.popleft() if self._waiting else None
+            if ticket is None:
+                return
+            if ticket.cancelled:
+                ticket.emit(Finished("cancelled", "", len(ticket.request.prompt), 0))
+                continue
+            request = ticket.request
+            self._slots[slot] = _Row(ticket, _TextStream(self.tokenizer, request.stop))
+            self._seeds[slot], self._counts[slot] = np.uint32(request.seed % 2**32), 1
+            for field, value in zip(RowSampling._fields, RowSampling.stack([request.sampling])):
+                getattr(self._sampling, field)[slot] = value[0]
+            token, logprob, top_ids, top_logprobs, prompt = self._run_prefill(slot, request.prompt, request)
+            if self.metrics is not None:
+                self.metrics.tokens(len(request.prompt), 0)
+            if prompt is not None:
+                chosen, ids, values = (np.asarray(x) for x in prompt)
+                count = len(request.prompt) - 1
+                ticket.emit(PromptLogprobs(
+                    [None] + chosen[:count].tolist(),
+                    [None] + [self._top(ids[t], values[t], request.logprobs) for t in range(count)]))
+            if request.max_tokens == 0:
+                self._finish(slot, "length")
+            else:
+                self._accept(slot, int(token), float(logprob), np.asarray(top_ids), np.asarray(top_logprobs))
+
+    def _run_prefill(self, slot: int, prompt: Sequence[int], request: Request):
+        size = bucket(len(prompt), self.max_cache_len)
+        tokens = np.zeros((1, size), np.int32)
+        tokens[0, :len(prompt)] = prompt
+        sampling = RowSampling.stack([request.sampling])
+        token, logprob, top_ids, top_logprobs, prompt_logprobs, self._cache, self._seen = _prefill(
+            self.graphdef, self.params, self._cache, self._seen, np.int32(slot), tokens, np.int32(len(prompt)),
+            sampling, np.array([request.seed % 2**32], np.uint32), with_prompt_logprobs=request.prompt_logprobs)
+        return token, logprob, top_ids, top_logprobs, prompt_logprobs
+
+    def _run_decode(self, active: np.ndarray):
+        next_tokens, chosen, top_ids, top_logprobs, self._cache, self._seen = _decode_step(
+            self.graphdef, self.params, self._cache, self._seen, self._tokens, active, self._sampling,
+            self._seeds, self._counts)
+        return np.asarray(next_tokens), np.asarray(chosen), np.asarray(top_ids), np.asarray(top_logprobs)
+
+    def _step(self) -> None:
+        active = np.array([row is not None for row in self._slots])
+        next_tokens, chosen, top_ids, top_logprobs = self._run_decode(active)
+        for slot in np.flatnonzero(active):
+            self._accept(slot, int(next_tokens[slot]), float(chosen[slot]), top_ids[slot], top_logprobs[slot])
+
+    def _accept(self, slot: int, token: int, logprob: float, top_ids: np.ndarray, top_logprobs: np.ndarray) -> None:
+        """Hands a sampled token to its request, and finishes the request or queues the token for the next step."""
+        row = self._slots[slot]
+        request = row.ticket.request
+        if row.generated == 0 and self.metrics is not None:
+            self.metrics.first_token(time.perf_counter() - row.ticket.submitted)
+        if token in request.stop_token_ids:
+            self._finish(slot, "stop")
+            return
+        row.generated += 1
+        text, stopped = row.text.push(token)
+        row.ticket.emit(Token(token, text, logprob, self._top(top_ids, top_logprobs, request.logprobs)))
+        if stopped:
+            self._finish(slot, "stop", final_text="")
+        elif row.generated >= request.max_tokens:
+            self._finish(slot, "length")
+        else:
+            self._tokens[slot] = token
+            self._counts[slot] += 1
+
+    @staticmethod
+    def _top(ids: np.ndarray, values: np.ndarray, count: int | None) -> list[tuple[int, float]]:
+        return [(int(i), float(v)) for i, v in zip(ids[:count or 0], values[:count or 0])]
+
+    def _finish(self, slot: int, reason: str, final_text: str | None = None, error: str | None = None) -> None:
+        row = self._slots[slot]
+        self._slots[slot] = None
+        text = row.text.rest() if final_text is None and reason in ("stop", "length") else ""
+        if self.metrics is not None:
+            self.metrics.tokens(0, row.generated)
+        row.ticket.emit(Finished(reason, text, len(row.ticket.request.prompt), row.generated, error))

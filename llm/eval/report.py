@@ -1,0 +1,85 @@
+"""The evaluation report: one JSON file with every figure, and the same results as a Markdown table.
+
+Scores of tasks are percentages (accuracy, macro-F1, exact match, F1, BLEU, chrF, ROUGE); bpb is bits per
+UTF-8 byte and perplexity is per token of the run's tokenizer. Each row carries its baseline: the unigram
+model for bpb, chance for multiple choice, the clean score for a perturbed input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from llm.data.pipeline import write_text
+
+_LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match", "f1": "token F1",
+           "bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+_GENERATION_METRICS = {"mgsm": ("exact_match",), "xquad": ("exact_match", "f1", "bleu", "chrf", "rougeL")}
+_MULTIPLE_CHOICE_METRICS = {"xnli": ("accuracy",), "sentiment": ("accuracy", "macro_f1")}
+
+
+def build_report(results: Mapping[str, Any], *, workdir: str, step: int, num_params: int,
+                 settings: Mapping[str, Any], seconds: Mapping[str, float]) -> dict[str, Any]:
+    """The JSON report: the run, the settings, the results of each task and the time each took."""
+    return {
+        "workdir": os.path.abspath(workdir),
+        "step": step,
+        "num_params": num_params,
+        **results,
+        "settings": dict(settings),
+        "seconds": {name: round(value, 2) for name, value in seconds.items()},
+    }
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def _ratio(value: float) -> str:
+    """bpb and perplexity: three decimals while they are small, one once they are large."""
+    return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def table_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(task, setting, metric, score, baseline) for every reported figure, in task order."""
+    rows = []
+    if "bpb" in report:
+        details = report["bpb_details"]
+        rows.append(("bpb", details["text"], "bits per byte", _ratio(report["bpb"]),
+                     f"unigram {_ratio(report['unigram_bpb'])}"))
+        rows.append(("bpb", details["text"], "perplexity", _ratio(report["perplexity"]),
+                     f"unigram {_ratio(details['unigram_perplexity'])}"))
+    for task, metrics in _MULTIPLE_CHOICE_METRICS.items():
+        for setting, scores in report.get(task, {}).items():
+            for metric in metrics:
+                rows.append((task, setting.replace("_", "-"), _LABELS[metric], _percent(scores[metric]),
+                             f"chance {_percent(scores['chance'])}"))
+    shots = report["settings"]["num_shots"]
+    for task, metrics in _GENERATION_METRICS.items():
+        for metric in metrics if task in report else ():
+            rows.append((task, f"{shots}-shot" if shots else "zero-shot", _LABELS[metric],
+                         _percent(report[task][metric]), "-"))
+    for task, entry in report.get("robustness", {}).items():
+        for kind in ("typos", "no_accents"):
+            setting = f"{kind.replace('_', ' ')}, {entry['setting'].replace('_', '-')}"
+            for metric, value in entry[kind].items():
+                clean, drop = entry["clean"][metric], entry[f"{kind}_drop"][metric]
+                rows.append((f"robustness: {task}", setting, _LABELS[metric], _percent(value),
+                             f"clean {_percent(clean)} (drop {_percent(drop)})"))
+    return rows
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+    lines = ["| task | setting | metric | score | baseline |", "|---|---|---|---:|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Mapping[str, Any], json_path: str) -> str:
+    """Writes the JSON report and the Markdown table beside it (report.md), each atomically; returns the table."""
+    table = markdown_table(report)
+    write_text(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text(os.path.splitext(json_path)[0] + ".md", table)
+    return table

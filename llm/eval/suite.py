@@ -1,0 +1,219 @@
+"""The evaluation suite: which tasks exist, their default sizes, and running a selection of them on a run.
+
+`run_tasks` runs the multiple-choice and generation tasks (and their robustness variants) against any
+log-likelihood and generation functions, so tests can pass fakes with known outputs; `evaluate_run` wires a
+loaded run (llm.infer.loading.Run) into it and adds bits-per-byte with its unigram baseline.
+
+Default sizes keep a CPU evaluation of the 5M-parameter tiny model near two minutes: a seeded subset of
+DEFAULT_MAX_EXAMPLES examples per task (`max_examples` overrides all of them; -1 means every example),
+DEFAULT_NUM_SHOTS shots, DEFAULT_MAX_NEW_TOKENS generated tokens, and every sentence for bpb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+from llm import tokenizer as tokenizer_lib
+from llm.data import records
+from llm.eval import generation_tasks, multiple_choice, perplexity, robustness, tasks
+from llm.eval.generation_tasks import Generate
+from llm.eval.scoring import Loglikelihood, Scorer
+
+TASKS = ("bpb", "xnli", "sentiment", "mgsm", "xquad", "robustness")
+PERTURBABLE_TASKS = ("xnli", "sentiment", "mgsm", "xquad")
+DEFAULT_ROBUSTNESS_TASKS = ("xnli", "sentiment")  # when robustness is asked for without any of the tasks
+DEFAULT_MAX_EXAMPLES = {"xnli": 120, "sentiment": 120, "mgsm": 32, "xquad": 32}
+DEFAULT_NUM_SHOTS = 3
+DEFAULT_MAX_NEW_TOKENS = 12
+UD_FILE = "ud_gsd_es_dev.conllu"
+# The metrics whose drop robustness reports, per task.
+ROBUSTNESS_METRICS = {"xnli": ("accuracy",), "sentiment": ("accuracy", "macro_f1"), "mgsm": ("exact_match",),
+                      "xquad": ("exact_match", "f1")}
+_MULTIPLE_CHOICE = {
+    "xnli": (tasks.load_xnli, multiple_choice.xnli_items),
+    "sentiment": (tasks.load_sentiment, multiple_choice.sentiment_items),
+}
+_GENERATION = {
+    "mgsm": (tasks.load_mgsm, generation_tasks.evaluate_mgsm),
+    "xquad": (tasks.load_xquad, generation_tasks.evaluate_xquad),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    data_dir: str = tasks.DEFAULT_DATA_DIR  # directory with the files of ../shared/data/es_eval
+    text_file: str = ""  # bpb on this plain-text file instead of the UD Spanish-GSD dev sentences
+    train_data: str = ""  # training shards of the unigram baseline; "" means the run's config.data.path/train
+    max_examples: int = 0  # examples per task: 0 = DEFAULT_MAX_EXAMPLES, -1 = all
+    num_shots: int = DEFAULT_NUM_SHOTS  # solved examples in front of each prompt (multiple choice: also 0)
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # generation budget of mgsm and xquad answers
+    seed: int = 0  # seeds the example subsets, the shots and the typos
+
+    def examples(self, task: str) -> int:
+        return DEFAULT_MAX_EXAMPLES[task] if self.max_examples == 0 else self.max_examples
+
+
+def parse_tasks(spec: str) -> list[str]:
+    """'bpb,xnli' -> ['bpb', 'xnli']; unknown names fail with the allowed ones listed."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TASKS]
+    if unknown or not names:
+        raise ValueError(f"Unknown task(s) {unknown or [spec]}; choose from {', '.join(TASKS)}.")
+    return list(dict.fromkeys(names))
+
+
+def robustness_targets(task_names: Sequence[str]) -> list[str]:
+    """The tasks robustness perturbs: the selected ones that can be, else DEFAULT_ROBUSTNESS_TASKS."""
+    return [name for name in task_names if name in PERTURBABLE_TASKS] or list(DEFAULT_ROBUSTNESS_TASKS)
+
+
+def check_settings(task_names: Sequence[str], settings: Settings, config: ml_collections.ConfigDict) -> None:
+    """Fails fast, before any model is loaded, on bad numbers and on missing evaluation or training files
+    (`config` is the run's training config)."""
+    if settings.num_shots < 0 or settings.max_new_tokens < 1 or settings.max_examples < -1:
+        raise ValueError(f"num_shots must be >= 0 (got {settings.num_shots}), max_new_tokens >= 1 (got "
+                         f"{settings.max_new_tokens}) and max_examples >= -1 (got {settings.max_examples}).")
+    needed = set(task_names)
+    if "robustness" in needed:
+        needed.update(robustness_targets(task_names))
+    files = {"xnli": [tasks.XNLI_FILE], "mgsm": [tasks.MGSM_FILE], "xquad": [tasks.XQUAD_FILE],
+             "sentiment": [f"sentiment_es_{split}_{kind}.txt" for split in ("train", "test")
+                           for kind in ("text", "labels")],
+             "bpb": [] if settings.text_file else [UD_FILE]}
+    for name in sorted(needed & files.keys()):
+        for filename in files[name]:
+            tasks.data_file(settings.data_dir, filename)
+    if "bpb" in needed:
+        if settings.text_file and not os.path.isfile(settings.text_file):
+            raise FileNotFoundError(f"--text_file={settings.text_file!r} does not exist.")
+        try:
+            records.shard_paths(train_split_dir(config, settings))
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"The unigram baseline of bpb counts the run's training tokens: {error} "
+                                    "Pass --train_data=DIR/train of the data the run was trained on.") from error
+
+
+def _load(name: str, settings: Settings) -> tuple[list, list]:
+    """(shots, scored examples) of a task, as the settings choose them."""
+    loader = (_MULTIPLE_CHOICE.get(name) or _GENERATION[name])[0]
+    pool, scored = loader(settings.data_dir)
+    label_of = (lambda example: example.label) if name in _MULTIPLE_CHOICE else None
+    shots = tasks.choose_shots(pool, settings.num_shots, settings.seed, label_of)
+    return shots, tasks.subsample(scored, settings.examples(name), settings.seed)
+
+
+def headline_setting(settings: Settings) -> str:
+    """The setting generation runs and robustness compares: the few-shot one when there are shots."""
+    return f"{settings.num_shots}_shot" if settings.num_shots else "zero_shot"
+
+
+def run_task(name: str, settings: Settings, loglikelihood: Loglikelihood, generate: Generate,
+             perturbation: str | None = None) -> dict[str, Any]:
+    """One task's results. Multiple choice: {"zero_shot": ..., "K_shot": ...}; with a perturbation only the
+    headline setting, on perturbed inputs. Generation: the K-shot results."""
+    shots, scored = _load(name, settings)
+    if perturbation:
+        scored = robustness.perturb_examples(scored, perturbation, settings.seed)
+    if name in _GENERATION:
+        return _GENERATION[name][1](scored, shots, generate, settings.max_new_tokens)
+    build_items = _MULTIPLE_CHOICE[name][1]
+    settings_shots = {headline_setting(settings): shots}
+    if not perturbation and settings.num_shots:
+        settings_shots = {"zero_shot": [], **settings_shots}
+    return {setting: multiple_choice.evaluate(build_items(scored, setting_shots), loglikelihood)
+            for setting, setting_shots in settings_shots.items()}
+
+
+def run_tasks(task_names: Sequence[str], settings: Settings, loglikelihood: Loglikelihood,
+              generate: Generate) -> tuple[dict[str, Any], dict[str, float]]:
+    """Results and seconds of every selected task except bpb (see `evaluate_run`)."""
+    results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    clean: dict[str, Any] = {}
+    targets = robustness_targets(task_names) if "robustness" in task_names else []
+    for name in [name for name in PERTURBABLE_TASKS if name in task_names or name in targets]:
+        start = time.perf_counter()
+        logging.info("Evaluating %s", name)
+        clean[name] = run_task(name, settings, loglikelihood, generate)
+        seconds[name] = time.perf_counter() - start
+        if name in task_names:
+            results[name] = clean[name]
+    if targets:
+        start = time.perf_counter()
+        results["robustness"] = {name: _robustness(name, settings, clean[name], loglikelihood, generate)
+                                 for name in targets}
+        seconds["robustness"] = time.perf_counter() - start
+    return results, seconds
+
+
+def _robustness(name: str, settings: Settings, clean: dict[str, Any], loglikelihood: Loglikelihood,
+                generate: Generate) -> dict[str, Any]:
+    logging.info("Robustness of %s", name)
+    setting = headline_setting(settings)
+    metrics = ROBUSTNESS_METRICS[name]
+    clean_scores = clean[setting] if name in _MULTIPLE_CHOICE else clean
+    entry: dict[str, Any] = {"setting": setting, "clean": {metric: clean_scores[metric] for metric in metrics}}
+    for kind in robustness.PERTURBATIONS:
+        perturbed = run_task(name, settings, loglikelihood, generate, kind)
+        scores = perturbed[setting] if name in _MULTIPLE_CHOICE else perturbed
+        entry[kind] = {metric: scores[metric] for metric in metrics}
+        entry[f"{kind}_drop"] = robustness.drop(entry["clean"], entry[kind], metrics)
+    return entry
+
+
+def bpb_documents(settings: Settings) -> tuple[str, list[str]]:
+    """(name, documents) of the held-out text: --text_file's paragraphs, or one UD dev sentence each."""
+    if settings.text_file:
+        return os.path.basename(settings.text_file), perplexity.read_text_documents(settings.text_file)
+    return UD_FILE, tokenizer_lib.conllu_texts(tasks.data_file(settings.data_dir, UD_FILE))
+
+
+def evaluate_bpb(score_tokens: Callable, unigram: perplexity.UnigramModel, tokenizer: tokenizer_lib.Tokenizer,
+                 max_len: int, settings: Settings) -> dict[str, Any]:
+    """bpb, perplexity and the unigram baseline's on the same tokens of the same text."""
+    name, documents = bpb_documents(settings)
+    model_score = perplexity.score_text(score_tokens, tokenizer, documents, max_len)
+    unigram_score = perplexity.score_text(unigram.score_tokens, tokenizer, documents, max_len)
+    return {
+        "bpb": model_score.bpb,
+        "perplexity": model_score.perplexity,
+        "unigram_bpb": unigram_score.bpb,
+        "bpb_details": {
+            "unigram_perplexity": unigram_score.perplexity,
+            "text": name,
+            "documents": model_score.documents,
+            "tokens": model_score.tokens,
+            "bytes": model_score.bytes,
+        },
+    }
+
+
+def train_split_dir(config: ml_collections.ConfigDict, settings: Settings) -> str:
+    return settings.train_data or os.path.join(config.data.path, "train")
+
+
+def evaluate_run(run: Any, task_names: Sequence[str], settings: Settings,
+                 batch_size: int = 16) -> tuple[dict[str, Any], dict[str, float]]:
+    """(results, seconds per task) of a loaded run; bpb, perplexity and unigram_bpb sit at the top level."""
+    scorer = Scorer(run.model, run.tokenizer, batch_size)
+    results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    if "bpb" in task_names:
+        start = time.perf_counter()
+        train_dir = train_split_dir(run.config, settings)
+        logging.info("Evaluating bpb (unigram baseline from %s)", train_dir)
+        unigram = perplexity.UnigramModel.from_shards(train_dir, run.config.model.vocab_size)
+        results.update(evaluate_bpb(scorer.score_tokens, unigram, run.tokenizer, scorer.max_len, settings))
+        seconds["bpb"] = time.perf_counter() - start
+    generate = generation_tasks.run_generator(run, batch_size)
+    task_results, task_seconds = run_tasks(task_names, settings, scorer.loglikelihood, generate)
+    results.update(task_results)
+    seconds.update(task_seconds)
+    return results, seconds

@@ -1,0 +1,83 @@
+"""Evaluates a trained run in Spanish: bits-per-byte, XNLI, sentiment, MGSM, XQuAD and robustness.
+
+    python scripts/evaluate.py --workdir=runs/tiny_es [--tasks=bpb,xnli,sentiment,mgsm,xquad,robustness]
+        [--output=report.json] [--text_file=F] [--max_examples=N] [--num_shots=K] [--data_dir=DIR]
+
+Writes the JSON report (default WORKDIR/eval/report.json) and report.md beside it, prints the table, and
+writes WORKDIR/MODEL_CARD.md. Flags and files are checked before the model is loaded.
+"""
+
+import dataclasses
+import os
+
+from absl import app, flags, logging
+
+from llm.eval import model_card, report, suite
+from llm.eval.tasks import DEFAULT_DATA_DIR
+from llm.infer import loading
+from llm.model.transformer import count_params
+from llm.train import checkpoint
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
+_TASKS = flags.DEFINE_string("tasks", ",".join(suite.TASKS), f"Comma-separated tasks from: {', '.join(suite.TASKS)}.")
+_OUTPUT = flags.DEFINE_string("output", "", "JSON report path (default WORKDIR/eval/report.json); .md beside it.")
+_TEXT_FILE = flags.DEFINE_string("text_file", "", "bpb on this UTF-8 text file (paragraphs split at blank lines) "
+                                 "instead of the UD Spanish-GSD dev sentences.")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Examples per task: 0 = the per-task defaults "
+                                     f"{suite.DEFAULT_MAX_EXAMPLES}, -1 = all.", lower_bound=-1)
+_NUM_SHOTS = flags.DEFINE_integer("num_shots", suite.DEFAULT_NUM_SHOTS, "Solved examples before each prompt "
+                                  "(multiple-choice tasks also report zero-shot).", lower_bound=0)
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", suite.DEFAULT_MAX_NEW_TOKENS,
+                                       "Generated tokens per MGSM / XQuAD answer.", lower_bound=1)
+_DATA_DIR = flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "Directory with the Spanish evaluation files.")
+_TRAIN_DATA = flags.DEFINE_string("train_data", "", "Training shards for the unigram baseline "
+                                  "(default: the run's config.data.path/train).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.", lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Seeds the example subsets, the shots and the typos.")
+
+
+def _checked_inputs() -> tuple[list[str], suite.Settings]:
+    """Everything that can be wrong with the flags and files, found before the model is loaded."""
+    task_names = suite.parse_tasks(_TASKS.value)
+    workdir = _WORKDIR.value
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir={workdir!r} does not exist.")
+    config = loading.load_config(workdir)
+    checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+    steps = sorted(int(name) for name in os.listdir(checkpoint_dir) if name.isdigit()) \
+        if os.path.isdir(checkpoint_dir) else []
+    if not steps:
+        raise FileNotFoundError(f"No checkpoint in {checkpoint_dir!r}: train first (scripts/train.py).")
+    if _STEP.value is not None and _STEP.value not in steps:
+        raise FileNotFoundError(f"No checkpoint for --step={_STEP.value} in {checkpoint_dir!r} (available: {steps}).")
+    settings = suite.Settings(data_dir=_DATA_DIR.value, text_file=_TEXT_FILE.value, train_data=_TRAIN_DATA.value,
+                              max_examples=_MAX_EXAMPLES.value, num_shots=_NUM_SHOTS.value,
+                              max_new_tokens=_MAX_NEW_TOKENS.value, seed=_SEED.value)
+    suite.check_settings(task_names, settings, config)
+    return task_names, settings
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        task_names, settings = _checked_inputs()
+    except (ValueError, FileNotFoundError) as error:
+        raise app.UsageError(str(error)) from error
+    checkpoint.quiet_orbax_logs()
+    run = loading.load_run(_WORKDIR.value, _STEP.value)
+    results, seconds = suite.evaluate_run(run, task_names, settings, _BATCH_SIZE.value)
+    num_params = count_params(run.model)
+    full_report = report.build_report(results, workdir=run.workdir, step=run.step, num_params=num_params,
+                                      settings={"tasks": task_names, **dataclasses.asdict(settings)},
+                                      seconds=seconds)
+    output = _OUTPUT.value or os.path.join(run.workdir, "eval", "report.json")
+    print(report.write_report(full_report, output))
+    card = model_card.write_model_card(run.workdir, run.config, num_params=num_params, step=run.step,
+                                       report=full_report)
+    logging.info("Wrote %s, %s and %s", output, os.path.splitext(output)[0] + ".md", card)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,110 @@
+"""scripts/evaluate.py end to end on a trained run, its fail-fast errors, the report and the model card."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_config
+from test_eval_tasks import write_eval_data
+
+from llm.eval import model_card, report, suite
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _evaluate(*flags):
+    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), *flags],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_evaluate_writes_the_report_the_table_and_the_model_card(trained_run, tmp_path):
+    data_dir = write_eval_data(tmp_path / "es_eval")
+    output = tmp_path / "out" / "report.json"
+    result = _evaluate(f"--workdir={trained_run}", f"--data_dir={data_dir}", f"--output={output}",
+                       "--max_examples=2", "--num_shots=1", "--max_new_tokens=4")
+    assert result.returncode == 0, result.stderr
+    written = json.loads(output.read_text(encoding="utf-8"))
+    assert written["bpb"] > 0 and written["perplexity"] > 1 and written["unigram_bpb"] > 0
+    assert written["bpb_details"]["documents"] == 2 and written["step"] == 30
+    assert set(written["xnli"]) == {"zero_shot", "1_shot"} and written["xnli"]["1_shot"]["examples"] == 2
+    assert {"exact_match", "f1", "bleu", "chrf", "rougeL"} <= set(written["xquad"])
+    assert set(written["robustness"]) == {"xnli", "sentiment", "mgsm", "xquad"}
+    table = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert table in result.stdout and "| bpb | ud_gsd_es_dev.conllu | bits per byte |" in table
+    card = open(os.path.join(trained_run, "MODEL_CARD.md"), encoding="utf-8").read()
+    for heading in ("## Architecture", "## Training data", "## Evaluation", "## Intended use", "## Known limitations"):
+        assert heading in card
+    assert f"| parameters | {written['num_params']:,} |" in card and table.strip() in card
+
+
+def test_an_unknown_task_fails_before_loading_with_the_allowed_ones(trained_run):
+    result = _evaluate(f"--workdir={trained_run}", "--tasks=bpb,xnil")
+    assert result.returncode != 0
+    assert "Unknown task(s) ['xnil']; choose from bpb, xnli, sentiment, mgsm, xquad, robustness" in result.stderr
+
+
+def test_a_missing_checkpoint_is_named(trained_run, tmp_path):
+    shutil.copy(os.path.join(trained_run, "config.json"), tmp_path / "config.json")
+    result = _evaluate(f"--workdir={tmp_path}")
+    assert result.returncode != 0 and f"No checkpoint in '{tmp_path / 'checkpoints'}'" in result.stderr
+
+
+@pytest.mark.parametrize("tasks, overrides, message", [
+    (["bpb"], {"text_file": "/nonexistent/texto.txt"}, "--text_file='/nonexistent/texto.txt' does not exist"),
+    (["bpb"], {}, "nowhere/train' does not exist. Pass --train_data=DIR/train"),
+    (["mgsm"], {"data_dir": "/nonexistent"}, "'/nonexistent/mgsm_es.tsv' does not exist"),
+    (["robustness"], {"data_dir": "/nonexistent"}, "'/nonexistent/sentiment_es_train_text.txt' does not exist"),
+    (["xnli"], {"num_shots": -1}, "num_shots must be >= 0 (got -1)"),
+])
+def test_missing_files_and_bad_settings_are_found_before_loading(tmp_path, tasks, overrides, message):
+    config = tiny_config()
+    config.data.path = str(tmp_path / "nowhere")
+    settings = suite.Settings(**overrides)
+    with pytest.raises((FileNotFoundError, ValueError), match=re.escape(message)):
+        suite.check_settings(tasks, settings, config)
+
+
+REPORT = {
+    "bpb": 2.5, "perplexity": 60.0, "unigram_bpb": 4.75,
+    "bpb_details": {"unigram_perplexity": 900.0, "text": "ud_gsd_es_dev.conllu", "documents": 1, "tokens": 5,
+                    "bytes": 9},
+    "sentiment": {"zero_shot": {"accuracy": 40.0, "macro_f1": 30.5, "chance": 100 / 3}},
+    "mgsm": {"exact_match": 0.0},
+    "robustness": {"sentiment": {"setting": "zero_shot", "clean": {"accuracy": 40.0},
+                                 "typos": {"accuracy": 35.0}, "typos_drop": {"accuracy": 5.0},
+                                 "no_accents": {"accuracy": 40.0}, "no_accents_drop": {"accuracy": 0.0}}},
+    "settings": {"num_shots": 3},
+}
+
+
+def test_markdown_table_shows_each_score_with_its_baseline():
+    assert report.markdown_table(REPORT).splitlines()[2:] == [
+        "| bpb | ud_gsd_es_dev.conllu | bits per byte | 2.500 | unigram 4.750 |",
+        "| bpb | ud_gsd_es_dev.conllu | perplexity | 60.0 | unigram 900.0 |",
+        "| sentiment | zero-shot | accuracy | 40.0 | chance 33.3 |",
+        "| sentiment | zero-shot | macro-F1 | 30.5 | chance 33.3 |",
+        "| mgsm | 3-shot | exact match | 0.0 | - |",
+        "| robustness: sentiment | typos, zero-shot | accuracy | 35.0 | clean 40.0 (drop 5.0) |",
+        "| robustness: sentiment | no accents, zero-shot | accuracy | 40.0 | clean 40.0 (drop 0.0) |",
+    ]
+
+
+def test_model_card_lists_sources_with_licences_and_token_counts(tmp_path):
+    config = tiny_config()
+    config.data.path = str(tmp_path)
+    data_report = {
+        "sources": [{"source": "fortunes-es", "licence": "GPL-2+", "documents": 514, "mb": 0.828, "words": 139542,
+                     "tokens": 288751}],
+        "corpus": {"documents": 514, "mb": 0.828, "words": 139542, "tokens": 288751},
+        "tokenizer": {"model_type": "bpe", "vocab_size": 8192, "fertility": 1.87, "eval_text": "ud_gsd_es_dev.conllu"},
+    }
+    (tmp_path / "report.json").write_text(json.dumps(data_report), encoding="utf-8")
+    path = model_card.write_model_card(str(tmp_path), config, num_params=28_832, step=20, report=REPORT)
+    card = open(path, encoding="utf-8").read()
+    assert "| fortunes-es | GPL-2+ | 514 | 0.828 | 139,542 | 288,751 |" in card
+    assert "20 steps of 8 rows x 32 tokens: about 5,120 training tokens" in card
+    assert "**Tiny.** 28,832 parameters" in card and "(fortunes-es)" in card

@@ -33,6 +33,8 @@ EXTRAS_REQUIRE = {
     "beam": ["apache-beam==2.77.0"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],
     "hf": ["datasets>=3"],
+    # The PyTorch-eager speed baseline (scripts/torch_reference.py) and the dedup benchmark's comparison.
+    "bench": ["torch==2.13.0", "datasketch==2.0.0"],
 }
 
 setup(

@@ -13,8 +13,10 @@ import numpy as np
 import openai
 import pytest
 
+from llm import chat_template
 from llm.infer import generate, loading
 from llm.serve import api
+from tests import conftest
 from tests.conftest import forward
 
 MODEL = "tiny-test"
@@ -67,3 +69,172 @@ def test_openai_client_completions_match_generate_text(client, run):
         response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
         assert response.choices[0].text == want
         assert response.usage.prompt_tokens == len(run.tokenizer.encode(prompt, add_bos=True))
+
+
+def test_seeded_sampling_is_reproducible(client):
+    ask = lambda seed: client.completions.create(model=MODEL, prompt="Mi abuela", max_tokens=10, temperature=1.0,
+                                                 seed=seed, n=2)
+    first, again = ask(7), ask(7)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert len(first.choices) == 2 and first.usage.completion_tokens > 0
+
+
+def test_chat_applies_the_template_and_streams_the_same_answer(client, run):
+    messages = [{"role": "system", "content": "Eres un asistente."}, {"role": "user", "content": "¿Quién canta?"}]
+    ids, _ = chat_template.render(run.tokenizer, messages, add_generation_prompt=True)
+    want = run.tokenizer.decode(run.generator.generate([ids], 10, stop_token_ids=chat_template.stop_token_ids(
+        run.tokenizer))[0])
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == want
+    assert response.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == response.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == response.usage.completion_tokens
+
+
+def test_completion_stream_is_openai_server_sent_events(server, client):
+    url, _ = server
+    body = {"model": MODEL, "prompt": "La ciudad", "max_tokens": 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-2])
+    assert all(c["object"] == "text_completion" and c["model"] == MODEL for c in chunks)
+    whole = client.completions.create(model=MODEL, prompt="La ciudad", max_tokens=8, temperature=0)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole.choices[0].text
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole.choices[0].finish_reason
+
+
+def test_echo_logprobs_are_the_models_prompt_log_likelihoods(client, run):
+    """What log-likelihood evaluation (lm-eval-harness style) sends: echo, max_tokens=0, logprobs."""
+    prompt = "El señor García escribe una canción."
+    ids = run.tokenizer.encode(prompt, add_bos=True)
+    logprobs = np.asarray(jax.nn.log_softmax(forward(run.model, np.array([ids]))[0].astype(np.float32)))
+    want = [logprobs[t, ids[t + 1]] for t in range(len(ids) - 1)]
+    choice = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2).choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    np.testing.assert_allclose(choice.logprobs.token_logprobs, want, atol=1e-4)
+    assert [len(top) for top in choice.logprobs.top_logprobs] == [2] * len(want)
+    assert choice.logprobs.text_offset[0] == 0 and choice.logprobs.text_offset == sorted(choice.logprobs.text_offset)
+    # Token-id prompts are taken as given; the first token has nothing before it, so no logprob.
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=0).choices[0]
+    assert by_ids.logprobs.token_logprobs[0] is None
+    np.testing.assert_allclose(by_ids.logprobs.token_logprobs[1:], want, atol=1e-4)
+
+
+def test_stop_string_cuts_the_completion(client, run):
+    full = generate.generate_text(run, ["Un músico"], max_new_tokens=16)[0]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    choice = client.completions.create(model=MODEL, prompt="Un músico", max_tokens=16, temperature=0,
+                                       stop=[stop]).choices[0]
+    assert choice.text == full[:full.find(stop)] and choice.finish_reason == "stop"
+
+
+def test_many_concurrent_clients_all_get_their_own_answer(server, client, run):
+    prompts = [f"{s} {v}" for s in conftest.SUBJECTS[:4] for v in conftest.VERBS[:4]]
+    lengths = [4 + i % 9 for i in range(len(prompts))]  # Requests join and leave the batch at different steps.
+    # Greedy rows are independent, so one batched generation gives every prompt's answer at every length.
+    tokens = run.generator.generate([run.tokenizer.encode(p, add_bos=True) for p in prompts], max(lengths),
+                                    stop_token_ids=(run.tokenizer.eos_id,))
+    want = {p: run.tokenizer.decode(ids[:n]) for p, ids, n in zip(prompts, tokens, lengths)}
+    ask = lambda p, n: client.completions.create(model=MODEL, prompt=p, max_tokens=n, temperature=0).choices[0].text
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = dict(zip(prompts, pool.map(ask, prompts, lengths)))
+    assert got == want
+    health = httpx.get(server[0] + "/health").json()
+    assert health["status"] == "ok" and health["active_slots"] == 0
+
+
+def test_cancelled_stream_frees_its_slot(server):
+    url, app = server
+    body = {"model": MODEL, "prompt": "La compañía", "max_tokens": 64, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+        next(response.iter_lines())
+        assert app.state.engine.num_active == 1
+    deadline = time.monotonic() + 10
+    while app.state.engine.num_active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.state.engine.num_active == 0
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"model": MODEL, "prompt": "Hola", "best_of": 2}, 422, "best_of"),
+    ({"model": MODEL, "prompt": "Hola", "max_tokens": "5"}, 422, "max_tokens"),
+    ({"model": MODEL, "prompt": "Hola", "temperature": 3}, 422, "temperature"),
+    ({"model": MODEL, "prompt": 5}, 422, "prompt"),
+    ({"prompt": "Hola"}, 422, "model"),
+    ({"model": "gpt-4", "prompt": "Hola"}, 404, "model"),
+    ({"model": MODEL, "prompt": "Hola " * 200}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "Hola", "max_tokens": 1000}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": [[1, 2], [10**6]]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "x" * 2_000_000}, 413, None),
+])
+def test_bad_completion_requests_get_openai_errors(server, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(server[0] + "/v1/completions", content=content, timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_bad_chat_requests_get_openai_errors(server):
+    post = lambda body: httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=30)
+    wrong_role = post({"model": MODEL, "messages": [{"role": "robot", "content": "hola"}]})
+    assert wrong_role.status_code == 422 and wrong_role.json()["error"]["param"] == "messages.0.role"
+    late_system = post({"model": MODEL, "messages": [{"role": "user", "content": "a"},
+                                                      {"role": "system", "content": "b"}]})
+    assert late_system.status_code == 400 and "system" in late_system.json()["error"]["message"]
+    assert httpx.get(server[0] + "/v1/nothing").json()["error"]["message"]
+
+
+def test_api_keys_and_rate_limit(run):
+    with serving(run, api_keys=frozenset({"clave-1", "clave-2"}), rate_limit_per_minute=60,
+                 rate_limit_burst=2) as (url, _):
+        body = {"model": MODEL, "prompt": "Hola", "max_tokens": 1}
+        assert httpx.post(url + "/v1/completions", json=body).status_code == 401
+        wrong = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer otra"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        key = openai.OpenAI(base_url=url + "/v1", api_key="clave-1", max_retries=0)
+        assert [m.id for m in key.models.list()] == [MODEL]
+        key.completions.create(model=MODEL, prompt="Hola", max_tokens=1)
+        with pytest.raises(openai.RateLimitError) as limited:
+            key.completions.create(model=MODEL, prompt="Hola", max_tokens=1)
+        assert int(limited.value.response.headers["retry-after"]) >= 1
+        # The limit is per key: another key still gets through.
+        other = openai.OpenAI(base_url=url + "/v1", api_key="clave-2", max_retries=0)
+        assert other.completions.create(model=MODEL, prompt="Hola", max_tokens=1).choices
+
+
+def test_metrics_count_what_was_served(run):
+    with serving(run) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        for _ in range(3):
+            client.completions.create(model=MODEL, prompt="La niña", max_tokens=5, temperature=0,
+                                     extra_body={"ignore_eos": True})
+        httpx.post(url + "/v1/completions", content=b"{")
+        text = httpx.get(url + "/metrics").text
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['llm_requests_total{endpoint="/v1/completions",status="200"}'] == 3
+    assert samples['llm_requests_total{endpoint="/v1/completions",status="400"}'] == 1
+    assert samples["llm_completion_tokens_total"] == 15
+    assert samples["llm_time_to_first_token_seconds_count"] == 3
+    assert samples['llm_request_latency_seconds_count{endpoint="/v1/completions"}'] == 4
+    assert samples["llm_queue_depth"] == 0
+
+
+def test_chat_page_is_served(server):
+    page = httpx.get(server[0] + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'lang="es"' in page.text and "/v1/chat/completions" in page.text and "Enviar" in page.text

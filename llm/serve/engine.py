@@ -163,7 +163,8 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, seen: ja
     if with_prompt_logprobs:
         # Position t predicts token t + 1.
         chosen = jnp.take_along_axis(logprobs[:-1], tokens[0, 1:, None], axis=-1)[:, 0]
-        prompt = (chosen, *jax.lax.top_k(logprobs[:-1], MAX_LOGPROBS))
+        prompt_top_logprobs, prompt_top_ids = jax.lax.top_k(logprobs[:-1], MAX_LOGPROBS)
+        prompt = (chosen, prompt_top_ids, prompt_top_logprobs)
     return token, last[token], top_ids, top_logprobs, prompt, cache, seen
 
 

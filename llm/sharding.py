@@ -112,6 +112,32 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
 
 
+def per_shard(fn: Callable[..., jax.Array], logical_in: Sequence[Sequence[str | None]],
+              logical_out: Sequence[str | None]) -> Callable[..., jax.Array]:
+    """Runs `fn` on each device's shard of its inputs (for kernels XLA cannot partition, e.g. Pallas).
+
+    Inputs and output are split as their logical axes say under the active mesh and rules; without a mesh,
+    `fn` runs as is.
+    """
+    rules = _active_rules.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return fn
+    in_specs = tuple(logical_to_spec(names, rules) for names in logical_in)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_to_spec(logical_out, rules),
+                         check_vma=False)
+
+
+def logical_axis_size(name: str) -> int:
+    """How many shards the active mesh and rules split a logical axis into (1 outside `use_mesh`)."""
+    rules = _active_rules.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return 1
+    axes = logical_to_spec((name,), rules)[0]
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
 def _sharding_for(leaf: Any, mesh: Mesh, rules: Rules) -> NamedSharding:
     names = leaf.get_metadata().get("out_sharding") if isinstance(leaf, nnx.Variable) else None
     shape = getattr(leaf.value if isinstance(leaf, nnx.Variable) else leaf, "shape", ())

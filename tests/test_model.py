@@ -95,3 +95,18 @@ def test_dropout_only_with_a_key():
 def test_attention_kernel_choice_falls_back_to_xla_on_cpu():
     assert attention.choose_impl("auto", jnp.bfloat16) == "xla"
     assert attention.choose_impl("cudnn", jnp.float32) == "cudnn"
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 1, 2)])
+def test_splash_kernel_matches_the_xla_reference(mesh_shape):
+    from llm import sharding
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 128, 4, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 128, 2, 16)), jnp.float32) for _ in range(2))
+    segments = jnp.asarray(np.repeat([[1] * 50 + [2] * 78], 2, axis=0), jnp.int32)
+    reference = attention.dot_product_attention(q, k, v, segments, "xla")
+    config = tiny_config()
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+    with sharding.use_mesh(mesh, config.logical_axis_rules):
+        splash = jax.jit(lambda *args: attention.dot_product_attention(*args, "splash"))(q, k, v, segments)
+    np.testing.assert_allclose(splash, reference, atol=1e-5)

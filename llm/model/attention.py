@@ -6,6 +6,8 @@ keys of its own segment, so documents packed into one row never see each other.
 
 For generation, a `LayerCache` holds one layer's keys and values for `max_len` positions. New keys and
 values are written at the cache's `index`, and queries attend to every written position up to their own.
+An int8 cache (`model.kv_cache_dtype="int8"`) stores them with one scale per token and head, quantized and
+dequantized by Qwix: a quarter of the float32 cache's memory.
 """
 
 from __future__ import annotations
@@ -15,23 +17,26 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import qwix
 from flax import nnx
 
 from llm import sharding
 from llm.model import layers
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+SPLASH_BLOCK = 128  # The splash kernel tiles the sequence in blocks of 128 (or 512 when it divides).
 
 
 def choose_impl(requested: str, dtype: jnp.dtype) -> str:
-    """The kernel for this platform: cuDNN flash attention on GPU (16-bit dtypes only), XLA elsewhere.
-
-    The XLA path is the reference that tests compare other kernels against.
+    """The kernel for this platform: cuDNN flash attention on GPU (16-bit dtypes only), the Pallas splash
+    kernel on TPU, XLA elsewhere. The XLA path is the reference that tests compare other kernels against.
     """
     if requested != "auto":
         return requested
     if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
+    if jax.default_backend() == "tpu":
+        return "splash"
     return "xla"
 
 
@@ -49,8 +54,49 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, se
 
     The softmax runs in float32 inside `jax.nn.dot_product_attention`, which also handles K < N (GQA).
     """
+    if impl == "splash" and _splash_fits(query, key):
+        return splash_attention(query, key, value, segment_ids)
     mask = attention_mask(segment_ids, segment_ids)
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=impl)
+    xla_or_cudnn = "xla" if impl == "splash" else impl
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation=xla_or_cudnn)
+
+
+def _splash_fits(query: jax.Array, key: jax.Array) -> bool:
+    """Splash needs whole blocks of sequence and key/value heads that split evenly over the tensor axis;
+    otherwise (short prompts, MQA on many tensor shards) the XLA path runs instead."""
+    return (query.shape[1] % SPLASH_BLOCK == 0
+            and key.shape[2] % sharding.logical_axis_size("kv_heads") == 0
+            and query.shape[2] % sharding.logical_axis_size("heads") == 0)
+
+
+def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """The Pallas splash (block-sparse flash) attention kernel of TPUs, with causal + segment masking.
+
+    Runs per device shard (batch and heads split as the rules say). Off TPU it runs in Pallas' interpret
+    mode, which is how the tests check it against the XLA reference on CPU.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_masks
+
+    def kernel(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
+        length, heads, dim = q.shape[1], q.shape[2], q.shape[3]
+        block = 512 if length % 512 == 0 else SPLASH_BLOCK
+        blocks = splash.BlockSizes(block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
+                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                                   block_kv_dq=block)
+        mask = splash_masks.MultiHeadMask([splash_masks.CausalMask((length, length))] * heads)
+        attend = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks,
+                                        interpret=jax.default_backend() != "tpu")
+        # The kernel wants (heads, length, dim) per sequence and leaves the 1/sqrt(d) scaling to the caller.
+        heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+        out = jax.vmap(attend)(heads_first(q * dim**-0.5), heads_first(k), heads_first(v),
+                               segment_ids=splash.SegmentIds(q=segments, kv=segments))
+        return heads_first(out)
+
+    qkv_axes = (("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim"),
+                ("batch", "length", "kv_heads", "head_dim"), ("batch", "length"))
+    return sharding.per_shard(kernel, qkv_axes, ("batch", "length", "heads", "head_dim"))(
+        query, key, value, segment_ids)
 
 
 class LayerCache(NamedTuple):
@@ -60,12 +106,16 @@ class LayerCache(NamedTuple):
     cached position *including* the tokens being written now (0 = padding or not yet written).
     index: (batch,) int32, where each row's first token of this call is written. Rows may be at different
     positions, which is what continuous batching needs.
+    key_scales, value_scales: (batch, max_len, kv_heads, 1) float32 when keys and values are stored as int8
+    (one scale per token and head), None when they are stored as floats.
     """
 
     keys: jax.Array
     values: jax.Array
     segment_ids: jax.Array
     index: jax.Array
+    key_scales: jax.Array | None = None
+    value_scales: jax.Array | None = None
 
 
 def write_rows(cache: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
@@ -75,18 +125,33 @@ def write_rows(cache: jax.Array, update: jax.Array, index: jax.Array) -> jax.Arr
     return jax.vmap(write_row)(cache, update, index)
 
 
+def _store(cached: jax.Array, scales: jax.Array | None, new: jax.Array,
+           index: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Writes new keys (or values) at `index`; into an int8 cache, with an absmax scale per token and head."""
+    if scales is None:
+        return write_rows(cached, new.astype(cached.dtype), index), None
+    quantized = qwix.quantize(new, jnp.int8, channelwise_axes=(0, 1, 2), scale_dtype=scales.dtype)
+    return write_rows(cached, quantized.qvalue, index), write_rows(scales, quantized.scale, index)
+
+
+def _load(cached: jax.Array, scales: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
+    if scales is None:
+        return cached.astype(dtype)
+    return qwix.dequantize(qwix.QArray(cached, scales)).astype(dtype)
+
+
 def cached_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
-                     cache: LayerCache) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes this call's keys/values into the cache and attends over it; returns (out, keys, values)."""
-    keys = write_rows(cache.keys, key.astype(cache.keys.dtype), cache.index)
-    values = write_rows(cache.values, value.astype(cache.values.dtype), cache.index)
+                     cache: LayerCache) -> tuple[jax.Array, LayerCache]:
+    """Writes this call's keys/values into the cache and attends over it; returns (out, updated cache)."""
+    keys, key_scales = _store(cache.keys, cache.key_scales, key, cache.index)
+    values, value_scales = _store(cache.values, cache.value_scales, value, cache.index)
     query_index = cache.index[:, None] + jnp.arange(query.shape[1])  # (batch, q_len)
     causal = jnp.arange(keys.shape[1])[None, None, :] <= query_index[:, :, None]
     same_segment = segment_ids[:, :, None] == cache.segment_ids[:, None, :]
     mask = (causal & same_segment)[:, None]
-    out = jax.nn.dot_product_attention(query, keys.astype(query.dtype), values.astype(query.dtype), mask=mask,
-                                       implementation="xla")
-    return out, keys, values
+    out = jax.nn.dot_product_attention(query, _load(keys, key_scales, query.dtype),
+                                       _load(values, value_scales, query.dtype), mask=mask, implementation="xla")
+    return out, cache._replace(keys=keys, values=values, key_scales=key_scales, value_scales=value_scales)
 
 
 class Attention(nnx.Module):
@@ -124,5 +189,5 @@ class Attention(nnx.Module):
         value = sharding.constrain(value, ("batch", "length", "kv_heads", "head_dim"))
         if cache is None:
             return self.out(dot_product_attention(query, key, value, segment_ids, self.impl)), None
-        out, keys, values = cached_attention(query, key, value, segment_ids, cache)
-        return self.out(out), cache._replace(keys=keys, values=values)
+        out, cache = cached_attention(query, key, value, segment_ids, cache)
+        return self.out(out), cache

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # From nothing to a trained Spanish model on a laptop CPU: create .venv, install, build the embedded Spanish
-# corpus (Debian packages), train its tokenizer, pack it, and pretrain configs/tiny_es.py.
-# Re-running skips finished stages and resumes training from the last checkpoint.
+# corpus (Debian packages), train its tokenizer, pack it, pretrain configs/tiny_es.py, evaluate it and
+# print a few Spanish continuations. Re-running skips finished data stages and resumes training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR=${DATA_DIR:-data/es_default}
@@ -21,3 +21,10 @@ echo "== Preparing the embedded Spanish corpus in ${DATA_DIR}"
 echo "== Pretraining configs/tiny_es.py in ${WORKDIR} (TensorBoard: tensorboard --logdir ${WORKDIR})"
 .venv/bin/python scripts/train.py --config=configs/tiny_es.py --workdir="${WORKDIR}" \
   --config.data.path="${DATA_DIR}" --alsologtostderr
+
+echo "== Evaluating: bits-per-byte against a unigram baseline, Spanish tasks (${WORKDIR}/eval/report.md)"
+.venv/bin/python scripts/evaluate.py --workdir="${WORKDIR}"
+
+echo "== Spanish continuations"
+.venv/bin/python scripts/sample.py --workdir="${WORKDIR}" --max_new_tokens=48 --temperature=0.7 \
+  --prompt="En el principio" --prompt="El sistema operativo" --prompt="Había una vez"

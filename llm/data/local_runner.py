@@ -1,0 +1,271 @@
+"""The corpus steps on one machine: a pool of worker processes fed in chunks, streaming, in bounded memory.
+
+The main process reads the sources and writes the output; workers run the per-document stages (and the
+MinHash signatures) on chunks of `runner.chunk_size` documents. Results come back in input order and at
+most two chunks per worker are in flight, so memory does not grow with the corpus, and the output does
+not depend on the number of workers. Near dedup keeps one signature per document in memory (no text).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tqdm
+
+from llm.data import dedup, pipeline, sources, stages
+from llm.data.document import Document, Dropped
+from llm.data.report import Accounts
+
+# Chunks queued per worker: enough to keep every worker busy while the main process reads or writes.
+_CHUNKS_PER_WORKER = 2
+# State of one worker process, built once by the pool initializer (stages may load models).
+_worker: dict[str, Any] = {}
+
+
+def num_workers(config: ml_collections.ConfigDict) -> int:
+    """`runner.num_workers`, where 0 means one per CPU core."""
+    return config.runner.num_workers or os.cpu_count() or 1
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+@contextlib.contextmanager
+def parallel_map(
+    function: Callable[[Any], Any], chunks: Iterable[Any], workers: int, initializer: Callable[..., None] | None = None,
+    initargs: tuple[Any, ...] = (),
+) -> Iterator[Iterator[Any]]:
+    """`function` over `chunks` in `workers` processes; yields the results in input order.
+
+    Plain `Pool.imap` reads its whole input ahead into a queue; here at most two chunks per worker are
+    read ahead of the consumer, so memory stays bounded. Leaving the block early (an error in a worker or
+    in the consumer) stops the reading and ends the workers.
+    """
+    slots = threading.Semaphore(workers * _CHUNKS_PER_WORKER)
+    stop = threading.Event()
+
+    def throttled() -> Iterator[Any]:  # runs in the pool's task-feeding thread
+        iterator = iter(chunks)
+        while True:
+            slots.acquire()
+            if stop.is_set():
+                return
+            chunk = next(iterator, None)
+            if chunk is None:
+                return
+            yield chunk
+
+    def released(results: Iterator[Any]) -> Iterator[Any]:
+        for result in results:
+            slots.release()
+            yield result
+
+    # forkserver: workers start from a clean single-threaded process; forking this one could inherit
+    # locks held by its threads (tqdm, Beam, JAX) and hang.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    pool = context.Pool(workers, initializer=initializer, initargs=initargs)
+    try:
+        yield released(pool.imap(function, throttled()))
+    finally:
+        stop.set()
+        slots.release()  # wakes the feeding thread if it waits for a slot, so that the pool can end
+        pool.terminate()
+        pool.join()
+
+
+class ShardWriter:
+    """Writes documents into `num_shards` JSONL shards, each sorted by id (see `pipeline.shard_content`).
+
+    Documents are appended to an unsorted part per shard; leaving the `with` block sorts one shard at a
+    time in memory (the memory bound is one shard) and renames it into place, so a crash leaves no
+    complete-looking file (only hidden parts, which the re-run of the unfinished step clears).
+    """
+
+    def __init__(self, directory: str, num_shards: int):
+        os.makedirs(directory, exist_ok=True)
+        self._directory = directory
+        self._num_shards = num_shards
+        self._parts = [
+            open(self._part_path(i), "w", encoding="utf-8") for i in range(num_shards)  # noqa: SIM115
+        ]
+
+    def _part_path(self, index: int) -> str:
+        return os.path.join(self._directory, "." + pipeline.shard_name(index, self._num_shards) + ".unsorted")
+
+    def write(self, document: Document) -> None:
+        self._parts[pipeline.shard_of(document.id, self._num_shards)].write(
+            pipeline.encode_document(document) + "\n"
+        )
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        for part in self._parts:
+            part.close()
+        if error_type is None:
+            self._sort_parts()
+
+    def _sort_parts(self) -> None:
+        for index in range(self._num_shards):
+            part_path = self._part_path(index)
+            with open(part_path, encoding="utf-8") as lines:
+                content = pipeline.shard_content(pipeline.iterate_documents(lines, part_path), part_path)
+            path = os.path.join(self._directory, pipeline.shard_name(index, self._num_shards))
+            with open(path + ".tmp", "w", encoding="utf-8") as out:
+                out.write(content)
+            os.replace(path + ".tmp", path)
+            os.remove(part_path)
+
+
+def _init_filter_worker(config: ml_collections.ConfigDict, make_stages: pipeline.StageFactory) -> None:
+    _worker["stages"] = list(make_stages(config))
+
+
+def _filter_chunk(items: list[Document | Dropped]) -> tuple[list[Document], Accounts]:
+    accounts = Accounts(pipeline.filter_stage_names(_worker["stages"]))
+    kept = []
+    for item in items:
+        document = pipeline.process_item(item, _worker["stages"], accounts)
+        if document is not None:
+            kept.append(document)
+    return kept, accounts
+
+
+def _init_dedup_worker(config: ml_collections.ConfigDict) -> None:
+    _worker["exact"] = config.dedup.exact
+    _worker["hasher"] = dedup.MinHasher.from_config(config.dedup) if config.dedup.near else None
+
+
+def _dedup_chunk(chunk: list[tuple[str, str]]) -> tuple[list[str], list[str], np.ndarray | None]:
+    """Ids, exact keys and MinHash signatures of (id, text) pairs (keys/signatures only when enabled)."""
+    texts = [text for _, text in chunk]
+    keys = [dedup.exact_key(text) for text in texts] if _worker["exact"] else []
+    signatures = _worker["hasher"].signatures(texts) if _worker["hasher"] else None
+    return [doc_id for doc_id, _ in chunk], keys, signatures
+
+
+class LocalRunner:
+    """Runs the `filter` and `dedup` corpus steps with worker processes on this machine."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        read: pipeline.SourceReader = sources.read_sources,
+        make_stages: pipeline.StageFactory = stages.document_stages,
+        progress: bool = True,
+    ):
+        self._workers = num_workers(config)
+        self._chunk_size = config.runner.chunk_size
+        self._read = read
+        self._make_stages = make_stages
+        self._progress = progress
+
+    def _bar(self, description: str, total: int | None = None) -> tqdm.tqdm:
+        return tqdm.tqdm(desc=description, total=total, unit="doc", disable=not self._progress, smoothing=0.1)
+
+    def filter(self, config: ml_collections.ConfigDict, output_dir: str) -> Accounts:
+        """Reads the sources, runs the per-document stages, writes the survivors as sorted shards."""
+        accounts = Accounts(pipeline.filter_stage_names(self._make_stages(config)))
+        chunks = _chunks(self._read(config), self._chunk_size)
+        with (
+            ShardWriter(output_dir, config.output.corpus_shards) as writer,
+            parallel_map(_filter_chunk, chunks, self._workers, _init_filter_worker, (config, self._make_stages)) as results,
+            self._bar("filter") as bar,
+        ):
+            for kept, chunk_accounts in results:
+                for document in kept:
+                    writer.write(document)
+                accounts.merge(chunk_accounts)
+                bar.update(chunk_accounts.documents_in)
+                bar.set_postfix(MB=f"{accounts.stages[pipeline.READ].bytes_out / 1e6:.1f}", kept=accounts.documents_kept)
+        pipeline.write_counts(output_dir, accounts)
+        return accounts
+
+    def dedup(self, config: ml_collections.ConfigDict, input_dir: str, output_dir: str) -> Accounts:
+        """Exact then near dedup of the filter step's output; writes the cleaned corpus as sorted shards.
+
+        Two passes over the input: the first computes each document's exact key and MinHash signature in
+        the workers, the second writes the documents that are neither kind of duplicate.
+        """
+        total = pipeline.read_counts(input_dir).documents_kept
+        ids: list[str] = []
+        keys: list[str] = []
+        signatures: list[np.ndarray] = []
+        chunks = _chunks(((d.id, d.text) for d in pipeline.read_documents(input_dir)), self._chunk_size)
+        with (
+            parallel_map(_dedup_chunk, chunks, self._workers, _init_dedup_worker, (config,)) as results,
+            self._bar("dedup: signatures", total) as bar,
+        ):
+            for chunk_ids, chunk_keys, chunk_signatures in results:
+                ids.extend(chunk_ids)
+                keys.extend(chunk_keys)
+                if chunk_signatures is not None:
+                    signatures.append(chunk_signatures)
+                bar.update(len(chunk_ids))
+        exact = _exact_duplicates(ids, keys)
+        near = _near_duplicates(ids, signatures, exact, config) if config.dedup.near else set()
+        accounts = Accounts(pipeline.dedup_stage_names(config))
+        with ShardWriter(output_dir, config.output.corpus_shards) as writer, self._bar("dedup: write", total) as bar:
+            for document in pipeline.read_documents(input_dir):
+                bar.update()
+                if _dedup_verdict(document, config, exact, near, accounts):
+                    writer.write(document)
+        pipeline.write_counts(output_dir, accounts)
+        return accounts
+
+
+def _dedup_verdict(
+    document: Document, config: ml_collections.ConfigDict, exact: set[str], near: set[str], accounts: Accounts
+) -> bool:
+    """Counts the document through the enabled dedup stages; True if it is kept."""
+    for stage, enabled, duplicates, reason in (
+        (pipeline.EXACT_DEDUP, config.dedup.exact, exact, pipeline.EXACT_DUPLICATE),
+        (pipeline.NEAR_DEDUP, config.dedup.near, near, pipeline.NEAR_DUPLICATE),
+    ):
+        if not enabled:
+            continue
+        if document.id in duplicates:
+            accounts.record(stage, Dropped(document.id, reason))
+            return False
+        accounts.record(stage, document)
+    return True
+
+
+def _exact_duplicates(ids: list[str], keys: list[str]) -> set[str]:
+    """Ids that share their exact key with a smaller id (empty when exact dedup is off: no keys)."""
+    keeper: dict[str, str] = {}
+    for doc_id, key in zip(ids, keys):
+        keeper[key] = min(keeper.get(key, doc_id), doc_id)
+    return {doc_id for doc_id, key in zip(ids, keys) if keeper[key] != doc_id}
+
+
+def _near_duplicates(
+    ids: list[str], signatures: list[np.ndarray], exact: set[str], config: ml_collections.ConfigDict
+) -> set[str]:
+    """Ids of the near duplicates among the exact survivors: LSH buckets, confirmed pairs, clusters."""
+    matrix = np.concatenate(signatures) if signatures else np.empty((0, config.dedup.num_perm), np.uint32)
+    buckets: dict[bytes, list[int]] = {}
+    for index, doc_id in enumerate(ids):
+        if doc_id not in exact:
+            for key in dedup.band_keys(matrix[index], config.dedup.bands, config.dedup.rows):
+                buckets.setdefault(key, []).append(index)
+    pairs: set[tuple[str, str]] = set()
+    for members in buckets.values():
+        if len(members) > 1:
+            pairs.update(dedup.bucket_pairs([(ids[i], matrix[i]) for i in members], config.dedup.threshold))
+    return set(dedup.duplicate_map(pairs))

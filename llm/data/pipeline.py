@@ -1,0 +1,613 @@
+"""The corpus pipeline's steps and their order, the logic both runners share, and resumable execution.
+
+`prepare()` runs five steps, each writing under DIR/stages/NAME/ and then, last, a completion marker:
+
+  filter     read the sources, then every per-document stage (clean, archaic, quality, langid, pii,
+             offensive)                                           -> documents-*.jsonl + counts.json
+  dedup      exact dedup (same normalized text: the smallest id is kept), then MinHash LSH near dedup of
+             what is left (band buckets -> candidate pairs confirmed by estimated Jaccard -> clusters, the
+             smallest id kept)                                    -> documents-*.jsonl + counts.json
+  tokenizer  SentencePiece trained on the cleaned corpus           -> tokenizer.model/.vocab + metrics
+  pack       tokenize, split train/validation by id hash, pack     -> train/, validation/ ArrayRecord
+  report     the accounting of every document and every figure    -> report.json
+
+`filter` and `dedup` run on a runner: `local_runner.LocalRunner` (processes) or `beam_runner.BeamRunner`
+(Apache Beam, any Beam runner). Both call the functions below, so they write byte-identical output. A
+corpus shard `documents-00003-of-00008.jsonl` holds one JSON object {"id", "text", "metadata"} per line;
+a document goes to the shard given by a stable hash of its id and each shard is sorted by id, so the
+output does not depend on the runner, the number of workers or the order of the input.
+
+A re-run skips the steps whose marker exists and whose config is unchanged, so an interrupted run resumes
+from the first unfinished step; a step found without its marker is redone from scratch.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import ml_collections
+import numpy as np
+import tqdm
+
+from llm import tokenizer as tokenizer_lib
+from llm.data import dedup, packing, sources, stages
+from llm.data.document import Document, DocumentStage, Dropped
+from llm.data.report import Accounts, SourceTotals, build_report, source_table, word_count
+
+# Accounting names of the steps around the per-document stages.
+READ = "read"
+PII_STAGE = "pii"  # its documents carry metadata["pii"], the replacements per PII type
+EXACT_DEDUP = "exact_dedup"
+NEAR_DEDUP = "near_dedup"
+EXACT_DUPLICATE = "exact_dedup.duplicate"
+NEAR_DUPLICATE = "near_dedup.near_duplicate"
+
+SHARD_PREFIX = "documents"
+SHARD_SUFFIX = ".jsonl"
+COUNTS_FILE = "counts.json"
+MARKER_FILE = "_COMPLETE.json"
+_TOKENIZE_BATCH = 256  # documents per SentencePiece batch call (which encodes on all cores)
+
+# Builds the per-document stages from the config; runs once in every worker (stages may load models).
+StageFactory = Callable[[ml_collections.ConfigDict], Sequence[tuple[str, DocumentStage]]]
+# Yields every input document (or the drop of an unreadable one) named by the config.
+SourceReader = Callable[[ml_collections.ConfigDict], Iterable["Document | Dropped"]]
+
+
+class Runner(Protocol):
+    """Runs the two corpus steps; `local_runner.LocalRunner` and `beam_runner.BeamRunner` implement it."""
+
+    name: str
+
+    def filter(self, config: ml_collections.ConfigDict, output_dir: str) -> Accounts: ...
+
+    def dedup(self, config: ml_collections.ConfigDict, input_dir: str, output_dir: str) -> Accounts: ...
+
+
+# --- Per-document stages ------------------------------------------------------------------------------------
+
+
+def filter_stage_names(stages: Sequence[tuple[str, DocumentStage]]) -> list[str]:
+    """Accounting stages of the filter step: reading, then the per-document stages in order."""
+    return [READ, *(name for name, _ in stages)]
+
+
+def process_item(
+    item: Document | Dropped, stages: Sequence[tuple[str, DocumentStage]], accounts: Accounts
+) -> Document | None:
+    """Runs one input item through every per-document stage, counting it; returns what survives."""
+    accounts.record(READ, item)
+    if isinstance(item, Dropped):
+        return None
+    document = item
+    for name, stage in stages:
+        start = time.process_time()
+        try:
+            result = stage(document)
+        except Exception as error:
+            error.add_note(f"in corpus stage {name!r} on document {document.id!r}")
+            raise
+        accounts.record(name, result, time.process_time() - start)
+        if isinstance(result, Dropped):
+            return None
+        if name == PII_STAGE:
+            accounts.add_pii(result.metadata.get("pii", {}))
+        document = result
+    return document
+
+
+def keep_smallest(documents: Iterable[Document]) -> tuple[Document, list[Document]]:
+    """Exact duplicates: keeps the document with the smallest id (order-independent), returns the rest."""
+    ordered = sorted(documents, key=lambda document: document.id)
+    return ordered[0], ordered[1:]
+
+
+# --- JSONL shards -------------------------------------------------------------------------------------------
+
+
+def encode_document(document: Document) -> str:
+    """One JSONL line (without the newline). Keys sorted so both runners write identical bytes."""
+    return json.dumps(
+        {"id": document.id, "text": document.text, "metadata": document.metadata},
+        ensure_ascii=False,
+        sort_keys=True,
+    )
+
+
+def decode_document(line: str, where: str) -> Document:
+    """Inverse of `encode_document`; `where` ("file:line") names the line in the error of a bad one."""
+    try:
+        record = json.loads(line)
+        return Document(id=record["id"], text=record["text"], metadata=record["metadata"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{where}: not a corpus document line ({error}).") from error
+
+
+def iterate_documents(lines: Iterable[str], where: str) -> Iterator[Document]:
+    for number, line in enumerate(lines, start=1):
+        yield decode_document(line, f"{where}:{number}")
+
+
+def shard_name(index: int, num_shards: int) -> str:
+    return f"{SHARD_PREFIX}-{index:05d}-of-{num_shards:05d}{SHARD_SUFFIX}"
+
+
+def shard_of(document_id: str, num_shards: int) -> int:
+    """The shard a document goes to: a hash of its id that is the same in every process and machine."""
+    digest = hashlib.blake2b(document_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % num_shards
+
+
+def shard_content(documents: Iterable[Document], where: str) -> str:
+    """The text of one shard file: its documents sorted by id, one per line. Ids must be unique."""
+    keyed = sorted((document.id, encode_document(document)) for document in documents)
+    for (first, _), (second, _) in zip(keyed, keyed[1:]):
+        if first == second:
+            raise ValueError(f"{where}: document id {first!r} occurs twice; sources must give unique ids.")
+    return "".join(line + "\n" for _, line in keyed)
+
+
+# --- Files, local or remote (gs://, s3://, hdfs:// through Beam's FileSystems) ------------------------------
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _filesystems():
+    try:
+        from apache_beam.io.filesystems import FileSystems
+    except ImportError as error:
+        raise ImportError(
+            "Paths with a scheme (gs://, s3://, ...) are read and written through Apache Beam: "
+            "pip install -e '.[beam]'."
+        ) from error
+    return FileSystems
+
+
+def join(base: str, *names: str) -> str:
+    return _filesystems().join(base, *names) if is_remote(base) else os.path.join(base, *names)
+
+
+def read_text(path: str) -> str | None:
+    """The UTF-8 content of a file, or None if it does not exist."""
+    if not is_remote(path):
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    filesystems = _filesystems()
+    if not filesystems.exists(path):
+        return None
+    with filesystems.open(path) as file:
+        return file.read().decode("utf-8")
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a whole file atomically: readers see the old content or the new, never a part."""
+    if is_remote(path):  # an object store publishes an object only when it is closed
+        with _filesystems().create(path) as file:
+            file.write(text.encode("utf-8"))
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def remove_tree(path: str) -> None:
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    filesystems = _filesystems()
+    matches = filesystems.match([join(path, "**")])[0].metadata_list
+    if matches:
+        filesystems.delete([metadata.path for metadata in matches])
+
+
+def shard_paths(directory: str) -> list[str]:
+    """The complete, sorted list of a step's corpus shards; raises if one is missing."""
+    pattern = join(directory, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}")
+    if is_remote(directory):
+        paths = sorted(metadata.path for metadata in _filesystems().match([pattern])[0].metadata_list)
+    else:
+        paths = sorted(glob.glob(pattern))
+    expected = int(paths[0].rsplit("-of-", 1)[1].removesuffix(SHARD_SUFFIX)) if paths else None
+    if expected is None or len(paths) != expected:
+        raise FileNotFoundError(f"{directory}: expected a complete set of {pattern} shards, found {len(paths)}.")
+    return paths
+
+
+def write_counts(directory: str, accounts: Accounts) -> None:
+    write_text(join(directory, COUNTS_FILE), json.dumps(accounts.to_json(), indent=1, ensure_ascii=False))
+
+
+def write_counts_file(accounts: Accounts, directory: str) -> None:
+    """`write_counts` with the argument order of a Beam Map."""
+    write_counts(directory, accounts)
+
+
+def read_counts(directory: str) -> Accounts:
+    text = read_text(join(directory, COUNTS_FILE))
+    if text is None:
+        raise FileNotFoundError(f"{join(directory, COUNTS_FILE)} is missing.")
+    return Accounts.from_json(json.loads(text))
+
+
+# --- Steps and resumable execution --------------------------------------------------------------------------
+
+STEPS = ("filter", "dedup", "tokenizer", "pack", "report")
+RUNNER_STEPS = ("filter", "dedup")  # the steps a Runner executes; the others run here, on local files
+# Config sections that shape each step's output. A finished step is reused only while its sections and
+# those of the steps before it are unchanged. `runner` says how the steps run, not what they write.
+STEP_SECTIONS = {
+    "filter": ("sources", "clean", "quality", "langid", "pii", "offensive", "output"),
+    "dedup": ("dedup",),
+    "tokenizer": ("tokenizer",),
+    "pack": ("pack",),
+    "report": ("report",),
+}
+FREE_SECTIONS = ("runner",)
+PUBLISHED_DIRS = ("train", "validation")
+
+
+RUNNERS = ("local", "beam")
+
+
+def validate(config: ml_collections.ConfigDict, output_dir: str, runner: str, until: str) -> None:
+    """Checks the flags and the config before any work, with errors that name the flag or key."""
+    if not output_dir:
+        raise ValueError("--output_dir is required.")
+    if runner not in RUNNERS:
+        raise ValueError(f"--runner={runner!r}: expected one of {list(RUNNERS)}.")
+    if until not in STEPS:
+        raise ValueError(f"--until={until!r}: expected one of {list(STEPS)}.")
+    if is_remote(output_dir) and (runner != "beam" or until not in RUNNER_STEPS):
+        raise ValueError(
+            f"--output_dir={output_dir}: a remote directory needs --runner=beam and --until=filter or dedup; "
+            "the tokenizer and packing steps run on local files."
+        )
+    known = {section for sections in STEP_SECTIONS.values() for section in sections} | set(FREE_SECTIONS)
+    for section in sorted(set(config.keys()) - known):
+        raise ValueError(f"Config section {section!r} is not used by any step; known: {sorted(known)}.")
+    for section in sorted(known - set(config.keys())):
+        raise ValueError(f"Config section {section!r} is missing (see configs/data/es_default.py).")
+    for key, value, minimum in (
+        ("runner.num_workers", config.runner.num_workers, 0),
+        ("runner.chunk_size", config.runner.chunk_size, 1),
+        ("output.corpus_shards", config.output.corpus_shards, 1),
+        ("pack.seq_len", config.pack.seq_len, 2),
+        ("pack.train_shards", config.pack.train_shards, 1),
+        ("pack.validation_shards", config.pack.validation_shards, 1),
+    ):
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{key}={value!r}: expected an integer >= {minimum}.")
+    for key, value, allowed in (
+        ("sources.on_error", config.sources.on_error, sources.ON_ERROR),
+        ("sources.format", config.sources.format, sources.FORMATS),
+        ("sources.text_mode", config.sources.text_mode, sources.TEXT_MODES),
+        ("tokenizer.model_type", config.tokenizer.model_type, tokenizer_lib.MODEL_TYPES),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r}: expected one of {list(allowed)}.")
+    dedup.check_config(config.dedup)
+    stages.document_stages(config)  # checks every per-document stage's section
+    if config.report.eval_conllu and not os.path.isfile(os.path.expanduser(config.report.eval_conllu)):
+        raise ValueError(f"report.eval_conllu={config.report.eval_conllu!r}: no such file.")
+
+
+def step_dir(output_dir: str, step: str) -> str:
+    return join(output_dir, "stages", step)
+
+
+def dedup_stage_names(config: ml_collections.ConfigDict) -> list[str]:
+    """Accounting stages of the dedup step: the enabled kinds of dedup, in order."""
+    return [name for name, on in ((EXACT_DEDUP, config.dedup.exact), (NEAR_DEDUP, config.dedup.near)) if on]
+
+
+def step_config(config: ml_collections.ConfigDict, step: str) -> dict[str, Any]:
+    """The flattened config ("quality.min_words": 5, ...) that the output of `step` depends on."""
+    flat: dict[str, Any] = {}
+    for name in STEPS[: STEPS.index(step) + 1]:
+        for section in STEP_SECTIONS[name]:
+            for key, value in config[section].to_dict().items():
+                flat[f"{section}.{key}"] = value
+    return json.loads(json.dumps(flat))  # the JSON form (tuples become lists), as stored in markers
+
+
+def read_marker(directory: str) -> dict[str, Any] | None:
+    text = read_text(join(directory, MARKER_FILE))
+    return None if text is None else json.loads(text)
+
+
+def _check_same_config(directory: str, finished: dict[str, Any], current: dict[str, Any]) -> None:
+    changed = sorted(key for key in finished.keys() | current.keys() if finished.get(key) != current.get(key))
+    if changed:
+        details = "; ".join(f"{key} was {finished.get(key)!r}, now {current.get(key)!r}" for key in changed)
+        raise ValueError(
+            f"{directory} was finished with another config ({details}). Use another --output_dir, or delete "
+            f"{directory} and the later steps' directories to redo them."
+        )
+
+
+def prepare(
+    config: ml_collections.ConfigDict,
+    output_dir: str,
+    runner: Runner,
+    until: str = STEPS[-1],
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Runs the steps up to `until`, skipping those already finished; returns each step's marker.
+
+    A step runs from scratch (its directory is cleared first) when it has no marker, which is what an
+    interrupted run leaves, and so do all the steps after one that ran. With `until="report"` the final
+    files are then published into `output_dir` (see `publish`).
+    """
+    markers: dict[str, dict[str, Any]] = {}
+    redo = False
+    for step in STEPS[: STEPS.index(until) + 1]:
+        directory = step_dir(output_dir, step)
+        expected = step_config(config, step)
+        marker = read_marker(directory)
+        if marker is not None and not redo:
+            _check_same_config(directory, marker["config"], expected)
+            logging.info("Step %s: finished in a previous run (%.1f s), skipped.", step, marker["elapsed_seconds"])
+            markers[step] = marker
+            continue
+        redo = True
+        remove_tree(directory)
+        logging.info("Step %s: running.", step)
+        start = time.time()
+        result = _STEP_FUNCTIONS[step](config, output_dir, runner, markers, progress)
+        marker = {
+            "step": step,
+            "runner": runner.name if step in RUNNER_STEPS else "local",
+            "elapsed_seconds": round(time.time() - start, 3),
+            "result": result,
+            "config": expected,
+        }
+        # Written last: its presence is what says the step's output is complete.
+        write_text(join(directory, MARKER_FILE), json.dumps(marker, indent=1, ensure_ascii=False))
+        markers[step] = marker
+        logging.info("Step %s: done in %.1f s.", step, marker["elapsed_seconds"])
+    if until == STEPS[-1]:
+        publish(output_dir)
+    return markers
+
+
+def _filter_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
+    accounts = runner.filter(config, step_dir(output_dir, "filter"))
+    accounts.check()
+    return {"documents_in": accounts.documents_in, "documents_out": accounts.documents_kept}
+
+
+def _dedup_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
+    accounts = runner.dedup(config, step_dir(output_dir, "filter"), step_dir(output_dir, "dedup"))
+    accounts.check()
+    return {"documents_in": accounts.documents_in, "documents_out": accounts.documents_kept}
+
+
+def read_documents(directory: str) -> Iterator[Document]:
+    """Every document of a step's output (local files), shard by shard, in file order."""
+    for path in shard_paths(directory):
+        with open(path, encoding="utf-8") as lines:
+            yield from iterate_documents(lines, path)
+
+
+def _corpus_bar(description: str, output_dir: str, progress: bool) -> tqdm.tqdm:
+    """A progress bar over the cleaned corpus: documents, MB and ETA (its size is in the dedup counts)."""
+    kept = read_counts(step_dir(output_dir, "dedup"))
+    total_bytes = kept.stages[next(reversed(kept.stages))].bytes_out if kept.stages else None
+    return tqdm.tqdm(
+        desc=description, total=total_bytes, unit="B", unit_scale=True, disable=not progress, smoothing=0.1
+    )
+
+
+def _corpus_texts(output_dir: str, bar: tqdm.tqdm) -> Iterator[str]:
+    for count, document in enumerate(read_documents(step_dir(output_dir, "dedup")), start=1):
+        bar.update(len(document.text.encode("utf-8")))
+        bar.set_postfix(documents=count, refresh=False)
+        yield document.text
+
+
+def eval_conllu_path(config: ml_collections.ConfigDict) -> str | None:
+    """The CoNLL-U file the tokenizer is measured on, or None when the default one is not there."""
+    if config.report.eval_conllu:
+        return os.path.expanduser(config.report.eval_conllu)
+    return tokenizer_lib.DEFAULT_UD_PATH if os.path.isfile(tokenizer_lib.DEFAULT_UD_PATH) else None
+
+
+def _tokenizer_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
+    settings = config.tokenizer
+    prefix = join(step_dir(output_dir, "tokenizer"), "tokenizer")
+    with _corpus_bar("tokenizer", output_dir, progress) as bar:
+        tokenizer = tokenizer_lib.train_tokenizer(
+            _corpus_texts(output_dir, bar),
+            prefix,
+            vocab_size=settings.vocab_size,
+            model_type=settings.model_type,
+            character_coverage=settings.character_coverage,
+            input_sentence_size=settings.input_sentence_size,
+            max_sentence_bytes=settings.max_sentence_bytes,
+            seed=settings.seed,
+        )
+    result: dict[str, Any] = {
+        "vocab_size": tokenizer.vocab_size,
+        "model_type": settings.model_type,
+        "spanish_characters_round_trip": tokenizer_lib.round_trips(tokenizer, tokenizer_lib.SPANISH_CHARACTERS),
+    }
+    conllu = eval_conllu_path(config)
+    if conllu is None:
+        logging.warning("No CoNLL-U file for the tokenizer metrics (set report.eval_conllu); not measured.")
+        return {**result, "eval_text": None, "fertility": None, "bytes_per_token": None}
+    texts = tokenizer_lib.conllu_texts(conllu)
+    return {
+        **result,
+        "eval_text": os.path.basename(conllu),
+        "fertility": round(tokenizer_lib.fertility(tokenizer, texts), 4),
+        "bytes_per_token": round(tokenizer_lib.bytes_per_token(tokenizer, texts), 4),
+    }
+
+
+def _pack_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
+    """Tokenizes the corpus once into a scratch file of int32 ids, splits by id hash, packs both splits."""
+    settings = config.pack
+    directory = step_dir(output_dir, "pack")
+    os.makedirs(directory, exist_ok=True)
+    tokenizer = tokenizer_lib.Tokenizer.load(join(step_dir(output_dir, "tokenizer"), "tokenizer.model"))
+    extra = int(settings.add_bos) + int(settings.add_eos)  # tokens each document gains when packed
+    scratch = join(directory, ".tokens.bin")
+    lengths: list[tuple[str, int]] = []
+    totals: dict[str, SourceTotals] = {}
+    with open(scratch, "wb") as out, _corpus_bar("tokenize", output_dir, progress) as bar:
+        documents = read_documents(step_dir(output_dir, "dedup"))
+        while chunk := list(itertools.islice(documents, _TOKENIZE_BATCH)):
+            for document, ids in zip(chunk, tokenizer.encode_batch([d.text for d in chunk])):
+                out.write(np.asarray(ids, dtype="<i4").tobytes())
+                lengths.append((document.id, len(ids)))
+                source = document.metadata.get("source", "unknown")
+                total = totals.setdefault(source, SourceTotals(licence=document.metadata.get("licence", "unknown")))
+                size = len(document.text.encode("utf-8"))
+                total.documents += 1
+                total.bytes += size
+                total.words += word_count(document.text)
+                total.tokens += len(ids)
+                bar.update(size)
+            bar.set_postfix(documents=len(lengths), refresh=False)
+    validation = packing.split_train_validation(
+        ((doc_id, length + extra) for doc_id, length in lengths),
+        settings.seq_len,
+        settings.validation_fraction,
+        settings.min_validation_rows,
+    )
+
+    def tokenized() -> Iterator[tuple[str, np.ndarray]]:
+        with open(scratch, "rb") as tokens:
+            for doc_id, length in lengths:
+                yield doc_id, np.frombuffer(tokens.read(4 * length), dtype="<i4")
+
+    splits = packing.write_packed_splits(
+        tokenized(),
+        directory,
+        settings.seq_len,
+        validation,
+        bos_id=tokenizer.bos_id if settings.add_bos else None,
+        eos_id=tokenizer.eos_id if settings.add_eos else None,
+        pad_id=tokenizer.pad_id,
+        train_shards=settings.train_shards,
+        validation_shards=settings.validation_shards,
+    )
+    os.remove(scratch)
+    return {
+        "tokens": sum(length for _, length in lengths),
+        "splits": {
+            name: {
+                "documents": stats.documents,
+                "rows": stats.rows,
+                "tokens": stats.tokens,
+                "shards": len(stats.shards),
+                "packing_efficiency": round(stats.efficiency, 4),
+            }
+            for name, stats in splits.items()
+        },
+        "sources": source_table(totals),
+    }
+
+
+def _report_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
+    accounts = read_counts(step_dir(output_dir, "filter")).extend(read_counts(step_dir(output_dir, "dedup")))
+    packed = markers["pack"]["result"]
+    corpus_bytes = sum(entry["mb"] for entry in packed["sources"])
+    rows = sum(split["rows"] for split in packed["splits"].values())
+    report = build_report(
+        accounts,
+        corpus={
+            "documents": accounts.documents_kept,
+            "mb": round(corpus_bytes, 3),
+            "words": sum(entry["words"] for entry in packed["sources"]),
+            "tokens": packed["tokens"],
+            "shards": config.output.corpus_shards,
+            "path": step_dir(output_dir, "dedup"),
+        },
+        tokenizer=markers["tokenizer"]["result"],
+        packing={
+            "seq_len": config.pack.seq_len,
+            "vocab_size": markers["tokenizer"]["result"]["vocab_size"],
+            "rows": rows,
+            "shards": sum(split["shards"] for split in packed["splits"].values()),
+            "packing_efficiency": round(
+                sum(split["tokens"] for split in packed["splits"].values()) / (rows * config.pack.seq_len), 4
+            ),
+            "splits": packed["splits"],
+        },
+        sources=packed["sources"],
+        elapsed_seconds={step: markers[step]["elapsed_seconds"] for step in STEPS[:-1]},
+        runner=markers["filter"]["runner"],
+    )
+    write_text(join(step_dir(output_dir, "report"), "report.json"), json.dumps(report, indent=2, ensure_ascii=False))
+    return {"documents_in": report["documents"]["in"], "documents_kept": report["documents"]["kept"]}
+
+
+_STEP_FUNCTIONS = {
+    "filter": _filter_step,
+    "dedup": _dedup_step,
+    "tokenizer": _tokenizer_step,
+    "pack": _pack_step,
+    "report": _report_step,
+}
+
+
+def _same_file(first: str, second: str) -> bool:
+    return os.path.exists(first) and os.path.exists(second) and os.path.samefile(first, second)
+
+
+def _link(source: str, destination: str) -> None:
+    """Publishes a file under a second name: a hard link (no copy), atomically replacing the old one."""
+    if _same_file(source, destination):  # published by an earlier run
+        return
+    temporary = destination + ".tmp"
+    if os.path.lexists(temporary):
+        os.remove(temporary)
+    try:
+        os.link(source, temporary)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, temporary)
+    os.replace(temporary, destination)
+
+
+def _link_dir(source: str, destination: str) -> None:
+    """Publishes a directory of files, swapped in whole so a loader never sees old and new shards mixed."""
+    names = sorted(os.listdir(source))
+    if os.path.isdir(destination) and sorted(os.listdir(destination)) == names and all(
+        _same_file(join(source, name), join(destination, name)) for name in names
+    ):
+        return
+    staging, old = destination + ".tmp", destination + ".old"
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.makedirs(staging)
+    for name in names:
+        _link(join(source, name), join(staging, name))
+    if os.path.exists(destination):
+        os.rename(destination, old)
+    os.rename(staging, destination)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def publish(output_dir: str) -> None:
+    """Makes DIR/tokenizer.model, .vocab, report.json, train/ and validation/ the finished steps' files."""
+    for name in ("tokenizer.model", "tokenizer.vocab"):
+        _link(join(step_dir(output_dir, "tokenizer"), name), join(output_dir, name))
+    for split in PUBLISHED_DIRS:
+        _link_dir(join(step_dir(output_dir, "pack"), split), join(output_dir, split))
+    # The report last: its presence says that everything it describes is in place.
+    _link(join(step_dir(output_dir, "report"), "report.json"), join(output_dir, "report.json"))

@@ -140,14 +140,28 @@ def test_stop_string_cuts_the_completion(client, run):
 def test_many_concurrent_clients_all_get_their_own_answer(server, client, run):
     prompts = [f"{s} {v}" for s in conftest.SUBJECTS[:4] for v in conftest.VERBS[:4]]
     lengths = [4 + i % 9 for i in range(len(prompts))]  # Requests join and leave the batch at different steps.
+    encoded = [run.tokenizer.encode(p, add_bos=True) for p in prompts]
     # Greedy rows are independent, so one batched generation gives every prompt's answer at every length.
-    tokens = run.generator.generate([run.tokenizer.encode(p, add_bos=True) for p in prompts], max(lengths),
-                                    stop_token_ids=(run.tokenizer.eos_id,))
-    want = {p: run.tokenizer.decode(ids[:n]) for p, ids, n in zip(prompts, tokens, lengths)}
-    ask = lambda p, n: client.completions.create(model=MODEL, prompt=p, max_tokens=n, temperature=0).choices[0].text
+    tokens = run.generator.generate(encoded, max(lengths), stop_token_ids=(run.tokenizer.eos_id,))
+    tokens = [ids[:n] for ids, n in zip(tokens, lengths)]
+    # Each answer's log-likelihood under one full forward pass: a row mixed up with another would not match.
+    rows = np.zeros((len(prompts), CACHE_LEN // 2), np.int32)
+    for row, (prompt, new) in enumerate(zip(encoded, tokens)):
+        rows[row, :len(prompt) + len(new)] = prompt + new
+    logprobs = np.asarray(jax.nn.log_softmax(forward(run.model, rows).astype(np.float32)))
+    want = [(run.tokenizer.decode(new), [logprobs[row, len(prompt) - 1 + i, t] for i, t in enumerate(new)])
+            for row, (prompt, new) in enumerate(zip(encoded, tokens))]
+
+    def ask(prompt, max_tokens):
+        choice = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           logprobs=0).choices[0]
+        return choice.text, choice.logprobs.token_logprobs
+
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        got = dict(zip(prompts, pool.map(ask, prompts, lengths)))
-    assert got == want
+        got = list(pool.map(ask, prompts, lengths))
+    for (text, token_logprobs), (want_text, want_logprobs) in zip(got, want):
+        assert text == want_text
+        np.testing.assert_allclose(token_logprobs, want_logprobs, atol=1e-4)
     health = httpx.get(server[0] + "/health").json()
     assert health["status"] == "ok" and health["active_slots"] == 0
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llm import sharding
 from llm.infer.generate import bucket
 from llm.infer.sampling import RowSampling, SamplingParams, sample_rows
 from llm.model.transformer import KVCache
@@ -286,8 +287,14 @@ class Engine:
         self._reset_device_state()
 
     def _reset_device_state(self) -> None:
-        self._cache = KVCache.create(self.cfg, self.max_batch_size, self.max_cache_len)
-        self._seen = jnp.zeros((self.max_batch_size, self.cfg.vocab_size), bool)
+        cache = KVCache.create(self.cfg, self.max_batch_size, self.max_cache_len)
+        seen = jnp.zeros((self.max_batch_size, self.cfg.vocab_size), bool)
+        # The jitted steps return the cache replicated over the parameters' mesh; starting it there too
+        # spares a second compilation of every step for a first call with another placement.
+        mesh = getattr(jax.tree.leaves(self.params)[0].sharding, "mesh", None)
+        if mesh is not None:
+            cache, seen = jax.device_put((cache, seen), sharding.replicated(mesh))
+        self._cache, self._seen = cache, seen
 
     def _report_queue(self) -> None:
         if self.metrics is not None:

@@ -3,8 +3,6 @@
 import concurrent.futures
 import contextlib
 import json
-import socket
-import threading
 import time
 
 import httpx
@@ -15,7 +13,7 @@ import pytest
 
 from llm import chat_template
 from llm.infer import generate, loading
-from llm.serve import api
+from llm.serve import api, bench
 from tests import conftest
 from tests.conftest import forward
 
@@ -26,24 +24,9 @@ CACHE_LEN = 128  # The trained run's context.
 @contextlib.contextmanager
 def serving(run, **settings):
     """A uvicorn server on a free loopback port in a thread; yields (base URL, app)."""
-    import uvicorn
-
     app = api.create_app(run.model, run.tokenizer, api.ServeSettings(MODEL, max_batch_size=4, **settings))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with bench.background_server(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +235,12 @@ def test_chat_page_is_served(server):
     page = httpx.get(server[0] + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'lang="es"' in page.text and "/v1/chat/completions" in page.text and "Enviar" in page.text
+
+
+def test_benchmark_reports_throughput_and_latency_percentiles(server):
+    result = bench.run(url=server[0], num_requests=6, concurrency=3, max_tokens=4)
+    assert result["errors"] == 0 and result["num_requests"] == 6
+    assert result["requests_per_s"] > 0 and result["output_tokens_per_s"] == pytest.approx(
+        6 * 4 / result["wall_s"])
+    assert result["latency_p50_s"] <= result["latency_p90_s"] <= result["latency_p99_s"]
+    assert 0 < result["ttft_p50_s"] <= result["latency_p99_s"]

@@ -20,8 +20,10 @@ from ml_collections import config_flags
 
 from llm.data import local_runner, pipeline
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "data", "es_default.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Data pipeline config (a configs/data/*.py file).")
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_REPO, "configs", "data", "es_default.py"), "Data pipeline config (configs/data/*.py)."
+)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory (re-use it to resume a run).")
 _RUNNER = flags.DEFINE_string("runner", "local", f"Runner of the corpus steps: one of {list(pipeline.RUNNERS)}.")
 _UNTIL = flags.DEFINE_string("until", pipeline.STEPS[-1], f"Last step to run: one of {list(pipeline.STEPS)}.")
@@ -43,7 +45,10 @@ def main(argv: list[str]) -> None:
         runner = beam_runner.BeamRunner(config, beam_args)
     else:
         runner = local_runner.LocalRunner(config, progress=_PROGRESS.value)
-    pipeline.prepare(config, _OUTPUT_DIR.value, runner, until=_UNTIL.value, progress=_PROGRESS.value)
+    try:
+        pipeline.prepare(config, _OUTPUT_DIR.value, runner, until=_UNTIL.value, progress=_PROGRESS.value)
+    except pipeline.ConfigChanged as error:
+        raise app.UsageError(str(error)) from error
     logging.info("Done: %s", _OUTPUT_DIR.value)
 
 

@@ -62,7 +62,10 @@ ENGLISH = (
     "The weather in the mountains was cold and windy, so the hikers decided to stay in the cabin and read "
     "books by the fire until the storm was over and the path was safe again for everyone."
 )
-CONLLU = "# sent_id = 1\n# text = ¿Dónde está la biblioteca?\n1\t¿\t_\n\n# sent_id = 2\n# text = El río nace en Cantabria.\n"
+CONLLU = (
+    "# sent_id = 1\n# text = ¿Dónde está la biblioteca?\n1\t¿\t_\n\n"
+    "# sent_id = 2\n# text = El río nace en Cantabria.\n"
+)
 
 
 def write_corpus(root) -> str:
@@ -104,7 +107,7 @@ def make_config(root, **overrides) -> ml_collections.ConfigDict:
 
 
 def read_tree(directory) -> dict[str, bytes]:
-    """Every file under `directory` (relative path -> bytes), markers and timing files left out."""
+    """Every file under `directory`: relative path -> bytes."""
     tree = {}
     for base, _, names in os.walk(directory):
         for name in names:

@@ -275,9 +275,9 @@ class BeamRunner:
                 documents = exact.kept
                 counts.append(exact[COUNTS])
             if config.dedup.near:
+                duplicates = documents | "FindNearDuplicates" >> _NearDuplicates(config, self._batch_size)
                 near = documents | "DropNearDuplicates" >> beam.ParDo(
-                    _DropNearDuplicates(stage_names),
-                    duplicates=beam.pvalue.AsSingleton(documents | "FindNearDuplicates" >> _NearDuplicates(config, self._batch_size)),
+                    _DropNearDuplicates(stage_names), duplicates=beam.pvalue.AsSingleton(duplicates)
                 ).with_outputs(COUNTS, main="kept")
                 documents = near.kept
                 counts.append(near[COUNTS])

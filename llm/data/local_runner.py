@@ -43,7 +43,10 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 @contextlib.contextmanager
 def parallel_map(
-    function: Callable[[Any], Any], chunks: Iterable[Any], workers: int, initializer: Callable[..., None] | None = None,
+    function: Callable[[Any], Any],
+    chunks: Iterable[Any],
+    workers: int,
+    initializer: Callable[..., None] | None = None,
     initargs: tuple[Any, ...] = (),
 ) -> Iterator[Iterator[Any]]:
     """`function` over `chunks` in `workers` processes; yields the results in input order.
@@ -97,9 +100,7 @@ class ShardWriter:
         os.makedirs(directory, exist_ok=True)
         self._directory = directory
         self._num_shards = num_shards
-        self._parts = [
-            open(self._part_path(i), "w", encoding="utf-8") for i in range(num_shards)  # noqa: SIM115
-        ]
+        self._parts = [open(self._part_path(i), "w", encoding="utf-8") for i in range(num_shards)]
 
     def _part_path(self, index: int) -> str:
         return os.path.join(self._directory, "." + pipeline.shard_name(index, self._num_shards) + ".unsorted")
@@ -182,17 +183,19 @@ class LocalRunner:
         """Reads the sources, runs the per-document stages, writes the survivors as sorted shards."""
         accounts = Accounts(pipeline.filter_stage_names(self._make_stages(config)))
         chunks = _chunks(self._read(config), self._chunk_size)
+        setup = (_init_filter_worker, (config, self._make_stages))
         with (
             ShardWriter(output_dir, config.output.corpus_shards) as writer,
-            parallel_map(_filter_chunk, chunks, self._workers, _init_filter_worker, (config, self._make_stages)) as results,
+            parallel_map(_filter_chunk, chunks, self._workers, *setup) as results,
             self._bar("filter") as bar,
         ):
             for kept, chunk_accounts in results:
                 for document in kept:
                     writer.write(document)
                 accounts.merge(chunk_accounts)
+                megabytes = accounts.stages[pipeline.READ].bytes_out / 1e6
+                bar.set_postfix(MB=f"{megabytes:.1f}", kept=accounts.documents_kept, refresh=False)
                 bar.update(chunk_accounts.documents_in)
-                bar.set_postfix(MB=f"{accounts.stages[pipeline.READ].bytes_out / 1e6:.1f}", kept=accounts.documents_kept)
         pipeline.write_counts(output_dir, accounts)
         return accounts
 
@@ -220,7 +223,10 @@ class LocalRunner:
         exact = _exact_duplicates(ids, keys)
         near = _near_duplicates(ids, signatures, exact, config) if config.dedup.near else set()
         accounts = Accounts(pipeline.dedup_stage_names(config))
-        with ShardWriter(output_dir, config.output.corpus_shards) as writer, self._bar("dedup: write", total) as bar:
+        with (
+            ShardWriter(output_dir, config.output.corpus_shards) as writer,
+            self._bar("dedup: write", total) as bar,
+        ):
             for document in pipeline.read_documents(input_dir):
                 bar.update()
                 if _dedup_verdict(document, config, exact, near, accounts):

@@ -76,20 +76,20 @@ class Runner(Protocol):
 # --- Per-document stages ------------------------------------------------------------------------------------
 
 
-def filter_stage_names(stages: Sequence[tuple[str, DocumentStage]]) -> list[str]:
+def filter_stage_names(document_stages: Sequence[tuple[str, DocumentStage]]) -> list[str]:
     """Accounting stages of the filter step: reading, then the per-document stages in order."""
-    return [READ, *(name for name, _ in stages)]
+    return [READ, *(name for name, _ in document_stages)]
 
 
 def process_item(
-    item: Document | Dropped, stages: Sequence[tuple[str, DocumentStage]], accounts: Accounts
+    item: Document | Dropped, document_stages: Sequence[tuple[str, DocumentStage]], accounts: Accounts
 ) -> Document | None:
     """Runs one input item through every per-document stage, counting it; returns what survives."""
     accounts.record(READ, item)
     if isinstance(item, Dropped):
         return None
     document = item
-    for name, stage in stages:
+    for name, stage in document_stages:
         start = time.process_time()
         try:
             result = stage(document)
@@ -329,11 +329,15 @@ def read_marker(directory: str) -> dict[str, Any] | None:
     return None if text is None else json.loads(text)
 
 
+class ConfigChanged(ValueError):
+    """A finished step was run with another config than the current one; its output would not match."""
+
+
 def _check_same_config(directory: str, finished: dict[str, Any], current: dict[str, Any]) -> None:
     changed = sorted(key for key in finished.keys() | current.keys() if finished.get(key) != current.get(key))
     if changed:
         details = "; ".join(f"{key} was {finished.get(key)!r}, now {current.get(key)!r}" for key in changed)
-        raise ValueError(
+        raise ConfigChanged(
             f"{directory} was finished with another config ({details}). Use another --output_dir, or delete "
             f"{directory} and the later steps' directories to redo them."
         )
@@ -475,7 +479,8 @@ def _pack_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
                 out.write(np.asarray(ids, dtype="<i4").tobytes())
                 lengths.append((document.id, len(ids)))
                 source = document.metadata.get("source", "unknown")
-                total = totals.setdefault(source, SourceTotals(licence=document.metadata.get("licence", "unknown")))
+                licence = document.metadata.get("licence", "unknown")
+                total = totals.setdefault(source, SourceTotals(licence=licence))
                 size = len(document.text.encode("utf-8"))
                 total.documents += 1
                 total.bytes += size
@@ -525,36 +530,18 @@ def _pack_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
 
 def _report_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
     accounts = read_counts(step_dir(output_dir, "filter")).extend(read_counts(step_dir(output_dir, "dedup")))
-    packed = markers["pack"]["result"]
-    corpus_bytes = sum(entry["mb"] for entry in packed["sources"])
-    rows = sum(split["rows"] for split in packed["splits"].values())
     report = build_report(
         accounts,
-        corpus={
-            "documents": accounts.documents_kept,
-            "mb": round(corpus_bytes, 3),
-            "words": sum(entry["words"] for entry in packed["sources"]),
-            "tokens": packed["tokens"],
-            "shards": config.output.corpus_shards,
-            "path": step_dir(output_dir, "dedup"),
-        },
         tokenizer=markers["tokenizer"]["result"],
-        packing={
-            "seq_len": config.pack.seq_len,
-            "vocab_size": markers["tokenizer"]["result"]["vocab_size"],
-            "rows": rows,
-            "shards": sum(split["shards"] for split in packed["splits"].values()),
-            "packing_efficiency": round(
-                sum(split["tokens"] for split in packed["splits"].values()) / (rows * config.pack.seq_len), 4
-            ),
-            "splits": packed["splits"],
-        },
-        sources=packed["sources"],
+        packed=markers["pack"]["result"],
+        seq_len=config.pack.seq_len,
+        corpus_shards=config.output.corpus_shards,
         elapsed_seconds={step: markers[step]["elapsed_seconds"] for step in STEPS[:-1]},
         runner=markers["filter"]["runner"],
     )
-    write_text(join(step_dir(output_dir, "report"), "report.json"), json.dumps(report, indent=2, ensure_ascii=False))
-    return {"documents_in": report["documents"]["in"], "documents_kept": report["documents"]["kept"]}
+    text = json.dumps(report, indent=2, ensure_ascii=False)
+    write_text(join(step_dir(output_dir, "report"), "report.json"), text)
+    return report["documents"]
 
 
 _STEP_FUNCTIONS = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llm.data.document import Document, Dropped
@@ -191,43 +191,55 @@ def source_table(totals: Mapping[str, SourceTotals]) -> list[dict[str, Any]]:
 def build_report(
     accounts: Accounts,
     *,
-    corpus: Mapping[str, Any],
     tokenizer: Mapping[str, Any],
-    packing: Mapping[str, Any],
-    sources: Iterable[Mapping[str, Any]],
+    packed: Mapping[str, Any],
+    seq_len: int,
+    corpus_shards: int,
     elapsed_seconds: Mapping[str, float],
     runner: str,
 ) -> dict[str, Any]:
-    """Assembles report.json; checks the accounting first so a report never hides a lost document."""
+    """Assembles report.json from the corpus accounts and the tokenizer and pack steps' results.
+
+    Checks the accounting first, so a report never hides a lost document.
+    """
     accounts.check()
-    stages = []
-    for name, count in accounts.stages.items():
-        stages.append(
-            {
-                "name": name,
-                "documents_in": count.documents_in,
-                "documents_out": count.documents_out,
-                "dropped": dict(sorted(count.dropped.items(), key=lambda item: (-item[1], item[0]))),
-                "mb_out": round(count.bytes_out / _MB, 3),
-                "words_out": count.words_out,
-                "cpu_seconds": round(count.seconds, 3),
-            }
-        )
-    first = next(iter(accounts.stages.values()))
+    stages = [
+        {
+            "name": name,
+            "documents_in": count.documents_in,
+            "documents_out": count.documents_out,
+            "dropped": dict(sorted(count.dropped.items(), key=lambda item: (-item[1], item[0]))),
+            "mb_out": round(count.bytes_out / _MB, 3),
+            "words_out": count.words_out,
+            "cpu_seconds": round(count.seconds, 3),
+        }
+        for name, count in accounts.stages.items()
+    ]
+    counts = list(accounts.stages.values())
+    read, kept = counts[0], counts[-1]
+    splits = packed["splits"]
+    rows = sum(split["rows"] for split in splits.values())
     return {
         "documents": {
             "in": accounts.documents_in,
             "kept": accounts.documents_kept,
             "dropped": accounts.documents_dropped,
         },
-        "mb": {"in": round(first.bytes_out / _MB, 3), "out": corpus["mb"]},
-        "words": {"in": first.words_out, "out": corpus["words"]},
+        "mb": {"in": round(read.bytes_out / _MB, 3), "out": round(kept.bytes_out / _MB, 3)},
+        "words": {"in": read.words_out, "out": kept.words_out},
         "stages": stages,
         "pii": dict(sorted(accounts.pii.items())),
-        "corpus": dict(corpus),
+        "corpus": {"documents": accounts.documents_kept, "tokens": packed["tokens"], "shards": corpus_shards},
         "tokenizer": dict(tokenizer),
-        "packing": dict(packing),
-        "sources": list(sources),
+        "packing": {
+            "seq_len": seq_len,
+            "vocab_size": tokenizer["vocab_size"],
+            "rows": rows,
+            "shards": sum(split["shards"] for split in splits.values()),
+            "packing_efficiency": round(sum(split["tokens"] for split in splits.values()) / (rows * seq_len), 4),
+            "splits": dict(splits),
+        },
+        "sources": list(packed["sources"]),
         "elapsed_seconds": {name: round(seconds, 2) for name, seconds in elapsed_seconds.items()},
         "runner": runner,
     }

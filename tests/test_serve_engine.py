@@ -9,6 +9,7 @@ import pytest
 
 from llm.infer import loading
 from llm.infer.sampling import RowSampling, SamplingParams, sample_rows
+from llm.quant import quantized_run
 from llm.serve import auth
 from llm.serve.engine import Engine, Finished, Request, Token
 
@@ -39,6 +40,28 @@ def test_short_requests_finish_while_a_long_one_decodes(run):
     assert [name for name, _, _ in finished] == [f"short{i}" for i in range(6)] + ["long"]
     assert finished[-1] == ("long", "length", 60) and tokens["long"] == 60
     assert engine.num_active == 0 and engine.num_waiting == 0
+
+
+def generate_with_engine(engine, prompt, max_tokens):
+    events = queue.Queue()
+    engine.submit(Request(prompt, max_tokens), events.put)
+    tokens = []
+    while not isinstance(event := events.get(timeout=60), Finished):
+        tokens.append(event)
+    return tokens
+
+
+def test_a_quantized_model_with_an_int8_cache_serves_like_its_generator(run):
+    quantized = quantized_run.quantize_run(run, "int8", kv_cache="int8")
+    prompt = run.tokenizer.encode("El pingüino camina", add_bos=True)
+    want = quantized.generator.generate([prompt], 8)[0]
+    engine = Engine(quantized.model, quantized.tokenizer, max_batch_size=2).start()
+    try:
+        tokens = generate_with_engine(engine, prompt, 8)
+    finally:
+        engine.stop()
+    assert [t.token_id for t in tokens] == want
+    assert all(np.isfinite(t.logprob) and t.logprob <= 0 for t in tokens)
 
 
 def test_engine_rejects_requests_that_do_not_fit(run):

@@ -136,6 +136,24 @@ class _Row:
     generated: int = 0
 
 
+def _batch_axis(field: str) -> int:
+    """segment_ids and index are (batch, ...); per-layer arrays (keys, values, int8 scales) are (layers, batch, ...)."""
+    return 0 if field in ("segment_ids", "index") else 1
+
+
+def _cache_row(cache: KVCache, slot: jax.Array) -> KVCache:
+    """Row `slot` of the cache as a batch-1 cache written from position 0."""
+    rows = {name: jax.lax.dynamic_slice_in_dim(value, slot, 1, _batch_axis(name))
+            for name, value in cache._asdict().items() if value is not None and name != "index"}
+    return cache._replace(**rows, index=jnp.zeros((1,), jnp.int32))
+
+
+def _put_cache_row(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
+    rows = {name: jax.lax.dynamic_update_slice_in_dim(getattr(cache, name), value, slot, _batch_axis(name))
+            for name, value in row._asdict().items() if value is not None and name != "index"}
+    return cache._replace(**rows)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "with_prompt_logprobs"), donate_argnames=("cache", "seen"))
 def _prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, seen: jax.Array, slot: jax.Array,
              tokens: jax.Array, length: jax.Array, sampling: RowSampling, seed: jax.Array,
@@ -143,14 +161,11 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, seen: ja
     """Writes one prompt (tokens (1, bucket), the first `length` real) into row `slot` and samples its first
     new token. Returns (token, logprob, top ids, top logprobs, prompt logprobs or None, cache, seen)."""
     model = nnx.merge(graphdef, params)
-    take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis)
-    put = lambda x, row, axis: jax.lax.dynamic_update_slice_in_dim(x, row, slot, axis)
-    row = KVCache(take(cache.keys, 1), take(cache.values, 1), take(cache.segment_ids, 0), jnp.zeros((1,), jnp.int32))
+    row = _cache_row(cache, slot)
     real = jnp.arange(tokens.shape[1]) < length
     # Padding after the prompt has segment 0 and sits beyond the row's index: decoding overwrites it.
     logits, row = model.decode(tokens, jnp.arange(tokens.shape[1])[None], real[None].astype(jnp.int32), row)
-    cache = KVCache(put(cache.keys, row.keys, 1), put(cache.values, row.values, 1),
-                    put(cache.segment_ids, row.segment_ids, 0), cache.index.at[slot].set(length))
+    cache = _put_cache_row(cache, row, slot)._replace(index=cache.index.at[slot].set(length))
     vocab = logits.shape[-1]
     row_seen = jnp.zeros((vocab,), bool).at[jnp.where(real, tokens[0], vocab)].set(True, mode="drop")
     seen = seen.at[slot].set(row_seen)
@@ -221,7 +236,7 @@ class Engine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return self._cache.keys.nbytes + self._cache.values.nbytes
+        return sum(x.nbytes for x in self._cache if x is not None and x is not self._cache.index)
 
     @property
     def running(self) -> bool:

@@ -29,10 +29,13 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": ["pytest>=8", "datasketch==2.0.0", "apache-beam==2.77.0",
              # The server's tests run a real server and talk to it with the official client.
-             "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0", "openai==3.54.0", "httpx==0.28.1"],
+             "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0", "openai==3.54.0", "httpx==0.28.1",
+             "chatterbot-corpus==1.3.3"],
     "beam": ["apache-beam==2.77.0"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],
     "hf": ["datasets>=3"],
+    # The Spanish demo dialogues of SFT and DPO (scripts/prepare_sft.py --chatterbot); YAML via ml-collections.
+    "finetune": ["chatterbot-corpus==1.3.3"],
     # The PyTorch-eager speed baseline (scripts/torch_reference.py) and the dedup benchmark's comparison.
     "bench": ["torch==2.13.0", "datasketch==2.0.0"],
 }

@@ -13,17 +13,24 @@ raw little-endian bytes of an int32 array of shape (4, seq_len) whose rows are, 
 The trainer predicts token t+1 from tokens <= t, and counts that prediction only where
 `loss_mask[t+1] == 1` and `segment_ids[t+1] == segment_ids[t]`, so no loss crosses a document boundary.
 The format needs no header: the row length is the record size / 16.
+
+Preference data for DPO stores one record per pair: the chosen and the rejected row stacked as an int32
+array of shape (8, seq_len), rows `chosen_tokens`, ..., `chosen_loss_mask`, `rejected_tokens`, ...,
+`rejected_loss_mask` (PAIR_FIELDS), so the two completions of a prompt always travel in the same batch.
+Its record size is 32 * seq_len bytes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from array_record.python import array_record_module
 
 FIELDS = ("tokens", "segment_ids", "positions", "loss_mask")
+PAIR_FIELDS = tuple(f"chosen_{name}" for name in FIELDS) + tuple(f"rejected_{name}" for name in FIELDS)
 SHARD_SUFFIX = ".array_record"
 
 
@@ -40,6 +47,25 @@ def decode_row(record: bytes) -> dict[str, np.ndarray]:
         raise ValueError(f"Record of {len(record)} bytes is not a packed row of {len(FIELDS)} int32 fields.")
     stacked = flat.reshape(len(FIELDS), -1)
     return {name: stacked[i].astype(np.int32) for i, name in enumerate(FIELDS)}
+
+
+def encode_pair(chosen_row: Mapping[str, np.ndarray], rejected_row: Mapping[str, np.ndarray]) -> bytes:
+    """Serializes a DPO preference pair: two packed rows of the same length (each with the four FIELDS)."""
+    chosen, rejected = encode_row(chosen_row), encode_row(rejected_row)
+    if len(chosen) != len(rejected):
+        raise ValueError(f"The chosen row has {len(chosen) // 16} positions and the rejected row "
+                         f"{len(rejected) // 16}; a pair needs rows of the same length.")
+    return chosen + rejected
+
+
+def decode_pair(record: bytes) -> dict[str, np.ndarray]:
+    """Inverse of `encode_pair`: the eight PAIR_FIELDS, each int32 of shape (seq_len,)."""
+    flat = np.frombuffer(record, dtype="<i4")
+    if flat.size % len(PAIR_FIELDS):
+        raise ValueError(f"Record of {len(record)} bytes is not a preference pair of {len(PAIR_FIELDS)} int32 "
+                         "fields.")
+    stacked = flat.reshape(len(PAIR_FIELDS), -1)
+    return {name: stacked[i].astype(np.int32) for i, name in enumerate(PAIR_FIELDS)}
 
 
 def shard_paths(split_dir: str) -> list[str]:
@@ -59,10 +85,12 @@ def write_shards(
     split_dir: str,
     num_shards: int,
     name: str = "data",
+    encode: Callable[[Any], bytes] = encode_row,
 ) -> list[str]:
     """Writes rows round-robin into `num_shards` ArrayRecord shards and returns their paths.
 
-    Each shard is written under a temporary name and renamed when complete, so a crash never leaves a
+    `encode` turns each item into its record (`encode_row` for packed rows; preference data passes
+    `(chosen, rejected)` tuples with `lambda pair: encode_pair(*pair)`). Each shard is written under a temporary name and renamed when complete, so a crash never leaves a
     half-written file that `shard_paths` would pick up.
     """
     os.makedirs(split_dir, exist_ok=True)
@@ -74,7 +102,7 @@ def write_shards(
     writers = [array_record_module.ArrayRecordWriter(path, "group_size:1") for path in temporary]
     try:
         for index, row in enumerate(rows):
-            writers[index % num_shards].write(encode_row(row))
+            writers[index % num_shards].write(encode(row))
     finally:
         for writer in writers:
             writer.close()
@@ -83,11 +111,15 @@ def write_shards(
     return final
 
 
-def iterate_shard(path: str) -> Iterator[dict[str, np.ndarray]]:
-    """Reads every row of one shard in order (for inspection and tests; training uses the Grain loader)."""
+def iterate_shard(path: str, decode: Callable[[bytes], dict[str, np.ndarray]] = decode_row,
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """Reads every record of one shard in order, decoded with `decode` (`decode_pair` for preference data).
+
+    For inspection and tests; training uses the Grain loader.
+    """
     reader = array_record_module.ArrayRecordReader(path)
     try:
         for index in range(reader.num_records()):
-            yield decode_row(reader.read([index])[0])
+            yield decode(reader.read([index])[0])
     finally:
         reader.close()

@@ -1,0 +1,177 @@
+"""DPO preference data: JSONL of {"prompt", "chosen", "rejected"} -> one record per pair (records.encode_pair).
+
+The prompt is a string (one user turn) or a list of chat messages ending with a user turn; the responses
+are the assistant's answers as strings. Each pair becomes two rows of `seq_len` tokens, chosen and
+rejected, both rendered with the chat template as `prompt <|assistant|> response <|end|>`, with loss_mask 1
+on the response and its `<|end|>` only. One pair fills one row pair (no packing of several pairs), as in
+the usual DPO implementations: the loss compares the two log-likelihoods of one prompt.
+
+Length policy. When prompt and the longer response do not fit in `seq_len`, the prompt loses tokens from
+its start (after bos), the same in both rows; a pair whose longer response leaves no room for bos and the
+`<|assistant|>` marker is dropped as `dpo.too_long`.
+
+Unusable lines are an error naming file:line (`on_error="raise"`) or a counted drop (`on_error="skip"`):
+
+  dpo.bad_json  a line that is not UTF-8 JSON, or not a JSON object
+  dpo.bad_pair  a missing or malformed prompt, chosen or rejected, or identical responses
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from llm import chat_template
+from llm.data import packing, records
+from llm.data.sft import Drops, Messages, prepare_output_dir, read_jsonl, split_ids, write_report
+from llm.tokenizer import Tokenizer
+
+Pair = tuple[np.ndarray, np.ndarray, np.ndarray]  # prompt ids, chosen response ids, rejected response ids
+
+
+def prompt_messages(prompt: Any) -> Messages:
+    """The prompt as chat messages; raises ChatFormatError if it is neither a string nor valid messages."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        messages = prompt
+    else:
+        raise chat_template.ChatFormatError('"prompt" must be a string or a list of messages.')
+    chat_template.validate_messages(messages)
+    if messages[-1]["role"] != "user":
+        raise chat_template.ChatFormatError(
+            f"the prompt must end with a user turn (the responses answer it), not {messages[-1]['role']!r}.")
+    return messages
+
+
+def tokenize_pair(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], chosen: str,
+                  rejected: str) -> Pair:
+    """Prompt ids (bos ... <|assistant|>) and the ids of each response (its content and <|end|>)."""
+    prompt, _ = chat_template.render(tokenizer, messages, add_generation_prompt=True)
+    responses = []
+    for response in (chosen, rejected):
+        ids, _ = chat_template.render(tokenizer, [*messages, {"role": "assistant", "content": response}])
+        # The template renders message by message, so the full conversation extends the prompt.
+        responses.append(np.asarray(ids[len(prompt):], np.int32))
+    return np.asarray(prompt, np.int32), responses[0], responses[1]
+
+
+def fit_prompt(prompt: np.ndarray, longest_response: int, seq_len: int) -> np.ndarray | None:
+    """The prompt left-truncated (bos kept) so that it and the longest response fit; None if impossible."""
+    room = seq_len - longest_response
+    if room < 2:  # bos and <|assistant|> at the least
+        return None
+    if len(prompt) <= room:
+        return prompt
+    return np.concatenate([prompt[:1], prompt[len(prompt) - (room - 1):]])
+
+
+def pair_rows(pair: Pair, seq_len: int, pad_id: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The chosen and the rejected row of a pair whose prompt already fits."""
+    prompt, chosen, rejected = pair
+    rows = []
+    for response in (chosen, rejected):
+        tokens = np.concatenate([prompt, response])
+        mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(response), np.int32)])
+        (row,) = packing.pack_masked_documents([(tokens, mask)], seq_len, pad_id=pad_id)
+        rows.append(row)
+    return rows[0], rows[1]
+
+
+def read_pairs(path: str, tokenizer: Tokenizer, seq_len: int,
+               drops: Drops) -> Iterator[tuple[str, Pair, bool]]:
+    """(id "file name:line", pair fitted to seq_len, prompt truncated) for every usable line."""
+    for line, record in read_jsonl(path, drops, "dpo.bad_json"):
+        where = f"{path}:{line}"
+        try:
+            messages = prompt_messages(record.get("prompt"))
+        except chat_template.ChatFormatError as error:
+            drops.reject(where, "dpo.bad_pair", f"prompt: {error}")
+            continue
+        chosen, rejected = record.get("chosen"), record.get("rejected")
+        if not (isinstance(chosen, str) and isinstance(rejected, str) and chosen.strip() and rejected.strip()):
+            drops.reject(where, "dpo.bad_pair", '"chosen" and "rejected" must be non-empty strings.')
+            continue
+        if chosen == rejected:
+            drops.reject(where, "dpo.bad_pair", '"chosen" and "rejected" are identical: nothing to prefer.')
+            continue
+        prompt, chosen_ids, rejected_ids = tokenize_pair(tokenizer, messages, chosen, rejected)
+        fitted = fit_prompt(prompt, max(len(chosen_ids), len(rejected_ids)), seq_len)
+        if fitted is None:
+            drops.count(where, "dpo.too_long")
+            continue
+        yield f"{os.path.basename(path)}:{line}", (fitted, chosen_ids, rejected_ids), len(fitted) < len(prompt)
+
+
+def prepare_dpo(input_path: str, tokenizer_path: str, output_dir: str, seq_len: int, *,
+                on_error: str = "raise", validation_fraction: float = 0.05, min_validation_pairs: int = 1,
+                train_shards: int = 1, validation_shards: int = 1, overwrite: bool = False,
+                source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Writes pair records to DIR/train/ and DIR/validation/, DIR/tokenizer.model and DIR/report.json.
+
+    Pairs are held in memory as token arrays; rows are built while writing. The validation split takes
+    pairs by a hash of their "file name:line" id, at least `min_validation_pairs` of them.
+    """
+    drops = Drops(on_error)
+    tokenizer = prepare_output_dir(output_dir, tokenizer_path, overwrite)
+    pairs: list[tuple[str, Pair]] = []
+    truncated = 0
+    for pair_id, pair, was_truncated in read_pairs(input_path, tokenizer, seq_len, drops):
+        pairs.append((pair_id, pair))
+        truncated += was_truncated
+    dropped = sum(drops.counts.values())
+    if not pairs:
+        raise ValueError(f"{input_path}: no usable preference pair among {dropped} (drops: {dict(drops.counts)}).")
+    # Every pair is one record: a "length" of 1 and rows of 1 make the minimum a number of pairs.
+    validation_ids = split_ids([(pair_id, 1) for pair_id, _ in pairs], 1, validation_fraction,
+                               min_validation_pairs, "preference pairs")
+    members = {"train": [pair for pair_id, pair in pairs if pair_id not in validation_ids],
+               "validation": [pair for pair_id, pair in pairs if pair_id in validation_ids]}
+    if not members["validation"]:  # checked before writing, so no empty shards are left behind
+        raise ValueError("The validation split is empty: raise validation_fraction or min_validation_pairs.")
+    splits = {}
+    for split, shards in (("train", train_shards), ("validation", validation_shards)):
+        paths = records.write_shards((pair_rows(pair, seq_len, tokenizer.pad_id) for pair in members[split]),
+                                     os.path.join(output_dir, split), shards,
+                                     encode=lambda rows: records.encode_pair(*rows))
+        splits[split] = {"pairs": len(members[split]), "shards": len(paths)}
+    lengths = {name: [len(pair[i]) for _, pair in pairs] for i, name in enumerate(("prompt", "chosen", "rejected"))}
+    report = {
+        "input": input_path,
+        **({"source": dict(source)} if source else {}),
+        "tokenizer": os.path.join(output_dir, "tokenizer.model"),
+        "seq_len": seq_len,
+        "pairs": {"read": len(pairs) + dropped, "kept": len(pairs), "prompt_truncated": truncated,
+                  "dropped": dropped},
+        "drops": drops.as_dict(),
+        "tokens": {name: int(sum(values)) for name, values in lengths.items()},
+        "mean_tokens": {name: round(float(np.mean(values)), 1) for name, values in lengths.items()},
+        "splits": splits,
+    }
+    write_report(output_dir, report)
+    return report
+
+
+def chatterbot_preferences(dialogues: Sequence[tuple[str, Messages]]) -> list[dict[str, Any]]:
+    """Demo preference pairs: every answer of every dialogue against an answer from another category.
+
+    The prompt is the dialogue up to the question; chosen is the real answer, rejected an answer drawn
+    from a dialogue of another category (so unrelated to the question), seeded by the pair's position:
+    the same package version always gives the same file.
+    """
+    answers = [(category, message["content"]) for category, messages in dialogues
+               for message in messages if message["role"] == "assistant"]
+    pairs = []
+    for number, (category, messages) in enumerate(dialogues):
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            # Other categories can still hold the same short answer ("Sí."), which would prefer nothing.
+            unrelated = [text for other, text in answers if other != category and text != message["content"]]
+            rejected = random.Random(f"chatterbot:{number}:{index}").choice(unrelated)
+            pairs.append({"prompt": messages[:index], "chosen": message["content"], "rejected": rejected})
+    return pairs

@@ -1,0 +1,89 @@
+"""Prompt-tuning data for 3-way Spanish sentiment: the evaluation's zero-shot prompt, trained on the label.
+
+Every example is the exact zero-shot item the evaluation suite scores (llm/eval/multiple_choice.py,
+`sentiment_items` with no shots), tokenized exactly as its scorer does (llm/eval/scoring.py,
+`encode_pair`), so a tuned soft prompt or adapter is trained on the text it is evaluated on:
+
+    Clasifica el sentimiento de cada tuit como Negativo, Neutro o Positivo.
+
+    Tuit: {tweet}
+    Sentimiento: {Negativo|Neutro|Positivo}
+
+followed by eos. The loss mask is 1 on the label word and eos only. One example per row (no packing):
+prompt tuning puts its virtual tokens in front of a row, so each row must hold a single example. A prompt
+too long for `seq_len` loses tokens from its start (after bos), as the scorer's left truncation does.
+
+Training rows come from the train split of ../shared/data/es_eval, validation rows from its val split;
+the test split, which the evaluation reports, is never read.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from llm.data import packing, records
+from llm.data.sft import prepare_output_dir, write_report
+from llm.eval import multiple_choice, scoring, tasks
+from llm.tokenizer import Tokenizer
+
+SPLITS = {"train": "train", "validation": "val"}  # output split -> sentiment split of the evaluation files
+
+
+def example_tokens(tokenizer: Tokenizer, item: multiple_choice.MultipleChoiceItem,
+                   seq_len: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(tokens, loss mask, truncated) of one labelled item: bos + prompt + label word + eos."""
+    context, answer = scoring.encode_pair(tokenizer, item.context, item.choices[item.label])
+    answer = [*answer, tokenizer.eos_id]
+    room = seq_len - len(answer)
+    if room < 1:
+        raise ValueError(f"seq_len={seq_len} leaves no room for the prompt of a {len(answer)}-token answer.")
+    truncated = len(context) > room
+    if truncated:
+        context = context[:1] + context[len(context) - (room - 1):]
+    tokens = np.asarray([*context, *answer], np.int32)
+    mask = np.asarray([0] * len(context) + [1] * len(answer), np.int32)
+    return tokens, mask, truncated
+
+
+def sentiment_rows(tokenizer: Tokenizer, examples: Sequence[tasks.SentimentExample], seq_len: int,
+                   counts: collections.Counter) -> Iterator[dict[str, np.ndarray]]:
+    """One row per example; `counts` gets "examples", "truncated", "tokens" and "label_tokens"."""
+    for item in multiple_choice.sentiment_items(examples, shots=()):
+        tokens, mask, truncated = example_tokens(tokenizer, item, seq_len)
+        counts.update(examples=1, truncated=int(truncated), tokens=len(tokens), label_tokens=int(mask.sum()))
+        (row,) = packing.pack_masked_documents([(tokens, mask)], seq_len, pad_id=tokenizer.pad_id)
+        yield row
+
+
+def prepare_sentiment(data_dir: str, tokenizer_path: str, output_dir: str, seq_len: int = 128, *,
+                      overwrite: bool = False) -> dict[str, Any]:
+    """Writes DIR/train/ (train split), DIR/validation/ (val split), DIR/tokenizer.model, DIR/report.json."""
+    tokenizer = prepare_output_dir(output_dir, tokenizer_path, overwrite)
+    splits = {}
+    for split, source_split in SPLITS.items():
+        examples = tasks.read_sentiment(data_dir, source_split)
+        if not examples:
+            raise ValueError(f"The sentiment {source_split!r} split in {data_dir} has no examples.")
+        counts: collections.Counter = collections.Counter()
+        paths = records.write_shards(sentiment_rows(tokenizer, examples, seq_len, counts),
+                                     os.path.join(output_dir, split), num_shards=1)
+        labels = collections.Counter(example.label for example in examples)
+        splits[split] = {
+            "source": f"sentiment_es_{source_split}",
+            "examples": counts["examples"],
+            "labels": {tasks.SENTIMENT_ANSWERS[label]: labels[label] for label in sorted(labels)},
+            "tokens": counts["tokens"],
+            "label_tokens": counts["label_tokens"],
+            "truncated": counts["truncated"],
+            "shards": len(paths),
+        }
+    first = multiple_choice.sentiment_items(tasks.read_sentiment(data_dir, "train")[:1], shots=())[0]
+    report = {"data_dir": data_dir, "tokenizer": os.path.join(output_dir, "tokenizer.model"), "seq_len": seq_len,
+              "first_example": first.context + first.choices[first.label], "splits": splits}
+    write_report(output_dir, report)
+    return report

@@ -1,0 +1,271 @@
+"""Supervised fine-tuning data: chat JSONL -> rendered conversations -> packed rows that train on the answers.
+
+Input is JSONL with one conversation per line, `{"messages": [{"role": ..., "content": ...}, ...]}`
+(roles system / user / assistant, as in llm/chat_template.py). Each conversation is rendered with the chat
+template; its loss mask is 1 exactly on the assistant's tokens (content and `<|end|>`), so the model learns
+to answer and never to imitate the user. Several conversations share a row as separate segments, and a
+conversation is never split across rows: its answers would lose the question they answer.
+
+Length policy. Messages after the last assistant turn train nothing and are left out. A conversation longer
+than `seq_len` loses its oldest turns (the system message, if any, is kept) until it fits, always starting
+again at a user turn; if even its last exchange does not fit, it is dropped as `sft.too_long`.
+
+Input the template cannot use is an error naming file:line (`on_error="raise"`) or a counted drop
+(`on_error="skip"`):
+
+  sft.bad_json      a line that is not UTF-8 JSON, or not a JSON object
+  sft.bad_messages  no "messages" list, or a message the chat template rejects
+  sft.no_assistant  no assistant turn: nothing to train on
+
+The Spanish dialogues of the `chatterbot-corpus` package (extra [finetune]) make a small demo set.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from llm import chat_template
+from llm.data import packing, records
+from llm.data.sources import ON_ERROR, SourceError
+from llm.tokenizer import Tokenizer
+
+Messages = list[dict[str, str]]
+MAX_DROP_EXAMPLES = 5  # file:line locations kept per drop reason in the report
+
+
+@dataclasses.dataclass
+class Drops:
+    """What to do with unusable input (`on_error`), and the count and first locations of each drop reason."""
+
+    on_error: str = "raise"
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error={self.on_error!r}: expected one of {list(ON_ERROR)}.")
+
+    def reject(self, where: str, reason: str, message: str) -> None:
+        """Malformed input: raises SourceError("where: message") under "raise", else counts a drop."""
+        if self.on_error == "raise":
+            raise SourceError(f"{where}: {message} (use --on_error=skip to drop and count it instead)")
+        self.count(where, reason)
+
+    def count(self, where: str, reason: str) -> None:
+        """A drop that is no error (e.g. too long for seq_len): always counted."""
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < MAX_DROP_EXAMPLES:
+            self.examples[reason].append(where)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {reason: {"count": count, "first": self.examples[reason]} for reason, count in sorted(self.counts.items())}
+
+
+def read_jsonl(path: str, drops: Drops, reason: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file; bad lines go to `drops` as `reason`."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                drops.reject(where, reason, f"not UTF-8 (byte {error.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                drops.reject(where, reason, f"not valid JSON ({error.msg} at column {error.colno})")
+                continue
+            if not isinstance(record, dict):
+                drops.reject(where, reason, f"expected a JSON object, got {type(record).__name__}")
+                continue
+            yield number, record
+
+
+def conversation(record: Mapping[str, Any], where: str, drops: Drops) -> Messages | None:
+    """The validated messages of one JSONL record, or None when it was dropped."""
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        drops.reject(where, "sft.bad_messages", 'expected a "messages" list of {"role", "content"} objects')
+        return None
+    try:
+        chat_template.validate_messages(messages)
+    except chat_template.ChatFormatError as error:
+        drops.reject(where, "sft.bad_messages", str(error))
+        return None
+    if not any(message["role"] == "assistant" for message in messages):
+        drops.reject(where, "sft.no_assistant", "the conversation has no assistant turn: nothing to train on")
+        return None
+    return messages
+
+
+def render_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
+                        seq_len: int) -> tuple[list[int], list[int], bool] | None:
+    """(token ids, loss mask, truncated) of a conversation that fits in `seq_len`, or None if none does.
+
+    The length policy of the module docstring: trailing non-assistant turns are left out, then the oldest
+    turns go until the rest fits, restarting at a user turn and keeping the system message.
+    """
+    last_answer = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    messages = list(messages[: last_answer + 1])
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    starts = [0] + [i for i, message in enumerate(turns) if i > 0 and message["role"] == "user"]
+    for start in starts:
+        ids, mask = chat_template.render(tokenizer, system + turns[start:])
+        if len(ids) <= seq_len:
+            return ids, mask, start > 0
+    return None
+
+
+def split_ids(lengths: Sequence[tuple[str, int]], seq_len: int, validation_fraction: float,
+              min_validation_rows: int, what: str) -> set[str]:
+    """Validation ids by a hash of each id (packing.split_train_validation), with a clearer error on tiny data."""
+    try:
+        return packing.split_train_validation(lengths, seq_len, validation_fraction, min_validation_rows)
+    except ValueError as error:
+        raise ValueError(f"{len(lengths)} {what} are too few for the validation split: {error}") from error
+
+
+def prepare_output_dir(output_dir: str, tokenizer_path: str, overwrite: bool) -> Tokenizer:
+    """Loads the tokenizer, refuses to mix with shards of an earlier run, and copies the tokenizer to DIR."""
+    tokenizer = Tokenizer.load(tokenizer_path)
+    for split in ("train", "validation"):
+        split_dir = os.path.join(output_dir, split)
+        old = [name for name in os.listdir(split_dir) if name.endswith(records.SHARD_SUFFIX)] \
+            if os.path.isdir(split_dir) else []
+        if old and not overwrite:
+            raise FileExistsError(f"{split_dir} already holds {len(old)} shard(s) from an earlier run; "
+                                  "pass --overwrite to replace them, or choose another --output_dir.")
+        for name in old:
+            os.remove(os.path.join(split_dir, name))
+    os.makedirs(output_dir, exist_ok=True)
+    copy = os.path.join(output_dir, "tokenizer.model")
+    if not (os.path.exists(copy) and os.path.samefile(copy, tokenizer_path)):
+        shutil.copyfile(tokenizer_path, copy)
+    return tokenizer
+
+
+def write_report(output_dir: str, report: Mapping[str, Any]) -> None:
+    with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+def split_summary(stats: packing.SplitStats) -> dict[str, Any]:
+    summary = stats.as_dict()
+    summary["shards"] = len(stats.shards)
+    summary["packing_efficiency"] = round(stats.efficiency, 4)
+    return summary
+
+
+def prepare_sft(input_path: str, tokenizer_path: str, output_dir: str, seq_len: int, *,
+                on_error: str = "raise", validation_fraction: float = 0.05, min_validation_rows: int = 1,
+                train_shards: int = 1, validation_shards: int = 1, overwrite: bool = False,
+                source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Writes DIR/train/, DIR/validation/, DIR/tokenizer.model and DIR/report.json; returns the report.
+
+    Conversations are held in memory as int32 arrays (a few hundred MB for a million chats of 100 tokens).
+    The validation split takes conversations by a hash of their "file name:line" id (so it survives moving
+    the file), at least `min_validation_rows` rows' worth (the trainer needs a full validation batch).
+    `source`, if given, describes where the input came from in the report.
+    """
+    drops = Drops(on_error)
+    tokenizer = prepare_output_dir(output_dir, tokenizer_path, overwrite)
+    docs: list[tuple[str, tuple[np.ndarray, np.ndarray]]] = []
+    truncated = 0
+    for line, record in read_jsonl(input_path, drops, "sft.bad_json"):
+        where = f"{input_path}:{line}"
+        messages = conversation(record, where, drops)
+        if messages is None:
+            continue
+        rendered = render_conversation(tokenizer, messages, seq_len)
+        if rendered is None:
+            drops.count(where, "sft.too_long")
+            continue
+        ids, mask, was_truncated = rendered
+        truncated += was_truncated
+        docs.append((f"{os.path.basename(input_path)}:{line}", (np.asarray(ids, np.int32), np.asarray(mask, np.int32))))
+    dropped = sum(drops.counts.values())
+    if not docs:
+        raise ValueError(f"{input_path}: no usable conversation among {dropped} (drops: {dict(drops.counts)}).")
+    validation_ids = split_ids([(doc_id, len(ids)) for doc_id, (ids, _) in docs], seq_len,
+                               validation_fraction, min_validation_rows, "conversations")
+    splits = packing.write_packed_splits(docs, output_dir, seq_len, validation_ids, pad_id=tokenizer.pad_id,
+                                         train_shards=train_shards, validation_shards=validation_shards,
+                                         masked=True)
+    tokens = sum(stats.tokens for stats in splits.values())
+    assistant_tokens = sum(stats.target_tokens for stats in splits.values())
+    report = {
+        "input": input_path,
+        **({"source": dict(source)} if source else {}),
+        "tokenizer": os.path.join(output_dir, "tokenizer.model"),
+        "seq_len": seq_len,
+        "conversations": {"read": len(docs) + dropped, "kept": len(docs), "truncated": truncated,
+                          "dropped": dropped},
+        "drops": drops.as_dict(),
+        "tokens": tokens,
+        "assistant_tokens": assistant_tokens,
+        "assistant_token_fraction": round(assistant_tokens / tokens, 4),
+        "rows": sum(stats.rows for stats in splits.values()),
+        "splits": {name: split_summary(stats) for name, stats in splits.items()},
+    }
+    write_report(output_dir, report)
+    return report
+
+
+# ------------------------------------------------------------------------------------------ chatterbot corpus
+def chatterbot_dialogues(language: str = "spanish") -> list[tuple[str, Messages]]:
+    """(category, messages) for every dialogue of the installed `chatterbot-corpus` in `language`.
+
+    Each YAML file of the package is a category holding lists of lines spoken in turn; they become
+    alternating user / assistant messages, the first line the user's.
+    """
+    import yaml
+
+    try:
+        from chatterbot_corpus import corpus
+    except ImportError as error:
+        raise ImportError("The chatterbot-corpus package is not installed: pip install -e '.[finetune]'.") from error
+    directory = os.path.join(corpus.DATA_DIRECTORY, language)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"chatterbot-corpus has no {language!r} dialogues ({directory} does not exist).")
+    dialogues = []
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith((".yml", ".yaml")):
+            continue
+        path = os.path.join(directory, name)
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("conversations"), list):
+            raise SourceError(f"{path}: expected a mapping with a 'conversations' list.")
+        category = os.path.splitext(name)[0]
+        for index, lines in enumerate(data["conversations"]):
+            # YAML reads bare `no` or `1963` as a bool or an int: such a line is a data bug, not a turn.
+            if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
+                raise SourceError(f"{path}: conversation {index} is not a list of strings: {lines!r}")
+            roles = ("user", "assistant")
+            dialogues.append((category, [{"role": roles[i % 2], "content": line.strip()}
+                                         for i, line in enumerate(lines)]))
+    if not dialogues:
+        raise SourceError(f"{directory}: no conversations in its YAML files.")
+    return dialogues
+
+
+def write_jsonl(records_: Sequence[Mapping[str, Any]], path: str) -> None:
+    """One JSON object per line, UTF-8 (accents kept readable)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records_:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -24,7 +24,8 @@ _CHATTERBOT = flags.DEFINE_bool("chatterbot", False, "Build demo pairs from the 
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (llm/tokenizer.py).", required=True)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory.", required=True)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Row length; must equal the training config's data.seq_len.")
-_ON_ERROR = flags.DEFINE_enum("on_error", "raise", list(ON_ERROR), "Malformed lines: stop with file:line, or skip and count.")
+_ON_ERROR = flags.DEFINE_enum("on_error", "raise", list(ON_ERROR),
+                              "Malformed lines: stop with an error naming file:line, or skip and count them.")
 _VALIDATION_FRACTION = flags.DEFINE_float("validation_fraction", 0.05, "Share of pairs held out (by id hash).")
 _MIN_VALIDATION_PAIRS = flags.DEFINE_integer("min_validation_pairs", 1, "At least this many validation pairs "
                                              "(set it to the training batch size: evaluation needs a full batch).")

@@ -138,6 +138,9 @@ def test_an_earlier_run_is_not_mixed_in(tmp_path, chats_file, tokenizer):
     sft.prepare_sft(chats_file, tokenizer.path, out, seq_len=32, on_error="skip", train_shards=3)
     with pytest.raises(FileExistsError, match="--overwrite"):
         sft.prepare_sft(chats_file, tokenizer.path, out, seq_len=32, on_error="skip")
+    with pytest.raises(SourceError):  # bad input stops the run before anything is replaced
+        sft.prepare_sft(chats_file, tokenizer.path, out, seq_len=32, on_error="raise", overwrite=True)
+    assert len(records.shard_paths(os.path.join(out, "train"))) == 3
     sft.prepare_sft(chats_file, tokenizer.path, out, seq_len=32, on_error="skip", overwrite=True)
     assert len(records.shard_paths(os.path.join(out, "train"))) == 1
 
@@ -229,8 +232,8 @@ def test_chatterbot_preferences_reject_an_unrelated_answer():
 
 # ----------------------------------------------------------------------------------------------- sentiment
 def test_sentiment_rows_use_the_zero_shot_eval_prompt_and_train_only_the_label(tmp_path, tokenizer):
-    for split, texts, labels in (("train", ["¡Qué alegría!", "Odio la lluvia.", "Hoy es martes."], "2\n0\n1\n"),
-                                 ("val", ["Nadie lo sabe."], "1\n")):
+    tweets = ["¡Qué alegría!", "Odio la lluvia.", "Hoy es martes."]
+    for split, texts, labels in (("train", tweets, "2\n0\n1\n"), ("val", ["Nadie lo sabe."], "1\n")):
         _write_lines(tmp_path / f"sentiment_es_{split}_text.txt", texts)
         (tmp_path / f"sentiment_es_{split}_labels.txt").write_text(labels)
     out = str(tmp_path / "sentiment")
@@ -239,13 +242,13 @@ def test_sentiment_rows_use_the_zero_shot_eval_prompt_and_train_only_the_label(t
     assert report["splits"]["train"]["truncated"] == 0
     rows = _rows(os.path.join(out, "train"))
     items = multiple_choice.sentiment_items(tasks.read_sentiment(str(tmp_path), "train"), shots=())
-    for row, item in zip(rows, items, strict=True):
+    for row, item, tweet in zip(rows, items, tweets, strict=True):
         context, answer = scoring.encode_pair(tokenizer, item.context, item.choices[item.label])
         real = row["tokens"][row["segment_ids"] == 1].tolist()
         assert real == [*context, *answer, tokenizer.eos_id]  # the scorer's tokens, one example per row
         assert _trained_targets(row) == [*answer, tokenizer.eos_id]
         assert tokenizer.decode(answer).strip() == tasks.SENTIMENT_ANSWERS[item.label]
-        assert tokenizer.decode(context[1:]) == f"{tasks.SENTIMENT_INSTRUCTION}\n\nTuit: {item.context.split('Tuit: ')[1]}"
+        assert tokenizer.decode(context[1:]) == f"{tasks.SENTIMENT_INSTRUCTION}\n\nTuit: {tweet}\nSentimiento:"
     (validation,) = _rows(os.path.join(out, "validation"))  # from the val split; test is never read
     assert "Nadie lo sabe." in tokenizer.decode(validation["tokens"][validation["segment_ids"] == 1].tolist())
 

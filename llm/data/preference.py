@@ -27,7 +27,8 @@ import numpy as np
 
 from llm import chat_template
 from llm.data import packing, records
-from llm.data.sft import Drops, Messages, prepare_output_dir, read_jsonl, split_ids, write_report
+from llm.data.sft import (Drops, Messages, check_output_dir, read_jsonl, split_ids, start_writing,
+                          write_report)
 from llm.tokenizer import Tokenizer
 
 Pair = tuple[np.ndarray, np.ndarray, np.ndarray]  # prompt ids, chosen response ids, rejected response ids
@@ -117,7 +118,8 @@ def prepare_dpo(input_path: str, tokenizer_path: str, output_dir: str, seq_len: 
     pairs by a hash of their "file name:line" id, at least `min_validation_pairs` of them.
     """
     drops = Drops(on_error)
-    tokenizer = prepare_output_dir(output_dir, tokenizer_path, overwrite)
+    check_output_dir(output_dir, overwrite)
+    tokenizer = Tokenizer.load(tokenizer_path)
     pairs: list[tuple[str, Pair]] = []
     truncated = 0
     for pair_id, pair, was_truncated in read_pairs(input_path, tokenizer, seq_len, drops):
@@ -133,6 +135,7 @@ def prepare_dpo(input_path: str, tokenizer_path: str, output_dir: str, seq_len: 
                "validation": [pair for pair_id, pair in pairs if pair_id in validation_ids]}
     if not members["validation"]:  # checked before writing, so no empty shards are left behind
         raise ValueError("The validation split is empty: raise validation_fraction or min_validation_pairs.")
+    start_writing(output_dir, tokenizer_path)
     splits = {}
     for split, shards in (("train", train_shards), ("validation", validation_shards)):
         paths = records.write_shards((pair_rows(pair, seq_len, tokenizer.pad_id) for pair in members[split]),

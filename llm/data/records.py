@@ -90,8 +90,9 @@ def write_shards(
     """Writes rows round-robin into `num_shards` ArrayRecord shards and returns their paths.
 
     `encode` turns each item into its record (`encode_row` for packed rows; preference data passes
-    `(chosen, rejected)` tuples with `lambda pair: encode_pair(*pair)`). Each shard is written under a temporary name and renamed when complete, so a crash never leaves a
-    half-written file that `shard_paths` would pick up.
+    `(chosen, rejected)` tuples with `lambda pair: encode_pair(*pair)`). Each shard is written under a
+    temporary name and renamed when complete, so a crash never leaves a half-written file that
+    `shard_paths` would pick up.
     """
     os.makedirs(split_dir, exist_ok=True)
     final = [

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from llm.data import packing, records
-from llm.data.sft import prepare_output_dir, write_report
+from llm.data.sft import check_output_dir, start_writing, write_report
 from llm.eval import multiple_choice, scoring, tasks
 from llm.tokenizer import Tokenizer
 
@@ -63,18 +63,21 @@ def sentiment_rows(tokenizer: Tokenizer, examples: Sequence[tasks.SentimentExamp
 def prepare_sentiment(data_dir: str, tokenizer_path: str, output_dir: str, seq_len: int = 128, *,
                       overwrite: bool = False) -> dict[str, Any]:
     """Writes DIR/train/ (train split), DIR/validation/ (val split), DIR/tokenizer.model, DIR/report.json."""
-    tokenizer = prepare_output_dir(output_dir, tokenizer_path, overwrite)
+    check_output_dir(output_dir, overwrite)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    examples = {split: tasks.read_sentiment(data_dir, source) for split, source in SPLITS.items()}
+    for split, source in SPLITS.items():
+        if not examples[split]:
+            raise ValueError(f"The sentiment {source!r} split in {data_dir} has no examples.")
+    start_writing(output_dir, tokenizer_path)
     splits = {}
-    for split, source_split in SPLITS.items():
-        examples = tasks.read_sentiment(data_dir, source_split)
-        if not examples:
-            raise ValueError(f"The sentiment {source_split!r} split in {data_dir} has no examples.")
+    for split, source in SPLITS.items():
         counts: collections.Counter = collections.Counter()
-        paths = records.write_shards(sentiment_rows(tokenizer, examples, seq_len, counts),
+        paths = records.write_shards(sentiment_rows(tokenizer, examples[split], seq_len, counts),
                                      os.path.join(output_dir, split), num_shards=1)
-        labels = collections.Counter(example.label for example in examples)
+        labels = collections.Counter(example.label for example in examples[split])
         splits[split] = {
-            "source": f"sentiment_es_{source_split}",
+            "source": f"sentiment_es_{source}",
             "examples": counts["examples"],
             "labels": {tasks.SENTIMENT_ANSWERS[label]: labels[label] for label in sorted(labels)},
             "tokens": counts["tokens"],
@@ -82,7 +85,7 @@ def prepare_sentiment(data_dir: str, tokenizer_path: str, output_dir: str, seq_l
             "truncated": counts["truncated"],
             "shards": len(paths),
         }
-    first = multiple_choice.sentiment_items(tasks.read_sentiment(data_dir, "train")[:1], shots=())[0]
+    first = multiple_choice.sentiment_items(examples["train"][:1], shots=())[0]
     report = {"data_dir": data_dir, "tokenizer": os.path.join(output_dir, "tokenizer.model"), "seq_len": seq_len,
               "first_example": first.context + first.choices[first.label], "splits": splits}
     write_report(output_dir, report)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -67,7 +68,8 @@ class Drops:
             self.examples[reason].append(where)
 
     def as_dict(self) -> dict[str, Any]:
-        return {reason: {"count": count, "first": self.examples[reason]} for reason, count in sorted(self.counts.items())}
+        return {reason: {"count": count, "first": self.examples[reason]}
+                for reason, count in sorted(self.counts.items())}
 
 
 def read_jsonl(path: str, drops: Drops, reason: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -138,23 +140,29 @@ def split_ids(lengths: Sequence[tuple[str, int]], seq_len: int, validation_fract
         raise ValueError(f"{len(lengths)} {what} are too few for the validation split: {error}") from error
 
 
-def prepare_output_dir(output_dir: str, tokenizer_path: str, overwrite: bool) -> Tokenizer:
-    """Loads the tokenizer, refuses to mix with shards of an earlier run, and copies the tokenizer to DIR."""
-    tokenizer = Tokenizer.load(tokenizer_path)
-    for split in ("train", "validation"):
-        split_dir = os.path.join(output_dir, split)
-        old = [name for name in os.listdir(split_dir) if name.endswith(records.SHARD_SUFFIX)] \
-            if os.path.isdir(split_dir) else []
-        if old and not overwrite:
-            raise FileExistsError(f"{split_dir} already holds {len(old)} shard(s) from an earlier run; "
-                                  "pass --overwrite to replace them, or choose another --output_dir.")
-        for name in old:
-            os.remove(os.path.join(split_dir, name))
+def _old_shards(output_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(output_dir, "*", "*" + records.SHARD_SUFFIX)))
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuses a directory with shards of an earlier run (they would mix with the new ones) unless `overwrite`."""
+    old = _old_shards(output_dir)
+    if old and not overwrite:
+        raise FileExistsError(f"{output_dir} already holds {len(old)} shard(s) from an earlier run, e.g. {old[0]}; "
+                              "pass --overwrite to replace them, or choose another --output_dir.")
+
+
+def start_writing(output_dir: str, tokenizer_path: str) -> None:
+    """Removes the shards of an earlier run and copies the tokenizer to DIR/tokenizer.model.
+
+    Called once the input has been read, so that bad input stops a run before it replaces anything.
+    """
+    for path in _old_shards(output_dir):
+        os.remove(path)
     os.makedirs(output_dir, exist_ok=True)
     copy = os.path.join(output_dir, "tokenizer.model")
     if not (os.path.exists(copy) and os.path.samefile(copy, tokenizer_path)):
         shutil.copyfile(tokenizer_path, copy)
-    return tokenizer
 
 
 def write_report(output_dir: str, report: Mapping[str, Any]) -> None:
@@ -182,7 +190,8 @@ def prepare_sft(input_path: str, tokenizer_path: str, output_dir: str, seq_len: 
     `source`, if given, describes where the input came from in the report.
     """
     drops = Drops(on_error)
-    tokenizer = prepare_output_dir(output_dir, tokenizer_path, overwrite)
+    check_output_dir(output_dir, overwrite)
+    tokenizer = Tokenizer.load(tokenizer_path)
     docs: list[tuple[str, tuple[np.ndarray, np.ndarray]]] = []
     truncated = 0
     for line, record in read_jsonl(input_path, drops, "sft.bad_json"):
@@ -202,6 +211,7 @@ def prepare_sft(input_path: str, tokenizer_path: str, output_dir: str, seq_len: 
         raise ValueError(f"{input_path}: no usable conversation among {dropped} (drops: {dict(drops.counts)}).")
     validation_ids = split_ids([(doc_id, len(ids)) for doc_id, (ids, _) in docs], seq_len,
                                validation_fraction, min_validation_rows, "conversations")
+    start_writing(output_dir, tokenizer_path)
     splits = packing.write_packed_splits(docs, output_dir, seq_len, validation_ids, pad_id=tokenizer.pad_id,
                                          train_shards=train_shards, validation_shards=validation_shards,
                                          masked=True)

@@ -62,9 +62,12 @@ def tokenize_pair(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], c
 
 
 def fit_prompt(prompt: np.ndarray, longest_response: int, seq_len: int) -> np.ndarray | None:
-    """The prompt left-truncated (bos kept) so that it and the longest response fit; None if impossible."""
+    """The prompt left-truncated (bos kept) so that it and the longest response fit; None if impossible.
+
+    At least two prompt tokens must remain: bos and the last one (`<|assistant|>`, or `:` of a task prompt).
+    """
     room = seq_len - longest_response
-    if room < 2:  # bos and <|assistant|> at the least
+    if room < 2:
         return None
     if len(prompt) <= room:
         return prompt

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from llm.data import packing, records
+from llm.data.preference import fit_prompt
 from llm.data.sft import check_output_dir, start_writing, write_report
 from llm.eval import multiple_choice, scoring, tasks
 from llm.tokenizer import Tokenizer
@@ -39,15 +40,12 @@ def example_tokens(tokenizer: Tokenizer, item: multiple_choice.MultipleChoiceIte
     """(tokens, loss mask, truncated) of one labelled item: bos + prompt + label word + eos."""
     context, answer = scoring.encode_pair(tokenizer, item.context, item.choices[item.label])
     answer = [*answer, tokenizer.eos_id]
-    room = seq_len - len(answer)
-    if room < 1:
+    fitted = fit_prompt(np.asarray(context, np.int32), len(answer), seq_len)
+    if fitted is None:
         raise ValueError(f"seq_len={seq_len} leaves no room for the prompt of a {len(answer)}-token answer.")
-    truncated = len(context) > room
-    if truncated:
-        context = context[:1] + context[len(context) - (room - 1):]
-    tokens = np.asarray([*context, *answer], np.int32)
-    mask = np.asarray([0] * len(context) + [1] * len(answer), np.int32)
-    return tokens, mask, truncated
+    tokens = np.concatenate([fitted, np.asarray(answer, np.int32)])
+    mask = np.concatenate([np.zeros(len(fitted), np.int32), np.ones(len(answer), np.int32)])
+    return tokens, mask, len(fitted) < len(context)
 
 
 def sentiment_rows(tokenizer: Tokenizer, examples: Sequence[tasks.SentimentExample], seq_len: int,

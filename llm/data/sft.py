@@ -87,7 +87,7 @@ def read_jsonl(path: str, drops: Drops, reason: str) -> Iterator[tuple[int, dict
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                drops.reject(where, reason, f"not valid JSON ({error.msg} at column {error.colno})")
+                drops.reject(where, reason, f"not valid JSON ({error.msg})")
                 continue
             if not isinstance(record, dict):
                 drops.reject(where, reason, f"expected a JSON object, got {type(record).__name__}")

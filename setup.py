@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "pyarrow>=15",
     # Evaluation (part of the quickstart): BLEU/chrF and ROUGE from their reference implementations.
     "sacrebleu==2.6.0",
+    # Quantization (post-training, QLoRA's 4-bit base, the int8 KV cache).
+    "qwix==0.1.8",
     "rouge-score==0.1.2",
 ]
 

@@ -27,6 +27,9 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # Seeds parameter init, data order and dropout; a resumed run reuses it.
+    # A run directory (scripts/train.py) whose latest checkpoint gives the starting weights: fine-tuning,
+    # LoRA, DPO and continued pretraining. The model config must match it (LoRA settings aside).
+    config.init_from = ""
 
     # Devices form a (data, fsdp, tensor) mesh; one entry may be -1 ("all remaining devices").
     config.mesh_shape = (1, -1, 1)
@@ -49,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.tie_embeddings = True  # Output projection shares the token embedding matrix.
     model.use_bias = False  # Biases in attention and MLP projections.
     model.dropout_rate = 0.0  # Dropout on embeddings, attention output and MLP output (training only).
+    model.lora_rank = 0  # >0: LoRA adapters of this rank beside the layers matched by lora_targets.
+    model.lora_alpha = 16.0  # LoRA scale numerator: updates are scaled by lora_alpha / lora_rank.
+    model.lora_dropout = 0.0  # Dropout on the adapters' inputs (training only).
+    model.lora_targets = "attention/(query|key|value|out)"  # Regex over attention/{query,key,value,out}, mlp/{up,gate,down}.
     model.scan_layers = False  # Stack the blocks and run them with lax.scan: compile time flat in depth.
     model.remat_policy = "none"  # Activation rematerialization: "none", "full" or "save_dots".
     model.attention_impl = "auto"  # "auto" (by platform), "xla" (reference) or "cudnn" (GPU flash attention).
@@ -60,9 +67,15 @@ def get_config() -> ml_collections.ConfigDict:
     data.seq_len = 1024  # Row length of the packed shards; must equal the shards' and be <= max_seq_len.
     data.num_workers = 0  # Grain worker processes (0 is fastest for pre-tokenized shards on few cores).
     data.prefetch_buffer_size = 4  # Batches each Grain worker reads ahead (with num_workers > 0).
+    data.replay_path = ""  # Continued pretraining: earlier data mixed back in against catastrophic forgetting.
+    data.replay_fraction = 0.0  # Share of training rows drawn from replay_path (0 to 1).
 
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 1000  # Optimizer steps.
+    train.objective = "lm"  # "lm" (next-token cross-entropy) or "dpo" (preference pairs, needs init_from).
+    train.trainable = "all"  # "all" parameters, or "lora" (only the adapters; needs model.lora_rank > 0).
+    train.dpo_beta = 0.1  # DPO: strength of the KL constraint to the reference model.
+    train.dpo_label_smoothing = 0.0  # DPO: assumed probability that a preference label is wrong (cDPO).
     train.batch_size = 32  # Global batch in sequences (all hosts, all microbatches).
     train.grad_accum_steps = 1  # Microbatches per step; the batch is split and gradients summed in one jit.
     train.z_loss = 0.0  # Coefficient of the z-loss (log Z)^2 that keeps logits from drifting (PaLM: 1e-4).

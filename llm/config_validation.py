@@ -14,6 +14,7 @@ import ml_collections
 from configs import base
 from llm.model.attention import ATTENTION_IMPLS
 from llm.train.optimizer import SCHEDULES
+from llm.train.step import OBJECTIVES, TRAINABLE
 
 CHOICES = {
     "model.mlp_activation": ("gelu", "swiglu"),
@@ -24,6 +25,8 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "optimizer.schedule": SCHEDULES,
+    "train.objective": OBJECTIVES,
+    "train.trainable": tuple(TRAINABLE),
 }
 
 POSITIVE = ("model.vocab_size", "model.max_seq_len", "model.num_layers", "model.embed_dim", "model.num_heads",
@@ -32,7 +35,8 @@ POSITIVE = ("model.vocab_size", "model.max_seq_len", "model.num_layers", "model.
             "train.checkpoint_every", "train.keep_checkpoints", "optimizer.learning_rate")
 NON_NEGATIVE = ("model.head_dim", "data.num_workers", "train.z_loss", "train.loss_chunk_size", "train.eval_every", "train.eval_batches",
                 "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
-                "train.peak_tflops_per_device", "data.prefetch_buffer_size")
+                "train.peak_tflops_per_device", "data.prefetch_buffer_size", "model.lora_rank",
+                "model.lora_alpha", "train.dpo_beta")
 
 
 class ConfigError(ValueError):
@@ -105,6 +109,16 @@ def _check_relations(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.optimizer.final_lr_ratio={config.optimizer.final_lr_ratio} must be in [0, 1].")
     if not 0.0 <= model.dropout_rate < 1.0:
         raise ConfigError(f"config.model.dropout_rate={model.dropout_rate} must be in [0, 1).")
+    if config.train.trainable == "lora" and not model.lora_rank:
+        raise ConfigError("config.train.trainable='lora' needs config.model.lora_rank > 0.")
+    if config.train.objective == "dpo" and not config.init_from:
+        raise ConfigError("config.train.objective='dpo' needs config.init_from (the model to align, which is "
+                          "also the frozen reference).")
+    for key in ("model.lora_dropout", "train.dpo_label_smoothing", "data.replay_fraction"):
+        if not 0.0 <= _get(config, key) < 1.0:
+            raise ConfigError(f"config.{key}={_get(config, key)} must be in [0, 1).")
+    if config.data.replay_fraction > 0 and not config.data.replay_path:
+        raise ConfigError("config.data.replay_fraction > 0 needs config.data.replay_path.")
     rule_names = [rule[0] for rule in config.logical_axis_rules]
     for rule in config.logical_axis_rules:
         axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)

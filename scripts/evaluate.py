@@ -43,7 +43,7 @@ def _checked_inputs() -> tuple[list[str], suite.Settings]:
     workdir = _WORKDIR.value
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir={workdir!r} does not exist.")
-    config = loading.load_config(workdir)
+    config = checkpoint.load_config(workdir)
     checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     steps = sorted(int(name) for name in os.listdir(checkpoint_dir) if name.isdigit()) \
         if os.path.isdir(checkpoint_dir) else []

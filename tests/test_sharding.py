@@ -29,9 +29,9 @@ def _run(config, mesh_shape, num_steps=3):
     mesh, steps = _steps(config, mesh_shape)
     losses = []
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-        state = steps.init()
+        state, frozen = steps.init(None)
         for batch in _batches(config, num_steps):
-            state, metrics = steps.train(state, sharding.global_batch(batch, mesh, config.logical_axis_rules))
+            state, metrics = steps.train(state, frozen, sharding.global_batch(batch, mesh, config.logical_axis_rules))
             losses.append(float(metrics["loss"]))
     return losses, state
 

@@ -123,7 +123,8 @@ def test_gradient_accumulation_matches_the_full_batch():
                      "segment_ids": np.ones((8, 32), int), "loss_mask": rng.integers(0, 2, (8, 32))}
             batch = sharding.global_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh,
                                           config.logical_axis_rules)
-            state, metrics = steps.train(steps.init(), batch)
+            state, frozen = steps.init(None)
+            state, metrics = steps.train(state, frozen, batch)
             results.append((float(metrics["loss"]), float(metrics["grad_norm"])))
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
 
@@ -162,6 +163,7 @@ def test_chunked_cross_entropy_equals_the_full_one():
                      "segment_ids": np.ones((8, 32), int), "loss_mask": rng.integers(0, 2, (8, 32))}
             batch = sharding.global_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh,
                                           config.logical_axis_rules)
-            _, metrics = steps.train(steps.init(), batch)
+            state, frozen = steps.init(None)
+            _, metrics = steps.train(state, frozen, batch)
             results.append((float(metrics["loss"]), float(metrics["grad_norm"]), float(metrics["param_norm"])))
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Sequence
 
@@ -14,6 +13,7 @@ from flax import nnx
 
 from llm import sharding
 from llm.infer.generate import Generator
+from llm.model import lora
 from llm.model.transformer import Transformer
 from llm.tokenizer import Tokenizer
 from llm.train import checkpoint, step as step_lib
@@ -33,14 +33,6 @@ class Run:
         return Generator(self.model)
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} not found: --workdir must be a directory written by scripts/train.py.")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
 def find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
     for path in (os.path.join(workdir, "tokenizer.model"), os.path.join(config.data.path, "tokenizer.model")):
         if os.path.exists(path):
@@ -52,26 +44,29 @@ def find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
 def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = (1, -1, 1)) -> Run:
     """Restores the parameters of `step` (default: the latest checkpoint) onto a mesh of the local devices.
 
-    Only parameters are read, not the optimizer state, so loading needs a third of the training memory.
+    Only parameters are read, not the optimizer state. A LoRA run's checkpoints hold only its adapters: the
+    base weights come from its `init_from` run, and the adapters are merged into them, so the returned
+    model (and `Run.config`) is a plain model that decodes as fast as its base.
     """
-    config = load_config(workdir)
+    config = checkpoint.load_config(workdir)
     tokenizer = Tokenizer.load(find_tokenizer(workdir, config))
-    checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f"No checkpoints in {checkpoint_dir!r}: train first (scripts/train.py).")
-    checkpointer = checkpoint.Checkpointer(checkpoint_dir, keep=1_000_000)
-    try:
-        available = checkpointer.all_steps()
-        step = available[-1] if step is None and available else step
-        if step is None or step not in available:
-            raise FileNotFoundError(f"No checkpoint for step {step} in {checkpoint_dir!r} (available: {available}).")
-        abstract = nnx.eval_shape(lambda: step_lib.create_model(config))
-        graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-        mesh = sharding.make_mesh(mesh_shape, jax.local_devices())
-        shardings = sharding.tree_shardings(abstract_params, mesh, config.logical_axis_rules)
-        params = checkpointer.restore_params(step, sharding.abstract_with_shardings(abstract_params, shardings))
-    finally:
-        checkpointer.close()
+    mesh = sharding.make_mesh(mesh_shape, jax.local_devices())
+
+    def placed(abstract: nnx.State) -> nnx.State:
+        return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, mesh,
+                                                                                 config.logical_axis_rules))
+
+    abstract = nnx.eval_shape(lambda: step_lib.create_model(config))
+    graphdef, abstract_trained, abstract_rest = nnx.split(abstract, step_lib.TRAINABLE[config.train.trainable], ...)
+    trained, step = checkpoint.restore_run_params(workdir, placed(abstract_trained), step)
+    if config.train.trainable == "lora":
+        base, _ = checkpoint.restore_run_params(config.init_from, placed(abstract_rest))
+        adapted = nnx.merge(graphdef, trained, base)
+        config = lora.merged_config(config)
+        plain_graphdef = nnx.graphdef(nnx.eval_shape(lambda: step_lib.create_model(config)))
+        model = nnx.merge(plain_graphdef, lora.merged_params(adapted))
+    else:
+        model = nnx.merge(graphdef, trained, abstract_rest)
     if config.model.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {config.model.vocab_size}.")
-    return Run(nnx.merge(graphdef, params), config, tokenizer, step, workdir)
+    return Run(model, config, tokenizer, step, workdir)

@@ -21,7 +21,7 @@ import qwix
 from flax import nnx
 
 from llm import sharding
-from llm.model import layers
+from llm.model import layers, lora
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # The splash kernel tiles the sequence in blocks of 128 (or 512 when it divides).
@@ -176,11 +176,20 @@ class Attention(nnx.Module):
             (cfg.embed_dim,) if cfg.use_bias else None,
             kernel_init=layers.normal_init(("heads", "head_dim", "embed"), layers.residual_std(cfg)),
             bias_init=layers.zeros_init(("embed",)), **common)
+        shapes = {"query": ((cfg.embed_dim,), (self.num_heads, self.head_dim)),
+                  "key": ((cfg.embed_dim,), (self.num_kv_heads, self.head_dim)),
+                  "value": ((cfg.embed_dim,), (self.num_kv_heads, self.head_dim)),
+                  "out": ((self.num_heads, self.head_dim), (cfg.embed_dim,))}
+        for name in lora.targets(cfg, "attention", tuple(shapes)):
+            setattr(self, name + lora.LORA_SUFFIX, lora.LoRA(*shapes[name], cfg, rngs=rngs))
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-        """Returns the attention output and, when given a cache, the cache with this call's keys written."""
-        query, key, value = self.query(x), self.key(x), self.value(x)
+                 cache: LayerCache | None = None,
+                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """Returns the attention output and, when given a cache, the cache with this call's keys written.
+
+        `dropout_key` drives the LoRA adapters' dropout (training only)."""
+        query, key, value = (lora.project(self, name, x, dropout_key) for name in ("query", "key", "value"))
         if self.use_rope:
             query = layers.rope(query, positions, self.rope_theta)
             key = layers.rope(key, positions, self.rope_theta)
@@ -188,6 +197,7 @@ class Attention(nnx.Module):
         key = sharding.constrain(key, ("batch", "length", "kv_heads", "head_dim"))
         value = sharding.constrain(value, ("batch", "length", "kv_heads", "head_dim"))
         if cache is None:
-            return self.out(dot_product_attention(query, key, value, segment_ids, self.impl)), None
-        out, cache = cached_attention(query, key, value, segment_ids, cache)
-        return self.out(out), cache
+            attended = dot_product_attention(query, key, value, segment_ids, self.impl)
+            return lora.project(self, "out", attended, dropout_key), None
+        attended, cache = cached_attention(query, key, value, segment_ids, cache)
+        return lora.project(self, "out", attended, dropout_key), cache

@@ -1,4 +1,4 @@
-"""Building blocks of the transformer: initializers, norms, feed-forward, position encodings, dropout.
+"""Building blocks of the transformer: initializers, norms, position encodings, dropout.
 
 Every parameter is created through `sharding.with_logical_axes`, which records its logical axis names
 (`embed`, `mlp`, `vocab`, ...); `configs/base.py` maps those names to mesh axes.
@@ -56,29 +56,6 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
         return x
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-class MLP(nnx.Module):
-    """Feed-forward block: GELU (up, down) or SwiGLU (gate, up, down)."""
-
-    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-        self.activation = cfg.mlp_activation
-        linear = dict(use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                      rngs=rngs)
-        up = dict(kernel_init=normal_init(("embed", "mlp")), bias_init=zeros_init(("mlp",)), **linear)
-        self.up = nnx.Linear(cfg.embed_dim, cfg.mlp_dim, **up)
-        if self.activation == "swiglu":
-            self.gate = nnx.Linear(cfg.embed_dim, cfg.mlp_dim, **up)
-        self.down = nnx.Linear(cfg.mlp_dim, cfg.embed_dim, kernel_init=normal_init(("mlp", "embed"), residual_std(cfg)),
-                               bias_init=zeros_init(("embed",)), **linear)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.activation == "swiglu":
-            hidden = jax.nn.silu(self.gate(x)) * self.up(x)
-        else:
-            hidden = jax.nn.gelu(self.up(x))
-        hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
-        return self.down(hidden)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

@@ -19,7 +19,7 @@ import ml_collections
 from flax import nnx
 
 from llm import sharding
-from llm.model import layers
+from llm.model import layers, mlp
 from llm.model.attention import Attention, LayerCache, write_rows
 
 REMAT_POLICIES = {
@@ -34,16 +34,22 @@ class Block(nnx.Module):
         self.attention_norm = layers.make_norm(cfg, rngs)
         self.attention = Attention(cfg, rngs=rngs)
         self.mlp_norm = layers.make_norm(cfg, rngs)
-        self.mlp = layers.MLP(cfg, rngs=rngs)
+        self.mlp = mlp.MLP(cfg, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-        keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        attended, cache = self.attention(self.attention_norm(x).astype(x.dtype), positions, segment_ids, cache)
+        keys = (None,) * 4 if dropout_key is None else jax.random.split(dropout_key, 4)
+        attended, cache = self.attention(self.attention_norm(x).astype(x.dtype), positions, segment_ids, cache,
+                                         keys[2])
         x = x + layers.dropout(attended, self.dropout_rate, keys[0])
         x = sharding.constrain(x, ("batch", "length", "embed"))
-        x = x + layers.dropout(self.mlp(self.mlp_norm(x).astype(x.dtype)), self.dropout_rate, keys[1])
+        x = x + layers.dropout(self.mlp(self.mlp_norm(x).astype(x.dtype), keys[3]), self.dropout_rate, keys[1])
         return sharding.constrain(x, ("batch", "length", "embed")), cache
+
+
+# The KVCache fields that hold one slice per layer (the others are shared by all layers).
+PER_LAYER_FIELDS = ("keys", "values", "key_scales", "value_scales")
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 class KVCache(NamedTuple):
@@ -51,20 +57,32 @@ class KVCache(NamedTuple):
 
     keys, values: (layers, batch, max_len, kv_heads, head_dim). segment_ids: (batch, max_len), 1 for a
     written token, 0 for padding or a position not written yet. index: (batch,) int32, the next position
-    each row writes to.
+    each row writes to. key_scales, value_scales: (layers, batch, max_len, kv_heads, 1) for an int8 cache,
+    else None.
     """
 
     keys: jax.Array
     values: jax.Array
     segment_ids: jax.Array
     index: jax.Array
+    key_scales: jax.Array | None = None
+    value_scales: jax.Array | None = None
 
     @classmethod
     def create(cls, cfg: ml_collections.ConfigDict, batch: int, max_len: int) -> "KVCache":
+        """An empty cache in the compute dtype, or in int8 with per-(token, head) scales when the model's
+        `kv_cache_dtype` is "int8" (set by llm/quant; configs without the key use the compute dtype)."""
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, layers.head_dim(cfg))
+        segment_ids, index = jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch,), jnp.int32)
+        kv_cache_dtype = cfg.get("kv_cache_dtype", "auto")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"model.kv_cache_dtype={kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}.")
+        if kv_cache_dtype == "int8":
+            scale_shape = shape[:-1] + (1,)
+            return cls(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), segment_ids, index,
+                       jnp.zeros(scale_shape, jnp.float32), jnp.zeros(scale_shape, jnp.float32))
         dtype = jnp.dtype(cfg.dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
-                   jnp.zeros((batch,), jnp.int32))
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), segment_ids, index)
 
 
 class Transformer(nnx.Module):
@@ -133,16 +151,18 @@ class Transformer(nnx.Module):
     def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                     dropout_key: jax.Array | None, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
         def apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, layer: jax.Array,
-                  layer_kv: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, tuple | None]:
+                  layer_kv: dict[str, jax.Array | None] | None) -> tuple[jax.Array, dict | None]:
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
-            layer_cache = None if layer_kv is None else LayerCache(*layer_kv, cache.segment_ids, cache.index)
+            layer_cache = None if layer_kv is None else LayerCache(
+                segment_ids=cache.segment_ids, index=cache.index, **layer_kv)
             x, layer_cache = nnx.merge(graphdef, params)(x, positions, segment_ids, key, layer_cache)
-            return x, None if layer_cache is None else (layer_cache.keys, layer_cache.values)
+            return x, None if layer_cache is None else {name: getattr(layer_cache, name) for name in PER_LAYER_FIELDS}
 
         if self.cfg.remat_policy != "none" and cache is None:
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat_policy], static_argnums=(0,))
 
-        kv = None if cache is None else (cache.keys, cache.values)
+        # Slices of the per-layer fields travel through the blocks; the scales are None in a float cache.
+        kv = None if cache is None else {name: getattr(cache, name) for name in PER_LAYER_FIELDS}
         if self.cfg.scan_layers:
             graphdef, params = nnx.split(self.blocks)
 
@@ -154,11 +174,11 @@ class Transformer(nnx.Module):
         else:
             for layer, block in enumerate(self.blocks):
                 graphdef, params = nnx.split(block)
-                layer_kv = None if kv is None else (kv[0][layer], kv[1][layer])
+                layer_kv = None if kv is None else jax.tree.map(lambda a: a[layer], kv)
                 x, layer_kv = apply(graphdef, params, x, jnp.asarray(layer), layer_kv)
                 if kv is not None:
-                    kv = (kv[0].at[layer].set(layer_kv[0]), kv[1].at[layer].set(layer_kv[1]))
-        return x, None if cache is None else cache._replace(keys=kv[0], values=kv[1])
+                    kv = jax.tree.map(lambda a, new: a.at[layer].set(new), kv, layer_kv)
+        return x, None if cache is None else cache._replace(**kv)
 
 
 def _stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:

@@ -55,17 +55,17 @@ def benchmark_train(config: ml_collections.ConfigDict, num_steps: int = 10, warm
     with sharding.use_mesh(mesh, rules):
         steps = step_lib.build_steps(config, mesh, optimizer, schedule)
         batches = [sharding.global_batch(_synthetic_batch(config, i), mesh, rules) for i in range(2)]
-        state = steps.init()
+        state, frozen = steps.init(None)
         start = time.perf_counter()
-        state, step_metrics = steps.train(state, batches[0])
+        state, step_metrics = steps.train(state, frozen, batches[0])
         jax.block_until_ready(step_metrics)
         compile_seconds = time.perf_counter() - start
         for i in range(1, warmup_steps):
-            state, step_metrics = steps.train(state, batches[i % 2])
+            state, step_metrics = steps.train(state, frozen, batches[i % 2])
         jax.block_until_ready(step_metrics)
         start = time.perf_counter()
         for i in range(num_steps):
-            state, step_metrics = steps.train(state, batches[i % 2])
+            state, step_metrics = steps.train(state, frozen, batches[i % 2])
         jax.block_until_ready(step_metrics)
         elapsed = time.perf_counter() - start
 

@@ -8,12 +8,24 @@ carries the new shardings.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
+import ml_collections
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "config")
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to WORKDIR/config.json."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} not found: the directory must be a run written by scripts/train.py.")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
 
 
 class _HideOrbaxInfo(logging.Filter):
@@ -67,3 +79,20 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def restore_run_params(run_dir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+    """The trained parameters of a run directory's checkpoint `step` (default: the latest), placed as the
+    ShapeDtypeStructs of `abstract_params` say, and the step they come from."""
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"No checkpoints in {directory!r}: train first (scripts/train.py).")
+    checkpointer = Checkpointer(directory, keep=1_000_000)
+    try:
+        available = checkpointer.all_steps()
+        step = available[-1] if step is None and available else step
+        if step is None or step not in available:
+            raise FileNotFoundError(f"No checkpoint for step {step} in {directory!r} (available: {available}).")
+        return checkpointer.restore_params(step, abstract_params), step
+    finally:
+        checkpointer.close()

@@ -44,10 +44,40 @@ def check_data_path(config: ml_collections.ConfigDict) -> None:
                                     "missing); prepare it with scripts/prepare_data.py.")
 
 
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+    """`init_from` must be a run whose model is this one's (adapters aside); fails before any compilation."""
+    if not config.init_from:
+        return
+    try:
+        source = checkpoint.load_config(config.init_from)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"config.init_from={config.init_from!r}: {error}") from None
+    if source.model.lora_rank:
+        raise config_validation.ConfigError(
+            f"config.init_from={config.init_from!r} is a LoRA run; merge its adapters first "
+            "(scripts/merge_lora.py) and start from the merged run.")
+    for key, value in source.model.items():
+        if not key.startswith("lora_") and key in config.model and config.model[key] != value \
+                and key not in ("dropout_rate", "remat_policy", "scan_layers", "attention_impl", "dtype"):
+            raise config_validation.ConfigError(
+                f"config.model.{key}={config.model[key]!r} differs from the run in config.init_from "
+                f"({value!r}); fine-tuning keeps the pretrained architecture.")
+
+
+def load_base_params(config: ml_collections.ConfigDict, abstract_base: Any) -> Any:
+    """The parameters of `init_from`'s latest checkpoint, placed as `abstract_base` says; None without it."""
+    if not config.init_from:
+        return None
+    params, step = checkpoint.restore_run_params(config.init_from, abstract_base)
+    logging.info("Initialized from step %d of %s.", step, config.init_from)
+    return params
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes training) to `config.train.num_steps`; returns the last logged metrics."""
     config_validation.validate(config)
     check_data_path(config)
+    check_init_from(config)
     mesh = sharding.make_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
     config_validation.check_batch_divides_mesh(config, sharding.data_parallel_size(mesh, rules))
@@ -57,7 +87,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         _write_json(os.path.join(workdir, "config.json"), config_dict)
         # A run directory is self-contained: inference and evaluation find the tokenizer next to the weights.
-        tokenizer_path = os.path.join(config.data.path, "tokenizer.model")
+        source_dir = config.data.path if os.path.exists(os.path.join(config.data.path, "tokenizer.model")) \
+            else config.init_from
+        tokenizer_path = os.path.join(source_dir, "tokenizer.model")
         if os.path.exists(tokenizer_path):
             shutil.copyfile(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
 
@@ -79,15 +111,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     with sharding.use_mesh(mesh, rules):
         steps = step_lib.build_steps(config, mesh, optimizer, schedule)
+        # Frozen parameters (the pretrained base, the DPO reference) are rebuilt, never checkpointed.
+        state, frozen = steps.init(load_base_params(config, steps.abstract_base))
         start = checkpointer.latest_step()
         if start is None:
-            start, state = 0, steps.init()
+            start = 0
         else:
             _check_same_model(checkpointer.restore_config(start), config_dict)
             state, data_state, _ = checkpointer.restore(start, steps.abstract_state)
             data.set_state(data_state)
             logging.info("Resumed from step %d in %s.", start, checkpointer.directory)
         writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+        if start == 0 and config.init_from and validation:
+            # Fine-tuning and continued pretraining log the starting point: the "before" of before/after.
+            initial = evaluate(steps, state, frozen, validation, mesh, rules)
+            writer.write(0, initial)
+            logging.info("step 0: %s", _format(initial))
         flops_per_token = metrics_lib.train_flops_per_token(config.model, config.data.seq_len)
         peak = metrics_lib.peak_flops_per_device(train_cfg.peak_tflops_per_device)
         tokens_per_step = train_cfg.batch_size * config.data.seq_len
@@ -97,7 +136,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         try:
             for step in range(start, num_steps):
                 batch = sharding.global_batch(next(data), mesh, rules)
-                state, step_metrics = steps.train(state, batch)
+                state, step_metrics = steps.train(state, frozen, batch)
                 done = step + 1
                 interval_steps += 1
                 if done == start + 1:
@@ -111,20 +150,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 if done % train_cfg.log_every == 0 or is_last:
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_sec = tokens_per_step * interval_steps / elapsed if interval_steps else None
-                    last = {
-                        "loss": values["loss"],
-                        "perplexity": math.exp(min(values["loss"], 50.0)),
-                        "learning_rate": values["learning_rate"],
-                        "grad_norm": values["grad_norm"],
-                        "param_norm": values["param_norm"],
-                        "tokens_per_sec": tokens_per_sec,
-                        "mfu": metrics_lib.mfu(tokens_per_sec, flops_per_token, peak) if tokens_per_sec else None,
-                    }
+                    last = {**values, "tokens_per_sec": tokens_per_sec,
+                            "mfu": metrics_lib.mfu(tokens_per_sec, flops_per_token, peak) if tokens_per_sec else None}
+                    if config.train.objective == "lm":
+                        last["perplexity"] = math.exp(min(values["loss"], 50.0))
                     writer.write(done, last)
                     logging.info("step %d: %s", done, _format(last))
                     interval_start, interval_steps = time.perf_counter(), 0
                 if validation and (done % train_cfg.eval_every == 0 or is_last):
-                    evaluation = evaluate(steps, state, validation, mesh, rules)
+                    evaluation = evaluate(steps, state, frozen, validation, mesh, rules)
                     writer.write(done, evaluation)
                     logging.info("step %d: %s", done, _format(evaluation))
                     last.update(evaluation)
@@ -138,16 +172,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return last
 
 
-def evaluate(steps: step_lib.Steps, state: step_lib.TrainState, batches: list[loader.Batch], mesh: Any,
-             rules: Any) -> dict[str, float]:
-    """Token-weighted loss and perplexity over the validation batches."""
-    loss_sum = weight = 0.0
+def evaluate(steps: step_lib.Steps, state: step_lib.TrainState, frozen: step_lib.Frozen,
+             batches: list[loader.Batch], mesh: Any, rules: Any) -> dict[str, float]:
+    """Every training metric averaged over the validation batches, as eval_<name> (plus eval_perplexity)."""
+    sums: dict[str, float] = {}
+    weight = 0.0
     for batch in batches:
-        result = jax.device_get(steps.eval(state, sharding.global_batch(batch, mesh, rules)))
-        loss_sum += float(result["loss_sum"])
+        result = jax.device_get(steps.eval(state, frozen, sharding.global_batch(batch, mesh, rules)))
+        for name, value in result["sums"].items():
+            sums[name] = sums.get(name, 0.0) + float(value)
         weight += float(result["weight"])
-    eval_loss = loss_sum / max(weight, 1.0)
-    return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+    evaluation = {f"eval_{name}": value / max(weight, 1.0) for name, value in sums.items()}
+    if "loss" in sums and "reward_accuracy" not in sums:
+        evaluation["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50.0))
+    return evaluation
 
 
 def _check_finite(values: dict[str, float], step: int, checkpointer: checkpoint.Checkpointer) -> None:

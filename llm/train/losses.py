@@ -67,3 +67,28 @@ def chunked_next_token_loss(features: jax.Array, project: Callable[[jax.Array], 
     zero = jnp.zeros((), jnp.float32)
     totals, _ = jax.lax.scan(body, (zero, zero, zero), (chunks(features), chunks(targets), chunks(weights)))
     return totals
+
+
+def sequence_logprobs(logits: jax.Array, tokens: jax.Array, weights: jax.Array) -> jax.Array:
+    """Per row, the summed log-probability of the weighted next-token targets: (batch,) float32."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    target = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(target * weights, axis=-1)
+
+
+def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_chosen: jax.Array,
+             reference_rejected: jax.Array, beta: float, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+    """Direct Preference Optimization (Rafailov et al. 2023), per pair, from sequence log-probabilities.
+
+    The implicit reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)); the loss is
+    -log sigmoid(reward_chosen - reward_rejected). With label smoothing e (conservative DPO, Mitchell 2023)
+    the preference label is trusted with probability 1 - e:
+    -(1 - e) log sigmoid(margin) - e log sigmoid(-margin).
+    """
+    chosen_reward = beta * (policy_chosen - reference_chosen)
+    rejected_reward = beta * (policy_rejected - reference_rejected)
+    margin = chosen_reward - rejected_reward
+    loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(margin) - label_smoothing * jax.nn.log_sigmoid(-margin)
+    return {"loss": loss, "reward_accuracy": (margin > 0).astype(jnp.float32), "reward_margin": margin,
+            "chosen_reward": chosen_reward, "rejected_reward": rejected_reward}

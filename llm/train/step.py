@@ -1,9 +1,13 @@
-"""The train state and the jitted, sharded init / train / eval steps.
+"""The train state and the jitted, sharded init / train / eval steps, for every training mode.
 
-The train state is a plain dict `{"step", "params", "opt_state"}`: `params` is the nnx.State of the model's
-parameters and the model's structure (the graphdef) stays outside, closed over by the steps. Every jitted
-function declares its input and output shardings, derived from the logical axis rules, and the train
-step donates the old state so parameters and optimizer moments are updated in place.
+One trainer serves pretraining and fine-tuning. The config chooses
+  * which parameters train (`train.trainable`): all of them, or only the LoRA adapters;
+  * the objective (`train.objective`): next-token cross-entropy, or DPO against a frozen reference.
+The model's parameters are split into `params` (trainable: the only ones with optimizer state) and
+`frozen` (the rest, plus the DPO reference). The train state is a plain dict `{"step", "params",
+"opt_state"}` and is what checkpoints hold; frozen parameters are rebuilt at start-up from the seed and
+`init_from`, so a LoRA checkpoint is just its adapters. Every jitted function declares its shardings, and
+the train step donates the old state so it is updated in place.
 """
 
 from __future__ import annotations
@@ -20,11 +24,19 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llm import sharding
+from llm.data import records
+from llm.model import lora
 from llm.model.transformer import Transformer
 from llm.train import losses
 
 TrainState = dict[str, Any]
+Frozen = dict[str, nnx.State]
 Batch = dict[str, jax.Array]
+StepFn = Callable[[TrainState, Frozen, Batch], tuple[TrainState, dict[str, jax.Array]]]
+
+TRAINABLE = {"all": nnx.Param, "lora": nnx.LoRAParam}
+OBJECTIVES = ("lm", "dpo")
+DPO_SIDES = ("chosen", "rejected")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +46,10 @@ class Steps:
     graphdef: nnx.GraphDef
     state_shardings: Any
     abstract_state: Any  # ShapeDtypeStructs with shardings: the Orbax restore target.
-    init: Callable[[], TrainState]
-    train: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
-    eval: Callable[[TrainState, Batch], dict[str, jax.Array]]
+    abstract_base: Any  # The same for the base model's parameters (what `init_from` provides).
+    init: Callable[[nnx.State | None], tuple[TrainState, Frozen]]
+    train: StepFn
+    eval: Callable[[TrainState, Frozen, Batch], dict[str, Any]]
 
 
 def create_model(config: ml_collections.ConfigDict) -> Transformer:
@@ -45,28 +58,44 @@ def create_model(config: ml_collections.ConfigDict) -> Transformer:
         return Transformer(config.model, rngs=nnx.Rngs(params=config.seed))
 
 
+def batch_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    if config.train.objective == "dpo":
+        return tuple(f"{side}_{name}" for side in DPO_SIDES for name in records.FIELDS)
+    return records.FIELDS
+
+
 def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.GradientTransformation,
                 schedule: optax.Schedule) -> Steps:
-    rules = config.logical_axis_rules
+    rules, train_cfg = config.logical_axis_rules, config.train
+    trainable = TRAINABLE[train_cfg.trainable]
+    dpo = train_cfg.objective == "dpo"
 
-    def init() -> TrainState:
-        params = nnx.state(create_model(config), nnx.Param)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+    def init(base: nnx.State | None) -> tuple[TrainState, Frozen]:
+        """A fresh state; `base` (the pretrained parameters of `init_from`) replaces the initial weights."""
+        model = create_model(config)
+        if base is not None:
+            nnx.update(model, base)
+        _, params, rest = nnx.split(model, trainable, ...)
+        frozen = {"rest": rest}
+        if dpo:
+            frozen["reference"] = params  # The policy before training is the DPO reference.
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}, frozen
 
     abstract_model = nnx.eval_shape(lambda: create_model(config))
-    # Parameters are the model's only state (dropout keys are passed per call), so split(model, Param) is
-    # exhaustive; anything else stored on a module would make this raise.
-    graphdef, _ = nnx.split(abstract_model, nnx.Param)
-    abstract_state = jax.eval_shape(init)
+    # Parameters are the model's only state (dropout keys are passed per call), so this split is exhaustive.
+    graphdef = nnx.split(abstract_model, trainable, ...)[0]
+    abstract_base = nnx.state(nnx.eval_shape(lambda: create_model(lora.merged_config(config))), nnx.Param)
+    abstract_state, abstract_frozen = jax.eval_shape(init, abstract_base)
     state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+    frozen_shardings = sharding.tree_shardings(abstract_frozen, mesh, rules)
+    base_shardings = sharding.tree_shardings(abstract_base, mesh, rules)
     batch_sharding = sharding.logical_sharding(mesh, rules, ("batch", "length"))
+    batch_shardings = {name: batch_sharding for name in batch_fields(config)}
     replicated = sharding.replicated(mesh)
-
-    train_cfg, dropout = config.train, config.model.dropout_rate > 0
+    dropout = config.model.dropout_rate > 0 or (config.model.lora_rank > 0 and config.model.lora_dropout > 0)
     base_key = jax.random.key(config.seed)
 
-    def loss_terms(params: nnx.State, batch: Batch, key: jax.Array | None) -> tuple[jax.Array, tuple]:
-        model = nnx.merge(graphdef, params)
+    def lm_terms(model: Transformer, batch: Batch, key: jax.Array | None) -> tuple[jax.Array, dict, jax.Array]:
         features = model.features(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key)
         weights = losses.next_token_weights(batch["segment_ids"], batch["loss_mask"])
         if train_cfg.loss_chunk_size:
@@ -75,50 +104,82 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
         else:
             cross_entropy, z_term, weight = losses.next_token_loss(
                 model.logits(features), batch["tokens"], weights, train_cfg.z_loss)
-        return cross_entropy + z_term, (cross_entropy, weight)
+        return cross_entropy + z_term, {"loss": cross_entropy}, weight
+
+    def dpo_terms(model: Transformer, reference: Transformer, batch: Batch,
+                  key: jax.Array | None) -> tuple[jax.Array, dict, jax.Array]:
+        # Chosen and rejected responses go through the model as one batch of twice the rows.
+        joined = {name: jnp.concatenate([batch[f"{side}_{name}"] for side in DPO_SIDES]) for name in records.FIELDS}
+        weights = losses.next_token_weights(joined["segment_ids"], joined["loss_mask"])
+
+        def logprobs(m: Transformer, k: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+            logits = m(joined["tokens"], joined["positions"], joined["segment_ids"], dropout_key=k)
+            return jnp.split(losses.sequence_logprobs(logits, joined["tokens"], weights), 2)
+
+        policy_chosen, policy_rejected = logprobs(model, key)
+        reference_chosen, reference_rejected = jax.lax.stop_gradient(logprobs(reference, None))
+        per_pair = losses.dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                                   train_cfg.dpo_beta, train_cfg.dpo_label_smoothing)
+        sums = {name: jnp.sum(values) for name, values in per_pair.items()}
+        return sums["loss"], sums, jnp.asarray(policy_chosen.shape[0], jnp.float32)
+
+    def loss_terms(params: nnx.State, frozen: Frozen, batch: Batch, key: jax.Array | None):
+        """(objective to differentiate, (metric sums, weight)); metrics are sums so accumulation is exact."""
+        model = nnx.merge(graphdef, params, frozen["rest"])
+        if dpo:
+            objective, sums, weight = dpo_terms(model, nnx.merge(graphdef, frozen["reference"], frozen["rest"]),
+                                                batch, key)
+        else:
+            objective, sums, weight = lm_terms(model, batch, key)
+        return objective, (sums, weight)
 
     grad_fn = jax.value_and_grad(loss_terms, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(state: TrainState, frozen: Frozen, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         params, step = state["params"], state["step"]
         # Dropout masks depend only on (seed, step, microbatch), so a resumed run draws the same ones.
         step_key = jax.random.fold_in(base_key, step) if dropout else None
 
         def accumulate(carry: tuple, inputs: tuple) -> tuple[tuple, None]:
-            grad_sum, loss_sum, weight_sum = carry
+            grad_sum, sums, weight_sum = carry
             microbatch, index = inputs
             key = None if step_key is None else jax.random.fold_in(step_key, index)
-            (_, (cross_entropy, weight)), grads = grad_fn(params, microbatch, key)
-            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + cross_entropy, weight_sum + weight), None
+            (_, (micro_sums, weight)), grads = grad_fn(params, frozen, microbatch, key)
+            return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, sums, micro_sums),
+                    weight_sum + weight), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         accum = train_cfg.grad_accum_steps
         microbatches = jax.tree.map(lambda x: _split_microbatches(x, accum), batch)
-        (grad_sum, loss_sum, weight_sum), _ = jax.lax.scan(accumulate, zeros, (microbatches, jnp.arange(accum)))
-        # Losses are sums over tokens: dividing once by the total weight makes accumulation exact.
+        zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda: loss_terms(params, frozen, jax.tree.map(lambda x: x[0], microbatches), None)[1][0]))
+        zeros = (jax.tree.map(jnp.zeros_like, params), zero_sums, jnp.zeros((), jnp.float32))
+        (grad_sum, sums, weight_sum), _ = jax.lax.scan(accumulate, zeros, (microbatches, jnp.arange(accum)))
+        # Losses are sums: dividing once by the total weight makes accumulation equal the full batch.
         weight = jnp.maximum(weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / weight, grad_sum)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_state = {"step": step + 1, "params": new_params, "opt_state": opt_state}
         # param_norm is of the *updated* parameters: the NaN guard checks it before saving them.
-        metrics = {"loss": loss_sum / weight, "grad_norm": optax.global_norm(grads),
-                   "param_norm": optax.global_norm(new_params), "learning_rate": schedule(step)}
+        metrics = {name: value / weight for name, value in sums.items()}
+        metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(new_params),
+                       learning_rate=schedule(step))
         return new_state, metrics
 
-    def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-        _, (cross_entropy, weight) = loss_terms(state["params"], batch, None)
-        return {"loss_sum": cross_entropy, "weight": weight}
+    def eval_step(state: TrainState, frozen: Frozen, batch: Batch) -> dict[str, Any]:
+        _, (sums, weight) = loss_terms(state["params"], frozen, batch, None)
+        return {"sums": sums, "weight": weight}
 
-    batch_shardings = {name: batch_sharding for name in ("tokens", "segment_ids", "positions", "loss_mask")}
     return Steps(
         graphdef=graphdef,
         state_shardings=state_shardings,
         abstract_state=sharding.abstract_with_shardings(abstract_state, state_shardings),
-        init=jax.jit(init, out_shardings=state_shardings),
-        train=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+        abstract_base=sharding.abstract_with_shardings(abstract_base, base_shardings),
+        init=jax.jit(init, out_shardings=(state_shardings, frozen_shardings)),
+        train=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                       out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
-        eval=jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings), out_shardings=replicated),
+        eval=jax.jit(eval_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+                     out_shardings=replicated),
     )
 
 

@@ -1,0 +1,102 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) beside frozen layers, and merging them back into the weights.
+
+With `model.lora_rank > 0`, every projection whose path (`attention/query`, `attention/key`,
+`attention/value`, `attention/out`, `mlp/up`, `mlp/gate`, `mlp/down`) matches the regular expression
+`model.lora_targets` gets a sibling `<name>_lora` adapter: y = W x + (alpha / rank) * B A dropout(x).
+The adapter's parameters are `nnx.LoRAParam` (Flax NNX's LoRA support), so a filter selects exactly them
+for training; the base layer keeps its own name and path, so base weights load unchanged from a pretrained
+checkpoint. B starts at zero: an adapted model starts out computing exactly what its base does.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from llm.model import layers
+
+LORA_SUFFIX = "_lora"
+
+
+def targets(cfg: ml_collections.ConfigDict, prefix: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The layers of a module (`prefix` = "attention" or "mlp") that get adapters."""
+    if not cfg.lora_rank:
+        return ()
+    return tuple(name for name in names if re.fullmatch(cfg.lora_targets, f"{prefix}/{name}"))
+
+
+class LoRA(nnx.Module):
+    """dropout(x) @ A @ B * alpha / rank, reshaped from `in_shape` to `out_shape` trailing dimensions."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], cfg: ml_collections.ConfigDict, *,
+                 rngs: nnx.Rngs):
+        self.in_shape, self.out_shape = in_shape, out_shape
+        self.scale = cfg.lora_alpha / cfg.lora_rank
+        self.dropout_rate = cfg.lora_dropout
+        self.adapter = nnx.LoRA(math.prod(in_shape), cfg.lora_rank, math.prod(out_shape),
+                                dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        x = layers.dropout(x, self.dropout_rate, dropout_key)
+        flat = x.reshape(*x.shape[:x.ndim - len(self.in_shape)], math.prod(self.in_shape))
+        update = self.adapter(flat) * self.scale
+        return update.reshape(*flat.shape[:-1], *self.out_shape).astype(x.dtype)
+
+    def delta(self) -> jax.Array:
+        """The dense weight update B A * alpha / rank, shaped like the base kernel (in_shape + out_shape)."""
+        update = self.adapter.lora_a[...] @ self.adapter.lora_b[...] * self.scale
+        return update.reshape(*self.in_shape, *self.out_shape)
+
+
+def project(module: nnx.Module, name: str, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+    """The layer `name` of `module` applied to x, plus its adapter's update when it has one."""
+    y = getattr(module, name)(x)
+    adapter = getattr(module, name + LORA_SUFFIX, None)
+    if adapter is None:
+        return y
+    # crc32, not hash(): Python salts string hashes per process, and resumed runs must draw the same masks.
+    key = None if dropout_key is None else jax.random.fold_in(dropout_key, zlib.crc32(name.encode()))
+    return y + adapter(x, key)
+
+
+def merged_params(model: nnx.Module) -> nnx.State:
+    """The parameters of the same model without adapters, each adapted kernel replaced by W + B A * scale.
+
+    The result loads into the model built from the config with `lora_rank = 0` (see `merged_config`).
+    """
+    merged = {}
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        *parents, leaf = path
+        if any(str(part).endswith(LORA_SUFFIX) for part in parents):
+            continue
+        array = value[...]
+        if leaf == "kernel":
+            owner = model
+            for part in parents[:-1]:
+                owner = owner[part] if isinstance(part, int) else getattr(owner, part)
+            adapter = getattr(owner, f"{parents[-1]}{LORA_SUFFIX}", None)
+            if adapter is not None:
+                array = array + _stacked_delta(adapter).astype(array.dtype)
+        merged[path] = value.replace(array)
+    return nnx.from_flat_state(merged)
+
+
+def _stacked_delta(adapter: LoRA) -> jax.Array:
+    """The adapter's delta; with scanned layers its parameters carry a leading layers axis."""
+    if adapter.adapter.lora_a[...].ndim == 2:
+        return adapter.delta()
+    stacked = jax.vmap(lambda a, b: (a @ b * adapter.scale).reshape(*adapter.in_shape, *adapter.out_shape))
+    return stacked(adapter.adapter.lora_a[...], adapter.adapter.lora_b[...])
+
+
+def merged_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The model config of the merged model: the same architecture without adapters."""
+    merged = ml_collections.ConfigDict(config.to_dict())
+    merged.model.lora_rank = 0
+    return merged

@@ -1,0 +1,42 @@
+"""The feed-forward block: GELU (GPT-2) or SwiGLU (Llama), with optional LoRA adapters."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from llm import sharding
+from llm.model import layers, lora
+
+
+class MLP(nnx.Module):
+    """Feed-forward block: GELU (up, down) or SwiGLU (gate, up, down)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.activation = cfg.mlp_activation
+        linear = dict(use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                      rngs=rngs)
+        up = dict(kernel_init=layers.normal_init(("embed", "mlp")), bias_init=layers.zeros_init(("mlp",)), **linear)
+        self.up = nnx.Linear(cfg.embed_dim, cfg.mlp_dim, **up)
+        if self.activation == "swiglu":
+            self.gate = nnx.Linear(cfg.embed_dim, cfg.mlp_dim, **up)
+        self.down = nnx.Linear(cfg.mlp_dim, cfg.embed_dim,
+                               kernel_init=layers.normal_init(("mlp", "embed"), layers.residual_std(cfg)),
+                               bias_init=layers.zeros_init(("embed",)), **linear)
+        shapes = {"up": ((cfg.embed_dim,), (cfg.mlp_dim,)), "gate": ((cfg.embed_dim,), (cfg.mlp_dim,)),
+                  "down": ((cfg.mlp_dim,), (cfg.embed_dim,))}
+        names = ("up", "gate", "down") if self.activation == "swiglu" else ("up", "down")
+        for name in lora.targets(cfg, "mlp", names):
+            setattr(self, name + lora.LORA_SUFFIX, lora.LoRA(*shapes[name], cfg, rngs=rngs))
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """`dropout_key` drives the LoRA adapters' dropout (training only)."""
+        up = lora.project(self, "up", x, dropout_key)
+        if self.activation == "swiglu":
+            hidden = jax.nn.silu(lora.project(self, "gate", x, dropout_key)) * up
+        else:
+            hidden = jax.nn.gelu(up)
+        hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
+        return lora.project(self, "down", hidden, dropout_key)

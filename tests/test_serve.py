@@ -3,6 +3,7 @@
 import concurrent.futures
 import contextlib
 import json
+import threading
 import time
 
 import httpx
@@ -110,6 +111,13 @@ def test_echo_logprobs_are_the_models_prompt_log_likelihoods(client, run):
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=0).choices[0]
     assert by_ids.logprobs.token_logprobs[0] is None
     np.testing.assert_allclose(by_ids.logprobs.token_logprobs[1:], want, atol=1e-4)
+    # Streamed, the echoed prompt comes first with its logprobs, then the completion's tokens.
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1,
+                                            temperature=0, stream=True))
+    assert chunks[0].choices[0].text == prompt
+    np.testing.assert_allclose(chunks[0].choices[0].logprobs.token_logprobs, want, atol=1e-4)
+    streamed = [lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs]
+    assert len(streamed) == len(want) + 2
 
 
 def test_stop_string_cuts_the_completion(client, run):
@@ -211,6 +219,35 @@ def test_api_keys_and_rate_limit(run):
         # The limit is per key: another key still gets through.
         other = openai.OpenAI(base_url=url + "/v1", api_key="clave-2", max_retries=0)
         assert other.completions.create(model=MODEL, prompt="Hola", max_tokens=1).choices
+
+
+def test_busy_server_and_timeouts_answer_with_errors_and_free_the_slots(run):
+    body = {"model": MODEL, "prompt": "La ciudad", "max_tokens": 8}
+    with serving(run, max_concurrent_requests=1) as (url, app):
+        sent_half = threading.Event()
+
+        def slow_body():  # Holds the only request slot open until the second request has been refused.
+            yield json.dumps(body)[:10].encode()
+            sent_half.wait(30)
+            yield json.dumps(body)[10:].encode()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, url + "/v1/completions", content=slow_body(), timeout=30)
+            deadline = time.monotonic() + 10
+            while httpx.get(url + "/health").json()["in_flight_requests"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            busy = httpx.post(url + "/v1/completions", json=body, timeout=30)
+            sent_half.set()
+            assert first.result().status_code == 200
+        assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"
+        assert busy.headers["retry-after"] == "1"
+    with serving(run, request_timeout_s=0.001) as (url, app):
+        late = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 64, "ignore_eos": True}, timeout=30)
+        assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
+        deadline = time.monotonic() + 10
+        while (app.state.engine.num_active or app.state.engine.num_waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.state.engine.num_active == app.state.engine.num_waiting == 0
 
 
 def test_metrics_count_what_was_served(run):

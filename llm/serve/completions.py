@@ -171,7 +171,7 @@ class Choice:
             self.logprobs += event.logprobs[skip:]
             self.tops += event.top[skip:]
             self._prompt_tokens = len(self.ids)
-            return None  # Sent with the echoed prompt text in the first chunk.
+            return self._delta(self.echo, 0, None)  # The echoed prompt, now with its logprobs.
         if isinstance(event, engine_lib.Token):
             self.ids.append(event.token_id)
             self.logprobs.append(event.logprob)
@@ -189,12 +189,12 @@ class Choice:
         if self.plan.chat:
             return {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None}
-        if self.echo is None:
-            return None
-        return self._delta(self.echo, 0, None, end=self._prompt_tokens)
+        if self.echo is None or self.request.prompt_logprobs:
+            return None  # No echo, or the echo waits for the prompt's logprobs (see `add`).
+        return self._delta(self.echo, 0, None)
 
-    def _delta(self, text: str, start: int, reason: str | None, end: int | None = None) -> dict:
-        logprobs = self._logprobs(start, len(self.ids) if end is None else end) if self.plan.logprobs else None
+    def _delta(self, text: str, start: int, reason: str | None) -> dict:
+        logprobs = self._logprobs(start, len(self.ids)) if self.plan.logprobs else None
         if self.plan.chat:
             delta = {"content": text} if text or reason is None else {}
             return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}

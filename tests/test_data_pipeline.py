@@ -164,6 +164,7 @@ def test_filter_and_dedup_decisions(local_run):
     assert "libros.txt:0" in kept and "libros.txt:12" not in kept
     assert "libros.txt:1" in kept and "libros.txt:13" not in kept
     assert len(kept) == len(PARAGRAPHS) + len(NEWS) + 1
+    assert "noticias.jsonl:6" not in kept  # the English paragraph
     scrubbed = kept["noticias.jsonl:5"]
     assert "maria.lopez" not in scrubbed.text and "12345678Z" not in scrubbed.text
     assert kept["noticias.jsonl:1"].metadata["url"] == "https://example.es/0"

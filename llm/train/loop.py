@@ -37,11 +37,15 @@ def check_data_path(config: ml_collections.ConfigDict) -> None:
         raise config_validation.ConfigError(
             "config.data.path is empty: pass --config.data.path=DIR, a directory made by scripts/prepare_data.py "
             "with train/ and validation/ shards.")
-    for split in ("train", "validation") if config.train.eval_every else ("train",):
-        records_dir = loader.split_dir(path, split)
-        if not os.path.isdir(records_dir):
-            raise FileNotFoundError(f"config.data.path={path!r} has no {split}/ directory ({records_dir!r} is "
-                                    "missing); prepare it with scripts/prepare_data.py.")
+    sources = {"data.path": path}
+    if config.data.replay_fraction > 0:
+        sources["data.replay_path"] = config.data.replay_path
+    for key, directory in sources.items():
+        for split in ("train", "validation") if config.train.eval_every else ("train",):
+            records_dir = loader.split_dir(directory, split)
+            if not os.path.isdir(records_dir):
+                raise FileNotFoundError(f"config.{key}={directory!r} has no {split}/ directory ({records_dir!r} "
+                                        "is missing); prepare it with scripts/prepare_data.py.")
 
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:
@@ -98,14 +102,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_steps)
     optimizer = optimizer_lib.make_optimizer(config.optimizer, num_steps)
     local_batch = train_cfg.batch_size // jax.process_count()
+    pairs = train_cfg.objective == "dpo"
+    replay = config.data.replay_path if config.data.replay_fraction > 0 else ""
     data = loader.TrainIterator(
         loader.split_dir(config.data.path, "train"), config.data.seq_len, local_batch, config.seed,
-        config.data.num_workers, config.data.prefetch_buffer_size, jax.process_index(), jax.process_count())
-    validation = []
+        config.data.num_workers, config.data.prefetch_buffer_size, jax.process_index(), jax.process_count(),
+        pairs, replay and loader.split_dir(replay, "train"), config.data.replay_fraction)
+    # Validation sets by metric prefix: the run's own, and with replay the earlier corpus's ("replay_eval_"),
+    # which shows how much of the old distribution continued pretraining forgets.
+    validation = {}
     if train_cfg.eval_every:
-        validation = loader.validation_batches(
-            loader.split_dir(config.data.path, "validation"), config.data.seq_len, local_batch,
-            train_cfg.eval_batches, jax.process_index(), jax.process_count())
+        for prefix, path in (("", config.data.path), ("replay_", replay)):
+            if path:
+                validation[prefix] = loader.validation_batches(
+                    loader.split_dir(path, "validation"), config.data.seq_len, local_batch,
+                    train_cfg.eval_batches, jax.process_index(), jax.process_count(), pairs)
     checkpointer = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                            train_cfg.keep_checkpoints)
 
@@ -124,7 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
         if start == 0 and config.init_from and validation:
             # Fine-tuning and continued pretraining log the starting point: the "before" of before/after.
-            initial = evaluate(steps, state, frozen, validation, mesh, rules)
+            initial = evaluate_all(steps, state, frozen, validation, mesh, rules)
             writer.write(0, initial)
             logging.info("step 0: %s", _format(initial))
         flops_per_token = metrics_lib.train_flops_per_token(config.model, config.data.seq_len)
@@ -158,7 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     logging.info("step %d: %s", done, _format(last))
                     interval_start, interval_steps = time.perf_counter(), 0
                 if validation and (done % train_cfg.eval_every == 0 or is_last):
-                    evaluation = evaluate(steps, state, frozen, validation, mesh, rules)
+                    evaluation = evaluate_all(steps, state, frozen, validation, mesh, rules)
                     writer.write(done, evaluation)
                     logging.info("step %d: %s", done, _format(evaluation))
                     last.update(evaluation)
@@ -186,6 +197,12 @@ def evaluate(steps: step_lib.Steps, state: step_lib.TrainState, frozen: step_lib
     if "loss" in sums and "reward_accuracy" not in sums:
         evaluation["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50.0))
     return evaluation
+
+
+def evaluate_all(steps: step_lib.Steps, state: step_lib.TrainState, frozen: step_lib.Frozen,
+                 validation: dict[str, list[loader.Batch]], mesh: Any, rules: Any) -> dict[str, float]:
+    return {prefix + name: value for prefix, batches in validation.items()
+            for name, value in evaluate(steps, state, frozen, batches, mesh, rules).items()}
 
 
 def _check_finite(values: dict[str, float], step: int, checkpointer: checkpoint.Checkpointer) -> None:

@@ -1,0 +1,190 @@
+"""Fine-tuning through the one trainer: LoRA, full fine-tuning from a checkpoint, DPO, continued pretraining
+with replay. Only trainable parameters change and carry optimizer state; adapters merge exactly; each mode
+resumes bit-exactly after a crash."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import forward
+from flax import nnx
+
+from llm import sharding
+from llm.data import loader, records
+from llm.infer import loading
+from llm.model import lora
+from llm.train import checkpoint, loop, losses, optimizer as optimizer_lib, step as step_lib
+
+
+def _config(trained_run, **train):
+    config = checkpoint.load_config(trained_run)
+    config.init_from = trained_run
+    config.train.update({**dict(num_steps=12, log_every=2, eval_every=6, checkpoint_every=4), **train})
+    return config
+
+
+def _lora_config(trained_run, **train):
+    config = _config(trained_run, trainable="lora", **train)
+    config.model.update(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="attention/(query|value)|mlp/down")
+    config.optimizer.update(learning_rate=5e-2, warmup_steps=0)
+    return config
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _saved_state(config, workdir):
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    with sharding.use_mesh(mesh, config.logical_axis_rules):
+        steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 12),
+                                     optimizer_lib.learning_rate_schedule(config.optimizer, 12))
+        saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+        state, _, _ = saver.restore(saver.latest_step(), steps.abstract_state)
+        saver.close()
+    return state
+
+
+def _crash_after(monkeypatch, batches):
+    """Makes the data iterator raise after `batches` batches: a crash in the middle of training."""
+    original, served = loader.TrainIterator.__next__, [0]
+
+    def crashing_next(self):
+        served[0] += 1
+        if served[0] > batches:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(loader.TrainIterator, "__next__", crashing_next)
+
+
+@pytest.fixture(scope="module")
+def lora_run(trained_run, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("lora"))
+    loop.train(_lora_config(trained_run), workdir)
+    return workdir
+
+
+def test_lora_trains_only_the_adapters_and_only_they_have_optimizer_state(trained_run, lora_run):
+    config = _lora_config(trained_run)
+    state = _saved_state(config, lora_run)
+    names = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
+    assert names and all("_lora" in name for name in names)
+    assert any("query_lora" in n for n in names) and any("down_lora" in n for n in names)
+    assert not any("key_lora" in n for n in names)  # not matched by lora_targets
+    moment_leaves = jax.tree.leaves(state["opt_state"][1][0].mu)
+    assert sum(x.size for x in moment_leaves) == sum(x.size for x in jax.tree.leaves(state["params"]))
+    assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(state["params"]))  # B moved off zero
+    entries = _metrics(lora_run)
+    assert entries[0]["step"] == 0 and "eval_loss" in entries[0]  # the "before" evaluation
+
+
+def test_merged_adapters_equal_unmerged(trained_run, lora_run):
+    config = _lora_config(trained_run)
+    adapted = step_lib.create_model(config)
+    graphdef, _, rest = nnx.split(adapted, nnx.LoRAParam, ...)
+    base, _ = checkpoint.restore_run_params(trained_run, nnx.eval_shape(lambda: rest))
+    adapters = _saved_state(config, lora_run)["params"]
+    adapted = nnx.merge(graphdef, adapters, base)
+    merged = loading.load_run(lora_run).model  # loads base + adapters and merges them
+    assert merged.cfg.lora_rank == 0
+    tokens = jnp.array([[2, 40, 41, 77, 90, 13, 5]])
+    np.testing.assert_allclose(forward(merged, tokens), forward(adapted, tokens), atol=1e-5)
+    assert not np.allclose(forward(merged, tokens), forward(loading.load_run(trained_run).model, tokens))
+
+
+def test_lora_resumes_bit_exactly_after_a_crash(trained_run, lora_run, tmp_path, monkeypatch):
+    config = _lora_config(trained_run)
+    _crash_after(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(config, str(tmp_path))
+    monkeypatch.undo()
+    loop.train(config, str(tmp_path))
+    want, got = _saved_state(config, lora_run), _saved_state(config, str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, want, got)
+    strip = lambda entries: [{k: v for k, v in e.items() if k not in ("tokens_per_sec", "mfu")} for e in entries]
+    assert strip(_metrics(tmp_path)) == strip(_metrics(lora_run))
+
+
+def test_full_fine_tuning_starts_from_the_checkpoint(trained_run, tmp_path):
+    config = _config(trained_run, num_steps=6, checkpoint_every=6)
+    loop.train(config, str(tmp_path))
+    entries = _metrics(tmp_path)
+    pretrained_final = [e for e in _metrics(trained_run) if "eval_loss" in e][-1]["eval_loss"]
+    assert entries[0]["step"] == 0 and entries[0]["eval_loss"] == pytest.approx(pretrained_final, rel=1e-5)
+
+
+def test_dpo_loss_equals_the_hand_computed_value():
+    policy_chosen, policy_rejected = jnp.array([-4.0]), jnp.array([-6.0])
+    reference_chosen, reference_rejected = jnp.array([-5.0]), jnp.array([-5.5])
+    beta, smoothing = 0.5, 0.1
+    margin = beta * ((-4.0 + 5.0) - (-6.0 + 5.5))  # 0.75
+    expected = -(1 - smoothing) * np.log(1 / (1 + np.exp(-margin))) - smoothing * np.log(1 / (1 + np.exp(margin)))
+    result = losses.dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, smoothing)
+    assert float(result["loss"][0]) == pytest.approx(expected, rel=1e-6)
+    assert float(result["reward_margin"][0]) == pytest.approx(margin)
+    assert float(result["reward_accuracy"][0]) == 1.0
+
+
+def _pair_rows(seq_len, count, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        prompt = [2] + rng.integers(10, 100, 6).tolist()
+        rows = []
+        for response in ([50, 51, 52, 53, 3], rng.integers(100, 200, 5).tolist() + [3]):
+            tokens = prompt + response
+            row = {"tokens": np.zeros(seq_len, int), "segment_ids": np.zeros(seq_len, int),
+                   "positions": np.zeros(seq_len, int), "loss_mask": np.zeros(seq_len, int)}
+            row["tokens"][:len(tokens)], row["segment_ids"][:len(tokens)] = tokens, 1
+            row["positions"][:len(tokens)] = np.arange(len(tokens))
+            row["loss_mask"][len(prompt):len(tokens)] = 1
+            rows.append(row)
+        yield rows
+
+
+def test_dpo_learns_the_preference_and_resumes_bit_exactly(trained_run, tmp_path, monkeypatch):
+    data = tmp_path / "pairs"
+    for split, count, seed in (("train", 64, 0), ("validation", 8, 1)):
+        records.write_shards(_pair_rows(32, count, seed), str(data / split), 1, encode=lambda p: records.encode_pair(*p))
+    config = _config(trained_run, objective="dpo", dpo_beta=0.5, eval_batches=1)
+    config.data.path = str(data)
+    config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
+    uninterrupted = tmp_path / "uninterrupted"
+    loop.train(config, str(uninterrupted))
+    entries = [e for e in _metrics(uninterrupted) if "reward_accuracy" in e]
+    assert entries[-1]["reward_margin"] > entries[0]["reward_margin"]
+    assert entries[-1]["reward_accuracy"] >= 0.75
+    assert {"eval_loss", "eval_reward_accuracy", "eval_reward_margin"} <= set(_metrics(uninterrupted)[-1])
+
+    _crash_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(config, str(tmp_path / "crashed"))
+    monkeypatch.undo()
+    loop.train(config, str(tmp_path / "crashed"))
+    jax.tree.map(np.testing.assert_array_equal, _saved_state(config, str(uninterrupted)),
+                 _saved_state(config, str(tmp_path / "crashed")))
+
+
+def test_continued_pretraining_mixes_in_replay_and_reports_the_old_validation_loss(trained_run, tmp_path, data_dir):
+    config = _config(trained_run, num_steps=6, checkpoint_every=6)
+    new_data = checkpoint.load_config(trained_run).data.path
+    config.data.update(path=new_data, replay_path=new_data, replay_fraction=0.25)
+    loop.train(config, str(tmp_path))
+    first, last = _metrics(tmp_path)[0], _metrics(tmp_path)[-1]
+    assert {"eval_loss", "replay_eval_loss"} <= set(first) and {"eval_loss", "replay_eval_loss"} <= set(last)
+    assert first["step"] == 0
+
+
+def test_lora_config_without_rank_and_dpo_without_init_from_are_refused(trained_run):
+    from llm import config_validation
+    config = _config(trained_run, trainable="lora")
+    with pytest.raises(config_validation.ConfigError, match="lora_rank > 0"):
+        config_validation.validate(config)
+    config = _config(trained_run, objective="dpo")
+    config.init_from = ""
+    with pytest.raises(config_validation.ConfigError, match="needs config.init_from"):
+        config_validation.validate(config)

@@ -4,6 +4,7 @@
     python scripts/benchmark.py decode (--workdir=DIR | --config=C) [--batch_sizes=1,8,64] [--json_out=F]
     python scripts/benchmark.py data [--num_docs=20000] [--json_out=F]
     python scripts/benchmark.py tokenizer --tokenizer=DIR/tokenizer.model [--json_out=F]
+    python scripts/benchmark.py serve (--workdir=DIR | --url=URL) [--num_requests=64 --concurrency=8]
 
 Every result carries the machine it came from (device kind and count, JAX version).
 """
@@ -15,7 +16,7 @@ from ml_collections import config_flags
 
 from llm.train import benchmark as train_benchmark
 
-SUBCOMMANDS = ("train", "decode", "data", "tokenizer")
+SUBCOMMANDS = ("train", "decode", "data", "tokenizer", "serve")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_es.py", "Model/training config (train).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train).", lower_bound=1)
@@ -24,6 +25,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Trained run to benchmark (decod
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Decode batch sizes (decode).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens (decode).", lower_bound=1)
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Decode steps timed (decode).", lower_bound=4)
+_URL = flags.DEFINE_string("url", None, "A running server to load (serve); else one is started for --workdir.")
+_NUM_REQUESTS = flags.DEFINE_integer("num_requests", 64, "Requests sent (serve).", lower_bound=1)
+_CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Clients at once (serve).", lower_bound=1)
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Tokens per answer (serve).", lower_bound=1)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (tokenizer).")
 _NUM_DOCS = flags.DEFINE_integer("num_docs", 20000, "Synthetic documents (data).", lower_bound=100)
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the result as JSON to this file.")
@@ -71,6 +76,13 @@ def main(argv: list[str]) -> None:
         from llm import tokenizer as tokenizer_lib
         result = {"benchmark": "tokenizer", **train_benchmark.machine(),
                   **tokenizer_lib.benchmark(tokenizer_lib.Tokenizer.load(_TOKENIZER.value))}
+    elif argv[1] == "serve":
+        if bool(_URL.value) == bool(_WORKDIR.value):
+            raise app.UsageError("benchmark.py serve needs exactly one of --url or --workdir.")
+        from llm.serve import bench as serve_bench  # Needs the [serve] extra.
+        result = {**train_benchmark.machine(), **serve_bench.run(
+            url=_URL.value, workdir=_WORKDIR.value, num_requests=_NUM_REQUESTS.value,
+            concurrency=_CONCURRENCY.value, max_tokens=_MAX_TOKENS.value)}
     else:
         from llm.data import dedup_bench  # The data benchmark needs datasketch, a test/bench dependency.
         result = {"benchmark": "data", **train_benchmark.machine(), **dedup_bench.run(_NUM_DOCS.value)}

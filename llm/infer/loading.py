@@ -15,6 +15,7 @@ from llm import sharding
 from llm.infer.generate import Generator
 from llm.model import lora
 from llm.model.transformer import Transformer
+from llm.quant import ptq
 from llm.tokenizer import Tokenizer
 from llm.train import checkpoint, step as step_lib
 
@@ -56,7 +57,8 @@ def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = 
         return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, mesh,
                                                                                  config.logical_axis_rules))
 
-    abstract = nnx.eval_shape(lambda: step_lib.create_model(config))
+    # A quantized run (scripts/quantize.py) rebuilds its quantized structure from its config.
+    abstract = nnx.eval_shape(lambda: ptq.model_from_config(config))
     graphdef, abstract_trained, abstract_rest = nnx.split(abstract, step_lib.TRAINABLE[config.train.trainable], ...)
     trained, step = checkpoint.restore_run_params(workdir, placed(abstract_trained), step)
     if config.train.trainable == "lora":

@@ -1,0 +1,94 @@
+"""Quantized runs: quantize a loaded run on the fly, save it as a directory of its own, load it back.
+
+A quantized directory (QDIR) looks like a training run to every tool that reads one:
+
+    QDIR/config.json         the run config, with model.scan_layers off, model.kv_cache_dtype, and a
+                             `quantization` section (mode, group_size, source workdir and step)
+    QDIR/tokenizer.model     a copy of the run's tokenizer
+    QDIR/checkpoints/STEP/   Orbax: the quantized parameters (int8/int4 values and float32 scales) only
+
+so `llm.infer.loading.load_run(QDIR)` (and with it scripts/sample.py, chat.py and evaluate.py) returns
+the quantized model: it rebuilds the quantized structure abstractly (`ptq.model_from_config` under
+nnx.eval_shape: nothing materialized) and restores the arrays onto it, sharded by their logical axes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+
+from flax import nnx
+
+from llm.infer.loading import Run, load_run
+from llm.quant import ptq
+from llm.train import checkpoint
+
+
+def quantize_run(run: Run, mode: str, group_size: int = ptq.DEFAULT_GROUP_SIZE, kv_cache: str = "auto") -> Run:
+    """The run with its model quantized in memory (the float run is left untouched)."""
+    qconfig = ptq.QuantConfig(mode, group_size, kv_cache)
+    config = ptq.quantized_config(run.config, qconfig)
+    config.quantization.update(source_workdir=os.path.abspath(run.workdir), source_step=run.step)
+    return Run(ptq.quantize_model(run.model, qconfig), config, run.tokenizer, run.step, run.workdir)
+
+
+def save_quantized_run(run: Run, qdir: str, overwrite: bool = False) -> None:
+    """Writes a run returned by `quantize_run` to `qdir` (see the module docstring).
+
+    Everything is written to QDIR.partial first and renamed at the end, so an interrupted save never leaves
+    a half-written QDIR. An existing QDIR is replaced only with `overwrite`, and only if it is itself a
+    quantized run.
+    """
+    if "quantization" not in run.config:
+        raise ValueError("save_quantized_run needs a quantized run (from quantize_run).")
+    qdir = os.path.abspath(qdir)
+    if os.path.exists(qdir):
+        if not overwrite:
+            raise FileExistsError(f"{qdir!r} already exists; choose another output or pass overwrite=True "
+                                  "(--overwrite).")
+        if not is_quantized_dir(qdir):
+            raise FileExistsError(f"{qdir!r} exists and is not a quantized run; refusing to overwrite it.")
+    partial = qdir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    config_dict = json.loads(run.config.to_json())
+    with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_dict, f, indent=2, sort_keys=True)
+    shutil.copyfile(run.tokenizer.path, os.path.join(partial, "tokenizer.model"))
+    checkpointer = checkpoint.Checkpointer(os.path.join(partial, "checkpoints"), keep=1)
+    try:
+        # A quantized checkpoint has no data-loader position: its data item is empty.
+        checkpointer.save(run.step, {"params": nnx.state(run.model, nnx.Param)}, {}, config_dict)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    if os.path.exists(qdir):
+        shutil.rmtree(qdir)
+    os.replace(partial, qdir)
+
+
+def is_quantized_dir(path: str) -> bool:
+    """Whether `path` holds a run written by `save_quantized_run`."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return False
+    with open(config_path, encoding="utf-8") as f:
+        return "quantization" in json.load(f)
+
+
+def load_quantized_run(qdir: str, step: int | None = None, mesh_shape: Sequence[int] = (1, -1, 1)) -> Run:
+    """Restores a quantized directory onto a mesh of the local devices; `run.model` is the quantized model.
+
+    Same as `load_run(qdir)`, which recognises quantized runs itself, but refuses a float run.
+    """
+    if not is_quantized_dir(qdir):
+        raise ValueError(f"{qdir!r} is not a quantized run (no config.json with a `quantization` section); "
+                         "write one with scripts/quantize.py.")
+    return load_run(qdir, step, mesh_shape)
+
+
+def directory_bytes(path: str) -> int:
+    """Total size of the files under `path` (e.g. a checkpoint directory)."""
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)

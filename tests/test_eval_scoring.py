@@ -37,6 +37,17 @@ def test_scores_equal_the_log_softmax_of_a_plain_forward_pass(model):
         assert score == pytest.approx(_reference(model, context, continuation), abs=1e-4)
 
 
+def test_a_shared_few_shot_prefix_is_read_once_and_scores_the_same(model):
+    rng = np.random.default_rng(1)
+    prefix = rng.integers(4, 128, 20).tolist()  # >= MIN_SHARED_PREFIX: scored on top of its KV cache
+    # The last request is longer than the context: cut from the left, it no longer shares the prefix.
+    requests = [(prefix + rng.integers(4, 128, n).tolist(), rng.integers(4, 128, m).tolist())
+                for n, m in [(0, 3), (5, 1), (9, 2), (1, 4), (30, 2)]]
+    scores = Scorer(model, batch_size=3).score_tokens(requests)
+    for score, (context, continuation) in zip(scores, requests):
+        assert score == pytest.approx(_reference(model, context, continuation), abs=1e-4)
+
+
 def test_bad_requests_get_a_clear_error(model):
     scorer = Scorer(model)
     with pytest.raises(ValueError, match="Request 0: the context is empty"):

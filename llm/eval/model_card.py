@@ -109,7 +109,8 @@ def model_card(config: ml_collections.ConfigDict, *, num_params: int, step: int,
         ["## Training", ""] + _training(config, step),
         ["## Training data", ""] + _data(data_report, config.data.path),
         ["## Evaluation", "", "Scores in percent except bits per byte and perplexity; written by "
-         "`scripts/evaluate.py` (every figure, with the settings, is in its JSON report).", "", markdown_table(report).rstrip()],
+         "`scripts/evaluate.py` (every figure, with the settings, is in its JSON report).", "",
+         markdown_table(report).rstrip()],
         ["## Intended use", "",
          "Research and teaching: seeing how a Spanish language model is built, trained and evaluated end to end, "
          "and comparing changes of data, tokenizer, architecture or training against a baseline. Not for "

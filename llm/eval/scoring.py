@@ -2,27 +2,33 @@
 
 A request is (context token ids, continuation token ids); its score is sum_i log p(cont_i | context, cont_<i)
 in nats. Requests are sorted by length, grouped into batches of a fixed size and right-padded to the next
-length bucket (powers of two up to the model's context), so one jitted forward pass compiles once per
+length bucket (powers of two up to the model's context), so the jitted forward pass compiles once per
 bucket and a new mix of lengths never recompiles. A request longer than the context keeps its continuation
 and loses the start of its context (left truncation), as a model reading a long document would.
+
+Few-shot prompts repeat the same solved examples in front of every request. When all requests of a call
+share a prefix of at least MIN_SHARED_PREFIX tokens, it is run once into a KV cache and every batch only
+runs its own tokens on top of it: a 3-shot task then costs about what its zero-shot version costs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llm.model.transformer import Transformer
+from llm.model.transformer import KVCache, Transformer
 from llm.tokenizer import Tokenizer
 
 TokenRequest = tuple[Sequence[int], Sequence[int]]
 # What the tasks need from a model: (context, continuation) texts -> log-likelihoods in nats.
 Loglikelihood = Callable[[Sequence[tuple[str, str]]], list[float]]
 SMALLEST_BUCKET = 16
+MIN_SHARED_PREFIX = 16  # shorter shared prefixes are not worth a separate pass
 
 
 def length_buckets(max_len: int) -> list[int]:
@@ -54,14 +60,49 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     return [tokenizer.bos_id] + context_ids, continuation_ids
 
 
-def _score_batch(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, targets: jax.Array,
-                 mask: jax.Array) -> jax.Array:
-    """Per row: sum over masked positions of log p(target | inputs up to there), in float32."""
-    model = nnx.merge(graphdef, state)
-    logits = model(inputs).astype(jnp.float32)
+class _Row(NamedTuple):
+    """A request as scored."""
+
+    index: int  # position in the caller's list
+    tokens: list[int]  # context + continuation, the last max_len + 1 of them
+    num_scored: int  # the continuation: the last num_scored tokens
+    cut: bool  # the start of the context did not fit
+
+
+def _sum_log_probs(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per row: sum over masked positions of log p(target), in float32."""
+    logits = logits.astype(jnp.float32)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    log_probs = target_logits - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.sum(jnp.where(mask, log_probs, 0.0), axis=-1)
+    return jnp.sum(jnp.where(mask, target_logits - jax.nn.logsumexp(logits, axis=-1), 0.0), axis=-1)
+
+
+def _score_batch(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    return _sum_log_probs(nnx.merge(graphdef, state)(inputs, positions, segment_ids), targets, mask)
+
+
+def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, segment_ids: jax.Array,
+             cache: KVCache) -> KVCache:
+    """The cache after reading one (1, P) prefix; its padding (segment 0) is never attended to."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    _, cache = nnx.merge(graphdef, state).decode(tokens, positions, segment_ids, cache)
+    return cache
+
+
+def _score_batch_after_prefix(graphdef: nnx.GraphDef, state: nnx.State, prefix: KVCache, inputs: jax.Array,
+                              positions: jax.Array, segment_ids: jax.Array, targets: jax.Array,
+                              mask: jax.Array) -> jax.Array:
+    """Like _score_batch for rows that continue the cached prefix (every row gets its own copy of it)."""
+    rows = inputs.shape[0]
+
+    def tile(x: jax.Array | None, axis: int) -> jax.Array | None:
+        return None if x is None else jnp.repeat(x, rows, axis=axis)
+
+    cache = prefix._replace(keys=tile(prefix.keys, 1), values=tile(prefix.values, 1),
+                            key_scales=tile(prefix.key_scales, 1), value_scales=tile(prefix.value_scales, 1),
+                            segment_ids=tile(prefix.segment_ids, 0), index=tile(prefix.index, 0))
+    logits, _ = nnx.merge(graphdef, state).decode(inputs, positions, segment_ids, cache)
+    return _sum_log_probs(logits, targets, mask)
 
 
 class Scorer:
@@ -74,29 +115,51 @@ class Scorer:
         self.batch_size = batch_size
         self.max_len = model.cfg.max_seq_len
         self.buckets = length_buckets(self.max_len)
+        self._cfg = model.cfg
         self._graphdef, self._state = nnx.split(model)
         self._forward = jax.jit(_score_batch, static_argnums=0)
+        self._prefill = jax.jit(_prefill, static_argnums=0)
+        self._forward_after_prefix = jax.jit(_score_batch_after_prefix, static_argnums=0)
 
     def score_tokens(self, requests: Sequence[TokenRequest]) -> list[float]:
         """Sum of continuation log-probabilities (nats) of each (context ids, continuation ids) request."""
         rows = [self._row(index, context, continuation) for index, (context, continuation) in enumerate(requests)]
-        # Longest first: each batch pads to its own bucket, and similar lengths share a batch.
-        rows.sort(key=lambda row: -len(row[1]))
         scores = np.zeros(len(rows), np.float64)
+        # Rows whose context was cut no longer start like the others: they run whole.
+        intact, whole = [row for row in rows if not row.cut], [row for row in rows if row.cut]
+        prefix = _shared_prefix(intact)
+        if len(prefix) >= MIN_SHARED_PREFIX:
+            self._score_rows(intact, prefix, scores)
+        else:
+            whole = rows
+        self._score_rows(whole, [], scores)
+        return scores.tolist()
+
+    def _score_rows(self, rows: list[_Row], prefix: list[int], scores: np.ndarray) -> None:
+        """Writes the score of each row into scores[index], running the rows on top of `prefix`'s cache."""
+        cache = self._read_prefix(prefix) if prefix else None
+        # Longest first: each batch pads to its own bucket, and similar lengths share a batch.
+        rows = sorted(rows, key=lambda row: -len(row.tokens))
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start:start + self.batch_size]
-            length = next(bucket for bucket in self.buckets if bucket >= len(batch[0][1]) - 1)
-            inputs = np.zeros((self.batch_size, length), np.int32)
-            targets = np.zeros((self.batch_size, length), np.int32)
+            length = self._bucket(len(batch[0].tokens) - len(prefix) - 1)
+            inputs, targets, positions, segment_ids = (np.zeros((self.batch_size, length), np.int32) for _ in range(4))
             mask = np.zeros((self.batch_size, length), bool)
-            for row, (_, tokens, num_scored) in enumerate(batch):
-                inputs[row, :len(tokens) - 1] = tokens[:-1]
-                targets[row, :len(tokens) - 1] = tokens[1:]
-                mask[row, len(tokens) - 1 - num_scored:len(tokens) - 1] = True
-            sums = np.asarray(self._forward(self._graphdef, self._state, inputs, targets, mask))
-            for row, (index, _, _) in enumerate(batch):
-                scores[index] = sums[row]
-        return scores.tolist()
+            for row, (_, tokens, num_scored, _) in enumerate(batch):
+                own = tokens[len(prefix):]  # the row's tokens after the shared prefix
+                inputs[row, :len(own) - 1] = own[:-1]
+                targets[row, :len(own) - 1] = own[1:]
+                positions[row, :len(own) - 1] = np.arange(len(prefix), len(tokens) - 1)
+                segment_ids[row, :len(own) - 1] = 1
+                mask[row, len(own) - 1 - num_scored:len(own) - 1] = True
+            if cache is None:
+                sums = self._forward(self._graphdef, self._state, inputs, positions, segment_ids, targets, mask)
+            else:
+                sums = self._forward_after_prefix(self._graphdef, self._state, cache, inputs, positions,
+                                                  segment_ids, targets, mask)
+            sums = np.asarray(sums)
+            for row, request in enumerate(batch):
+                scores[request.index] = sums[row]
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         """Log-likelihood (nats) of each continuation text given its context text (bos is prepended)."""
@@ -105,7 +168,19 @@ class Scorer:
         return self.score_tokens([encode_pair(self.tokenizer, context, continuation)
                                   for context, continuation in requests])
 
-    def _row(self, index: int, context: Sequence[int], continuation: Sequence[int]) -> tuple[int, list[int], int]:
+    def _bucket(self, length: int) -> int:
+        return next(bucket for bucket in self.buckets if bucket >= length)
+
+    def _read_prefix(self, prefix: list[int]) -> KVCache:
+        """The KV cache of the prefix, padded to a bucket, with room for a full context after it."""
+        length = self._bucket(len(prefix))
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, :len(prefix)] = prefix
+        segment_ids = (np.arange(length) < len(prefix)).astype(np.int32)[None]
+        cache = KVCache.create(self._cfg, 1, 2 * self.max_len)
+        return self._prefill(self._graphdef, self._state, tokens, segment_ids, cache)
+
+    def _row(self, index: int, context: Sequence[int], continuation: Sequence[int]) -> _Row:
         if not context:
             raise ValueError(f"Request {index}: the context is empty; start it with the bos token.")
         if not continuation:
@@ -114,5 +189,17 @@ class Scorer:
             raise ValueError(f"Request {index}: a continuation of {len(continuation)} tokens does not fit the "
                              f"model's context of {self.max_len}; score it in windows (perplexity.rolling_requests).")
         # max_len inputs predict max_len targets: keep the last max_len + 1 tokens.
-        tokens = (list(context) + list(continuation))[-(self.max_len + 1):]
-        return index, tokens, len(continuation)
+        tokens = list(context) + list(continuation)
+        return _Row(index, tokens[-(self.max_len + 1):], len(continuation), len(tokens) > self.max_len + 1)
+
+
+def _shared_prefix(rows: Sequence[_Row]) -> list[int]:
+    """The longest token prefix of every row that stops before its first scored prediction."""
+    if not rows:
+        return []
+    limit = min(len(row.tokens) - 1 - row.num_scored for row in rows)
+    first = rows[0].tokens
+    length = 0
+    while length < limit and all(row.tokens[length] == first[length] for row in rows):
+        length += 1
+    return first[:length]

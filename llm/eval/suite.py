@@ -31,7 +31,7 @@ PERTURBABLE_TASKS = ("xnli", "sentiment", "mgsm", "xquad")
 DEFAULT_ROBUSTNESS_TASKS = ("xnli", "sentiment")  # when robustness is asked for without any of the tasks
 DEFAULT_MAX_EXAMPLES = {"xnli": 120, "sentiment": 120, "mgsm": 32, "xquad": 32}
 DEFAULT_NUM_SHOTS = 3
-DEFAULT_MAX_NEW_TOKENS = 12
+DEFAULT_MAX_NEW_TOKENS = 16
 UD_FILE = "ud_gsd_es_dev.conllu"
 # The metrics whose drop robustness reports, per task.
 ROBUSTNESS_METRICS = {"xnli": ("accuracy",), "sentiment": ("accuracy", "macro_f1"), "mgsm": ("exact_match",),

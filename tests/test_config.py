@@ -7,14 +7,14 @@ import sys
 import pytest
 from conftest import tiny_config
 
-from configs import base, gpt2_small_es, llama_1b_es, tiny_es
+from configs import base, dpo_es, gpt2_small_es, llama_1b_es, lora_es, sft_es, tiny_es
 from llm import config_validation
 from llm.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("recipe", [base, tiny_es, gpt2_small_es, llama_1b_es])
+@pytest.mark.parametrize("recipe", [base, tiny_es, gpt2_small_es, llama_1b_es, sft_es, lora_es, dpo_es])
 def test_recipes_are_valid(recipe):
     config_validation.validate(recipe.get_config())
 

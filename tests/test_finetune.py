@@ -188,3 +188,16 @@ def test_lora_config_without_rank_and_dpo_without_init_from_are_refused(trained_
     config.init_from = ""
     with pytest.raises(config_validation.ConfigError, match="needs config.init_from"):
         config_validation.validate(config)
+
+
+def test_merge_lora_script_writes_a_standalone_run(lora_run, tmp_path):
+    import subprocess
+    import sys
+    output = tmp_path / "merged"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "merge_lora.py")
+    result = subprocess.run([sys.executable, script, f"--workdir={lora_run}", f"--output={output}"],
+                            capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    tokens = jnp.array([[2, 40, 41, 77, 90, 13, 5]])
+    np.testing.assert_allclose(forward(loading.load_run(str(output)).model, tokens),
+                               forward(loading.load_run(lora_run).model, tokens), atol=1e-6)

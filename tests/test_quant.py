@@ -85,6 +85,9 @@ def test_a_quantized_run_round_trips_through_disk_and_loads_like_a_run(run, text
     # Generation (jitted prefill and decode, int8 KV cache) runs on the loaded model as on the saved one.
     prompts = ["La niña canta", "¿Quién"]
     assert generate.generate_text(loaded, prompts, 8) == generate.generate_text(quantized, prompts, 8)
+    source = quantized_run.load_source_run(loaded)
+    assert source.step == run.step and "quantization" not in source.config
+    np.testing.assert_array_equal(forward(source.model, text_tokens), forward(run.model, text_tokens))
     with pytest.raises(FileExistsError, match="already exists"):
         quantized_run.save_quantized_run(quantized, qdir)
     with pytest.raises(ValueError, match="is not a quantized run"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -90,7 +91,7 @@ def quantized_config(config: ml_collections.ConfigDict, qconfig: QuantConfig) ->
 
 
 def _quantized_model_cfg(cfg: ml_collections.ConfigDict, qconfig: QuantConfig) -> ml_collections.ConfigDict:
-    """The model section with its blocks unrolled (see the module docstring) and the KV cache dtype it decodes with."""
+    """The model section with its blocks unrolled (see the module docstring) and its KV cache dtype."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.scan_layers = False
     cfg.kv_cache_dtype = qconfig.kv_cache
@@ -117,7 +118,8 @@ def _unrolled(model: Transformer) -> Transformer:
         unrolled = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
     stacked = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     blocks = stacked.pop("blocks")
-    stacked["blocks"] = {layer: jax.tree.map(lambda a, layer=layer: a[layer], blocks) for layer in range(cfg.num_layers)}
+    stacked["blocks"] = {layer: jax.tree.map(lambda a, layer=layer: a[layer], blocks)
+                         for layer in range(cfg.num_layers)}
     state = nnx.state(unrolled, nnx.Param)
     nnx.replace_by_pure_dict(state, stacked)
     nnx.update(unrolled, state)
@@ -174,19 +176,19 @@ def model_from_config(config: ml_collections.ConfigDict) -> Transformer:
     return quantize_model(model, QuantConfig.from_config(config)) if "quantization" in config else model
 
 
-def parameter_bytes(model: nnx.Module) -> int:
-    """Bytes of the model's parameters at their logical width: int4 values count half a byte.
-
-    (Accelerators store int4 packed two to a byte; on the host, NumPy keeps one per byte.)
-    """
-    return sum(math.ceil(x.size * jax.dtypes.itemsize_bits(x.dtype) / 8)
-               for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
 def parameter_bytes_by_dtype(model: nnx.Module) -> dict[str, int]:
-    """`parameter_bytes` split by storage dtype, e.g. {"int8": ..., "float32": ...} (scales are float32)."""
+    """Bytes of the model's parameters by dtype, e.g. {"int8": ..., "float32": ...} (scales are float32).
+
+    Sizes are at the dtype's bit width: int4 counts half a byte, its packed size. (XLA on CPU keeps one
+    int4 per byte in memory; the figure is what the weights need where int4 is packed, e.g. on TPU.)
+    """
     totals: dict[str, int] = {}
     for x in jax.tree.leaves(nnx.state(model, nnx.Param)):
         name = jnp.dtype(x.dtype).name
         totals[name] = totals.get(name, 0) + math.ceil(x.size * jax.dtypes.itemsize_bits(x.dtype) / 8)
     return totals
+
+
+def parameter_bytes(model: nnx.Module) -> int:
+    """Total bytes of the model's parameters (see `parameter_bytes_by_dtype`); works on abstract models."""
+    return sum(parameter_bytes_by_dtype(model).values())

@@ -89,6 +89,12 @@ def load_quantized_run(qdir: str, step: int | None = None, mesh_shape: Sequence[
     return load_run(qdir, step, mesh_shape)
 
 
+def load_source_run(run: Run, mesh_shape: Sequence[int] = (1, -1, 1)) -> Run:
+    """The float run a quantized run was made from (its workdir and step), for side-by-side comparisons."""
+    source = run.config.quantization
+    return load_run(source.source_workdir, source.source_step, mesh_shape)
+
+
 def directory_bytes(path: str) -> int:
     """Total size of the files under `path` (e.g. a checkpoint directory)."""
     return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(path) for name in names)

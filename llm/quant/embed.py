@@ -27,7 +27,6 @@ class QuantizedEmbed(nnx.Module):
         # (llm.quant.ptq then drops the scale's axis that holds groups rather than channels).
         self.qvalue = table.replace(quantized.qvalue)
         self.scale = table.replace(quantized.scale)
-        self.num_embeddings, self.features = embed.num_embeddings, embed.features
         self.dtype = embed.dtype
         self.act_qtype = act_qtype
 

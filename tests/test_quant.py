@@ -23,8 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Per mode, on held-out text: the largest relative L2 error of the logits, ||q - f|| / ||f||, and the
 # smallest share of positions whose most likely next token is unchanged. Measured on the trained
-# fixture: int8 0.3% / 99%, int4 (groups of 16) 4% / 86-90%, int8 + activations 0.6% / 99%.
-BOUNDS = {"int8": (0.01, 0.97), "int4": (0.08, 0.80), "int8_act": (0.02, 0.95)}
+# fixture: int8 0.13% / 99.6%, int4 (groups of 16) 1.7% / 93%, int8 + activations 0.28% / 99.6%.
+BOUNDS = {"int8": (0.01, 0.97), "int4": (0.05, 0.85), "int8_act": (0.01, 0.97)}
 
 
 @pytest.fixture(scope="module")

@@ -131,6 +131,7 @@ def train_tokenizer(
     input_sentence_size: int = 5_000_000,
     max_sentence_bytes: int = 4096,
     seed: int = 0,
+    multiword_pieces: bool = False,
 ) -> Tokenizer:
     """Trains a SentencePiece model on `texts` and writes `{model_prefix}.model` and `.vocab`.
 
@@ -158,6 +159,10 @@ def train_tokenizer(
         remove_extra_whitespaces=False,
         byte_fallback=True,
         split_digits=True,
+        # Multi-word pieces ("▁de▁la"; SuperBPE-style) cut tokens per word by ~8% on Spanish, at the cost of
+        # token boundaries that no longer coincide with word boundaries. Off by default.
+        split_by_whitespace=not multiword_pieces,
+        split_by_unicode_script=not multiword_pieces,
         # Lets runs of spaces (code indentation) become single pieces instead of one token per space.
         allow_whitespace_only_pieces=True,
         pad_id=PAD_ID,

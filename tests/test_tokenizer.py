@@ -93,6 +93,14 @@ def test_unigram_option(tmp_path):
     assert uni.role_ids["end"] == 7 and tokenizer.round_trips(uni, "¿Año? ¡Ñandú! «Pingüino»")
 
 
+def test_multiword_pieces_round_trip_with_fewer_tokens(tok, tmp_path):
+    multi = tokenizer.train_tokenizer(TEXTS, str(tmp_path / "multi"), vocab_size=400, multiword_pieces=True)
+    text = "¿Dónde está la estación de autobuses? Está detrás del mercado."
+    assert tokenizer.round_trips(multi, text)
+    assert tokenizer.fertility(multi, TEXTS) < tokenizer.fertility(tok, TEXTS)
+    assert any("▁" in multi.piece(i)[1:] for i in range(multi.vocab_size))  # some piece spans two words
+
+
 def test_bad_arguments_get_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="model_type"):
         tokenizer.train_tokenizer(TEXTS, str(tmp_path / "x"), vocab_size=400, model_type="wordpiece")

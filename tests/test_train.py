@@ -110,22 +110,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     assert saved[-1] < 40
 
 
+def _one_step_metrics(config, seed):
+    """The metrics of one train step on a fixed random batch (one device)."""
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    with sharding.use_mesh(mesh, config.logical_axis_rules):
+        steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 20),
+                                     optimizer_lib.learning_rate_schedule(config.optimizer, 20))
+        rng = np.random.default_rng(seed)
+        batch = {"tokens": rng.integers(0, 128, (8, 32)), "positions": np.tile(np.arange(32), (8, 1)),
+                 "segment_ids": np.ones((8, 32), int), "loss_mask": rng.integers(0, 2, (8, 32))}
+        batch = sharding.global_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh,
+                                      config.logical_axis_rules)
+        state, frozen = steps.init(None)
+        _, metrics = steps.train(state, frozen, batch)
+    return [float(metrics[name]) for name in ("loss", "grad_norm", "param_norm")]
+
+
 def test_gradient_accumulation_matches_the_full_batch():
-    results = []
-    for accum in (1, 4):
-        config = tiny_config(train__grad_accum_steps=accum)
-        mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-        with sharding.use_mesh(mesh, config.logical_axis_rules):
-            steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 20),
-                                         optimizer_lib.learning_rate_schedule(config.optimizer, 20))
-            rng = np.random.default_rng(0)
-            batch = {"tokens": rng.integers(0, 128, (8, 32)), "positions": np.tile(np.arange(32), (8, 1)),
-                     "segment_ids": np.ones((8, 32), int), "loss_mask": rng.integers(0, 2, (8, 32))}
-            batch = sharding.global_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh,
-                                          config.logical_axis_rules)
-            state, frozen = steps.init(None)
-            state, metrics = steps.train(state, frozen, batch)
-            results.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+    results = [_one_step_metrics(tiny_config(train__grad_accum_steps=accum), seed=0) for accum in (1, 4)]
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
 
 
@@ -151,19 +153,7 @@ def test_learning_rate_schedules_warm_up_then_decay_to_the_final_ratio(schedule)
 
 
 def test_chunked_cross_entropy_equals_the_full_one():
-    results = []
-    for chunk in (0, 7):  # 7 does not divide the 31 predicted positions: the padding must not count.
-        config = tiny_config(train__loss_chunk_size=chunk, train__z_loss=1e-3)
-        mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-        with sharding.use_mesh(mesh, config.logical_axis_rules):
-            steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 20),
-                                         optimizer_lib.learning_rate_schedule(config.optimizer, 20))
-            rng = np.random.default_rng(1)
-            batch = {"tokens": rng.integers(0, 128, (8, 32)), "positions": np.tile(np.arange(32), (8, 1)),
-                     "segment_ids": np.ones((8, 32), int), "loss_mask": rng.integers(0, 2, (8, 32))}
-            batch = sharding.global_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh,
-                                          config.logical_axis_rules)
-            state, frozen = steps.init(None)
-            _, metrics = steps.train(state, frozen, batch)
-            results.append((float(metrics["loss"]), float(metrics["grad_norm"]), float(metrics["param_norm"])))
+    # 7 does not divide the 31 predicted positions: the padding must not count.
+    results = [_one_step_metrics(tiny_config(train__loss_chunk_size=chunk, train__z_loss=1e-3), seed=1)
+               for chunk in (0, 7)]
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5)

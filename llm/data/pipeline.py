@@ -443,6 +443,7 @@ def _tokenizer_step(config, output_dir, runner, markers, progress) -> dict[str, 
             input_sentence_size=settings.input_sentence_size,
             max_sentence_bytes=settings.max_sentence_bytes,
             seed=settings.seed,
+            multiword_pieces=settings.multiword_pieces,
         )
     result: dict[str, Any] = {
         "vocab_size": tokenizer.vocab_size,

@@ -100,3 +100,18 @@ def test_checkpoint_saved_on_2x2x2_mesh_restores_on_one_device(tmp_path):
     for want, got in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
         assert len(got.sharding.device_set) == 1
         np.testing.assert_array_equal(np.asarray(want), np.asarray(got))
+
+
+def test_restoring_parameters_of_another_model_is_refused(tmp_path):
+    config = tiny_config()
+    _, state = _run(config, (1, 1, 1), num_steps=1)
+    saver = checkpoint.Checkpointer(str(tmp_path), keep=1)
+    saver.save(1, state, {}, {})
+    saver.wait()
+    saver.close()
+    other = tiny_config(model__tie_embeddings=False)  # has an `unembed` matrix the checkpoint lacks
+    _, other_steps = _steps(other, (1, 1, 1))
+    reader = checkpoint.Checkpointer(str(tmp_path), keep=1)
+    with pytest.raises(ValueError, match="has no values for 1 parameters"):
+        reader.restore_params(1, other_steps.abstract_state["params"])
+    reader.close()

@@ -59,9 +59,10 @@ def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = 
 
     # A quantized run (scripts/quantize.py) rebuilds its quantized structure from its config.
     abstract = nnx.eval_shape(lambda: ptq.model_from_config(config))
-    graphdef, abstract_trained, abstract_rest = nnx.split(abstract, step_lib.TRAINABLE[config.train.trainable], ...)
+    trainable = config.train.get("trainable", "all")
+    graphdef, abstract_trained, abstract_rest = nnx.split(abstract, step_lib.TRAINABLE[trainable], ...)
     trained, step = checkpoint.restore_run_params(workdir, placed(abstract_trained), step)
-    if config.train.trainable == "lora":
+    if trainable == "lora":
         base, _ = checkpoint.restore_run_params(config.init_from, placed(abstract_rest))
         adapted = nnx.merge(graphdef, trained, base)
         config = lora.merged_config(config)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs.data import es_default
-from llm.data import local_runner, pipeline, records, sources, stages
+from llm.data import corpus_io, local_runner, pipeline, records, sources, stages
 from llm.data.document import Document, Dropped
 from llm.data.report import AccountingError, Accounts
 from llm.tokenizer import Tokenizer
@@ -121,7 +121,7 @@ def corpus_files(step_directory) -> dict[str, bytes]:
 
 
 def counts(step_directory) -> dict:
-    return pipeline.read_counts(str(step_directory)).counts()
+    return corpus_io.read_counts(str(step_directory)).counts()
 
 
 # Module-level so that worker processes can unpickle it by reference.
@@ -173,11 +173,11 @@ def test_filter_and_dedup_decisions(local_run):
 
 def test_shards_are_sorted_by_id_and_hashed_by_id(local_run):
     _, config, output = local_run
-    for path in pipeline.shard_paths(str(output / "stages" / "dedup")):
+    for path in corpus_io.shard_paths(str(output / "stages" / "dedup")):
         index = int(os.path.basename(path).split("-")[1])
-        ids = [document.id for document in pipeline.iterate_documents(open(path, encoding="utf-8"), path)]
+        ids = [document.id for document in corpus_io.iterate_documents(open(path, encoding="utf-8"), path)]
         assert ids == sorted(ids)
-        assert all(pipeline.shard_of(doc_id, config.output.corpus_shards) == index for doc_id in ids)
+        assert all(corpus_io.shard_of(doc_id, config.output.corpus_shards) == index for doc_id in ids)
 
 
 def test_every_document_is_accounted_for(local_run):

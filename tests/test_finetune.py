@@ -15,7 +15,6 @@ from flax import nnx
 from llm import sharding
 from llm.data import loader, records
 from llm.infer import loading
-from llm.model import lora
 from llm.train import checkpoint, loop, losses, optimizer as optimizer_lib, step as step_lib
 
 

@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from llm.infer import generate, loading
-from llm.infer.sampling import SamplingParams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -26,7 +26,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 
-from llm.data import dedup, pipeline, sources, stages
+from llm.data import corpus_io, dedup, pipeline, sources, stages
 from llm.data.document import Document, Dropped
 from llm.data.report import Accounts
 
@@ -181,8 +181,8 @@ def _write_file(path: str, text: str) -> None:
 
 def _write_shard(group: tuple[int, dict[str, Iterable[Any]]], output_dir: str, num_shards: int) -> str:
     index, grouped = group
-    path = FileSystems.join(output_dir, pipeline.shard_name(index, num_shards))
-    _write_file(path, pipeline.shard_content(grouped["documents"], path))
+    path = FileSystems.join(output_dir, corpus_io.shard_name(index, num_shards))
+    _write_file(path, corpus_io.shard_content(grouped["documents"], path))
     return path
 
 
@@ -196,7 +196,7 @@ class _WriteShards(beam.PTransform):
 
     def expand(self, documents: beam.PCollection) -> beam.PCollection:
         n = self._num_shards
-        keyed = documents | "ByShard" >> beam.Map(lambda document: (pipeline.shard_of(document.id, n), document))
+        keyed = documents | "ByShard" >> beam.Map(lambda document: (corpus_io.shard_of(document.id, n), document))
         # Every shard index joins the group, so a shard with no documents is still written (empty).
         every = documents.pipeline | "AllShards" >> beam.Create([(index, None) for index in range(n)])
         return (
@@ -210,7 +210,7 @@ def _write_counts(counts: beam.PCollection, stage_names: Sequence[str], output_d
     (
         counts
         | "MergeCounts" >> beam.CombineGlobally(_MergeAccounts(stage_names))
-        | "WriteCounts" >> beam.Map(pipeline.write_counts_file, output_dir)
+        | "WriteCounts" >> beam.Map(corpus_io.write_counts_file, output_dir)
     )
 
 
@@ -252,17 +252,17 @@ class BeamRunner:
             ).with_outputs(COUNTS, main="documents")
             results.documents | "WriteDocuments" >> _WriteShards(output_dir, config.output.corpus_shards)
             _write_counts(results[COUNTS], stage_names, output_dir)
-        return pipeline.read_counts(output_dir)
+        return corpus_io.read_counts(output_dir)
 
     def dedup(self, config: ml_collections.ConfigDict, input_dir: str, output_dir: str) -> Accounts:
         """Exact then near dedup of the filter step's output; writes the cleaned corpus as sorted shards."""
-        pattern = FileSystems.join(input_dir, f"{pipeline.SHARD_PREFIX}-*{pipeline.SHARD_SUFFIX}")
+        pattern = FileSystems.join(input_dir, f"{corpus_io.SHARD_PREFIX}-*{corpus_io.SHARD_SUFFIX}")
         stage_names = pipeline.dedup_stage_names(config)
         with beam.Pipeline(options=self._options) as p:
             documents = (
                 p
                 | "ReadDocuments" >> beam.io.ReadFromText(pattern)
-                | "Decode" >> beam.Map(pipeline.decode_document, input_dir)
+                | "Decode" >> beam.Map(corpus_io.decode_document, input_dir)
             )
             counts = []
             if config.dedup.exact:
@@ -283,4 +283,4 @@ class BeamRunner:
                 counts.append(near[COUNTS])
             documents | "WriteCorpus" >> _WriteShards(output_dir, config.output.corpus_shards)
             _write_counts(tuple(counts) | "AllCounts" >> beam.Flatten(pipeline=p), stage_names, output_dir)
-        return pipeline.read_counts(output_dir)
+        return corpus_io.read_counts(output_dir)

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from llm.data import dedup, pipeline, sources, stages
+from llm.data import corpus_io, dedup, pipeline, sources, stages
 from llm.data.document import Document, Dropped
 from llm.data.report import Accounts
 
@@ -89,7 +89,7 @@ def parallel_map(
 
 
 class ShardWriter:
-    """Writes documents into `num_shards` JSONL shards, each sorted by id (see `pipeline.shard_content`).
+    """Writes documents into `num_shards` JSONL shards, each sorted by id (see `corpus_io.shard_content`).
 
     Documents are appended to an unsorted part per shard; leaving the `with` block sorts one shard at a
     time in memory (the memory bound is one shard) and renames it into place, so a crash leaves no
@@ -103,11 +103,11 @@ class ShardWriter:
         self._parts = [open(self._part_path(i), "w", encoding="utf-8") for i in range(num_shards)]
 
     def _part_path(self, index: int) -> str:
-        return os.path.join(self._directory, "." + pipeline.shard_name(index, self._num_shards) + ".unsorted")
+        return os.path.join(self._directory, "." + corpus_io.shard_name(index, self._num_shards) + ".unsorted")
 
     def write(self, document: Document) -> None:
-        self._parts[pipeline.shard_of(document.id, self._num_shards)].write(
-            pipeline.encode_document(document) + "\n"
+        self._parts[corpus_io.shard_of(document.id, self._num_shards)].write(
+            corpus_io.encode_document(document) + "\n"
         )
 
     def __enter__(self) -> "ShardWriter":
@@ -123,8 +123,8 @@ class ShardWriter:
         for index in range(self._num_shards):
             part_path = self._part_path(index)
             with open(part_path, encoding="utf-8") as lines:
-                content = pipeline.shard_content(pipeline.iterate_documents(lines, part_path), part_path)
-            path = os.path.join(self._directory, pipeline.shard_name(index, self._num_shards))
+                content = corpus_io.shard_content(corpus_io.iterate_documents(lines, part_path), part_path)
+            path = os.path.join(self._directory, corpus_io.shard_name(index, self._num_shards))
             with open(path + ".tmp", "w", encoding="utf-8") as out:
                 out.write(content)
             os.replace(path + ".tmp", path)
@@ -196,7 +196,7 @@ class LocalRunner:
                 megabytes = accounts.stages[pipeline.READ].bytes_out / 1e6
                 bar.set_postfix(MB=f"{megabytes:.1f}", kept=accounts.documents_kept, refresh=False)
                 bar.update(chunk_accounts.documents_in)
-        pipeline.write_counts(output_dir, accounts)
+        corpus_io.write_counts(output_dir, accounts)
         return accounts
 
     def dedup(self, config: ml_collections.ConfigDict, input_dir: str, output_dir: str) -> Accounts:
@@ -205,7 +205,7 @@ class LocalRunner:
         Two passes over the input: the first computes each document's exact key and MinHash signature in
         the workers, the second writes the documents that are neither kind of duplicate.
         """
-        total = pipeline.read_counts(input_dir).documents_kept
+        total = corpus_io.read_counts(input_dir).documents_kept
         ids: list[str] = []
         keys: list[str] = []
         signatures: list[np.ndarray] = []
@@ -231,7 +231,7 @@ class LocalRunner:
                 bar.update()
                 if _dedup_verdict(document, config, exact, near, accounts):
                     writer.write(document)
-        pipeline.write_counts(output_dir, accounts)
+        corpus_io.write_counts(output_dir, accounts)
         return accounts
 
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from llm import config_validation, sharding
 from llm.data import loader

@@ -52,7 +52,7 @@ def test_an_unknown_task_fails_before_loading_with_the_allowed_ones(trained_run)
 def test_a_missing_checkpoint_is_named(trained_run, tmp_path):
     shutil.copy(os.path.join(trained_run, "config.json"), tmp_path / "config.json")
     result = _evaluate(f"--workdir={tmp_path}")
-    assert result.returncode != 0 and f"No checkpoint in '{tmp_path / 'checkpoints'}'" in result.stderr
+    assert result.returncode != 0 and f"'{tmp_path / 'checkpoints'}': train first (scripts/train.py)" in result.stderr
 
 
 @pytest.mark.parametrize("tasks, overrides, message", [

@@ -48,6 +48,8 @@ _GENERATION = {
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """What to evaluate on and how; the flags of scripts/evaluate.py."""
+
     data_dir: str = tasks.DEFAULT_DATA_DIR  # directory with the files of ../shared/data/es_eval
     text_file: str = ""  # bpb on this plain-text file instead of the UD Spanish-GSD dev sentences
     train_data: str = ""  # training shards of the unigram baseline; "" means the run's config.data.path/train

@@ -44,13 +44,7 @@ def _checked_inputs() -> tuple[list[str], suite.Settings]:
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir={workdir!r} does not exist.")
     config = checkpoint.load_config(workdir)
-    checkpoint_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = sorted(int(name) for name in os.listdir(checkpoint_dir) if name.isdigit()) \
-        if os.path.isdir(checkpoint_dir) else []
-    if not steps:
-        raise FileNotFoundError(f"No checkpoint in {checkpoint_dir!r}: train first (scripts/train.py).")
-    if _STEP.value is not None and _STEP.value not in steps:
-        raise FileNotFoundError(f"No checkpoint for --step={_STEP.value} in {checkpoint_dir!r} (available: {steps}).")
+    checkpoint.require_checkpoint(workdir, _STEP.value)
     settings = suite.Settings(data_dir=_DATA_DIR.value, text_file=_TEXT_FILE.value, train_data=_TRAIN_DATA.value,
                               max_examples=_MAX_EXAMPLES.value, num_shots=_NUM_SHOTS.value,
                               max_new_tokens=_MAX_NEW_TOKENS.value, seed=_SEED.value)

@@ -39,13 +39,7 @@ def _checked_output() -> str:
     if "quantization" in config:
         raise ValueError(f"--workdir={workdir!r} is already quantized ({config.quantization.mode}); "
                          "quantize the float run it came from.")
-    checkpoint_dir = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(name) for name in os.listdir(checkpoint_dir) if name.isdigit()) \
-        if os.path.isdir(checkpoint_dir) else []
-    if not steps:
-        raise FileNotFoundError(f"No checkpoint in {checkpoint_dir!r}: train first (scripts/train.py).")
-    if _STEP.value is not None and _STEP.value not in steps:
-        raise FileNotFoundError(f"No checkpoint for --step={_STEP.value} in {checkpoint_dir!r} (available: {steps}).")
+    checkpoint.require_checkpoint(workdir, _STEP.value)
     output = _OUTPUT.value or f"{workdir}-{_MODE.value}"
     if os.path.exists(output) and not _OVERWRITE.value:
         raise FileExistsError(f"--output={output!r} already exists; choose another or pass --overwrite.")

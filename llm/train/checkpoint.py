@@ -88,18 +88,24 @@ class Checkpointer:
         self._manager.close()
 
 
+def require_checkpoint(run_dir: str, step: int | None = None) -> int:
+    """The checkpoint step to read from a run directory (`step`, or the latest), checked without loading
+    anything: a missing directory or step raises FileNotFoundError naming what is there."""
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
+    if not steps:
+        raise FileNotFoundError(f"No checkpoints in {directory!r}: train first (scripts/train.py).")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"No checkpoint for step {step} in {directory!r} (available: {steps}).")
+    return steps[-1] if step is None else step
+
+
 def restore_run_params(run_dir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
     """The trained parameters of a run directory's checkpoint `step` (default: the latest), placed as the
     ShapeDtypeStructs of `abstract_params` say, and the step they come from."""
-    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"No checkpoints in {directory!r}: train first (scripts/train.py).")
-    checkpointer = Checkpointer(directory, keep=1_000_000)
+    step = require_checkpoint(run_dir, step)
+    checkpointer = Checkpointer(os.path.join(os.path.abspath(run_dir), "checkpoints"), keep=1_000_000)
     try:
-        available = checkpointer.all_steps()
-        step = available[-1] if step is None and available else step
-        if step is None or step not in available:
-            raise FileNotFoundError(f"No checkpoint for step {step} in {directory!r} (available: {available}).")
         return checkpointer.restore_params(step, abstract_params), step
     finally:
         checkpointer.close()

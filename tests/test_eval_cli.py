@@ -101,12 +101,14 @@ def test_model_card_lists_sources_with_licences_and_token_counts(tmp_path):
     data_report = {
         "sources": [{"source": "fortunes-es", "licence": "GPL-2+", "documents": 514, "mb": 0.828, "words": 139542,
                      "tokens": 288751}],
-        "corpus": {"documents": 514, "mb": 0.828, "words": 139542, "tokens": 288751},
+        "corpus": {"documents": 514, "tokens": 288751, "shards": 1},
+        "mb": {"in": 0.9, "out": 0.828},
         "tokenizer": {"model_type": "bpe", "vocab_size": 8192, "fertility": 1.87, "eval_text": "ud_gsd_es_dev.conllu"},
     }
     (tmp_path / "report.json").write_text(json.dumps(data_report), encoding="utf-8")
     path = model_card.write_model_card(str(tmp_path), config, num_params=28_832, step=20, report=REPORT)
     card = open(path, encoding="utf-8").read()
     assert "| fortunes-es | GPL-2+ | 514 | 0.828 | 139,542 | 288,751 |" in card
+    assert "514 documents, 0.828 MB, 288,751 tokens" in card
     assert "20 steps of 8 rows x 32 tokens: about 5,120 training tokens" in card
     assert "**Tiny.** 28,832 parameters" in card and "(fortunes-es)" in card

@@ -68,8 +68,10 @@ def _data(data_report: Mapping[str, Any] | None, data_path: str) -> list[str]:
                      f"{source['words']:,} | {source['tokens']:,} |")
     corpus, tokenizer = data_report.get("corpus", {}), data_report.get("tokenizer", {})
     if corpus:
+        # The data report (llm/data/report.py) keeps sizes at its top level: {"mb": {"in", "out"}, ...}.
+        megabytes = data_report.get("mb", {}).get("out")
         lines.append(f"\nCorpus after cleaning, filtering and deduplication: {corpus['documents']:,} documents, "
-                     f"{corpus['mb']} MB, {corpus['tokens']:,} tokens.")
+                     f"{megabytes} MB, {corpus['tokens']:,} tokens.")
     if tokenizer.get("fertility"):
         lines.append(f"Tokenizer: {tokenizer['model_type']}, {tokenizer['vocab_size']:,} pieces, "
                      f"{tokenizer['fertility']} tokens per word on {tokenizer['eval_text']}.")

@@ -70,6 +70,14 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))
 
+    def decode_after(self, ids: Sequence[int], previous_id: int) -> str:
+        """The text of `ids` as it reads after the token `previous_id`.
+
+        `decode(ids)` alone drops the space that starts the first piece ("▁de" -> "de"), which would glue a
+        completion to its prompt; decoding behind the prompt's last token keeps it.
+        """
+        return self.decode([previous_id, *ids])[len(self.decode([previous_id])):]
+
     def piece(self, token_id: int) -> str:
         """The vocabulary piece of an id (e.g. '▁casa', '<0xF0>', '<|user|>')."""
         if not 0 <= token_id < self.vocab_size:

@@ -64,3 +64,11 @@ def test_chat_script_streams_answers_until_exit(trained_run):
     result = _script("chat.py", f"--workdir={trained_run}", "--max_new_tokens=8", stdin="Hola\n/reset\n¿Qué tal?\n/exit\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Asistente:") == 2
+
+
+def test_completions_keep_the_space_that_separates_them_from_the_prompt(trained_run):
+    run = loading.load_run(trained_run)
+    prompt_ids = run.tokenizer.encode("La niña canta", add_bos=True)
+    completion = run.generator.generate([prompt_ids], 12)[0]
+    full = run.tokenizer.decode(prompt_ids + completion)
+    assert "La niña canta" + generate.generate_text(run, ["La niña canta"], 12)[0] == full

@@ -140,7 +140,8 @@ def test_many_concurrent_clients_all_get_their_own_answer(server, client, run):
     for row, (prompt, new) in enumerate(zip(encoded, tokens)):
         rows[row, :len(prompt) + len(new)] = prompt + new
     logprobs = np.asarray(jax.nn.log_softmax(forward(run.model, rows).astype(np.float32)))
-    want = [(run.tokenizer.decode(new), [logprobs[row, len(prompt) - 1 + i, t] for i, t in enumerate(new)])
+    want = [(run.tokenizer.decode_after(new, prompt[-1]),
+             [logprobs[row, len(prompt) - 1 + i, t] for i, t in enumerate(new)])
             for row, (prompt, new) in enumerate(zip(encoded, tokens))]
 
     def ask(prompt, max_tokens):

@@ -19,6 +19,7 @@ from flax import nnx
 
 from llm.infer.sampling import SamplingParams, sample
 from llm.model.transformer import KVCache, Transformer
+from llm.tokenizer import Tokenizer
 
 MIN_BUCKET = 16
 
@@ -124,6 +125,47 @@ class Generator:
         return outputs
 
 
+class TextStream:
+    """Turns a growing list of generated ids into text that is safe to show as it streams.
+
+    Text is decoded behind the prompt's last token (so the completion keeps its leading space); text that
+    could still turn out to be the start of a stop string, or a trailing half character (U+FFFD from
+    byte-fallback pieces), is held back until it cannot be.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), previous_id: int | None = None):
+        self.tokenizer, self.stop_strings = tokenizer, tuple(stop_strings)
+        # After a chat role marker the answer starts a fresh text, as after <s>: no leading space.
+        fresh_start = previous_id is None or previous_id in tokenizer.role_ids.values()
+        self.previous_id = tokenizer.bos_id if fresh_start else previous_id
+        self.ids: list[int] = []
+        self.shown = 0
+        self.hold_back = max((len(s) for s in self.stop_strings), default=1) - 1
+
+    def text(self) -> str:
+        """The completion so far, cut at the first stop string."""
+        return _cut_at_stop(self.tokenizer.decode_after(self.ids, self.previous_id), self.stop_strings)
+
+    def stopped(self) -> bool:
+        return any(s in self.tokenizer.decode_after(self.ids, self.previous_id) for s in self.stop_strings)
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """The newly visible text after `token`, and whether a stop string has appeared."""
+        self.ids.append(token)
+        if self.stopped():
+            visible = self.text()
+        else:
+            text = self.tokenizer.decode_after(self.ids, self.previous_id)
+            visible = text[:max(len(text) - self.hold_back, self.shown)].rstrip("\ufffd")
+        delta = visible[self.shown:]
+        self.shown = max(self.shown, len(visible))
+        return delta, self.stopped()
+
+    def rest(self) -> str:
+        """Everything not shown yet, at the end of generation."""
+        return self.text()[self.shown:]
+
+
 def generate_text(run, prompts: list[str], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
                   stop_strings: Sequence[str] = (), seed: int = 0) -> list[str]:
     """Completions of text prompts for a loaded run (llm.infer.loading.Run), cut at the first stop string.
@@ -131,17 +173,17 @@ def generate_text(run, prompts: list[str], max_new_tokens: int, sampling: Sampli
     Generation ends at the end-of-sequence token, or as soon as every row contains a stop string.
     """
     tokenizer = run.tokenizer
-    outputs: list[list[int]] = [[] for _ in prompts]
+    encoded = [tokenizer.encode(prompt, add_bos=True) for prompt in prompts]
+    streams = [TextStream(tokenizer, stop_strings, ids[-1]) for ids in encoded]
 
     def collect(step_tokens: list[int | None]) -> bool:
-        for row, token in enumerate(step_tokens):
+        for stream, token in zip(streams, step_tokens):
             if token is not None:
-                outputs[row].append(token)
-        return bool(stop_strings) and all(any(s in tokenizer.decode(out) for s in stop_strings) for out in outputs)
+                stream.ids.append(token)
+        return bool(stop_strings) and all(stream.stopped() for stream in streams)
 
-    encoded = [tokenizer.encode(prompt, add_bos=True) for prompt in prompts]
     run.generator.generate(encoded, max_new_tokens, sampling, (tokenizer.eos_id,), seed, on_tokens=collect)
-    return [_cut_at_stop(tokenizer.decode(ids), stop_strings) for ids in outputs]
+    return [stream.text() for stream in streams]
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -152,32 +194,21 @@ def stream_text(run, prompt: str, max_new_tokens: int, emit: Callable[[str], Non
                 sampling: SamplingParams = SamplingParams(), stop_strings: Sequence[str] = (), seed: int = 0) -> str:
     """Generates one completion, passing each new piece of text to `emit` as soon as it is known.
 
-    Text that could still turn out to be the start of a stop string is held back until it cannot.
     Returns the whole completion (cut at the stop string).
     """
     tokenizer = run.tokenizer
-    ids: list[int] = []
-    shown = 0
-    hold_back = max((len(s) for s in stop_strings), default=1) - 1
+    prompt_ids = tokenizer.encode(prompt, add_bos=True)
+    stream = TextStream(tokenizer, stop_strings, prompt_ids[-1])
 
     def on_tokens(step_tokens: list[int | None]) -> bool:
-        nonlocal shown
         if step_tokens[0] is None:
             return True
-        ids.append(step_tokens[0])
-        text = tokenizer.decode(ids)
-        stopped = any(s in text for s in stop_strings)
-        visible = _cut_at_stop(text, stop_strings) if stopped else text[:max(len(text) - hold_back, shown)]
-        # A trailing U+FFFD is half of a multi-byte character split across byte-fallback tokens: wait for it.
-        visible = visible.rstrip("\ufffd") if not stopped else visible
-        if len(visible) > shown:
-            emit(visible[shown:])
-            shown = len(visible)
+        delta, stopped = stream.push(step_tokens[0])
+        if delta:
+            emit(delta)
         return stopped
 
-    run.generator.generate([tokenizer.encode(prompt, add_bos=True)], max_new_tokens, sampling,
-                           (tokenizer.eos_id,), seed, on_tokens=on_tokens)
-    text = _cut_at_stop(tokenizer.decode(ids), stop_strings)
-    if len(text) > shown:
-        emit(text[shown:])
-    return text
+    run.generator.generate([prompt_ids], max_new_tokens, sampling, (tokenizer.eos_id,), seed, on_tokens=on_tokens)
+    if rest := stream.rest():
+        emit(rest)
+    return stream.text()

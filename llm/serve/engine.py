@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from llm import sharding
-from llm.infer.generate import bucket
+from llm.infer.generate import TextStream, bucket
 from llm.infer.sampling import RowSampling, SamplingParams, sample_rows
 from llm.model.transformer import KVCache
 from llm.tokenizer import Tokenizer
@@ -100,39 +100,10 @@ class Ticket:
         self._engine.wake()
 
 
-class _TextStream:
-    """Detokenizes a growing list of ids and decides what text is safe to show (same rules as
-    llm.infer.generate.stream_text): text that could start a stop string, or a trailing half character
-    (U+FFFD from byte-fallback pieces), is held back until it cannot."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.shown = 0
-        self.hold_back = max((len(s) for s in stop), default=1) - 1
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """The newly visible text after `token`, and whether a stop string has appeared."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
-        if cut >= 0:
-            visible = text[:cut]
-        else:
-            visible = text[:max(len(text) - self.hold_back, self.shown)].rstrip("\ufffd")
-        delta = visible[self.shown:]
-        self.shown = max(self.shown, len(visible))
-        return delta, cut >= 0
-
-    def rest(self) -> str:
-        """Everything not shown yet, at the end of generation (no stop string appeared)."""
-        return self.tokenizer.decode(self.ids)[self.shown:]
-
-
 @dataclasses.dataclass
 class _Row:
     ticket: Ticket
-    text: _TextStream
+    text: TextStream
     generated: int = 0
 
 
@@ -354,7 +325,7 @@ class Engine:
                 ticket.emit(Finished("cancelled", "", len(ticket.request.prompt), 0))
                 continue
             request = ticket.request
-            self._slots[slot] = _Row(ticket, _TextStream(self.tokenizer, request.stop))
+            self._slots[slot] = _Row(ticket, TextStream(self.tokenizer, request.stop, request.prompt[-1]))
             self._seeds[slot], self._counts[slot] = np.uint32(request.seed % 2**32), 1
             for field, value in zip(RowSampling._fields, RowSampling.stack([request.sampling])):
                 getattr(self._sampling, field)[slot] = value[0]

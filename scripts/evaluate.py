@@ -2,6 +2,10 @@
 
     python scripts/evaluate.py --workdir=runs/tiny_es [--tasks=bpb,xnli,sentiment,mgsm,xquad,robustness]
         [--output=report.json] [--text_file=F] [--max_examples=N] [--num_shots=K] [--data_dir=DIR]
+        [--quantize=int8|int4|int8_act]
+
+With --quantize (or a quantized --workdir from scripts/quantize.py), the float and the quantized model are
+evaluated side by side, with their parameter memory and decode speed, in one table.
 
 Writes the JSON report (default WORKDIR/eval/report.json) and report.md beside it, prints the table, and
 writes WORKDIR/MODEL_CARD.md. Flags and files are checked before the model is loaded.
@@ -15,7 +19,9 @@ from absl import app, flags, logging
 from llm.eval import model_card, report, suite
 from llm.eval.tasks import DEFAULT_DATA_DIR
 from llm.infer import loading
+from llm.infer.benchmark import benchmark_decode
 from llm.model.transformer import count_params
+from llm.quant import ptq, quantized_run
 from llm.train import checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
@@ -33,6 +39,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "Directory with th
 _TRAIN_DATA = flags.DEFINE_string("train_data", "", "Training shards for the unigram baseline "
                                   "(default: the run's config.data.path/train).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, list(ptq.MODES), "Also evaluate this post-training "
+                              "quantization of the run, side by side with the float model.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the example subsets, the shots and the typos.")
 
@@ -61,16 +69,40 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(str(error)) from error
     checkpoint.quiet_orbax_logs()
     run = loading.load_run(_WORKDIR.value, _STEP.value)
-    results, seconds = suite.evaluate_run(run, task_names, settings, _BATCH_SIZE.value)
-    num_params = count_params(run.model)
-    full_report = report.build_report(results, workdir=run.workdir, step=run.step, num_params=num_params,
-                                      settings={"tasks": task_names, **dataclasses.asdict(settings)},
-                                      seconds=seconds)
+    variants = _variants(run)
+    num_params = count_params(variants["float"].model)  # Quantization scales are not parameters.
+    reports = {}
+    for label, variant in variants.items():
+        results, seconds = suite.evaluate_run(variant, task_names, settings, _BATCH_SIZE.value)
+        reports[label] = report.build_report(results, workdir=run.workdir, step=run.step, num_params=num_params,
+                                             settings={"tasks": task_names, **dataclasses.asdict(settings)},
+                                             seconds=seconds)
+        if len(variants) > 1:
+            reports[label].update(parameter_bytes=ptq.parameter_bytes(variant.model),
+                                  decode_tokens_per_sec=benchmark_decode(
+                                      variant.model, (1,), prompt_len=64, new_tokens=16)["batch_1"][
+                                      "decode_tokens_per_sec"])
+    full_report = reports[_label(run)]
+    if len(variants) > 1:
+        full_report = {**full_report, "comparison": reports}
     output = _OUTPUT.value or os.path.join(run.workdir, "eval", "report.json")
     print(report.write_report(full_report, output))
     card = model_card.write_model_card(run.workdir, run.config, num_params=num_params, step=run.step,
                                        report=full_report)
     logging.info("Wrote %s, %s and %s", output, os.path.splitext(output)[0] + ".md", card)
+
+
+def _label(run: loading.Run) -> str:
+    return run.config.quantization.mode if "quantization" in run.config else "float"
+
+
+def _variants(run: loading.Run) -> dict[str, loading.Run]:
+    """The runs to evaluate: the run itself, and with --quantize or a quantized run its counterpart."""
+    if _QUANTIZE.value:
+        return {"float": run, _QUANTIZE.value: quantized_run.quantize_run(run, _QUANTIZE.value)}
+    if "quantization" in run.config:
+        return {"float": quantized_run.load_source_run(run), _label(run): run}
+    return {"float": run}
 
 
 if __name__ == "__main__":

@@ -112,3 +112,23 @@ def test_model_card_lists_sources_with_licences_and_token_counts(tmp_path):
     assert "514 documents, 0.828 MB, 288,751 tokens" in card
     assert "20 steps of 8 rows x 32 tokens: about 5,120 training tokens" in card
     assert "**Tiny.** 28,832 parameters" in card and "(fortunes-es)" in card
+
+
+def test_quantize_flag_evaluates_float_and_quantized_side_by_side(trained_run, tmp_path):
+    data_dir = write_eval_data(tmp_path / "es_eval")
+    output = tmp_path / "report.json"
+    result = _evaluate(f"--workdir={trained_run}", f"--data_dir={data_dir}", f"--output={output}", "--tasks=bpb",
+                       "--quantize=int8")
+    assert result.returncode == 0, result.stderr
+    written = json.loads(output.read_text(encoding="utf-8"))
+    float_report, int8_report = written["comparison"]["float"], written["comparison"]["int8"]
+    assert int8_report["bpb"] == pytest.approx(float_report["bpb"], rel=0.02)
+    assert int8_report["parameter_bytes"] < float_report["parameter_bytes"] / 3
+    assert int8_report["decode_tokens_per_sec"] > 0
+    table = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "| task | setting | metric | float | int8 |" in table and "parameter memory (MB)" in table
+
+
+def test_an_unsupported_quantization_mode_is_refused(trained_run):
+    result = _evaluate(f"--workdir={trained_run}", "--quantize=int2")
+    assert result.returncode != 0 and "int8" in result.stderr and "int2" in result.stderr

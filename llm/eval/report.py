@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from llm.data.pipeline import write_text
+from llm.data.corpus_io import write_text
 
 _LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match", "f1": "token F1",
            "bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
@@ -77,9 +77,27 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
+    """One Markdown table with a score column per variant (e.g. float, int8), plus parameter memory and
+    decode speed: how much a quantized model loses, and what it saves."""
+    labels = list(reports)
+    scores = {label: {row[:3]: row[3] for row in table_rows(report)} for label, report in reports.items()}
+    lines = ["| task | setting | metric | " + " | ".join(labels) + " |", "|---|---|---|" + "---:|" * len(labels)]
+    for key in scores[labels[0]]:
+        lines.append("| " + " | ".join(key) + " | " + " | ".join(scores[label].get(key, "-") for label in labels)
+                     + " |")
+    for field, metric, shown in (("parameter_bytes", "parameter memory (MB)", lambda v: f"{v / 1e6:.2f}"),
+                                 ("decode_tokens_per_sec", "decode tokens/s, batch 1", lambda v: f"{v:,.0f}")):
+        lines.append(f"| model | - | {metric} | " + " | ".join(shown(reports[label][field]) for label in labels)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(report: Mapping[str, Any], json_path: str) -> str:
-    """Writes the JSON report and the Markdown table beside it (report.md), each atomically; returns the table."""
-    table = markdown_table(report)
+    """Writes the JSON report and the Markdown table beside it (report.md), each atomically; returns the table.
+
+    A report with a "comparison" (one report per variant, e.g. float and int8) gets the side-by-side table."""
+    table = comparison_table(report["comparison"]) if "comparison" in report else markdown_table(report)
     write_text(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_text(os.path.splitext(json_path)[0] + ".md", table)
     return table

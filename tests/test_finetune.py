@@ -38,7 +38,7 @@ def _metrics(workdir):
 
 
 def _saved_state(config, workdir):
-    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
     with sharding.use_mesh(mesh, config.logical_axis_rules):
         steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 12),
                                      optimizer_lib.learning_rate_schedule(config.optimizer, 12))

@@ -106,7 +106,7 @@ def test_splash_kernel_matches_the_xla_reference(mesh_shape):
     segments = jnp.asarray(np.repeat([[1] * 50 + [2] * 78], 2, axis=0), jnp.int32)
     reference = attention.dot_product_attention(q, k, v, segments, "xla")
     config = tiny_config()
-    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+    mesh = sharding.create_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
     with sharding.use_mesh(mesh, config.logical_axis_rules):
         splash = jax.jit(lambda *args: attention.dot_product_attention(*args, "splash"))(q, k, v, segments)
     np.testing.assert_allclose(splash, reference, atol=1e-5)

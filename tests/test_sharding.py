@@ -11,7 +11,7 @@ from llm.train import checkpoint, optimizer as optimizer_lib, step as step_lib
 
 
 def _steps(config, mesh_shape):
-    mesh = sharding.make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
+    mesh = sharding.create_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
     optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
     with sharding.use_mesh(mesh, config.logical_axis_rules):

@@ -58,7 +58,7 @@ def _train_cli(workdir, data_dir, num_steps):
 
 def _final_params(workdir, step):
     config = tiny_config()
-    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
     with sharding.use_mesh(mesh, config.logical_axis_rules):
         steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 30),
                                      optimizer_lib.learning_rate_schedule(config.optimizer, 30))
@@ -112,7 +112,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 
 def _one_step_metrics(config, seed):
     """The metrics of one train step on a fixed random batch (one device)."""
-    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
     with sharding.use_mesh(mesh, config.logical_axis_rules):
         steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 20),
                                      optimizer_lib.learning_rate_schedule(config.optimizer, 20))

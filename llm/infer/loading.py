@@ -51,7 +51,7 @@ def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = 
     """
     config = checkpoint.load_config(workdir)
     tokenizer = Tokenizer.load(find_tokenizer(workdir, config))
-    mesh = sharding.make_mesh(mesh_shape, jax.local_devices())
+    mesh = sharding.create_mesh(mesh_shape, jax.local_devices())
 
     def placed(abstract: nnx.State) -> nnx.State:
         return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, mesh,

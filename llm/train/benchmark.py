@@ -47,7 +47,7 @@ def peak_memory() -> dict[str, float | None]:
 def benchmark_train(config: ml_collections.ConfigDict, num_steps: int = 10, warmup_steps: int = 2) -> dict[str, Any]:
     """Times `num_steps` train steps after `warmup_steps` (the first of which compiles)."""
     config_validation.validate(config)
-    mesh = sharding.make_mesh(config.mesh_shape)
+    mesh = sharding.create_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
     config_validation.check_batch_divides_mesh(config, sharding.data_parallel_size(mesh, rules))
     optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)

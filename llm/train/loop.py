@@ -81,7 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     config_validation.validate(config)
     check_data_path(config)
     check_init_from(config)
-    mesh = sharding.make_mesh(config.mesh_shape)
+    mesh = sharding.create_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
     config_validation.check_batch_divides_mesh(config, sharding.data_parallel_size(mesh, rules))
 

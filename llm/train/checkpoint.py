@@ -71,7 +71,7 @@ class Checkpointer:
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
         # A partial restore leaves placeholders where the checkpoint has no value: refuse rather than run on them.
         leaves = jax.tree_util.tree_flatten_with_path(restored.state["params"])[0]
-        missing = [jax.tree_util.keystr(path) for path, leaf in leaves if not isinstance(leaf, jax.Array)]
+        missing = [jax.tree_util.keystr(path) for path, leaf in leaves if isinstance(leaf, jax.ShapeDtypeStruct)]
         if missing:
             raise ValueError(f"Checkpoint {step} in {self.directory!r} has no values for {len(missing)} parameters "
                              f"(e.g. {missing[:3]}): it was written by a model with another config.")

@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.lora_rank = 0  # >0: LoRA adapters of this rank beside the layers matched by lora_targets.
     model.lora_alpha = 16.0  # LoRA scale numerator: updates are scaled by lora_alpha / lora_rank.
     model.lora_dropout = 0.0  # Dropout on the adapters' inputs (training only).
-    model.lora_targets = "attention/(query|key|value|out)"  # Regex over attention/{query,key,value,out}, mlp/{up,gate,down}.
+    # Regex over the layer paths attention/{query,key,value,out} and mlp/{up,gate,down} that get adapters.
+    model.lora_targets = "attention/(query|key|value|out)"
     model.scan_layers = False  # Stack the blocks and run them with lax.scan: compile time flat in depth.
     model.remat_policy = "none"  # Activation rematerialization: "none", "full" or "save_dots".
     model.attention_impl = "auto"  # "auto" (by platform), "xla" (reference) or "cudnn" (GPU flash attention).

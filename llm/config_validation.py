@@ -33,10 +33,11 @@ POSITIVE = ("model.vocab_size", "model.max_seq_len", "model.num_layers", "model.
             "model.num_kv_heads", "model.mlp_dim", "model.norm_eps", "model.rope_theta", "data.seq_len",
             "train.num_steps", "train.batch_size", "train.grad_accum_steps", "train.log_every",
             "train.checkpoint_every", "train.keep_checkpoints", "optimizer.learning_rate")
-NON_NEGATIVE = ("model.head_dim", "data.num_workers", "train.z_loss", "train.loss_chunk_size", "train.eval_every", "train.eval_batches",
-                "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
-                "train.peak_tflops_per_device", "data.prefetch_buffer_size", "model.lora_rank",
-                "model.lora_alpha", "train.dpo_beta")
+NON_NEGATIVE = (
+    "model.head_dim", "data.num_workers", "train.z_loss", "train.loss_chunk_size", "train.eval_every",
+    "train.eval_batches", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
+    "train.peak_tflops_per_device", "data.prefetch_buffer_size", "model.lora_rank", "model.lora_alpha",
+    "train.dpo_beta")
 
 
 class ConfigError(ValueError):

@@ -121,7 +121,8 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer, limits: Limit
         for _ in range(n):
             requests.append(engine_lib.Request(
                 ids, max_tokens, _sampling(body), seeds[len(requests)], body.stop_strings(),
-                () if body.ignore_eos else (tokenizer.eos_id,), body.logprobs, prompt_logprobs=bool(body.echo) and body.logprobs is not None))
+                () if body.ignore_eos else (tokenizer.eos_id,), body.logprobs,
+                prompt_logprobs=bool(body.echo) and body.logprobs is not None))
             echo.append((text if isinstance(text, str) else tokenizer.decode(text)) if body.echo else None)
             skip.append(1 if isinstance(text, str) else 0)  # The BOS the server added is not the user's text.
     return Plan(False, requests, echo, skip, body.logprobs is not None, bool(body.stream),

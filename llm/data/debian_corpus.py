@@ -36,7 +36,6 @@ from xml.etree import ElementTree
 from llm.data.document import Document
 from llm.data.html_text import html_to_text
 
-DEFAULT_CACHE_DIR = "~/.cache/spanish_llm/debian"
 
 # A fortune entry is one quotation or proverb (~15 words); alone it is too short for the quality filters
 # (word count, n-gram statistics) and a whole file (refranes: 5,000 entries) would make one document

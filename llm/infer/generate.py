@@ -152,14 +152,15 @@ class TextStream:
     def push(self, token: int) -> tuple[str, bool]:
         """The newly visible text after `token`, and whether a stop string has appeared."""
         self.ids.append(token)
-        if self.stopped():
-            visible = self.text()
+        text = self.tokenizer.decode_after(self.ids, self.previous_id)
+        stopped = any(s in text for s in self.stop_strings)
+        if stopped:
+            visible = _cut_at_stop(text, self.stop_strings)
         else:
-            text = self.tokenizer.decode_after(self.ids, self.previous_id)
             visible = text[:max(len(text) - self.hold_back, self.shown)].rstrip("\ufffd")
         delta = visible[self.shown:]
         self.shown = max(self.shown, len(visible))
-        return delta, self.stopped()
+        return delta, stopped
 
     def rest(self) -> str:
         """Everything not shown yet, at the end of generation."""

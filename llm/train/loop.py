@@ -122,12 +122,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with sharding.use_mesh(mesh, rules):
         steps = step_lib.build_steps(config, mesh, optimizer, schedule)
         # Frozen parameters (the pretrained base, the DPO reference) are rebuilt, never checkpointed.
-        state, frozen = steps.init(load_base_params(config, steps.abstract_base))
+        base = load_base_params(config, steps.abstract_base)
         start = checkpointer.latest_step()
         if start is None:
-            start = 0
+            start, (state, frozen) = 0, steps.init(base)
         else:
             _check_same_model(checkpointer.restore_config(start), config_dict)
+            frozen = steps.init_frozen(base)
             state, data_state, _ = checkpointer.restore(start, steps.abstract_state)
             data.set_state(data_state)
             logging.info("Resumed from step %d in %s.", start, checkpointer.directory)

@@ -48,6 +48,7 @@ class Steps:
     abstract_state: Any  # ShapeDtypeStructs with shardings: the Orbax restore target.
     abstract_base: Any  # The same for the base model's parameters (what `init_from` provides).
     init: Callable[[nnx.State | None], tuple[TrainState, Frozen]]
+    init_frozen: Callable[[nnx.State | None], Frozen]  # The frozen part alone, for a resumed run.
     train: StepFn
     eval: Callable[[TrainState, Frozen, Batch], dict[str, Any]]
 
@@ -176,6 +177,8 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
         abstract_state=sharding.abstract_with_shardings(abstract_state, state_shardings),
         abstract_base=sharding.abstract_with_shardings(abstract_base, base_shardings),
         init=jax.jit(init, out_shardings=(state_shardings, frozen_shardings)),
+        # XLA drops the unused train-state computation, so a resume never holds two full states at once.
+        init_frozen=jax.jit(lambda base: init(base)[1], out_shardings=frozen_shardings),
         train=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                       out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
         eval=jax.jit(eval_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),

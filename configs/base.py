@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.lora_dropout = 0.0  # Dropout on the adapters' inputs (training only).
     # Regex over the layer paths attention/{query,key,value,out} and mlp/{up,gate,down} that get adapters.
     model.lora_targets = "attention/(query|key|value|out)"
+    model.soft_prompt_length = 0  # >0: prompt tuning's learned embeddings read before every document.
     model.scan_layers = False  # Stack the blocks and run them with lax.scan: compile time flat in depth.
     model.remat_policy = "none"  # Activation rematerialization: "none", "full" or "save_dots".
     model.attention_impl = "auto"  # "auto" (by platform), "xla" (reference) or "cudnn" (GPU flash attention).
@@ -74,7 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 1000  # Optimizer steps.
     train.objective = "lm"  # "lm" (next-token cross-entropy) or "dpo" (preference pairs, needs init_from).
-    train.trainable = "all"  # "all" parameters, or "lora" (only the adapters; needs model.lora_rank > 0).
+    # "all" parameters, "lora" (only the adapters; needs model.lora_rank > 0) or "soft_prompt" (only the
+    # prompt-tuning embeddings; needs model.soft_prompt_length > 0).
+    train.trainable = "all"
+    # The frozen base in "int8" or "int4" (Qwix, per-group scales) or "none"; int4 with LoRA is QLoRA.
+    train.quantize_base = "none"
+    train.quantize_group_size = 128  # Inputs per int4 scale (0: one scale per output channel).
     train.dpo_beta = 0.1  # DPO: strength of the KL constraint to the reference model.
     train.dpo_label_smoothing = 0.0  # DPO: assumed probability that a preference label is wrong (cDPO).
     train.batch_size = 32  # Global batch in sequences (all hosts, all microbatches).

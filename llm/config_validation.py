@@ -14,7 +14,7 @@ import ml_collections
 from configs import base
 from llm.model.attention import ATTENTION_IMPLS
 from llm.train.optimizer import SCHEDULES
-from llm.train.step import OBJECTIVES, TRAINABLE
+from llm.train.step import BASE_QUANTIZATION, OBJECTIVES, TRAINABLE
 
 CHOICES = {
     "model.mlp_activation": ("gelu", "swiglu"),
@@ -27,6 +27,7 @@ CHOICES = {
     "optimizer.schedule": SCHEDULES,
     "train.objective": OBJECTIVES,
     "train.trainable": tuple(TRAINABLE),
+    "train.quantize_base": BASE_QUANTIZATION,
 }
 
 POSITIVE = ("model.vocab_size", "model.max_seq_len", "model.num_layers", "model.embed_dim", "model.num_heads",
@@ -37,7 +38,7 @@ NON_NEGATIVE = (
     "model.head_dim", "data.num_workers", "train.z_loss", "train.loss_chunk_size", "train.eval_every",
     "train.eval_batches", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
     "train.peak_tflops_per_device", "data.prefetch_buffer_size", "model.lora_rank", "model.lora_alpha",
-    "train.dpo_beta")
+    "train.dpo_beta", "model.soft_prompt_length", "train.quantize_group_size")
 
 
 class ConfigError(ValueError):
@@ -97,8 +98,9 @@ def _check_relations(config: ml_collections.ConfigDict) -> None:
                           f"{model.num_heads}; set config.model.head_dim explicitly.")
     if model.position_encoding == "rope" and (model.head_dim or model.embed_dim // model.num_heads) % 2:
         raise ConfigError("RoPE needs an even head dimension (config.model.head_dim / embed_dim // num_heads).")
-    if config.data.seq_len > model.max_seq_len:
-        raise ConfigError(f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_seq_len="
+    if config.data.seq_len + model.soft_prompt_length > model.max_seq_len:
+        prompt = f" + config.model.soft_prompt_length={model.soft_prompt_length}" if model.soft_prompt_length else ""
+        raise ConfigError(f"config.data.seq_len={config.data.seq_len}{prompt} exceeds config.model.max_seq_len="
                           f"{model.max_seq_len}.")
     if train.batch_size % train.grad_accum_steps:
         raise ConfigError(f"config.train.batch_size={train.batch_size} must be divisible by "
@@ -112,6 +114,11 @@ def _check_relations(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.dropout_rate={model.dropout_rate} must be in [0, 1).")
     if config.train.trainable == "lora" and not model.lora_rank:
         raise ConfigError("config.train.trainable='lora' needs config.model.lora_rank > 0.")
+    if config.train.trainable == "soft_prompt" and not model.soft_prompt_length:
+        raise ConfigError("config.train.trainable='soft_prompt' needs config.model.soft_prompt_length > 0.")
+    if config.train.quantize_base != "none" and config.train.trainable == "all":
+        raise ConfigError(f"config.train.quantize_base={config.train.quantize_base!r} freezes a quantized base: "
+                          "it needs config.train.trainable='lora' (QLoRA) or 'soft_prompt'.")
     if config.train.objective == "dpo" and not config.init_from:
         raise ConfigError("config.train.objective='dpo' needs config.init_from (the model to align, which is "
                           "also the frozen reference).")

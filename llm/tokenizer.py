@@ -24,7 +24,10 @@ MODEL_TYPES = ("bpe", "unigram")
 # Every character the tokenizer promises to round-trip, in both cases (the check of train_tokenizer.py).
 SPANISH_CHARACTERS = "á é í ó ú ü ñ Á É Í Ó Ú Ü Ñ ¿ ¡ « »"
 # Reserved ids + the 256 byte-fallback pieces: a smaller vocabulary has no room for learned pieces.
-MIN_VOCAB_SIZE = len(SPECIAL_PIECES) + len(ROLE_TOKENS) + 256 + 1
+# The first ordinary text piece: after the special, role and 256 byte-fallback pieces. Pieces are ranked by
+# frequency from there on.
+FIRST_TEXT_PIECE = len(SPECIAL_PIECES) + len(ROLE_TOKENS) + 256
+MIN_VOCAB_SIZE = FIRST_TEXT_PIECE + 1
 DEFAULT_UD_PATH = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     "..", "shared", "data", "es_eval", "ud_gsd_es_dev.conllu",

@@ -54,12 +54,12 @@ def _print_table(result: dict) -> None:
 
 def _decode() -> dict:
     from llm.infer import benchmark as decode_benchmark, loading
-    from llm.train import step as step_lib
+    from llm.model.transformer import create_model
     batch_sizes = [int(b) for b in _BATCH_SIZES.value]
     if _WORKDIR.value:
         model = loading.load_run(_WORKDIR.value).model
     else:
-        model = step_lib.create_model(_CONFIG.value)
+        model = create_model(_CONFIG.value)
     return decode_benchmark.benchmark_decode(model, batch_sizes, _PROMPT_LEN.value, _NEW_TOKENS.value)
 
 

@@ -1,5 +1,6 @@
 """Test set-up: CPU only, 8 simulated devices, a persistent compilation cache shared across runs."""
 
+import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,7 +19,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import tiny_es  # noqa: E402
-from llm.data import records  # noqa: E402
+from llm import sharding  # noqa: E402
+from llm.data import loader, records  # noqa: E402
+from llm.train import checkpoint, optimizer as optimizer_lib, step as step_lib  # noqa: E402
 
 TINY_SEQ_LEN = 32
 TINY_VOCAB = 128
@@ -71,6 +74,45 @@ def data_dir(tmp_path_factory):
 def forward(model, tokens, positions=None, segment_ids=None, dropout_key=None):
     """The model's logits, jitted: one compilation instead of hundreds of eagerly dispatched ops."""
     return model(tokens, positions, segment_ids, dropout_key=dropout_key)
+
+
+def finetune_config(trained_run, **train):
+    """The trained run's config, fine-tuning from it (`init_from`) for 12 steps with checkpoints every 4."""
+    config = checkpoint.load_config(trained_run)
+    config.init_from = trained_run
+    config.train.update({**dict(num_steps=12, log_every=2, eval_every=6, checkpoint_every=4), **train})
+    return config
+
+
+def metrics_entries(workdir):
+    """The entries of a run's metrics.jsonl."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def saved_state(config, workdir):
+    """The train state (step, trainable params, optimizer state) of a run's latest checkpoint."""
+    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+    with sharding.use_mesh(mesh, config.logical_axis_rules):
+        steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 12),
+                                     optimizer_lib.learning_rate_schedule(config.optimizer, 12))
+        saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+        state, _, _ = saver.restore(saver.latest_step(), steps.abstract_state)
+        saver.close()
+    return state
+
+
+def crash_after(monkeypatch, batches):
+    """Makes the data iterator raise after `batches` batches: a crash in the middle of training."""
+    original, served = loader.TrainIterator.__next__, [0]
+
+    def crashing_next(self):
+        served[0] += 1
+        if served[0] > batches:
+            raise KeyboardInterrupt("simulated crash")
+        return original(self)
+
+    monkeypatch.setattr(loader.TrainIterator, "__next__", crashing_next)
 
 
 SUBJECTS = ["La niña", "El señor García", "Mi abuela", "El pingüino", "La compañía", "Un músico", "La ciudad"]

@@ -10,7 +10,7 @@ from scipy import special
 from llm.data import records
 from llm.eval import perplexity
 from llm.eval.scoring import Scorer, encode_pair, length_buckets
-from llm.train.step import create_model
+from llm.model.transformer import create_model
 
 
 @pytest.fixture(scope="module")

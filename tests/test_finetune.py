@@ -2,63 +2,30 @@
 with replay. Only trainable parameters change and carry optimizer state; adapters merge exactly; each mode
 resumes bit-exactly after a crash."""
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import forward
+from conftest import crash_after, finetune_config, forward, metrics_entries, saved_state
 from flax import nnx
 
-from llm import sharding
-from llm.data import loader, records
+from llm.data import records
 from llm.infer import loading
-from llm.train import checkpoint, loop, losses, optimizer as optimizer_lib, step as step_lib
-
-
-def _config(trained_run, **train):
-    config = checkpoint.load_config(trained_run)
-    config.init_from = trained_run
-    config.train.update({**dict(num_steps=12, log_every=2, eval_every=6, checkpoint_every=4), **train})
-    return config
+from llm.model.transformer import create_model
+from llm.train import checkpoint, loop, losses, step as step_lib
 
 
 def _lora_config(trained_run, **train):
-    config = _config(trained_run, trainable="lora", **train)
+    config = finetune_config(trained_run, trainable="lora", **train)
     config.model.update(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="attention/(query|value)|mlp/down")
-    config.optimizer.update(learning_rate=5e-2, warmup_steps=0)
+    config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
     return config
 
 
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def _saved_state(config, workdir):
-    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-    with sharding.use_mesh(mesh, config.logical_axis_rules):
-        steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 12),
-                                     optimizer_lib.learning_rate_schedule(config.optimizer, 12))
-        saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
-        state, _, _ = saver.restore(saver.latest_step(), steps.abstract_state)
-        saver.close()
-    return state
-
-
-def _crash_after(monkeypatch, batches):
-    """Makes the data iterator raise after `batches` batches: a crash in the middle of training."""
-    original, served = loader.TrainIterator.__next__, [0]
-
-    def crashing_next(self):
-        served[0] += 1
-        if served[0] > batches:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self)
-
-    monkeypatch.setattr(loader.TrainIterator, "__next__", crashing_next)
+def _qlora_config(trained_run, **train):
+    return _lora_config(trained_run, quantize_base="int4", quantize_group_size=16, **train)
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +35,16 @@ def lora_run(trained_run, tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope="module")
+def qlora_run(trained_run, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("qlora"))
+    loop.train(_qlora_config(trained_run), workdir)
+    return workdir
+
+
 def test_lora_trains_only_the_adapters_and_only_they_have_optimizer_state(trained_run, lora_run):
     config = _lora_config(trained_run)
-    state = _saved_state(config, lora_run)
+    state = saved_state(config, lora_run)
     names = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
     assert names and all("_lora" in name for name in names)
     assert any("query_lora" in n for n in names) and any("down_lora" in n for n in names)
@@ -78,16 +52,17 @@ def test_lora_trains_only_the_adapters_and_only_they_have_optimizer_state(traine
     moment_leaves = jax.tree.leaves(state["opt_state"][1][0].mu)
     assert sum(x.size for x in moment_leaves) == sum(x.size for x in jax.tree.leaves(state["params"]))
     assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(state["params"]))  # B moved off zero
-    entries = _metrics(lora_run)
-    assert entries[0]["step"] == 0 and "eval_loss" in entries[0]  # the "before" evaluation
+    evals = [e for e in metrics_entries(lora_run) if "eval_loss" in e]
+    assert evals[0]["step"] == 0  # the "before" evaluation
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
 
 
 def test_merged_adapters_equal_unmerged(trained_run, lora_run):
     config = _lora_config(trained_run)
-    adapted = step_lib.create_model(config)
+    adapted = create_model(config)
     graphdef, _, rest = nnx.split(adapted, nnx.LoRAParam, ...)
     base, _ = checkpoint.restore_run_params(trained_run, nnx.eval_shape(lambda: rest))
-    adapters = _saved_state(config, lora_run)["params"]
+    adapters = saved_state(config, lora_run)["params"]
     adapted = nnx.merge(graphdef, adapters, base)
     merged = loading.load_run(lora_run).model  # loads base + adapters and merges them
     assert merged.cfg.lora_rank == 0
@@ -96,24 +71,53 @@ def test_merged_adapters_equal_unmerged(trained_run, lora_run):
     assert not np.allclose(forward(merged, tokens), forward(loading.load_run(trained_run).model, tokens))
 
 
-def test_lora_resumes_bit_exactly_after_a_crash(trained_run, lora_run, tmp_path, monkeypatch):
-    config = _lora_config(trained_run)
-    _crash_after(monkeypatch, 6)
+def test_qlora_trains_float_adapters_on_an_int4_base(trained_run, qlora_run):
+    config = _qlora_config(trained_run)
+    state = saved_state(config, qlora_run)
+    trained = jax.tree.leaves(state["params"])
+    assert trained and {x.dtype for x in trained} == {jnp.dtype("float32")}
+    assert sum(x.size for x in jax.tree.leaves(state["opt_state"][1][0].mu)) == sum(x.size for x in trained)
+    frozen = nnx.state(nnx.eval_shape(lambda: step_lib.trained_model(config, None)), nnx.Not(nnx.LoRAParam))
+    kernels = {path: x.dtype for path, x in nnx.to_flat_state(frozen) if path[-1] == "qvalue"}
+    assert len(kernels) == 2 * 7 + 1  # every projection of both blocks, and the (tied) embedding table
+    assert set(kernels.values()) == {jnp.dtype("int4")}
+    evals = [e["eval_loss"] for e in metrics_entries(qlora_run) if "eval_loss" in e]
+    assert evals[-1] < evals[0]
+
+
+def test_qlora_adapters_merge_into_the_dequantized_base(trained_run, qlora_run):
+    config = _qlora_config(trained_run)
+    abstract_base = nnx.state(nnx.eval_shape(lambda: create_model(step_lib.base_config(config))), nnx.Param)
+    base, _ = checkpoint.restore_run_params(trained_run, abstract_base)
+    graphdef, _, quantized_base = nnx.split(step_lib.trained_model(config, base), nnx.LoRAParam, ...)
+    adapted = nnx.merge(graphdef, saved_state(config, qlora_run)["params"], quantized_base)
+    merged = loading.load_run(qlora_run).model
+    assert merged.cfg.lora_rank == 0
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(merged))} == {jnp.dtype("float32")}
+    tokens = jnp.array([[2, 40, 41, 77, 90, 13, 5]])
+    np.testing.assert_allclose(forward(merged, tokens), forward(adapted, tokens), atol=1e-4)
+
+
+@pytest.mark.parametrize("make_config", [_lora_config, _qlora_config], ids=["lora", "qlora"])
+def test_lora_resumes_bit_exactly_after_a_crash(trained_run, make_config, request, tmp_path, monkeypatch):
+    config = make_config(trained_run)
+    run = request.getfixturevalue("lora_run" if make_config is _lora_config else "qlora_run")
+    crash_after(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         loop.train(config, str(tmp_path))
     monkeypatch.undo()
     loop.train(config, str(tmp_path))
-    want, got = _saved_state(config, lora_run), _saved_state(config, str(tmp_path))
+    want, got = saved_state(config, run), saved_state(config, str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, want, got)
     strip = lambda entries: [{k: v for k, v in e.items() if k not in ("tokens_per_sec", "mfu")} for e in entries]
-    assert strip(_metrics(tmp_path)) == strip(_metrics(lora_run))
+    assert strip(metrics_entries(tmp_path)) == strip(metrics_entries(run))
 
 
 def test_full_fine_tuning_starts_from_the_checkpoint(trained_run, tmp_path):
-    config = _config(trained_run, num_steps=6, checkpoint_every=6)
+    config = finetune_config(trained_run, num_steps=6, checkpoint_every=6)
     loop.train(config, str(tmp_path))
-    entries = _metrics(tmp_path)
-    pretrained_final = [e for e in _metrics(trained_run) if "eval_loss" in e][-1]["eval_loss"]
+    entries = metrics_entries(tmp_path)
+    pretrained_final = [e for e in metrics_entries(trained_run) if "eval_loss" in e][-1]["eval_loss"]
     assert entries[0]["step"] == 0 and entries[0]["eval_loss"] == pytest.approx(pretrained_final, rel=1e-5)
 
 
@@ -149,43 +153,46 @@ def test_dpo_learns_the_preference_and_resumes_bit_exactly(trained_run, tmp_path
     data = tmp_path / "pairs"
     for split, count, seed in (("train", 64, 0), ("validation", 8, 1)):
         records.write_shards(_pair_rows(32, count, seed), str(data / split), 1, encode=lambda p: records.encode_pair(*p))
-    config = _config(trained_run, objective="dpo", dpo_beta=0.5, eval_batches=1)
+    config = finetune_config(trained_run, objective="dpo", dpo_beta=0.5, eval_batches=1)
     config.data.path = str(data)
     config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
     uninterrupted = tmp_path / "uninterrupted"
     loop.train(config, str(uninterrupted))
-    entries = [e for e in _metrics(uninterrupted) if "reward_accuracy" in e]
+    entries = [e for e in metrics_entries(uninterrupted) if "reward_accuracy" in e]
     assert entries[-1]["reward_margin"] > entries[0]["reward_margin"]
     assert entries[-1]["reward_accuracy"] >= 0.75
-    assert {"eval_loss", "eval_reward_accuracy", "eval_reward_margin"} <= set(_metrics(uninterrupted)[-1])
+    assert {"eval_loss", "eval_reward_accuracy", "eval_reward_margin"} <= set(metrics_entries(uninterrupted)[-1])
 
-    _crash_after(monkeypatch, 5)
+    crash_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         loop.train(config, str(tmp_path / "crashed"))
     monkeypatch.undo()
     loop.train(config, str(tmp_path / "crashed"))
-    jax.tree.map(np.testing.assert_array_equal, _saved_state(config, str(uninterrupted)),
-                 _saved_state(config, str(tmp_path / "crashed")))
+    jax.tree.map(np.testing.assert_array_equal, saved_state(config, str(uninterrupted)),
+                 saved_state(config, str(tmp_path / "crashed")))
 
 
 def test_continued_pretraining_mixes_in_replay_and_reports_the_old_validation_loss(trained_run, tmp_path, data_dir):
-    config = _config(trained_run, num_steps=6, checkpoint_every=6)
+    config = finetune_config(trained_run, num_steps=6, checkpoint_every=6)
     new_data = checkpoint.load_config(trained_run).data.path
     config.data.update(path=new_data, replay_path=new_data, replay_fraction=0.25)
     loop.train(config, str(tmp_path))
-    first, last = _metrics(tmp_path)[0], _metrics(tmp_path)[-1]
+    first, last = metrics_entries(tmp_path)[0], metrics_entries(tmp_path)[-1]
     assert {"eval_loss", "replay_eval_loss"} <= set(first) and {"eval_loss", "replay_eval_loss"} <= set(last)
     assert first["step"] == 0
 
 
 def test_lora_config_without_rank_and_dpo_without_init_from_are_refused(trained_run):
     from llm import config_validation
-    config = _config(trained_run, trainable="lora")
+    config = finetune_config(trained_run, trainable="lora")
     with pytest.raises(config_validation.ConfigError, match="lora_rank > 0"):
         config_validation.validate(config)
-    config = _config(trained_run, objective="dpo")
+    config = finetune_config(trained_run, objective="dpo")
     config.init_from = ""
     with pytest.raises(config_validation.ConfigError, match="needs config.init_from"):
+        config_validation.validate(config)
+    config = finetune_config(trained_run, quantize_base="int4")
+    with pytest.raises(config_validation.ConfigError, match="needs config.train.trainable='lora' \\(QLoRA\\)"):
         config_validation.validate(config)
 
 

@@ -9,7 +9,7 @@ from conftest import forward, tiny_config
 from llm.infer import sampling as sampling_lib
 from llm.infer.generate import Generator
 from llm.model.transformer import KVCache
-from llm.train.step import create_model
+from llm.model.transformer import create_model
 
 
 @pytest.fixture(scope="module")

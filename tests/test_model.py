@@ -8,7 +8,7 @@ from conftest import forward, tiny_config
 from flax import nnx
 
 from llm.model import attention
-from llm.train.step import create_model
+from llm.model.transformer import create_model
 
 
 def _packed_row():

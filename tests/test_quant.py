@@ -17,7 +17,7 @@ from configs import tiny_es
 from llm.infer import generate, loading
 from llm.model.transformer import KVCache, count_params
 from llm.quant import ptq, quantized_run
-from llm.train.step import create_model
+from llm.model.transformer import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

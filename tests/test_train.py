@@ -14,6 +14,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from llm import sharding
+from llm.model.transformer import create_model
 from llm.train import checkpoint, loop, optimizer as optimizer_lib, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +134,7 @@ def test_gradient_accumulation_matches_the_full_batch():
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
     config = tiny_config(model__use_bias=True, model__norm="layernorm", model__tie_embeddings=False)
-    params = nnx.state(step_lib.create_model(config), nnx.Param)
+    params = nnx.state(create_model(config), nnx.Param)
     mask, _ = jax.tree_util.tree_flatten_with_path(optimizer_lib.weight_decay_mask(params))
     decayed = {jax.tree_util.keystr(path).removesuffix(".value") for path, value in mask if value}
     assert decayed and all(path.endswith("['kernel']") for path in decayed)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llm.model.transformer import KVCache, Transformer
+from llm.model.transformer import KVCache, Transformer, context_length, new_cache
 from llm.tokenizer import Tokenizer
 
 TokenRequest = tuple[Sequence[int], Sequence[int]]
@@ -113,9 +113,8 @@ class Scorer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.max_len = model.cfg.max_seq_len
+        self.max_len = context_length(model.cfg)
         self.buckets = length_buckets(self.max_len)
-        self._cfg = model.cfg
         self._graphdef, self._state = nnx.split(model)
         self._forward = jax.jit(_score_batch, static_argnums=0)
         self._prefill = jax.jit(_prefill, static_argnums=0)
@@ -177,7 +176,7 @@ class Scorer:
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :len(prefix)] = prefix
         segment_ids = (np.arange(length) < len(prefix)).astype(np.int32)[None]
-        cache = KVCache.create(self._cfg, 1, 2 * self.max_len)
+        cache = new_cache(self._graphdef, self._state, 1, 2 * self.max_len)
         return self._prefill(self._graphdef, self._state, tokens, segment_ids, cache)
 
     def _row(self, index: int, context: Sequence[int], continuation: Sequence[int]) -> _Row:

@@ -19,7 +19,7 @@ import numpy as np
 
 from llm.infer import generate
 from llm.infer.sampling import SamplingParams
-from llm.model.transformer import KVCache, Transformer
+from llm.model.transformer import Transformer, new_cache
 
 # Peak HBM bandwidth in bytes/s, from the vendors' data sheets.
 HBM_BANDWIDTH_BY_DEVICE_KIND = {
@@ -68,7 +68,7 @@ def benchmark_decode(model: Transformer, batch_sizes: Sequence[int] = (1, 8, 64)
         key = jax.random.key(0)
 
         def prefill():
-            cache = KVCache.create(cfg, batch, cache_len)
+            cache = new_cache(graphdef, params, batch, cache_len)
             return generate._prefill(graphdef, params, prompts, positions, segments, cache, key, greedy)
 
         jax.block_until_ready(prefill())  # Compile.

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from llm.infer.sampling import SamplingParams, sample
-from llm.model.transformer import KVCache, Transformer
+from llm.model.transformer import KVCache, Transformer, context_length, new_cache
 from llm.tokenizer import Tokenizer
 
 MIN_BUCKET = 16
@@ -76,7 +76,7 @@ class Generator:
         if not prompts or min(lengths) == 0:
             raise ValueError("Every prompt needs at least one token (an empty prompt has nothing to continue; "
                              "encode it with a beginning-of-sequence token).")
-        context = self.cfg.max_seq_len
+        context = context_length(self.cfg)
         if max(lengths) >= context:
             raise ValueError(f"A prompt of {max(lengths)} tokens does not fit the model's context of {context} "
                              "tokens (it needs room for at least one new token); shorten the prompt.")
@@ -100,7 +100,7 @@ class Generator:
         next_positions = np.array([len(p) for p in rows], np.int32)
 
         key = jax.random.key(seed)
-        cache = KVCache.create(self.cfg, batch, cache_len)
+        cache = new_cache(self.graphdef, self.params, batch, cache_len)
         next_tokens, _, cache, seen = _prefill(self.graphdef, self.params, tokens, positions, segment_ids, cache,
                                                jax.random.fold_in(key, 0), sampling)
         outputs: list[list[int]] = [[] for _ in prompts]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
@@ -14,7 +14,7 @@ from flax import nnx
 from llm import sharding
 from llm.infer.generate import Generator
 from llm.model import lora
-from llm.model.transformer import Transformer
+from llm.model.transformer import Transformer, create_model
 from llm.quant import ptq
 from llm.tokenizer import Tokenizer
 from llm.train import checkpoint, step as step_lib
@@ -45,9 +45,10 @@ def find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
 def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = (1, -1, 1)) -> Run:
     """Restores the parameters of `step` (default: the latest checkpoint) onto a mesh of the local devices.
 
-    Only parameters are read, not the optimizer state. A LoRA run's checkpoints hold only its adapters: the
-    base weights come from its `init_from` run, and the adapters are merged into them, so the returned
-    model (and `Run.config`) is a plain model that decodes as fast as its base.
+    Only parameters are read, not the optimizer state. LoRA, QLoRA and prompt-tuning runs' checkpoints hold
+    only what they trained; the base weights come from their `init_from` run. Adapters are merged into the
+    base (for QLoRA, into its dequantized weights), so the returned model (and `Run.config`) is a plain model
+    that decodes as fast as its base; a soft prompt stays in front of the base model, as it was trained.
     """
     config = checkpoint.load_config(workdir)
     tokenizer = Tokenizer.load(find_tokenizer(workdir, config))
@@ -57,19 +58,41 @@ def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = 
         return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, mesh,
                                                                                  config.logical_axis_rules))
 
-    # A quantized run (scripts/quantize.py) rebuilds its quantized structure from its config.
-    abstract = nnx.eval_shape(lambda: ptq.model_from_config(config))
-    trainable = config.train.get("trainable", "all")
-    graphdef, abstract_trained, abstract_rest = nnx.split(abstract, step_lib.TRAINABLE[trainable], ...)
-    trained, step = checkpoint.restore_run_params(workdir, placed(abstract_trained), step)
-    if trainable == "lora":
-        base, _ = checkpoint.restore_run_params(config.init_from, placed(abstract_rest))
-        adapted = nnx.merge(graphdef, trained, base)
-        config = lora.merged_config(config)
-        plain_graphdef = nnx.graphdef(nnx.eval_shape(lambda: step_lib.create_model(config)))
-        model = nnx.merge(plain_graphdef, lora.merged_params(adapted))
+    if config.train.trainable == "all":
+        # A quantized run (scripts/quantize.py) rebuilds its quantized structure from its config.
+        abstract = nnx.eval_shape(lambda: ptq.model_from_config(config))
+        graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+        params, step = checkpoint.restore_run_params(workdir, placed(abstract_params), step)
+        model = nnx.merge(graphdef, params)
     else:
-        model = nnx.merge(graphdef, trained, abstract_rest)
+        model, step = _trained_on_base(workdir, config, step, placed)
+        if config.train.trainable == "lora":
+            model, config = _merged(model, config)
     if config.model.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {config.model.vocab_size}.")
     return Run(model, config, tokenizer, step, workdir)
+
+
+def _trained_on_base(workdir: str, config: ml_collections.ConfigDict, step: int | None,
+                     placed: Callable[[nnx.State], nnx.State]) -> tuple[Transformer, int]:
+    """The model as it was trained: the run's trained parameters over its `init_from` base."""
+    trainable = step_lib.TRAINABLE[config.train.trainable]
+    graphdef, abstract_trained, _ = nnx.split(nnx.eval_shape(lambda: step_lib.trained_model(config, None)),
+                                              trainable, ...)
+    trained, step = checkpoint.restore_run_params(workdir, placed(abstract_trained), step)
+    abstract_base = nnx.state(nnx.eval_shape(lambda: create_model(step_lib.base_config(config))), nnx.Param)
+    base, _ = checkpoint.restore_run_params(config.init_from, placed(abstract_base))
+    # One compiled program: XLA drops the unused fresh initialization of what the base replaces.
+    frozen = jax.jit(lambda base: nnx.split(step_lib.trained_model(config, base), trainable, ...)[2])(base)
+    return nnx.merge(graphdef, trained, frozen), step
+
+
+def _merged(adapted: Transformer, config: ml_collections.ConfigDict) -> tuple[Transformer, ml_collections.ConfigDict]:
+    """The adapted model with its adapters merged into its (dequantized, for QLoRA) weights, and its config."""
+    quantized = config.train.quantize_base != "none"
+    params = ptq.dequantized_params(adapted) if quantized else nnx.state(adapted, nnx.Param)
+    config = step_lib.base_config(config)
+    if quantized:
+        config.model.scan_layers = False  # Quantization unrolled the blocks (llm/quant/ptq.py).
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config)))
+    return nnx.merge(graphdef, lora.merged_params(adapted, params)), config

@@ -24,6 +24,8 @@ from llm import sharding
 from llm.model import layers, lora
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+# The segment id of a soft prompt (llm/model/transformer.py): its keys are visible to every segment.
+PROMPT_SEGMENT = -1
 SPLASH_BLOCK = 128  # The splash kernel tiles the sequence in blocks of 128 (or 512 when it divides).
 
 
@@ -40,12 +42,16 @@ def choose_impl(requested: str, dtype: jnp.dtype) -> str:
     return "xla"
 
 
+def visible(query_segments: jax.Array, key_segments: jax.Array) -> jax.Array:
+    """(batch, q_len, k_len): whether a query's segment may see a key's: the same one, or the soft prompt."""
+    return (query_segments[:, :, None] == key_segments[:, None, :]) | (key_segments == PROMPT_SEGMENT)[:, None, :]
+
+
 def attention_mask(query_segments: jax.Array, key_segments: jax.Array) -> jax.Array:
-    """(batch, 1, q_len, k_len) boolean mask: causal, and only within the same segment."""
+    """(batch, 1, q_len, k_len) boolean mask: causal, and only within the same segment (or the prompt)."""
     q_len, k_len = query_segments.shape[-1], key_segments.shape[-1]
     causal = jnp.tril(jnp.ones((q_len, k_len), dtype=bool), k=k_len - q_len)
-    same_segment = query_segments[:, :, None] == key_segments[:, None, :]
-    return (causal[None] & same_segment)[:, None]
+    return (causal[None] & visible(query_segments, key_segments))[:, None]
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
@@ -147,8 +153,7 @@ def cached_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment
     values, value_scales = _store(cache.values, cache.value_scales, value, cache.index)
     query_index = cache.index[:, None] + jnp.arange(query.shape[1])  # (batch, q_len)
     causal = jnp.arange(keys.shape[1])[None, None, :] <= query_index[:, :, None]
-    same_segment = segment_ids[:, :, None] == cache.segment_ids[:, None, :]
-    mask = (causal & same_segment)[:, None]
+    mask = (causal & visible(segment_ids, cache.segment_ids))[:, None]
     out = jax.nn.dot_product_attention(query, _load(keys, key_scales, query.dtype),
                                        _load(values, value_scales, query.dtype), mask=mask, implementation="xla")
     return out, cache._replace(keys=keys, values=values, key_scales=key_scales, value_scales=value_scales)
@@ -159,6 +164,8 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, layers.head_dim(cfg)
         self.use_rope, self.rope_theta = cfg.position_encoding == "rope", cfg.rope_theta
         self.impl = choose_impl(cfg.attention_impl, cfg.dtype)
+        if self.impl == "splash" and cfg.soft_prompt_length:
+            self.impl = "xla"  # Splash masks by segment equality only; a shared soft prompt needs the general mask.
         common = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
         kv_bias = (self.num_kv_heads, self.head_dim) if cfg.use_bias else None
         self.query = nnx.Einsum(

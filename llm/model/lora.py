@@ -65,13 +65,16 @@ def project(module: nnx.Module, name: str, x: jax.Array, dropout_key: jax.Array 
     return y + adapter(x, key)
 
 
-def merged_params(model: nnx.Module) -> nnx.State:
+def merged_params(model: nnx.Module, params: nnx.State | None = None) -> nnx.State:
     """The parameters of the same model without adapters, each adapted kernel replaced by W + B A * scale.
 
-    The result loads into the model built from the config with `lora_rank = 0` (see `merged_config`).
+    `params` are the model's parameters with any quantized kernel already dequantized (QLoRA:
+    `llm.quant.ptq.dequantized_params`); by default, the model's own. The result loads into the model
+    built from the config without adapters (`llm.train.step.base_config`).
     """
     merged = {}
-    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    params = nnx.state(model, nnx.Param) if params is None else params
+    for path, value in nnx.to_flat_state(params):
         *parents, leaf = path
         if any(str(part).endswith(LORA_SUFFIX) for part in parents):
             continue
@@ -93,10 +96,3 @@ def _stacked_delta(adapter: LoRA) -> jax.Array:
         return adapter.delta()
     stacked = jax.vmap(lambda a, b: (a @ b * adapter.scale).reshape(*adapter.in_shape, *adapter.out_shape))
     return stacked(adapter.adapter.lora_a[...], adapter.adapter.lora_b[...])
-
-
-def merged_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The model config of the merged model: the same architecture without adapters."""
-    merged = ml_collections.ConfigDict(config.to_dict())
-    merged.model.lora_rank = 0
-    return merged

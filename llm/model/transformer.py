@@ -7,10 +7,17 @@ The configuration (`configs/base.py`, section `model`) picks GPT-2 or Llama styl
 a Python list or, with `scan_layers`, one stacked Block whose parameters carry a leading `layers` axis and
 run under `lax.scan` (compile time independent of depth). `remat_policy` rematerializes block activations.
 For generation, `decode` threads a `KVCache` through the blocks (see llm/infer/).
+
+Prompt tuning (Lester et al. 2021) adds `soft_prompt_length` learned embeddings that every document reads
+first, as if they were tokens in front of it. They sit once at the start of a row with the segment id
+PROMPT_SEGMENT, which every segment of the row may attend to, and each document's positions are shifted past
+them: exactly what prepending the prompt to each document computes, and packing keeps working. For
+decoding, `init_cache` writes the prompt's keys and values into the first positions of every cache row.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -20,7 +27,7 @@ from flax import nnx
 
 from llm import sharding
 from llm.model import layers, mlp
-from llm.model.attention import Attention, LayerCache, write_rows
+from llm.model.attention import PROMPT_SEGMENT, Attention, LayerCache, write_rows
 
 REMAT_POLICIES = {
     "full": None,  # Save nothing: recompute the whole block in the backward pass.
@@ -85,6 +92,10 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), segment_ids, index)
 
 
+class SoftPromptParam(nnx.Param):
+    """The soft prompt's embeddings: a type of their own, so `train.trainable="soft_prompt"` selects them."""
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         # A frozen copy: hashable, and safe from later edits of the caller's config.
@@ -92,6 +103,10 @@ class Transformer(nnx.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
                                embedding_init=layers.normal_init(("vocab", "embed")), rngs=rngs)
+        self.prompt_length = cfg.soft_prompt_length
+        if self.prompt_length:
+            init = layers.normal_init(("length", "embed"))
+            self.soft_prompt = SoftPromptParam(init(rngs.params(), (self.prompt_length, cfg.embed_dim), param_dtype))
         if cfg.position_encoding == "learned":
             self.position_embed = nnx.Embed(cfg.max_seq_len, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
                                             embedding_init=layers.normal_init(("length", "embed")), rngs=rngs)
@@ -122,6 +137,17 @@ class Transformer(nnx.Module):
         hidden, cache = self._forward(tokens, positions, segment_ids, None, cache)
         return self.logits(hidden), cache._replace(index=cache.index + tokens.shape[1])
 
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache with room for `max_len` tokens per row. With a soft prompt, the cache is longer by
+        its length and already holds the prompt's keys and values: rows start writing after it."""
+        cache = KVCache.create(self.cfg, batch, max_len + self.prompt_length)
+        if not self.prompt_length:
+            return cache
+        x, positions, segment_ids = self._prompt_inputs(batch, x_dtype=jnp.dtype(self.cfg.dtype))
+        cache = cache._replace(segment_ids=write_rows(cache.segment_ids, segment_ids, cache.index))
+        _, cache = self._run(x, positions, segment_ids, None, cache)
+        return cache._replace(index=cache.index + self.prompt_length)
+
     def features(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """The final normalized hidden states (batch, length, embed), before the output projection."""
@@ -134,6 +160,27 @@ class Transformer(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         x = self.embed(tokens)
+        # Every document reads the soft prompt first, so its own positions start after it.
+        positions = positions + self.prompt_length
+        prepend = self.prompt_length and cache is None  # (a cache already holds the prompt: init_cache)
+        if prepend:
+            prompt, prompt_positions, prompt_segments = self._prompt_inputs(tokens.shape[0], x.dtype)
+            x = jnp.concatenate([prompt, x], axis=1)
+            positions = jnp.concatenate([prompt_positions, positions], axis=1)
+            segment_ids = jnp.concatenate([prompt_segments, segment_ids], axis=1)
+        hidden, cache = self._run(x, positions, segment_ids, dropout_key, cache)
+        return (hidden[:, self.prompt_length:] if prepend else hidden), cache
+
+    def _prompt_inputs(self, batch: int, x_dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The soft prompt as a (batch, P) prefix: embeddings, positions 0..P-1 and the prompt's segment."""
+        shape = (batch, self.prompt_length)
+        prompt = jnp.broadcast_to(self.soft_prompt[...].astype(x_dtype), (*shape, self.cfg.embed_dim))
+        positions = jnp.broadcast_to(jnp.arange(self.prompt_length), shape)
+        return prompt, positions, jnp.full(shape, PROMPT_SEGMENT, jnp.int32)
+
+    def _run(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None,
+             cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+        """Position encodings, the blocks and the final norm over input embeddings x (batch, length, embed)."""
         if self.cfg.position_encoding == "learned":
             x = x + self.position_embed(positions)
         elif self.cfg.position_encoding == "sinusoidal":
@@ -190,6 +237,23 @@ def _stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:
         return Block(cfg, rngs=rngs)
 
     return create(rngs)
+
+
+def context_length(cfg: ml_collections.ConfigDict) -> int:
+    """Tokens one sequence may hold: the model's context less its soft prompt."""
+    return cfg.max_seq_len - cfg.soft_prompt_length
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def new_cache(graphdef: nnx.GraphDef, params: nnx.State, batch: int, max_len: int) -> KVCache:
+    """`Transformer.init_cache` of the model (graphdef, params), compiled once per shape."""
+    return nnx.merge(graphdef, params).init_cache(batch, max_len)
+
+
+def create_model(config: ml_collections.ConfigDict) -> Transformer:
+    """The model of a run config with freshly initialized parameters (seeded by `config.seed`), unsharded."""
+    with sharding.no_eager_sharding():
+        return Transformer(config.model, rngs=nnx.Rngs(params=config.seed))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -30,9 +30,8 @@ from flax import nnx
 
 from llm import sharding
 from llm.model import layers
-from llm.model.transformer import KV_CACHE_DTYPES, Transformer
+from llm.model.transformer import KV_CACHE_DTYPES, Transformer, create_model
 from llm.quant.embed import QuantizedEmbed
-from llm.train import step as step_lib
 
 MODES = ("int8", "int4", "int8_act")
 DEFAULT_GROUP_SIZE = 128
@@ -169,10 +168,27 @@ def _replicate_group_axes_of_scales(model: nnx.Module) -> None:
                                                      in zip(names, scale.shape, qvalue.shape)))
 
 
+def dequantized_params(model: Transformer) -> nnx.State:
+    """The parameters of a quantized model with every quantized weight turned back into a float array, at the
+    path and in the dtype the unquantized model has it (QLoRA merges its adapters into these)."""
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    dtype = jnp.dtype(model.cfg.param_dtype)
+    params = {}
+    for path, value in flat.items():
+        if path[-1] == "qvalue":
+            # A Qwix weight lives at <kernel>/array/{qvalue,scale}; the embedding table at embed/{qvalue,scale}.
+            float_path = path[:-2] if path[-2] == "array" else path[:-1] + ("embedding",)
+            array = qwix.QArray(value[...], flat[path[:-1] + ("scale",)][...])
+            params[float_path] = value.replace(qwix.dequantize(array).astype(dtype))
+        elif path[-1] != "scale" or path[:-1] + ("qvalue",) not in flat:
+            params[path] = value
+    return nnx.from_flat_state(params)
+
+
 def model_from_config(config: ml_collections.ConfigDict) -> Transformer:
     """The model a run config describes, freshly initialized: quantized if the config has a `quantization`
     section. Under nnx.eval_shape, this is the restore target of the run's checkpoints."""
-    model = step_lib.create_model(config)
+    model = create_model(config)
     return quantize_model(model, QuantConfig.from_config(config)) if "quantization" in config else model
 
 

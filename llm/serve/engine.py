@@ -33,7 +33,7 @@ from flax import nnx
 from llm import sharding
 from llm.infer.generate import TextStream, bucket
 from llm.infer.sampling import RowSampling, SamplingParams, sample_rows
-from llm.model.transformer import KVCache
+from llm.model.transformer import KVCache, context_length, new_cache
 from llm.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20  # Most alternatives per token a request may ask for (OpenAI's limit for chat).
@@ -112,11 +112,11 @@ def _batch_axis(field: str) -> int:
     return 0 if field in ("segment_ids", "index") else 1
 
 
-def _cache_row(cache: KVCache, slot: jax.Array) -> KVCache:
-    """Row `slot` of the cache as a batch-1 cache written from position 0."""
+def _cache_row(cache: KVCache, slot: jax.Array, start: int) -> KVCache:
+    """Row `slot` of the cache as a batch-1 cache written from position `start` (after any soft prompt)."""
     rows = {name: jax.lax.dynamic_slice_in_dim(value, slot, 1, _batch_axis(name))
             for name, value in cache._asdict().items() if value is not None and name != "index"}
-    return cache._replace(**rows, index=jnp.zeros((1,), jnp.int32))
+    return cache._replace(**rows, index=jnp.full((1,), start, jnp.int32))
 
 
 def _put_cache_row(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
@@ -132,11 +132,11 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, seen: ja
     """Writes one prompt (tokens (1, bucket), the first `length` real) into row `slot` and samples its first
     new token. Returns (token, logprob, top ids, top logprobs, prompt logprobs or None, cache, seen)."""
     model = nnx.merge(graphdef, params)
-    row = _cache_row(cache, slot)
+    row = _cache_row(cache, slot, model.prompt_length)
     real = jnp.arange(tokens.shape[1]) < length
     # Padding after the prompt has segment 0 and sits beyond the row's index: decoding overwrites it.
     logits, row = model.decode(tokens, jnp.arange(tokens.shape[1])[None], real[None].astype(jnp.int32), row)
-    cache = _put_cache_row(cache, row, slot)._replace(index=cache.index.at[slot].set(length))
+    cache = _put_cache_row(cache, row, slot)._replace(index=cache.index.at[slot].set(model.prompt_length + length))
     vocab = logits.shape[-1]
     row_seen = jnp.zeros((vocab,), bool).at[jnp.where(real, tokens[0], vocab)].set(True, mode="drop")
     seen = seen.at[slot].set(row_seen)
@@ -159,11 +159,12 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, seen: ja
 def _decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, seen: jax.Array, tokens: jax.Array,
                  active: jax.Array, sampling: RowSampling, seeds: jax.Array, counts: jax.Array):
     """One new token for every slot: tokens (B,) are written at each row's own cache index. Idle rows are
-    computed too (the shapes never change) but reset to index 0, where the next prefill overwrites them."""
+    computed too (the shapes never change) but reset to the start of the row (after any soft prompt), where
+    the next prefill overwrites them."""
     model = nnx.merge(graphdef, params)
     rows = jnp.arange(tokens.shape[0])
     seen = seen.at[rows, tokens].set(seen[rows, tokens] | active)
-    cache = cache._replace(index=jnp.where(active, cache.index, 0))
+    cache = cache._replace(index=jnp.where(active, cache.index, model.prompt_length))
     logits, cache = model.decode(tokens[:, None], cache.index[:, None], jnp.ones_like(tokens)[:, None], cache)
     logits = logits[:, -1]
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
@@ -187,7 +188,7 @@ class Engine:
         self.cfg = model.cfg
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
-        context = self.cfg.max_seq_len
+        context = context_length(self.cfg)
         if max_cache_len is not None and not 1 < max_cache_len <= context:
             raise ValueError(f"max_cache_len must be in [2, {context}] (the model's context), got {max_cache_len}.")
         self.graphdef, self.params = nnx.split(model)
@@ -273,7 +274,7 @@ class Engine:
         self._reset_device_state()
 
     def _reset_device_state(self) -> None:
-        cache = KVCache.create(self.cfg, self.max_batch_size, self.max_cache_len)
+        cache = new_cache(self.graphdef, self.params, self.max_batch_size, self.max_cache_len)
         seen = jnp.zeros((self.max_batch_size, self.cfg.vocab_size), bool)
         # The jitted steps return the cache replicated over the parameters' mesh; starting it there too
         # spares a second compilation of every step for a first call with another placement.

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from llm import config_validation, sharding
-from llm.model.transformer import count_params
+from llm.model.transformer import count_params, create_model
 from llm.train import metrics as metrics_lib, optimizer as optimizer_lib, step as step_lib
 
 
@@ -74,7 +74,7 @@ def benchmark_train(config: ml_collections.ConfigDict, num_steps: int = 10, warm
     flops_per_token = metrics_lib.train_flops_per_token(config.model, config.data.seq_len)
     peak = metrics_lib.peak_flops_per_device(config.train.peak_tflops_per_device)
     with sharding.no_eager_sharding():
-        parameters = count_params(jax.eval_shape(lambda: step_lib.create_model(config)))
+        parameters = count_params(jax.eval_shape(lambda: create_model(config)))
     return {
         "benchmark": "train",
         **machine(),

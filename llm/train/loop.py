@@ -55,12 +55,13 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
         source = checkpoint.load_config(config.init_from)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"config.init_from={config.init_from!r}: {error}") from None
-    if source.model.lora_rank:
+    if source.train.trainable != "all":
         raise config_validation.ConfigError(
-            f"config.init_from={config.init_from!r} is a LoRA run; merge its adapters first "
-            "(scripts/merge_lora.py) and start from the merged run.")
+            f"config.init_from={config.init_from!r} is a {source.train.trainable} run whose checkpoints hold only "
+            "what it trained; start from a full run (a LoRA run can be merged first: scripts/merge_lora.py).")
     for key, value in source.model.items():
-        if not key.startswith("lora_") and key in config.model and config.model[key] != value \
+        adapter = key.startswith("lora_") or key == "soft_prompt_length"
+        if not adapter and key in config.model and config.model[key] != value \
                 and key not in ("dropout_rate", "remat_policy", "scan_layers", "attention_impl", "dtype"):
             raise config_validation.ConfigError(
                 f"config.model.{key}={config.model[key]!r} differs from the run in config.init_from "

@@ -1,13 +1,16 @@
 """The train state and the jitted, sharded init / train / eval steps, for every training mode.
 
 One trainer serves pretraining and fine-tuning. The config chooses
-  * which parameters train (`train.trainable`): all of them, or only the LoRA adapters;
+  * which parameters train (`train.trainable`): all of them, only the LoRA adapters, or only the soft
+    prompt (prompt tuning);
+  * whether the frozen base is quantized (`train.quantize_base`: int4 with LoRA is QLoRA);
   * the objective (`train.objective`): next-token cross-entropy, or DPO against a frozen reference.
 The model's parameters are split into `params` (trainable: the only ones with optimizer state) and
 `frozen` (the rest, plus the DPO reference). The train state is a plain dict `{"step", "params",
 "opt_state"}` and is what checkpoints hold; frozen parameters are rebuilt at start-up from the seed and
-`init_from`, so a LoRA checkpoint is just its adapters. Every jitted function declares its shardings, and
-the train step donates the old state so it is updated in place.
+`init_from` (`trained_model`), so a LoRA or prompt-tuning checkpoint is just its adapters or its prompt.
+Every jitted function declares its shardings, and the train step donates the old state so it is updated
+in place.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from llm import sharding
+from llm import sharding, tokenizer
 from llm.data import records
-from llm.model import lora
-from llm.model.transformer import Transformer
+from llm.model.transformer import SoftPromptParam, Transformer, create_model
+from llm.quant import ptq
 from llm.train import losses
 
 TrainState = dict[str, Any]
@@ -34,8 +37,10 @@ Frozen = dict[str, nnx.State]
 Batch = dict[str, jax.Array]
 StepFn = Callable[[TrainState, Frozen, Batch], tuple[TrainState, dict[str, jax.Array]]]
 
-TRAINABLE = {"all": nnx.Param, "lora": nnx.LoRAParam}
+TRAINABLE = {"all": nnx.Param, "lora": nnx.LoRAParam, "soft_prompt": SoftPromptParam}
 OBJECTIVES = ("lm", "dpo")
+BASE_QUANTIZATION = ("none", "int8", "int4")
+PROMPT_INIT_PIECES = 5000  # A soft prompt starts from embeddings of the most frequent pieces (Lester et al.).
 DPO_SIDES = ("chosen", "rejected")
 
 
@@ -53,10 +58,36 @@ class Steps:
     eval: Callable[[TrainState, Frozen, Batch], dict[str, Any]]
 
 
-def create_model(config: ml_collections.ConfigDict) -> Transformer:
-    """The model with freshly initialized parameters (seeded by `config.seed`), unsharded."""
-    with sharding.no_eager_sharding():
-        return Transformer(config.model, rngs=nnx.Rngs(params=config.seed))
+def base_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config of the model `init_from` holds: the same architecture without adapters or soft prompt."""
+    base = ml_collections.ConfigDict(config.to_dict())
+    base.model.update(lora_rank=0, soft_prompt_length=0)
+    base.train.update(trainable="all", quantize_base="none")
+    return base
+
+
+def trained_model(config: ml_collections.ConfigDict, base: nnx.State | None) -> Transformer:
+    """The model as the trainer runs it: fresh parameters, then the pretrained `base` (from `init_from`)
+    over them, then for QLoRA the frozen base quantized by Qwix (`train.quantize_base`; the adapters and the
+    soft prompt stay in float)."""
+    model = create_model(config)
+    if base is not None:
+        nnx.update(model, base)
+        if model.prompt_length:
+            model.soft_prompt.value = _prompt_from_vocabulary(model, config.seed)
+    if config.train.quantize_base != "none":
+        model = ptq.quantize_model(model, ptq.QuantConfig(config.train.quantize_base,
+                                                          config.train.quantize_group_size))
+    return model
+
+
+def _prompt_from_vocabulary(model: Transformer, seed: int) -> jax.Array:
+    """Embeddings of frequent text pieces drawn with the run's seed: Lester et al. (2021) found that a soft
+    prompt started from real token embeddings trains faster and better than a random one."""
+    vocab = model.cfg.vocab_size
+    low = tokenizer.FIRST_TEXT_PIECE if vocab > tokenizer.FIRST_TEXT_PIECE else 0
+    ids = jax.random.randint(jax.random.key(seed), (model.prompt_length,), low, min(vocab, low + PROMPT_INIT_PIECES))
+    return model.embed.embedding[...][ids].astype(model.soft_prompt.dtype)
 
 
 def batch_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -73,19 +104,16 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
 
     def init(base: nnx.State | None) -> tuple[TrainState, Frozen]:
         """A fresh state; `base` (the pretrained parameters of `init_from`) replaces the initial weights."""
-        model = create_model(config)
-        if base is not None:
-            nnx.update(model, base)
-        _, params, rest = nnx.split(model, trainable, ...)
+        _, params, rest = nnx.split(trained_model(config, base), trainable, ...)
         frozen = {"rest": rest}
         if dpo:
             frozen["reference"] = params  # The policy before training is the DPO reference.
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}, frozen
 
-    abstract_model = nnx.eval_shape(lambda: create_model(config))
+    abstract_model = nnx.eval_shape(lambda: trained_model(config, None))
     # Parameters are the model's only state (dropout keys are passed per call), so this split is exhaustive.
     graphdef = nnx.split(abstract_model, trainable, ...)[0]
-    abstract_base = nnx.state(nnx.eval_shape(lambda: create_model(lora.merged_config(config))), nnx.Param)
+    abstract_base = nnx.state(nnx.eval_shape(lambda: create_model(base_config(config))), nnx.Param)
     abstract_state, abstract_frozen = jax.eval_shape(init, abstract_base)
     state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
     frozen_shardings = sharding.tree_shardings(abstract_frozen, mesh, rules)

@@ -8,7 +8,7 @@ With --quantize (or a quantized --workdir from scripts/quantize.py), the float a
 evaluated side by side, with their parameter memory and decode speed, in one table.
 
 Writes the JSON report (default WORKDIR/eval/report.json) and report.md beside it, prints the table, and
-writes WORKDIR/MODEL_CARD.md. Flags and files are checked before the model is loaded.
+writes WORKDIR/MODEL_CARD.md (unless --nomodel_card). Flags and files are checked before the model is loaded.
 """
 
 import dataclasses
@@ -43,6 +43,8 @@ _QUANTIZE = flags.DEFINE_enum("quantize", None, list(ptq.MODES), "Also evaluate 
                               "quantization of the run, side by side with the float model.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the example subsets, the shots and the typos.")
+_MODEL_CARD = flags.DEFINE_bool("model_card", True, "Write WORKDIR/MODEL_CARD.md with this report (--nomodel_card "
+                                "for a side experiment that should not replace the run's card).")
 
 
 def _checked_inputs() -> tuple[list[str], suite.Settings]:
@@ -87,9 +89,11 @@ def main(argv: list[str]) -> None:
         full_report = {**full_report, "comparison": reports}
     output = _OUTPUT.value or os.path.join(run.workdir, "eval", "report.json")
     print(report.write_report(full_report, output))
-    card = model_card.write_model_card(run.workdir, run.config, num_params=num_params, step=run.step,
-                                       report=full_report)
-    logging.info("Wrote %s, %s and %s", output, os.path.splitext(output)[0] + ".md", card)
+    logging.info("Wrote %s and %s", output, os.path.splitext(output)[0] + ".md")
+    if _MODEL_CARD.value:
+        card = model_card.write_model_card(run.workdir, run.config, num_params=num_params, step=run.step,
+                                           report=full_report)
+        logging.info("Wrote %s", card)
 
 
 def _label(run: loading.Run) -> str:

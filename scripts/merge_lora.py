@@ -1,6 +1,8 @@
-"""Merges a LoRA run's adapters into its base weights and writes a standalone run directory.
+"""Merges a LoRA or QLoRA run's adapters into its base weights and writes a standalone run directory.
 
     python scripts/merge_lora.py --workdir=runs/lora_es --output=runs/lora_es_merged
+
+A QLoRA run's adapters are merged into its dequantized int4 base (what they were trained against), in float.
 
 The output holds config.json (the architecture without adapters), tokenizer.model and one checkpoint
 with the merged parameters: load it for inference, serve it, quantize it, or start further fine-tuning
@@ -17,7 +19,8 @@ from flax import nnx
 from llm.infer import loading
 from llm.train import checkpoint
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "LoRA run directory (train.trainable='lora').", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "LoRA or QLoRA run directory (train.trainable='lora').",
+                              required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the merged run (must not exist).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 

@@ -1,22 +1,31 @@
 """Configs: every recipe validates; a wrong key, a bad value or a missing data path fails at once, clearly."""
 
+import importlib
 import os
+import pkgutil
 import subprocess
 import sys
 
 import pytest
 from conftest import tiny_config
 
-from configs import base, dpo_es, gpt2_small_es, llama_1b_es, lora_es, sft_es, tiny_es
+import configs
 from llm import config_validation
 from llm.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("recipe", [base, tiny_es, gpt2_small_es, llama_1b_es, sft_es, lora_es, dpo_es])
-def test_recipes_are_valid(recipe):
-    config_validation.validate(recipe.get_config())
+RECIPES = sorted(module.name for module in pkgutil.iter_modules(configs.__path__) if not module.ispkg)
+
+
+def test_every_recipe_is_listed():
+    assert {"base", "tiny_es", "sft_es", "lora_es", "qlora_es", "prompt_tuning_sentiment_es", "dpo_es"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipes_are_valid(name):
+    config_validation.validate(importlib.import_module(f"configs.{name}").get_config())
 
 
 @pytest.mark.parametrize("key, value, message", [

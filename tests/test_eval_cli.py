@@ -132,3 +132,26 @@ def test_quantize_flag_evaluates_float_and_quantized_side_by_side(trained_run, t
 def test_an_unsupported_quantization_mode_is_refused(trained_run):
     result = _evaluate(f"--workdir={trained_run}", "--quantize=int2")
     assert result.returncode != 0 and "int8" in result.stderr and "int2" in result.stderr
+
+
+def _sentiment_report(accuracy, macro_f1):
+    scores = {"accuracy": 100 * accuracy, "macro_f1": 100 * macro_f1, "chance": 100 / 3, "examples": 869}
+    return {"sentiment": {"zero_shot": scores}, "settings": {"num_shots": 0}}
+
+
+def test_compare_reports_prints_labelled_columns_and_names_a_bad_argument(tmp_path):
+    paths = {}
+    for label, scores in (("zero-shot", (0.40, 0.25)), ("prompt-tuning", (0.55, 0.50))):
+        paths[label] = tmp_path / f"{label}.json"
+        paths[label].write_text(json.dumps(_sentiment_report(*scores)), encoding="utf-8")
+    script = os.path.join(REPO, "scripts", "compare_reports.py")
+    args = [f"{label}={path}" for label, path in paths.items()]
+    result = subprocess.run([sys.executable, script, *args, f"--output={tmp_path / 'table.md'}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| task | setting | metric | zero-shot | prompt-tuning |" in result.stdout
+    assert "| sentiment | zero-shot | macro-F1 | 25.0 | 50.0 |" in result.stdout
+    assert (tmp_path / "table.md").read_text(encoding="utf-8") == result.stdout
+    result = subprocess.run([sys.executable, script, args[0], "lora=/nonexistent/report.json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "'/nonexistent/report.json' (label 'lora') does not exist" in result.stderr

@@ -158,3 +158,13 @@ def test_chunked_cross_entropy_equals_the_full_one():
     results = [_one_step_metrics(tiny_config(train__loss_chunk_size=chunk, train__z_loss=1e-3), seed=1)
                for chunk in (0, 7)]
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
+
+
+def test_a_saved_config_without_newer_keys_loads_with_their_defaults(tmp_path):
+    config = tiny_config()
+    saved = json.loads(config.to_json())
+    del saved["model"]["soft_prompt_length"], saved["train"]["quantize_base"]  # a run from before these keys
+    (tmp_path / "config.json").write_text(json.dumps(saved), encoding="utf-8")
+    loaded = checkpoint.load_config(str(tmp_path))
+    assert loaded.model.soft_prompt_length == 0 and loaded.train.quantize_base == "none"
+    assert loaded.model.num_layers == config.model.num_layers and loaded.data.seq_len == config.data.seq_len

@@ -78,8 +78,8 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 
 def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
-    """One Markdown table with a score column per variant (e.g. float, int8), plus parameter memory and
-    decode speed: how much a quantized model loses, and what it saves."""
+    """One Markdown table with a score column per variant (e.g. float and int8, or zero-shot and tuned), plus
+    parameter memory and decode speed when every report has them: what a variant gains, and what it costs."""
     labels = list(reports)
     scores = {label: {row[:3]: row[3] for row in table_rows(report)} for label, report in reports.items()}
     lines = ["| task | setting | metric | " + " | ".join(labels) + " |", "|---|---|---|" + "---:|" * len(labels)]
@@ -88,6 +88,8 @@ def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
                      + " |")
     for field, metric, shown in (("parameter_bytes", "parameter memory (MB)", lambda v: f"{v / 1e6:.2f}"),
                                  ("decode_tokens_per_sec", "decode tokens/s, batch 1", lambda v: f"{v:,.0f}")):
+        if not all(field in reports[label] for label in labels):
+            continue
         lines.append(f"| model | - | {metric} | " + " | ".join(shown(reports[label][field]) for label in labels)
                      + " |")
     return "\n".join(lines) + "\n"

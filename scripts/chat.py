@@ -14,6 +14,7 @@ from absl import app, flags
 
 from llm.infer import generate, loading
 from llm.infer.sampling import SamplingParams
+from llm.model.transformer import context_length
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -37,7 +38,8 @@ def main(argv: list[str]) -> None:
                               repetition_penalty=_REPETITION_PENALTY.value)
     run = loading.load_run(_WORKDIR.value, _STEP.value)
     # Leave room for the answer: at least a quarter of the context, at most max_new_tokens.
-    prompt_budget = run.config.model.max_seq_len - min(_MAX_NEW_TOKENS.value, run.config.model.max_seq_len // 4)
+    context = context_length(run.model.cfg)
+    prompt_budget = context - min(_MAX_NEW_TOKENS.value, context // 4)
     print(f"Modelo de {_WORKDIR.value} (paso {run.step}). /reset para empezar de nuevo, /exit para salir.")
     turns: list[str] = []
     for turn in range(10**9):

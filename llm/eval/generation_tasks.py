@@ -18,6 +18,7 @@ from typing import Any
 
 from llm.eval import tasks, text_metrics
 from llm.infer.generate import generate_text
+from llm.model.transformer import context_length
 
 # (prompts, max_new_tokens, stop strings) -> completions, cut before the first stop string.
 Generate = Callable[[list[str], int, Sequence[str]], list[str]]
@@ -76,7 +77,7 @@ def run_generator(run: Any, batch_size: int = 16) -> Generate:
     A prompt that would leave no room for `max_new_tokens` keeps only its last tokens (the question is at
     the end); how many were cut is logged.
     """
-    tokenizer, context = run.tokenizer, run.config.model.max_seq_len
+    tokenizer, context = run.tokenizer, context_length(run.model.cfg)
 
     def generate(prompts: list[str], max_new_tokens: int, stop_strings: Sequence[str]) -> list[str]:
         budget = context - max_new_tokens - 1  # generate_text prepends bos

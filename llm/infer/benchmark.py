@@ -19,7 +19,7 @@ import numpy as np
 
 from llm.infer import generate
 from llm.infer.sampling import SamplingParams
-from llm.model.transformer import Transformer, new_cache
+from llm.model.transformer import Transformer, context_length, new_cache
 
 # Peak HBM bandwidth in bytes/s, from the vendors' data sheets.
 HBM_BANDWIDTH_BY_DEVICE_KIND = {
@@ -48,9 +48,10 @@ def benchmark_decode(model: Transformer, batch_sizes: Sequence[int] = (1, 8, 64)
                      new_tokens: int = 32, vocab_limit: int | None = None) -> dict[str, Any]:
     """Times prefill and decode of random prompts; the model's weights need not be trained."""
     cfg = model.cfg
-    prompt_len = min(prompt_len, cfg.max_seq_len - new_tokens - 1)
+    context = context_length(cfg)
+    prompt_len = min(prompt_len, context - new_tokens - 1)
     if prompt_len < 1:
-        raise ValueError(f"max_seq_len={cfg.max_seq_len} leaves no room for {new_tokens} new tokens.")
+        raise ValueError(f"A context of {context} tokens leaves no room for {new_tokens} new tokens.")
     generator = generate.Generator(model)
     graphdef, params = generator.graphdef, generator.params
     greedy = SamplingParams()
@@ -62,7 +63,7 @@ def benchmark_decode(model: Transformer, batch_sizes: Sequence[int] = (1, 8, 64)
 
     for batch in batch_sizes:
         prompts = rng.integers(4, vocab, (batch, prompt_len)).astype(np.int32)
-        cache_len = generate.bucket(prompt_len + new_tokens, cfg.max_seq_len)
+        cache_len = generate.bucket(prompt_len + new_tokens, context)
         positions = np.broadcast_to(np.arange(prompt_len, dtype=np.int32), prompts.shape)
         segments = np.ones_like(prompts)
         key = jax.random.key(0)

@@ -41,7 +41,11 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array, z_
     Sums rather than means, so gradient accumulation over microbatches divides once by the total weight and
     equals the full-batch gradient. The z-loss z_loss * log(Z)^2 (PaLM) keeps the softmax normalizer near 1.
     """
-    return _loss_sums(logits[:, :-1], tokens[:, 1:], weights, z_loss)
+    # The targets move left instead of the logits: slicing off the last position would copy the whole
+    # (batch, length - 1, vocab) logits, and its gradient would be a padded copy back, two passes over the
+    # largest tensors of the step. The position left without a target gets weight 0.
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    return _loss_sums(logits, targets, jnp.pad(weights, ((0, 0), (0, 1))), z_loss)
 
 
 def chunked_next_token_loss(features: jax.Array, project: Callable[[jax.Array], jax.Array], tokens: jax.Array,

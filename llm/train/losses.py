@@ -41,11 +41,18 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array, z_
     Sums rather than means, so gradient accumulation over microbatches divides once by the total weight and
     equals the full-batch gradient. The z-loss z_loss * log(Z)^2 (PaLM) keeps the softmax normalizer near 1.
     """
-    # The targets move left instead of the logits: slicing off the last position would copy the whole
-    # (batch, length - 1, vocab) logits, and its gradient would be a padded copy back, two passes over the
-    # largest tensors of the step. The position left without a target gets weight 0.
-    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
-    return _loss_sums(logits, targets, jnp.pad(weights, ((0, 0), (0, 1))), z_loss)
+    return _loss_sums(logits, *_targets_at_every_position(tokens, weights), z_loss)
+
+
+def _targets_at_every_position(tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(targets, weights) of shape (batch, length): position t predicts tokens[t + 1].
+
+    The targets move left instead of the logits: slicing off the last position would copy the whole
+    (batch, length - 1, vocab) logits, and its gradient would be a padded copy back, two passes over the
+    largest tensors of the step. The last position, left without a target, gets weight 0.
+    """
+    pad = ((0, 0), (0, 1))
+    return jnp.pad(tokens[:, 1:], pad), jnp.pad(weights, pad)
 
 
 def chunked_next_token_loss(features: jax.Array, project: Callable[[jax.Array], jax.Array], tokens: jax.Array,
@@ -75,9 +82,9 @@ def chunked_next_token_loss(features: jax.Array, project: Callable[[jax.Array], 
 
 def sequence_logprobs(logits: jax.Array, tokens: jax.Array, weights: jax.Array) -> jax.Array:
     """Per row, the summed log-probability of the weighted next-token targets: (batch,) float32."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    target = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    targets, weights = _targets_at_every_position(tokens, weights)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    target = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(target * weights, axis=-1)
 
 

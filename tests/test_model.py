@@ -7,7 +7,7 @@ import pytest
 from conftest import forward, tiny_config
 from flax import nnx
 
-from llm.model import attention
+from llm.model import attention, layers
 from llm.model.transformer import create_model
 
 
@@ -92,9 +92,46 @@ def test_dropout_only_with_a_key():
     assert not np.allclose(forward(model, tokens), forward(model, tokens, dropout_key=key))
 
 
-def test_attention_kernel_choice_falls_back_to_xla_on_cpu():
-    assert attention.choose_impl("auto", jnp.bfloat16) == "xla"
+def test_attention_kernel_choice_on_cpu_is_blocked_xla():
+    assert attention.choose_impl("auto", jnp.bfloat16) == "blocked"
     assert attention.choose_impl("cudnn", jnp.float32) == "cudnn"
+
+
+@pytest.mark.parametrize("length", [64, 37])  # 37: the last query block is shorter than the others.
+def test_blocked_attention_matches_the_xla_reference_with_its_gradients(length):
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, length, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32) for _ in range(2))
+    # Two packed documents, then a soft prompt's segment in front of the second row.
+    segments = np.ones((2, length), np.int32)
+    segments[0, length // 3:] = 2
+    segments[1, :5] = attention.PROMPT_SEGMENT
+    segments = jnp.asarray(segments)
+
+    def attend(impl):
+        return lambda q, k, v: attention.dot_product_attention(q, k, v, segments, impl)
+
+    np.testing.assert_allclose(attend("blocked")(q, k, v), attend("xla")(q, k, v), atol=1e-5)
+    cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    grads = {impl: jax.vjp(attend(impl), q, k, v)[1](cotangent) for impl in ("blocked", "xla")}
+    for blocked, reference in zip(grads["blocked"], grads["xla"]):
+        np.testing.assert_allclose(blocked, reference, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_the_distance_between_positions():
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32) for _ in range(2))
+
+    def score(query_position, key_position):
+        rotate = lambda x, p: layers.rope(x, jnp.array([[p]]), 10000.0, max_len=64)
+        return float(jnp.sum(rotate(q, query_position) * rotate(k, key_position)))
+
+    assert score(7, 3) == pytest.approx(score(40, 36), abs=1e-5)
+    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
+    # Position 0 is the identity; the rotation keeps norms.
+    np.testing.assert_allclose(layers.rope(q, jnp.zeros((1, 1), jnp.int32), 10000.0, 64), q)
+    rotated = layers.rope(q, jnp.full((1, 1), 21), 10000.0, 64)
+    np.testing.assert_allclose(jnp.linalg.norm(rotated), jnp.linalg.norm(q), rtol=1e-6)
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 1, 2)])

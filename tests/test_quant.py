@@ -22,9 +22,11 @@ from llm.model.transformer import create_model
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Per mode, on held-out text: the largest relative L2 error of the logits, ||q - f|| / ||f||, and the
-# smallest share of positions whose most likely next token is unchanged. Measured on the trained
-# fixture: int8 0.13% / 99.6%, int4 (groups of 16) 1.7% / 93%, int8 + activations 0.28% / 99.6%.
-BOUNDS = {"int8": (0.01, 0.97), "int4": (0.05, 0.85), "int8_act": (0.01, 0.97)}
+# largest mean KL divergence of the next-token distributions, KL(float || quantized) in nats. Measured on
+# the trained fixture: int8 0.13% / 6e-6, int4 (groups of 16) 1.9% / 1.5e-3, int8 + activations
+# 0.23% / 1.1e-5. (Not argmax agreement: after 30 steps many positions are near-ties, and which side of a
+# tie a 1e-3 change lands on moves with any retraining of the fixture.)
+BOUNDS = {"int8": (0.01, 1e-4), "int4": (0.05, 1e-2), "int8_act": (0.01, 1e-4)}
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,11 @@ def test_quantized_logits_stay_close_to_the_float_model(run, text_tokens, mode):
     expected = np.asarray(forward(run.model, text_tokens))
     quantized = quantized_run.quantize_run(run, mode, group_size=16)
     logits = np.asarray(forward(quantized.model, text_tokens))
-    max_error, min_agreement = BOUNDS[mode]
+    max_error, max_kl = BOUNDS[mode]
     assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) < max_error
-    assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= min_agreement
+    float_logprobs, quantized_logprobs = jax.nn.log_softmax(expected), jax.nn.log_softmax(logits)
+    kl = jnp.sum(jnp.exp(float_logprobs) * (float_logprobs - quantized_logprobs), axis=-1)
+    assert float(jnp.mean(kl)) < max_kl
     # The float run is untouched.
     np.testing.assert_array_equal(forward(run.model, text_tokens), expected)
 

@@ -55,14 +55,14 @@ class LoRA(nnx.Module):
 
 
 def project(module: nnx.Module, name: str, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
-    """The layer `name` of `module` applied to x, plus its adapter's update when it has one."""
-    y = getattr(module, name)(x)
-    adapter = getattr(module, name + LORA_SUFFIX, None)
+    """The layer `name` of `module` applied to x (batch, length, ...), plus its adapter's update when it has
+    one. The layers see one axis of tokens (`layers.over_tokens`): their einsums read "td,..."."""
+    layer, adapter = getattr(module, name), getattr(module, name + LORA_SUFFIX, None)
     if adapter is None:
-        return y
+        return layers.over_tokens(layer, x)
     # crc32, not hash(): Python salts string hashes per process, and resumed runs must draw the same masks.
     key = None if dropout_key is None else jax.random.fold_in(dropout_key, zlib.crc32(name.encode()))
-    return y + adapter(x, key)
+    return layers.over_tokens(lambda tokens: layer(tokens) + adapter(tokens, key), x)
 
 
 def merged_params(model: nnx.Module, params: nnx.State | None = None) -> nnx.State:

@@ -192,7 +192,8 @@ class Transformer(nnx.Module):
         return self.final_norm(x).astype(x.dtype), cache
 
     def logits(self, features: jax.Array) -> jax.Array:
-        logits = self.embed.attend(features) if self.cfg.tie_embeddings else self.unembed(features)
+        project = self.embed.attend if self.cfg.tie_embeddings else self.unembed
+        logits = layers.over_tokens(project, features)
         return sharding.constrain(logits, ("batch", "length", "vocab"))
 
     def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,

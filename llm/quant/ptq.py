@@ -101,7 +101,7 @@ def _rules(cfg: ml_collections.ConfigDict, qconfig: QuantConfig, names: str,
            module_path: str = r"(.*/)?{name}") -> list[qwix.QuantizationRule]:
     """One Qwix rule per projection, because int4 groups depend on each one's contraction size."""
     # Qwix tiles the innermost contraction axis: embed for the input projections, head_dim for the
-    # attention output ("btnh,nhd->btd"), mlp for the down projection.
+    # attention output ("tnh,nhd->td"), mlp for the down projection.
     contraction = {"query": cfg.embed_dim, "key": cfg.embed_dim, "value": cfg.embed_dim, "up": cfg.embed_dim,
                    "gate": cfg.embed_dim, "out": layers.head_dim(cfg), "down": cfg.mlp_dim, "unembed": cfg.embed_dim}
     return [qwix.QuantizationRule(module_path=module_path.format(name=name), weight_qtype=qconfig.weight_qtype,

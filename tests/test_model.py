@@ -109,7 +109,7 @@ def test_blocked_attention_matches_the_xla_reference_with_its_gradients(length):
     segments = jnp.asarray(segments)
 
     def attend(impl):
-        return lambda q, k, v: attention.dot_product_attention(q, k, v, segments, impl)
+        return jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, segments, impl))
 
     np.testing.assert_allclose(attend("blocked")(q, k, v), attend("xla")(q, k, v), atol=1e-5)
     cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)

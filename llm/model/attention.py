@@ -26,7 +26,10 @@ from llm.model import layers, lora
 ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "splash")
 # The segment id of a soft prompt (llm/model/transformer.py): its keys are visible to every segment.
 PROMPT_SEGMENT = -1
-BLOCKED_ATTENTION_BLOCKS = 8  # Query blocks of "blocked" attention: fewer skip less, more add small ops.
+# "blocked" attention splits the queries into this many blocks (fewer skip less work, more add small ops),
+# of at least BLOCKED_ATTENTION_MIN_BLOCK queries (shorter blocks cost more in compile time than they save).
+BLOCKED_ATTENTION_BLOCKS = 8
+BLOCKED_ATTENTION_MIN_BLOCK = 32
 SPLASH_BLOCK = 128  # The splash kernel tiles the sequence in blocks of 128 (or 512 when it divides).
 
 
@@ -83,7 +86,7 @@ def blocked_causal_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     batch, length, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     grouped = (query * head_dim**-0.5).reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    block = -(-length // BLOCKED_ATTENTION_BLOCKS)
+    block = max(-(-length // BLOCKED_ATTENTION_BLOCKS), BLOCKED_ATTENTION_MIN_BLOCK)
     starts = range(0, length, block)
     # Split (whose gradient is a concatenation), not slices (whose gradients are padded copies to add up).
     query_blocks = jnp.split(grouped, list(starts[1:]), axis=1)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ from llm.data import loader, packing, preference, records, sentiment_tuning, sft
 from llm.data.sources import SourceError
 from llm.eval import multiple_choice, scoring, tasks
 from llm.tokenizer import train_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +131,34 @@ def test_prepare_sft_counts_drops_with_their_lines_and_writes_trainable_rows(tmp
 
 @pytest.mark.parametrize("bad_line, message", [('{"messages": [', "not valid JSON"),
                                                (json.dumps({"messages": _chat("a")}), "no assistant turn")])
+def _prepare_cli(script, *flags):
+    command = [sys.executable, os.path.join(REPO, "scripts", script), *flags]
+    return subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          timeout=120)
+
+
+def test_prepare_sft_cli_writes_the_splits_and_stops_on_a_bad_line_with_its_number(tmp_path, chats_file, tokenizer):
+    common = [f"--tokenizer={tokenizer.path}", "--seq_len=32"]
+    result = _prepare_cli("prepare_sft.py", f"--input={chats_file}", f"--output_dir={tmp_path / 'ok'}",
+                          "--on_error=skip", *common)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["conversations"]["kept"] == 31
+    assert os.path.isdir(tmp_path / "ok" / "train") and os.path.isfile(tmp_path / "ok" / "report.json")
+    result = _prepare_cli("prepare_sft.py", f"--input={chats_file}", f"--output_dir={tmp_path / 'bad'}", *common)
+    assert result.returncode != 0 and f"{chats_file}:2" in result.stderr
+    assert not os.path.exists(tmp_path / "bad" / "train")
+
+
+@pytest.mark.parametrize("script", ["prepare_sft.py", "prepare_dpo.py"])
+def test_prepare_cli_wants_exactly_one_source(tmp_path, tokenizer, script):
+    common = [f"--tokenizer={tokenizer.path}", f"--output_dir={tmp_path}"]
+    for flags in ([], ["--input=x.jsonl", "--chatterbot"]):
+        result = _prepare_cli(script, *common, *flags)
+        assert result.returncode != 0 and "exactly one of --input=FILE.jsonl and --chatterbot" in result.stderr
+    result = _prepare_cli(script, *common, "--input=/nonexistent.jsonl")
+    assert result.returncode != 0 and "--input='/nonexistent.jsonl' is not a file" in result.stderr
+
+
 def test_prepare_sft_raise_names_file_and_line(tmp_path, tokenizer, bad_line, message):
     path = _write_lines(tmp_path / "chats.jsonl", [json.dumps({"messages": _chat("a", "b")}), bad_line])
     with pytest.raises(SourceError, match=f"chats.jsonl:2: .*{message}"):

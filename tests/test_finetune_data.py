@@ -129,8 +129,6 @@ def test_prepare_sft_counts_drops_with_their_lines_and_writes_trainable_rows(tmp
     assert len(loader.validation_batches(os.path.join(out, "validation"), 32, batch_size=2, num_batches=1)) == 1
 
 
-@pytest.mark.parametrize("bad_line, message", [('{"messages": [', "not valid JSON"),
-                                               (json.dumps({"messages": _chat("a")}), "no assistant turn")])
 def _prepare_cli(script, *flags):
     command = [sys.executable, os.path.join(REPO, "scripts", script), *flags]
     return subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
@@ -159,6 +157,8 @@ def test_prepare_cli_wants_exactly_one_source(tmp_path, tokenizer, script):
     assert result.returncode != 0 and "--input='/nonexistent.jsonl' is not a file" in result.stderr
 
 
+@pytest.mark.parametrize("bad_line, message", [('{"messages": [', "not valid JSON"),
+                                               (json.dumps({"messages": _chat("a")}), "no assistant turn")])
 def test_prepare_sft_raise_names_file_and_line(tmp_path, tokenizer, bad_line, message):
     path = _write_lines(tmp_path / "chats.jsonl", [json.dumps({"messages": _chat("a", "b")}), bad_line])
     with pytest.raises(SourceError, match=f"chats.jsonl:2: .*{message}"):

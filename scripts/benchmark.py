@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py train --config=configs/tiny_es.py [--steps=10] [--json_out=F]
     python scripts/benchmark.py decode (--workdir=DIR | --config=C) [--batch_sizes=1,8,64] [--json_out=F]
-    python scripts/benchmark.py data [--num_docs=20000] [--json_out=F]
+    python scripts/benchmark.py data [--data_config=configs/data/es_default.py] [--stage_docs=5000] [--json_out=F]
     python scripts/benchmark.py tokenizer --tokenizer=DIR/tokenizer.model [--json_out=F]
     python scripts/benchmark.py serve (--workdir=DIR | --url=URL) [--num_requests=64 --concurrency=8]
 
@@ -30,7 +30,11 @@ _NUM_REQUESTS = flags.DEFINE_integer("num_requests", 64, "Requests sent (serve).
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Clients at once (serve).", lower_bound=1)
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Tokens per answer (serve).", lower_bound=1)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (tokenizer).")
-_NUM_DOCS = flags.DEFINE_integer("num_docs", 20000, "Synthetic documents (data).", lower_bound=100)
+_NUM_DOCS = flags.DEFINE_integer("num_docs", 20000, "Synthetic documents for MinHash (data).", lower_bound=100)
+_DATA_CONFIG = config_flags.DEFINE_config_file("data_config", "configs/data/es_default.py",
+                                               "Corpus pipeline config whose sources and stages are timed (data).")
+_STAGE_DOCS = flags.DEFINE_integer("stage_docs", 5000, "Documents read from the sources for the stages (data).",
+                                   lower_bound=1)
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the result as JSON to this file.")
 
 
@@ -84,8 +88,10 @@ def main(argv: list[str]) -> None:
             url=_URL.value, workdir=_WORKDIR.value, num_requests=_NUM_REQUESTS.value,
             concurrency=_CONCURRENCY.value, max_tokens=_MAX_TOKENS.value)}
     else:
-        from llm.data import dedup_bench  # The data benchmark needs datasketch, a test/bench dependency.
-        result = {"benchmark": "data", **train_benchmark.machine(), **dedup_bench.run(_NUM_DOCS.value)}
+        from llm.data import dedup_bench, stage_bench  # MinHash is compared with datasketch (a bench dependency).
+        result = {"benchmark": "data", **train_benchmark.machine(),
+                  "stages": stage_bench.run(_DATA_CONFIG.value, _STAGE_DOCS.value),
+                  "minhash": dedup_bench.run(_NUM_DOCS.value)}
     _print_table(result)
     if _JSON_OUT.value:
         with open(_JSON_OUT.value, "w", encoding="utf-8") as f:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import ml_collections
 import numpy as np
@@ -365,17 +366,28 @@ def test_parallel_map_reads_a_bounded_number_of_chunks_ahead_and_stops_cleanly()
 
     with local_runner.parallel_map(len, chunks(), workers=2) as results:
         assert next(results) == 1
-        time.sleep(0.5)  # time for the feeding thread to run ahead, if it could
-        assert len(pulled) <= 2 * 2 + 1  # two chunks per worker in flight, plus the one consumed
+        time.sleep(0.5)  # time to run ahead, if it could
+        assert len(pulled) <= 2 * 2  # two chunks per worker in flight, the consumed one among them
         assert sum(results) == 99
     assert len(pulled) == 100
 
-    # Leaving early (here a consumer error) must end the workers, not hang on the blocked feeder.
+    # Leaving early (here a consumer error) must end the workers and read no further.
     pulled.clear()
     with pytest.raises(KeyError), local_runner.parallel_map(len, chunks(), workers=2) as results:
         next(results)
         raise KeyError("consumer failed")
     assert len(pulled) < 100
+
+
+def _exit_on_seven(value):
+    if value == 7:
+        os._exit(1)  # A worker killed mid-chunk, as by the out-of-memory killer.
+    return value
+
+
+def test_parallel_map_raises_when_a_worker_dies_instead_of_waiting_forever():
+    with pytest.raises(BrokenProcessPool), local_runner.parallel_map(_exit_on_seven, range(20), workers=2) as results:
+        list(results)
 
 
 def test_script_runs_end_to_end_and_resumes(tmp_path):

@@ -8,11 +8,12 @@ not depend on the number of workers. Near dedup keeps one signature per document
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import itertools
 import multiprocessing
 import os
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -51,41 +52,30 @@ def parallel_map(
 ) -> Iterator[Iterator[Any]]:
     """`function` over `chunks` in `workers` processes; yields the results in input order.
 
-    Plain `Pool.imap` reads its whole input ahead into a queue; here at most two chunks per worker are
-    read ahead of the consumer, so memory stays bounded. Leaving the block early (an error in a worker or
-    in the consumer) stops the reading and ends the workers.
+    A chunk is read only when a result is taken, at most two chunks per worker ahead, so memory stays
+    bounded. A worker that dies (killed, out of memory) raises `BrokenProcessPool` instead of leaving the
+    caller waiting forever, as `multiprocessing.Pool` would; leaving the block early cancels what is queued.
     """
-    slots = threading.Semaphore(workers * _CHUNKS_PER_WORKER)
-    stop = threading.Event()
-
-    def throttled() -> Iterator[Any]:  # runs in the pool's task-feeding thread
-        iterator = iter(chunks)
-        while True:
-            slots.acquire()
-            if stop.is_set():
-                return
-            chunk = next(iterator, None)
-            if chunk is None:
-                return
-            yield chunk
-
-    def released(results: Iterator[Any]) -> Iterator[Any]:
-        for result in results:
-            slots.release()
-            yield result
-
     # forkserver: workers start from a clean single-threaded process; forking this one could inherit
     # locks held by its threads (tqdm, Beam, JAX) and hang.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    pool = context.Pool(workers, initializer=initializer, initargs=initargs)
+    executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=initializer,
+                                                      initargs=initargs)
+
+    def results() -> Iterator[Any]:
+        pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        for chunk in chunks:
+            pending.append(executor.submit(function, chunk))
+            if len(pending) >= workers * _CHUNKS_PER_WORKER:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
     try:
-        yield released(pool.imap(function, throttled()))
+        yield results()
     finally:
-        stop.set()
-        slots.release()  # wakes the feeding thread if it waits for a slot, so that the pool can end
-        pool.terminate()
-        pool.join()
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 class ShardWriter:

@@ -29,10 +29,21 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "datasketch==2.0.0", "apache-beam==2.77.0",
-             # The server's tests run a real server and talk to it with the official client.
-             "fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0", "openai==3.54.0", "httpx==0.28.1",
-             "chatterbot-corpus==1.3.3"],
+    "test": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "ruff==0.17.5",
+        "import-linter==2.16",
+        "datasketch==2.0.0",
+        "apache-beam==2.77.0",
+        # The server's tests run a real server and talk to it with the official client.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "prometheus-client==0.26.0",
+        "openai==3.54.0",
+        "httpx==0.28.1",
+        "chatterbot-corpus==1.3.3",
+    ],
     "beam": ["apache-beam==2.77.0"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],
     "hf": ["datasets>=3"],
@@ -47,7 +58,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     packages=find_packages(include=["llm", "llm.*", "configs", "configs.*"]),
-    package_data={"llm.serve": ["static/*.html"]},  # The chat page.
+    package_data={"llm.serve": ["static/*.html"], "llm.eval": ["data/*"]},  # The chat page; the evaluation sets.
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -16,8 +16,18 @@ def get_config() -> ml_collections.ConfigDict:
     config = tiny_es.get_config()
     config.init_from = "runs/sft_es"
     config.data.path = "data/dpo_demo"
-    config.train.update(objective="dpo", dpo_beta=0.1, dpo_label_smoothing=0.0, num_steps=100, batch_size=8,
-                        eval_every=25, eval_batches=2, checkpoint_every=25, log_every=5)
-    config.optimizer.update(learning_rate=5e-5, warmup_steps=10, weight_decay=0.0, schedule="linear",
-                            final_lr_ratio=0.0)
+    config.train.update(
+        objective="dpo",
+        dpo_beta=0.1,
+        dpo_label_smoothing=0.0,
+        num_steps=100,
+        batch_size=8,
+        eval_every=25,
+        eval_batches=2,
+        checkpoint_every=25,
+        log_every=5,
+    )
+    config.optimizer.update(
+        learning_rate=5e-5, warmup_steps=10, weight_decay=0.0, schedule="linear", final_lr_ratio=0.0
+    )
     return config

@@ -13,8 +13,12 @@ from configs import sft_es
 
 def get_config() -> ml_collections.ConfigDict:
     config = sft_es.get_config()
-    config.model.update(lora_rank=8, lora_alpha=16.0, lora_dropout=0.05,
-                        lora_targets="attention/(query|key|value|out)|mlp/(gate|up|down)")
+    config.model.update(
+        lora_rank=8,
+        lora_alpha=16.0,
+        lora_dropout=0.05,
+        lora_targets="attention/(query|key|value|out)|mlp/(gate|up|down)",
+    )
     config.train.trainable = "lora"
     config.optimizer.update(learning_rate=2e-3, warmup_steps=20, weight_decay=0.0)
     return config

@@ -14,8 +14,12 @@ def get_config() -> ml_collections.ConfigDict:
     config = prompt_tuning_sentiment_es.get_config()
     config.model.soft_prompt_length = 0
     # Every projection: on this small base, rank 4 on query and value alone barely moves the loss.
-    config.model.update(lora_rank=16, lora_alpha=16.0, lora_dropout=0.0,
-                        lora_targets="attention/(query|key|value|out)|mlp/(gate|up|down)")
+    config.model.update(
+        lora_rank=16,
+        lora_alpha=16.0,
+        lora_dropout=0.0,
+        lora_targets="attention/(query|key|value|out)|mlp/(gate|up|down)",
+    )
     config.train.trainable = "lora"
     config.optimizer.update(learning_rate=1e-3, schedule="cosine")
     return config

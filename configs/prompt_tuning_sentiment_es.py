@@ -22,8 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.seq_len = 128
     config.model.soft_prompt_length = 20
     config.train.trainable = "soft_prompt"
-    config.train.update(num_steps=300, batch_size=16, eval_every=100, eval_batches=8, checkpoint_every=100,
-                        log_every=10)
+    config.train.update(
+        num_steps=300, batch_size=16, eval_every=100, eval_batches=8, checkpoint_every=100, log_every=10
+    )
     # Lester et al. train the prompt with a learning rate of 0.3: a prompt is a few thousand parameters, and
     # only large steps move it far enough from its initialization.
     config.optimizer.update(learning_rate=0.1, warmup_steps=20, weight_decay=0.0, schedule="constant")

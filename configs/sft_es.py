@@ -16,7 +16,6 @@ def get_config() -> ml_collections.ConfigDict:
     config = tiny_es.get_config()
     config.init_from = "runs/tiny_es"
     config.data.path = "data/sft_demo"
-    config.train.update(num_steps=200, batch_size=8, eval_every=50, eval_batches=4, checkpoint_every=50,
-                        log_every=10)
+    config.train.update(num_steps=200, batch_size=8, eval_every=50, eval_batches=4, checkpoint_every=50, log_every=10)
     config.optimizer.update(learning_rate=3e-4, warmup_steps=20, weight_decay=0.0)
     return config

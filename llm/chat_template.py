@@ -43,8 +43,9 @@ def validate_messages(messages: Sequence[Mapping[str, str]]) -> None:
             raise ChatFormatError(f"Message {index}: a system message may only come first.")
 
 
-def render(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
-           add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+def render(
+    tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and a mask that is 1 on the assistant's tokens (its content and <|end|>).
 
     The mask is what supervised fine-tuning trains on. With `add_generation_prompt`, the ids end with

@@ -30,15 +30,43 @@ CHOICES = {
     "train.quantize_base": BASE_QUANTIZATION,
 }
 
-POSITIVE = ("model.vocab_size", "model.max_seq_len", "model.num_layers", "model.embed_dim", "model.num_heads",
-            "model.num_kv_heads", "model.mlp_dim", "model.norm_eps", "model.rope_theta", "data.seq_len",
-            "train.num_steps", "train.batch_size", "train.grad_accum_steps", "train.log_every",
-            "train.checkpoint_every", "train.keep_checkpoints", "optimizer.learning_rate")
+POSITIVE = (
+    "model.vocab_size",
+    "model.max_seq_len",
+    "model.num_layers",
+    "model.embed_dim",
+    "model.num_heads",
+    "model.num_kv_heads",
+    "model.mlp_dim",
+    "model.norm_eps",
+    "model.rope_theta",
+    "data.seq_len",
+    "train.num_steps",
+    "train.batch_size",
+    "train.grad_accum_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "optimizer.learning_rate",
+)
 NON_NEGATIVE = (
-    "model.head_dim", "data.num_workers", "train.z_loss", "train.loss_chunk_size", "train.eval_every",
-    "train.eval_batches", "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.grad_clip_norm",
-    "train.peak_tflops_per_device", "data.prefetch_buffer_size", "model.lora_rank", "model.lora_alpha",
-    "train.dpo_beta", "model.soft_prompt_length", "train.quantize_group_size")
+    "model.head_dim",
+    "data.num_workers",
+    "train.z_loss",
+    "train.loss_chunk_size",
+    "train.eval_every",
+    "train.eval_batches",
+    "optimizer.warmup_steps",
+    "optimizer.weight_decay",
+    "optimizer.grad_clip_norm",
+    "train.peak_tflops_per_device",
+    "data.prefetch_buffer_size",
+    "model.lora_rank",
+    "model.lora_alpha",
+    "train.dpo_beta",
+    "model.soft_prompt_length",
+    "train.quantize_group_size",
+)
 
 
 class ConfigError(ValueError):
@@ -71,8 +99,10 @@ def _check_schema(config: ml_collections.ConfigDict, schema: ml_collections.Conf
                 raise ConfigError(f"config.{name} must be a section (ConfigDict), got {value!r}.")
             _check_schema(value, default, name + ".")
         elif not _same_type(value, default):
-            raise ConfigError(f"config.{name}={value!r} has type {type(value).__name__}; "
-                              f"expected {type(default).__name__} like the default {default!r}.")
+            raise ConfigError(
+                f"config.{name}={value!r} has type {type(value).__name__}; "
+                f"expected {type(default).__name__} like the default {default!r}."
+            )
     missing = sorted(set(schema.keys()) - set(config.keys()))
     if missing:
         raise ConfigError(f"config.{prefix}{missing[0]} is missing (a recipe must start from configs/base.py).")
@@ -91,23 +121,32 @@ def _same_type(value: Any, default: Any) -> bool:
 def _check_relations(config: ml_collections.ConfigDict) -> None:
     model, train = config.model, config.train
     if model.num_heads % model.num_kv_heads:
-        raise ConfigError(f"config.model.num_kv_heads={model.num_kv_heads} must divide "
-                          f"config.model.num_heads={model.num_heads} (grouped-query attention).")
+        raise ConfigError(
+            f"config.model.num_kv_heads={model.num_kv_heads} must divide "
+            f"config.model.num_heads={model.num_heads} (grouped-query attention)."
+        )
     if not model.head_dim and model.embed_dim % model.num_heads:
-        raise ConfigError(f"config.model.embed_dim={model.embed_dim} is not divisible by config.model.num_heads="
-                          f"{model.num_heads}; set config.model.head_dim explicitly.")
+        raise ConfigError(
+            f"config.model.embed_dim={model.embed_dim} is not divisible by config.model.num_heads="
+            f"{model.num_heads}; set config.model.head_dim explicitly."
+        )
     if model.position_encoding == "rope" and (model.head_dim or model.embed_dim // model.num_heads) % 2:
         raise ConfigError("RoPE needs an even head dimension (config.model.head_dim / embed_dim // num_heads).")
     if config.data.seq_len + model.soft_prompt_length > model.max_seq_len:
         prompt = f" + config.model.soft_prompt_length={model.soft_prompt_length}" if model.soft_prompt_length else ""
-        raise ConfigError(f"config.data.seq_len={config.data.seq_len}{prompt} exceeds config.model.max_seq_len="
-                          f"{model.max_seq_len}.")
+        raise ConfigError(
+            f"config.data.seq_len={config.data.seq_len}{prompt} exceeds config.model.max_seq_len={model.max_seq_len}."
+        )
     if train.batch_size % train.grad_accum_steps:
-        raise ConfigError(f"config.train.batch_size={train.batch_size} must be divisible by "
-                          f"config.train.grad_accum_steps={train.grad_accum_steps}.")
+        raise ConfigError(
+            f"config.train.batch_size={train.batch_size} must be divisible by "
+            f"config.train.grad_accum_steps={train.grad_accum_steps}."
+        )
     if config.optimizer.warmup_steps > train.num_steps:
-        raise ConfigError(f"config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds "
-                          f"config.train.num_steps={train.num_steps}.")
+        raise ConfigError(
+            f"config.optimizer.warmup_steps={config.optimizer.warmup_steps} exceeds "
+            f"config.train.num_steps={train.num_steps}."
+        )
     if not 0.0 <= config.optimizer.final_lr_ratio <= 1.0:
         raise ConfigError(f"config.optimizer.final_lr_ratio={config.optimizer.final_lr_ratio} must be in [0, 1].")
     if not 0.0 <= model.dropout_rate < 1.0:
@@ -117,11 +156,15 @@ def _check_relations(config: ml_collections.ConfigDict) -> None:
     if config.train.trainable == "soft_prompt" and not model.soft_prompt_length:
         raise ConfigError("config.train.trainable='soft_prompt' needs config.model.soft_prompt_length > 0.")
     if config.train.quantize_base != "none" and config.train.trainable == "all":
-        raise ConfigError(f"config.train.quantize_base={config.train.quantize_base!r} freezes a quantized base: "
-                          "it needs config.train.trainable='lora' (QLoRA) or 'soft_prompt'.")
+        raise ConfigError(
+            f"config.train.quantize_base={config.train.quantize_base!r} freezes a quantized base: "
+            "it needs config.train.trainable='lora' (QLoRA) or 'soft_prompt'."
+        )
     if config.train.objective == "dpo" and not config.init_from:
-        raise ConfigError("config.train.objective='dpo' needs config.init_from (the model to align, which is "
-                          "also the frozen reference).")
+        raise ConfigError(
+            "config.train.objective='dpo' needs config.init_from (the model to align, which is "
+            "also the frozen reference)."
+        )
     for key in ("model.lora_dropout", "train.dpo_label_smoothing", "data.replay_fraction"):
         if not 0.0 <= _get(config, key) < 1.0:
             raise ConfigError(f"config.{key}={_get(config, key)} must be in [0, 1).")
@@ -132,8 +175,10 @@ def _check_relations(config: ml_collections.ConfigDict) -> None:
         axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
         unknown = [a for a in axes if a is not None and a not in ("data", "fsdp", "tensor")]
         if unknown:
-            raise ConfigError(f"config.logical_axis_rules maps {rule[0]!r} to unknown mesh axes {unknown}; "
-                              "mesh axes are ('data', 'fsdp', 'tensor').")
+            raise ConfigError(
+                f"config.logical_axis_rules maps {rule[0]!r} to unknown mesh axes {unknown}; "
+                "mesh axes are ('data', 'fsdp', 'tensor')."
+            )
     for name in ("batch", "embed", "vocab", "mlp", "heads", "kv_heads", "head_dim", "layers", "length", "norm"):
         if name not in rule_names:
             raise ConfigError(f"config.logical_axis_rules has no rule for the logical axis {name!r}.")
@@ -150,6 +195,8 @@ def check_batch_divides_mesh(config: ml_collections.ConfigDict, data_parallel: i
     """The global batch (per microbatch) must split evenly over the data-parallel devices."""
     micro = config.train.batch_size // config.train.grad_accum_steps
     if micro % data_parallel:
-        raise ConfigError(f"config.train.batch_size={config.train.batch_size} / grad_accum_steps="
-                          f"{config.train.grad_accum_steps} = {micro} rows per microbatch is not divisible by the "
-                          f"{data_parallel} data-parallel devices of mesh_shape={tuple(config.mesh_shape)}.")
+        raise ConfigError(
+            f"config.train.batch_size={config.train.batch_size} / grad_accum_steps="
+            f"{config.train.grad_accum_steps} = {micro} rows per microbatch is not divisible by the "
+            f"{data_parallel} data-parallel devices of mesh_shape={tuple(config.mesh_shape)}."
+        )

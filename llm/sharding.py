@@ -36,8 +36,9 @@ def initialize_distributed() -> None:
     (see `llm/data/loader.py`) and `global_batch` assembles the global arrays.
     """
     jax.distributed.initialize()
-    logging.info("Process %d of %d, %d local devices.", jax.process_index(), jax.process_count(),
-                 jax.local_device_count())
+    logging.info(
+        "Process %d of %d, %d local devices.", jax.process_index(), jax.process_count(), jax.local_device_count()
+    )
 
 
 def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -62,8 +63,7 @@ def create_mesh(mesh_shape: Sequence[int], devices: Sequence[jax.Device] | None 
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_shape, len(devices))
     # Auto axes: XLA propagates shardings between our annotations (JAX now defaults to Explicit).
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 @contextlib.contextmanager
@@ -112,8 +112,9 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
 
 
-def per_shard(fn: Callable[..., jax.Array], logical_in: Sequence[Sequence[str | None]],
-              logical_out: Sequence[str | None]) -> Callable[..., jax.Array]:
+def per_shard(
+    fn: Callable[..., jax.Array], logical_in: Sequence[Sequence[str | None]], logical_out: Sequence[str | None]
+) -> Callable[..., jax.Array]:
     """Runs `fn` on each device's shard of its inputs (for kernels XLA cannot partition, e.g. Pallas).
 
     Inputs and output are split as their logical axes say under the active mesh and rules; without a mesh,
@@ -124,8 +125,9 @@ def per_shard(fn: Callable[..., jax.Array], logical_in: Sequence[Sequence[str | 
     if rules is None or mesh.empty:
         return fn
     in_specs = tuple(logical_to_spec(names, rules) for names in logical_in)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_to_spec(logical_out, rules),
-                         check_vma=False)
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=in_specs, out_specs=logical_to_spec(logical_out, rules), check_vma=False
+    )
 
 
 def logical_axis_size(name: str) -> int:
@@ -149,8 +151,13 @@ def _sharding_for(leaf: Any, mesh: Mesh, rules: Rules) -> NamedSharding:
         size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
         if size > 1 and shape[dim] % size:
             # Uneven shards are not supported by jit; replicate this dimension rather than fail.
-            logging.warning("Dimension %d (%s, size %d) of a parameter is not divisible by mesh axes %s; "
-                            "replicating it.", dim, names[dim], shape[dim], axes)
+            logging.warning(
+                "Dimension %d (%s, size %d) of a parameter is not divisible by mesh axes %s; replicating it.",
+                dim,
+                names[dim],
+                shape[dim],
+                axes,
+            )
             spec[dim] = None
     return NamedSharding(mesh, PartitionSpec(*spec))
 
@@ -163,6 +170,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
     A Variable is placed as its logical axes say; anything else (step counters, scalars) is replicated.
     Optax moments are copies of the parameter Variables, so they inherit the parameters' shardings.
     """
+
     def for_leaf(leaf: Any) -> Any:
         if isinstance(leaf, nnx.Variable):
             return leaf.replace(_sharding_for(leaf, mesh, rules))
@@ -186,8 +194,9 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules
     Every process passes the rows it read itself; single-process runs pass the whole batch.
     """
     sharding = logical_sharding(mesh, rules, ("batch", "length"))
-    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-            for name, value in local_batch.items()}
+    return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for name, value in local_batch.items()
+    }
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -28,10 +28,7 @@ SPANISH_CHARACTERS = "á é í ó ú ü ñ Á É Í Ó Ú Ü Ñ ¿ ¡ « »"
 # frequency from there on.
 FIRST_TEXT_PIECE = len(SPECIAL_PIECES) + len(ROLE_TOKENS) + 256
 MIN_VOCAB_SIZE = FIRST_TEXT_PIECE + 1
-DEFAULT_UD_PATH = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "..", "shared", "data", "es_eval", "ud_gsd_es_dev.conllu",
-)
+DEFAULT_UD_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval", "data", "ud_gsd_es_dev.conllu")
 
 
 def _nfc(text: str) -> str:
@@ -52,7 +49,7 @@ class Tokenizer:
                 )
 
     @classmethod
-    def load(cls, path: str) -> "Tokenizer":
+    def load(cls, path: str) -> Tokenizer:
         """Loads a `.model` file written by `train_tokenizer`."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Tokenizer model {path!r} does not exist.")
@@ -79,7 +76,7 @@ class Tokenizer:
         `decode(ids)` alone drops the space that starts the first piece ("▁de" -> "de"), which would glue a
         completion to its prompt; decoding behind the prompt's last token keeps it.
         """
-        return self.decode([previous_id, *ids])[len(self.decode([previous_id])):]
+        return self.decode([previous_id, *ids])[len(self.decode([previous_id])) :]
 
     def piece(self, token_id: int) -> str:
         """The vocabulary piece of an id (e.g. '▁casa', '<0xF0>', '<|user|>')."""
@@ -154,9 +151,7 @@ def train_tokenizer(
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}.")
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
-            f"vocab_size must be >= {MIN_VOCAB_SIZE} (reserved ids + 256 byte pieces), got {vocab_size}."
-        )
+        raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (reserved ids + 256 byte pieces), got {vocab_size}.")
     directory = os.path.dirname(os.path.abspath(model_prefix))
     os.makedirs(directory, exist_ok=True)
     spm.set_random_generator_seed(seed)
@@ -245,6 +240,12 @@ def benchmark(tokenizer: Tokenizer, texts: Sequence[str] | None = None, repeats:
 
     batch_s = best_seconds(lambda: tokenizer.encode_batch(texts))
     single_s = best_seconds(lambda: [tokenizer.encode(text) for text in texts])
-    return {"texts": len(texts), "megabytes": megabytes, "encode_batch_mb_per_sec": megabytes / batch_s,
-            "encode_mb_per_sec": megabytes / single_s, "fertility": fertility(tokenizer, texts),
-            "bytes_per_token": bytes_per_token(tokenizer, texts), "vocab_size": tokenizer.vocab_size}
+    return {
+        "texts": len(texts),
+        "megabytes": megabytes,
+        "encode_batch_mb_per_sec": megabytes / batch_s,
+        "encode_mb_per_sec": megabytes / single_s,
+        "fertility": fertility(tokenizer, texts),
+        "bytes_per_token": bytes_per_token(tokenizer, texts),
+        "vocab_size": tokenizer.vocab_size,
+    }

@@ -31,10 +31,12 @@ _CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Clients at once (serve)."
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Tokens per answer (serve).", lower_bound=1)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (tokenizer).")
 _NUM_DOCS = flags.DEFINE_integer("num_docs", 20000, "Synthetic documents for MinHash (data).", lower_bound=100)
-_DATA_CONFIG = config_flags.DEFINE_config_file("data_config", "configs/data/es_default.py",
-                                               "Corpus pipeline config whose sources and stages are timed (data).")
-_STAGE_DOCS = flags.DEFINE_integer("stage_docs", 5000, "Documents read from the sources for the stages (data).",
-                                   lower_bound=1)
+_DATA_CONFIG = config_flags.DEFINE_config_file(
+    "data_config", "configs/data/es_default.py", "Corpus pipeline config whose sources and stages are timed (data)."
+)
+_STAGE_DOCS = flags.DEFINE_integer(
+    "stage_docs", 5000, "Documents read from the sources for the stages (data).", lower_bound=1
+)
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the result as JSON to this file.")
 
 
@@ -59,6 +61,7 @@ def _print_table(result: dict) -> None:
 def _decode() -> dict:
     from llm.infer import benchmark as decode_benchmark, loading
     from llm.model.transformer import create_model
+
     batch_sizes = [int(b) for b in _BATCH_SIZES.value]
     if _WORKDIR.value:
         model = loading.load_run(_WORKDIR.value).model
@@ -78,20 +81,36 @@ def main(argv: list[str]) -> None:
         if not _TOKENIZER.value:
             raise app.UsageError("benchmark.py tokenizer needs --tokenizer=PATH/tokenizer.model.")
         from llm import tokenizer as tokenizer_lib
-        result = {"benchmark": "tokenizer", **train_benchmark.machine(),
-                  **tokenizer_lib.benchmark(tokenizer_lib.Tokenizer.load(_TOKENIZER.value))}
+
+        result = {
+            "benchmark": "tokenizer",
+            **train_benchmark.machine(),
+            **tokenizer_lib.benchmark(tokenizer_lib.Tokenizer.load(_TOKENIZER.value)),
+        }
     elif argv[1] == "serve":
         if bool(_URL.value) == bool(_WORKDIR.value):
             raise app.UsageError("benchmark.py serve needs exactly one of --url or --workdir.")
         from llm.serve import bench as serve_bench  # Needs the [serve] extra.
-        result = {**train_benchmark.machine(), **serve_bench.run(
-            url=_URL.value, workdir=_WORKDIR.value, num_requests=_NUM_REQUESTS.value,
-            concurrency=_CONCURRENCY.value, max_tokens=_MAX_TOKENS.value)}
+
+        result = {
+            **train_benchmark.machine(),
+            **serve_bench.run(
+                url=_URL.value,
+                workdir=_WORKDIR.value,
+                num_requests=_NUM_REQUESTS.value,
+                concurrency=_CONCURRENCY.value,
+                max_tokens=_MAX_TOKENS.value,
+            ),
+        }
     else:
         from llm.data import dedup_bench, stage_bench  # MinHash is compared with datasketch (a bench dependency).
-        result = {"benchmark": "data", **train_benchmark.machine(),
-                  "stages": stage_bench.run(_DATA_CONFIG.value, _STAGE_DOCS.value),
-                  "minhash": dedup_bench.run(_NUM_DOCS.value)}
+
+        result = {
+            "benchmark": "data",
+            **train_benchmark.machine(),
+            "stages": stage_bench.run(_DATA_CONFIG.value, _STAGE_DOCS.value),
+            "minhash": dedup_bench.run(_NUM_DOCS.value),
+        }
     _print_table(result)
     if _JSON_OUT.value:
         with open(_JSON_OUT.value, "w", encoding="utf-8") as f:

@@ -22,8 +22,9 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Longest answer in
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "0 = greedy.", lower_bound=0.0)
 _TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass (1: off).", lower_bound=0.0, upper_bound=1.0)
 _REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.1, "CTRL repetition penalty (1: off).")
-_SYSTEM = flags.DEFINE_string("system", "Conversación en español entre un usuario y un asistente amable.",
-                              "Text placed before the dialogue.")
+_SYSTEM = flags.DEFINE_string(
+    "system", "Conversación en español entre un usuario y un asistente amable.", "Text placed before the dialogue."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (each turn adds its index).")
 
 USER, ASSISTANT = "Usuario:", "Asistente:"
@@ -34,8 +35,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not os.path.isdir(_WORKDIR.value):
         raise app.UsageError(f"--workdir={_WORKDIR.value!r} does not exist.")
-    sampling = SamplingParams(temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                              repetition_penalty=_REPETITION_PENALTY.value)
+    sampling = SamplingParams(
+        temperature=_TEMPERATURE.value, top_p=_TOP_P.value, repetition_penalty=_REPETITION_PENALTY.value
+    )
     run = loading.load_run(_WORKDIR.value, _STEP.value)
     # Leave room for the answer: at least a quarter of the context, at most max_new_tokens.
     context = context_length(run.model.cfg)
@@ -62,9 +64,15 @@ def main(argv: list[str]) -> None:
             turns = []
             continue
         sys.stdout.write("Asistente:")
-        answer = generate.stream_text(run, prompt, _MAX_NEW_TOKENS.value,
-                                      lambda text: (sys.stdout.write(text), sys.stdout.flush()), sampling,
-                                      stop_strings=(f"\n{USER}", "\n\n"), seed=_SEED.value + turn)
+        answer = generate.stream_text(
+            run,
+            prompt,
+            _MAX_NEW_TOKENS.value,
+            lambda text: (sys.stdout.write(text), sys.stdout.flush()),
+            sampling,
+            stop_strings=(f"\n{USER}", "\n\n"),
+            seed=_SEED.value + turn,
+        )
         print()
         turns[-1] += f"{answer}\n"
 

@@ -42,7 +42,9 @@ def main(argv: list[str]) -> None:
     try:
         table = report.comparison_table(reports)
     except KeyError as error:
-        raise app.UsageError(f"A report lacks the key {error}: compare reports written by scripts/evaluate.py.") from None
+        raise app.UsageError(
+            f"A report lacks the key {error}: compare reports written by scripts/evaluate.py."
+        ) from None
     if _OUTPUT.value:
         write_text(_OUTPUT.value, table)
     print(table, end="")

@@ -27,24 +27,45 @@ from llm.train import checkpoint
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _TASKS = flags.DEFINE_string("tasks", ",".join(suite.TASKS), f"Comma-separated tasks from: {', '.join(suite.TASKS)}.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON report path (default WORKDIR/eval/report.json); .md beside it.")
-_TEXT_FILE = flags.DEFINE_string("text_file", "", "bpb on this UTF-8 text file (paragraphs split at blank lines) "
-                                 "instead of the UD Spanish-GSD dev sentences.")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Examples per task: 0 = the per-task defaults "
-                                     f"{suite.DEFAULT_MAX_EXAMPLES}, -1 = all.", lower_bound=-1)
-_NUM_SHOTS = flags.DEFINE_integer("num_shots", suite.DEFAULT_NUM_SHOTS, "Solved examples before each prompt "
-                                  "(multiple-choice tasks also report zero-shot).", lower_bound=0)
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", suite.DEFAULT_MAX_NEW_TOKENS,
-                                       "Generated tokens per MGSM / XQuAD answer.", lower_bound=1)
+_TEXT_FILE = flags.DEFINE_string(
+    "text_file",
+    "",
+    "bpb on this UTF-8 text file (paragraphs split at blank lines) instead of the UD Spanish-GSD dev sentences.",
+)
+_MAX_EXAMPLES = flags.DEFINE_integer(
+    "max_examples",
+    0,
+    f"Examples per task: 0 = the per-task defaults {suite.DEFAULT_MAX_EXAMPLES}, -1 = all.",
+    lower_bound=-1,
+)
+_NUM_SHOTS = flags.DEFINE_integer(
+    "num_shots",
+    suite.DEFAULT_NUM_SHOTS,
+    "Solved examples before each prompt (multiple-choice tasks also report zero-shot).",
+    lower_bound=0,
+)
+_MAX_NEW_TOKENS = flags.DEFINE_integer(
+    "max_new_tokens", suite.DEFAULT_MAX_NEW_TOKENS, "Generated tokens per MGSM / XQuAD answer.", lower_bound=1
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "Directory with the Spanish evaluation files.")
-_TRAIN_DATA = flags.DEFINE_string("train_data", "", "Training shards for the unigram baseline "
-                                  "(default: the run's config.data.path/train).")
+_TRAIN_DATA = flags.DEFINE_string(
+    "train_data", "", "Training shards for the unigram baseline (default: the run's config.data.path/train)."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_QUANTIZE = flags.DEFINE_enum("quantize", None, list(ptq.MODES), "Also evaluate this post-training "
-                              "quantization of the run, side by side with the float model.")
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize",
+    None,
+    list(ptq.MODES),
+    "Also evaluate this post-training quantization of the run, side by side with the float model.",
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the example subsets, the shots and the typos.")
-_MODEL_CARD = flags.DEFINE_bool("model_card", True, "Write WORKDIR/MODEL_CARD.md with this report (--nomodel_card "
-                                "for a side experiment that should not replace the run's card).")
+_MODEL_CARD = flags.DEFINE_bool(
+    "model_card",
+    True,
+    "Write WORKDIR/MODEL_CARD.md with this report (--nomodel_card "
+    "for a side experiment that should not replace the run's card).",
+)
 
 
 def _checked_inputs() -> tuple[list[str], suite.Settings]:
@@ -55,9 +76,15 @@ def _checked_inputs() -> tuple[list[str], suite.Settings]:
         raise FileNotFoundError(f"--workdir={workdir!r} does not exist.")
     config = checkpoint.load_config(workdir)
     checkpoint.require_checkpoint(workdir, _STEP.value)
-    settings = suite.Settings(data_dir=_DATA_DIR.value, text_file=_TEXT_FILE.value, train_data=_TRAIN_DATA.value,
-                              max_examples=_MAX_EXAMPLES.value, num_shots=_NUM_SHOTS.value,
-                              max_new_tokens=_MAX_NEW_TOKENS.value, seed=_SEED.value)
+    settings = suite.Settings(
+        data_dir=_DATA_DIR.value,
+        text_file=_TEXT_FILE.value,
+        train_data=_TRAIN_DATA.value,
+        max_examples=_MAX_EXAMPLES.value,
+        num_shots=_NUM_SHOTS.value,
+        max_new_tokens=_MAX_NEW_TOKENS.value,
+        seed=_SEED.value,
+    )
     suite.check_settings(task_names, settings, config)
     return task_names, settings
 
@@ -76,14 +103,21 @@ def main(argv: list[str]) -> None:
     reports = {}
     for label, variant in variants.items():
         results, seconds = suite.evaluate_run(variant, task_names, settings, _BATCH_SIZE.value)
-        reports[label] = report.build_report(results, workdir=run.workdir, step=run.step, num_params=num_params,
-                                             settings={"tasks": task_names, **dataclasses.asdict(settings)},
-                                             seconds=seconds)
+        reports[label] = report.build_report(
+            results,
+            workdir=run.workdir,
+            step=run.step,
+            num_params=num_params,
+            settings={"tasks": task_names, **dataclasses.asdict(settings)},
+            seconds=seconds,
+        )
         if len(variants) > 1:
-            reports[label].update(parameter_bytes=ptq.parameter_bytes(variant.model),
-                                  decode_tokens_per_sec=benchmark_decode(
-                                      variant.model, (1,), prompt_len=64, new_tokens=16)["batch_1"][
-                                      "decode_tokens_per_sec"])
+            reports[label].update(
+                parameter_bytes=ptq.parameter_bytes(variant.model),
+                decode_tokens_per_sec=benchmark_decode(variant.model, (1,), prompt_len=64, new_tokens=16)["batch_1"][
+                    "decode_tokens_per_sec"
+                ],
+            )
     full_report = reports[_label(run)]
     if len(variants) > 1:
         full_report = {**full_report, "comparison": reports}
@@ -91,8 +125,9 @@ def main(argv: list[str]) -> None:
     print(report.write_report(full_report, output))
     logging.info("Wrote %s and %s", output, os.path.splitext(output)[0] + ".md")
     if _MODEL_CARD.value:
-        card = model_card.write_model_card(run.workdir, run.config, num_params=num_params, step=run.step,
-                                           report=full_report)
+        card = model_card.write_model_card(
+            run.workdir, run.config, num_params=num_params, step=run.step, report=full_report
+        )
         logging.info("Wrote %s", card)
 
 

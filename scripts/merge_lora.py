@@ -19,8 +19,7 @@ from flax import nnx
 from llm.infer import loading
 from llm.train import checkpoint
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "LoRA or QLoRA run directory (train.trainable='lora').",
-                              required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "LoRA or QLoRA run directory (train.trainable='lora').", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the merged run (must not exist).", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
@@ -30,8 +29,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = checkpoint.load_config(_WORKDIR.value)
     if config.train.trainable != "lora":
-        raise app.UsageError(f"--workdir={_WORKDIR.value!r} is not a LoRA run (train.trainable="
-                             f"{config.train.trainable!r}); its checkpoints already hold full weights.")
+        raise app.UsageError(
+            f"--workdir={_WORKDIR.value!r} is not a LoRA run (train.trainable="
+            f"{config.train.trainable!r}); its checkpoints already hold full weights."
+        )
     if os.path.exists(_OUTPUT.value):
         raise app.UsageError(f"--output={_OUTPUT.value!r} already exists; choose a new directory.")
     checkpoint.quiet_orbax_logs()

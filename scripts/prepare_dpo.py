@@ -17,8 +17,11 @@ from absl import app, flags
 
 from llm.data import finetune_cli, preference, sft
 
-_MIN_VALIDATION_PAIRS = flags.DEFINE_integer("min_validation_pairs", 1, "At least this many validation pairs "
-                                             "(set it to the training batch size: evaluation needs a full batch).")
+_MIN_VALIDATION_PAIRS = flags.DEFINE_integer(
+    "min_validation_pairs",
+    1,
+    "At least this many validation pairs (set it to the training batch size: evaluation needs a full batch).",
+)
 flags.adopt_module_key_flags(finetune_cli)  # --help lists the shared flags too.
 
 
@@ -26,16 +29,20 @@ def _write_chatterbot_pairs(path: str) -> dict:
     pairs = preference.chatterbot_preferences(sft.chatterbot_dialogues("spanish"))
     sft.write_jsonl(pairs, path)
     print(f"Wrote {len(pairs)} chatterbot preference pairs to {path}.")
-    return {"chatterbot_corpus": "spanish", "pairs": len(pairs),
-            "rejected": "an answer from a dialogue of another category"}
+    return {
+        "chatterbot_corpus": "spanish",
+        "pairs": len(pairs),
+        "rejected": "an answer from a dialogue of another category",
+    }
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     path, source = finetune_cli.input_path("prefs.jsonl", _write_chatterbot_pairs)
-    report = finetune_cli.prepare(preference.prepare_dpo, path, min_validation_pairs=_MIN_VALIDATION_PAIRS.value,
-                                  source=source)
+    report = finetune_cli.prepare(
+        preference.prepare_dpo, path, min_validation_pairs=_MIN_VALIDATION_PAIRS.value, source=source
+    )
     print(json.dumps({key: report[key] for key in ("pairs", "drops", "mean_tokens", "splits")}, ensure_ascii=False))
     print(f"Wrote {finetune_cli.OUTPUT_DIR.value}/train/, validation/, tokenizer.model and report.json.")
 

@@ -1,7 +1,7 @@
 """Prepares the prompt-tuning data of the 3-way Spanish sentiment demo (train and val splits of es_eval).
 
     python scripts/prepare_sentiment_tuning.py --tokenizer=data/es_default/tokenizer.model \
-        --output_dir=data/sentiment_es [--seq_len=128 --data_dir=../shared/data/es_eval]
+        --output_dir=data/sentiment_es [--seq_len=128 --data_dir=llm/eval/data]
 
 Each row is the evaluation suite's zero-shot sentiment prompt followed by the label word and eos, with the
 loss on the label word and eos only (llm/data/sentiment_tuning.py). Writes DIR/train/, DIR/validation/,
@@ -26,8 +26,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
-        report = sentiment_tuning.prepare_sentiment(_DATA_DIR.value, _TOKENIZER.value, _OUTPUT_DIR.value,
-                                                    _SEQ_LEN.value, overwrite=_OVERWRITE.value)
+        report = sentiment_tuning.prepare_sentiment(
+            _DATA_DIR.value, _TOKENIZER.value, _OUTPUT_DIR.value, _SEQ_LEN.value, overwrite=_OVERWRITE.value
+        )
     except (ValueError, FileExistsError, FileNotFoundError) as error:
         raise SystemExit(f"Error: {error}") from error
     print(json.dumps(report["splits"], ensure_ascii=False))

@@ -18,8 +18,11 @@ from absl import app, flags
 
 from llm.data import finetune_cli, sft
 
-_MIN_VALIDATION_ROWS = flags.DEFINE_integer("min_validation_rows", 1, "At least this many validation rows "
-                                            "(set it to the training batch size: evaluation needs a full batch).")
+_MIN_VALIDATION_ROWS = flags.DEFINE_integer(
+    "min_validation_rows",
+    1,
+    "At least this many validation rows (set it to the training batch size: evaluation needs a full batch).",
+)
 flags.adopt_module_key_flags(finetune_cli)  # --help lists the shared flags too.
 
 
@@ -35,10 +38,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     path, source = finetune_cli.input_path("chats.jsonl", _write_chatterbot_chats)
-    report = finetune_cli.prepare(sft.prepare_sft, path, min_validation_rows=_MIN_VALIDATION_ROWS.value,
-                                  source=source)
-    print(json.dumps({key: report[key] for key in ("conversations", "drops", "tokens", "rows",
-                                                    "assistant_token_fraction")}, ensure_ascii=False))
+    report = finetune_cli.prepare(sft.prepare_sft, path, min_validation_rows=_MIN_VALIDATION_ROWS.value, source=source)
+    print(
+        json.dumps(
+            {key: report[key] for key in ("conversations", "drops", "tokens", "rows", "assistant_token_fraction")},
+            ensure_ascii=False,
+        )
+    )
     print(f"Wrote {finetune_cli.OUTPUT_DIR.value}/train/, validation/, tokenizer.model and report.json.")
 
 

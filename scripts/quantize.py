@@ -19,10 +19,12 @@ from llm.train import checkpoint
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _MODE = flags.DEFINE_string("mode", None, f"Quantization mode: {', '.join(ptq.MODES)}.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory of the quantized run (default: WORKDIR-MODE).")
-_GROUP_SIZE = flags.DEFINE_integer("group_size", ptq.DEFAULT_GROUP_SIZE,
-                                   "int4: inputs sharing one scale (0: one scale per output channel).")
-_KV_CACHE = flags.DEFINE_string("kv_cache", "auto", "KV cache dtype when decoding: auto (the compute dtype) or "
-                                "int8 (one scale per token and head).")
+_GROUP_SIZE = flags.DEFINE_integer(
+    "group_size", ptq.DEFAULT_GROUP_SIZE, "int4: inputs sharing one scale (0: one scale per output channel)."
+)
+_KV_CACHE = flags.DEFINE_string(
+    "kv_cache", "auto", "KV cache dtype when decoding: auto (the compute dtype) or int8 (one scale per token and head)."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to quantize (default: the latest).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing quantized run at --output.")
 
@@ -37,8 +39,10 @@ def _checked_output() -> str:
         raise FileNotFoundError(f"--workdir={workdir!r} does not exist.")
     config = checkpoint.load_config(workdir)
     if "quantization" in config:
-        raise ValueError(f"--workdir={workdir!r} is already quantized ({config.quantization.mode}); "
-                         "quantize the float run it came from.")
+        raise ValueError(
+            f"--workdir={workdir!r} is already quantized ({config.quantization.mode}); "
+            "quantize the float run it came from."
+        )
     checkpoint.require_checkpoint(workdir, _STEP.value)
     output = _OUTPUT.value or f"{workdir}-{_MODE.value}"
     if os.path.exists(output) and not _OVERWRITE.value:
@@ -64,17 +68,25 @@ def main(argv: list[str]) -> None:
     step_dir = str(run.step)
     float_disk = quantized_run.directory_bytes(os.path.join(run.workdir, "checkpoints", step_dir))
     quantized_disk = quantized_run.directory_bytes(os.path.join(output, "checkpoints", step_dir))
-    print(f"Quantized {run.workdir} (step {run.step}) into {output}: mode {_MODE.value}"
-          + (f", int4 groups of {_GROUP_SIZE.value}" if _MODE.value == "int4" else "")
-          + f", KV cache {_KV_CACHE.value}.")
+    print(
+        f"Quantized {run.workdir} (step {run.step}) into {output}: mode {_MODE.value}"
+        + (f", int4 groups of {_GROUP_SIZE.value}" if _MODE.value == "int4" else "")
+        + f", KV cache {_KV_CACHE.value}."
+    )
     print(f"{'':28}{'float':>12}{_MODE.value:>12}{'ratio':>8}")
-    print(f"{'parameter memory (MB)':28}{float_bytes / MB:12.2f}{quantized_bytes / MB:12.2f}"
-          f"{float_bytes / quantized_bytes:7.2f}x")
+    print(
+        f"{'parameter memory (MB)':28}{float_bytes / MB:12.2f}{quantized_bytes / MB:12.2f}"
+        f"{float_bytes / quantized_bytes:7.2f}x"
+    )
     # The training checkpoint also holds the optimizer's two moments: about 3x its parameters.
-    print(f"{'checkpoint on disk (MB)':28}{float_disk / MB:12.2f}{quantized_disk / MB:12.2f}"
-          f"{float_disk / quantized_disk:7.2f}x  (float: parameters + optimizer state)")
-    print("Quantized parameters by dtype (MB): " + ", ".join(
-        f"{dtype} {size / MB:.2f}" for dtype, size in ptq.parameter_bytes_by_dtype(quantized.model).items()))
+    print(
+        f"{'checkpoint on disk (MB)':28}{float_disk / MB:12.2f}{quantized_disk / MB:12.2f}"
+        f"{float_disk / quantized_disk:7.2f}x  (float: parameters + optimizer state)"
+    )
+    print(
+        "Quantized parameters by dtype (MB): "
+        + ", ".join(f"{dtype} {size / MB:.2f}" for dtype, size in ptq.parameter_bytes_by_dtype(quantized.model).items())
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Samples continuations of Spanish prompts from a trained run.
 
-    python scripts/sample.py --workdir=runs/tiny_es --prompt="Había una vez" [--prompt=...]
-        [--max_new_tokens=64 --temperature=0.8 --top_p=0.95 --num_samples=3 --seed=0]
+python scripts/sample.py --workdir=runs/tiny_es --prompt="Había una vez" [--prompt=...]
+    [--max_new_tokens=64 --temperature=0.8 --top_p=0.95 --num_samples=3 --seed=0]
 """
 
 import os
@@ -32,8 +32,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--prompt must not be empty: give the model some text to continue.")
     if not os.path.isdir(_WORKDIR.value):
         raise app.UsageError(f"--workdir={_WORKDIR.value!r} does not exist.")
-    sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value,
-                              _REPETITION_PENALTY.value)
+    sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value, _REPETITION_PENALTY.value)
     run = loading.load_run(_WORKDIR.value, _STEP.value)
     prompts = [p for p in _PROMPT.value for _ in range(_NUM_SAMPLES.value)]
     completions = generate.generate_text(run, prompts, _MAX_NEW_TOKENS.value, sampling, _STOP.value, _SEED.value)

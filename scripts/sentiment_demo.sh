@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's fine-tuning demo: 3-way Spanish sentiment (../shared/data/es_eval), trained on its train split
+# The README's fine-tuning demo: 3-way Spanish sentiment (llm/eval/data), trained on its train split
 # and scored on its whole test split (macro-F1), zero-shot vs prompt tuning vs LoRA on the quickstart model.
 # Needs the quickstart's run and tokenizer (bash scripts/quickstart.sh); about 15 minutes on 2 CPU cores.
 set -euo pipefail

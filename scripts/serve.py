@@ -20,14 +20,17 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the server to the network).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=1, upper_bound=65535)
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id for clients (default: the workdir's name).")
-_MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 8, "Requests decoded at once (KV-cache rows).",
-                                       lower_bound=1)
-_MAX_CACHE_LEN = flags.DEFINE_integer("max_cache_len", None, "Tokens per KV-cache row, prompt + completion "
-                                      "(default: the model's context). Cache memory = batch x this.")
+_MAX_BATCH_SIZE = flags.DEFINE_integer("max_batch_size", 8, "Requests decoded at once (KV-cache rows).", lower_bound=1)
+_MAX_CACHE_LEN = flags.DEFINE_integer(
+    "max_cache_len",
+    None,
+    "Tokens per KV-cache row, prompt + completion (default: the model's context). Cache memory = batch x this.",
+)
 _MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", None, "Longest prompt (default: the cache length).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 1024, "Most completion tokens per choice.", lower_bound=1)
-_MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent_requests", 64, "Requests in progress; more get 429.",
-                                       lower_bound=1)
+_MAX_CONCURRENT = flags.DEFINE_integer(
+    "max_concurrent_requests", 64, "Requests in progress; more get 429.", lower_bound=1
+)
 _TIMEOUT = flags.DEFINE_float("request_timeout", 300.0, "Seconds before an unfinished request is cancelled.")
 _MAX_BODY_BYTES = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body; larger gets 413.")
 _API_KEYS_FILE = flags.DEFINE_string("api_keys_file", None, "File with one API key per line.")
@@ -47,16 +50,25 @@ def main(argv: list[str]) -> None:
     run = loading.load_run(_WORKDIR.value, _STEP.value)
     settings = api.ServeSettings(
         model_name=_MODEL_NAME.value or os.path.basename(os.path.normpath(_WORKDIR.value)),
-        max_batch_size=_MAX_BATCH_SIZE.value, max_cache_len=_MAX_CACHE_LEN.value,
-        max_prompt_tokens=_MAX_PROMPT_TOKENS.value, max_tokens=_MAX_TOKENS.value,
-        max_concurrent_requests=_MAX_CONCURRENT.value, request_timeout_s=_TIMEOUT.value,
-        max_body_bytes=_MAX_BODY_BYTES.value, api_keys=keys, rate_limit_per_minute=_RATE.value,
-        rate_limit_burst=_BURST.value, warmup=_WARMUP.value)
+        max_batch_size=_MAX_BATCH_SIZE.value,
+        max_cache_len=_MAX_CACHE_LEN.value,
+        max_prompt_tokens=_MAX_PROMPT_TOKENS.value,
+        max_tokens=_MAX_TOKENS.value,
+        max_concurrent_requests=_MAX_CONCURRENT.value,
+        request_timeout_s=_TIMEOUT.value,
+        max_body_bytes=_MAX_BODY_BYTES.value,
+        api_keys=keys,
+        rate_limit_per_minute=_RATE.value,
+        rate_limit_burst=_BURST.value,
+        warmup=_WARMUP.value,
+    )
     server = api.create_app(run.model, run.tokenizer, settings)
     engine = server.state.engine
-    print(f"Serving {settings.model_name!r} (step {run.step}) on http://{_HOST.value}:{_PORT.value}/ : "
-          f"{engine.max_batch_size} slots x {engine.max_cache_len} tokens, KV cache "
-          f"{engine.kv_cache_bytes / 2**20:.1f} MiB, API keys: {len(keys) or 'none (open)'}.")
+    print(
+        f"Serving {settings.model_name!r} (step {run.step}) on http://{_HOST.value}:{_PORT.value}/ : "
+        f"{engine.max_batch_size} slots x {engine.max_cache_len} tokens, KV cache "
+        f"{engine.kv_cache_bytes / 2**20:.1f} MiB, API keys: {len(keys) or 'none (open)'}."
+    )
     uvicorn.run(server, host=_HOST.value, port=_PORT.value, log_level="info")
 
 

@@ -83,15 +83,23 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     cfg = config.model
-    if cfg.mlp_activation != "swiglu" or cfg.norm != "rmsnorm" or cfg.position_encoding != "rope" \
-            or not cfg.tie_embeddings:
+    if (
+        cfg.mlp_activation != "swiglu"
+        or cfg.norm != "rmsnorm"
+        or cfg.position_encoding != "rope"
+        or not cfg.tie_embeddings
+    ):
         raise app.UsageError("The PyTorch reference mirrors Llama-style configs (swiglu, rmsnorm, rope, tied).")
     torch.manual_seed(config.seed)
     torch.set_num_threads(os.cpu_count())
     model = Transformer(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.learning_rate,
-                                  betas=(config.optimizer.b1, config.optimizer.b2), eps=config.optimizer.eps,
-                                  weight_decay=config.optimizer.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.optimizer.learning_rate,
+        betas=(config.optimizer.b1, config.optimizer.b2),
+        eps=config.optimizer.eps,
+        weight_decay=config.optimizer.weight_decay,
+    )
     shape = (config.train.batch_size, config.data.seq_len)
     batches = [torch.randint(0, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
@@ -111,8 +119,10 @@ def main(argv: list[str]) -> None:
         loss = step(batches[i % 2])
     elapsed = time.perf_counter() - start
     tokens_per_sec = shape[0] * shape[1] * _STEPS.value / elapsed
-    print(f"torch {torch.__version__} eager, {torch.get_num_threads()} threads: "
-          f"tokens_per_sec {tokens_per_sec:,.0f}  step_time_s {elapsed / _STEPS.value:.3f}  loss {loss:.3f}")
+    print(
+        f"torch {torch.__version__} eager, {torch.get_num_threads()} threads: "
+        f"tokens_per_sec {tokens_per_sec:,.0f}  step_time_s {elapsed / _STEPS.value:.3f}  loss {loss:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,12 @@ def main(argv: list[str]) -> None:
     num_files = _validate_flags()
     print(f"Training a {_VOCAB_SIZE.value}-piece {_MODEL_TYPE.value} tokenizer on {num_files} file(s).")
     documents = sources.read_files(
-        [_INPUT.value], format=_FORMAT.value, text_mode="paragraph", text_field=_TEXT_FIELD.value,
-        on_error=_ON_ERROR.value, max_document_bytes=_MAX_DOCUMENT_BYTES.value,
+        [_INPUT.value],
+        format=_FORMAT.value,
+        text_mode="paragraph",
+        text_field=_TEXT_FIELD.value,
+        on_error=_ON_ERROR.value,
+        max_document_bytes=_MAX_DOCUMENT_BYTES.value,
     )
     dropped = []
 

@@ -9,19 +9,21 @@ import jax  # noqa: E402
 
 # Must happen before any JAX operation creates the backend.
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update(
-    "jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")
-)
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-from flax import nnx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from configs import tiny_es  # noqa: E402
 from llm import sharding  # noqa: E402
 from llm.data import loader, records  # noqa: E402
-from llm.train import checkpoint, optimizer as optimizer_lib, step as step_lib  # noqa: E402
+from llm.train import (
+    checkpoint,  # noqa: E402
+    optimizer as optimizer_lib,
+    step as step_lib,
+)
 
 TINY_SEQ_LEN = 32
 TINY_VOCAB = 128
@@ -34,8 +36,7 @@ def tiny_config(**overrides):
     model.vocab_size, model.max_seq_len, model.num_layers = TINY_VOCAB, TINY_SEQ_LEN, 2
     model.embed_dim, model.num_heads, model.num_kv_heads, model.mlp_dim = 32, 4, 2, 64
     config.data.seq_len = TINY_SEQ_LEN
-    config.train.update(num_steps=20, batch_size=8, log_every=5, eval_every=10, eval_batches=2,
-                        checkpoint_every=10)
+    config.train.update(num_steps=20, batch_size=8, log_every=5, eval_every=10, eval_batches=2, checkpoint_every=10)
     config.optimizer.update(learning_rate=1e-2, warmup_steps=2)
     for dotted, value in overrides.items():
         section, key = dotted.split("__") if "__" in dotted else (None, dotted)
@@ -55,8 +56,12 @@ def pattern_rows(num_rows: int, seq_len: int, vocab: int, seed: int):
             tokens += [4 + (start + stride * i) % (vocab - 4) for i in range(length)]
             segments += [segment] * length
             positions += list(range(length))
-        yield {"tokens": np.array(tokens), "segment_ids": np.array(segments), "positions": np.array(positions),
-               "loss_mask": (np.array(positions) > 0).astype(np.int32)}
+        yield {
+            "tokens": np.array(tokens),
+            "segment_ids": np.array(segments),
+            "positions": np.array(positions),
+            "loss_mask": (np.array(positions) > 0).astype(np.int32),
+        }
 
 
 def write_dataset(path, seq_len=TINY_SEQ_LEN, vocab=TINY_VOCAB, train_rows=256, validation_rows=32):
@@ -94,8 +99,12 @@ def saved_state(config, workdir):
     """The train state (step, trainable params, optimizer state) of a run's latest checkpoint."""
     mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-        steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 12),
-                                     optimizer_lib.learning_rate_schedule(config.optimizer, 12))
+        steps = step_lib.build_steps(
+            config,
+            mesh,
+            optimizer_lib.make_optimizer(config.optimizer, 12),
+            optimizer_lib.learning_rate_schedule(config.optimizer, 12),
+        )
         saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
         state, _, _ = saver.restore(saver.latest_step(), steps.abstract_state)
         saver.close()
@@ -117,16 +126,22 @@ def crash_after(monkeypatch, batches):
 
 SUBJECTS = ["La niña", "El señor García", "Mi abuela", "El pingüino", "La compañía", "Un músico", "La ciudad"]
 VERBS = ["canta", "escribe", "cocina", "estudia", "camina", "trabaja", "sueña"]
-OBJECTS = ["una canción", "en el jardín", "por la mañana", "con alegría", "junto al río", "en español",
-           "después de la reunión"]
+OBJECTS = [
+    "una canción",
+    "en el jardín",
+    "por la mañana",
+    "con alegría",
+    "junto al río",
+    "en español",
+    "después de la reunión",
+]
 
 
 def spanish_documents(count: int) -> list[str]:
     """Deterministic little Spanish documents (accents, ñ, ü, ¿?, ¡!) for tokenizer and end-to-end tests."""
     docs = []
     for i in range(count):
-        sentences = [f"{SUBJECTS[(i + j) % 7]} {VERBS[(i * 3 + j) % 7]} {OBJECTS[(i + 2 * j) % 7]}."
-                     for j in range(4)]
+        sentences = [f"{SUBJECTS[(i + j) % 7]} {VERBS[(i * 3 + j) % 7]} {OBJECTS[(i + 2 * j) % 7]}." for j in range(4)]
         docs.append(" ".join(sentences) + f" ¿Quién lo sabe? ¡Nadie, {i}!")
     return docs
 
@@ -143,8 +158,15 @@ def trained_run(tmp_path_factory):
     tokenizer = train_tokenizer(spanish_documents(200), str(data_dir / "tokenizer"), vocab_size=320)
     docs = [(f"doc{i}", tokenizer.encode(text)) for i, text in enumerate(spanish_documents(400))]
     validation_ids = packing.split_train_validation([(i, len(t) + 2) for i, t in docs], TINY_SEQ_LEN, 0.1, 8)
-    packing.write_packed_splits(docs, str(data_dir), TINY_SEQ_LEN, validation_ids, bos_id=tokenizer.bos_id,
-                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    packing.write_packed_splits(
+        docs,
+        str(data_dir),
+        TINY_SEQ_LEN,
+        validation_ids,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
     # A context longer than the training rows leaves room for chat prompts (RoPE needs no position table).
     config = tiny_config(model__vocab_size=tokenizer.vocab_size, model__max_seq_len=128)
     config.data.path = str(data_dir)

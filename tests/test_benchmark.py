@@ -47,8 +47,14 @@ def test_decode_benchmark_reports_prefill_first_token_and_decode_speed_per_batch
     result = decode_benchmark.benchmark_decode(model, batch_sizes=(1, 2), prompt_len=8, new_tokens=4)
     for batch in (1, 2):
         figures = result[f"batch_{batch}"]
-        for key in ("prefill_tokens_per_sec", "time_to_first_token_s", "decode_tokens_per_sec",
-                    "decode_step_ms", "streamed_decode_tokens_per_sec", "host_overhead_ms_per_step"):
+        for key in (
+            "prefill_tokens_per_sec",
+            "time_to_first_token_s",
+            "decode_tokens_per_sec",
+            "decode_step_ms",
+            "streamed_decode_tokens_per_sec",
+            "host_overhead_ms_per_step",
+        ):
             assert figures[key] >= 0, key
         assert figures["decode_tokens_per_sec"] > 0
 
@@ -67,14 +73,28 @@ def test_stage_benchmark_times_every_enabled_stage_on_the_configured_sources(tmp
 
 def test_benchmark_cli_writes_json_and_rejects_an_unknown_subcommand(tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), *args],
-                              capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+        return subprocess.run(
+            [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), *args],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+            timeout=300,
+        )
 
     out = tmp_path / "train.json"
-    result = cli("train", f"--config={REPO}/configs/tiny_es.py", "--config.model.num_layers=1",
-                 "--config.model.embed_dim=32", "--config.model.mlp_dim=64", "--config.model.vocab_size=256",
-                 "--config.train.batch_size=2", "--config.data.seq_len=32", "--steps=1", "--warmup=1",
-                 f"--json_out={out}")
+    result = cli(
+        "train",
+        f"--config={REPO}/configs/tiny_es.py",
+        "--config.model.num_layers=1",
+        "--config.model.embed_dim=32",
+        "--config.model.mlp_dim=64",
+        "--config.model.vocab_size=256",
+        "--config.train.batch_size=2",
+        "--config.data.seq_len=32",
+        "--steps=1",
+        "--warmup=1",
+        f"--json_out={out}",
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads(out.read_text())
     assert record["benchmark"] == "train" and record["tokens_per_sec"] > 0 and record["platform"] == "cpu"

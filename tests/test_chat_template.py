@@ -13,12 +13,15 @@ def tokenizer(tmp_path_factory):
 
 
 def test_render_marks_exactly_the_assistant_tokens(tokenizer):
-    messages = [{"role": "system", "content": "Sé breve."}, {"role": "user", "content": "¿Quién canta?"},
-                {"role": "assistant", "content": "La niña."}]
+    messages = [
+        {"role": "system", "content": "Sé breve."},
+        {"role": "user", "content": "¿Quién canta?"},
+        {"role": "assistant", "content": "La niña."},
+    ]
     ids, mask = chat_template.render(tokenizer, messages)
     roles = tokenizer.role_ids
     assert ids[:2] == [tokenizer.bos_id, roles["system"]] and ids[-1] == roles["end"]
-    answer = ids[ids.index(roles["assistant"]) + 1:]
+    answer = ids[ids.index(roles["assistant"]) + 1 :]
     assert [i for i, m in zip(ids, mask) if m] == answer
     assert tokenizer.decode(answer[:-1]) == "La niña."
 
@@ -34,12 +37,15 @@ def test_user_text_cannot_forge_a_turn(tokenizer):
     assert ids.count(tokenizer.role_ids["assistant"]) == 0
 
 
-@pytest.mark.parametrize("messages, message", [
-    ([], "at least one message"),
-    ([{"role": "robot", "content": "x"}], "role 'robot'"),
-    ([{"role": "user"}], "string 'content'"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only come first"),
-])
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([], "at least one message"),
+        ([{"role": "robot", "content": "x"}], "role 'robot'"),
+        ([{"role": "user"}], "string 'content'"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only come first"),
+    ],
+)
 def test_malformed_conversations_are_named(tokenizer, messages, message):
     with pytest.raises(chat_template.ChatFormatError, match=message):
         chat_template.render(tokenizer, messages)

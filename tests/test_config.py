@@ -28,14 +28,17 @@ def test_recipes_are_valid(name):
     config_validation.validate(importlib.import_module(f"configs.{name}").get_config())
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("model.norm", "batchnorm", r"config.model.norm='batchnorm' is not one of \('layernorm', 'rmsnorm'\)"),
-    ("model.position_encoding", "alibi", r"not one of \('rope', 'learned', 'sinusoidal'\)"),
-    ("model.num_kv_heads", 3, "num_kv_heads=3 must divide"),
-    ("train.batch_size", 0, "config.train.batch_size=0 must be > 0"),
-    ("optimizer.schedule", "step", r"config.optimizer.schedule='step' is not one of"),
-    ("model.num_layers", "four", "config.model.num_layers='four' has type str; expected int"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("model.norm", "batchnorm", r"config.model.norm='batchnorm' is not one of \('layernorm', 'rmsnorm'\)"),
+        ("model.position_encoding", "alibi", r"not one of \('rope', 'learned', 'sinusoidal'\)"),
+        ("model.num_kv_heads", 3, "num_kv_heads=3 must divide"),
+        ("train.batch_size", 0, "config.train.batch_size=0 must be > 0"),
+        ("optimizer.schedule", "step", r"config.optimizer.schedule='step' is not one of"),
+        ("model.num_layers", "four", "config.model.num_layers='four' has type str; expected int"),
+    ],
+)
 def test_bad_values_name_the_key_and_what_is_allowed(key, value, message):
     config = tiny_config()
     section, name = key.split(".")
@@ -61,16 +64,20 @@ def test_missing_data_path_is_named():
 
 def _train_cli(*flags):
     command = [sys.executable, os.path.join(REPO, "scripts", "train.py"), "--workdir=/tmp/unused", *flags]
-    return subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                          timeout=120)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120
+    )
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--config.model.nm_layers=4", "nm_layers"),
-    ("--config.model.norm=batchnorm", "config.model.norm='batchnorm' is not one of ('layernorm', 'rmsnorm')"),
-    ("--config.data.path=/nonexistent/data", "config.data.path='/nonexistent/data' has no train/"),
-    ("--config.data.path=", "config.data.path is empty"),
-])
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.model.nm_layers=4", "nm_layers"),
+        ("--config.model.norm=batchnorm", "config.model.norm='batchnorm' is not one of ('layernorm', 'rmsnorm')"),
+        ("--config.data.path=/nonexistent/data", "config.data.path='/nonexistent/data' has no train/"),
+        ("--config.data.path=", "config.data.path is empty"),
+    ],
+)
 def test_command_line_errors_fail_before_any_work(flag, message, tmp_path):
     result = _train_cli(f"--config={REPO}/configs/tiny_es.py", flag)
     assert result.returncode != 0

@@ -175,13 +175,16 @@ def test_stage_chain_keeps_real_spanish_and_drops_junk():
                 return document
         return document
 
-    recipe = Document("receta", (
-        "Tortilla de patatas\n\n"
-        "Ingredientes: 4 huevos, 500 g de patatas, 1 cebolla, aceite de oliva y sal.\n\n"
-        "Pela las patatas y córtalas en láminas finas. Fríelas a fuego lento con la cebolla durante 20 minutos. "
-        "Bate los huevos, mézclalos con las patatas escurridas y cuaja la tortilla por los dos lados. "
-        "Si tienes dudas, escribe a cocina@ejemplo.es o llama al 612 345 678."
-    ))
+    recipe = Document(
+        "receta",
+        (
+            "Tortilla de patatas\n\n"
+            "Ingredientes: 4 huevos, 500 g de patatas, 1 cebolla, aceite de oliva y sal.\n\n"
+            "Pela las patatas y córtalas en láminas finas. Fríelas a fuego lento con la cebolla durante 20 minutos. "
+            "Bate los huevos, mézclalos con las patatas escurridas y cuaja la tortilla por los dos lados. "
+            "Si tienes dudas, escribe a cocina@ejemplo.es o llama al 612 345 678."
+        ),
+    )
     kept = run(recipe)
     assert isinstance(kept, Document)
     assert "<EMAIL>" in kept.text and "<TELEFONO>" in kept.text

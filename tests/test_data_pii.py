@@ -20,18 +20,29 @@ def test_email(address):
 @pytest.mark.parametrize(
     "number",
     [
-        "612 345 678", "612345678", "612-34-56-78", "91 234 56 78", "+34 612 345 678", "0034 612345678",
-        "+34 91 234 56 78", "+52 55 1234 5678", "+52 1 55 1234 5678", "+54 9 11 4567-8901", "+57 300 123 4567",
-        "+56 9 1234 5678", "+51 987 654 321", "+1 809 555 1234", "(55) 1234-5678", "(011) 4567-8901",
+        "612 345 678",
+        "612345678",
+        "612-34-56-78",
+        "91 234 56 78",
+        "+34 612 345 678",
+        "0034 612345678",
+        "+34 91 234 56 78",
+        "+52 55 1234 5678",
+        "+52 1 55 1234 5678",
+        "+54 9 11 4567-8901",
+        "+57 300 123 4567",
+        "+56 9 1234 5678",
+        "+51 987 654 321",
+        "+1 809 555 1234",
+        "(55) 1234-5678",
+        "(011) 4567-8901",
     ],
 )
 def test_spanish_and_latin_american_phones(number):
     assert scrub(f"Llama al {number} por la tarde.") == "Llama al <TELEFONO> por la tarde."
 
 
-@pytest.mark.parametrize(
-    "address", ["192.168.1.10", "10.0.0.1", "2001:db8::ff00:42:8329", "fe80::1ff:fe23:4567:890a"]
-)
+@pytest.mark.parametrize("address", ["192.168.1.10", "10.0.0.1", "2001:db8::ff00:42:8329", "fe80::1ff:fe23:4567:890a"])
 def test_ip_addresses(address):
     assert scrub(f"El servidor {address} no responde.") == "El servidor <IP> no responde."
 
@@ -47,16 +58,21 @@ def test_nie_with_valid_letter(nie):
 
 
 @pytest.mark.parametrize(
-    "iban", ["ES91 2100 0418 4502 0005 1332", "ES9121000418450200051332", "GB82 WEST 1234 5698 7654 32",
-             "DE89 3704 0044 0532 0130 00"]
+    "iban",
+    [
+        "ES91 2100 0418 4502 0005 1332",
+        "ES9121000418450200051332",
+        "GB82 WEST 1234 5698 7654 32",
+        "DE89 3704 0044 0532 0130 00",
+    ],
 )
 def test_iban_with_valid_checksum(iban):
     assert scrub(f"Cuenta {iban} a nombre de Ana.") == "Cuenta <IBAN> a nombre de Ana."
 
 
 @pytest.mark.parametrize(
-    "card", ["4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111", "5500 0000 0000 0004",
-             "3782 822463 10005"]
+    "card",
+    ["4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111", "5500 0000 0000 0004", "3782 822463 10005"],
 )
 def test_card_with_valid_luhn(card):
     assert scrub(f"Pagó con la tarjeta {card} ayer.") == "Pagó con la tarjeta <TARJETA> ayer."

@@ -64,8 +64,7 @@ ENGLISH = (
     "books by the fire until the storm was over and the path was safe again for everyone."
 )
 CONLLU = (
-    "# sent_id = 1\n# text = ¿Dónde está la biblioteca?\n1\t¿\t_\n\n"
-    "# sent_id = 2\n# text = El río nace en Cantabria.\n"
+    "# sent_id = 1\n# text = ¿Dónde está la biblioteca?\n1\t¿\t_\n\n# sent_id = 2\n# text = El río nace en Cantabria.\n"
 )
 
 
@@ -151,12 +150,11 @@ def test_filter_and_dedup_decisions(local_run):
     _, _, output = local_run
     filtered = counts(output / "stages" / "filter")
     deduped = counts(output / "stages" / "dedup")
-    assert filtered["stages"]["read"]["dropped"] == {
-        "source.bad_json": 1, "source.empty": 1, "source.invalid_utf8": 1
-    }
-    assert sum(filtered["stages"]["langid"]["dropped"].values()) + sum(
-        filtered["stages"]["quality"]["dropped"].values()
-    ) == 1  # the English paragraph
+    assert filtered["stages"]["read"]["dropped"] == {"source.bad_json": 1, "source.empty": 1, "source.invalid_utf8": 1}
+    assert (
+        sum(filtered["stages"]["langid"]["dropped"].values()) + sum(filtered["stages"]["quality"]["dropped"].values())
+        == 1
+    )  # the English paragraph
     assert deduped["stages"]["exact_dedup"]["dropped"] == {"exact_dedup.duplicate": 1}
     assert deduped["stages"]["near_dedup"]["dropped"] == {"near_dedup.near_duplicate": 1}
     assert filtered["pii"]["email"] == 1 and filtered["pii"]["phone"] == 1 and filtered["pii"]["dni"] == 1
@@ -394,10 +392,16 @@ def test_script_runs_end_to_end_and_resumes(tmp_path):
     config = make_config(tmp_path)
     output = tmp_path / "out"
     flags = [
-        sys.executable, os.path.join(REPO, "scripts", "prepare_data.py"), f"--output_dir={output}",
-        f"--config.sources.paths={config.sources.paths}", "--config.sources.text_mode=paragraph",
-        "--config.tokenizer.vocab_size=400", "--config.pack.seq_len=64", "--config.pack.min_validation_rows=1",
-        f"--config.report.eval_conllu={config.report.eval_conllu}", "--config.runner.num_workers=2",
+        sys.executable,
+        os.path.join(REPO, "scripts", "prepare_data.py"),
+        f"--output_dir={output}",
+        f"--config.sources.paths={config.sources.paths}",
+        "--config.sources.text_mode=paragraph",
+        "--config.tokenizer.vocab_size=400",
+        "--config.pack.seq_len=64",
+        "--config.pack.min_validation_rows=1",
+        f"--config.report.eval_conllu={config.report.eval_conllu}",
+        "--config.runner.num_workers=2",
         "--noprogress",
     ]
     first = subprocess.run(flags, capture_output=True, text=True, cwd=tmp_path, timeout=120)

@@ -62,7 +62,14 @@ def test_junk_is_dropped_with_its_reason(reason, thresholds):
 
 def test_words_split_spanish_punctuation():
     assert quality.words("¿Qué? ¡Olé! «Pingüino», —dijo— la señora… (años) 3:16") == [
-        "Qué", "Olé", "Pingüino", "dijo", "la", "señora", "años", "3:16"
+        "Qué",
+        "Olé",
+        "Pingüino",
+        "dijo",
+        "la",
+        "señora",
+        "años",
+        "3:16",
     ]
     assert quality.non_alpha_word_ratio("¿Qué? ¡Olé! 3:16 --") == 0.5  # "3:16" and "--" have no letter
 
@@ -73,9 +80,9 @@ def test_duplicate_fractions_by_count_and_characters():
 
 
 def test_top_ngram_fraction_ignores_ngrams_seen_once():
-    distinct = "el perro de mi vecino ladra toda la noche".split()
+    distinct = ["el", "perro", "de", "mi", "vecino", "ladra", "toda", "la", "noche"]
     assert quality.top_ngram_char_fraction(distinct, 2, sum(map(len, distinct))) == 0.0
-    repeated = "compra ya compra ya compra ya".split()
+    repeated = ["compra", "ya", "compra", "ya", "compra", "ya"]
     assert quality.top_ngram_char_fraction(repeated, 2, 24) == pytest.approx(3 * 8 / 24)
 
 

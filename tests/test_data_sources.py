@@ -30,6 +30,7 @@ def ids(items):
 
 # --- local text ---------------------------------------------------------------------------------------------
 
+
 def test_text_files_one_document_per_file_with_relative_ids(tmp_path):
     write(tmp_path / "corpus/b.txt", "Segundo archivo.\n")
     write(tmp_path / "corpus/sub/a.txt", b"\xef\xbb\xbfA\xc3\xb1o nuevo,\r\nvida nueva.\r\n")  # BOM, CRLF
@@ -45,8 +46,10 @@ def test_text_files_one_document_per_file_with_relative_ids(tmp_path):
 def test_text_paragraph_mode_ids_by_paragraph_index(tmp_path):
     write(tmp_path / "cuento.txt", "Érase una vez\nun niño.\n\n\n¿Quién era?\n   \n¡Nadie!\n")
     assert ids(read_files([str(tmp_path / "cuento.txt")], text_mode="paragraph")) == [
-        ("cuento.txt:0", "Érase una vez\nun niño."), ("cuento.txt:1", "¿Quién era?"),
-        ("cuento.txt:2", "¡Nadie!")]
+        ("cuento.txt:0", "Érase una vez\nun niño."),
+        ("cuento.txt:1", "¿Quién era?"),
+        ("cuento.txt:2", "¡Nadie!"),
+    ]
 
 
 def test_globs_and_ids_relative_to_the_common_directory(tmp_path):
@@ -62,9 +65,13 @@ def test_missing_path_is_named(tmp_path):
 
 # --- JSONL and Parquet --------------------------------------------------------------------------------------
 
+
 def test_jsonl_text_field_and_metadata(tmp_path):
-    lines = [{"contenido": "El niño comió.", "url": "https://ejemplo.es/1", "licence": "CC0-1.0"}, {},
-             {"contenido": "La señora leyó.", "url": "https://ejemplo.es/2"}]
+    lines = [
+        {"contenido": "El niño comió.", "url": "https://ejemplo.es/1", "licence": "CC0-1.0"},
+        {},
+        {"contenido": "La señora leyó.", "url": "https://ejemplo.es/2"},
+    ]
     write(tmp_path / "web.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) if r else "" for r in lines))
 
     docs = list(read_files([str(tmp_path / "web.jsonl")], text_field="contenido", licence="mixed"))
@@ -86,8 +93,7 @@ def test_parquet_text_column_and_metadata(tmp_path):
 
     docs = list(read_files([str(tmp_path / "datos.parquet")], text_field="cuerpo"))
 
-    assert ids(docs) == [("datos.parquet:0", "Primera fila."),
-                         ("datos.parquet:1", "Segunda fila, más larga.")]
+    assert ids(docs) == [("datos.parquet:0", "Primera fila."), ("datos.parquet:1", "Segunda fila, más larga.")]
     assert docs[1].metadata == {"año": 2024, "source": "datos.parquet", "licence": "unknown"}
 
 
@@ -98,6 +104,7 @@ def test_parquet_missing_column_is_a_config_error_naming_the_columns(tmp_path):
 
 
 # --- TFDS and Hugging Face ----------------------------------------------------------------------------------
+
 
 class SourcesTestTinyEs(tfds.core.GeneratorBasedBuilder):
     """A two-example Spanish dataset written as ArrayRecord, the format `tfds.data_source` reads."""
@@ -121,15 +128,19 @@ def test_tfds_array_record_builder_read_with_data_source(tmp_path):
 
     docs = list(sources.read_tfds("sources_test_tiny_es", "train", str(tmp_path), licence="CC0-1.0"))
 
-    assert ids(docs) == [("sources_test_tiny_es/train:0", "¿Qué tal?"),
-                         ("sources_test_tiny_es/train:1", "Año nuevo, vida nueva.")]
+    assert ids(docs) == [
+        ("sources_test_tiny_es/train:0", "¿Qué tal?"),
+        ("sources_test_tiny_es/train:1", "Año nuevo, vida nueva."),
+    ]
     assert docs[1].metadata == {"year": 2021, "source": "sources_test_tiny_es/train", "licence": "CC0-1.0"}
 
 
 def test_indexed_source_bytes_decoded_and_bad_utf8_counted():
     records = [{"text": "Canción".encode()}, {"text": b"\xff\xfe roto"}]
-    assert ids(read_indexed(records, "mi_ds/train")) == [("mi_ds/train:0", "Canción"),
-                                                          ("mi_ds/train:1", "source.invalid_utf8")]
+    assert ids(read_indexed(records, "mi_ds/train")) == [
+        ("mi_ds/train:0", "Canción"),
+        ("mi_ds/train:1", "source.invalid_utf8"),
+    ]
     with pytest.raises(SourceError, match="mi_ds/train: example 1: field 'text': invalid UTF-8"):
         list(read_indexed(records, "mi_ds/train", on_error="raise"))
 
@@ -151,12 +162,15 @@ def test_hf_rows_become_documents(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     docs = list(sources.read_hf("usuario/corpus", "es", "validation"))
     assert calls == [("usuario/corpus", "es", "validation", True)]
-    assert ids(docs) == [("usuario/corpus/validation:0", "Hola mundo."), ("usuario/corpus/validation:1",
-                                                                          "source.empty")]
+    assert ids(docs) == [
+        ("usuario/corpus/validation:0", "Hola mundo."),
+        ("usuario/corpus/validation:1", "source.empty"),
+    ]
     assert docs[0].metadata == {"id": "a1", "source": "usuario/corpus", "licence": "unknown"}
 
 
 # --- read_sources: the config chooses -----------------------------------------------------------------------
+
 
 def test_read_sources_reads_paths_from_the_config(tmp_path):
     write(tmp_path / "a.txt", "Uno.\n\nDos.")
@@ -207,19 +221,20 @@ def test_invalid_utf8_drops_only_its_paragraph(tmp_path):
     with pytest.raises(SourceError, match=r"mixto.txt:4: invalid UTF-8"):
         list(read_files([str(path)], text_mode="paragraph", on_error="raise"))
     assert ids(read_files([str(path)], text_mode="paragraph")) == [
-        ("mixto.txt:0", "Bien."), ("mixto.txt:1", "source.invalid_utf8"), ("mixto.txt:2", "También bien.")]
+        ("mixto.txt:0", "Bien."),
+        ("mixto.txt:1", "source.invalid_utf8"),
+        ("mixto.txt:2", "También bien."),
+    ]
 
 
 def test_invalid_utf8_jsonl_line(tmp_path):
     path = write(tmp_path / "datos.jsonl", b'{"text": "bien"}\n{"text": "mal \xe9"}\n')
     with pytest.raises(SourceError, match=r"datos.jsonl:2: invalid UTF-8"):
         list(read_files([str(path)], on_error="raise"))
-    assert ids(read_files([str(path)])) == [("datos.jsonl:1", "bien"),
-                                            ("datos.jsonl:2", "source.invalid_utf8")]
+    assert ids(read_files([str(path)])) == [("datos.jsonl:1", "bien"), ("datos.jsonl:2", "source.invalid_utf8")]
 
 
-@pytest.mark.parametrize("name,mode", [("vacio.txt", "file"), ("vacio.txt", "paragraph"),
-                                       ("vacio.jsonl", "file")])
+@pytest.mark.parametrize("name,mode", [("vacio.txt", "file"), ("vacio.txt", "paragraph"), ("vacio.jsonl", "file")])
 def test_empty_file(tmp_path, name, mode):
     path = write(tmp_path / name, "\n  \n")
     with pytest.raises(SourceError, match=rf"{name}: empty file"):
@@ -242,14 +257,19 @@ def test_corrupt_parquet(tmp_path):
 
 
 def test_jsonl_with_one_bad_line(tmp_path):
-    path = write(tmp_path / "web.jsonl", '{"text": "uno"}\n{"text": "dos",\n{"sin_texto": 1}\n["lista"]\n'
-                                         '{"text": "cinco"}\n')
+    path = write(
+        tmp_path / "web.jsonl", '{"text": "uno"}\n{"text": "dos",\n{"sin_texto": 1}\n["lista"]\n{"text": "cinco"}\n'
+    )
     with pytest.raises(SourceError, match=r"web.jsonl:2: invalid JSON: .* at column"):
         list(read_files([str(path)], on_error="raise"))
     # Every line is accounted for: kept, or dropped with its reason.
     assert ids(read_files([str(path)])) == [
-        ("web.jsonl:1", "uno"), ("web.jsonl:2", "source.bad_json"), ("web.jsonl:3", "source.missing_field"),
-        ("web.jsonl:4", "source.bad_json"), ("web.jsonl:5", "cinco")]
+        ("web.jsonl:1", "uno"),
+        ("web.jsonl:2", "source.bad_json"),
+        ("web.jsonl:3", "source.missing_field"),
+        ("web.jsonl:4", "source.bad_json"),
+        ("web.jsonl:5", "cinco"),
+    ]
 
 
 HUGE = 50 * 1024 * 1024
@@ -268,8 +288,11 @@ def test_a_50_mb_line_is_dropped_with_bounded_memory(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert ids(items) == [("enorme.jsonl:1", "antes"), ("enorme.jsonl:2", "source.too_large"),
-                          ("enorme.jsonl:3", "después")]
+    assert ids(items) == [
+        ("enorme.jsonl:1", "antes"),
+        ("enorme.jsonl:2", "source.too_large"),
+        ("enorme.jsonl:3", "después"),
+    ]
     assert peak < 3 * sources.DEFAULT_MAX_DOCUMENT_BYTES  # the 50 MB line was never held whole
 
 

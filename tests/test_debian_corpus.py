@@ -18,8 +18,9 @@ def write_copyright(root, package, paragraphs):
     doc = root / "usr/share/doc" / package
     doc.mkdir(parents=True)
     header = "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
-    body = "\n".join(f"Files: {files}\nCopyright: someone\nLicense: {licence}\n some text\n"
-                     for files, licence in paragraphs)
+    body = "\n".join(
+        f"Files: {files}\nCopyright: someone\nLicense: {licence}\n some text\n" for files, licence in paragraphs
+    )
     (doc / "copyright").write_text(header + "\n" + body, encoding="utf-8")
 
 
@@ -28,6 +29,7 @@ def ids_and_texts(docs):
 
 
 # --- SWORD zText: the Reina-Valera 1909 ---------------------------------------------------------------------
+
 
 def write_ztext(data_dir, testament, entries, per_block):
     """Writes a zText testament like osis2mod does: `per_block` index entries per zlib block."""
@@ -46,8 +48,10 @@ def write_ztext(data_dir, testament, entries, per_block):
 
 
 def book_heading(osis, name):
-    return (f'<div osisID="{osis}" sID="b{osis}" type="book"/> <milestone n="{name}" type="x-usfm-h"/> '
-            f'<title level="1" type="main">{name}</title>')
+    return (
+        f'<div osisID="{osis}" sID="b{osis}" type="book"/> <milestone n="{name}" type="x-usfm-h"/> '
+        f'<title level="1" type="main">{name}</title>'
+    )
 
 
 def chapter_heading(osis):
@@ -62,17 +66,27 @@ def sword_root(tmp_path):
     data_dir.mkdir(parents=True)
     (sword / "mods.d").mkdir()
     (sword / "mods.d/tiny.conf").write_text(
-        "[Tiny]\nDataPath=./modules/texts/ztext/tiny/\nModDrv=zText\nCompressType=ZIP\nEncoding=UTF-8\n")
+        "[Tiny]\nDataPath=./modules/texts/ztext/tiny/\nModDrv=zText\nCompressType=ZIP\nEncoding=UTF-8\n"
+    )
     # Index slots as in the real module: module heading (empty), testament heading, book heading, chapter
     # heading, verses...
-    ot = ["", '<milestone type="x-importer" n="test"/>', book_heading("Gen", "Génesis"),
-          chapter_heading("Gen.1"),
-          '<w lemma="strong:H7225">EN el principio</w> <w lemma="strong:H1254">crió</w> Dios los cielos.',
-          '<w>Y la tierra</w> <w>estaba</w><transChange type="added">desordenada</transChange>'
-          '<w>y vacía</w>.',
-          chapter_heading("Gen.2"), "<w>Y fueron acabados</w> los cielos y la tierra."]
-    nt = ["", "", book_heading("Matt", "San Mateo"), chapter_heading("Matt.1"),
-          "<w>LIBRO</w> de la generación de Jesucristo."]
+    ot = [
+        "",
+        '<milestone type="x-importer" n="test"/>',
+        book_heading("Gen", "Génesis"),
+        chapter_heading("Gen.1"),
+        '<w lemma="strong:H7225">EN el principio</w> <w lemma="strong:H1254">crió</w> Dios los cielos.',
+        '<w>Y la tierra</w> <w>estaba</w><transChange type="added">desordenada</transChange><w>y vacía</w>.',
+        chapter_heading("Gen.2"),
+        "<w>Y fueron acabados</w> los cielos y la tierra.",
+    ]
+    nt = [
+        "",
+        "",
+        book_heading("Matt", "San Mateo"),
+        chapter_heading("Matt.1"),
+        "<w>LIBRO</w> de la generación de Jesucristo.",
+    ]
     write_ztext(data_dir, "ot", ot, per_block=3)  # chapters cross block boundaries
     write_ztext(data_dir, "nt", nt, per_block=10)
     write_copyright(root, "sword-text-sparv", [("*", "public-domain")])
@@ -81,16 +95,23 @@ def sword_root(tmp_path):
 
 def test_sword_one_document_per_chapter_with_book_and_chapter(sword_root):
     docs = list(extract_package(sword_root, "sword-text-sparv"))
-    assert [d.id for d in docs] == ["sword-text-sparv:Gen.1", "sword-text-sparv:Gen.2",
-                                    "sword-text-sparv:Matt.1"]
+    assert [d.id for d in docs] == ["sword-text-sparv:Gen.1", "sword-text-sparv:Gen.2", "sword-text-sparv:Matt.1"]
     # One verse per line; markup gone; the book title is a heading, not text; an added word gets its spaces.
     assert docs[0].text == "EN el principio crió Dios los cielos.\nY la tierra estaba desordenada y vacía."
     assert docs[1].text == "Y fueron acabados los cielos y la tierra."
-    assert docs[0].metadata == {"source": "sword-text-sparv", "licence": "public-domain", "book": "Génesis",
-                                "chapter": 1, "archaic_orthography": True}
+    assert docs[0].metadata == {
+        "source": "sword-text-sparv",
+        "licence": "public-domain",
+        "book": "Génesis",
+        "chapter": 1,
+        "archaic_orthography": True,
+    }
     # The last chapter of a book keeps its book when the next book's heading follows it.
     assert [(d.metadata["book"], d.metadata["chapter"]) for d in docs] == [
-        ("Génesis", 1), ("Génesis", 2), ("San Mateo", 1)]
+        ("Génesis", 1),
+        ("Génesis", 2),
+        ("San Mateo", 1),
+    ]
 
 
 def test_sword_rejects_a_module_of_another_format(sword_root):
@@ -101,6 +122,7 @@ def test_sword_rejects_a_module_of_another_format(sword_root):
 
 
 # --- fortunes -----------------------------------------------------------------------------------------------
+
 
 def write_fortunes(path, entries):
     path.write_text("\n%\n".join(entries) + "\n%\n", encoding="utf-8")
@@ -163,8 +185,9 @@ def test_html_skipped_element_nested_in_itself_is_skipped_whole():
 
 
 def test_html_extra_skip_classes_choose_one_variant():
-    markup = ('<p>Pulse <span hidden="true" class="MAC">Comando</span><span hidden="true">Ctrl</span> + F '
-              'para buscar.</p>')
+    markup = (
+        '<p>Pulse <span hidden="true" class="MAC">Comando</span><span hidden="true">Ctrl</span> + F para buscar.</p>'
+    )
     assert html_to_text(markup, skip_classes={"MAC"}) == "Pulse Ctrl + F para buscar."
 
 
@@ -181,8 +204,7 @@ def test_html_packages_pick_their_pages(tmp_path):
     docs = list(extract_package(lily, "lilypond-doc-html-es"))
 
     # Only Spanish pages, not the big-page duplicate, not an empty page; the manuals' own licence.
-    assert ids_and_texts(docs) == [
-        ("lilypond-doc-html-es:learning/tutorial.es.html", "Tutorial de LilyPond.")]
+    assert ids_and_texts(docs) == [("lilypond-doc-html-es:learning/tutorial.es.html", "Tutorial de LilyPond.")]
     assert docs[0].metadata["licence"] == "GFDL-1.3+"
 
 
@@ -192,14 +214,15 @@ def test_libreoffice_help_keeps_default_variant(tmp_path):
     text_dir.mkdir(parents=True)
     (text_dir / "buscar.html").write_text(
         '<header>Ayuda de LibreOffice</header><aside>Contenido</aside><p>Use <span hidden="true" class="MAC">'
-        'Comando</span><span hidden="true">Ctrl</span> + F para buscar.</p>', encoding="utf-8")
+        'Comando</span><span hidden="true">Ctrl</span> + F para buscar.</p>',
+        encoding="utf-8",
+    )
     (root / "usr/share/libreoffice/help/es/contents.js").write_text("document.write('x')")
     write_copyright(root, "libreoffice-help-es", [("*", "MPL-2.0")])
 
     docs = list(extract_package(root, "libreoffice-help-es"))
 
-    assert ids_and_texts(docs) == [
-        ("libreoffice-help-es:text/swriter/buscar.html", "Use Ctrl + F para buscar.")]
+    assert ids_and_texts(docs) == [("libreoffice-help-es:text/swriter/buscar.html", "Use Ctrl + F para buscar.")]
 
 
 # --- man pages ----------------------------------------------------------------------------------------------
@@ -225,8 +248,7 @@ Código	Significado
 """
 
 
-@pytest.mark.skipif(shutil.which("groff") is None,
-                    reason="groff is not installed (apt-get install groff-base)")
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed (apt-get install groff-base)")
 def test_manpages_rendered_by_groff_to_plain_text(tmp_path):
     root = tmp_path / "manpages-es"
     man1 = root / "usr/share/man/es/man1"
@@ -250,10 +272,10 @@ def test_manpages_rendered_by_groff_to_plain_text(tmp_path):
 
 # --- licences, packages, fetching ---------------------------------------------------------------------------
 
+
 def test_licence_is_read_from_the_copyright_file(tmp_path):
     package = debian_corpus.PACKAGES["lilypond-doc-html-es"]
-    write_copyright(tmp_path, package.name, [("*", "GPL-3+"), ("mf/*", "OFL-1.1"),
-                                             ("Documentation/*", "GFDL-1.3+")])
+    write_copyright(tmp_path, package.name, [("*", "GPL-3+"), ("mf/*", "OFL-1.1"), ("Documentation/*", "GFDL-1.3+")])
     assert debian_corpus.read_licence(tmp_path, package) == "GFDL-1.3+"
     with pytest.raises(DebianCorpusError, match="copyright: missing"):
         debian_corpus.read_licence(tmp_path, debian_corpus.PACKAGES["manpages-es"])
@@ -289,8 +311,11 @@ needs_dpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-d
 @needs_dpkg
 def test_empty_package_lists_error_says_apt_get_update(tmp_path, monkeypatch):
     fake_apt_get(tmp_path / "bin", 'echo "E: Unable to locate package $2" >&2; exit 100', monkeypatch)
-    with pytest.raises(DebianCorpusError, match=r"(?s)Unable to locate package fortunes-es.*apt-get update.*"
-                                                 r"--config\.sources\.paths="):
+    with pytest.raises(
+        DebianCorpusError,
+        match=r"(?s)Unable to locate package fortunes-es.*apt-get update.*"
+        r"--config\.sources\.paths=",
+    ):
         fetch_package("fortunes-es", tmp_path / "cache")
 
 
@@ -303,11 +328,11 @@ def test_fetch_unpacks_a_real_deb_once_and_reuses_the_cache(tmp_path, monkeypatc
     write_fortunes(fortunes_dir / "amistad.fortunes", ["La amistad es una igualdad armónica."])
     write_copyright(tree, "fortunes-es", [("*", "GPL-2+")])
     (tree / "DEBIAN").mkdir()
-    (tree / "DEBIAN/control").write_text("Package: fortunes-es\nVersion: 1.0\nArchitecture: all\n"
-                                         "Maintainer: Test <t@example.org>\nDescription: test\n")
+    (tree / "DEBIAN/control").write_text(
+        "Package: fortunes-es\nVersion: 1.0\nArchitecture: all\nMaintainer: Test <t@example.org>\nDescription: test\n"
+    )
     deb = tmp_path / "fortunes-es_1.0_all.deb"
-    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(tree), str(deb)], check=True,
-                   capture_output=True)
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(tree), str(deb)], check=True, capture_output=True)
     log = tmp_path / "apt.log"
     fake_apt_get(tmp_path / "bin", f'echo "$@" >> {log}; cp {deb} .', monkeypatch)
     cache = tmp_path / "cache"

@@ -76,8 +76,7 @@ def _reference_signature(text: str, num_perm: int, k: int, seed: int) -> list[in
 
     digest = hashlib.blake2b(f"minhash:{seed}:{num_perm}".encode(), digest_size=64).digest()
     stream = b"".join(
-        hashlib.blake2b(digest + i.to_bytes(4, "little"), digest_size=64).digest()
-        for i in range(num_perm // 8 + 1)
+        hashlib.blake2b(digest + i.to_bytes(4, "little"), digest_size=64).digest() for i in range(num_perm // 8 + 1)
     )
     values = [int.from_bytes(stream[4 * i : 4 * i + 4], "little") for i in range(2 * num_perm)]
     a = [v | 1 for v in values[:num_perm]]
@@ -127,7 +126,11 @@ def test_signature_is_the_same_in_another_process_with_another_hash_seed():
     code = "import sys; from llm.data import dedup; print(dedup.MinHasher().signature(sys.argv[1])[:8].tolist())"
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run(
-        [sys.executable, "-c", code, RECETA], env=env, capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code, RECETA],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     ).stdout
     assert out.strip() == str(dedup.MinHasher().signature(RECETA)[:8].tolist())
@@ -193,8 +196,11 @@ def test_planted_near_duplicates_are_found_and_distinct_documents_kept():
 
 def test_bucket_pairs_confirm_only_similar_members():
     hasher = dedup.MinHasher()
-    members = [("b", hasher.signature(QUIJOTE)), ("a", hasher.signature(QUIJOTE + " Fin.")),
-               ("c", hasher.signature(RECETA))]
+    members = [
+        ("b", hasher.signature(QUIJOTE)),
+        ("a", hasher.signature(QUIJOTE + " Fin.")),
+        ("c", hasher.signature(RECETA)),
+    ]
     assert dedup.bucket_pairs(members, 0.8) == [("a", "b")]
 
 

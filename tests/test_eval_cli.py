@@ -17,17 +17,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _evaluate(*flags):
-    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), *flags],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
 
 
 def test_evaluate_writes_the_report_the_table_and_the_model_card(trained_run, tmp_path):
     data_dir = write_eval_data(tmp_path / "es_eval")
     output = tmp_path / "out" / "report.json"
     # One task of each kind (the others differ only in data and prompts, tested with fakes).
-    result = _evaluate(f"--workdir={trained_run}", f"--data_dir={data_dir}", f"--output={output}",
-                       "--tasks=bpb,sentiment,xquad,robustness", "--max_examples=2", "--num_shots=1",
-                       "--max_new_tokens=4")
+    result = _evaluate(
+        f"--workdir={trained_run}",
+        f"--data_dir={data_dir}",
+        f"--output={output}",
+        "--tasks=bpb,sentiment,xquad,robustness",
+        "--max_examples=2",
+        "--num_shots=1",
+        "--max_new_tokens=4",
+    )
     assert result.returncode == 0, result.stderr
     written = json.loads(output.read_text(encoding="utf-8"))
     assert written["bpb"] > 0 and written["perplexity"] > 1 and written["unigram_bpb"] > 0
@@ -55,13 +66,16 @@ def test_a_missing_checkpoint_is_named(trained_run, tmp_path):
     assert result.returncode != 0 and f"'{tmp_path / 'checkpoints'}': train first (scripts/train.py)" in result.stderr
 
 
-@pytest.mark.parametrize("tasks, overrides, message", [
-    (["bpb"], {"text_file": "/nonexistent/texto.txt"}, "--text_file='/nonexistent/texto.txt' does not exist"),
-    (["bpb"], {}, "nowhere/train' does not exist. Pass --train_data=DIR/train"),
-    (["mgsm"], {"data_dir": "/nonexistent"}, "'/nonexistent/mgsm_es.tsv' does not exist"),
-    (["robustness"], {"data_dir": "/nonexistent"}, "'/nonexistent/sentiment_es_train_text.txt' does not exist"),
-    (["xnli"], {"num_shots": -1}, "num_shots must be >= 0 (got -1)"),
-])
+@pytest.mark.parametrize(
+    "tasks, overrides, message",
+    [
+        (["bpb"], {"text_file": "/nonexistent/texto.txt"}, "--text_file='/nonexistent/texto.txt' does not exist"),
+        (["bpb"], {}, "nowhere/train' does not exist. Pass --train_data=DIR/train"),
+        (["mgsm"], {"data_dir": "/nonexistent"}, "'/nonexistent/mgsm_es.tsv' does not exist"),
+        (["robustness"], {"data_dir": "/nonexistent"}, "'/nonexistent/sentiment_es_train_text.txt' does not exist"),
+        (["xnli"], {"num_shots": -1}, "num_shots must be >= 0 (got -1)"),
+    ],
+)
 def test_missing_files_and_bad_settings_are_found_before_loading(tmp_path, tasks, overrides, message):
     config = tiny_config()
     config.data.path = str(tmp_path / "nowhere")
@@ -71,14 +85,28 @@ def test_missing_files_and_bad_settings_are_found_before_loading(tmp_path, tasks
 
 
 REPORT = {
-    "bpb": 2.5, "perplexity": 60.0, "unigram_bpb": 4.75,
-    "bpb_details": {"unigram_perplexity": 900.0, "text": "ud_gsd_es_dev.conllu", "documents": 1, "tokens": 5,
-                    "bytes": 9},
+    "bpb": 2.5,
+    "perplexity": 60.0,
+    "unigram_bpb": 4.75,
+    "bpb_details": {
+        "unigram_perplexity": 900.0,
+        "text": "ud_gsd_es_dev.conllu",
+        "documents": 1,
+        "tokens": 5,
+        "bytes": 9,
+    },
     "sentiment": {"zero_shot": {"accuracy": 40.0, "macro_f1": 30.5, "chance": 100 / 3}},
     "mgsm": {"exact_match": 0.0},
-    "robustness": {"sentiment": {"setting": "zero_shot", "clean": {"accuracy": 40.0},
-                                 "typos": {"accuracy": 35.0}, "typos_drop": {"accuracy": 5.0},
-                                 "no_accents": {"accuracy": 40.0}, "no_accents_drop": {"accuracy": 0.0}}},
+    "robustness": {
+        "sentiment": {
+            "setting": "zero_shot",
+            "clean": {"accuracy": 40.0},
+            "typos": {"accuracy": 35.0},
+            "typos_drop": {"accuracy": 5.0},
+            "no_accents": {"accuracy": 40.0},
+            "no_accents_drop": {"accuracy": 0.0},
+        }
+    },
     "settings": {"num_shots": 3},
 }
 
@@ -99,8 +127,16 @@ def test_model_card_lists_sources_with_licences_and_token_counts(tmp_path):
     config = tiny_config()
     config.data.path = str(tmp_path)
     data_report = {
-        "sources": [{"source": "fortunes-es", "licence": "GPL-2+", "documents": 514, "mb": 0.828, "words": 139542,
-                     "tokens": 288751}],
+        "sources": [
+            {
+                "source": "fortunes-es",
+                "licence": "GPL-2+",
+                "documents": 514,
+                "mb": 0.828,
+                "words": 139542,
+                "tokens": 288751,
+            }
+        ],
         "corpus": {"documents": 514, "tokens": 288751, "shards": 1},
         "mb": {"in": 0.9, "out": 0.828},
         "tokenizer": {"model_type": "bpe", "vocab_size": 8192, "fertility": 1.87, "eval_text": "ud_gsd_es_dev.conllu"},
@@ -117,8 +153,9 @@ def test_model_card_lists_sources_with_licences_and_token_counts(tmp_path):
 def test_quantize_flag_evaluates_float_and_quantized_side_by_side(trained_run, tmp_path):
     data_dir = write_eval_data(tmp_path / "es_eval")
     output = tmp_path / "report.json"
-    result = _evaluate(f"--workdir={trained_run}", f"--data_dir={data_dir}", f"--output={output}", "--tasks=bpb",
-                       "--quantize=int8")
+    result = _evaluate(
+        f"--workdir={trained_run}", f"--data_dir={data_dir}", f"--output={output}", "--tasks=bpb", "--quantize=int8"
+    )
     assert result.returncode == 0, result.stderr
     written = json.loads(output.read_text(encoding="utf-8"))
     float_report, int8_report = written["comparison"]["float"], written["comparison"]["int8"]
@@ -146,12 +183,17 @@ def test_compare_reports_prints_labelled_columns_and_names_a_bad_argument(tmp_pa
         paths[label].write_text(json.dumps(_sentiment_report(*scores)), encoding="utf-8")
     script = os.path.join(REPO, "scripts", "compare_reports.py")
     args = [f"{label}={path}" for label, path in paths.items()]
-    result = subprocess.run([sys.executable, script, *args, f"--output={tmp_path / 'table.md'}"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, script, *args, f"--output={tmp_path / 'table.md'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "| task | setting | metric | zero-shot | prompt-tuning |" in result.stdout
     assert "| sentiment | zero-shot | macro-F1 | 25.0 | 50.0 |" in result.stdout
     assert (tmp_path / "table.md").read_text(encoding="utf-8") == result.stdout
-    result = subprocess.run([sys.executable, script, args[0], "lora=/nonexistent/report.json"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, script, args[0], "lora=/nonexistent/report.json"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "'/nonexistent/report.json' (label 'lora') does not exist" in result.stderr

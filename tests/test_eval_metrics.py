@@ -8,13 +8,16 @@ import sacrebleu
 from llm.eval import robustness, text_metrics
 
 
-@pytest.mark.parametrize("text, normalized", [
-    ("¿El Tribunal Supremo?", "tribunal supremo"),
-    ("«Los  Ángeles», la ciudad", "ángeles ciudad"),
-    ("¡Una canción!", "canción"),
-    ("unos 3,5 kilómetros…", "3 5 kilómetros"),
-    ("Él lo dijo", "él lo dijo"),  # the pronoun "él" is not the article "el": accents are kept
-])
+@pytest.mark.parametrize(
+    "text, normalized",
+    [
+        ("¿El Tribunal Supremo?", "tribunal supremo"),
+        ("«Los  Ángeles», la ciudad", "ángeles ciudad"),
+        ("¡Una canción!", "canción"),
+        ("unos 3,5 kilómetros…", "3 5 kilómetros"),
+        ("Él lo dijo", "él lo dijo"),  # the pronoun "él" is not the article "el": accents are kept
+    ],
+)
 def test_spanish_answer_normalization(text, normalized):
     assert text_metrics.normalize_answer(text) == normalized
 
@@ -28,19 +31,22 @@ def test_exact_match_and_token_f1_follow_squad():
     assert text_metrics.token_f1("", ["Congreso"]) == 0.0
 
 
-@pytest.mark.parametrize("completion, number", [
-    ("La respuesta es 18.", 18),
-    ("Gana 1.000 dólares", 1000),
-    ("Gana 1 000 dólares", 1000),
-    ("cuesta $80 000 y luego 70000", 70000),
-    ("1,000 o 2,125", 2125),  # the gold answers of the MGSM file use English thousands separators
-    ("mide 2,5 metros", 2.5),
-    ("0,125 litros", 0.125),
-    ("1.234.567,5", 1234567.5),
-    ("unos -4 grados", -4),
-    ("3 carreras 3 veces", 3),
-    ("sin números", None),
-])
+@pytest.mark.parametrize(
+    "completion, number",
+    [
+        ("La respuesta es 18.", 18),
+        ("Gana 1.000 dólares", 1000),
+        ("Gana 1 000 dólares", 1000),
+        ("cuesta $80 000 y luego 70000", 70000),
+        ("1,000 o 2,125", 2125),  # the gold answers of the MGSM file use English thousands separators
+        ("mide 2,5 metros", 2.5),
+        ("0,125 litros", 0.125),
+        ("1.234.567,5", 1234567.5),
+        ("unos -4 grados", -4),
+        ("3 carreras 3 veces", 3),
+        ("sin números", None),
+    ],
+)
 def test_final_number_extraction(completion, number):
     assert text_metrics.extract_final_number(completion) == number
 

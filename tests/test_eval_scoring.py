@@ -20,7 +20,7 @@ def model():
 
 def _reference(model, context, continuation):
     """Sum of log-softmax of a plain forward pass over (the last max_len + 1 tokens of) the request."""
-    tokens = (list(context) + list(continuation))[-(model.cfg.max_seq_len + 1):]
+    tokens = (list(context) + list(continuation))[-(model.cfg.max_seq_len + 1) :]
     log_probs = special.log_softmax(np.asarray(forward(model, np.array([tokens[:-1]]))[0], np.float64), axis=-1)
     first = len(tokens) - 1 - len(continuation)
     return sum(log_probs[t, tokens[t + 1]] for t in range(first, len(tokens) - 1))
@@ -28,8 +28,10 @@ def _reference(model, context, continuation):
 
 def test_scores_equal_the_log_softmax_of_a_plain_forward_pass(model):
     rng = np.random.default_rng(0)
-    requests = [(rng.integers(4, 128, n).tolist(), rng.integers(4, 128, m).tolist())
-                for n, m in [(1, 1), (3, 5), (10, 2), (20, 12), (7, 1)]]
+    requests = [
+        (rng.integers(4, 128, n).tolist(), rng.integers(4, 128, m).tolist())
+        for n, m in [(1, 1), (3, 5), (10, 2), (20, 12), (7, 1)]
+    ]
     requests.append((rng.integers(4, 128, 50).tolist(), rng.integers(4, 128, 6).tolist()))  # > max_len 32
     # batch_size 2: several batches and buckets, padded rows and padded positions.
     scores = Scorer(model, batch_size=2).score_tokens(requests)
@@ -41,8 +43,10 @@ def test_a_shared_few_shot_prefix_is_read_once_and_scores_the_same(model):
     rng = np.random.default_rng(1)
     prefix = rng.integers(4, 128, 20).tolist()  # >= MIN_SHARED_PREFIX: scored on top of its KV cache
     # The last request is longer than the context: cut from the left, it no longer shares the prefix.
-    requests = [(prefix + rng.integers(4, 128, n).tolist(), rng.integers(4, 128, m).tolist())
-                for n, m in [(0, 3), (5, 1), (9, 2), (1, 4), (30, 2)]]
+    requests = [
+        (prefix + rng.integers(4, 128, n).tolist(), rng.integers(4, 128, m).tolist())
+        for n, m in [(0, 3), (5, 1), (9, 2), (1, 4), (30, 2)]
+    ]
     scores = Scorer(model, batch_size=3).score_tokens(requests)
     for score, (context, continuation) in zip(scores, requests):
         assert score == pytest.approx(_reference(model, context, continuation), abs=1e-4)
@@ -65,6 +69,7 @@ def test_lengths_pad_to_a_few_buckets():
 
 def test_continuations_split_where_the_text_splits(trained_run):
     from llm.tokenizer import Tokenizer
+
     tokenizer = Tokenizer.load(f"{trained_run}/tokenizer.model")
     context, continuation = encode_pair(tokenizer, "La niña canta, ¿verdad? ", "Sí")
     assert context[0] == tokenizer.bos_id
@@ -83,14 +88,21 @@ class ByteTokenizer:
 
 def _rows(token_lists, loss_masks):
     for tokens, mask in zip(token_lists, loss_masks):
-        yield {"tokens": np.array(tokens), "segment_ids": np.ones(len(tokens), int),
-               "positions": np.arange(len(tokens)), "loss_mask": np.array(mask)}
+        yield {
+            "tokens": np.array(tokens),
+            "segment_ids": np.ones(len(tokens), int),
+            "positions": np.arange(len(tokens)),
+            "loss_mask": np.array(mask),
+        }
 
 
 def test_unigram_bpb_by_hand(tmp_path):
     # Training targets (loss_mask 1): a x5, b, c. The bos (4) and the masked-out d are not targets.
-    records.write_shards(_rows([[4, 0, 0, 0, 1], [4, 0, 0, 2, 3]], [[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]]),
-                         str(tmp_path / "train"), num_shards=2)
+    records.write_shards(
+        _rows([[4, 0, 0, 0, 1], [4, 0, 0, 2, 3]], [[0, 1, 1, 1, 1], [0, 1, 1, 1, 0]]),
+        str(tmp_path / "train"),
+        num_shards=2,
+    )
     unigram = perplexity.UnigramModel.from_shards(str(tmp_path / "train"), vocab_size=5)
     assert unigram.counts.tolist() == [5, 1, 1, 0, 0]
     # Add-one: p = (c + 1) / (7 + 5) = 1/2, 1/6, 1/6, 1/12, 1/12.
@@ -112,7 +124,7 @@ def test_long_documents_are_scored_once_in_windows():
     requests = perplexity.rolling_requests(tokens, bos_id=2, max_len=8)
     assert [token for _, continuation in requests for token in continuation] == tokens
     for context, continuation in requests:
-        assert context == [2] + tokens[:tokens.index(continuation[0])] and len(continuation) <= 4
+        assert context == [2] + tokens[: tokens.index(continuation[0])] and len(continuation) <= 4
 
 
 def test_text_files_split_into_paragraphs(tmp_path):

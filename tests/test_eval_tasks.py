@@ -13,8 +13,9 @@ XNLI_ROWS = 36  # 30 in the shot pool, 6 scored
 def write_eval_data(directory):
     """A miniature es_eval directory in the real formats."""
     directory.mkdir(exist_ok=True)
-    xnli = ["premise\thypothesis\tlabel"] + [f"Premisa {i} del texto.\tHipótesis {i}.\t{i % 3}"
-                                             for i in range(XNLI_ROWS)]
+    xnli = ["premise\thypothesis\tlabel"] + [
+        f"Premisa {i} del texto.\tHipótesis {i}.\t{i % 3}" for i in range(XNLI_ROWS)
+    ]
     (directory / tasks.XNLI_FILE).write_text("\n".join(xnli) + "\n", encoding="utf-8")
     for split, count in (("train", 9), ("test", 4)):
         texts = [f"Tuit {split} número {i} #día" for i in range(count)]
@@ -25,9 +26,14 @@ def write_eval_data(directory):
     (directory / tasks.MGSM_FILE).write_text("\n".join(mgsm) + "\n", encoding="utf-8")
     articles = []
     for a in range(3):
-        qas = [{"id": f"q{a}{q}", "question": f"¿Pregunta {a}.{q}?", "answers": [{"text": f"Respuesta {a}{q}",
-                                                                                   "answer_start": 0}]}
-               for q in range(2)]
+        qas = [
+            {
+                "id": f"q{a}{q}",
+                "question": f"¿Pregunta {a}.{q}?",
+                "answers": [{"text": f"Respuesta {a}{q}", "answer_start": 0}],
+            }
+            for q in range(2)
+        ]
         articles.append({"title": f"Artículo {a}", "paragraphs": [{"context": f"\ufeffContexto {a}.", "qas": qas}]})
     (directory / tasks.XQUAD_FILE).write_text(json.dumps({"data": articles, "version": "1.1"}), encoding="utf-8")
     sentences = ["# newdoc", "# text = La niña canta.", "1\tLa", "", "# text = Él come pan.", "1\tÉl", ""]
@@ -108,18 +114,25 @@ def test_mgsm_exact_match_on_the_final_number(data_dir):
     settings = suite.Settings(data_dir=data_dir, max_examples=-1, num_shots=2, max_new_tokens=7)
     result = suite.run_task("mgsm", settings, None, generate)
     assert (result["exact_match"], result["answered"], result["examples"]) == (50.0, 75.0, 4)
-    assert result["samples"][0] == {"question": "Problema 8: ¿cuántos huevos quedan?",
-                                    "completion": " La respuesta es 1.000.", "answer": 1000}
+    assert result["samples"][0] == {
+        "question": "Problema 8: ¿cuántos huevos quedan?",
+        "completion": " La respuesta es 1.000.",
+        "answer": 1000,
+    }
 
 
 def test_xquad_exact_match_f1_and_overlap_metrics(data_dir):
-    completions = {"¿Pregunta 1.0?": " la respuesta 10.", "¿Pregunta 1.1?": " Respuesta",
-                   "¿Pregunta 2.0?": " otra cosa", "¿Pregunta 2.1?": " Respuesta 21"}
+    completions = {
+        "¿Pregunta 1.0?": " la respuesta 10.",
+        "¿Pregunta 1.1?": " Respuesta",
+        "¿Pregunta 2.0?": " otra cosa",
+        "¿Pregunta 2.1?": " Respuesta 21",
+    }
 
     def generate(prompts, max_new_tokens, stop_strings):
         assert all(prompt.endswith("\nRespuesta:") for prompt in prompts)
         assert all("Contexto 0." in prompt for prompt in prompts)  # the shot comes from the held-out article
-        return [completions[prompt.splitlines()[-2][len("Pregunta: "):]] for prompt in prompts]
+        return [completions[prompt.splitlines()[-2][len("Pregunta: ") :]] for prompt in prompts]
 
     settings = suite.Settings(data_dir=data_dir, max_examples=-1, num_shots=1)
     result = suite.run_task("xquad", settings, None, generate)
@@ -185,6 +198,7 @@ def test_unknown_tasks_are_listed_with_the_allowed_ones():
 
 def test_generation_prompts_fit_the_context(trained_run):
     from llm.infer.loading import load_run
+
     run = load_run(trained_run)
     generate = generation_tasks.run_generator(run, batch_size=2)
     long_prompt = "Contexto: " + "la niña canta en el jardín " * 60 + "\nPregunta: ¿Quién canta?\nRespuesta:"

@@ -140,11 +140,15 @@ def _pair_rows(seq_len, count, seed):
         rows = []
         for response in ([50, 51, 52, 53, 3], rng.integers(100, 200, 5).tolist() + [3]):
             tokens = prompt + response
-            row = {"tokens": np.zeros(seq_len, int), "segment_ids": np.zeros(seq_len, int),
-                   "positions": np.zeros(seq_len, int), "loss_mask": np.zeros(seq_len, int)}
-            row["tokens"][:len(tokens)], row["segment_ids"][:len(tokens)] = tokens, 1
-            row["positions"][:len(tokens)] = np.arange(len(tokens))
-            row["loss_mask"][len(prompt):len(tokens)] = 1
+            row = {
+                "tokens": np.zeros(seq_len, int),
+                "segment_ids": np.zeros(seq_len, int),
+                "positions": np.zeros(seq_len, int),
+                "loss_mask": np.zeros(seq_len, int),
+            }
+            row["tokens"][: len(tokens)], row["segment_ids"][: len(tokens)] = tokens, 1
+            row["positions"][: len(tokens)] = np.arange(len(tokens))
+            row["loss_mask"][len(prompt) : len(tokens)] = 1
             rows.append(row)
         yield rows
 
@@ -152,7 +156,9 @@ def _pair_rows(seq_len, count, seed):
 def test_dpo_learns_the_preference_and_resumes_bit_exactly(trained_run, tmp_path, monkeypatch):
     data = tmp_path / "pairs"
     for split, count, seed in (("train", 64, 0), ("validation", 8, 1)):
-        records.write_shards(_pair_rows(32, count, seed), str(data / split), 1, encode=lambda p: records.encode_pair(*p))
+        records.write_shards(
+            _pair_rows(32, count, seed), str(data / split), 1, encode=lambda p: records.encode_pair(*p)
+        )
     config = finetune_config(trained_run, objective="dpo", dpo_beta=0.5, eval_batches=1)
     config.data.path = str(data)
     config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
@@ -168,8 +174,11 @@ def test_dpo_learns_the_preference_and_resumes_bit_exactly(trained_run, tmp_path
         loop.train(config, str(tmp_path / "crashed"))
     monkeypatch.undo()
     loop.train(config, str(tmp_path / "crashed"))
-    jax.tree.map(np.testing.assert_array_equal, saved_state(config, str(uninterrupted)),
-                 saved_state(config, str(tmp_path / "crashed")))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        saved_state(config, str(uninterrupted)),
+        saved_state(config, str(tmp_path / "crashed")),
+    )
 
 
 def test_continued_pretraining_mixes_in_replay_and_reports_the_old_validation_loss(trained_run, tmp_path, data_dir):
@@ -184,6 +193,7 @@ def test_continued_pretraining_mixes_in_replay_and_reports_the_old_validation_lo
 
 def test_lora_config_without_rank_and_dpo_without_init_from_are_refused(trained_run):
     from llm import config_validation
+
     config = finetune_config(trained_run, trainable="lora")
     with pytest.raises(config_validation.ConfigError, match="lora_rank > 0"):
         config_validation.validate(config)
@@ -199,11 +209,20 @@ def test_lora_config_without_rank_and_dpo_without_init_from_are_refused(trained_
 def test_merge_lora_script_writes_a_standalone_run(lora_run, tmp_path):
     import subprocess
     import sys
+
     output = tmp_path / "merged"
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "merge_lora.py")
-    result = subprocess.run([sys.executable, script, f"--workdir={lora_run}", f"--output={output}"],
-                            capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    result = subprocess.run(
+        [sys.executable, script, f"--workdir={lora_run}", f"--output={output}"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     tokens = jnp.array([[2, 40, 41, 77, 90, 13, 5]])
-    np.testing.assert_allclose(forward(loading.load_run(str(output)).model, tokens),
-                               forward(loading.load_run(lora_run).model, tokens), atol=1e-6)
+    np.testing.assert_allclose(
+        forward(loading.load_run(str(output)).model, tokens),
+        forward(loading.load_run(lora_run).model, tokens),
+        atol=1e-6,
+    )

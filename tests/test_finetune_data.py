@@ -78,8 +78,14 @@ def test_masked_packing_never_splits_a_document():
 
 def test_long_conversation_loses_its_oldest_turns_but_keeps_the_system_message(tokenizer):
     system = {"role": "system", "content": "Eres amable."}
-    turns = _chat("La niña canta una canción en el jardín.", "Sí, con alegría.",
-                  "El señor García cocina por la mañana.", "Después de la reunión.", "¿Quién lo sabe?", "Nadie.")
+    turns = _chat(
+        "La niña canta una canción en el jardín.",
+        "Sí, con alegría.",
+        "El señor García cocina por la mañana.",
+        "Después de la reunión.",
+        "¿Quién lo sabe?",
+        "Nadie.",
+    )
     full, _ = chat_template.render(tokenizer, [system, *turns])
     last_exchange, mask = chat_template.render(tokenizer, [system, *turns[4:]])
     ids, got_mask, truncated = sft.render_conversation(tokenizer, [system, *turns], seq_len=len(last_exchange))
@@ -94,15 +100,18 @@ def test_long_conversation_loses_its_oldest_turns_but_keeps_the_system_message(t
 @pytest.fixture
 def chats_file(tmp_path):
     good = json.dumps({"messages": _chat("¿Quién canta?", "La niña canta.")}, ensure_ascii=False)
-    return _write_lines(tmp_path / "chats.jsonl", [
-        good,
-        '{"messages": [{"role": "user", "content": "hola"}',  # line 2: truncated JSON
-        json.dumps({"messages": _chat("¿Hay alguien?")}),  # line 3: no assistant turn
-        "",
-        json.dumps({"messages": _chat("¿Quién?", "Mi abuela " * 60)}),  # line 5: longer than a row
-        json.dumps({"messages": [{"role": "robot", "content": "x"}]}),  # line 6: role the template rejects
-        *[json.dumps({"messages": _chat(f"Pregunta {i}", f"Respuesta {i}.")}) for i in range(30)],
-    ])
+    return _write_lines(
+        tmp_path / "chats.jsonl",
+        [
+            good,
+            '{"messages": [{"role": "user", "content": "hola"}',  # line 2: truncated JSON
+            json.dumps({"messages": _chat("¿Hay alguien?")}),  # line 3: no assistant turn
+            "",
+            json.dumps({"messages": _chat("¿Quién?", "Mi abuela " * 60)}),  # line 5: longer than a row
+            json.dumps({"messages": [{"role": "robot", "content": "x"}]}),  # line 6: role the template rejects
+            *[json.dumps({"messages": _chat(f"Pregunta {i}", f"Respuesta {i}.")}) for i in range(30)],
+        ],
+    )
 
 
 def test_prepare_sft_counts_drops_with_their_lines_and_writes_trainable_rows(tmp_path, chats_file, tokenizer):
@@ -131,14 +140,16 @@ def test_prepare_sft_counts_drops_with_their_lines_and_writes_trainable_rows(tmp
 
 def _prepare_cli(script, *flags):
     command = [sys.executable, os.path.join(REPO, "scripts", script), *flags]
-    return subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                          timeout=120)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120
+    )
 
 
 def test_prepare_sft_cli_writes_the_splits_and_stops_on_a_bad_line_with_its_number(tmp_path, chats_file, tokenizer):
     common = [f"--tokenizer={tokenizer.path}", "--seq_len=32"]
-    result = _prepare_cli("prepare_sft.py", f"--input={chats_file}", f"--output_dir={tmp_path / 'ok'}",
-                          "--on_error=skip", *common)
+    result = _prepare_cli(
+        "prepare_sft.py", f"--input={chats_file}", f"--output_dir={tmp_path / 'ok'}", "--on_error=skip", *common
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[0])["conversations"]["kept"] == 31
     assert os.path.isdir(tmp_path / "ok" / "train") and os.path.isfile(tmp_path / "ok" / "report.json")
@@ -157,8 +168,10 @@ def test_prepare_cli_wants_exactly_one_source(tmp_path, tokenizer, script):
     assert result.returncode != 0 and "--input='/nonexistent.jsonl' is not a file" in result.stderr
 
 
-@pytest.mark.parametrize("bad_line, message", [('{"messages": [', "not valid JSON"),
-                                               (json.dumps({"messages": _chat("a")}), "no assistant turn")])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [('{"messages": [', "not valid JSON"), (json.dumps({"messages": _chat("a")}), "no assistant turn")],
+)
 def test_prepare_sft_raise_names_file_and_line(tmp_path, tokenizer, bad_line, message):
     path = _write_lines(tmp_path / "chats.jsonl", [json.dumps({"messages": _chat("a", "b")}), bad_line])
     with pytest.raises(SourceError, match=f"chats.jsonl:2: .*{message}"):
@@ -203,20 +216,26 @@ def test_pair_records_round_trip_and_reject_malformed_records():
 
 def test_prepare_dpo_masks_only_the_responses(tmp_path, tokenizer):
     history = [{"role": "system", "content": "Sé breve."}, *_chat("Hola", "Hola, ¿qué tal?", "¿Quién canta?")]
-    path = _write_lines(tmp_path / "prefs.jsonl", [
-        json.dumps({"prompt": "¿Quién cocina?", "chosen": "Mi abuela.", "rejected": "El río."}),
-        json.dumps({"prompt": history, "chosen": "La niña.", "rejected": "Un pingüino."}),
-        json.dumps({"prompt": "x", "chosen": "igual", "rejected": "igual"}),  # line 3: nothing to prefer
-        json.dumps({"prompt": _chat("a", "b"), "chosen": "c", "rejected": "d"}),  # line 4: ends with the assistant
-        "[1, 2]",  # line 5: not an object
-    ])
+    path = _write_lines(
+        tmp_path / "prefs.jsonl",
+        [
+            json.dumps({"prompt": "¿Quién cocina?", "chosen": "Mi abuela.", "rejected": "El río."}),
+            json.dumps({"prompt": history, "chosen": "La niña.", "rejected": "Un pingüino."}),
+            json.dumps({"prompt": "x", "chosen": "igual", "rejected": "igual"}),  # line 3: nothing to prefer
+            json.dumps({"prompt": _chat("a", "b"), "chosen": "c", "rejected": "d"}),  # line 4: ends with the assistant
+            "[1, 2]",  # line 5: not an object
+        ],
+    )
     out = str(tmp_path / "dpo")
     report = preference.prepare_dpo(path, tokenizer.path, out, seq_len=128, on_error="skip", validation_fraction=0.0)
     assert report["pairs"] == {"read": 5, "kept": 2, "prompt_truncated": 0, "dropped": 3}
-    assert report["drops"] == {"dpo.bad_json": {"count": 1, "first": [f"{path}:5"]},
-                               "dpo.bad_pair": {"count": 2, "first": [f"{path}:3", f"{path}:4"]}}
-    pairs = _rows(os.path.join(out, "train"), records.decode_pair) + _rows(os.path.join(out, "validation"),
-                                                                             records.decode_pair)
+    assert report["drops"] == {
+        "dpo.bad_json": {"count": 1, "first": [f"{path}:5"]},
+        "dpo.bad_pair": {"count": 2, "first": [f"{path}:3", f"{path}:4"]},
+    }
+    pairs = _rows(os.path.join(out, "train"), records.decode_pair) + _rows(
+        os.path.join(out, "validation"), records.decode_pair
+    )
     end = tokenizer.role_ids["end"]
     seen = set()
     for pair in pairs:
@@ -291,4 +310,4 @@ def test_a_sentiment_prompt_too_long_for_the_row_keeps_bos_and_the_label(tokeniz
     _, answer = scoring.encode_pair(tokenizer, item.context, item.choices[1])
     assert truncated and len(tokens) == 40 and tokens[0] == tokenizer.bos_id
     assert tokens[mask == 1].tolist() == [*answer, tokenizer.eos_id]
-    assert tokenizer.decode(tokens[1:-len(answer) - 1].tolist()).endswith("martes. \nSentimiento:")
+    assert tokenizer.decode(tokens[1 : -len(answer) - 1].tolist()).endswith("martes. \nSentimiento:")

@@ -8,8 +8,7 @@ from conftest import forward, tiny_config
 
 from llm.infer import sampling as sampling_lib
 from llm.infer.generate import Generator
-from llm.model.transformer import KVCache
-from llm.model.transformer import create_model
+from llm.model.transformer import KVCache, create_model
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def test_decoding_with_the_cache_gives_the_logits_of_a_full_forward_pass(scan_la
     logits, cache = model.decode(tokens[:, :5], jnp.arange(5)[None], ones[:, :5], cache)
     np.testing.assert_allclose(logits, full[:, :5], atol=1e-5)
     for t in range(5, 9):
-        logits, cache = model.decode(tokens[:, t:t + 1], jnp.array([[t]]), ones[:, :1], cache)
+        logits, cache = model.decode(tokens[:, t : t + 1], jnp.array([[t]]), ones[:, :1], cache)
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
     assert cache.index.tolist() == [9]
 
@@ -55,16 +54,19 @@ def test_stop_tokens_end_a_row_and_streaming_sees_every_token(model):
     generator = Generator(model)
     free = generator.generate([[2, 11, 12]], 6)[0]
     stopped = generator.generate([[2, 11, 12]], 6, stop_token_ids=(free[2],))[0]
-    assert stopped == free[:free.index(free[2])]
+    assert stopped == free[: free.index(free[2])]
     streamed = []
     generator.generate([[2, 11, 12]], 6, on_tokens=lambda tokens: streamed.append(tokens[0]))
     assert streamed == free
 
 
-@pytest.mark.parametrize("prompts, message", [
-    ([[]], "at least one token"),
-    ([list(range(1, 40))], "does not fit the model's context of 32"),
-])
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ([[]], "at least one token"),
+        ([list(range(1, 40))], "does not fit the model's context of 32"),
+    ],
+)
 def test_bad_prompts_get_a_clear_error(model, prompts, message):
     with pytest.raises(ValueError, match=message):
         Generator(model).generate(prompts, 4)
@@ -77,8 +79,12 @@ def test_sampling_filters_keep_the_right_tokens():
     assert draws(sampling_lib.SamplingParams(temperature=1.0, top_k=2)) == {0, 1}
     assert draws(sampling_lib.SamplingParams(temperature=1.0, top_p=0.7)) == {0, 1}
     assert draws(sampling_lib.SamplingParams(temperature=1.0, min_p=0.4)) == {0, 1}
-    penalized = sampling_lib.sample(logits, jax.random.key(0), sampling_lib.SamplingParams(repetition_penalty=10.0),
-                                    jnp.array([[True, False, False, False]]))
+    penalized = sampling_lib.sample(
+        logits,
+        jax.random.key(0),
+        sampling_lib.SamplingParams(repetition_penalty=10.0),
+        jnp.array([[True, False, False, False]]),
+    )
     assert int(penalized[0]) == 1
     with pytest.raises(ValueError, match="top_p"):
         sampling_lib.SamplingParams(top_p=0.0)
@@ -93,8 +99,9 @@ def test_rows_at_different_cache_positions_decode_independently(model):
     segments = jnp.array([[1] * 5, [1, 1, 1, 0, 0]])
     _, cache = model.decode(tokens, jnp.array([list(range(5))] * 2), segments, cache)
     cache = cache._replace(index=jnp.array([5, 3]))
-    logits, cache = model.decode(jnp.array([[long[5]], [short[3]]]), jnp.array([[5], [3]]), jnp.ones((2, 1), int),
-                                 cache)
+    logits, cache = model.decode(
+        jnp.array([[long[5]], [short[3]]]), jnp.array([[5], [3]]), jnp.ones((2, 1), int), cache
+    )
     np.testing.assert_allclose(logits[0, 0], full_long[0, 5], atol=1e-5)
     np.testing.assert_allclose(logits[1, 0], full_short[0, 3], atol=1e-5)
     assert cache.index.tolist() == [6, 4]

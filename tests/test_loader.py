@@ -40,8 +40,10 @@ def test_batches_have_every_field_and_repeat_past_one_epoch(tmp_path):
 
 def test_processes_read_disjoint_rows(tmp_path):
     write_dataset(tmp_path, train_rows=16)
-    rows = [{tuple(r) for _ in range(2) for r in next(it)["tokens"]}
-            for it in (_iterator(tmp_path, process_index=i, process_count=2) for i in range(2))]
+    rows = [
+        {tuple(r) for _ in range(2) for r in next(it)["tokens"]}
+        for it in (_iterator(tmp_path, process_index=i, process_count=2) for i in range(2))
+    ]
     assert not rows[0] & rows[1]
 
 

@@ -44,15 +44,18 @@ def test_attention_is_causal():
     np.testing.assert_array_equal(before[0, :6], after[0, :6])
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(model__num_kv_heads=4),  # multi-head
-    dict(model__num_kv_heads=1),  # multi-query
-    dict(model__mlp_activation="gelu", model__norm="layernorm", model__use_bias=True),
-    dict(model__tie_embeddings=False, model__head_dim=16),
-    dict(model__scan_layers=True, model__remat_policy="full"),
-    dict(model__remat_policy="save_dots"),
-    dict(model__dtype="bfloat16"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(model__num_kv_heads=4),  # multi-head
+        dict(model__num_kv_heads=1),  # multi-query
+        dict(model__mlp_activation="gelu", model__norm="layernorm", model__use_bias=True),
+        dict(model__tie_embeddings=False, model__head_dim=16),
+        dict(model__scan_layers=True, model__remat_policy="full"),
+        dict(model__remat_policy="save_dots"),
+        dict(model__dtype="bfloat16"),
+    ],
+)
 def test_architecture_options_run_and_are_finite(overrides):
     config = tiny_config(**overrides)
     model = create_model(config)
@@ -104,7 +107,7 @@ def test_blocked_attention_matches_the_xla_reference_with_its_gradients(length):
     k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32) for _ in range(2))
     # Two packed documents, then a soft prompt's segment in front of the second row.
     segments = np.ones((2, length), np.int32)
-    segments[0, length // 3:] = 2
+    segments[0, length // 3 :] = 2
     segments[1, :5] = attention.PROMPT_SEGMENT
     segments = jnp.asarray(segments)
 
@@ -137,13 +140,14 @@ def test_rope_scores_depend_only_on_the_distance_between_positions():
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 1, 2)])
 def test_splash_kernel_matches_the_xla_reference(mesh_shape):
     from llm import sharding
+
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(2, 128, 4, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 128, 2, 16)), jnp.float32) for _ in range(2))
     segments = jnp.asarray(np.repeat([[1] * 50 + [2] * 78], 2, axis=0), jnp.int32)
     reference = attention.dot_product_attention(q, k, v, segments, "xla")
     config = tiny_config()
-    mesh = sharding.create_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+    mesh = sharding.create_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     with sharding.use_mesh(mesh, config.logical_axis_rules):
         splash = jax.jit(lambda *args: attention.dot_product_attention(*args, "splash"))(q, k, v, segments)
     np.testing.assert_allclose(splash, reference, atol=1e-5)

@@ -15,28 +15,42 @@ def test_hand_example_segments_positions_and_masks():
     # Wrapped: [2 11 12 13 3] (5), [2 21 22 3] (4), [2 31 32 33 34 3] (6). The second does not fit in the one
     # free slot of row 1, so row 1 is padded; the third does not fit after it, so row 2 is padded too.
     assert rows == [
-        {"tokens": [2, 11, 12, 13, 3, 0], "segment_ids": [1, 1, 1, 1, 1, 0],
-         "positions": [0, 1, 2, 3, 4, 0], "loss_mask": [0, 1, 1, 1, 1, 0]},
-        {"tokens": [2, 21, 22, 3, 0, 0], "segment_ids": [1, 1, 1, 1, 0, 0],
-         "positions": [0, 1, 2, 3, 0, 0], "loss_mask": [0, 1, 1, 1, 0, 0]},
-        {"tokens": [2, 31, 32, 33, 34, 3], "segment_ids": [1, 1, 1, 1, 1, 1],
-         "positions": [0, 1, 2, 3, 4, 5], "loss_mask": [0, 1, 1, 1, 1, 1]},
+        {
+            "tokens": [2, 11, 12, 13, 3, 0],
+            "segment_ids": [1, 1, 1, 1, 1, 0],
+            "positions": [0, 1, 2, 3, 4, 0],
+            "loss_mask": [0, 1, 1, 1, 1, 0],
+        },
+        {
+            "tokens": [2, 21, 22, 3, 0, 0],
+            "segment_ids": [1, 1, 1, 1, 0, 0],
+            "positions": [0, 1, 2, 3, 0, 0],
+            "loss_mask": [0, 1, 1, 1, 0, 0],
+        },
+        {
+            "tokens": [2, 31, 32, 33, 34, 3],
+            "segment_ids": [1, 1, 1, 1, 1, 1],
+            "positions": [0, 1, 2, 3, 4, 5],
+            "loss_mask": [0, 1, 1, 1, 1, 1],
+        },
     ]
 
 
 def test_short_documents_share_a_row():
     rows = _rows([[5, 6], [7], [8, 9, 10]], seq_len=8, pad_id=-1)
     assert rows == [
-        {"tokens": [5, 6, 7, 8, 9, 10, -1, -1], "segment_ids": [1, 1, 2, 3, 3, 3, 0, 0],
-         "positions": [0, 1, 0, 0, 1, 2, 0, 0], "loss_mask": [0, 1, 0, 0, 1, 1, 0, 0]},
+        {
+            "tokens": [5, 6, 7, 8, 9, 10, -1, -1],
+            "segment_ids": [1, 1, 2, 3, 3, 3, 0, 0],
+            "positions": [0, 1, 0, 0, 1, 2, 0, 0],
+            "loss_mask": [0, 1, 0, 0, 1, 1, 0, 0],
+        },
     ]
 
 
 def test_long_document_fills_the_row_and_continues_in_new_segments():
     rows = _rows([[1, 2, 3], list(range(100, 110))], seq_len=4)
-    assert [r["tokens"] for r in rows] == [
-        [1, 2, 3, 100], [101, 102, 103, 104], [105, 106, 107, 108], [109, 0, 0, 0]
-    ]
+    assert [r["tokens"] for r in rows] == [[1, 2, 3, 100], [101, 102, 103, 104], [105, 106, 107, 108], [109, 0, 0, 0]]
     assert [r["segment_ids"] for r in rows] == [[1, 1, 1, 2], [1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
     # Positions restart in every piece, and the first token of a piece is no target.
     assert [r["positions"] for r in rows] == [[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 2, 3], [0, 0, 0, 0]]
@@ -54,7 +68,7 @@ def test_no_token_is_lost_and_order_is_kept():
         assert all(len(row[field]) == 128 and row[field].dtype == np.int32 for field in records.FIELDS)
         # Padding is at the end only, and masks follow segments.
         real = row["segment_ids"] > 0
-        assert not np.any(real[np.argmin(real):]) or real.all()
+        assert not np.any(real[np.argmin(real) :]) or real.all()
         starts = np.r_[True, row["segment_ids"][1:] != row["segment_ids"][:-1]] & real
         assert np.all(row["loss_mask"][starts] == 0) and np.all(row["loss_mask"][real & ~starts] == 1)
         assert np.all(row["positions"][starts] == 0)

@@ -46,14 +46,18 @@ def test_soft_prompt_equals_virtual_tokens_in_front_of_every_packed_document(pos
     start = 0
     for segment, document in enumerate(documents, start=1):
         end = start + len(document)
-        tokens[0, start:end], positions[0, start:end], segment_ids[0, start:end] = document, range(len(document)), segment
+        tokens[0, start:end], positions[0, start:end], segment_ids[0, start:end] = (
+            document,
+            range(len(document)),
+            segment,
+        )
         start = end
     packed = forward(model, tokens, positions, segment_ids)
     start = 0
     for document in documents:
         virtual = list(range(TINY_VOCAB, TINY_VOCAB + PROMPT))
         alone = forward(reference, jnp.array([virtual + document]))[0, PROMPT:, :TINY_VOCAB]
-        np.testing.assert_allclose(packed[0, start:start + len(document)], alone, atol=1e-5)
+        np.testing.assert_allclose(packed[0, start : start + len(document)], alone, atol=1e-5)
         start += len(document)
 
 
@@ -64,7 +68,7 @@ def test_generation_with_a_soft_prompt_continues_like_the_full_forward_pass():
     for _ in range(4):  # greedy decoding by hand: the whole sequence through the model each time
         greedy.append(int(jnp.argmax(forward(model, jnp.array([greedy]))[0, -1])))
     # Generation reads the prompt's keys and values from the cache (Transformer.init_cache).
-    assert Generator(model).generate([prompt], 4)[0] == greedy[len(prompt):]
+    assert Generator(model).generate([prompt], 4)[0] == greedy[len(prompt) :]
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +109,9 @@ def test_prompt_tuning_resumes_bit_exactly_after_a_crash(prompt_config, prompt_r
         loop.train(prompt_config, str(tmp_path))
     monkeypatch.undo()
     loop.train(prompt_config, str(tmp_path))
-    jax.tree.map(np.testing.assert_array_equal, saved_state(prompt_config, prompt_run),
-                 saved_state(prompt_config, str(tmp_path)))
+    jax.tree.map(
+        np.testing.assert_array_equal, saved_state(prompt_config, prompt_run), saved_state(prompt_config, str(tmp_path))
+    )
 
 
 def test_a_prompt_tuned_run_serves_like_its_generator(prompt_run):

@@ -15,9 +15,8 @@ from flax import nnx
 
 from configs import tiny_es
 from llm.infer import generate, loading
-from llm.model.transformer import KVCache, count_params
+from llm.model.transformer import KVCache, count_params, create_model
 from llm.quant import ptq, quantized_run
-from llm.model.transformer import create_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +37,7 @@ def run(trained_run):
 def text_tokens(run):
     """Held-out documents of the fixture's distribution, as one (8, 32) batch of token ids."""
     ids = [token for doc in spanish_documents(420)[400:] for token in run.tokenizer.encode(doc, add_bos=True)]
-    return jnp.asarray(np.array(ids[:8 * 32]).reshape(8, 32))
+    return jnp.asarray(np.array(ids[: 8 * 32]).reshape(8, 32))
 
 
 @pytest.mark.parametrize("mode", ptq.MODES)
@@ -98,11 +97,14 @@ def test_a_quantized_run_round_trips_through_disk_and_loads_like_a_run(run, text
         quantized_run.load_quantized_run(run.workdir)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="int3"), "Unsupported quantization mode 'int3'; allowed modes: int8, int4, int8_act."),
-    (dict(mode="int8", kv_cache="fp8"), "Unsupported KV cache dtype 'fp8'; allowed: auto, int8."),
-    (dict(mode="int4", group_size=-1), "group_size must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="int3"), "Unsupported quantization mode 'int3'; allowed modes: int8, int4, int8_act."),
+        (dict(mode="int8", kv_cache="fp8"), "Unsupported KV cache dtype 'fp8'; allowed: auto, int8."),
+        (dict(mode="int4", group_size=-1), "group_size must be >= 0"),
+    ],
+)
 def test_unsupported_settings_get_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
         ptq.QuantConfig(**kwargs)
@@ -121,7 +123,7 @@ def _decode_logits(model, tokens, prompt_len):
     logits, cache = _decode(model, tokens[:, :prompt_len], positions[:, :prompt_len], ones[:, :prompt_len], cache)
     steps = [logits]
     for t in range(prompt_len, tokens.shape[1]):
-        logits, cache = _decode(model, tokens[:, t:t + 1], positions[:, t:t + 1], ones[:, :1], cache)
+        logits, cache = _decode(model, tokens[:, t : t + 1], positions[:, t : t + 1], ones[:, :1], cache)
         steps.append(logits)
     return np.asarray(jnp.concatenate(steps, axis=1)), cache
 
@@ -148,8 +150,13 @@ def test_an_unknown_kv_cache_dtype_is_named():
 
 
 def _quantize_script(*flags):
-    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "quantize.py"), *flags],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "quantize.py"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
 
 
 def test_quantize_script_refuses_a_bad_mode_before_loading(trained_run, tmp_path):

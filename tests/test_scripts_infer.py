@@ -12,8 +12,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _script(name, *flags, stdin=None):
-    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", name), *flags], capture_output=True,
-                          text=True, input=stdin, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", name), *flags],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
 
 
 def test_a_run_loads_and_generates_text(trained_run):
@@ -33,21 +39,30 @@ def test_stop_strings_cut_the_completion(trained_run):
     assert len(free) > 3
     stop = free[2:4]
     cut = generate.generate_text(run, ["El pingüino"], max_new_tokens=16, stop_strings=[stop])[0]
-    assert cut == free[:free.index(stop)]
+    assert cut == free[: free.index(stop)]
 
 
 def test_sample_script_prints_one_line_per_sample(trained_run):
-    result = _script("sample.py", f"--workdir={trained_run}", "--prompt=Mi abuela", "--num_samples=2",
-                     "--max_new_tokens=8", "--temperature=0.9")
+    result = _script(
+        "sample.py",
+        f"--workdir={trained_run}",
+        "--prompt=Mi abuela",
+        "--num_samples=2",
+        "--max_new_tokens=8",
+        "--temperature=0.9",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("--- Mi abuela") == 2
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--prompt="], "--prompt must not be empty"),
-    (["--prompt=Hola", "--workdir=/nonexistent/run"], "--workdir='/nonexistent/run' does not exist"),
-    (["--prompt=" + "palabra " * 100], "does not fit the model's context"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt="], "--prompt must not be empty"),
+        (["--prompt=Hola", "--workdir=/nonexistent/run"], "--workdir='/nonexistent/run' does not exist"),
+        (["--prompt=" + "palabra " * 100], "does not fit the model's context"),
+    ],
+)
 def test_sample_script_errors_are_clear(trained_run, flags, message):
     result = _script("sample.py", f"--workdir={trained_run}", *flags)
     assert result.returncode != 0 and message in result.stderr
@@ -61,7 +76,9 @@ def test_missing_checkpoint_is_named(tmp_path, trained_run):
 
 
 def test_chat_script_streams_answers_until_exit(trained_run):
-    result = _script("chat.py", f"--workdir={trained_run}", "--max_new_tokens=8", stdin="Hola\n/reset\n¿Qué tal?\n/exit\n")
+    result = _script(
+        "chat.py", f"--workdir={trained_run}", "--max_new_tokens=8", stdin="Hola\n/reset\n¿Qué tal?\n/exit\n"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Asistente:") == 2
 

@@ -56,8 +56,9 @@ def test_openai_client_completions_match_generate_text(client, run):
 
 
 def test_seeded_sampling_is_reproducible(client):
-    ask = lambda seed: client.completions.create(model=MODEL, prompt="Mi abuela", max_tokens=10, temperature=1.0,
-                                                 seed=seed, n=2)
+    ask = lambda seed: client.completions.create(
+        model=MODEL, prompt="Mi abuela", max_tokens=10, temperature=1.0, seed=seed, n=2
+    )
     first, again = ask(7), ask(7)
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
     assert len(first.choices) == 2 and first.usage.completion_tokens > 0
@@ -66,14 +67,23 @@ def test_seeded_sampling_is_reproducible(client):
 def test_chat_applies_the_template_and_streams_the_same_answer(client, run):
     messages = [{"role": "system", "content": "Eres un asistente."}, {"role": "user", "content": "¿Quién canta?"}]
     ids, _ = chat_template.render(run.tokenizer, messages, add_generation_prompt=True)
-    want = run.tokenizer.decode(run.generator.generate([ids], 10, stop_token_ids=chat_template.stop_token_ids(
-        run.tokenizer))[0])
+    want = run.tokenizer.decode(
+        run.generator.generate([ids], 10, stop_token_ids=chat_template.stop_token_ids(run.tokenizer))[0]
+    )
     response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     assert response.choices[0].message.role == "assistant"
     assert response.choices[0].message.content == want
     assert response.usage.prompt_tokens == len(ids)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == response.choices[0].finish_reason
@@ -88,7 +98,7 @@ def test_completion_stream_is_openai_server_sent_events(server, client):
         raw = response.read().decode()
     events = raw.split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
-    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-2]]
     assert all(e.startswith("data: ") for e in events[:-2])
     assert all(c["object"] == "text_completion" and c["model"] == MODEL for c in chunks)
     whole = client.completions.create(model=MODEL, prompt="La ciudad", max_tokens=8, temperature=0)
@@ -112,8 +122,11 @@ def test_echo_logprobs_are_the_models_prompt_log_likelihoods(client, run):
     assert by_ids.logprobs.token_logprobs[0] is None
     np.testing.assert_allclose(by_ids.logprobs.token_logprobs[1:], want, atol=1e-4)
     # Streamed, the echoed prompt comes first with its logprobs, then the completion's tokens.
-    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1,
-                                            temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=2, echo=True, logprobs=1, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].text == prompt
     np.testing.assert_allclose(chunks[0].choices[0].logprobs.token_logprobs, want, atol=1e-4)
     streamed = [lp for c in chunks for lp in c.choices[0].logprobs.token_logprobs]
@@ -122,10 +135,11 @@ def test_echo_logprobs_are_the_models_prompt_log_likelihoods(client, run):
 
 def test_stop_string_cuts_the_completion(client, run):
     full = generate.generate_text(run, ["Un músico"], max_new_tokens=16)[0]
-    stop = full[len(full) // 2:len(full) // 2 + 2]
-    choice = client.completions.create(model=MODEL, prompt="Un músico", max_tokens=16, temperature=0,
-                                       stop=[stop]).choices[0]
-    assert choice.text == full[:full.find(stop)] and choice.finish_reason == "stop"
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    choice = client.completions.create(
+        model=MODEL, prompt="Un músico", max_tokens=16, temperature=0, stop=[stop]
+    ).choices[0]
+    assert choice.text == full[: full.find(stop)] and choice.finish_reason == "stop"
 
 
 def test_many_concurrent_clients_all_get_their_own_answer(server, client, run):
@@ -138,15 +152,20 @@ def test_many_concurrent_clients_all_get_their_own_answer(server, client, run):
     # Each answer's log-likelihood under one full forward pass: a row mixed up with another would not match.
     rows = np.zeros((len(prompts), CACHE_LEN // 2), np.int32)
     for row, (prompt, new) in enumerate(zip(encoded, tokens)):
-        rows[row, :len(prompt) + len(new)] = prompt + new
+        rows[row, : len(prompt) + len(new)] = prompt + new
     logprobs = np.asarray(jax.nn.log_softmax(forward(run.model, rows).astype(np.float32)))
-    want = [(run.tokenizer.decode_after(new, prompt[-1]),
-             [logprobs[row, len(prompt) - 1 + i, t] for i, t in enumerate(new)])
-            for row, (prompt, new) in enumerate(zip(encoded, tokens))]
+    want = [
+        (
+            run.tokenizer.decode_after(new, prompt[-1]),
+            [logprobs[row, len(prompt) - 1 + i, t] for i, t in enumerate(new)],
+        )
+        for row, (prompt, new) in enumerate(zip(encoded, tokens))
+    ]
 
     def ask(prompt, max_tokens):
-        choice = client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                           logprobs=0).choices[0]
+        choice = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=0
+        ).choices[0]
         return choice.text, choice.logprobs.token_logprobs
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -170,24 +189,28 @@ def test_cancelled_stream_frees_its_slot(server):
     assert app.state.engine.num_active == 0
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (b"{not json", 400, None),
-    (b"[1, 2]", 400, None),
-    ({"model": MODEL, "prompt": "Hola", "best_of": 2}, 422, "best_of"),
-    ({"model": MODEL, "prompt": "Hola", "max_tokens": "5"}, 422, "max_tokens"),
-    ({"model": MODEL, "prompt": "Hola", "temperature": 3}, 422, "temperature"),
-    ({"model": MODEL, "prompt": 5}, 422, "prompt"),
-    ({"prompt": "Hola"}, 422, "model"),
-    ({"model": "gpt-4", "prompt": "Hola"}, 404, "model"),
-    ({"model": MODEL, "prompt": "Hola " * 200}, 400, "prompt"),
-    ({"model": MODEL, "prompt": "Hola", "max_tokens": 1000}, 400, "max_tokens"),
-    ({"model": MODEL, "prompt": [[1, 2], [10**6]]}, 400, "prompt"),
-    ({"model": MODEL, "prompt": "x" * 2_000_000}, 413, None),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        ({"model": MODEL, "prompt": "Hola", "best_of": 2}, 422, "best_of"),
+        ({"model": MODEL, "prompt": "Hola", "max_tokens": "5"}, 422, "max_tokens"),
+        ({"model": MODEL, "prompt": "Hola", "temperature": 3}, 422, "temperature"),
+        ({"model": MODEL, "prompt": 5}, 422, "prompt"),
+        ({"prompt": "Hola"}, 422, "model"),
+        ({"model": "gpt-4", "prompt": "Hola"}, 404, "model"),
+        ({"model": MODEL, "prompt": "Hola " * 200}, 400, "prompt"),
+        ({"model": MODEL, "prompt": "Hola", "max_tokens": 1000}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": [[1, 2], [10**6]]}, 400, "prompt"),
+        ({"model": MODEL, "prompt": "x" * 2_000_000}, 413, None),
+    ],
+)
 def test_bad_completion_requests_get_openai_errors(server, body, status, param):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(server[0] + "/v1/completions", content=content, timeout=30,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        server[0] + "/v1/completions", content=content, timeout=30, headers={"content-type": "application/json"}
+    )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -198,15 +221,18 @@ def test_bad_chat_requests_get_openai_errors(server):
     post = lambda body: httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=30)
     wrong_role = post({"model": MODEL, "messages": [{"role": "robot", "content": "hola"}]})
     assert wrong_role.status_code == 422 and wrong_role.json()["error"]["param"] == "messages.0.role"
-    late_system = post({"model": MODEL, "messages": [{"role": "user", "content": "a"},
-                                                      {"role": "system", "content": "b"}]})
+    late_system = post(
+        {"model": MODEL, "messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}
+    )
     assert late_system.status_code == 400 and "system" in late_system.json()["error"]["message"]
     assert httpx.get(server[0] + "/v1/nothing").json()["error"]["message"]
 
 
 def test_api_keys_and_rate_limit(run):
-    with serving(run, api_keys=frozenset({"clave-1", "clave-2"}), rate_limit_per_minute=60,
-                 rate_limit_burst=2) as (url, _):
+    with serving(run, api_keys=frozenset({"clave-1", "clave-2"}), rate_limit_per_minute=60, rate_limit_burst=2) as (
+        url,
+        _,
+    ):
         body = {"model": MODEL, "prompt": "Hola", "max_tokens": 1}
         assert httpx.post(url + "/v1/completions", json=body).status_code == 401
         wrong = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer otra"})
@@ -255,12 +281,16 @@ def test_metrics_count_what_was_served(run):
     with serving(run) as (url, _):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         for _ in range(3):
-            client.completions.create(model=MODEL, prompt="La niña", max_tokens=5, temperature=0,
-                                     extra_body={"ignore_eos": True})
+            client.completions.create(
+                model=MODEL, prompt="La niña", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+            )
         httpx.post(url + "/v1/completions", content=b"{")
         text = httpx.get(url + "/metrics").text
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert samples['llm_requests_total{endpoint="/v1/completions",status="200"}'] == 3
     assert samples['llm_requests_total{endpoint="/v1/completions",status="400"}'] == 1
     assert samples["llm_completion_tokens_total"] == 15
@@ -278,7 +308,6 @@ def test_chat_page_is_served(server):
 def test_benchmark_reports_throughput_and_latency_percentiles(server):
     result = bench.run(url=server[0], num_requests=6, concurrency=3, max_tokens=4)
     assert result["errors"] == 0 and result["num_requests"] == 6
-    assert result["requests_per_s"] > 0 and result["output_tokens_per_s"] == pytest.approx(
-        6 * 4 / result["wall_s"])
+    assert result["requests_per_s"] > 0 and result["output_tokens_per_s"] == pytest.approx(6 * 4 / result["wall_s"])
     assert result["latency_p50_s"] <= result["latency_p90_s"] <= result["latency_p99_s"]
     assert 0 < result["ttft_p50_s"] <= result["latency_p99_s"]

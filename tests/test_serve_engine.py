@@ -77,13 +77,15 @@ def test_engine_rejects_requests_that_do_not_fit(run):
 def test_each_row_samples_with_its_own_parameters():
     probs = np.array([0.5, 0.3, 0.15, 0.05])
     logits = jnp.log(jnp.tile(probs, (5, 1)))
-    rows = RowSampling.stack([
-        SamplingParams(),  # Greedy.
-        SamplingParams(temperature=1.0, top_k=2),
-        SamplingParams(temperature=1.0, top_p=0.7),
-        SamplingParams(temperature=1.0, min_p=0.4),
-        SamplingParams(repetition_penalty=10.0),  # Greedy, with token 0 already seen.
-    ])
+    rows = RowSampling.stack(
+        [
+            SamplingParams(),  # Greedy.
+            SamplingParams(temperature=1.0, top_k=2),
+            SamplingParams(temperature=1.0, top_p=0.7),
+            SamplingParams(temperature=1.0, min_p=0.4),
+            SamplingParams(repetition_penalty=10.0),  # Greedy, with token 0 already seen.
+        ]
+    )
     seen = jnp.zeros((5, 4), bool).at[4, 0].set(True)
     draw = jax.jit(sample_rows)
     draws = np.array([draw(logits, jax.random.split(jax.random.key(i), 5), rows, seen) for i in range(64)])

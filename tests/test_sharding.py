@@ -21,7 +21,7 @@ def _steps(config, mesh_shape):
 def _batches(config, count):
     rows = list(pattern_rows(config.train.batch_size * count, config.data.seq_len, config.model.vocab_size, 3))
     for i in range(count):
-        chunk = rows[i * config.train.batch_size:(i + 1) * config.train.batch_size]
+        chunk = rows[i * config.train.batch_size : (i + 1) * config.train.batch_size]
         yield {name: np.stack([row[name] for row in chunk]) for name in chunk[0]}
 
 

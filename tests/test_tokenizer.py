@@ -149,7 +149,9 @@ def test_training_script_reports_metrics_and_round_trip(tmp_path):
     args = [sys.executable, script, f"--input={data}", "--text_field=texto", f"--eval_conllu={conllu}"]
     result = subprocess.run(
         args + [f"--output_prefix={tmp_path / 'out' / 'es'}", "--vocab_size=400"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     assert "Fertility on 1 UD sentences" in result.stdout and "Round-trip OK" in result.stdout
@@ -157,7 +159,9 @@ def test_training_script_reports_metrics_and_round_trip(tmp_path):
     # Bad flags fail before any training.
     bad = subprocess.run(
         [sys.executable, script, f"--input={tmp_path / 'nada*.jsonl'}", f"--output_prefix={tmp_path / 'x'}"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert bad.returncode != 0 and "matches no file" in bad.stderr
     assert not os.path.exists(tmp_path / "x.model")

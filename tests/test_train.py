@@ -18,12 +18,23 @@ from llm.model.transformer import create_model
 from llm.train import checkpoint, loop, optimizer as optimizer_lib, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_FLAGS = ["--config.model.vocab_size=128", "--config.model.max_seq_len=32", "--config.model.num_layers=2",
-               "--config.model.embed_dim=32", "--config.model.num_heads=4", "--config.model.num_kv_heads=2",
-               "--config.model.mlp_dim=64", "--config.data.seq_len=32", "--config.train.batch_size=8",
-               "--config.train.log_every=2", "--config.train.eval_every=10", "--config.train.eval_batches=2",
-               "--config.train.checkpoint_every=5", "--config.optimizer.warmup_steps=2",
-               "--config.model.dropout_rate=0.1"]
+TRAIN_FLAGS = [
+    "--config.model.vocab_size=128",
+    "--config.model.max_seq_len=32",
+    "--config.model.num_layers=2",
+    "--config.model.embed_dim=32",
+    "--config.model.num_heads=4",
+    "--config.model.num_kv_heads=2",
+    "--config.model.mlp_dim=64",
+    "--config.data.seq_len=32",
+    "--config.train.batch_size=8",
+    "--config.train.log_every=2",
+    "--config.train.eval_every=10",
+    "--config.train.eval_batches=2",
+    "--config.train.checkpoint_every=5",
+    "--config.optimizer.warmup_steps=2",
+    "--config.model.dropout_rate=0.1",
+]
 
 
 def _read_metrics(workdir):
@@ -52,17 +63,27 @@ def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
 
 
 def _train_cli(workdir, data_dir, num_steps):
-    return [sys.executable, os.path.join(REPO, "scripts", "train.py"), "--config=" + os.path.join(REPO, "configs", "tiny_es.py"),
-            f"--workdir={workdir}", f"--config.data.path={data_dir}", f"--config.train.num_steps={num_steps}",
-            *TRAIN_FLAGS]
+    return [
+        sys.executable,
+        os.path.join(REPO, "scripts", "train.py"),
+        "--config=" + os.path.join(REPO, "configs", "tiny_es.py"),
+        f"--workdir={workdir}",
+        f"--config.data.path={data_dir}",
+        f"--config.train.num_steps={num_steps}",
+        *TRAIN_FLAGS,
+    ]
 
 
 def _final_params(workdir, step):
     config = tiny_config()
     mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-        steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 30),
-                                     optimizer_lib.learning_rate_schedule(config.optimizer, 30))
+        steps = step_lib.build_steps(
+            config,
+            mesh,
+            optimizer_lib.make_optimizer(config.optimizer, 30),
+            optimizer_lib.learning_rate_schedule(config.optimizer, 30),
+        )
         saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
         state, data_state, _ = saver.restore(step, steps.abstract_state)
         saver.close()
@@ -74,8 +95,9 @@ def test_run_killed_with_sigkill_resumes_bit_exactly(tmp_path, data_dir):
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
     subprocess.run(_train_cli(uninterrupted, data_dir, 30), check=True, env=env, capture_output=True)
 
-    process = subprocess.Popen(_train_cli(interrupted, data_dir, 30), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _train_cli(interrupted, data_dir, 30), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     # Kill as soon as the first checkpoint is complete (Orbax renames it into place when done).
     deadline = time.time() + 300
     while not os.path.isdir(interrupted / "checkpoints" / "5") and time.time() < deadline:
@@ -115,13 +137,22 @@ def _one_step_metrics(config, seed):
     """The metrics of one train step on a fixed random batch (one device)."""
     mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-        steps = step_lib.build_steps(config, mesh, optimizer_lib.make_optimizer(config.optimizer, 20),
-                                     optimizer_lib.learning_rate_schedule(config.optimizer, 20))
+        steps = step_lib.build_steps(
+            config,
+            mesh,
+            optimizer_lib.make_optimizer(config.optimizer, 20),
+            optimizer_lib.learning_rate_schedule(config.optimizer, 20),
+        )
         rng = np.random.default_rng(seed)
-        batch = {"tokens": rng.integers(0, 128, (8, 32)), "positions": np.tile(np.arange(32), (8, 1)),
-                 "segment_ids": np.ones((8, 32), int), "loss_mask": rng.integers(0, 2, (8, 32))}
-        batch = sharding.global_batch({k: v.astype(np.int32) for k, v in batch.items()}, mesh,
-                                      config.logical_axis_rules)
+        batch = {
+            "tokens": rng.integers(0, 128, (8, 32)),
+            "positions": np.tile(np.arange(32), (8, 1)),
+            "segment_ids": np.ones((8, 32), int),
+            "loss_mask": rng.integers(0, 2, (8, 32)),
+        }
+        batch = sharding.global_batch(
+            {k: v.astype(np.int32) for k, v in batch.items()}, mesh, config.logical_axis_rules
+        )
         state, frozen = steps.init(None)
         _, metrics = steps.train(state, frozen, batch)
     return [float(metrics[name]) for name in ("loss", "grad_norm", "param_norm")]
@@ -155,8 +186,9 @@ def test_learning_rate_schedules_warm_up_then_decay_to_the_final_ratio(schedule)
 
 def test_chunked_cross_entropy_equals_the_full_one():
     # 7 does not divide the 31 predicted positions: the padding must not count.
-    results = [_one_step_metrics(tiny_config(train__loss_chunk_size=chunk, train__z_loss=1e-3), seed=1)
-               for chunk in (0, 7)]
+    results = [
+        _one_step_metrics(tiny_config(train__loss_chunk_size=chunk, train__z_loss=1e-3), seed=1) for chunk in (0, 7)
+    ]
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
 
 

@@ -124,5 +124,5 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Report (DIR/report.json): tokenizer fertility and bytes per token are measured on this text.
     config.report = ml_collections.ConfigDict()
-    config.report.eval_conllu = ""  # CoNLL-U file; "" = ../shared/data/es_eval/ud_gsd_es_dev.conllu if present.
+    config.report.eval_conllu = ""  # CoNLL-U file; "" = the copy shipped in llm/eval/data/.
     return config

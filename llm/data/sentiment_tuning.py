@@ -13,7 +13,7 @@ followed by eos. The loss mask is 1 on the label word and eos only. One example 
 prompt tuning puts its virtual tokens in front of a row, so each row must hold a single example. A prompt
 too long for `seq_len` loses tokens from its start (after bos), as the scorer's left truncation does.
 
-Training rows come from the train split of ../shared/data/es_eval, validation rows from its val split;
+Training rows come from the train split of llm/eval/data (the sentiment set), validation rows from its val split;
 the test split, which the evaluation reports, is never read.
 """
 

@@ -36,8 +36,9 @@ def xquad_prompts(examples: Sequence[tasks.QaExample], shots: Sequence[tasks.QaE
     return [tasks.with_shots(tasks.QA_INSTRUCTION, solved, tasks.xquad_query(example)) for example in examples]
 
 
-def evaluate_mgsm(examples: Sequence[tasks.MathExample], shots: Sequence[tasks.MathExample], generate: Generate,
-                  max_new_tokens: int) -> dict[str, Any]:
+def evaluate_mgsm(
+    examples: Sequence[tasks.MathExample], shots: Sequence[tasks.MathExample], generate: Generate, max_new_tokens: int
+) -> dict[str, Any]:
     """exact_match (percent), answered (percent of completions with a number) and a few samples."""
     if not examples:
         raise ValueError("No MGSM examples to evaluate.")
@@ -48,26 +49,32 @@ def evaluate_mgsm(examples: Sequence[tasks.MathExample], shots: Sequence[tasks.M
         "exact_match": 100.0 * sum(correct) / len(examples),
         "answered": 100.0 * sum(number is not None for number in numbers) / len(examples),
         "examples": len(examples),
-        "samples": [{"question": example.question, "completion": completion, "answer": example.answer}
-                    for example, completion in zip(examples[:NUM_SAMPLES], completions)],
+        "samples": [
+            {"question": example.question, "completion": completion, "answer": example.answer}
+            for example, completion in zip(examples[:NUM_SAMPLES], completions)
+        ],
     }
 
 
-def evaluate_xquad(examples: Sequence[tasks.QaExample], shots: Sequence[tasks.QaExample], generate: Generate,
-                   max_new_tokens: int) -> dict[str, Any]:
+def evaluate_xquad(
+    examples: Sequence[tasks.QaExample], shots: Sequence[tasks.QaExample], generate: Generate, max_new_tokens: int
+) -> dict[str, Any]:
     """exact_match and f1 (percent, best over gold answers), BLEU, chrF, ROUGE-1/2/L and a few samples."""
     if not examples:
         raise ValueError("No XQuAD examples to evaluate.")
-    completions = [completion.strip() for completion in
-                   generate(xquad_prompts(examples, shots), max_new_tokens, STOP_STRINGS)]
+    completions = [
+        completion.strip() for completion in generate(xquad_prompts(examples, shots), max_new_tokens, STOP_STRINGS)
+    ]
     references = [example.answers for example in examples]
     return {
         "exact_match": 100.0 * sum(map(text_metrics.exact_match, completions, references)) / len(examples),
         "f1": 100.0 * sum(map(text_metrics.token_f1, completions, references)) / len(examples),
         **text_metrics.overlap_metrics(completions, references),
         "examples": len(examples),
-        "samples": [{"question": example.question, "completion": completion, "answers": list(example.answers)}
-                    for example, completion in zip(examples[:NUM_SAMPLES], completions)],
+        "samples": [
+            {"question": example.question, "completion": completion, "answers": list(example.answers)}
+            for example, completion in zip(examples[:NUM_SAMPLES], completions)
+        ],
     }
 
 
@@ -82,8 +89,10 @@ def run_generator(run: Any, batch_size: int = 16) -> Generate:
     def generate(prompts: list[str], max_new_tokens: int, stop_strings: Sequence[str]) -> list[str]:
         budget = context - max_new_tokens - 1  # generate_text prepends bos
         if budget < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
-                             f"of {context} tokens.")
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
+                f"of {context} tokens."
+            )
         fitted, cut = [], 0
         for prompt, ids in zip(prompts, tokenizer.encode_batch(prompts)):
             if len(ids) > budget:
@@ -91,12 +100,14 @@ def run_generator(run: Any, batch_size: int = 16) -> Generate:
                 prompt = tokenizer.decode(ids[-budget:])
             fitted.append(prompt)
         if cut:
-            logging.info("%d of %d prompts were longer than %d tokens and lost their beginning.",
-                         cut, len(prompts), budget)
+            logging.info(
+                "%d of %d prompts were longer than %d tokens and lost their beginning.", cut, len(prompts), budget
+            )
         completions: list[str] = []
         for start in range(0, len(fitted), batch_size):
-            completions += generate_text(run, fitted[start:start + batch_size], max_new_tokens,
-                                         stop_strings=stop_strings)
+            completions += generate_text(
+                run, fitted[start : start + batch_size], max_new_tokens, stop_strings=stop_strings
+            )
         return completions
 
     return generate

@@ -53,41 +53,54 @@ def _architecture(model: ml_collections.ConfigDict, num_params: int) -> list[str
 def _training(config: ml_collections.ConfigDict, step: int) -> list[str]:
     tokens = step * config.train.batch_size * config.data.seq_len
     opt = config.optimizer
-    return [f"{step:,} steps of {config.train.batch_size} rows x {config.data.seq_len} tokens: about {tokens:,} "
-            f"training tokens. AdamW, peak learning rate {opt.learning_rate}, {opt.schedule} schedule after "
-            f"{opt.warmup_steps} warmup steps, weight decay {opt.weight_decay}."]
+    return [
+        f"{step:,} steps of {config.train.batch_size} rows x {config.data.seq_len} tokens: about {tokens:,} "
+        f"training tokens. AdamW, peak learning rate {opt.learning_rate}, {opt.schedule} schedule after "
+        f"{opt.warmup_steps} warmup steps, weight decay {opt.weight_decay}."
+    ]
 
 
 def _data(data_report: Mapping[str, Any] | None, data_path: str) -> list[str]:
     if data_report is None:
-        return [f"No data report found at `{os.path.join(data_path, 'report.json')}` (it is written by "
-                "`scripts/prepare_data.py`), so the sources and their licences are not listed here."]
+        return [
+            f"No data report found at `{os.path.join(data_path, 'report.json')}` (it is written by "
+            "`scripts/prepare_data.py`), so the sources and their licences are not listed here."
+        ]
     lines = ["| source | licence | documents | MB | words | tokens |", "|---|---|---:|---:|---:|---:|"]
     for source in data_report.get("sources", []):
-        lines.append(f"| {source['source']} | {source['licence']} | {source['documents']:,} | {source['mb']} | "
-                     f"{source['words']:,} | {source['tokens']:,} |")
+        lines.append(
+            f"| {source['source']} | {source['licence']} | {source['documents']:,} | {source['mb']} | "
+            f"{source['words']:,} | {source['tokens']:,} |"
+        )
     corpus, tokenizer = data_report.get("corpus", {}), data_report.get("tokenizer", {})
     if corpus:
         # The data report (llm/data/report.py) keeps sizes at its top level: {"mb": {"in", "out"}, ...}.
         megabytes = data_report.get("mb", {}).get("out")
-        lines.append(f"\nCorpus after cleaning, filtering and deduplication: {corpus['documents']:,} documents, "
-                     f"{megabytes} MB, {corpus['tokens']:,} tokens.")
+        lines.append(
+            f"\nCorpus after cleaning, filtering and deduplication: {corpus['documents']:,} documents, "
+            f"{megabytes} MB, {corpus['tokens']:,} tokens."
+        )
     if tokenizer.get("fertility"):
-        lines.append(f"Tokenizer: {tokenizer['model_type']}, {tokenizer['vocab_size']:,} pieces, "
-                     f"{tokenizer['fertility']} tokens per word on {tokenizer['eval_text']}.")
+        lines.append(
+            f"Tokenizer: {tokenizer['model_type']}, {tokenizer['vocab_size']:,} pieces, "
+            f"{tokenizer['fertility']} tokens per word on {tokenizer['eval_text']}."
+        )
     return lines
 
 
-def _limitations(config: ml_collections.ConfigDict, num_params: int, step: int,
-                 data_report: Mapping[str, Any] | None) -> list[str]:
+def _limitations(
+    config: ml_collections.ConfigDict, num_params: int, step: int, data_report: Mapping[str, Any] | None
+) -> list[str]:
     tokens = step * config.train.batch_size * config.data.seq_len
     sources = ", ".join(source["source"] for source in (data_report or {}).get("sources", [])) or "its corpus"
     lines = []
     if num_params < SMALL_MODEL_PARAMS:
-        lines.append(f"- **Tiny.** {num_params:,} parameters trained on about {tokens:,} tokens (minutes on a CPU "
-                     "for the default recipe). It learns spelling, frequent words and local syntax, not facts or "
-                     "reasoning: its text is fluent-looking but often meaningless or false, and scores near the "
-                     "chance and unigram baselines on the tasks above are expected.")
+        lines.append(
+            f"- **Tiny.** {num_params:,} parameters trained on about {tokens:,} tokens (minutes on a CPU "
+            "for the default recipe). It learns spelling, frequent words and local syntax, not facts or "
+            "reasoning: its text is fluent-looking but often meaningless or false, and scores near the "
+            "chance and unigram baselines on the tasks above are expected."
+        )
     lines += [
         f"- **Narrow data.** It writes like its training data ({sources}); other registers, dialects and "
         "topics are poorly covered.",
@@ -100,33 +113,54 @@ def _limitations(config: ml_collections.ConfigDict, num_params: int, step: int,
     return lines
 
 
-def model_card(config: ml_collections.ConfigDict, *, num_params: int, step: int, workdir: str,
-               report: Mapping[str, Any], data_report: Mapping[str, Any] | None) -> str:
+def model_card(
+    config: ml_collections.ConfigDict,
+    *,
+    num_params: int,
+    step: int,
+    workdir: str,
+    report: Mapping[str, Any],
+    data_report: Mapping[str, Any] | None,
+) -> str:
     """The Markdown of MODEL_CARD.md."""
     name = os.path.basename(os.path.normpath(os.path.abspath(workdir)))
     sections = [
-        [f"# Model card: {name}", "",
-         f"A Spanish language model trained with this repository (checkpoint of step {step:,})."],
+        [
+            f"# Model card: {name}",
+            "",
+            f"A Spanish language model trained with this repository (checkpoint of step {step:,}).",
+        ],
         ["## Architecture", ""] + _architecture(config.model, num_params),
         ["## Training", ""] + _training(config, step),
         ["## Training data", ""] + _data(data_report, config.data.path),
-        ["## Evaluation", "", "Scores in percent except bits per byte and perplexity; written by "
-         "`scripts/evaluate.py` (every figure, with the settings, is in its JSON report).", "",
-         markdown_table(report).rstrip()],
-        ["## Intended use", "",
-         "Research and teaching: seeing how a Spanish language model is built, trained and evaluated end to end, "
-         "and comparing changes of data, tokenizer, architecture or training against a baseline. Not for "
-         "production, advice, or any text that people will rely on."],
+        [
+            "## Evaluation",
+            "",
+            "Scores in percent except bits per byte and perplexity; written by "
+            "`scripts/evaluate.py` (every figure, with the settings, is in its JSON report).",
+            "",
+            markdown_table(report).rstrip(),
+        ],
+        [
+            "## Intended use",
+            "",
+            "Research and teaching: seeing how a Spanish language model is built, trained and evaluated end to end, "
+            "and comparing changes of data, tokenizer, architecture or training against a baseline. Not for "
+            "production, advice, or any text that people will rely on.",
+        ],
         ["## Known limitations", ""] + _limitations(config, num_params, step, data_report),
     ]
     return "\n\n".join("\n".join(section) for section in sections) + "\n"
 
 
-def write_model_card(workdir: str, config: ml_collections.ConfigDict, *, num_params: int, step: int,
-                     report: Mapping[str, Any]) -> str:
+def write_model_card(
+    workdir: str, config: ml_collections.ConfigDict, *, num_params: int, step: int, report: Mapping[str, Any]
+) -> str:
     """Writes (or replaces) WORKDIR/MODEL_CARD.md and returns its path."""
     data_report = read_data_report(config.data.path)
     path = os.path.join(workdir, "MODEL_CARD.md")
-    write_text(path, model_card(config, num_params=num_params, step=step, workdir=workdir, report=report,
-                                data_report=data_report))
+    write_text(
+        path,
+        model_card(config, num_params=num_params, step=step, workdir=workdir, report=report, data_report=data_report),
+    )
     return path

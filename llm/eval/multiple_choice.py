@@ -28,7 +28,7 @@ def predict(items: Sequence[MultipleChoiceItem], loglikelihood: Loglikelihood) -
     scores = loglikelihood(requests)
     predictions, offset = [], 0
     for item in items:
-        item_scores = scores[offset:offset + len(item.choices)]
+        item_scores = scores[offset : offset + len(item.choices)]
         predictions.append(max(range(len(item.choices)), key=item_scores.__getitem__))
         offset += len(item.choices)
     return predictions
@@ -74,12 +74,16 @@ def xnli_items(examples: Sequence[tasks.NliExample], shots: Sequence[tasks.NliEx
     ]
 
 
-def sentiment_items(examples: Sequence[tasks.SentimentExample],
-                    shots: Sequence[tasks.SentimentExample]) -> list[MultipleChoiceItem]:
+def sentiment_items(
+    examples: Sequence[tasks.SentimentExample], shots: Sequence[tasks.SentimentExample]
+) -> list[MultipleChoiceItem]:
     solved = [tasks.sentiment_query(shot) + tasks.sentiment_answer(shot.label) for shot in shots]
     choices = tuple(tasks.sentiment_answer(label) for label in range(len(tasks.SENTIMENT_ANSWERS)))
     return [
-        MultipleChoiceItem(tasks.with_shots(tasks.SENTIMENT_INSTRUCTION, solved, tasks.sentiment_query(example)),
-                           choices, example.label)
+        MultipleChoiceItem(
+            tasks.with_shots(tasks.SENTIMENT_INSTRUCTION, solved, tasks.sentiment_query(example)),
+            choices,
+            example.label,
+        )
         for example in examples
     ]

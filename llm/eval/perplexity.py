@@ -58,7 +58,7 @@ def rolling_requests(token_ids: Sequence[int], bos_id: int, max_len: int) -> lis
     """
     tokens = [bos_id] + list(token_ids)
     window = max(1, max_len // 2)
-    return [(tokens[:start], tokens[start:start + window]) for start in range(1, len(tokens), window)]
+    return [(tokens[:start], tokens[start : start + window]) for start in range(1, len(tokens), window)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +79,12 @@ class TextScore:
         return math.exp(self.nll_nats / self.tokens)
 
 
-def score_text(score_tokens: Callable[[Sequence[TokenRequest]], list[float]], tokenizer: Tokenizer,
-               documents: Sequence[str], max_len: int) -> TextScore:
+def score_text(
+    score_tokens: Callable[[Sequence[TokenRequest]], list[float]],
+    tokenizer: Tokenizer,
+    documents: Sequence[str],
+    max_len: int,
+) -> TextScore:
     """Scores every token of every document with `score_tokens` (e.g. `Scorer.score_tokens`)."""
     token_lists = [ids for ids in tokenizer.encode_batch(documents) if ids]
     requests = [request for ids in token_lists for request in rolling_requests(ids, tokenizer.bos_id, max_len)]
@@ -101,15 +105,18 @@ class UnigramModel:
     counts: np.ndarray  # (vocab_size,) int64 occurrences in the training data
 
     @classmethod
-    def fit(cls, rows: Iterable[Mapping[str, np.ndarray]], vocab_size: int,
-            max_tokens: int = DEFAULT_MAX_UNIGRAM_TOKENS) -> "UnigramModel":
+    def fit(
+        cls, rows: Iterable[Mapping[str, np.ndarray]], vocab_size: int, max_tokens: int = DEFAULT_MAX_UNIGRAM_TOKENS
+    ) -> UnigramModel:
         """Counts the training targets (loss_mask == 1) of packed rows, up to about `max_tokens` of them."""
         counts = np.zeros(vocab_size, np.int64)
         for row in rows:
             targets = row["tokens"][row["loss_mask"] == 1]
             if targets.size and targets.max() >= vocab_size:
-                raise ValueError(f"Token id {int(targets.max())} in the training rows is outside the vocabulary "
-                                 f"of {vocab_size}: the shards were made with another tokenizer.")
+                raise ValueError(
+                    f"Token id {int(targets.max())} in the training rows is outside the vocabulary "
+                    f"of {vocab_size}: the shards were made with another tokenizer."
+                )
             counts += np.bincount(targets, minlength=vocab_size)
             if counts.sum() >= max_tokens:
                 break
@@ -118,8 +125,7 @@ class UnigramModel:
         return cls(counts)
 
     @classmethod
-    def from_shards(cls, split_dir: str, vocab_size: int,
-                    max_tokens: int = DEFAULT_MAX_UNIGRAM_TOKENS) -> "UnigramModel":
+    def from_shards(cls, split_dir: str, vocab_size: int, max_tokens: int = DEFAULT_MAX_UNIGRAM_TOKENS) -> UnigramModel:
         """Fits on the ArrayRecord shards of one split directory (e.g. DATA/train)."""
         rows = (row for path in records.shard_paths(split_dir) for row in records.iterate_shard(path))
         return cls.fit(rows, vocab_size, max_tokens)

@@ -14,14 +14,30 @@ from typing import Any
 
 from llm.data.corpus_io import write_text
 
-_LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match", "f1": "token F1",
-           "bleu": "BLEU", "chrf": "chrF", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+_LABELS = {
+    "accuracy": "accuracy",
+    "macro_f1": "macro-F1",
+    "exact_match": "exact match",
+    "f1": "token F1",
+    "bleu": "BLEU",
+    "chrf": "chrF",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+}
 _GENERATION_METRICS = {"mgsm": ("exact_match",), "xquad": ("exact_match", "f1", "bleu", "chrf", "rougeL")}
 _MULTIPLE_CHOICE_METRICS = {"xnli": ("accuracy",), "sentiment": ("accuracy", "macro_f1")}
 
 
-def build_report(results: Mapping[str, Any], *, workdir: str, step: int, num_params: int,
-                 settings: Mapping[str, Any], seconds: Mapping[str, float]) -> dict[str, Any]:
+def build_report(
+    results: Mapping[str, Any],
+    *,
+    workdir: str,
+    step: int,
+    num_params: int,
+    settings: Mapping[str, Any],
+    seconds: Mapping[str, float],
+) -> dict[str, Any]:
     """The JSON report: the run, the settings, the results of each task and the time each took."""
     return {
         "workdir": os.path.abspath(workdir),
@@ -47,27 +63,50 @@ def table_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]
     rows = []
     if "bpb" in report:
         details = report["bpb_details"]
-        rows.append(("bpb", details["text"], "bits per byte", _ratio(report["bpb"]),
-                     f"unigram {_ratio(report['unigram_bpb'])}"))
-        rows.append(("bpb", details["text"], "perplexity", _ratio(report["perplexity"]),
-                     f"unigram {_ratio(details['unigram_perplexity'])}"))
+        rows.append(
+            ("bpb", details["text"], "bits per byte", _ratio(report["bpb"]), f"unigram {_ratio(report['unigram_bpb'])}")
+        )
+        rows.append(
+            (
+                "bpb",
+                details["text"],
+                "perplexity",
+                _ratio(report["perplexity"]),
+                f"unigram {_ratio(details['unigram_perplexity'])}",
+            )
+        )
     for task, metrics in _MULTIPLE_CHOICE_METRICS.items():
         for setting, scores in report.get(task, {}).items():
             for metric in metrics:
-                rows.append((task, setting.replace("_", "-"), _LABELS[metric], _percent(scores[metric]),
-                             f"chance {_percent(scores['chance'])}"))
+                rows.append(
+                    (
+                        task,
+                        setting.replace("_", "-"),
+                        _LABELS[metric],
+                        _percent(scores[metric]),
+                        f"chance {_percent(scores['chance'])}",
+                    )
+                )
     shots = report["settings"]["num_shots"]
     for task, metrics in _GENERATION_METRICS.items():
         for metric in metrics if task in report else ():
-            rows.append((task, f"{shots}-shot" if shots else "zero-shot", _LABELS[metric],
-                         _percent(report[task][metric]), "-"))
+            rows.append(
+                (task, f"{shots}-shot" if shots else "zero-shot", _LABELS[metric], _percent(report[task][metric]), "-")
+            )
     for task, entry in report.get("robustness", {}).items():
         for kind in ("typos", "no_accents"):
             setting = f"{kind.replace('_', ' ')}, {entry['setting'].replace('_', '-')}"
             for metric, value in entry[kind].items():
                 clean, drop = entry["clean"][metric], entry[f"{kind}_drop"][metric]
-                rows.append((f"robustness: {task}", setting, _LABELS[metric], _percent(value),
-                             f"clean {_percent(clean)} (drop {_percent(drop)})"))
+                rows.append(
+                    (
+                        f"robustness: {task}",
+                        setting,
+                        _LABELS[metric],
+                        _percent(value),
+                        f"clean {_percent(clean)} (drop {_percent(drop)})",
+                    )
+                )
     return rows
 
 
@@ -84,14 +123,16 @@ def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
     scores = {label: {row[:3]: row[3] for row in table_rows(report)} for label, report in reports.items()}
     lines = ["| task | setting | metric | " + " | ".join(labels) + " |", "|---|---|---|" + "---:|" * len(labels)]
     for key in scores[labels[0]]:
-        lines.append("| " + " | ".join(key) + " | " + " | ".join(scores[label].get(key, "-") for label in labels)
-                     + " |")
-    for field, metric, shown in (("parameter_bytes", "parameter memory (MB)", lambda v: f"{v / 1e6:.2f}"),
-                                 ("decode_tokens_per_sec", "decode tokens/s, batch 1", lambda v: f"{v:,.0f}")):
+        lines.append(
+            "| " + " | ".join(key) + " | " + " | ".join(scores[label].get(key, "-") for label in labels) + " |"
+        )
+    for field, metric, shown in (
+        ("parameter_bytes", "parameter memory (MB)", lambda v: f"{v / 1e6:.2f}"),
+        ("decode_tokens_per_sec", "decode tokens/s, batch 1", lambda v: f"{v:,.0f}"),
+    ):
         if not all(field in reports[label] for label in labels):
             continue
-        lines.append(f"| model | - | {metric} | " + " | ".join(shown(reports[label][field]) for label in labels)
-                     + " |")
+        lines.append(f"| model | - | {metric} | " + " | ".join(shown(reports[label][field]) for label in labels) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -43,8 +43,8 @@ def add_typos(text: str, rng: random.Random, rate: float = TYPO_RATE) -> str:
             return word
         i = rng.randrange(len(word) - 1)
         if rng.random() < 0.5:
-            return word[:i] + word[i + 1] + word[i] + word[i + 2:]  # swap letters i and i + 1
-        return word[:i] + word[i + 1:]  # drop letter i
+            return word[:i] + word[i + 1] + word[i] + word[i + 2 :]  # swap letters i and i + 1
+        return word[:i] + word[i + 1 :]  # drop letter i
 
     return _WORD.sub(typo, text)
 
@@ -74,8 +74,9 @@ def perturb_examples(examples: Sequence[T], kind: str, seed: int) -> list[T]:
     """Copies of the examples with their model-read fields (PERTURBED_FIELDS) perturbed."""
     perturb = perturbation(kind, seed)
     return [
-        dataclasses.replace(example, **{name: perturb(index, getattr(example, name))
-                                        for name in PERTURBED_FIELDS[type(example)]})
+        dataclasses.replace(
+            example, **{name: perturb(index, getattr(example, name)) for name in PERTURBED_FIELDS[type(example)]}
+        )
         for index, example in enumerate(examples)
     ]
 

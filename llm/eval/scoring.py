@@ -50,11 +50,11 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     prefix (the usual case); otherwise the continuation is encoded on its own.
     """
     stripped = context.rstrip()
-    continuation = context[len(stripped):] + continuation
+    continuation = context[len(stripped) :] + continuation
     context_ids = tokenizer.encode(stripped)
     whole = tokenizer.encode(stripped + continuation)
     if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
-        continuation_ids = whole[len(context_ids):]
+        continuation_ids = whole[len(context_ids) :]
     else:
         continuation_ids = tokenizer.encode(continuation)
     return [tokenizer.bos_id] + context_ids, continuation_ids
@@ -76,31 +76,51 @@ def _sum_log_probs(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> ja
     return jnp.sum(jnp.where(mask, target_logits - jax.nn.logsumexp(logits, axis=-1), 0.0), axis=-1)
 
 
-def _score_batch(graphdef: nnx.GraphDef, state: nnx.State, inputs: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+def _score_batch(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    inputs: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+) -> jax.Array:
     return _sum_log_probs(nnx.merge(graphdef, state)(inputs, positions, segment_ids), targets, mask)
 
 
-def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, segment_ids: jax.Array,
-             cache: KVCache) -> KVCache:
+def _prefill(
+    graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, segment_ids: jax.Array, cache: KVCache
+) -> KVCache:
     """The cache after reading one (1, P) prefix; its padding (segment 0) is never attended to."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     _, cache = nnx.merge(graphdef, state).decode(tokens, positions, segment_ids, cache)
     return cache
 
 
-def _score_batch_after_prefix(graphdef: nnx.GraphDef, state: nnx.State, prefix: KVCache, inputs: jax.Array,
-                              positions: jax.Array, segment_ids: jax.Array, targets: jax.Array,
-                              mask: jax.Array) -> jax.Array:
+def _score_batch_after_prefix(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prefix: KVCache,
+    inputs: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array,
+) -> jax.Array:
     """Like _score_batch for rows that continue the cached prefix (every row gets its own copy of it)."""
     rows = inputs.shape[0]
 
     def tile(x: jax.Array | None, axis: int) -> jax.Array | None:
         return None if x is None else jnp.repeat(x, rows, axis=axis)
 
-    cache = prefix._replace(keys=tile(prefix.keys, 1), values=tile(prefix.values, 1),
-                            key_scales=tile(prefix.key_scales, 1), value_scales=tile(prefix.value_scales, 1),
-                            segment_ids=tile(prefix.segment_ids, 0), index=tile(prefix.index, 0))
+    cache = prefix._replace(
+        keys=tile(prefix.keys, 1),
+        values=tile(prefix.values, 1),
+        key_scales=tile(prefix.key_scales, 1),
+        value_scales=tile(prefix.value_scales, 1),
+        segment_ids=tile(prefix.segment_ids, 0),
+        index=tile(prefix.index, 0),
+    )
     logits, _ = nnx.merge(graphdef, state).decode(inputs, positions, segment_ids, cache)
     return _sum_log_probs(logits, targets, mask)
 
@@ -140,22 +160,23 @@ class Scorer:
         # Longest first: each batch pads to its own bucket, and similar lengths share a batch.
         rows = sorted(rows, key=lambda row: -len(row.tokens))
         for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
+            batch = rows[start : start + self.batch_size]
             length = self._bucket(len(batch[0].tokens) - len(prefix) - 1)
             inputs, targets, positions, segment_ids = (np.zeros((self.batch_size, length), np.int32) for _ in range(4))
             mask = np.zeros((self.batch_size, length), bool)
             for row, (_, tokens, num_scored, _) in enumerate(batch):
-                own = tokens[len(prefix):]  # the row's tokens after the shared prefix
-                inputs[row, :len(own) - 1] = own[:-1]
-                targets[row, :len(own) - 1] = own[1:]
-                positions[row, :len(own) - 1] = np.arange(len(prefix), len(tokens) - 1)
-                segment_ids[row, :len(own) - 1] = 1
-                mask[row, len(own) - 1 - num_scored:len(own) - 1] = True
+                own = tokens[len(prefix) :]  # the row's tokens after the shared prefix
+                inputs[row, : len(own) - 1] = own[:-1]
+                targets[row, : len(own) - 1] = own[1:]
+                positions[row, : len(own) - 1] = np.arange(len(prefix), len(tokens) - 1)
+                segment_ids[row, : len(own) - 1] = 1
+                mask[row, len(own) - 1 - num_scored : len(own) - 1] = True
             if cache is None:
                 sums = self._forward(self._graphdef, self._state, inputs, positions, segment_ids, targets, mask)
             else:
-                sums = self._forward_after_prefix(self._graphdef, self._state, cache, inputs, positions,
-                                                  segment_ids, targets, mask)
+                sums = self._forward_after_prefix(
+                    self._graphdef, self._state, cache, inputs, positions, segment_ids, targets, mask
+                )
             sums = np.asarray(sums)
             for row, request in enumerate(batch):
                 scores[request.index] = sums[row]
@@ -164,8 +185,9 @@ class Scorer:
         """Log-likelihood (nats) of each continuation text given its context text (bos is prepended)."""
         if self.tokenizer is None:
             raise ValueError("Scorer.loglikelihood needs the tokenizer; pass it to Scorer(model, tokenizer).")
-        return self.score_tokens([encode_pair(self.tokenizer, context, continuation)
-                                  for context, continuation in requests])
+        return self.score_tokens(
+            [encode_pair(self.tokenizer, context, continuation) for context, continuation in requests]
+        )
 
     def _bucket(self, length: int) -> int:
         return next(bucket for bucket in self.buckets if bucket >= length)
@@ -174,7 +196,7 @@ class Scorer:
         """The KV cache of the prefix, padded to a bucket, with room for a full context after it."""
         length = self._bucket(len(prefix))
         tokens = np.zeros((1, length), np.int32)
-        tokens[0, :len(prefix)] = prefix
+        tokens[0, : len(prefix)] = prefix
         segment_ids = (np.arange(length) < len(prefix)).astype(np.int32)[None]
         cache = new_cache(self._graphdef, self._state, 1, 2 * self.max_len)
         return self._prefill(self._graphdef, self._state, tokens, segment_ids, cache)
@@ -185,11 +207,13 @@ class Scorer:
         if not continuation:
             raise ValueError(f"Request {index}: the continuation is empty; there is nothing to score.")
         if len(continuation) > self.max_len:
-            raise ValueError(f"Request {index}: a continuation of {len(continuation)} tokens does not fit the "
-                             f"model's context of {self.max_len}; score it in windows (perplexity.rolling_requests).")
+            raise ValueError(
+                f"Request {index}: a continuation of {len(continuation)} tokens does not fit the "
+                f"model's context of {self.max_len}; score it in windows (perplexity.rolling_requests)."
+            )
         # max_len inputs predict max_len targets: keep the last max_len + 1 tokens.
         tokens = list(context) + list(continuation)
-        return _Row(index, tokens[-(self.max_len + 1):], len(continuation), len(tokens) > self.max_len + 1)
+        return _Row(index, tokens[-(self.max_len + 1) :], len(continuation), len(tokens) > self.max_len + 1)
 
 
 def _shared_prefix(rows: Sequence[_Row]) -> list[int]:

@@ -34,8 +34,12 @@ DEFAULT_NUM_SHOTS = 3
 DEFAULT_MAX_NEW_TOKENS = 16
 UD_FILE = "ud_gsd_es_dev.conllu"
 # The metrics whose drop robustness reports, per task.
-ROBUSTNESS_METRICS = {"xnli": ("accuracy",), "sentiment": ("accuracy", "macro_f1"), "mgsm": ("exact_match",),
-                      "xquad": ("exact_match", "f1")}
+ROBUSTNESS_METRICS = {
+    "xnli": ("accuracy",),
+    "sentiment": ("accuracy", "macro_f1"),
+    "mgsm": ("exact_match",),
+    "xquad": ("exact_match", "f1"),
+}
 _MULTIPLE_CHOICE = {
     "xnli": (tasks.load_xnli, multiple_choice.xnli_items),
     "sentiment": (tasks.load_sentiment, multiple_choice.sentiment_items),
@@ -80,15 +84,20 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
     """Fails fast, before any model is loaded, on bad numbers and on missing evaluation or training files
     (`config` is the run's training config)."""
     if settings.num_shots < 0 or settings.max_new_tokens < 1 or settings.max_examples < -1:
-        raise ValueError(f"num_shots must be >= 0 (got {settings.num_shots}), max_new_tokens >= 1 (got "
-                         f"{settings.max_new_tokens}) and max_examples >= -1 (got {settings.max_examples}).")
+        raise ValueError(
+            f"num_shots must be >= 0 (got {settings.num_shots}), max_new_tokens >= 1 (got "
+            f"{settings.max_new_tokens}) and max_examples >= -1 (got {settings.max_examples})."
+        )
     needed = set(task_names)
     if "robustness" in needed:
         needed.update(robustness_targets(task_names))
-    files = {"xnli": [tasks.XNLI_FILE], "mgsm": [tasks.MGSM_FILE], "xquad": [tasks.XQUAD_FILE],
-             "sentiment": [f"sentiment_es_{split}_{kind}.txt" for split in ("train", "test")
-                           for kind in ("text", "labels")],
-             "bpb": [] if settings.text_file else [UD_FILE]}
+    files = {
+        "xnli": [tasks.XNLI_FILE],
+        "mgsm": [tasks.MGSM_FILE],
+        "xquad": [tasks.XQUAD_FILE],
+        "sentiment": [f"sentiment_es_{split}_{kind}.txt" for split in ("train", "test") for kind in ("text", "labels")],
+        "bpb": [] if settings.text_file else [UD_FILE],
+    }
     for name in sorted(needed & files.keys()):
         for filename in files[name]:
             tasks.data_file(settings.data_dir, filename)
@@ -98,8 +107,10 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
         try:
             records.shard_paths(train_split_dir(config, settings))
         except FileNotFoundError as error:
-            raise FileNotFoundError(f"The unigram baseline of bpb counts the run's training tokens: {error} "
-                                    "Pass --train_data=DIR/train of the data the run was trained on.") from error
+            raise FileNotFoundError(
+                f"The unigram baseline of bpb counts the run's training tokens: {error} "
+                "Pass --train_data=DIR/train of the data the run was trained on."
+            ) from error
 
 
 def _load(name: str, settings: Settings) -> tuple[list, list]:
@@ -116,8 +127,9 @@ def headline_setting(settings: Settings) -> str:
     return f"{settings.num_shots}_shot" if settings.num_shots else "zero_shot"
 
 
-def run_task(name: str, settings: Settings, loglikelihood: Loglikelihood, generate: Generate,
-             perturbation: str | None = None) -> dict[str, Any]:
+def run_task(
+    name: str, settings: Settings, loglikelihood: Loglikelihood, generate: Generate, perturbation: str | None = None
+) -> dict[str, Any]:
     """One task's results. Multiple choice: {"zero_shot": ..., "K_shot": ...}; with a perturbation only the
     headline setting, on perturbed inputs. Generation: the K-shot results."""
     shots, scored = _load(name, settings)
@@ -129,12 +141,15 @@ def run_task(name: str, settings: Settings, loglikelihood: Loglikelihood, genera
     settings_shots = {headline_setting(settings): shots}
     if not perturbation and settings.num_shots:
         settings_shots = {"zero_shot": [], **settings_shots}
-    return {setting: multiple_choice.evaluate(build_items(scored, setting_shots), loglikelihood)
-            for setting, setting_shots in settings_shots.items()}
+    return {
+        setting: multiple_choice.evaluate(build_items(scored, setting_shots), loglikelihood)
+        for setting, setting_shots in settings_shots.items()
+    }
 
 
-def run_tasks(task_names: Sequence[str], settings: Settings, loglikelihood: Loglikelihood,
-              generate: Generate) -> tuple[dict[str, Any], dict[str, float]]:
+def run_tasks(
+    task_names: Sequence[str], settings: Settings, loglikelihood: Loglikelihood, generate: Generate
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Results and seconds of every selected task except bpb (see `evaluate_run`)."""
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
@@ -149,14 +164,16 @@ def run_tasks(task_names: Sequence[str], settings: Settings, loglikelihood: Logl
             results[name] = clean[name]
     if targets:
         start = time.perf_counter()
-        results["robustness"] = {name: _robustness(name, settings, clean[name], loglikelihood, generate)
-                                 for name in targets}
+        results["robustness"] = {
+            name: _robustness(name, settings, clean[name], loglikelihood, generate) for name in targets
+        }
         seconds["robustness"] = time.perf_counter() - start
     return results, seconds
 
 
-def _robustness(name: str, settings: Settings, clean: dict[str, Any], loglikelihood: Loglikelihood,
-                generate: Generate) -> dict[str, Any]:
+def _robustness(
+    name: str, settings: Settings, clean: dict[str, Any], loglikelihood: Loglikelihood, generate: Generate
+) -> dict[str, Any]:
     logging.info("Robustness of %s", name)
     setting = headline_setting(settings)
     metrics = ROBUSTNESS_METRICS[name]
@@ -177,8 +194,13 @@ def bpb_documents(settings: Settings) -> tuple[str, list[str]]:
     return UD_FILE, tokenizer_lib.conllu_texts(tasks.data_file(settings.data_dir, UD_FILE))
 
 
-def evaluate_bpb(score_tokens: Callable, unigram: perplexity.UnigramModel, tokenizer: tokenizer_lib.Tokenizer,
-                 max_len: int, settings: Settings) -> dict[str, Any]:
+def evaluate_bpb(
+    score_tokens: Callable,
+    unigram: perplexity.UnigramModel,
+    tokenizer: tokenizer_lib.Tokenizer,
+    max_len: int,
+    settings: Settings,
+) -> dict[str, Any]:
     """bpb, perplexity and the unigram baseline's on the same tokens of the same text."""
     name, documents = bpb_documents(settings)
     model_score = perplexity.score_text(score_tokens, tokenizer, documents, max_len)
@@ -201,8 +223,9 @@ def train_split_dir(config: ml_collections.ConfigDict, settings: Settings) -> st
     return settings.train_data or os.path.join(config.data.path, "train")
 
 
-def evaluate_run(run: Any, task_names: Sequence[str], settings: Settings,
-                 batch_size: int = 16) -> tuple[dict[str, Any], dict[str, float]]:
+def evaluate_run(
+    run: Any, task_names: Sequence[str], settings: Settings, batch_size: int = 16
+) -> tuple[dict[str, Any], dict[str, float]]:
     """(results, seconds per task) of a loaded run; bpb, perplexity and unigram_bpb sit at the top level."""
     scorer = Scorer(run.model, run.tokenizer, batch_size)
     results: dict[str, Any] = {}

@@ -1,7 +1,7 @@
 """The Spanish evaluation sets: readers, held-out shot pools and the Spanish prompt templates.
 
-Files live in `../shared/data/es_eval` next to the repository (see its README for sources and licences),
-or in any directory given as `data_dir`. Shots never come from the examples that are scored:
+Files ship with the package in `llm/eval/data/` (see its README for sources and licences), or come from any
+directory given as `data_dir`. Shots never come from the examples that are scored:
 
   xnli       test only: the first XNLI_SHOT_POOL pairs are the shot pool, the rest are scored
   sentiment  shots from the train split, test split scored
@@ -27,8 +27,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-DEFAULT_DATA_DIR = os.path.normpath(os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data", "es_eval"))
+DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 XNLI_FILE = "xnli_es_test.tsv"
 MGSM_FILE = "mgsm_es.tsv"
 XQUAD_FILE = "xquad_es.json"
@@ -74,8 +73,10 @@ class QaExample:
 def data_file(data_dir: str, name: str) -> str:
     path = os.path.join(data_dir, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Evaluation file {path!r} does not exist; pass --data_dir=DIR, a directory with "
-                                f"the files of ../shared/data/es_eval (see its README).")
+        raise FileNotFoundError(
+            f"Evaluation file {path!r} does not exist; pass --data_dir=DIR, a directory with "
+            f"the files of llm/eval/data (see its README)."
+        )
     return path
 
 
@@ -116,8 +117,10 @@ def read_sentiment(data_dir: str, split: str) -> list[SentimentExample]:
     texts, labels = _lines(text_path), _lines(label_path)
     if len(texts) != len(labels):
         raise ValueError(f"{text_path} has {len(texts)} lines but {label_path} has {len(labels)}.")
-    return [SentimentExample(text, _label(label_path, line, label, len(SENTIMENT_ANSWERS)))
-            for line, (text, label) in enumerate(zip(texts, labels), start=1)]
+    return [
+        SentimentExample(text, _label(label_path, line, label, len(SENTIMENT_ANSWERS)))
+        for line, (text, label) in enumerate(zip(texts, labels), start=1)
+    ]
 
 
 def read_mgsm(path: str) -> list[MathExample]:

@@ -22,9 +22,7 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # A number: an optional sign, then either digit groups of exactly three after a 1-3 digit head, joined by a
 # thousands separator ("." "," or a space: 1.000, 1,000, 1 000), or a plain run of digits; then an optional
 # decimal part after "," or ".". The head "0" never starts a thousands group ("0,125" is a decimal).
-_NUMBER = re.compile(
-    r"(?<![\d.,])(-?)((?:[1-9]\d{0,2})(?:[.,\u00a0\u202f ]\d{3})+(?!\d)|\d+)(?:[.,](\d+))?"
-)
+_NUMBER = re.compile(r"(?<![\d.,])(-?)((?:[1-9]\d{0,2})(?:[.,\u00a0\u202f ]\d{3})+(?!\d)|\d+)(?:[.,](\d+))?")
 
 
 def normalize_answer(text: str) -> str:
@@ -85,14 +83,16 @@ def overlap_metrics(predictions: Sequence[str], references: Sequence[Sequence[st
     fewer repeats its first one, which changes nothing), ROUGE takes the best reference per item.
     """
     if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"overlap_metrics needs as many predictions as reference lists, and at least one "
-                         f"(got {len(predictions)} and {len(references)}).")
+        raise ValueError(
+            f"overlap_metrics needs as many predictions as reference lists, and at least one "
+            f"(got {len(predictions)} and {len(references)})."
+        )
     if any(not refs for refs in references):
         raise ValueError("Every prediction needs at least one reference.")
     num_streams = max(len(refs) for refs in references)
     streams = [[refs[i] if i < len(refs) else refs[0] for refs in references] for i in range(num_streams)]
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=_SpanishRougeTokenizer())
-    rouge = {name: 0.0 for name in ROUGE_TYPES}
+    rouge = dict.fromkeys(ROUGE_TYPES, 0.0)
     for prediction, refs in zip(predictions, references):
         scores = scorer.score_multi(list(refs), prediction)
         for name in ROUGE_TYPES:

@@ -44,8 +44,13 @@ def _nbytes(tree: Any) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def benchmark_decode(model: Transformer, batch_sizes: Sequence[int] = (1, 8, 64), prompt_len: int = 128,
-                     new_tokens: int = 32, vocab_limit: int | None = None) -> dict[str, Any]:
+def benchmark_decode(
+    model: Transformer,
+    batch_sizes: Sequence[int] = (1, 8, 64),
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    vocab_limit: int | None = None,
+) -> dict[str, Any]:
     """Times prefill and decode of random prompts; the model's weights need not be trained."""
     cfg = model.cfg
     context = context_length(cfg)
@@ -57,8 +62,7 @@ def benchmark_decode(model: Transformer, batch_sizes: Sequence[int] = (1, 8, 64)
     greedy = SamplingParams()
     vocab = vocab_limit or cfg.vocab_size
     rng = np.random.default_rng(0)
-    result: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens,
-                              "param_bytes": _nbytes(params)}
+    result: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "param_bytes": _nbytes(params)}
     bandwidth = _bandwidth()
 
     for batch in batch_sizes:
@@ -80,8 +84,15 @@ def benchmark_decode(model: Transformer, batch_sizes: Sequence[int] = (1, 8, 64)
         def decode_steps(next_tokens, cache, seen, count, host_round_trip):
             for step in range(count):
                 next_tokens, _, cache, seen = generate._decode_step(
-                    graphdef, params, next_tokens, jnp.full((batch,), prompt_len + step, jnp.int32), cache, seen,
-                    key, greedy)
+                    graphdef,
+                    params,
+                    next_tokens,
+                    jnp.full((batch,), prompt_len + step, jnp.int32),
+                    cache,
+                    seen,
+                    key,
+                    greedy,
+                )
                 if host_round_trip:
                     np.asarray(next_tokens)
             return jax.block_until_ready((next_tokens, cache, seen))
@@ -109,4 +120,3 @@ def benchmark_decode(model: Transformer, batch_sizes: Sequence[int] = (1, 8, 64)
             entry["hbm_bound_fraction"] = (result["param_bytes"] + kv_bytes) / device_step_s / bandwidth
         result[f"batch_{batch}"] = entry
     return result
-

@@ -31,20 +31,37 @@ def bucket(n: int, cap: int | None = None) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _prefill(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
-             segment_ids: jax.Array, cache: KVCache, key: jax.Array, sampling: SamplingParams):
+def _prefill(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    cache: KVCache,
+    key: jax.Array,
+    sampling: SamplingParams,
+):
     model = nnx.merge(graphdef, params)
     logits, cache = model.decode(tokens, positions, segment_ids, cache)
     vocab = logits.shape[-1]
-    seen = jnp.zeros((tokens.shape[0], vocab), bool).at[jnp.arange(tokens.shape[0])[:, None], tokens].set(
-        segment_ids > 0)
+    seen = (
+        jnp.zeros((tokens.shape[0], vocab), bool).at[jnp.arange(tokens.shape[0])[:, None], tokens].set(segment_ids > 0)
+    )
     next_tokens = sample(logits[:, -1], key, sampling, seen)
     return next_tokens, logits[:, -1], cache, seen
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache", "seen"))
-def _decode_step(graphdef: nnx.GraphDef, params: nnx.State, tokens: jax.Array, positions: jax.Array,
-                 cache: KVCache, seen: jax.Array, key: jax.Array, sampling: SamplingParams):
+def _decode_step(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    seen: jax.Array,
+    key: jax.Array,
+    sampling: SamplingParams,
+):
     model = nnx.merge(graphdef, params)
     seen = seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
     logits, cache = model.decode(tokens[:, None], positions[:, None], jnp.ones_like(tokens)[:, None], cache)
@@ -60,12 +77,17 @@ class Generator:
         self.cfg = model.cfg
         # Serve in the compute dtype: decoding reads every weight per token, so bfloat16 halves its cost.
         compute = jnp.dtype(self.cfg.dtype)
-        self.params = jax.tree.map(lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                                   params)
+        self.params = jax.tree.map(lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sampling: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] = (), seed: int = 0,
-                 on_tokens: Callable[[list[int | None]], bool | None] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams = SamplingParams(),
+        stop_token_ids: Sequence[int] = (),
+        seed: int = 0,
+        on_tokens: Callable[[list[int | None]], bool | None] | None = None,
+    ) -> list[list[int]]:
         """The new tokens of each prompt, without the stop token that ended it.
 
         `on_tokens` (streaming) receives each step's new token per row (None for finished rows); returning
@@ -74,12 +96,16 @@ class Generator:
         """
         lengths = [len(p) for p in prompts]
         if not prompts or min(lengths) == 0:
-            raise ValueError("Every prompt needs at least one token (an empty prompt has nothing to continue; "
-                             "encode it with a beginning-of-sequence token).")
+            raise ValueError(
+                "Every prompt needs at least one token (an empty prompt has nothing to continue; "
+                "encode it with a beginning-of-sequence token)."
+            )
         context = context_length(self.cfg)
         if max(lengths) >= context:
-            raise ValueError(f"A prompt of {max(lengths)} tokens does not fit the model's context of {context} "
-                             "tokens (it needs room for at least one new token); shorten the prompt.")
+            raise ValueError(
+                f"A prompt of {max(lengths)} tokens does not fit the model's context of {context} "
+                "tokens (it needs room for at least one new token); shorten the prompt."
+            )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
         prompt_len = bucket(max(lengths), context)
@@ -101,8 +127,9 @@ class Generator:
 
         key = jax.random.key(seed)
         cache = new_cache(self.graphdef, self.params, batch, cache_len)
-        next_tokens, _, cache, seen = _prefill(self.graphdef, self.params, tokens, positions, segment_ids, cache,
-                                               jax.random.fold_in(key, 0), sampling)
+        next_tokens, _, cache, seen = _prefill(
+            self.graphdef, self.params, tokens, positions, segment_ids, cache, jax.random.fold_in(key, 0), sampling
+        )
         outputs: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
         stop = set(stop_token_ids)
@@ -119,9 +146,16 @@ class Generator:
                     streamed.append(token)
             if (on_tokens is not None and on_tokens(streamed)) or all(finished) or step == max_new_tokens - 1:
                 break
-            next_tokens, _, cache, seen = _decode_step(self.graphdef, self.params, next_tokens,
-                                                       jnp.asarray(next_positions + step), cache, seen,
-                                                       jax.random.fold_in(key, step + 1), sampling)
+            next_tokens, _, cache, seen = _decode_step(
+                self.graphdef,
+                self.params,
+                next_tokens,
+                jnp.asarray(next_positions + step),
+                cache,
+                seen,
+                jax.random.fold_in(key, step + 1),
+                sampling,
+            )
         return outputs
 
 
@@ -157,18 +191,24 @@ class TextStream:
         if stopped:
             visible = _cut_at_stop(text, self.stop_strings)
         else:
-            visible = text[:max(len(text) - self.hold_back, self.shown)].rstrip("\ufffd")
-        delta = visible[self.shown:]
+            visible = text[: max(len(text) - self.hold_back, self.shown)].rstrip("\ufffd")
+        delta = visible[self.shown :]
         self.shown = max(self.shown, len(visible))
         return delta, stopped
 
     def rest(self) -> str:
         """Everything not shown yet, at the end of generation."""
-        return self.text()[self.shown:]
+        return self.text()[self.shown :]
 
 
-def generate_text(run, prompts: list[str], max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-                  stop_strings: Sequence[str] = (), seed: int = 0) -> list[str]:
+def generate_text(
+    run,
+    prompts: list[str],
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    stop_strings: Sequence[str] = (),
+    seed: int = 0,
+) -> list[str]:
     """Completions of text prompts for a loaded run (llm.infer.loading.Run), cut at the first stop string.
 
     Generation ends at the end-of-sequence token, or as soon as every row contains a stop string.
@@ -188,11 +228,18 @@ def generate_text(run, prompts: list[str], max_new_tokens: int, sampling: Sampli
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
-    return text[:min((text.find(s) for s in stop_strings if s in text), default=len(text))]
+    return text[: min((text.find(s) for s in stop_strings if s in text), default=len(text))]
 
 
-def stream_text(run, prompt: str, max_new_tokens: int, emit: Callable[[str], None],
-                sampling: SamplingParams = SamplingParams(), stop_strings: Sequence[str] = (), seed: int = 0) -> str:
+def stream_text(
+    run,
+    prompt: str,
+    max_new_tokens: int,
+    emit: Callable[[str], None],
+    sampling: SamplingParams = SamplingParams(),
+    stop_strings: Sequence[str] = (),
+    seed: int = 0,
+) -> str:
     """Generates one completion, passing each new piece of text to `emit` as soon as it is known.
 
     Returns the whole completion (cut at the stop string).

@@ -38,8 +38,7 @@ def find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
     for path in (os.path.join(workdir, "tokenizer.model"), os.path.join(config.data.path, "tokenizer.model")):
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(f"No tokenizer.model in {workdir!r} or in the run's data directory "
-                            f"{config.data.path!r}.")
+    raise FileNotFoundError(f"No tokenizer.model in {workdir!r} or in the run's data directory {config.data.path!r}.")
 
 
 def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = (1, -1, 1)) -> Run:
@@ -55,8 +54,9 @@ def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = 
     mesh = sharding.create_mesh(mesh_shape, jax.local_devices())
 
     def placed(abstract: nnx.State) -> nnx.State:
-        return sharding.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, mesh,
-                                                                                 config.logical_axis_rules))
+        return sharding.abstract_with_shardings(
+            abstract, sharding.tree_shardings(abstract, mesh, config.logical_axis_rules)
+        )
 
     if config.train.trainable == "all":
         # A quantized run (scripts/quantize.py) rebuilds its quantized structure from its config.
@@ -73,12 +73,14 @@ def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = 
     return Run(model, config, tokenizer, step, workdir)
 
 
-def _trained_on_base(workdir: str, config: ml_collections.ConfigDict, step: int | None,
-                     placed: Callable[[nnx.State], nnx.State]) -> tuple[Transformer, int]:
+def _trained_on_base(
+    workdir: str, config: ml_collections.ConfigDict, step: int | None, placed: Callable[[nnx.State], nnx.State]
+) -> tuple[Transformer, int]:
     """The model as it was trained: the run's trained parameters over its `init_from` base."""
     trainable = step_lib.TRAINABLE[config.train.trainable]
-    graphdef, abstract_trained, _ = nnx.split(nnx.eval_shape(lambda: step_lib.trained_model(config, None)),
-                                              trainable, ...)
+    graphdef, abstract_trained, _ = nnx.split(
+        nnx.eval_shape(lambda: step_lib.trained_model(config, None)), trainable, ...
+    )
     trained, step = checkpoint.restore_run_params(workdir, placed(abstract_trained), step)
     abstract_base = nnx.state(nnx.eval_shape(lambda: create_model(step_lib.base_config(config))), nnx.Param)
     base, _ = checkpoint.restore_run_params(config.init_from, placed(abstract_base))

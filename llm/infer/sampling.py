@@ -27,13 +27,18 @@ class SamplingParams:
 
     def __post_init__(self):
         checks = {
-            "temperature": self.temperature >= 0, "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1,
-            "min_p": 0 <= self.min_p < 1, "repetition_penalty": self.repetition_penalty > 0,
+            "temperature": self.temperature >= 0,
+            "top_k": self.top_k >= 0,
+            "top_p": 0 < self.top_p <= 1,
+            "min_p": 0 <= self.min_p < 1,
+            "repetition_penalty": self.repetition_penalty > 0,
         }
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"Invalid sampling parameter {name}={getattr(self, name)!r} (temperature >= 0, "
-                                 "top_k >= 0, 0 < top_p <= 1, 0 <= min_p < 1, repetition_penalty > 0).")
+                raise ValueError(
+                    f"Invalid sampling parameter {name}={getattr(self, name)!r} (temperature >= 0, "
+                    "top_k >= 0, 0 < top_p <= 1, 0 <= min_p < 1, repetition_penalty > 0)."
+                )
 
 
 def _penalize(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
@@ -87,10 +92,14 @@ class RowSampling(NamedTuple):
     repetition_penalty: jax.Array
 
     @classmethod
-    def stack(cls, rows: Sequence[SamplingParams]) -> "RowSampling":
+    def stack(cls, rows: Sequence[SamplingParams]) -> RowSampling:
         """Host arrays for a batch whose row i follows rows[i]."""
-        return cls(*(np.array([getattr(p, name) for p in rows], dtype)
-                     for name, dtype in zip(cls._fields, (np.float32, np.int32, np.float32, np.float32, np.float32))))
+        return cls(
+            *(
+                np.array([getattr(p, name) for p in rows], dtype)
+                for name, dtype in zip(cls._fields, (np.float32, np.int32, np.float32, np.float32, np.float32))
+            )
+        )
 
 
 def sample_rows(logits: jax.Array, keys: jax.Array, params: RowSampling, seen: jax.Array) -> jax.Array:
@@ -104,8 +113,9 @@ def sample_rows(logits: jax.Array, keys: jax.Array, params: RowSampling, seen: j
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / column(jnp.where(params.temperature > 0, params.temperature, 1.0))
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    kth_largest = jnp.take_along_axis(sorted_logits, column(jnp.clip(params.top_k - 1, 0, logits.shape[-1] - 1)),
-                                      axis=-1)
+    kth_largest = jnp.take_along_axis(
+        sorted_logits, column(jnp.clip(params.top_k - 1, 0, logits.shape[-1] - 1)), axis=-1
+    )
     logits = jnp.where(column(params.top_k > 0) & (logits < kth_largest), -jnp.inf, logits)
     logits = jnp.where(column(params.top_p < 1.0), _top_p_filter(logits, column(params.top_p)), logits)
     logits = _min_p_filter(logits, column(params.min_p))

@@ -61,8 +61,9 @@ def attention_mask(query_segments: jax.Array, key_segments: jax.Array) -> jax.Ar
     return (causal[None] & visible(query_segments, key_segments))[:, None]
 
 
-def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
-                          impl: str) -> jax.Array:
+def dot_product_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array, impl: str
+) -> jax.Array:
     """softmax(q k^T / sqrt(d) + mask) v with q: (B, T, N, H), k and v: (B, T, K, H); returns (B, T, N, H).
 
     The softmax runs in float32 inside `jax.nn.dot_product_attention`, which also handles K < N (GQA).
@@ -103,9 +104,11 @@ def blocked_causal_attention(query: jax.Array, key: jax.Array, value: jax.Array,
 def _splash_fits(query: jax.Array, key: jax.Array) -> bool:
     """Splash needs whole blocks of sequence and key/value heads that split evenly over the tensor axis;
     otherwise (short prompts, MQA on many tensor shards) the XLA path runs instead."""
-    return (query.shape[1] % SPLASH_BLOCK == 0
-            and key.shape[2] % sharding.logical_axis_size("kv_heads") == 0
-            and query.shape[2] % sharding.logical_axis_size("heads") == 0)
+    return (
+        query.shape[1] % SPLASH_BLOCK == 0
+        and key.shape[2] % sharding.logical_axis_size("kv_heads") == 0
+        and query.shape[2] % sharding.logical_axis_size("heads") == 0
+    )
 
 
 def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -114,28 +117,47 @@ def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment
     Runs per device shard (batch and heads split as the rules say). Off TPU it runs in Pallas' interpret
     mode, which is how the tests check it against the XLA reference on CPU.
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_masks
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+        splash_attention_mask as splash_masks,
+    )
 
     def kernel(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
         length, heads, dim = q.shape[1], q.shape[2], q.shape[3]
         block = 512 if length % 512 == 0 else SPLASH_BLOCK
-        blocks = splash.BlockSizes(block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
-                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
-                                   block_kv_dq=block)
+        blocks = splash.BlockSizes(
+            block_q=block,
+            block_kv_compute=block,
+            block_kv=block,
+            block_q_dkv=block,
+            block_kv_dkv=block,
+            block_kv_dkv_compute=block,
+            block_q_dq=block,
+            block_kv_dq=block,
+        )
         mask = splash_masks.MultiHeadMask([splash_masks.CausalMask((length, length))] * heads)
-        attend = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks,
-                                        interpret=jax.default_backend() != "tpu")
+        attend = splash.make_splash_mha(
+            mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=jax.default_backend() != "tpu"
+        )
         # The kernel wants (heads, length, dim) per sequence and leaves the 1/sqrt(d) scaling to the caller.
         heads_first = lambda x: jnp.swapaxes(x, 1, 2)
-        out = jax.vmap(attend)(heads_first(q * dim**-0.5), heads_first(k), heads_first(v),
-                               segment_ids=splash.SegmentIds(q=segments, kv=segments))
+        out = jax.vmap(attend)(
+            heads_first(q * dim**-0.5),
+            heads_first(k),
+            heads_first(v),
+            segment_ids=splash.SegmentIds(q=segments, kv=segments),
+        )
         return heads_first(out)
 
-    qkv_axes = (("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim"),
-                ("batch", "length", "kv_heads", "head_dim"), ("batch", "length"))
+    qkv_axes = (
+        ("batch", "length", "heads", "head_dim"),
+        ("batch", "length", "kv_heads", "head_dim"),
+        ("batch", "length", "kv_heads", "head_dim"),
+        ("batch", "length"),
+    )
     return sharding.per_shard(kernel, qkv_axes, ("batch", "length", "heads", "head_dim"))(
-        query, key, value, segment_ids)
+        query, key, value, segment_ids
+    )
 
 
 class LayerCache(NamedTuple):
@@ -159,13 +181,16 @@ class LayerCache(NamedTuple):
 
 def write_rows(cache: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
     """Writes update[b] into cache[b] starting at position index[b] along axis 1 (in place under donation)."""
+
     def write_row(row: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_slice_in_dim(row, new, start, axis=0)
+
     return jax.vmap(write_row)(cache, update, index)
 
 
-def _store(cached: jax.Array, scales: jax.Array | None, new: jax.Array,
-           index: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+def _store(
+    cached: jax.Array, scales: jax.Array | None, new: jax.Array, index: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
     """Writes new keys (or values) at `index`; into an int8 cache, with an absmax scale per token and head."""
     if scales is None:
         return write_rows(cached, new.astype(cached.dtype), index), None
@@ -179,16 +204,22 @@ def _load(cached: jax.Array, scales: jax.Array | None, dtype: jnp.dtype) -> jax.
     return qwix.dequantize(qwix.QArray(cached, scales)).astype(dtype)
 
 
-def cached_attention(query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array,
-                     cache: LayerCache) -> tuple[jax.Array, LayerCache]:
+def cached_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, segment_ids: jax.Array, cache: LayerCache
+) -> tuple[jax.Array, LayerCache]:
     """Writes this call's keys/values into the cache and attends over it; returns (out, updated cache)."""
     keys, key_scales = _store(cache.keys, cache.key_scales, key, cache.index)
     values, value_scales = _store(cache.values, cache.value_scales, value, cache.index)
     query_index = cache.index[:, None] + jnp.arange(query.shape[1])  # (batch, q_len)
     causal = jnp.arange(keys.shape[1])[None, None, :] <= query_index[:, :, None]
     mask = (causal & visible(segment_ids, cache.segment_ids))[:, None]
-    out = jax.nn.dot_product_attention(query, _load(keys, key_scales, query.dtype),
-                                       _load(values, value_scales, query.dtype), mask=mask, implementation="xla")
+    out = jax.nn.dot_product_attention(
+        query,
+        _load(keys, key_scales, query.dtype),
+        _load(values, value_scales, query.dtype),
+        mask=mask,
+        implementation="xla",
+    )
     return out, cache._replace(keys=keys, values=values, key_scales=key_scales, value_scales=value_scales)
 
 
@@ -202,30 +233,49 @@ class Attention(nnx.Module):
         common = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
         kv_bias = (self.num_kv_heads, self.head_dim) if cfg.use_bias else None
         self.query = nnx.Einsum(
-            "td,dnh->tnh", (cfg.embed_dim, self.num_heads, self.head_dim),
+            "td,dnh->tnh",
+            (cfg.embed_dim, self.num_heads, self.head_dim),
             (self.num_heads, self.head_dim) if cfg.use_bias else None,
             kernel_init=layers.normal_init(("embed", "heads", "head_dim")),
-            bias_init=layers.zeros_init(("heads", "head_dim")), **common)
+            bias_init=layers.zeros_init(("heads", "head_dim")),
+            **common,
+        )
         self.key, self.value = (
-            nnx.Einsum("td,dnh->tnh", (cfg.embed_dim, self.num_kv_heads, self.head_dim), kv_bias,
-                       kernel_init=layers.normal_init(("embed", "kv_heads", "head_dim")),
-                       bias_init=layers.zeros_init(("kv_heads", "head_dim")), **common)
-            for _ in range(2))
+            nnx.Einsum(
+                "td,dnh->tnh",
+                (cfg.embed_dim, self.num_kv_heads, self.head_dim),
+                kv_bias,
+                kernel_init=layers.normal_init(("embed", "kv_heads", "head_dim")),
+                bias_init=layers.zeros_init(("kv_heads", "head_dim")),
+                **common,
+            )
+            for _ in range(2)
+        )
         self.out = nnx.Einsum(
-            "tnh,nhd->td", (self.num_heads, self.head_dim, cfg.embed_dim),
+            "tnh,nhd->td",
+            (self.num_heads, self.head_dim, cfg.embed_dim),
             (cfg.embed_dim,) if cfg.use_bias else None,
             kernel_init=layers.normal_init(("heads", "head_dim", "embed"), layers.residual_std(cfg)),
-            bias_init=layers.zeros_init(("embed",)), **common)
-        shapes = {"query": ((cfg.embed_dim,), (self.num_heads, self.head_dim)),
-                  "key": ((cfg.embed_dim,), (self.num_kv_heads, self.head_dim)),
-                  "value": ((cfg.embed_dim,), (self.num_kv_heads, self.head_dim)),
-                  "out": ((self.num_heads, self.head_dim), (cfg.embed_dim,))}
+            bias_init=layers.zeros_init(("embed",)),
+            **common,
+        )
+        shapes = {
+            "query": ((cfg.embed_dim,), (self.num_heads, self.head_dim)),
+            "key": ((cfg.embed_dim,), (self.num_kv_heads, self.head_dim)),
+            "value": ((cfg.embed_dim,), (self.num_kv_heads, self.head_dim)),
+            "out": ((self.num_heads, self.head_dim), (cfg.embed_dim,)),
+        }
         for name in lora.targets(cfg, "attention", tuple(shapes)):
             setattr(self, name + lora.LORA_SUFFIX, lora.LoRA(*shapes[name], cfg, rngs=rngs))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 cache: LayerCache | None = None,
-                 dropout_key: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: LayerCache | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
         """Returns the attention output and, when given a cache, the cache with this call's keys written.
 
         `dropout_key` drives the LoRA adapters' dropout (training only)."""

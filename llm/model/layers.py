@@ -56,8 +56,7 @@ def make_norm(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
     common = dict(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     if cfg.norm == "rmsnorm":
         return nnx.RMSNorm(cfg.embed_dim, scale_init=scale_init, **common)
-    return nnx.LayerNorm(cfg.embed_dim, scale_init=scale_init, use_bias=True,
-                         bias_init=zeros_init(("norm",)), **common)
+    return nnx.LayerNorm(cfg.embed_dim, scale_init=scale_init, use_bias=True, bias_init=zeros_init(("norm",)), **common)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -85,7 +84,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, max_len: int) -> jax.
     return rotated.astype(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rope_tables(half: int, theta: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """sin and cos of position * theta^(-i / half) for every position < max_len: (max_len, half) float32."""
     angles = np.arange(max_len)[:, None] / theta ** (np.arange(half) / half)

@@ -34,17 +34,24 @@ def targets(cfg: ml_collections.ConfigDict, prefix: str, names: tuple[str, ...])
 class LoRA(nnx.Module):
     """dropout(x) @ A @ B * alpha / rank, reshaped from `in_shape` to `out_shape` trailing dimensions."""
 
-    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], cfg: ml_collections.ConfigDict, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+    ):
         self.in_shape, self.out_shape = in_shape, out_shape
         self.scale = cfg.lora_alpha / cfg.lora_rank
         self.dropout_rate = cfg.lora_dropout
-        self.adapter = nnx.LoRA(math.prod(in_shape), cfg.lora_rank, math.prod(out_shape),
-                                dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+        self.adapter = nnx.LoRA(
+            math.prod(in_shape),
+            cfg.lora_rank,
+            math.prod(out_shape),
+            dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
         x = layers.dropout(x, self.dropout_rate, dropout_key)
-        flat = x.reshape(*x.shape[:x.ndim - len(self.in_shape)], math.prod(self.in_shape))
+        flat = x.reshape(*x.shape[: x.ndim - len(self.in_shape)], math.prod(self.in_shape))
         update = self.adapter(flat) * self.scale
         return update.reshape(*flat.shape[:-1], *self.out_shape).astype(x.dtype)
 

@@ -16,17 +16,25 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         self.activation = cfg.mlp_activation
-        linear = dict(use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                      rngs=rngs)
+        linear = dict(
+            use_bias=cfg.use_bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs
+        )
         up = dict(kernel_init=layers.normal_init(("embed", "mlp")), bias_init=layers.zeros_init(("mlp",)), **linear)
         self.up = nnx.Linear(cfg.embed_dim, cfg.mlp_dim, **up)
         if self.activation == "swiglu":
             self.gate = nnx.Linear(cfg.embed_dim, cfg.mlp_dim, **up)
-        self.down = nnx.Linear(cfg.mlp_dim, cfg.embed_dim,
-                               kernel_init=layers.normal_init(("mlp", "embed"), layers.residual_std(cfg)),
-                               bias_init=layers.zeros_init(("embed",)), **linear)
-        shapes = {"up": ((cfg.embed_dim,), (cfg.mlp_dim,)), "gate": ((cfg.embed_dim,), (cfg.mlp_dim,)),
-                  "down": ((cfg.mlp_dim,), (cfg.embed_dim,))}
+        self.down = nnx.Linear(
+            cfg.mlp_dim,
+            cfg.embed_dim,
+            kernel_init=layers.normal_init(("mlp", "embed"), layers.residual_std(cfg)),
+            bias_init=layers.zeros_init(("embed",)),
+            **linear,
+        )
+        shapes = {
+            "up": ((cfg.embed_dim,), (cfg.mlp_dim,)),
+            "gate": ((cfg.embed_dim,), (cfg.mlp_dim,)),
+            "down": ((cfg.mlp_dim,), (cfg.embed_dim,)),
+        }
         names = ("up", "gate", "down") if self.activation == "swiglu" else ("up", "down")
         for name in lora.targets(cfg, "mlp", names):
             setattr(self, name + lora.LORA_SUFFIX, lora.LoRA(*shapes[name], cfg, rngs=rngs))

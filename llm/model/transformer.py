@@ -43,11 +43,16 @@ class Block(nnx.Module):
         self.mlp_norm = layers.make_norm(cfg, rngs)
         self.mlp = mlp.MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None,
-                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        dropout_key: jax.Array | None,
+        cache: LayerCache | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
         keys = (None,) * 4 if dropout_key is None else jax.random.split(dropout_key, 4)
-        attended, cache = self.attention(self.attention_norm(x).astype(x.dtype), positions, segment_ids, cache,
-                                         keys[2])
+        attended, cache = self.attention(self.attention_norm(x).astype(x.dtype), positions, segment_ids, cache, keys[2])
         x = x + layers.dropout(attended, self.dropout_rate, keys[0])
         x = sharding.constrain(x, ("batch", "length", "embed"))
         x = x + layers.dropout(self.mlp(self.mlp_norm(x).astype(x.dtype), keys[3]), self.dropout_rate, keys[1])
@@ -76,7 +81,7 @@ class KVCache(NamedTuple):
     value_scales: jax.Array | None = None
 
     @classmethod
-    def create(cls, cfg: ml_collections.ConfigDict, batch: int, max_len: int) -> "KVCache":
+    def create(cls, cfg: ml_collections.ConfigDict, batch: int, max_len: int) -> KVCache:
         """An empty cache in the compute dtype, or in int8 with per-(token, head) scales when the model's
         `kv_cache_dtype` is "int8" (set by llm/quant; configs without the key use the compute dtype)."""
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, layers.head_dim(cfg))
@@ -86,8 +91,14 @@ class KVCache(NamedTuple):
             raise ValueError(f"model.kv_cache_dtype={kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}.")
         if kv_cache_dtype == "int8":
             scale_shape = shape[:-1] + (1,)
-            return cls(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), segment_ids, index,
-                       jnp.zeros(scale_shape, jnp.float32), jnp.zeros(scale_shape, jnp.float32))
+            return cls(
+                jnp.zeros(shape, jnp.int8),
+                jnp.zeros(shape, jnp.int8),
+                segment_ids,
+                index,
+                jnp.zeros(scale_shape, jnp.float32),
+                jnp.zeros(scale_shape, jnp.float32),
+            )
         dtype = jnp.dtype(cfg.dtype)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), segment_ids, index)
 
@@ -101,27 +112,51 @@ class Transformer(nnx.Module):
         # A frozen copy: hashable, and safe from later edits of the caller's config.
         self.cfg = cfg = ml_collections.FrozenConfigDict(cfg)
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
-                               embedding_init=layers.normal_init(("vocab", "embed")), rngs=rngs)
+        self.embed = nnx.Embed(
+            cfg.vocab_size,
+            cfg.embed_dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=layers.normal_init(("vocab", "embed")),
+            rngs=rngs,
+        )
         self.prompt_length = cfg.soft_prompt_length
         if self.prompt_length:
             init = layers.normal_init(("length", "embed"))
             self.soft_prompt = SoftPromptParam(init(rngs.params(), (self.prompt_length, cfg.embed_dim), param_dtype))
         if cfg.position_encoding == "learned":
-            self.position_embed = nnx.Embed(cfg.max_seq_len, cfg.embed_dim, dtype=dtype, param_dtype=param_dtype,
-                                            embedding_init=layers.normal_init(("length", "embed")), rngs=rngs)
+            self.position_embed = nnx.Embed(
+                cfg.max_seq_len,
+                cfg.embed_dim,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                embedding_init=layers.normal_init(("length", "embed")),
+                rngs=rngs,
+            )
         if cfg.scan_layers:
             self.blocks = _stacked_blocks(cfg, rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = layers.make_norm(cfg, rngs)
         if not cfg.tie_embeddings:
-            self.unembed = nnx.Linear(cfg.embed_dim, cfg.vocab_size, use_bias=False, dtype=dtype,
-                                      param_dtype=param_dtype, kernel_init=layers.normal_init(("embed", "vocab")),
-                                      rngs=rngs)
+            self.unembed = nnx.Linear(
+                cfg.embed_dim,
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=layers.normal_init(("embed", "vocab")),
+                rngs=rngs,
+            )
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 *, dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
         """Logits (batch, length, vocab) for int tokens (batch, length).
 
         `positions` default to 0..length-1 and `segment_ids` to one segment per row. `dropout_key` turns
@@ -129,8 +164,9 @@ class Transformer(nnx.Module):
         """
         return self.logits(self.features(tokens, positions, segment_ids, dropout_key=dropout_key))
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def decode(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
         """Logits for `tokens` written at `cache.index` (a whole prompt, or one token per row), and the cache
         with their keys and values added. Earlier positions are attended to through the cache."""
         cache = cache._replace(segment_ids=write_rows(cache.segment_ids, segment_ids, cache.index))
@@ -148,13 +184,25 @@ class Transformer(nnx.Module):
         _, cache = self._run(x, positions, segment_ids, None, cache)
         return cache._replace(index=cache.index + self.prompt_length)
 
-    def features(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, *, dropout_key: jax.Array | None = None) -> jax.Array:
+    def features(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
         """The final normalized hidden states (batch, length, embed), before the output projection."""
         return self._forward(tokens, positions, segment_ids, dropout_key, None)[0]
 
-    def _forward(self, tokens: jax.Array, positions: jax.Array | None, segment_ids: jax.Array | None,
-                 dropout_key: jax.Array | None, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+    def _forward(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None,
+        segment_ids: jax.Array | None,
+        dropout_key: jax.Array | None,
+        cache: KVCache | None,
+    ) -> tuple[jax.Array, KVCache | None]:
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
@@ -169,7 +217,7 @@ class Transformer(nnx.Module):
             positions = jnp.concatenate([prompt_positions, positions], axis=1)
             segment_ids = jnp.concatenate([prompt_segments, segment_ids], axis=1)
         hidden, cache = self._run(x, positions, segment_ids, dropout_key, cache)
-        return (hidden[:, self.prompt_length:] if prepend else hidden), cache
+        return (hidden[:, self.prompt_length :] if prepend else hidden), cache
 
     def _prompt_inputs(self, batch: int, x_dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The soft prompt as a (batch, P) prefix: embeddings, positions 0..P-1 and the prompt's segment."""
@@ -178,8 +226,14 @@ class Transformer(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(self.prompt_length), shape)
         return prompt, positions, jnp.full(shape, PROMPT_SEGMENT, jnp.int32)
 
-    def _run(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, dropout_key: jax.Array | None,
-             cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+    def _run(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        dropout_key: jax.Array | None,
+        cache: KVCache | None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """Position encodings, the blocks and the final norm over input embeddings x (batch, length, embed)."""
         if self.cfg.position_encoding == "learned":
             x = x + self.position_embed(positions)
@@ -196,13 +250,25 @@ class Transformer(nnx.Module):
         logits = layers.over_tokens(project, features)
         return sharding.constrain(logits, ("batch", "length", "vocab"))
 
-    def _run_blocks(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                    dropout_key: jax.Array | None, cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
-        def apply(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, layer: jax.Array,
-                  layer_kv: dict[str, jax.Array | None] | None) -> tuple[jax.Array, dict | None]:
+    def _run_blocks(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        dropout_key: jax.Array | None,
+        cache: KVCache | None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        def apply(
+            graphdef: nnx.GraphDef,
+            params: nnx.State,
+            x: jax.Array,
+            layer: jax.Array,
+            layer_kv: dict[str, jax.Array | None] | None,
+        ) -> tuple[jax.Array, dict | None]:
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
-            layer_cache = None if layer_kv is None else LayerCache(
-                segment_ids=cache.segment_ids, index=cache.index, **layer_kv)
+            layer_cache = (
+                None if layer_kv is None else LayerCache(segment_ids=cache.segment_ids, index=cache.index, **layer_kv)
+            )
             x, layer_cache = nnx.merge(graphdef, params)(x, positions, segment_ids, key, layer_cache)
             return x, None if layer_cache is None else {name: getattr(layer_cache, name) for name in PER_LAYER_FIELDS}
 

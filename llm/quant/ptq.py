@@ -54,10 +54,9 @@ class QuantConfig:
             raise ValueError(f"Unsupported KV cache dtype {self.kv_cache!r}; allowed: {', '.join(KV_CACHE_DTYPES)}.")
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "QuantConfig":
+    def from_config(cls, config: ml_collections.ConfigDict) -> QuantConfig:
         """The QuantConfig recorded in a quantized run's config (see `quantized_config`)."""
-        return cls(config.quantization.mode, config.quantization.group_size,
-                   config.model.get("kv_cache_dtype", "auto"))
+        return cls(config.quantization.mode, config.quantization.group_size, config.model.get("kv_cache_dtype", "auto"))
 
     @property
     def weight_qtype(self) -> jnp.dtype:
@@ -97,16 +96,31 @@ def _quantized_model_cfg(cfg: ml_collections.ConfigDict, qconfig: QuantConfig) -
     return cfg
 
 
-def _rules(cfg: ml_collections.ConfigDict, qconfig: QuantConfig, names: str,
-           module_path: str = r"(.*/)?{name}") -> list[qwix.QuantizationRule]:
+def _rules(
+    cfg: ml_collections.ConfigDict, qconfig: QuantConfig, names: str, module_path: str = r"(.*/)?{name}"
+) -> list[qwix.QuantizationRule]:
     """One Qwix rule per projection, because int4 groups depend on each one's contraction size."""
     # Qwix tiles the innermost contraction axis: embed for the input projections, head_dim for the
     # attention output ("tnh,nhd->td"), mlp for the down projection.
-    contraction = {"query": cfg.embed_dim, "key": cfg.embed_dim, "value": cfg.embed_dim, "up": cfg.embed_dim,
-                   "gate": cfg.embed_dim, "out": layers.head_dim(cfg), "down": cfg.mlp_dim, "unembed": cfg.embed_dim}
-    return [qwix.QuantizationRule(module_path=module_path.format(name=name), weight_qtype=qconfig.weight_qtype,
-                                  act_qtype=qconfig.act_qtype, tile_size=qconfig.group_for(contraction[name]))
-            for name in names.split()]
+    contraction = {
+        "query": cfg.embed_dim,
+        "key": cfg.embed_dim,
+        "value": cfg.embed_dim,
+        "up": cfg.embed_dim,
+        "gate": cfg.embed_dim,
+        "out": layers.head_dim(cfg),
+        "down": cfg.mlp_dim,
+        "unembed": cfg.embed_dim,
+    }
+    return [
+        qwix.QuantizationRule(
+            module_path=module_path.format(name=name),
+            weight_qtype=qconfig.weight_qtype,
+            act_qtype=qconfig.act_qtype,
+            tile_size=qconfig.group_for(contraction[name]),
+        )
+        for name in names.split()
+    ]
 
 
 def _unrolled(model: Transformer) -> Transformer:
@@ -117,8 +131,9 @@ def _unrolled(model: Transformer) -> Transformer:
         unrolled = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
     stacked = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     blocks = stacked.pop("blocks")
-    stacked["blocks"] = {layer: jax.tree.map(lambda a, layer=layer: a[layer], blocks)
-                         for layer in range(cfg.num_layers)}
+    stacked["blocks"] = {
+        layer: jax.tree.map(lambda a, layer=layer: a[layer], blocks) for layer in range(cfg.num_layers)
+    }
     state = nnx.state(unrolled, nnx.Param)
     nnx.replace_by_pure_dict(state, stacked)
     nnx.update(unrolled, state)
@@ -145,8 +160,9 @@ def _quantize(model: Transformer, qconfig: QuantConfig) -> Transformer:
         # Quantized on its own, the unembedding is the root module: its path is "".
         unembed_provider = qwix.PtqProvider(_rules(cfg, qconfig, "unembed", module_path=""))
         model.unembed = qwix.quantize_model(model.unembed, unembed_provider, x)
-    model.embed = QuantizedEmbed(model.embed, qconfig.weight_qtype, qconfig.group_for(cfg.embed_dim) or 0,
-                                 qconfig.act_qtype)
+    model.embed = QuantizedEmbed(
+        model.embed, qconfig.weight_qtype, qconfig.group_for(cfg.embed_dim) or 0, qconfig.act_qtype
+    )
     model.cfg = ml_collections.FrozenConfigDict(_quantized_model_cfg(cfg, qconfig))
     _replicate_group_axes_of_scales(model)
     return model
@@ -164,8 +180,10 @@ def _replicate_group_axes_of_scales(model: nnx.Module) -> None:
         qvalue = params.get(path[:-1] + ("qvalue",))
         names = scale.get_metadata().get("out_sharding")
         if path[-1] == "scale" and qvalue is not None and names:
-            scale.set_metadata("out_sharding", tuple(name if size == full else None for name, size, full
-                                                     in zip(names, scale.shape, qvalue.shape)))
+            scale.set_metadata(
+                "out_sharding",
+                tuple(name if size == full else None for name, size, full in zip(names, scale.shape, qvalue.shape)),
+            )
 
 
 def dequantized_params(model: Transformer) -> nnx.State:

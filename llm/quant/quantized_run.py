@@ -46,8 +46,9 @@ def save_quantized_run(run: Run, qdir: str, overwrite: bool = False) -> None:
     qdir = os.path.abspath(qdir)
     if os.path.exists(qdir):
         if not overwrite:
-            raise FileExistsError(f"{qdir!r} already exists; choose another output or pass overwrite=True "
-                                  "(--overwrite).")
+            raise FileExistsError(
+                f"{qdir!r} already exists; choose another output or pass overwrite=True (--overwrite)."
+            )
         if not is_quantized_dir(qdir):
             raise FileExistsError(f"{qdir!r} exists and is not a quantized run; refusing to overwrite it.")
     partial = qdir + ".partial"
@@ -84,8 +85,10 @@ def load_quantized_run(qdir: str, step: int | None = None, mesh_shape: Sequence[
     Same as `load_run(qdir)`, which recognises quantized runs itself, but refuses a float run.
     """
     if not is_quantized_dir(qdir):
-        raise ValueError(f"{qdir!r} is not a quantized run (no config.json with a `quantization` section); "
-                         "write one with scripts/quantize.py.")
+        raise ValueError(
+            f"{qdir!r} is not a quantized run (no config.json with a `quantization` section); "
+            "write one with scripts/quantize.py."
+        )
     return load_run(qdir, step, mesh_shape)
 
 

@@ -57,8 +57,15 @@ class ServeSettings:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -94,8 +101,9 @@ class _Job:
         for ticket in self.tickets:
             ticket.cancel()
 
-    async def events(self, deadline: float, disconnected: Callable[[], Awaitable[bool]] | None = None
-                     ) -> AsyncIterator[tuple[int, object]]:
+    async def events(
+        self, deadline: float, disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncIterator[tuple[int, object]]:
         remaining = len(self.tickets)
         while remaining:
             wait = deadline - time.monotonic()
@@ -106,7 +114,7 @@ class _Job:
             except TimeoutError:
                 if disconnected is not None and await disconnected():
                     # 499 (nginx's "client closed request"): nobody reads it, but /metrics counts it.
-                    raise APIError(499, "The client disconnected.", code="client_disconnected")
+                    raise APIError(499, "The client disconnected.", code="client_disconnected") from None
                 continue
             if isinstance(event, Finished):
                 remaining -= 1
@@ -145,10 +153,17 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
     """The server for one loaded model (any module with the Transformer interface, quantized or not)."""
     metrics = ServeMetrics()
     engine = Engine(model, tokenizer, settings.max_batch_size, settings.max_cache_len, metrics)
-    limits = completions.Limits(engine.max_cache_len, settings.max_prompt_tokens or engine.max_cache_len,
-                                settings.max_tokens, settings.max_choices)
-    limiter = (auth.RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
-               if settings.rate_limit_per_minute > 0 else None)
+    limits = completions.Limits(
+        engine.max_cache_len,
+        settings.max_prompt_tokens or engine.max_cache_len,
+        settings.max_tokens,
+        settings.max_choices,
+    )
+    limiter = (
+        auth.RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+        if settings.rate_limit_per_minute > 0
+        else None
+    )
     with open(CHAT_PAGE, encoding="utf-8") as f:
         chat_page = f.read()
     in_flight = 0
@@ -171,8 +186,13 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return _error_response(APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}",
-                                        headers=getattr(error, "headers", None)))
+        return _error_response(
+            APIError(
+                error.status_code,
+                f"{request.method} {request.url.path}: {error.detail}",
+                headers=getattr(error, "headers", None),
+            )
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
@@ -184,28 +204,36 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
         if settings.api_keys:
             key = auth.check_key(settings.api_keys, request.headers.get("authorization"))
             if key is None:
-                raise APIError(401, "Missing or invalid API key: send 'Authorization: Bearer YOUR_KEY'.",
-                               code="invalid_api_key")
+                raise APIError(
+                    401, "Missing or invalid API key: send 'Authorization: Bearer YOUR_KEY'.", code="invalid_api_key"
+                )
             client = key
         if limiter is not None:
             wait = limiter.acquire(client)
             if wait:
-                raise APIError(429, f"Rate limit of {settings.rate_limit_per_minute:g} requests per minute "
-                               f"reached; retry in {wait:.1f} s.", "rate_limit_error", code="rate_limit_exceeded",
-                               headers={"Retry-After": str(max(1, round(wait)))})
+                raise APIError(
+                    429,
+                    f"Rate limit of {settings.rate_limit_per_minute:g} requests per minute "
+                    f"reached; retry in {wait:.1f} s.",
+                    "rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(max(1, round(wait)))},
+                )
         return client
 
     async def read_json(request: Request) -> dict:
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > settings.max_body_bytes):
-            raise APIError(413, f"The request body is larger than {settings.max_body_bytes} bytes.",
-                           code="request_too_large")
+            raise APIError(
+                413, f"The request body is larger than {settings.max_body_bytes} bytes.", code="request_too_large"
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > settings.max_body_bytes:
-                raise APIError(413, f"The request body is larger than {settings.max_body_bytes} bytes.",
-                               code="request_too_large")
+                raise APIError(
+                    413, f"The request body is larger than {settings.max_body_bytes} bytes.", code="request_too_large"
+                )
         try:
             parsed = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -214,14 +242,22 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
             raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
         return parsed
 
-    async def serve(request: Request, schema: type[schemas.CompletionRequest | schemas.ChatCompletionRequest],
-                    plan_request: Callable) -> Response:
+    async def serve(
+        request: Request,
+        schema: type[schemas.CompletionRequest | schemas.ChatCompletionRequest],
+        plan_request: Callable,
+    ) -> Response:
         nonlocal in_flight
         deadline = time.monotonic() + settings.request_timeout_s
         authorize(request)
         if in_flight >= settings.max_concurrent_requests:
-            raise APIError(429, f"The server is busy ({settings.max_concurrent_requests} requests in progress); "
-                           "retry shortly.", "rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"The server is busy ({settings.max_concurrent_requests} requests in progress); retry shortly.",
+                "rate_limit_error",
+                code="server_busy",
+                headers={"Retry-After": "1"},
+            )
         in_flight += 1
         released = False
 
@@ -238,8 +274,12 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
                 message, param = schemas.describe(error, raw)
                 raise APIError(422, message, param=param) from None
             if body.model != settings.model_name:
-                raise APIError(404, f"The model '{body.model}' does not exist; this server serves "
-                               f"'{settings.model_name}'.", param="model", code="model_not_found")
+                raise APIError(
+                    404,
+                    f"The model '{body.model}' does not exist; this server serves '{settings.model_name}'.",
+                    param="model",
+                    code="model_not_found",
+                )
             try:
                 plan = plan_request(body, tokenizer, limits)
             except completions.RequestError as error:
@@ -248,30 +288,52 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
         except BaseException:
             release()
             raise
-        header = {"id": f"{'chatcmpl' if plan.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                  "model": settings.model_name}
+        header = {
+            "id": f"{'chatcmpl' if plan.chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": settings.model_name,
+        }
         choices = [completions.Choice(i, plan, tokenizer) for i in range(len(plan.requests))]
         if plan.stream:
-            return StreamingResponse(stream(job, plan, choices, header, deadline, release),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                stream(job, plan, choices, header, deadline, release),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         try:
             async for index, event in job.events(deadline, request.is_disconnected):
                 choices[index].add(event)
         finally:
             job.cancel()
             release()
-        return JSONResponse({**header, "object": "chat.completion" if plan.chat else "text_completion",
-                             "choices": [c.final() for c in choices], "usage": usage(plan, choices)})
+        return JSONResponse(
+            {
+                **header,
+                "object": "chat.completion" if plan.chat else "text_completion",
+                "choices": [c.final() for c in choices],
+                "usage": usage(plan, choices),
+            }
+        )
 
     def usage(plan: completions.Plan, choices: list[completions.Choice]) -> dict:
         completion_tokens = sum(c.finished.completion_tokens for c in choices if c.finished)
-        return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": plan.prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": plan.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": plan.prompt_tokens + completion_tokens,
+        }
 
-    async def stream(job: _Job, plan: completions.Plan, choices: list[completions.Choice], header: dict,
-                     deadline: float, release: Callable[[], None]) -> AsyncIterator[str]:
-        chunk = lambda delta: _sse({**header, "object": "chat.completion.chunk" if plan.chat else "text_completion",
-                                    "choices": [delta]})
+    async def stream(
+        job: _Job,
+        plan: completions.Plan,
+        choices: list[completions.Choice],
+        header: dict,
+        deadline: float,
+        release: Callable[[], None],
+    ) -> AsyncIterator[str]:
+        chunk = lambda delta: _sse(
+            {**header, "object": "chat.completion.chunk" if plan.chat else "text_completion", "choices": [delta]}
+        )
         try:
             for choice in choices:
                 if (opening := choice.opening()) is not None:
@@ -280,8 +342,14 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
                 if (delta := choices[index].add(event)) is not None:
                     yield chunk(delta)
             if plan.include_usage:
-                yield _sse({**header, "object": "chat.completion.chunk" if plan.chat else "text_completion",
-                            "choices": [], "usage": usage(plan, choices)})
+                yield _sse(
+                    {
+                        **header,
+                        "object": "chat.completion.chunk" if plan.chat else "text_completion",
+                        "choices": [],
+                        "usage": usage(plan, choices),
+                    }
+                )
             yield _sse("[DONE]")
         except APIError as error:  # The status line is sent already: the error goes in the stream.
             yield _sse(_error_body(error))
@@ -298,8 +366,13 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
         return await serve(request, schemas.ChatCompletionRequest, completions.plan_chat)
 
     def model_card() -> dict:
-        return {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "llm",
-                "max_model_len": engine.max_cache_len}
+        return {
+            "id": settings.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "llm",
+            "max_model_len": engine.max_cache_len,
+        }
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
@@ -316,10 +389,18 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         alive = engine.running
-        return JSONResponse({"status": "ok" if alive else "unavailable", "model": settings.model_name,
-                             "active_slots": engine.num_active, "queue_depth": engine.num_waiting,
-                             "max_batch_size": engine.max_batch_size, "in_flight_requests": in_flight,
-                             "last_error": engine.error}, status_code=200 if alive else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if alive else "unavailable",
+                "model": settings.model_name,
+                "active_slots": engine.num_active,
+                "queue_depth": engine.num_waiting,
+                "max_batch_size": engine.max_batch_size,
+                "in_flight_requests": in_flight,
+                "last_error": engine.error,
+            },
+            status_code=200 if alive else 503,
+        )
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -35,7 +35,7 @@ def check_key(keys: frozenset[str], authorization: str | None) -> str | None:
     Every key is compared in constant time, so response timing does not leak how much of a key matched."""
     if not authorization or not authorization.startswith("Bearer "):
         return None
-    presented = authorization[len("Bearer "):].strip().encode()
+    presented = authorization[len("Bearer ") :].strip().encode()
     matches = [key for key in keys if hmac.compare_digest(presented, key.encode())]
     return matches[0] if matches else None
 

@@ -17,8 +17,16 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 
-PROMPTS = ("Había una vez", "La ciudad de Madrid", "Mi abuela cocina", "El pingüino camina junto al río",
-           "¿Quién lo sabe?", "Un músico escribe una canción", "La compañía trabaja", "El señor García estudia")
+PROMPTS = (
+    "Había una vez",
+    "La ciudad de Madrid",
+    "Mi abuela cocina",
+    "El pingüino camina junto al río",
+    "¿Quién lo sabe?",
+    "Un músico escribe una canción",
+    "La compañía trabaja",
+    "El señor García estudia",
+)
 
 
 @contextlib.contextmanager
@@ -46,8 +54,15 @@ def background_server(app, host: str = "127.0.0.1", startup_timeout_s: float = 6
 
 def _one(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     """(latency, time to first token, completion tokens) of one streamed completion."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     start, first, tokens = time.perf_counter(), None, 0
     with client.stream("POST", url + "/v1/completions", json=body) as response:
         if response.status_code != 200:
@@ -55,7 +70,7 @@ def _one(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: in
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            chunk = json.loads(line[len("data: "):])
+            chunk = json.loads(line[len("data: ") :])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             if chunk["choices"] and first is None:
@@ -70,9 +85,16 @@ def _percentiles(values: list[float], name: str) -> dict[str, float]:
     return {f"{name}_p{q}_s": float(np.percentile(values, q)) for q in (50, 90, 99)} if values else {}
 
 
-def run(url: str | None = None, workdir: str | None = None, num_requests: int = 64, concurrency: int = 8,
-        max_tokens: int = 32, max_batch_size: int = 8, api_key: str | None = None,
-        request_timeout_s: float = 300.0) -> dict:
+def run(
+    url: str | None = None,
+    workdir: str | None = None,
+    num_requests: int = 64,
+    concurrency: int = 8,
+    max_tokens: int = 32,
+    max_batch_size: int = 8,
+    api_key: str | None = None,
+    request_timeout_s: float = 300.0,
+) -> dict:
     """Load-tests the server at `url`, or (with `workdir`) one started here on 127.0.0.1 for the run.
 
     `max_batch_size` applies to a server started here. The first request is a warm-up and is not counted.
@@ -80,8 +102,9 @@ def run(url: str | None = None, workdir: str | None = None, num_requests: int = 
     if (url is None) == (workdir is None):
         raise ValueError("Give exactly one of url (a running server) or workdir (serve that run here).")
     if num_requests < 1 or concurrency < 1 or max_tokens < 1:
-        raise ValueError(f"num_requests, concurrency and max_tokens must be >= 1; got {num_requests}, "
-                         f"{concurrency}, {max_tokens}.")
+        raise ValueError(
+            f"num_requests, concurrency and max_tokens must be >= 1; got {num_requests}, {concurrency}, {max_tokens}."
+        )
     if url is not None:
         return _load(url.rstrip("/"), num_requests, concurrency, max_tokens, api_key, request_timeout_s)
     import os
@@ -90,18 +113,27 @@ def run(url: str | None = None, workdir: str | None = None, num_requests: int = 
     from llm.serve import api
 
     loaded = loading.load_run(workdir)
-    settings = api.ServeSettings(os.path.basename(os.path.normpath(workdir)), max_batch_size=max_batch_size,
-                                 max_tokens=max_tokens, max_concurrent_requests=max(64, concurrency), warmup=True)
+    settings = api.ServeSettings(
+        os.path.basename(os.path.normpath(workdir)),
+        max_batch_size=max_batch_size,
+        max_tokens=max_tokens,
+        max_concurrent_requests=max(64, concurrency),
+        warmup=True,
+    )
     with background_server(api.create_app(loaded.model, loaded.tokenizer, settings)) as local_url:
-        return {"max_batch_size": max_batch_size,
-                **_load(local_url, num_requests, concurrency, max_tokens, api_key, request_timeout_s)}
+        return {
+            "max_batch_size": max_batch_size,
+            **_load(local_url, num_requests, concurrency, max_tokens, api_key, request_timeout_s),
+        }
 
 
-def _load(url: str, num_requests: int, concurrency: int, max_tokens: int, api_key: str | None,
-          timeout_s: float) -> dict:
+def _load(
+    url: str, num_requests: int, concurrency: int, max_tokens: int, api_key: str | None, timeout_s: float
+) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(headers=headers, timeout=timeout_s,
-                      limits=httpx.Limits(max_connections=concurrency + 1)) as client:
+    with httpx.Client(
+        headers=headers, timeout=timeout_s, limits=httpx.Limits(max_connections=concurrency + 1)
+    ) as client:
         models = client.get(url + "/v1/models")
         models.raise_for_status()
         model = models.json()["data"][0]["id"]
@@ -118,8 +150,16 @@ def _load(url: str, num_requests: int, concurrency: int, max_tokens: int, api_ke
                     errors.append(str(error))
         wall = time.perf_counter() - start
     latencies, ttfts, tokens = ([r[i] for r in results] for i in range(3))
-    return {"benchmark": "serve", "num_requests": num_requests, "concurrency": concurrency,
-            "max_tokens": max_tokens, "errors": len(errors), "wall_s": wall,
-            "requests_per_s": len(results) / wall, "output_tokens_per_s": sum(tokens) / wall,
-            **_percentiles(latencies, "latency"), **_percentiles(ttfts, "ttft"),
-            **({"first_error": errors[0]} if errors else {})}
+    return {
+        "benchmark": "serve",
+        "num_requests": num_requests,
+        "concurrency": concurrency,
+        "max_tokens": max_tokens,
+        "errors": len(errors),
+        "wall_s": wall,
+        "requests_per_s": len(results) / wall,
+        "output_tokens_per_s": sum(tokens) / wall,
+        **_percentiles(latencies, "latency"),
+        **_percentiles(ttfts, "ttft"),
+        **({"first_error": errors[0]} if errors else {}),
+    }

@@ -12,9 +12,9 @@ import re
 import secrets
 
 from llm import chat_template
+from llm.infer.sampling import SamplingParams
 from llm.serve import engine as engine_lib
 from llm.serve.schemas import ChatCompletionRequest, CompletionRequest
-from llm.infer.sampling import SamplingParams
 from llm.tokenizer import Tokenizer
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
@@ -63,37 +63,54 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
 
 
 def _sampling(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
-    return SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
-                          top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p,
-                          min_p=body.min_p or 0.0,
-                          repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty)
+    return SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=body.top_k or 0,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        min_p=body.min_p or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+    )
 
 
 def _max_tokens(requested: int | None, prompt_len: int, limits: Limits, default: int | None) -> int:
     if prompt_len > limits.max_prompt_tokens:
-        raise RequestError(f"The prompt has {prompt_len} tokens; this server accepts at most "
-                           f"{limits.max_prompt_tokens}.", "prompt", "context_length_exceeded")
+        raise RequestError(
+            f"The prompt has {prompt_len} tokens; this server accepts at most {limits.max_prompt_tokens}.",
+            "prompt",
+            "context_length_exceeded",
+        )
     room = limits.cache_len - prompt_len
     if requested is None:
         requested = default if default is not None else min(limits.max_tokens, room)
         if requested < 1:
-            raise RequestError(f"The prompt has {prompt_len} tokens and leaves no room for an answer in the "
-                               f"context of {limits.cache_len} tokens.", "messages", "context_length_exceeded")
+            raise RequestError(
+                f"The prompt has {prompt_len} tokens and leaves no room for an answer in the "
+                f"context of {limits.cache_len} tokens.",
+                "messages",
+                "context_length_exceeded",
+            )
     if requested > limits.max_tokens:
-        raise RequestError(f"max_tokens={requested} is more than this server allows ({limits.max_tokens}).",
-                           "max_tokens")
+        raise RequestError(
+            f"max_tokens={requested} is more than this server allows ({limits.max_tokens}).", "max_tokens"
+        )
     if requested > room:
-        raise RequestError(f"This model's maximum context length is {limits.cache_len} tokens. However, you "
-                           f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} "
-                           f"for the completion). Please reduce the prompt or max_tokens.", "max_tokens",
-                           "context_length_exceeded")
+        raise RequestError(
+            f"This model's maximum context length is {limits.cache_len} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} "
+            f"for the completion). Please reduce the prompt or max_tokens.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
     return requested
 
 
 def _choices(prompts: list[list[int]], n: int, limits: Limits) -> None:
     if len(prompts) * n > limits.max_choices:
-        raise RequestError(f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices; this server allows "
-                           f"{limits.max_choices} per request.", "n")
+        raise RequestError(
+            f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices; this server allows "
+            f"{limits.max_choices} per request.",
+            "n",
+        )
 
 
 def _seeds(seed: int | None, count: int) -> list[int]:
@@ -115,18 +132,33 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer, limits: Limit
     seeds = _seeds(body.seed, len(prompts) * n)
     for text, ids in zip(raw, prompts):
         if any(token >= tokenizer.vocab_size for token in ids):
-            raise RequestError(f"Prompt token ids must be below the vocabulary size {tokenizer.vocab_size}.",
-                               "prompt")
+            raise RequestError(f"Prompt token ids must be below the vocabulary size {tokenizer.vocab_size}.", "prompt")
         max_tokens = _max_tokens(body.max_tokens, len(ids), limits, default=16)
         for _ in range(n):
-            requests.append(engine_lib.Request(
-                ids, max_tokens, _sampling(body), seeds[len(requests)], body.stop_strings(),
-                () if body.ignore_eos else (tokenizer.eos_id,), body.logprobs,
-                prompt_logprobs=bool(body.echo) and body.logprobs is not None))
+            requests.append(
+                engine_lib.Request(
+                    ids,
+                    max_tokens,
+                    _sampling(body),
+                    seeds[len(requests)],
+                    body.stop_strings(),
+                    () if body.ignore_eos else (tokenizer.eos_id,),
+                    body.logprobs,
+                    prompt_logprobs=bool(body.echo) and body.logprobs is not None,
+                )
+            )
             echo.append((text if isinstance(text, str) else tokenizer.decode(text)) if body.echo else None)
             skip.append(1 if isinstance(text, str) else 0)  # The BOS the server added is not the user's text.
-    return Plan(False, requests, echo, skip, body.logprobs is not None, bool(body.stream),
-                bool(body.stream_options and body.stream_options.include_usage), sum(map(len, prompts)))
+    return Plan(
+        False,
+        requests,
+        echo,
+        skip,
+        body.logprobs is not None,
+        bool(body.stream),
+        bool(body.stream_options and body.stream_options.include_usage),
+        sum(map(len, prompts)),
+    )
 
 
 def plan_chat(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -> Plan:
@@ -143,10 +175,20 @@ def plan_chat(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits)
     if body.top_logprobs and not body.logprobs:
         raise RequestError("top_logprobs needs logprobs=true.", "top_logprobs")
     stop_ids = () if body.ignore_eos else chat_template.stop_token_ids(tokenizer)
-    requests = [engine_lib.Request(ids, max_tokens, _sampling(body), seed, body.stop_strings(), stop_ids, logprobs)
-                for seed in _seeds(body.seed, n)]
-    return Plan(True, requests, [None] * n, [0] * n, logprobs is not None, bool(body.stream),
-                bool(body.stream_options and body.stream_options.include_usage), len(ids))
+    requests = [
+        engine_lib.Request(ids, max_tokens, _sampling(body), seed, body.stop_strings(), stop_ids, logprobs)
+        for seed in _seeds(body.seed, n)
+    ]
+    return Plan(
+        True,
+        requests,
+        [None] * n,
+        [0] * n,
+        logprobs is not None,
+        bool(body.stream),
+        bool(body.stream_options and body.stream_options.include_usage),
+        len(ids),
+    )
 
 
 class Choice:
@@ -188,8 +230,12 @@ class Choice:
     def opening(self) -> dict | None:
         """The first stream delta: the assistant role (chat) or the echoed prompt (completions)."""
         if self.plan.chat:
-            return {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None}
+            return {
+                "index": self.index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
         if self.echo is None or self.request.prompt_logprobs:
             return None  # No echo, or the echo waits for the prompt's logprobs (see `add`).
         return self._delta(self.echo, 0, None)
@@ -205,27 +251,43 @@ class Choice:
         text = "".join(self.text)
         logprobs = self._logprobs(0, len(self.ids)) if self.plan.logprobs else None
         if self.plan.chat:
-            return {"index": self.index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                    "finish_reason": self.finished.reason}
+            return {
+                "index": self.index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": self.finished.reason,
+            }
         return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": self.finished.reason}
 
     def _logprobs(self, start: int, end: int) -> dict:
         tok = self.tokenizer
         if self.plan.chat:
-            return {"content": [
-                {"token": token_text(tok, i), "logprob": lp, "bytes": token_bytes(tok, i),
-                 "top_logprobs": [{"token": token_text(tok, t), "logprob": v, "bytes": token_bytes(tok, t)}
-                                  for t, v in top or []]}
-                for i, lp, top in zip(self.ids[start:end], self.logprobs[start:end], self.tops[start:end])]}
-        return {"tokens": [token_text(tok, i) for i in self.ids[start:end]],
-                "token_logprobs": self.logprobs[start:end],
-                "top_logprobs": [None if top is None else {token_text(tok, t): v for t, v in top}
-                                 for top in self.tops[start:end]],
-                "text_offset": [self._text_offset(position) for position in range(start, end)]}
+            return {
+                "content": [
+                    {
+                        "token": token_text(tok, i),
+                        "logprob": lp,
+                        "bytes": token_bytes(tok, i),
+                        "top_logprobs": [
+                            {"token": token_text(tok, t), "logprob": v, "bytes": token_bytes(tok, t)}
+                            for t, v in top or []
+                        ],
+                    }
+                    for i, lp, top in zip(self.ids[start:end], self.logprobs[start:end], self.tops[start:end])
+                ]
+            }
+        return {
+            "tokens": [token_text(tok, i) for i in self.ids[start:end]],
+            "token_logprobs": self.logprobs[start:end],
+            "top_logprobs": [
+                None if top is None else {token_text(tok, t): v for t, v in top} for top in self.tops[start:end]
+            ],
+            "text_offset": [self._text_offset(position) for position in range(start, end)],
+        }
 
     def _text_offset(self, position: int) -> int:
         """Where token `position` starts in the returned text (echoed prompt, then completion)."""
         if position < self._prompt_tokens:
             return len(self.tokenizer.decode(self.ids[:position]))
         base = len(self.echo) if self.echo is not None else 0
-        return base + len(self.tokenizer.decode(self.ids[self._prompt_tokens:position]))
+        return base + len(self.tokenizer.decode(self.ids[self._prompt_tokens : position]))

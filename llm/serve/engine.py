@@ -90,7 +90,7 @@ Event = PromptLogprobs | Token | Finished
 class Ticket:
     """A submitted request: `cancel()` frees its slot before the next decode step."""
 
-    def __init__(self, request: Request, emit: Callable[[Event], None], engine: "Engine"):
+    def __init__(self, request: Request, emit: Callable[[Event], None], engine: Engine):
         self.request, self.emit, self.submitted = request, emit, time.perf_counter()
         self.cancelled = False
         self._engine = engine
@@ -114,21 +114,36 @@ def _batch_axis(field: str) -> int:
 
 def _cache_row(cache: KVCache, slot: jax.Array, start: int) -> KVCache:
     """Row `slot` of the cache as a batch-1 cache written from position `start` (after any soft prompt)."""
-    rows = {name: jax.lax.dynamic_slice_in_dim(value, slot, 1, _batch_axis(name))
-            for name, value in cache._asdict().items() if value is not None and name != "index"}
+    rows = {
+        name: jax.lax.dynamic_slice_in_dim(value, slot, 1, _batch_axis(name))
+        for name, value in cache._asdict().items()
+        if value is not None and name != "index"
+    }
     return cache._replace(**rows, index=jnp.full((1,), start, jnp.int32))
 
 
 def _put_cache_row(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
-    rows = {name: jax.lax.dynamic_update_slice_in_dim(getattr(cache, name), value, slot, _batch_axis(name))
-            for name, value in row._asdict().items() if value is not None and name != "index"}
+    rows = {
+        name: jax.lax.dynamic_update_slice_in_dim(getattr(cache, name), value, slot, _batch_axis(name))
+        for name, value in row._asdict().items()
+        if value is not None and name != "index"
+    }
     return cache._replace(**rows)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "with_prompt_logprobs"), donate_argnames=("cache", "seen"))
-def _prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, seen: jax.Array, slot: jax.Array,
-             tokens: jax.Array, length: jax.Array, sampling: RowSampling, seed: jax.Array,
-             with_prompt_logprobs: bool):
+def _prefill(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: KVCache,
+    seen: jax.Array,
+    slot: jax.Array,
+    tokens: jax.Array,
+    length: jax.Array,
+    sampling: RowSampling,
+    seed: jax.Array,
+    with_prompt_logprobs: bool,
+):
     """Writes one prompt (tokens (1, bucket), the first `length` real) into row `slot` and samples its first
     new token. Returns (token, logprob, top ids, top logprobs, prompt logprobs or None, cache, seen)."""
     model = nnx.merge(graphdef, params)
@@ -156,8 +171,17 @@ def _prefill(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, seen: ja
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "seen"))
-def _decode_step(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, seen: jax.Array, tokens: jax.Array,
-                 active: jax.Array, sampling: RowSampling, seeds: jax.Array, counts: jax.Array):
+def _decode_step(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    cache: KVCache,
+    seen: jax.Array,
+    tokens: jax.Array,
+    active: jax.Array,
+    sampling: RowSampling,
+    seeds: jax.Array,
+    counts: jax.Array,
+):
     """One new token for every slot: tokens (B,) are written at each row's own cache index. Idle rows are
     computed too (the shapes never change) but reset to the start of the row (after any soft prompt), where
     the next prefill overwrites them."""
@@ -183,8 +207,14 @@ class Engine:
     (optional) receives `queue(waiting, active)`, `tokens(prompt, completion)` and `first_token(seconds)`.
     """
 
-    def __init__(self, model: nnx.Module, tokenizer: Tokenizer, max_batch_size: int = 8,
-                 max_cache_len: int | None = None, metrics=None):
+    def __init__(
+        self,
+        model: nnx.Module,
+        tokenizer: Tokenizer,
+        max_batch_size: int = 8,
+        max_cache_len: int | None = None,
+        metrics=None,
+    ):
         self.cfg = model.cfg
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
@@ -222,7 +252,7 @@ class Engine:
     def num_active(self) -> int:
         return sum(row is not None for row in self._slots)
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread.start()
         return self
 
@@ -246,8 +276,10 @@ class Engine:
         if not 1 <= prompt_len <= self.max_cache_len:
             raise ValueError(f"A prompt must have 1 to {self.max_cache_len} tokens, got {prompt_len}.")
         if not 0 <= request.max_tokens <= self.max_cache_len - prompt_len:
-            raise ValueError(f"max_tokens={request.max_tokens} with a prompt of {prompt_len} tokens exceeds the "
-                             f"cache length of {self.max_cache_len} tokens.")
+            raise ValueError(
+                f"max_tokens={request.max_tokens} with a prompt of {prompt_len} tokens exceeds the "
+                f"cache length of {self.max_cache_len} tokens."
+            )
         if request.logprobs is not None and not 0 <= request.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {request.logprobs}.")
         if any(not 0 <= t < self.cfg.vocab_size for t in request.prompt):
@@ -336,9 +368,12 @@ class Engine:
             if prompt is not None:
                 chosen, ids, values = (np.asarray(x) for x in prompt)
                 count = len(request.prompt) - 1
-                ticket.emit(PromptLogprobs(
-                    [None] + chosen[:count].tolist(),
-                    [None] + [self._top(ids[t], values[t], request.logprobs) for t in range(count)]))
+                ticket.emit(
+                    PromptLogprobs(
+                        [None] + chosen[:count].tolist(),
+                        [None] + [self._top(ids[t], values[t], request.logprobs) for t in range(count)],
+                    )
+                )
             if request.max_tokens == 0:
                 self._finish(slot, "length")
             else:
@@ -347,17 +382,34 @@ class Engine:
     def _run_prefill(self, slot: int, prompt: Sequence[int], request: Request):
         size = bucket(len(prompt), self.max_cache_len)
         tokens = np.zeros((1, size), np.int32)
-        tokens[0, :len(prompt)] = prompt
+        tokens[0, : len(prompt)] = prompt
         sampling = RowSampling.stack([request.sampling])
         token, logprob, top_ids, top_logprobs, prompt_logprobs, self._cache, self._seen = _prefill(
-            self.graphdef, self.params, self._cache, self._seen, np.int32(slot), tokens, np.int32(len(prompt)),
-            sampling, np.array([request.seed % 2**32], np.uint32), with_prompt_logprobs=request.prompt_logprobs)
+            self.graphdef,
+            self.params,
+            self._cache,
+            self._seen,
+            np.int32(slot),
+            tokens,
+            np.int32(len(prompt)),
+            sampling,
+            np.array([request.seed % 2**32], np.uint32),
+            with_prompt_logprobs=request.prompt_logprobs,
+        )
         return token, logprob, top_ids, top_logprobs, prompt_logprobs
 
     def _run_decode(self, active: np.ndarray):
         next_tokens, chosen, top_ids, top_logprobs, self._cache, self._seen = _decode_step(
-            self.graphdef, self.params, self._cache, self._seen, self._tokens, active, self._sampling,
-            self._seeds, self._counts)
+            self.graphdef,
+            self.params,
+            self._cache,
+            self._seen,
+            self._tokens,
+            active,
+            self._sampling,
+            self._seeds,
+            self._counts,
+        )
         return np.asarray(next_tokens), np.asarray(chosen), np.asarray(top_ids), np.asarray(top_logprobs)
 
     def _step(self) -> None:
@@ -388,7 +440,7 @@ class Engine:
 
     @staticmethod
     def _top(ids: np.ndarray, values: np.ndarray, count: int | None) -> list[tuple[int, float]]:
-        return [(int(i), float(v)) for i, v in zip(ids[:count or 0], values[:count or 0])]
+        return [(int(i), float(v)) for i, v in zip(ids[: count or 0], values[: count or 0])]
 
     def _finish(self, slot: int, reason: str, final_text: str | None = None, error: str | None = None) -> None:
         row = self._slots[slot]

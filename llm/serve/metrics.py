@@ -16,17 +16,26 @@ class ServeMetrics:
 
     def __init__(self):
         self.registry = prom.CollectorRegistry()
-        self.requests = prom.Counter("llm_requests", "HTTP requests by endpoint and status code.",
-                                     ["endpoint", "status"], registry=self.registry)
+        self.requests = prom.Counter(
+            "llm_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=self.registry
+        )
         self.prompt_tokens = prom.Counter("llm_prompt_tokens", "Prompt tokens prefilled.", registry=self.registry)
         self.completion_tokens = prom.Counter("llm_completion_tokens", "Tokens generated.", registry=self.registry)
-        self.waiting = prom.Gauge("llm_queue_depth", "Requests waiting for a free decode slot.",
-                                  registry=self.registry)
+        self.waiting = prom.Gauge("llm_queue_depth", "Requests waiting for a free decode slot.", registry=self.registry)
         self.active = prom.Gauge("llm_active_slots", "Decode slots in use.", registry=self.registry)
-        self.latency = prom.Histogram("llm_request_latency_seconds", "Time from request to last byte, by endpoint.",
-                                      ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.ttft = prom.Histogram("llm_time_to_first_token_seconds", "Time from submission to the first token.",
-                                   buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.latency = prom.Histogram(
+            "llm_request_latency_seconds",
+            "Time from request to last byte, by endpoint.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = prom.Histogram(
+            "llm_time_to_first_token_seconds",
+            "Time from submission to the first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
 
     # The engine's hooks (llm.serve.engine.Engine calls these from its thread; prometheus_client is thread-safe).
     def queue(self, waiting: int, active: int) -> None:

@@ -64,8 +64,12 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     """POST /v1/completions. `prompt` is text, a list of texts, token ids or a list of token-id lists."""
 
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)] | \
-        Annotated[list[Annotated[TokenIds, Field(min_length=1)]], Field(min_length=1)]
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[TokenIds, Field(min_length=1)]
+        | Annotated[list[Annotated[TokenIds, Field(min_length=1)]], Field(min_length=1)]
+    )
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     echo: bool | None = None
 

@@ -22,17 +22,24 @@ from llm.train import metrics as metrics_lib, optimizer as optimizer_lib, step a
 
 def machine() -> dict[str, Any]:
     device = jax.devices()[0]
-    return {"platform": device.platform, "device_kind": device.device_kind, "device_count": jax.device_count(),
-            "process_count": jax.process_count(), "jax_version": jax.__version__}
+    return {
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "jax_version": jax.__version__,
+    }
 
 
 def _synthetic_batch(config: ml_collections.ConfigDict, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     shape = (config.train.batch_size, config.data.seq_len)
-    return {"tokens": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
-            "segment_ids": np.ones(shape, np.int32),
-            "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
-            "loss_mask": np.ones(shape, np.int32)}
+    return {
+        "tokens": rng.integers(0, config.model.vocab_size, shape, dtype=np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+        "loss_mask": np.ones(shape, np.int32),
+    }
 
 
 def peak_memory() -> dict[str, float | None]:
@@ -40,8 +47,10 @@ def peak_memory() -> dict[str, float | None]:
     stats = [d.memory_stats() or {} for d in jax.local_devices()]
     device_peaks = [s.get("peak_bytes_in_use") for s in stats if s.get("peak_bytes_in_use") is not None]
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_device_memory_gib": max(device_peaks) / 2**30 if device_peaks else None,
-            "host_peak_rss_gib": rss_kib / 2**20}
+    return {
+        "peak_device_memory_gib": max(device_peaks) / 2**30 if device_peaks else None,
+        "host_peak_rss_gib": rss_kib / 2**20,
+    }
 
 
 def benchmark_train(config: ml_collections.ConfigDict, num_steps: int = 10, warmup_steps: int = 2) -> dict[str, Any]:

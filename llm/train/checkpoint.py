@@ -64,28 +64,44 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], config: dict[str, Any]) -> None:
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config)))
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config)
+            ),
+        )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """Restores (state, data-iterator state, config) of `step` onto the shardings of `abstract_state`."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore()))
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
         return restored.state, restored.data, restored.config
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the model parameters of `step` (no optimizer state): what inference and evaluation need."""
         target = {"params": abstract_params}
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+                )
+            ),
+        )
         # A partial restore leaves placeholders where the checkpoint has no value: refuse rather than run on them.
         leaves = jax.tree_util.tree_flatten_with_path(restored.state["params"])[0]
         missing = [jax.tree_util.keystr(path) for path, leaf in leaves if isinstance(leaf, jax.ShapeDtypeStruct)]
         if missing:
-            raise ValueError(f"Checkpoint {step} in {self.directory!r} has no values for {len(missing)} parameters "
-                             f"(e.g. {missing[:3]}): it was written by a model with another config.")
+            raise ValueError(
+                f"Checkpoint {step} in {self.directory!r} has no values for {len(missing)} parameters "
+                f"(e.g. {missing[:3]}): it was written by a model with another config."
+            )
         return restored.state["params"]
 
     def restore_config(self, step: int) -> dict[str, Any]:

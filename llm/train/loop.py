@@ -35,7 +35,8 @@ def check_data_path(config: ml_collections.ConfigDict) -> None:
     if not path:
         raise config_validation.ConfigError(
             "config.data.path is empty: pass --config.data.path=DIR, a directory made by scripts/prepare_data.py "
-            "with train/ and validation/ shards.")
+            "with train/ and validation/ shards."
+        )
     sources = {"data.path": path}
     if config.data.replay_fraction > 0:
         sources["data.replay_path"] = config.data.replay_path
@@ -43,8 +44,10 @@ def check_data_path(config: ml_collections.ConfigDict) -> None:
         for split in ("train", "validation") if config.train.eval_every else ("train",):
             records_dir = loader.split_dir(directory, split)
             if not os.path.isdir(records_dir):
-                raise FileNotFoundError(f"config.{key}={directory!r} has no {split}/ directory ({records_dir!r} "
-                                        "is missing); prepare it with scripts/prepare_data.py.")
+                raise FileNotFoundError(
+                    f"config.{key}={directory!r} has no {split}/ directory ({records_dir!r} "
+                    "is missing); prepare it with scripts/prepare_data.py."
+                )
 
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:
@@ -58,14 +61,20 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
     if source.train.trainable != "all":
         raise config_validation.ConfigError(
             f"config.init_from={config.init_from!r} is a {source.train.trainable} run whose checkpoints hold only "
-            "what it trained; start from a full run (a LoRA run can be merged first: scripts/merge_lora.py).")
+            "what it trained; start from a full run (a LoRA run can be merged first: scripts/merge_lora.py)."
+        )
     for key, value in source.model.items():
         adapter = key.startswith("lora_") or key == "soft_prompt_length"
-        if not adapter and key in config.model and config.model[key] != value \
-                and key not in ("dropout_rate", "remat_policy", "scan_layers", "attention_impl", "dtype"):
+        if (
+            not adapter
+            and key in config.model
+            and config.model[key] != value
+            and key not in ("dropout_rate", "remat_policy", "scan_layers", "attention_impl", "dtype")
+        ):
             raise config_validation.ConfigError(
                 f"config.model.{key}={config.model[key]!r} differs from the run in config.init_from "
-                f"({value!r}); fine-tuning keeps the pretrained architecture.")
+                f"({value!r}); fine-tuning keeps the pretrained architecture."
+            )
 
 
 def load_base_params(config: ml_collections.ConfigDict, abstract_base: Any) -> Any:
@@ -91,8 +100,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         _write_json(os.path.join(workdir, "config.json"), config_dict)
         # A run directory is self-contained: inference and evaluation find the tokenizer next to the weights.
-        source_dir = config.data.path if os.path.exists(os.path.join(config.data.path, "tokenizer.model")) \
-            else config.init_from
+        source_dir = (
+            config.data.path if os.path.exists(os.path.join(config.data.path, "tokenizer.model")) else config.init_from
+        )
         tokenizer_path = os.path.join(source_dir, "tokenizer.model")
         if os.path.exists(tokenizer_path):
             shutil.copyfile(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
@@ -105,9 +115,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     pairs = train_cfg.objective == "dpo"
     replay = config.data.replay_path if config.data.replay_fraction > 0 else ""
     data = loader.TrainIterator(
-        loader.split_dir(config.data.path, "train"), config.data.seq_len, local_batch, config.seed,
-        config.data.num_workers, config.data.prefetch_buffer_size, jax.process_index(), jax.process_count(),
-        pairs, replay and loader.split_dir(replay, "train"), config.data.replay_fraction)
+        loader.split_dir(config.data.path, "train"),
+        config.data.seq_len,
+        local_batch,
+        config.seed,
+        config.data.num_workers,
+        config.data.prefetch_buffer_size,
+        jax.process_index(),
+        jax.process_count(),
+        pairs,
+        replay and loader.split_dir(replay, "train"),
+        config.data.replay_fraction,
+    )
     # Validation sets by metric prefix: the run's own, and with replay the earlier corpus's ("replay_eval_"),
     # which shows how much of the old distribution continued pretraining forgets.
     validation = {}
@@ -115,10 +134,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         for prefix, path in (("", config.data.path), ("replay_", replay)):
             if path:
                 validation[prefix] = loader.validation_batches(
-                    loader.split_dir(path, "validation"), config.data.seq_len, local_batch,
-                    train_cfg.eval_batches, jax.process_index(), jax.process_count(), pairs)
-    checkpointer = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                           train_cfg.keep_checkpoints)
+                    loader.split_dir(path, "validation"),
+                    config.data.seq_len,
+                    local_batch,
+                    train_cfg.eval_batches,
+                    jax.process_index(),
+                    jax.process_count(),
+                    pairs,
+                )
+    checkpointer = checkpoint.Checkpointer(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), train_cfg.keep_checkpoints
+    )
 
     with sharding.use_mesh(mesh, rules):
         steps = step_lib.build_steps(config, mesh, optimizer, schedule)
@@ -162,8 +188,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 if done % train_cfg.log_every == 0 or is_last:
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_sec = tokens_per_step * interval_steps / elapsed if interval_steps else None
-                    last = {**values, "tokens_per_sec": tokens_per_sec,
-                            "mfu": metrics_lib.mfu(tokens_per_sec, flops_per_token, peak) if tokens_per_sec else None}
+                    last = {
+                        **values,
+                        "tokens_per_sec": tokens_per_sec,
+                        "mfu": metrics_lib.mfu(tokens_per_sec, flops_per_token, peak) if tokens_per_sec else None,
+                    }
                     if config.train.objective == "lm":
                         last["perplexity"] = math.exp(min(values["loss"], 50.0))
                     writer.write(done, last)
@@ -184,8 +213,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return last
 
 
-def evaluate(steps: step_lib.Steps, state: step_lib.TrainState, frozen: step_lib.Frozen,
-             batches: list[loader.Batch], mesh: Any, rules: Any) -> dict[str, float]:
+def evaluate(
+    steps: step_lib.Steps,
+    state: step_lib.TrainState,
+    frozen: step_lib.Frozen,
+    batches: list[loader.Batch],
+    mesh: Any,
+    rules: Any,
+) -> dict[str, float]:
     """Every training metric averaged over the validation batches, as eval_<name> (plus eval_perplexity)."""
     sums: dict[str, float] = {}
     weight = 0.0
@@ -200,10 +235,19 @@ def evaluate(steps: step_lib.Steps, state: step_lib.TrainState, frozen: step_lib
     return evaluation
 
 
-def evaluate_all(steps: step_lib.Steps, state: step_lib.TrainState, frozen: step_lib.Frozen,
-                 validation: dict[str, list[loader.Batch]], mesh: Any, rules: Any) -> dict[str, float]:
-    return {prefix + name: value for prefix, batches in validation.items()
-            for name, value in evaluate(steps, state, frozen, batches, mesh, rules).items()}
+def evaluate_all(
+    steps: step_lib.Steps,
+    state: step_lib.TrainState,
+    frozen: step_lib.Frozen,
+    validation: dict[str, list[loader.Batch]],
+    mesh: Any,
+    rules: Any,
+) -> dict[str, float]:
+    return {
+        prefix + name: value
+        for prefix, batches in validation.items()
+        for name, value in evaluate(steps, state, frozen, batches, mesh, rules).items()
+    }
 
 
 def _check_finite(values: dict[str, float], step: int, checkpointer: checkpoint.Checkpointer) -> None:
@@ -215,7 +259,8 @@ def _check_finite(values: dict[str, float], step: int, checkpointer: checkpoint.
         f"param_norm={values['param_norm']}. "
         f"Stopped without saving; the last good checkpoint is step {checkpointer.latest_step()} in "
         f"{checkpointer.directory}. Lower config.optimizer.learning_rate, enable grad clipping or a z-loss, "
-        "then re-run to resume from it.")
+        "then re-run to resume from it."
+    )
 
 
 def _check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -227,7 +272,8 @@ def _check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
                 diff = next(f"model.{k}" for k in current[section] if saved[section].get(k) != current[section][k])
             raise config_validation.ConfigError(
                 f"The workdir holds a checkpoint of a different run: config.{diff} differs from the saved "
-                "config. Use a new --workdir, or restore the saved value.")
+                "config. Use a new --workdir, or restore the saved value."
+            )
 
 
 def _write_json(path: str, value: Any) -> None:

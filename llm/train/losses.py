@@ -55,8 +55,14 @@ def _targets_at_every_position(tokens: jax.Array, weights: jax.Array) -> tuple[j
     return jnp.pad(tokens[:, 1:], pad), jnp.pad(weights, pad)
 
 
-def chunked_next_token_loss(features: jax.Array, project: Callable[[jax.Array], jax.Array], tokens: jax.Array,
-                            weights: jax.Array, z_loss: float, chunk_size: int) -> LossSums:
+def chunked_next_token_loss(
+    features: jax.Array,
+    project: Callable[[jax.Array], jax.Array],
+    tokens: jax.Array,
+    weights: jax.Array,
+    z_loss: float,
+    chunk_size: int,
+) -> LossSums:
     """`next_token_loss(project(features), ...)`, `chunk_size` positions of logits at a time."""
     features, targets = features[:, :-1], tokens[:, 1:]
     length = features.shape[1]
@@ -88,8 +94,14 @@ def sequence_logprobs(logits: jax.Array, tokens: jax.Array, weights: jax.Array) 
     return jnp.sum(target * weights, axis=-1)
 
 
-def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_chosen: jax.Array,
-             reference_rejected: jax.Array, beta: float, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+def dpo_loss(
+    policy_chosen: jax.Array,
+    policy_rejected: jax.Array,
+    reference_chosen: jax.Array,
+    reference_rejected: jax.Array,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> dict[str, jax.Array]:
     """Direct Preference Optimization (Rafailov et al. 2023), per pair, from sequence log-probabilities.
 
     The implicit reward of a response is beta * (log pi(y|x) - log pi_ref(y|x)); the loss is
@@ -101,5 +113,10 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, reference_cho
     rejected_reward = beta * (policy_rejected - reference_rejected)
     margin = chosen_reward - rejected_reward
     loss = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(margin) - label_smoothing * jax.nn.log_sigmoid(-margin)
-    return {"loss": loss, "reward_accuracy": (margin > 0).astype(jnp.float32), "reward_margin": margin,
-            "chosen_reward": chosen_reward, "rejected_reward": rejected_reward}
+    return {
+        "loss": loss,
+        "reward_accuracy": (margin > 0).astype(jnp.float32),
+        "reward_margin": margin,
+        "chosen_reward": chosen_reward,
+        "rejected_reward": rejected_reward,
+    }

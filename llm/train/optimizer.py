@@ -47,6 +47,14 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
     transforms = []
     if opt.grad_clip_norm > 0:
         transforms.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-    transforms.append(optax.adamw(learning_rate_schedule(opt, num_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                                  weight_decay=opt.weight_decay, mask=weight_decay_mask))
+    transforms.append(
+        optax.adamw(
+            learning_rate_schedule(opt, num_steps),
+            b1=opt.b1,
+            b2=opt.b2,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+            mask=weight_decay_mask,
+        )
+    )
     return optax.chain(*transforms)

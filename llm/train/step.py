@@ -76,8 +76,7 @@ def trained_model(config: ml_collections.ConfigDict, base: nnx.State | None) -> 
         if model.prompt_length:
             model.soft_prompt.value = _prompt_from_vocabulary(model, config.seed)
     if config.train.quantize_base != "none":
-        model = ptq.quantize_model(model, ptq.QuantConfig(config.train.quantize_base,
-                                                          config.train.quantize_group_size))
+        model = ptq.quantize_model(model, ptq.QuantConfig(config.train.quantize_base, config.train.quantize_group_size))
     return model
 
 
@@ -96,8 +95,9 @@ def batch_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return records.FIELDS
 
 
-def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.GradientTransformation,
-                schedule: optax.Schedule) -> Steps:
+def build_steps(
+    config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.GradientTransformation, schedule: optax.Schedule
+) -> Steps:
     rules, train_cfg = config.logical_axis_rules, config.train
     trainable = TRAINABLE[train_cfg.trainable]
     dpo = train_cfg.objective == "dpo"
@@ -119,7 +119,7 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
     frozen_shardings = sharding.tree_shardings(abstract_frozen, mesh, rules)
     base_shardings = sharding.tree_shardings(abstract_base, mesh, rules)
     batch_sharding = sharding.logical_sharding(mesh, rules, ("batch", "length"))
-    batch_shardings = {name: batch_sharding for name in batch_fields(config)}
+    batch_shardings = dict.fromkeys(batch_fields(config), batch_sharding)
     replicated = sharding.replicated(mesh)
     dropout = config.model.dropout_rate > 0 or (config.model.lora_rank > 0 and config.model.lora_dropout > 0)
     base_key = jax.random.key(config.seed)
@@ -129,14 +129,17 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
         weights = losses.next_token_weights(batch["segment_ids"], batch["loss_mask"])
         if train_cfg.loss_chunk_size:
             cross_entropy, z_term, weight = losses.chunked_next_token_loss(
-                features, model.logits, batch["tokens"], weights, train_cfg.z_loss, train_cfg.loss_chunk_size)
+                features, model.logits, batch["tokens"], weights, train_cfg.z_loss, train_cfg.loss_chunk_size
+            )
         else:
             cross_entropy, z_term, weight = losses.next_token_loss(
-                model.logits(features), batch["tokens"], weights, train_cfg.z_loss)
+                model.logits(features), batch["tokens"], weights, train_cfg.z_loss
+            )
         return cross_entropy + z_term, {"loss": cross_entropy}, weight
 
-    def dpo_terms(model: Transformer, reference: Transformer, batch: Batch,
-                  key: jax.Array | None) -> tuple[jax.Array, dict, jax.Array]:
+    def dpo_terms(
+        model: Transformer, reference: Transformer, batch: Batch, key: jax.Array | None
+    ) -> tuple[jax.Array, dict, jax.Array]:
         # Chosen and rejected responses go through the model as one batch of twice the rows.
         joined = {name: jnp.concatenate([batch[f"{side}_{name}"] for side in DPO_SIDES]) for name in records.FIELDS}
         weights = losses.next_token_weights(joined["segment_ids"], joined["loss_mask"])
@@ -147,8 +150,14 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
 
         policy_chosen, policy_rejected = logprobs(model, key)
         reference_chosen, reference_rejected = jax.lax.stop_gradient(logprobs(reference, None))
-        per_pair = losses.dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                                   train_cfg.dpo_beta, train_cfg.dpo_label_smoothing)
+        per_pair = losses.dpo_loss(
+            policy_chosen,
+            policy_rejected,
+            reference_chosen,
+            reference_rejected,
+            train_cfg.dpo_beta,
+            train_cfg.dpo_label_smoothing,
+        )
         sums = {name: jnp.sum(values) for name, values in per_pair.items()}
         return sums["loss"], sums, jnp.asarray(policy_chosen.shape[0], jnp.float32)
 
@@ -156,8 +165,9 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
         """(objective to differentiate, (metric sums, weight)); metrics are sums so accumulation is exact."""
         model = nnx.merge(graphdef, params, frozen["rest"])
         if dpo:
-            objective, sums, weight = dpo_terms(model, nnx.merge(graphdef, frozen["reference"], frozen["rest"]),
-                                                batch, key)
+            objective, sums, weight = dpo_terms(
+                model, nnx.merge(graphdef, frozen["reference"], frozen["rest"]), batch, key
+            )
         else:
             objective, sums, weight = lm_terms(model, batch, key)
         return objective, (sums, weight)
@@ -174,13 +184,18 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
             microbatch, index = inputs
             key = None if step_key is None else jax.random.fold_in(step_key, index)
             (_, (micro_sums, weight)), grads = grad_fn(params, frozen, microbatch, key)
-            return (jax.tree.map(jnp.add, grad_sum, grads), jax.tree.map(jnp.add, sums, micro_sums),
-                    weight_sum + weight), None
+            return (
+                jax.tree.map(jnp.add, grad_sum, grads),
+                jax.tree.map(jnp.add, sums, micro_sums),
+                weight_sum + weight,
+            ), None
 
         accum = train_cfg.grad_accum_steps
         microbatches = jax.tree.map(lambda x: _split_microbatches(x, accum), batch)
-        zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: loss_terms(params, frozen, jax.tree.map(lambda x: x[0], microbatches), None)[1][0]))
+        zero_sums = jax.tree.map(
+            jnp.zeros_like,
+            jax.eval_shape(lambda: loss_terms(params, frozen, jax.tree.map(lambda x: x[0], microbatches), None)[1][0]),
+        )
         zeros = (jax.tree.map(jnp.zeros_like, params), zero_sums, jnp.zeros((), jnp.float32))
         (grad_sum, sums, weight_sum), _ = jax.lax.scan(accumulate, zeros, (microbatches, jnp.arange(accum)))
         # Losses are sums: dividing once by the total weight makes accumulation equal the full batch.
@@ -191,8 +206,9 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
         new_state = {"step": step + 1, "params": new_params, "opt_state": opt_state}
         # param_norm is of the *updated* parameters: the NaN guard checks it before saving them.
         metrics = {name: value / weight for name, value in sums.items()}
-        metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(new_params),
-                       learning_rate=schedule(step))
+        metrics.update(
+            grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(new_params), learning_rate=schedule(step)
+        )
         return new_state, metrics
 
     def eval_step(state: TrainState, frozen: Frozen, batch: Batch) -> dict[str, Any]:
@@ -207,10 +223,15 @@ def build_steps(config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.
         init=jax.jit(init, out_shardings=(state_shardings, frozen_shardings)),
         # XLA drops the unused train-state computation, so a resume never holds two full states at once.
         init_frozen=jax.jit(lambda base: init(base)[1], out_shardings=frozen_shardings),
-        train=jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
-                      out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
-        eval=jax.jit(eval_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
-                     out_shardings=replicated),
+        train=jax.jit(
+            train_step,
+            in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=(0,),
+        ),
+        eval=jax.jit(
+            eval_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings), out_shardings=replicated
+        ),
     )
 
 

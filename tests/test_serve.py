@@ -14,7 +14,7 @@ import pytest
 
 from llm import chat_template
 from llm.infer import generate, loading
-from llm.serve import api, bench
+from llm.serve import admission, api, bench, errors
 from tests import conftest
 from tests.conftest import forward
 
@@ -226,6 +226,32 @@ def test_bad_chat_requests_get_openai_errors(server):
     )
     assert late_system.status_code == 400 and "system" in late_system.json()["error"]["message"]
     assert httpx.get(server[0] + "/v1/nothing").json()["error"]["message"]
+
+
+def test_models_health_and_unknown_routes(server):
+    url, app = server
+    assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == [MODEL]
+    card = httpx.get(url + f"/v1/models/{MODEL}").json()
+    assert card["id"] == MODEL and card["max_model_len"] == app.state.engine.max_cache_len
+    missing = httpx.get(url + "/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    wrong_method = httpx.get(url + "/v1/completions")
+    assert wrong_method.status_code == 405 and set(wrong_method.json()["error"]) == {"message", "type", "param", "code"}
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == MODEL and health["in_flight_requests"] == 0
+
+
+def test_a_request_slot_is_released_once():
+    in_flight = admission.InFlight(limit=1)
+    slot = in_flight.enter()
+    with pytest.raises(errors.APIError) as busy:
+        in_flight.enter()
+    assert busy.value.status == 429 and busy.value.code == "server_busy"
+    slot.release()
+    slot.release()  # The stream's cleanup and the error path may both release it.
+    assert in_flight.count == 0
+    in_flight.enter()
+    assert in_flight.count == 1
 
 
 def test_api_keys_and_rate_limit(run):

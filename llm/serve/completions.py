@@ -2,7 +2,8 @@
 
 A request becomes one engine request per choice (prompts x n). `Choice` collects one choice's events and
 renders them either as a whole response (`final`) or incrementally as stream chunks (`delta`), in the
-shapes of OpenAI's `text_completion`, `chat.completion` and `chat.completion.chunk` objects.
+shapes of OpenAI's `text_completion`, `chat.completion` and `chat.completion.chunk` objects; `Answer`
+wraps a request's choices in the response object (id, model, usage).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import secrets
+import time
+import uuid
 
 from llm import chat_template
 from llm.infer.sampling import SamplingParams
@@ -291,3 +294,39 @@ class Choice:
             return len(self.tokenizer.decode(self.ids[:position]))
         base = len(self.echo) if self.echo is not None else 0
         return base + len(self.tokenizer.decode(self.ids[self._prompt_tokens : position]))
+
+
+class Answer:
+    """One request's choices, and the response objects around them: whole, or stream chunks."""
+
+    def __init__(self, plan: Plan, tokenizer: Tokenizer, model_name: str):
+        self.plan = plan
+        self.choices = [Choice(i, plan, tokenizer) for i in range(len(plan.requests))]
+        # Every chunk of a stream repeats the response's id, creation time and model.
+        self.header = {
+            "id": f"{'chatcmpl' if plan.chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": model_name,
+        }
+
+    def usage(self) -> dict:
+        completion_tokens = sum(c.finished.completion_tokens for c in self.choices if c.finished)
+        return {
+            "prompt_tokens": self.plan.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.plan.prompt_tokens + completion_tokens,
+        }
+
+    def whole(self) -> dict:
+        """The non-streamed response, once every choice has finished."""
+        return {
+            **self.header,
+            "object": "chat.completion" if self.plan.chat else "text_completion",
+            "choices": [c.final() for c in self.choices],
+            "usage": self.usage(),
+        }
+
+    def chunk(self, deltas: list[dict], usage: bool = False) -> dict:
+        """A stream chunk with `deltas`; with `usage`, the closing chunk that carries the token counts."""
+        chunk = {**self.header, "object": "chat.completion.chunk" if self.plan.chat else "text_completion"}
+        return {**chunk, "choices": deltas, "usage": self.usage()} if usage else {**chunk, "choices": deltas}

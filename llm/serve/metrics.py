@@ -6,6 +6,9 @@ as in the tests, count separately.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Collection
+
 import prometheus_client as prom
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -56,3 +59,29 @@ class ServeMetrics:
 
     def exposition(self) -> bytes:
         return prom.generate_latest(self.registry)
+
+
+class RequestMetricsMiddleware:
+    """ASGI middleware: counts every HTTP request by endpoint and status, and times it to its last byte (streams
+    included, which a route handler could not see). Paths not in `endpoints` count as "other", so clients
+    probing arbitrary paths cannot grow the label set."""
+
+    def __init__(self, app, metrics: ServeMetrics, endpoints: Collection[str]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def send_and_note_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+            self.metrics.request(endpoint, status, time.perf_counter() - start)

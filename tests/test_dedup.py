@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from llm.data import dedup, dedup_bench
+from llm.corpus import dedup, dedup_bench
 
 QUIJOTE = (
     "En un lugar de la Mancha, de cuyo nombre no quiero acordarme, no ha mucho tiempo que vivía un hidalgo "

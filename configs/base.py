@@ -1,7 +1,8 @@
 """Every config key with its default, documented once. Recipes start from `get_config()` and override.
 
-Any key may be overridden from the command line, e.g. `--config.model.num_layers=4`. Allowed values of the
-choice keys live in `llm/config_validation.py`, which checks every config before a run starts.
+Any key may be overridden from the command line, e.g. `--config.model.num_layers=4`. This file is the schema
+that `llm/config_validation.py` checks every config against before a run starts: a key it lacks is refused, a
+value must have its default's type, and a choice key must take one of its `CHOICES`.
 """
 
 import ml_collections
@@ -23,6 +24,23 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("norm", None),
 )
 
+# The allowed values of every choice key; the code that dispatches on a key has exactly these cases (tested).
+CHOICES = {
+    "model.mlp_activation": ("gelu", "swiglu"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.position_encoding": ("rope", "learned", "sinusoidal"),
+    "model.remat_policy": ("none", "full", "save_dots"),
+    "model.attention_impl": ("auto", "xla", "blocked", "cudnn", "splash"),
+    "model.kv_cache_dtype": ("auto", "int8"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "optimizer.schedule": ("cosine", "linear", "constant"),
+    "train.objective": ("lm", "dpo"),
+    "train.trainable": ("all", "lora", "soft_prompt"),
+    "train.quantize_base": ("none", "int8", "int4"),
+    "quantization.mode": ("none", "int8", "int4", "int8_act"),
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -30,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     # A run directory (scripts/train.py) whose latest checkpoint gives the starting weights: fine-tuning,
     # LoRA, DPO and continued pretraining. The model config must match it (LoRA settings aside).
     config.init_from = ""
+    # Chat-tuned: every tool prompts the run through the chat template (llm/chat_template.py). Training sets
+    # it when its data are chat rows (scripts/prepare_sft.py, prepare_dpo.py) or init_from is chat-tuned.
+    config.chat = False
 
     # Devices form a (data, fsdp, tensor) mesh; one entry may be -1 ("all remaining devices").
     config.mesh_shape = (1, -1, 1)
@@ -59,10 +80,13 @@ def get_config() -> ml_collections.ConfigDict:
     model.lora_targets = "attention/(query|key|value|out)"
     model.soft_prompt_length = 0  # >0: prompt tuning's learned embeddings read before every document.
     model.scan_layers = False  # Stack the blocks and run them with lax.scan: compile time flat in depth.
-    model.remat_policy = "none"  # Activation rematerialization: "none", "full" or "save_dots".
-    model.attention_impl = "auto"  # "auto" (by platform), "xla" (reference) or "cudnn" (GPU flash attention).
-    model.dtype = "float32"  # Compute dtype of matmuls and activations ("bfloat16" on accelerators).
-    model.param_dtype = "float32"  # Storage dtype of parameters and optimizer state.
+    model.remat_policy = "none"  # Activation rematerialization: "none", "full" or "save_dots" (keep matmul outputs).
+    # "auto" (cudnn on GPU, splash on TPU, blocked on CPU), "xla" (the reference), "blocked" (XLA attention
+    # that skips key blocks above the causal diagonal), "cudnn" (GPU flash attention) or "splash" (TPU Pallas).
+    model.attention_impl = "auto"
+    model.kv_cache_dtype = "auto"  # KV cache for decoding: "auto" (the compute dtype) or "int8" (per-token scales).
+    model.dtype = "float32"  # Compute dtype: "float32", "bfloat16" (on accelerators) or "float16".
+    model.param_dtype = "float32"  # Storage dtype of parameters and optimizer state: "float32" or "bfloat16".
 
     config.data = data = ml_collections.ConfigDict()
     data.path = ""  # Directory with train/ and validation/ ArrayRecord shards (scripts/prepare_data.py).
@@ -104,5 +128,12 @@ def get_config() -> ml_collections.ConfigDict:
     opt.eps = 1e-8  # AdamW epsilon.
     opt.weight_decay = 0.1  # Decoupled weight decay; applied to weight matrices only (not norms, biases, embeddings).
     opt.grad_clip_norm = 1.0  # Clip the global gradient norm to this (0: no clipping).
+
+    # Post-training quantization (written by scripts/quantize.py into the quantized run's config.json).
+    config.quantization = quant = ml_collections.ConfigDict()
+    quant.mode = "none"  # "none" (a float run), "int8", "int4" (grouped) or "int8_act" (weights and activations).
+    quant.group_size = 128  # int4: inputs per scale (a layer the group does not divide uses the largest that does).
+    quant.source_workdir = ""  # The float run it was made from, and its step (-1: none).
+    quant.source_step = -1
 
     return config

@@ -1,8 +1,8 @@
 """Start-up validation of a training config: fail at once, naming the key and what it may be.
 
 `configs/base.py` is the schema: a config may not add a key it lacks, and every value must have the type
-of the base default. On top of that, this module holds the allowed values of the choice keys and the
-constraints that tie keys together. Nothing here touches devices or compiles anything.
+of the base default. On top of that, each choice key must take one of its allowed values (`base.CHOICES`), and
+this module holds the constraints that tie keys together. Nothing here touches devices or compiles anything.
 """
 
 from __future__ import annotations
@@ -12,23 +12,6 @@ from typing import Any
 import ml_collections
 
 from configs import base
-from llm.model.attention import ATTENTION_IMPLS
-from llm.train.optimizer import SCHEDULES
-from llm.train.step import BASE_QUANTIZATION, OBJECTIVES, TRAINABLE
-
-CHOICES = {
-    "model.mlp_activation": ("gelu", "swiglu"),
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.position_encoding": ("rope", "learned", "sinusoidal"),
-    "model.remat_policy": ("none", "full", "save_dots"),
-    "model.attention_impl": ATTENTION_IMPLS,
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16"),
-    "optimizer.schedule": SCHEDULES,
-    "train.objective": OBJECTIVES,
-    "train.trainable": tuple(TRAINABLE),
-    "train.quantize_base": BASE_QUANTIZATION,
-}
 
 POSITIVE = (
     "model.vocab_size",
@@ -76,7 +59,7 @@ class ConfigError(ValueError):
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first offending key."""
     _check_schema(config, base.get_config(), prefix="")
-    for key, allowed in CHOICES.items():
+    for key, allowed in base.CHOICES.items():
         if _get(config, key) not in allowed:
             raise ConfigError(f"config.{key}={_get(config, key)!r} is not one of {allowed}.")
     for key in POSITIVE:

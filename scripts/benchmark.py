@@ -59,8 +59,9 @@ def _print_table(result: dict) -> None:
 
 
 def _decode() -> dict:
-    from llm.infer import benchmark as decode_benchmark, loading
+    from llm.infer import benchmark as decode_benchmark
     from llm.model.transformer import create_model
+    from llm.runs import loading
 
     batch_sizes = [int(b) for b in _BATCH_SIZES.value]
     if _WORKDIR.value:
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> None:
             ),
         }
     else:
-        from llm.data import dedup_bench, stage_bench  # MinHash is compared with datasketch (a bench dependency).
+        from llm.corpus import dedup_bench, stage_bench
 
         result = {
             "benchmark": "data",

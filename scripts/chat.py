@@ -2,9 +2,12 @@
 
     python scripts/chat.py --workdir=runs/tiny_es [--temperature=0.7 --max_new_tokens=128]
 
-A pretrained (not instruction-tuned) model continues a plain-text dialogue: each turn is sent as
-"Usuario: ...\\nAsistente:" after the conversation so far, and the answer ends where the model starts the
-user's next turn. Commands: /reset clears the conversation, /exit (or Ctrl-D) quits.
+A chat-tuned run (trained on chat rows: its config has `chat=True`, see configs/sft_es.py) is prompted
+exactly as it was trained: the conversation so far through the chat template (llm/chat_template.py), ending
+with <|assistant|>, and its answer ends at <|end|>. A pretrained run continues a plain-text dialogue instead:
+each turn is sent as "Usuario: ...\\nAsistente:" after the conversation so far, and the answer ends where the
+model starts the user's next turn. When the conversation outgrows the context, its oldest turns are dropped.
+Commands: /reset clears the conversation, /exit (or Ctrl-D) quits.
 """
 
 import os
@@ -12,9 +15,12 @@ import sys
 
 from absl import app, flags
 
-from llm.infer import generate, loading
+from llm import chat_template
+from llm.infer import generate
 from llm.infer.sampling import SamplingParams
 from llm.model.transformer import context_length
+from llm.runs import loading
+from llm.tokenizer import Tokenizer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -23,7 +29,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.7, "0 = greedy.", lower_bound
 _TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass (1: off).", lower_bound=0.0, upper_bound=1.0)
 _REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.1, "CTRL repetition penalty (1: off).")
 _SYSTEM = flags.DEFINE_string(
-    "system", "Conversación en español entre un usuario y un asistente amable.", "Text placed before the dialogue."
+    "system",
+    "Conversación en español entre un usuario y un asistente amable.",
+    "System message of a chat-tuned run, or the text placed before a plain dialogue (empty: none).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (each turn adds its index).")
 
@@ -42,8 +50,16 @@ def main(argv: list[str]) -> None:
     # Leave room for the answer: at least a quarter of the context, at most max_new_tokens.
     context = context_length(run.model.cfg)
     prompt_budget = context - min(_MAX_NEW_TOKENS.value, context // 4)
-    print(f"Modelo de {_WORKDIR.value} (paso {run.step}). /reset para empezar de nuevo, /exit para salir.")
-    turns: list[str] = []
+    chat = run.config.chat
+    build_prompt = _chat_prompt if chat else _plain_prompt
+    stop = (
+        {"stop_token_ids": chat_template.stop_token_ids(run.tokenizer)}
+        if chat
+        else {"stop_strings": (f"\n{USER}", "\n\n")}
+    )
+    kind = "ajustado para chat" if chat else "preentrenado"
+    print(f"Modelo {kind} de {_WORKDIR.value} (paso {run.step}). /reset para empezar de nuevo, /exit para salir.")
+    messages: list[dict[str, str]] = []
     for turn in range(10**9):
         try:
             message = input("\nTú: ").strip()
@@ -53,37 +69,54 @@ def main(argv: list[str]) -> None:
         if message == "/exit":
             return
         if message == "/reset":
-            turns = []
+            messages = []
             continue
         if not message:
             continue
-        turns.append(f"{USER} {message}\n{ASSISTANT}")
-        prompt = _fit_prompt(run.tokenizer, turns, prompt_budget)
+        messages.append({"role": "user", "content": message})
+        prompt = build_prompt(run.tokenizer, messages, prompt_budget)
         if prompt is None:
             print("(Mensaje demasiado largo para el contexto del modelo.)")
-            turns = []
+            messages = []
             continue
-        sys.stdout.write("Asistente:")
+        sys.stdout.write(ASSISTANT + (" " if chat else ""))
         answer = generate.stream_text(
             run,
             prompt,
             _MAX_NEW_TOKENS.value,
             lambda text: (sys.stdout.write(text), sys.stdout.flush()),
             sampling,
-            stop_strings=(f"\n{USER}", "\n\n"),
             seed=_SEED.value + turn,
+            **stop,
         )
         print()
-        turns[-1] += f"{answer}\n"
+        messages.append({"role": "assistant", "content": answer})
 
 
-def _fit_prompt(tokenizer, turns: list[str], budget: int) -> str | None:
-    """The system text and as many recent turns as fit `budget` tokens; drops the oldest turns (in place)."""
-    while turns:
-        for prompt in (_SYSTEM.value + "\n\n" + "".join(turns), "".join(turns)):
-            if len(tokenizer.encode(prompt, add_bos=True)) <= budget:
-                return prompt
-        turns.pop(0)
+def _chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]], budget: int) -> list[int] | None:
+    """The conversation through the chat template, ending with <|assistant|>, in at most `budget` tokens;
+    drops the oldest exchanges (in place) to fit."""
+    system = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
+    while messages:
+        ids, _ = chat_template.render(tokenizer, system + messages, add_generation_prompt=True)
+        if len(ids) <= budget:
+            return ids
+        del messages[:2]  # The oldest user turn and its answer.
+    return None
+
+
+def _plain_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]], budget: int) -> list[int] | None:
+    """The system text and as many recent turns as fit `budget` tokens, as a plain-text dialogue; drops the
+    oldest exchanges (in place) to fit."""
+    while messages:
+        turns = "".join(
+            f"{USER} {m['content']}\n{ASSISTANT}" if m["role"] == "user" else f"{m['content']}\n" for m in messages
+        )
+        for text in (_SYSTEM.value + "\n\n" + turns, turns):
+            ids = tokenizer.encode(text, add_bos=True)
+            if len(ids) <= budget:
+                return ids
+        del messages[:2]
     return None
 
 

@@ -11,8 +11,8 @@ import os
 
 from absl import app, flags
 
-from llm.data.corpus_io import write_text
 from llm.eval import report
+from llm.io import write_text
 
 _OUTPUT = flags.DEFINE_string("output", "", "Also write the Markdown table to this file.")
 

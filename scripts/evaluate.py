@@ -16,13 +16,13 @@ import os
 
 from absl import app, flags, logging
 
+from llm import checkpoint
 from llm.eval import model_card, report, suite
 from llm.eval.tasks import DEFAULT_DATA_DIR
-from llm.infer import loading
 from llm.infer.benchmark import benchmark_decode
 from llm.model.transformer import count_params
-from llm.quant import ptq, quantized_run
-from llm.train import checkpoint
+from llm.quant import ptq
+from llm.runs import directory, loading, quantized_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _TASKS = flags.DEFINE_string("tasks", ",".join(suite.TASKS), f"Comma-separated tasks from: {', '.join(suite.TASKS)}.")
@@ -74,7 +74,7 @@ def _checked_inputs() -> tuple[list[str], suite.Settings]:
     workdir = _WORKDIR.value
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir={workdir!r} does not exist.")
-    config = checkpoint.load_config(workdir)
+    config = directory.load_config(workdir)
     checkpoint.require_checkpoint(workdir, _STEP.value)
     settings = suite.Settings(
         data_dir=_DATA_DIR.value,
@@ -132,14 +132,14 @@ def main(argv: list[str]) -> None:
 
 
 def _label(run: loading.Run) -> str:
-    return run.config.quantization.mode if "quantization" in run.config else "float"
+    return run.config.quantization.mode if ptq.is_quantized(run.config) else "float"
 
 
 def _variants(run: loading.Run) -> dict[str, loading.Run]:
     """The runs to evaluate: the run itself, and with --quantize or a quantized run its counterpart."""
     if _QUANTIZE.value:
         return {"float": run, _QUANTIZE.value: quantized_run.quantize_run(run, _QUANTIZE.value)}
-    if "quantization" in run.config:
+    if ptq.is_quantized(run.config):
         return {"float": quantized_run.load_source_run(run), _label(run): run}
     return {"float": run}
 

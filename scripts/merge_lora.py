@@ -9,15 +9,12 @@ with the merged parameters: load it for inference, serve it, quantize it, or sta
 from it with --config.init_from. It carries no optimizer state, so it is not a run to resume.
 """
 
-import json
 import os
-import shutil
 
 from absl import app, flags
-from flax import nnx
 
-from llm.infer import loading
-from llm.train import checkpoint
+from llm import checkpoint
+from llm.runs import directory, loading
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "LoRA or QLoRA run directory (train.trainable='lora').", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the merged run (must not exist).", required=True)
@@ -27,7 +24,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config = checkpoint.load_config(_WORKDIR.value)
+    config = directory.load_config(_WORKDIR.value)
     if config.train.trainable != "lora":
         raise app.UsageError(
             f"--workdir={_WORKDIR.value!r} is not a LoRA run (train.trainable="
@@ -40,14 +37,7 @@ def main(argv: list[str]) -> None:
     merged_config = run.config
     merged_config.update(init_from="")
     merged_config.train.trainable = "all"
-    os.makedirs(_OUTPUT.value)
-    with open(os.path.join(_OUTPUT.value, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(json.loads(merged_config.to_json()), f, indent=2, sort_keys=True)
-    shutil.copyfile(run.tokenizer.path, os.path.join(_OUTPUT.value, "tokenizer.model"))
-    saver = checkpoint.Checkpointer(os.path.join(os.path.abspath(_OUTPUT.value), "checkpoints"), keep=1)
-    saver.save(run.step, {"params": nnx.state(run.model, nnx.Param)}, {}, json.loads(merged_config.to_json()))
-    saver.wait()
-    saver.close()
+    directory.save_run(_OUTPUT.value, merged_config, run.tokenizer.path, run.step, run.model)
     print(f"Merged step {run.step} of {_WORKDIR.value} into {_OUTPUT.value}.")
 
 

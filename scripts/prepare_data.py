@@ -18,7 +18,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm.data import local_runner, pipeline
+from llm.corpus import local_runner, pipeline
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
     except ValueError as error:
         raise app.UsageError(str(error)) from error
     if _RUNNER.value == "beam":
-        from llm.data import beam_runner  # the [beam] extra: imported only when asked for
+        from llm.corpus import beam_runner
 
         runner = beam_runner.BeamRunner(config, beam_args)
     else:

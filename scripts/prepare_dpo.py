@@ -8,21 +8,22 @@
 "rejected" are answers. With --chatterbot, a demo set is built from the Spanish chatterbot-corpus dialogues
 (chosen: the real answer; rejected: an answer from a dialogue of another category) and written to
 DIR/prefs.jsonl first. Writes DIR/train/, DIR/validation/ (records.encode_pair records), DIR/tokenizer.model
-and DIR/report.json. See llm/data/preference.py for the row layout and the length policy.
+and DIR/report.json. See llm/finetune_data/preference.py for the row layout and the length policy.
 """
 
 import json
 
+import finetune_flags
 from absl import app, flags
 
-from llm.data import finetune_cli, preference, sft
+from llm.finetune_data import preference, sft
 
 _MIN_VALIDATION_PAIRS = flags.DEFINE_integer(
     "min_validation_pairs",
     1,
     "At least this many validation pairs (set it to the training batch size: evaluation needs a full batch).",
 )
-flags.adopt_module_key_flags(finetune_cli)  # --help lists the shared flags too.
+flags.adopt_module_key_flags(finetune_flags)  # --help lists the shared flags too.
 
 
 def _write_chatterbot_pairs(path: str) -> dict:
@@ -39,12 +40,12 @@ def _write_chatterbot_pairs(path: str) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    path, source = finetune_cli.input_path("prefs.jsonl", _write_chatterbot_pairs)
-    report = finetune_cli.prepare(
+    path, source = finetune_flags.input_path("prefs.jsonl", _write_chatterbot_pairs)
+    report = finetune_flags.prepare(
         preference.prepare_dpo, path, min_validation_pairs=_MIN_VALIDATION_PAIRS.value, source=source
     )
     print(json.dumps({key: report[key] for key in ("pairs", "drops", "mean_tokens", "splits")}, ensure_ascii=False))
-    print(f"Wrote {finetune_cli.OUTPUT_DIR.value}/train/, validation/, tokenizer.model and report.json.")
+    print(f"Wrote {finetune_flags.OUTPUT_DIR.value}/train/, validation/, tokenizer.model and report.json.")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
         --output_dir=data/sentiment_es [--seq_len=128 --data_dir=llm/eval/data]
 
 Each row is the evaluation suite's zero-shot sentiment prompt followed by the label word and eos, with the
-loss on the label word and eos only (llm/data/sentiment_tuning.py). Writes DIR/train/, DIR/validation/,
+loss on the label word and eos only (llm/finetune_data/sentiment_tuning.py). Writes DIR/train/, DIR/validation/,
 DIR/tokenizer.model and DIR/report.json. The test split is left for the evaluation.
 """
 
@@ -12,8 +12,8 @@ import json
 
 from absl import app, flags
 
-from llm.data import sentiment_tuning
 from llm.eval import tasks
+from llm.finetune_data import sentiment_tuning
 
 _DATA_DIR = flags.DEFINE_string("data_dir", tasks.DEFAULT_DATA_DIR, "Directory of the sentiment_es_* files.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (llm/tokenizer.py).", required=True)

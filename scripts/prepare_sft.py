@@ -8,22 +8,23 @@ Input: one `{"messages": [{"role": "system|user|assistant", "content": "..."}, .
 --chatterbot, the Spanish dialogues of the chatterbot-corpus package (pip install -e '.[finetune]') are
 converted to that format first and written to DIR/chats.jsonl. Writes DIR/train/, DIR/validation/,
 DIR/tokenizer.model and DIR/report.json (conversations kept, truncated and dropped by reason, tokens, rows,
-assistant-token fraction). See llm/data/sft.py for the length policy.
+assistant-token fraction). See llm/finetune_data/sft.py for the length policy.
 """
 
 import collections
 import json
 
+import finetune_flags
 from absl import app, flags
 
-from llm.data import finetune_cli, sft
+from llm.finetune_data import sft
 
 _MIN_VALIDATION_ROWS = flags.DEFINE_integer(
     "min_validation_rows",
     1,
     "At least this many validation rows (set it to the training batch size: evaluation needs a full batch).",
 )
-flags.adopt_module_key_flags(finetune_cli)  # --help lists the shared flags too.
+flags.adopt_module_key_flags(finetune_flags)  # --help lists the shared flags too.
 
 
 def _write_chatterbot_chats(path: str) -> dict:
@@ -37,15 +38,17 @@ def _write_chatterbot_chats(path: str) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    path, source = finetune_cli.input_path("chats.jsonl", _write_chatterbot_chats)
-    report = finetune_cli.prepare(sft.prepare_sft, path, min_validation_rows=_MIN_VALIDATION_ROWS.value, source=source)
+    path, source = finetune_flags.input_path("chats.jsonl", _write_chatterbot_chats)
+    report = finetune_flags.prepare(
+        sft.prepare_sft, path, min_validation_rows=_MIN_VALIDATION_ROWS.value, source=source
+    )
     print(
         json.dumps(
             {key: report[key] for key in ("conversations", "drops", "tokens", "rows", "assistant_token_fraction")},
             ensure_ascii=False,
         )
     )
-    print(f"Wrote {finetune_cli.OUTPUT_DIR.value}/train/, validation/, tokenizer.model and report.json.")
+    print(f"Wrote {finetune_flags.OUTPUT_DIR.value}/train/, validation/, tokenizer.model and report.json.")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import os
 
 from absl import app, flags
 
-from llm.infer import loading
-from llm.quant import ptq, quantized_run
-from llm.train import checkpoint
+from llm import checkpoint
+from llm.quant import ptq
+from llm.runs import directory, loading, quantized_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _MODE = flags.DEFINE_string("mode", None, f"Quantization mode: {', '.join(ptq.MODES)}.", required=True)
@@ -37,8 +37,8 @@ def _checked_output() -> str:
     workdir = _WORKDIR.value.rstrip("/")
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir={workdir!r} does not exist.")
-    config = checkpoint.load_config(workdir)
-    if "quantization" in config:
+    config = directory.load_config(workdir)
+    if ptq.is_quantized(config):
         raise ValueError(
             f"--workdir={workdir!r} is already quantized ({config.quantization.mode}); "
             "quantize the float run it came from."

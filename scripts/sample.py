@@ -8,8 +8,9 @@ import os
 
 from absl import app, flags
 
-from llm.infer import generate, loading
+from llm.infer import generate
 from llm.infer.sampling import SamplingParams
+from llm.runs import loading
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat the flag for several).", required=True)

@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-from llm.infer import loading
+from llm.runs import loading
 from llm.serve import api, auth
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)

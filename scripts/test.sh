@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv if missing, installs the package with its test extra, and runs the test suite (CPU only).
+# Creates .venv if missing, installs the package with its test extra, checks lint, format and the import
+# layering, and runs the test suite (CPU only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -7,4 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest tests "$@"

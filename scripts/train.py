@@ -7,8 +7,8 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from llm import config_validation, sharding
-from llm.train import checkpoint, loop
+from llm import checkpoint, config_validation, sharding
+from llm.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_es.py", "Training config (a configs/*.py file).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.", required=True)

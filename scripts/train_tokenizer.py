@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from absl import app, flags
 
 from llm import tokenizer
-from llm.data import sources
-from llm.data.document import Document
+from llm.corpus import sources
+from llm.corpus.document import Document
 
 _INPUT = flags.DEFINE_string("input", None, "Text (.txt/.md) or JSONL file, directory or glob.", required=True)
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "JSONL field holding the text.")

@@ -17,13 +17,13 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import tiny_es  # noqa: E402
-from llm import sharding  # noqa: E402
-from llm.data import loader, records  # noqa: E402
-from llm.train import (
-    checkpoint,  # noqa: E402
-    optimizer as optimizer_lib,
-    step as step_lib,
+from llm import (
+    checkpoint,
+    sharding,  # noqa: E402
 )
+from llm.data import loader, records  # noqa: E402
+from llm.runs import directory
+from llm.train import optimizer as optimizer_lib, step as step_lib
 
 TINY_SEQ_LEN = 32
 TINY_VOCAB = 128
@@ -83,7 +83,7 @@ def forward(model, tokens, positions=None, segment_ids=None, dropout_key=None):
 
 def finetune_config(trained_run, **train):
     """The trained run's config, fine-tuning from it (`init_from`) for 12 steps with checkpoints every 4."""
-    config = checkpoint.load_config(trained_run)
+    config = directory.load_config(trained_run)
     config.init_from = trained_run
     config.train.update({**dict(num_steps=12, log_every=2, eval_every=6, checkpoint_every=4), **train})
     return config

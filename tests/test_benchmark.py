@@ -14,7 +14,7 @@ from conftest import spanish_documents, tiny_config
 
 from configs import tiny_es
 from configs.data import es_default
-from llm.data import stage_bench
+from llm.corpus import stage_bench
 from llm.infer import benchmark as decode_benchmark
 from llm.model.transformer import create_model
 from llm.train import benchmark as train_benchmark, metrics

@@ -1,13 +1,13 @@
-"""Cleaning (llm/data/clean.py), the archaic-orthography normalizer, and the stage chain (llm/data/stages.py)."""
+"""Cleaning (llm/corpus/clean.py), the archaic-orthography normalizer, and the stage chain (llm/corpus/stages.py)."""
 
 import pickle
 
 import pytest
 
 from configs.data.es_default import get_config
-from llm.data import clean
-from llm.data.document import Document, Dropped
-from llm.data.stages import document_stages
+from llm.corpus import clean
+from llm.corpus.document import Document, Dropped
+from llm.corpus.stages import document_stages
 
 
 def _clean(text: str) -> str:

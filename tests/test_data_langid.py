@@ -1,4 +1,4 @@
-"""Language identification (llm/data/langid.py): offline fastText lid.176, Spanish against its neighbours."""
+"""Language identification (llm/corpus/langid.py): offline fastText lid.176, Spanish against its neighbours."""
 
 import pathlib
 import pickle
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from llm.data import langid
-from llm.data.document import Document, Dropped
+from llm.corpus import langid
+from llm.corpus.document import Document, Dropped
 
 SENTENCES = {
     "es": "El niño comió una manzana y después se fue a dormir a su casa, porque estaba muy cansado.",
@@ -65,15 +65,15 @@ def test_stage_drops_spanish_below_the_threshold():
 def test_pickled_stage_loads_the_model_lazily_in_a_fresh_process():
     """What a Beam or multiprocessing worker does: unpickle the stage, which carries no model, and run it."""
     from configs.data.es_default import get_config
-    from llm.data.stages import document_stages
+    from llm.corpus.stages import document_stages
 
     stage = dict(document_stages(get_config()))["langid"]
     payload = pickle.dumps(stage)
     assert len(payload) < 1000  # The model (about 1 MB) is not in it.
     script = (
         "import pickle, sys\n"
-        "from llm.data import langid\n"
-        "from llm.data.document import Document\n"
+        "from llm.corpus import langid\n"
+        "from llm.corpus.document import Document\n"
         "stage = pickle.loads(sys.stdin.buffer.read())\n"
         "assert langid._model.cache_info().currsize == 0\n"
         "print(stage(Document('d', 'La casa de mi abuela tiene un jardín muy bonito.')).metadata['language'])\n"

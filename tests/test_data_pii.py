@@ -1,9 +1,9 @@
-"""PII scrubbing (llm/data/pii.py): typed placeholders, checksums validated, ordinary numbers left alone."""
+"""PII scrubbing (llm/corpus/pii.py): typed placeholders, checksums validated, ordinary numbers left alone."""
 
 import pytest
 
-from llm.data import pii
-from llm.data.document import Document
+from llm.corpus import pii
+from llm.corpus.document import Document
 
 
 def scrub(text: str, *types: str) -> str:

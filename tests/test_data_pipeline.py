@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from configs.data import es_default
-from llm.data import corpus_io, local_runner, pipeline, records, sources, stages
-from llm.data.document import Document, Dropped
-from llm.data.report import AccountingError, Accounts
+from llm.corpus import corpus_io, local_runner, pipeline, sources, stages
+from llm.corpus.document import Document, Dropped
+from llm.corpus.report import AccountingError, Accounts
+from llm.data import records
 from llm.tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,7 +232,7 @@ def test_prepare_writes_every_promised_file(local_run):
 
 
 def test_local_and_beam_runners_write_the_same_corpus(local_run, tmp_path):
-    beam_runner = pytest.importorskip("llm.data.beam_runner")
+    beam_runner = pytest.importorskip("llm.corpus.beam_runner")
     root, config, output = local_run
     runner = beam_runner.BeamRunner(config)
     runner.filter(config, str(tmp_path / "filter"))

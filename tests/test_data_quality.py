@@ -1,12 +1,12 @@
-"""Quality filters (llm/data/quality.py) and the offensive-word filter (llm/data/offensive.py)."""
+"""Quality filters (llm/corpus/quality.py) and the offensive-word filter (llm/corpus/offensive.py)."""
 
 import dataclasses
 
 import pytest
 
 from configs.data.es_default import get_config
-from llm.data import offensive, quality
-from llm.data.document import Document, Dropped
+from llm.corpus import offensive, quality
+from llm.corpus.document import Document, Dropped
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs.data import es_default
-from llm.data import sources
-from llm.data.document import Document, Dropped
-from llm.data.sources import SourceError, read_files, read_indexed, read_sources
+from llm.corpus import sources
+from llm.corpus.document import Document, Dropped
+from llm.corpus.sources import SourceError, read_files, read_indexed, read_sources
 
 
 def write(path, data):

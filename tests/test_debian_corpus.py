@@ -9,9 +9,9 @@ import zlib
 
 import pytest
 
-from llm.data import debian_corpus
-from llm.data.debian_corpus import DebianCorpusError, extract_package, fetch_package, load_debian_corpus
-from llm.data.html_text import html_to_text
+from llm.corpus import debian_corpus
+from llm.corpus.debian_corpus import DebianCorpusError, extract_package, fetch_package, load_debian_corpus
+from llm.corpus.html_text import html_to_text
 
 
 def write_copyright(root, package, paragraphs):

@@ -197,7 +197,7 @@ def test_unknown_tasks_are_listed_with_the_allowed_ones():
 
 
 def test_generation_prompts_fit_the_context(trained_run):
-    from llm.infer.loading import load_run
+    from llm.runs.loading import load_run
 
     run = load_run(trained_run)
     generate = generation_tasks.run_generator(run, batch_size=2)

@@ -11,10 +11,11 @@ import pytest
 from conftest import crash_after, finetune_config, forward, metrics_entries, saved_state
 from flax import nnx
 
+from llm import checkpoint
 from llm.data import records
-from llm.infer import loading
 from llm.model.transformer import create_model
-from llm.train import checkpoint, loop, losses, step as step_lib
+from llm.runs import build, directory, loading
+from llm.train import loop, losses
 
 
 def _lora_config(trained_run, **train):
@@ -77,7 +78,7 @@ def test_qlora_trains_float_adapters_on_an_int4_base(trained_run, qlora_run):
     trained = jax.tree.leaves(state["params"])
     assert trained and {x.dtype for x in trained} == {jnp.dtype("float32")}
     assert sum(x.size for x in jax.tree.leaves(state["opt_state"][1][0].mu)) == sum(x.size for x in trained)
-    frozen = nnx.state(nnx.eval_shape(lambda: step_lib.trained_model(config, None)), nnx.Not(nnx.LoRAParam))
+    frozen = nnx.state(nnx.eval_shape(lambda: build.trained_model(config, None)), nnx.Not(nnx.LoRAParam))
     kernels = {path: x.dtype for path, x in nnx.to_flat_state(frozen) if path[-1] == "qvalue"}
     assert len(kernels) == 2 * 7 + 1  # every projection of both blocks, and the (tied) embedding table
     assert set(kernels.values()) == {jnp.dtype("int4")}
@@ -87,9 +88,9 @@ def test_qlora_trains_float_adapters_on_an_int4_base(trained_run, qlora_run):
 
 def test_qlora_adapters_merge_into_the_dequantized_base(trained_run, qlora_run):
     config = _qlora_config(trained_run)
-    abstract_base = nnx.state(nnx.eval_shape(lambda: create_model(step_lib.base_config(config))), nnx.Param)
+    abstract_base = nnx.state(nnx.eval_shape(lambda: create_model(build.base_config(config))), nnx.Param)
     base, _ = checkpoint.restore_run_params(trained_run, abstract_base)
-    graphdef, _, quantized_base = nnx.split(step_lib.trained_model(config, base), nnx.LoRAParam, ...)
+    graphdef, _, quantized_base = nnx.split(build.trained_model(config, base), nnx.LoRAParam, ...)
     adapted = nnx.merge(graphdef, saved_state(config, qlora_run)["params"], quantized_base)
     merged = loading.load_run(qlora_run).model
     assert merged.cfg.lora_rank == 0
@@ -183,7 +184,7 @@ def test_dpo_learns_the_preference_and_resumes_bit_exactly(trained_run, tmp_path
 
 def test_continued_pretraining_mixes_in_replay_and_reports_the_old_validation_loss(trained_run, tmp_path, data_dir):
     config = finetune_config(trained_run, num_steps=6, checkpoint_every=6)
-    new_data = checkpoint.load_config(trained_run).data.path
+    new_data = directory.load_config(trained_run).data.path
     config.data.update(path=new_data, replay_path=new_data, replay_fraction=0.25)
     loop.train(config, str(tmp_path))
     first, last = metrics_entries(tmp_path)[0], metrics_entries(tmp_path)[-1]

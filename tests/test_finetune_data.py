@@ -10,9 +10,10 @@ import pytest
 from conftest import spanish_documents
 
 from llm import chat_template
-from llm.data import loader, packing, preference, records, sentiment_tuning, sft
-from llm.data.sources import SourceError
+from llm.corpus.sources import SourceError
+from llm.data import loader, packing, records
 from llm.eval import multiple_choice, scoring, tasks
+from llm.finetune_data import preference, sentiment_tuning, sft
 from llm.tokenizer import train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

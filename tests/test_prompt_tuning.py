@@ -14,9 +14,10 @@ from flax import nnx
 from test_serve_engine import generate_with_engine
 
 from llm import config_validation
-from llm.infer import loading
+from llm.infer import generate
 from llm.infer.generate import Generator
 from llm.model.transformer import create_model
+from llm.runs import loading
 from llm.serve.engine import Engine
 from llm.train import loop
 
@@ -117,7 +118,7 @@ def test_prompt_tuning_resumes_bit_exactly_after_a_crash(prompt_config, prompt_r
 def test_a_prompt_tuned_run_serves_like_its_generator(prompt_run):
     run = loading.load_run(prompt_run)
     prompt = run.tokenizer.encode("La niña canta", add_bos=True)
-    want = run.generator.generate([prompt], 6)[0]
+    want = generate.run_generator(run).generate([prompt], 6)[0]
     engine = Engine(run.model, run.tokenizer, max_batch_size=2).start()
     try:
         first = [t.token_id for t in generate_with_engine(engine, prompt, 6)]

@@ -14,9 +14,10 @@ from conftest import forward, spanish_documents, tiny_config
 from flax import nnx
 
 from configs import tiny_es
-from llm.infer import generate, loading
+from llm.infer import generate
 from llm.model.transformer import KVCache, count_params, create_model
-from llm.quant import ptq, quantized_run
+from llm.quant import ptq
+from llm.runs import loading, quantized_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +90,7 @@ def test_a_quantized_run_round_trips_through_disk_and_loads_like_a_run(run, text
     prompts = ["La niña canta", "¿Quién"]
     assert generate.generate_text(loaded, prompts, 8) == generate.generate_text(quantized, prompts, 8)
     source = quantized_run.load_source_run(loaded)
-    assert source.step == run.step and "quantization" not in source.config
+    assert source.step == run.step and not ptq.is_quantized(source.config)
     np.testing.assert_array_equal(forward(source.model, text_tokens), forward(run.model, text_tokens))
     with pytest.raises(FileExistsError, match="already exists"):
         quantized_run.save_quantized_run(quantized, qdir)

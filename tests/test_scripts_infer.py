@@ -1,12 +1,16 @@
 """scripts/sample.py and scripts/chat.py on a trained run: Spanish text out, clear errors in."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from llm.infer import generate, loading
+from llm import chat_template
+from llm.infer import generate
+from llm.runs import loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,9 +87,35 @@ def test_chat_script_streams_answers_until_exit(trained_run):
     assert result.stdout.count("Asistente:") == 2
 
 
+def _chat_answer(workdir, message):
+    """The answer chat.py prints to one message, greedily, without a system text."""
+    flags = ("--max_new_tokens=8", "--temperature=0", "--repetition_penalty=1", "--system=")
+    result = _script("chat.py", f"--workdir={workdir}", *flags, stdin=f"{message}\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    body = result.stdout.split("Asistente:", 1)[1]
+    return body[: body.rindex("\n\nTú:")].removesuffix("\n")
+
+
+def test_chat_script_prompts_a_chat_tuned_run_through_its_chat_template(trained_run, tmp_path):
+    chat_run = tmp_path / "chat_run"
+    shutil.copytree(trained_run, chat_run)
+    config = json.loads((chat_run / "config.json").read_text(encoding="utf-8"))
+    (chat_run / "config.json").write_text(json.dumps({**config, "chat": True}), encoding="utf-8")
+    run = loading.load_run(trained_run)
+    template_ids, _ = chat_template.render(run.tokenizer, [{"role": "user", "content": "Hola"}], True)
+    stop_ids = chat_template.stop_token_ids(run.tokenizer)
+    chat_answer = generate.stream_text(run, template_ids, 8, lambda _: None, stop_token_ids=stop_ids)
+    plain_answer = generate.stream_text(
+        run, "Usuario: Hola\nAsistente:", 8, lambda _: None, stop_strings=("\nUsuario:", "\n\n")
+    )
+    assert chat_answer != plain_answer  # Otherwise this test could not tell the two prompts apart.
+    assert _chat_answer(str(chat_run), "Hola") == " " + chat_answer
+    assert _chat_answer(trained_run, "Hola") == plain_answer
+
+
 def test_completions_keep_the_space_that_separates_them_from_the_prompt(trained_run):
     run = loading.load_run(trained_run)
     prompt_ids = run.tokenizer.encode("La niña canta", add_bos=True)
-    completion = run.generator.generate([prompt_ids], 12)[0]
+    completion = generate.run_generator(run).generate([prompt_ids], 12)[0]
     full = run.tokenizer.decode(prompt_ids + completion)
     assert "La niña canta" + generate.generate_text(run, ["La niña canta"], 12)[0] == full

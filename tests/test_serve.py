@@ -13,7 +13,8 @@ import openai
 import pytest
 
 from llm import chat_template
-from llm.infer import generate, loading
+from llm.infer import generate
+from llm.runs import loading
 from llm.serve import admission, api, bench, errors
 from tests import conftest
 from tests.conftest import forward
@@ -68,7 +69,7 @@ def test_chat_applies_the_template_and_streams_the_same_answer(client, run):
     messages = [{"role": "system", "content": "Eres un asistente."}, {"role": "user", "content": "¿Quién canta?"}]
     ids, _ = chat_template.render(run.tokenizer, messages, add_generation_prompt=True)
     want = run.tokenizer.decode(
-        run.generator.generate([ids], 10, stop_token_ids=chat_template.stop_token_ids(run.tokenizer))[0]
+        generate.run_generator(run).generate([ids], 10, stop_token_ids=chat_template.stop_token_ids(run.tokenizer))[0]
     )
     response = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     assert response.choices[0].message.role == "assistant"
@@ -147,7 +148,7 @@ def test_many_concurrent_clients_all_get_their_own_answer(server, client, run):
     lengths = [4 + i % 9 for i in range(len(prompts))]  # Requests join and leave the batch at different steps.
     encoded = [run.tokenizer.encode(p, add_bos=True) for p in prompts]
     # Greedy rows are independent, so one batched generation gives every prompt's answer at every length.
-    tokens = run.generator.generate(encoded, max(lengths), stop_token_ids=(run.tokenizer.eos_id,))
+    tokens = generate.run_generator(run).generate(encoded, max(lengths), stop_token_ids=(run.tokenizer.eos_id,))
     tokens = [ids[:n] for ids, n in zip(tokens, lengths)]
     # Each answer's log-likelihood under one full forward pass: a row mixed up with another would not match.
     rows = np.zeros((len(prompts), CACHE_LEN // 2), np.int32)

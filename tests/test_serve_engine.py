@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm.infer import loading
+from llm.infer import generate
 from llm.infer.sampling import RowSampling, SamplingParams, sample_rows
-from llm.quant import quantized_run
+from llm.runs import loading, quantized_run
 from llm.serve import auth
 from llm.serve.engine import Engine, Finished, Request, Token
 
@@ -54,7 +54,7 @@ def generate_with_engine(engine, prompt, max_tokens):
 def test_a_quantized_model_with_an_int8_cache_serves_like_its_generator(run):
     quantized = quantized_run.quantize_run(run, "int8", kv_cache="int8")
     prompt = run.tokenizer.encode("El pingüino camina", add_bos=True)
-    want = quantized.generator.generate([prompt], 8)[0]
+    want = generate.run_generator(quantized).generate([prompt], 8)[0]
     engine = Engine(quantized.model, quantized.tokenizer, max_batch_size=2).start()
     try:
         tokens = generate_with_engine(engine, prompt, 8)

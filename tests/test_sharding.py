@@ -6,8 +6,8 @@ import pytest
 from conftest import pattern_rows, tiny_config
 from jax.sharding import PartitionSpec
 
-from llm import sharding
-from llm.train import checkpoint, optimizer as optimizer_lib, step as step_lib
+from llm import checkpoint, sharding
+from llm.train import optimizer as optimizer_lib, step as step_lib
 
 
 def _steps(config, mesh_shape):

@@ -13,9 +13,10 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from llm import sharding
+from llm import checkpoint, sharding
 from llm.model.transformer import create_model
-from llm.train import checkpoint, loop, optimizer as optimizer_lib, step as step_lib
+from llm.runs import directory
+from llm.train import loop, optimizer as optimizer_lib, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_FLAGS = [
@@ -197,6 +198,6 @@ def test_a_saved_config_without_newer_keys_loads_with_their_defaults(tmp_path):
     saved = json.loads(config.to_json())
     del saved["model"]["soft_prompt_length"], saved["train"]["quantize_base"]  # a run from before these keys
     (tmp_path / "config.json").write_text(json.dumps(saved), encoding="utf-8")
-    loaded = checkpoint.load_config(str(tmp_path))
+    loaded = directory.load_config(str(tmp_path))
     assert loaded.model.soft_prompt_length == 0 and loaded.train.quantize_base == "none"
     assert loaded.model.num_layers == config.model.num_layers and loaded.data.seq_len == config.data.seq_len

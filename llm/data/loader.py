@@ -29,8 +29,10 @@ def _rows(split_dir: str, seq_len: int, pairs: bool = False) -> grain.MapDataset
     fields = records.PAIR_FIELDS if pairs else records.FIELDS
     row_len = len(source[0]) // (4 * len(fields))
     if row_len != seq_len:
-        raise ValueError(f"Rows in {paths[0]!r} have length {row_len}, but config.data.seq_len is {seq_len}. "
-                         "Set --config.data.seq_len to match, or re-pack the data.")
+        raise ValueError(
+            f"Rows in {paths[0]!r} have length {row_len}, but config.data.seq_len is {seq_len}. "
+            "Set --config.data.seq_len to match, or re-pack the data."
+        )
     return grain.MapDataset.source(source).map(records.decode_pair if pairs else records.decode_row)
 
 
@@ -46,14 +48,26 @@ class TrainIterator:
     it under another one could silently yield other data, so `set_state` refuses.
     """
 
-    def __init__(self, split_dir: str, seq_len: int, batch_size: int, seed: int, num_workers: int = 0,
-                 prefetch_buffer_size: int = 4, process_index: int = 0, process_count: int = 1,
-                 pairs: bool = False, replay_dir: str = "", replay_fraction: float = 0.0):
+    def __init__(
+        self,
+        split_dir: str,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+        prefetch_buffer_size: int = 4,
+        process_index: int = 0,
+        process_count: int = 1,
+        pairs: bool = False,
+        replay_dir: str = "",
+        replay_fraction: float = 0.0,
+    ):
         def endless(directory: str, stream_seed: int) -> grain.MapDataset:
             rows = _process_slice(_rows(directory, seq_len, pairs), process_index, process_count)
             if len(rows) < batch_size:
-                raise ValueError(f"{directory!r} holds {len(rows)} rows for this process, fewer than one batch "
-                                 f"of {batch_size}.")
+                raise ValueError(
+                    f"{directory!r} holds {len(rows)} rows for this process, fewer than one batch of {batch_size}."
+                )
             # Shuffle, then repeat with a fresh shuffle every epoch.
             return rows.seed(stream_seed).shuffle().repeat(None)
 
@@ -61,16 +75,23 @@ class TrainIterator:
         if replay_fraction > 0:
             # Continued pretraining: a fixed share of rows comes from the earlier corpus, interleaved
             # deterministically, so the mix (and a resume) does not depend on timing.
-            dataset = grain.MapDataset.mix([dataset, endless(replay_dir, seed + 1)],
-                                           [1.0 - replay_fraction, replay_fraction])
+            dataset = grain.MapDataset.mix(
+                [dataset, endless(replay_dir, seed + 1)], [1.0 - replay_fraction, replay_fraction]
+            )
         dataset = dataset.batch(batch_size, drop_remainder=True).to_iter_dataset()
         if num_workers > 0:
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=num_workers, per_worker_buffer_size=prefetch_buffer_size))
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_buffer_size)
+            )
         self._iterator = iter(dataset)
-        self._layout = {"num_workers": num_workers, "process_index": process_index,
-                        "process_count": process_count, "batch_size": batch_size, "seed": seed,
-                        "replay_fraction": replay_fraction}
+        self._layout = {
+            "num_workers": num_workers,
+            "process_index": process_index,
+            "process_count": process_count,
+            "batch_size": batch_size,
+            "seed": seed,
+            "replay_fraction": replay_fraction,
+        }
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -89,18 +110,28 @@ class TrainIterator:
                 "The checkpoint's data-iterator state was saved with another data layout "
                 f"(key: (saved, now)) {changed}. Grain iterator state is only valid for the same worker count, "
                 "process layout, batch size and seed; restore with the saved values (e.g. "
-                f"--config.data.num_workers={saved.get('num_workers')}).")
+                f"--config.data.num_workers={saved.get('num_workers')})."
+            )
         self._iterator.set_state(state["grain"])
 
 
-def validation_batches(split_dir: str, seq_len: int, batch_size: int, num_batches: int,
-                       process_index: int = 0, process_count: int = 1, pairs: bool = False) -> list[Batch]:
+def validation_batches(
+    split_dir: str,
+    seq_len: int,
+    batch_size: int,
+    num_batches: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    pairs: bool = False,
+) -> list[Batch]:
     """The first `num_batches` batches of the validation split (fewer if the split is smaller), in order."""
     rows = _process_slice(_rows(split_dir, seq_len, pairs), process_index, process_count)
     batched = rows.batch(batch_size, drop_remainder=True)
     if len(batched) == 0:
-        raise ValueError(f"{split_dir!r} holds {len(rows)} rows for this process, fewer than one batch of "
-                         f"{batch_size}; lower config.train.batch_size or add validation data.")
+        raise ValueError(
+            f"{split_dir!r} holds {len(rows)} rows for this process, fewer than one batch of "
+            f"{batch_size}; lower config.train.batch_size or add validation data."
+        )
     return [batched[i] for i in range(min(num_batches, len(batched)))]
 
 

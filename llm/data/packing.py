@@ -78,15 +78,18 @@ def pack_masked_documents(
             if len(loss_mask) != len(tokens):
                 raise ValueError(f"Document {index}: {len(tokens)} tokens but a loss mask of {len(loss_mask)}.")
             if len(tokens) > seq_len:
-                raise ValueError(f"Document {index} has {len(tokens)} tokens, more than seq_len={seq_len}; "
-                                 "masked documents are packed whole, so truncate it first.")
+                raise ValueError(
+                    f"Document {index} has {len(tokens)} tokens, more than seq_len={seq_len}; "
+                    "masked documents are packed whole, so truncate it first."
+                )
             yield tokens, loss_mask
 
     return _pack(checked(), seq_len, pad_id)
 
 
-def _pack(docs: Iterable[tuple[np.ndarray, np.ndarray | None]], seq_len: int,
-          pad_id: int) -> Iterator[dict[str, np.ndarray]]:
+def _pack(
+    docs: Iterable[tuple[np.ndarray, np.ndarray | None]], seq_len: int, pad_id: int
+) -> Iterator[dict[str, np.ndarray]]:
     """The greedy packing of the module docstring; a mask of None means "every token is a target"."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (one context token and one target), got {seq_len}.")

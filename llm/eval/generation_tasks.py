@@ -19,6 +19,7 @@ from typing import Any
 from llm.eval import tasks, text_metrics
 from llm.infer.generate import generate_text
 from llm.model.transformer import context_length
+from llm.runs.loading import Run
 
 # (prompts, max_new_tokens, stop strings) -> completions, cut before the first stop string.
 Generate = Callable[[list[str], int, Sequence[str]], list[str]]
@@ -78,8 +79,8 @@ def evaluate_xquad(
     }
 
 
-def run_generator(run: Any, batch_size: int = 16) -> Generate:
-    """A `Generate` for a loaded run (llm.infer.loading.Run): greedy, in batches, prompts fitted to the context.
+def run_generator(run: Run, batch_size: int = 16) -> Generate:
+    """A `Generate` for a loaded run: greedy, in batches, prompts fitted to the context.
 
     A prompt that would leave no room for `max_new_tokens` keeps only its last tokens (the question is at
     the end); how many were cut is logged.

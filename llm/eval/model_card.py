@@ -13,8 +13,8 @@ from typing import Any
 
 import ml_collections
 
-from llm.data.pipeline import write_text
 from llm.eval.report import markdown_table
+from llm.io import write_text
 
 # Below this size a model learns spelling and local syntax, not facts: the card says so plainly.
 SMALL_MODEL_PARAMS = 50_000_000
@@ -74,7 +74,7 @@ def _data(data_report: Mapping[str, Any] | None, data_path: str) -> list[str]:
         )
     corpus, tokenizer = data_report.get("corpus", {}), data_report.get("tokenizer", {})
     if corpus:
-        # The data report (llm/data/report.py) keeps sizes at its top level: {"mb": {"in", "out"}, ...}.
+        # The data report (llm/corpus/report.py) keeps sizes at its top level: {"mb": {"in", "out"}, ...}.
         megabytes = data_report.get("mb", {}).get("out")
         lines.append(
             f"\nCorpus after cleaning, filtering and deduplication: {corpus['documents']:,} documents, "

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from llm.data.corpus_io import write_text
+from llm.io import write_text
 
 _LABELS = {
     "accuracy": "accuracy",

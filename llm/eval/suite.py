@@ -2,7 +2,7 @@
 
 `run_tasks` runs the multiple-choice and generation tasks (and their robustness variants) against any
 log-likelihood and generation functions, so tests can pass fakes with known outputs; `evaluate_run` wires a
-loaded run (llm.infer.loading.Run) into it and adds bits-per-byte with its unigram baseline.
+loaded run (llm.runs.loading.Run) into it and adds bits-per-byte with its unigram baseline.
 
 Default sizes keep a CPU evaluation of the 5M-parameter tiny model near two minutes: a seeded subset of
 DEFAULT_MAX_EXAMPLES examples per task (`max_examples` overrides all of them; -1 means every example),
@@ -25,6 +25,7 @@ from llm.data import records
 from llm.eval import generation_tasks, multiple_choice, perplexity, robustness, tasks
 from llm.eval.generation_tasks import Generate
 from llm.eval.scoring import Loglikelihood, Scorer
+from llm.runs.loading import Run
 
 TASKS = ("bpb", "xnli", "sentiment", "mgsm", "xquad", "robustness")
 PERTURBABLE_TASKS = ("xnli", "sentiment", "mgsm", "xquad")
@@ -224,7 +225,7 @@ def train_split_dir(config: ml_collections.ConfigDict, settings: Settings) -> st
 
 
 def evaluate_run(
-    run: Any, task_names: Sequence[str], settings: Settings, batch_size: int = 16
+    run: Run, task_names: Sequence[str], settings: Settings, batch_size: int = 16
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """(results, seconds per task) of a loaded run; bpb, perplexity and unigram_bpb sit at the top level."""
     scorer = Scorer(run.model, run.tokenizer, batch_size)

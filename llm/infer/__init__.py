@@ -1,1 +1,1 @@
-"""Inference: load a trained run, prefill + decode with a KV cache, sampling."""
+"""Inference: prefill + decode with a KV cache, sampling, the decode benchmark."""

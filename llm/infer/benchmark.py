@@ -17,27 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm import devices
 from llm.infer import generate
 from llm.infer.sampling import SamplingParams
 from llm.model.transformer import Transformer, context_length, new_cache
 
-# Peak HBM bandwidth in bytes/s, from the vendors' data sheets.
-HBM_BANDWIDTH_BY_DEVICE_KIND = {
-    "H200": 4.8e12,
-    "H100": 3.35e12,
-    "A100": 2.0e12,
-    "L4": 0.3e12,
-    "TPU v6": 1.64e12,
-    "TPU v5p": 2.76e12,
-    "TPU v5 lite": 0.82e12,
-    "TPU v5e": 0.82e12,
-    "TPU v4": 1.2e12,
-}
 
-
-def _bandwidth() -> float | None:
-    kind = jax.devices()[0].device_kind.lower()
-    return next((bw for name, bw in HBM_BANDWIDTH_BY_DEVICE_KIND.items() if name.lower() in kind), None)
+def _hbm_bandwidth() -> float | None:
+    spec = devices.device_spec()
+    return spec.hbm_bytes_per_s if spec else None
 
 
 def _nbytes(tree: Any) -> int:
@@ -63,7 +51,7 @@ def benchmark_decode(
     vocab = vocab_limit or cfg.vocab_size
     rng = np.random.default_rng(0)
     result: dict[str, Any] = {"prompt_len": prompt_len, "new_tokens": new_tokens, "param_bytes": _nbytes(params)}
-    bandwidth = _bandwidth()
+    bandwidth = _hbm_bandwidth()
 
     for batch in batch_sizes:
         prompts = rng.integers(4, vocab, (batch, prompt_len)).astype(np.int32)

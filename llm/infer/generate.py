@@ -10,6 +10,7 @@ is donated to each step and updated in place.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 
 import jax
@@ -19,6 +20,7 @@ from flax import nnx
 
 from llm.infer.sampling import SamplingParams, sample
 from llm.model.transformer import KVCache, Transformer, context_length, new_cache
+from llm.runs.loading import Run
 from llm.tokenizer import Tokenizer
 
 MIN_BUCKET = 16
@@ -159,6 +161,17 @@ class Generator:
         return outputs
 
 
+_GENERATORS: weakref.WeakKeyDictionary[Transformer, Generator] = weakref.WeakKeyDictionary()
+
+
+def run_generator(run: Run) -> Generator:
+    """The Generator of a loaded run's model, made once: its parameters are cast to the compute dtype once and
+    shared by every later call (it lives as long as the model does)."""
+    if run.model not in _GENERATORS:
+        _GENERATORS[run.model] = Generator(run.model)
+    return _GENERATORS[run.model]
+
+
 class TextStream:
     """Turns a growing list of generated ids into text that is safe to show as it streams.
 
@@ -202,14 +215,14 @@ class TextStream:
 
 
 def generate_text(
-    run,
+    run: Run,
     prompts: list[str],
     max_new_tokens: int,
     sampling: SamplingParams = SamplingParams(),
     stop_strings: Sequence[str] = (),
     seed: int = 0,
 ) -> list[str]:
-    """Completions of text prompts for a loaded run (llm.infer.loading.Run), cut at the first stop string.
+    """Completions of text prompts for a loaded run, cut at the first stop string.
 
     Generation ends at the end-of-sequence token, or as soon as every row contains a stop string.
     """
@@ -223,7 +236,7 @@ def generate_text(
                 stream.ids.append(token)
         return bool(stop_strings) and all(stream.stopped() for stream in streams)
 
-    run.generator.generate(encoded, max_new_tokens, sampling, (tokenizer.eos_id,), seed, on_tokens=collect)
+    run_generator(run).generate(encoded, max_new_tokens, sampling, (tokenizer.eos_id,), seed, on_tokens=collect)
     return [stream.text() for stream in streams]
 
 
@@ -232,20 +245,24 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
 
 
 def stream_text(
-    run,
-    prompt: str,
+    run: Run,
+    prompt: str | Sequence[int],
     max_new_tokens: int,
     emit: Callable[[str], None],
     sampling: SamplingParams = SamplingParams(),
     stop_strings: Sequence[str] = (),
     seed: int = 0,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> str:
     """Generates one completion, passing each new piece of text to `emit` as soon as it is known.
 
+    `prompt` is text (encoded after <s>) or token ids as they are (a conversation rendered by
+    llm/chat_template.py). Generation ends at a stop string or one of `stop_token_ids` (default: </s>).
     Returns the whole completion (cut at the stop string).
     """
     tokenizer = run.tokenizer
-    prompt_ids = tokenizer.encode(prompt, add_bos=True)
+    prompt_ids = tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+    stop_ids = (tokenizer.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
     stream = TextStream(tokenizer, stop_strings, prompt_ids[-1])
 
     def on_tokens(step_tokens: list[int | None]) -> bool:
@@ -256,7 +273,7 @@ def stream_text(
             emit(delta)
         return stopped
 
-    run.generator.generate([prompt_ids], max_new_tokens, sampling, (tokenizer.eos_id,), seed, on_tokens=on_tokens)
+    run_generator(run).generate([prompt_ids], max_new_tokens, sampling, stop_ids, seed, on_tokens=on_tokens)
     if rest := stream.rest():
         emit(rest)
     return stream.text()

@@ -1,1 +1,1 @@
-"""Post-training quantization with Qwix (ptq.py, embed.py) and quantized runs on disk (quantized_run.py)."""
+"""Post-training quantization with Qwix: model -> model transforms (ptq.py, embed.py)."""

@@ -77,12 +77,17 @@ class QuantConfig:
         return math.gcd(self.group_size, axis_size)
 
 
+def is_quantized(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run config describes a post-training quantized model (its `quantization.mode` is set)."""
+    return config.quantization.mode != "none"
+
+
 def quantized_config(config: ml_collections.ConfigDict, qconfig: QuantConfig) -> ml_collections.ConfigDict:
     """The run config of the quantized model (a copy): the model section of `_quantized_model_cfg` and a
     `quantization` section, which is how loaders recognise a quantized run."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.model = _quantized_model_cfg(config.model, qconfig)
-    config.quantization = {"mode": qconfig.mode, "group_size": qconfig.group_size}
+    config.quantization.update(mode=qconfig.mode, group_size=qconfig.group_size)
     # Its checkpoint holds every parameter (a LoRA run is quantized with its adapters merged).
     config.train.trainable = "all"
     return config
@@ -207,7 +212,7 @@ def model_from_config(config: ml_collections.ConfigDict) -> Transformer:
     """The model a run config describes, freshly initialized: quantized if the config has a `quantization`
     section. Under nnx.eval_shape, this is the restore target of the run's checkpoints."""
     model = create_model(config)
-    return quantize_model(model, QuantConfig.from_config(config)) if "quantization" in config else model
+    return quantize_model(model, QuantConfig.from_config(config)) if is_quantized(config) else model
 
 
 def parameter_bytes_by_dtype(model: nnx.Module) -> dict[str, int]:

@@ -109,7 +109,7 @@ def run(
         return _load(url.rstrip("/"), num_requests, concurrency, max_tokens, api_key, request_timeout_s)
     import os
 
-    from llm.infer import loading
+    from llm.runs import loading
     from llm.serve import api
 
     loaded = loading.load_run(workdir)

@@ -9,20 +9,19 @@ parameters, same data order, same dropout masks, same metrics.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 import time
 from typing import Any
 
 import jax
 import ml_collections
 
-from llm import config_validation, sharding
+from llm import checkpoint, config_validation, sharding
 from llm.data import loader
-from llm.train import checkpoint, metrics as metrics_lib, optimizer as optimizer_lib, step as step_lib
+from llm.runs import directory
+from llm.train import metrics as metrics_lib, optimizer as optimizer_lib, step as step_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -40,12 +39,12 @@ def check_data_path(config: ml_collections.ConfigDict) -> None:
     sources = {"data.path": path}
     if config.data.replay_fraction > 0:
         sources["data.replay_path"] = config.data.replay_path
-    for key, directory in sources.items():
+    for key, data_dir in sources.items():
         for split in ("train", "validation") if config.train.eval_every else ("train",):
-            records_dir = loader.split_dir(directory, split)
+            records_dir = loader.split_dir(data_dir, split)
             if not os.path.isdir(records_dir):
                 raise FileNotFoundError(
-                    f"config.{key}={directory!r} has no {split}/ directory ({records_dir!r} "
+                    f"config.{key}={data_dir!r} has no {split}/ directory ({records_dir!r} "
                     "is missing); prepare it with scripts/prepare_data.py."
                 )
 
@@ -55,7 +54,7 @@ def check_init_from(config: ml_collections.ConfigDict) -> None:
     if not config.init_from:
         return
     try:
-        source = checkpoint.load_config(config.init_from)
+        source = directory.load_config(config.init_from)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"config.init_from={config.init_from!r}: {error}") from None
     if source.train.trainable != "all":
@@ -95,17 +94,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     rules = config.logical_axis_rules
     config_validation.check_batch_divides_mesh(config, sharding.data_parallel_size(mesh, rules))
 
-    os.makedirs(workdir, exist_ok=True)
-    config_dict = json.loads(config.to_json())
+    if not config.chat and directory.chat_tuned(config):
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.chat = True  # Recorded in config.json, so every tool prompts the run through the chat template.
+    config_dict = directory.config_dict(config)
     if jax.process_index() == 0:
-        _write_json(os.path.join(workdir, "config.json"), config_dict)
         # A run directory is self-contained: inference and evaluation find the tokenizer next to the weights.
-        source_dir = (
-            config.data.path if os.path.exists(os.path.join(config.data.path, "tokenizer.model")) else config.init_from
-        )
-        tokenizer_path = os.path.join(source_dir, "tokenizer.model")
-        if os.path.exists(tokenizer_path):
-            shutil.copyfile(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
+        directory.write_run_files(workdir, config, _tokenizer_source(config))
 
     train_cfg = config.train
     num_steps = train_cfg.num_steps
@@ -276,11 +271,13 @@ def _check_same_model(saved: dict[str, Any], current: dict[str, Any]) -> None:
             )
 
 
-def _write_json(path: str, value: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+def _tokenizer_source(config: ml_collections.ConfigDict) -> str | None:
+    """The tokenizer of the training data, else that of the `init_from` run; None if neither has one."""
+    for source_dir in (config.data.path, config.init_from):
+        path = os.path.join(source_dir, directory.TOKENIZER_FILE)
+        if source_dir and os.path.exists(path):
+            return path
+    return None
 
 
 def _format(values: dict[str, Any]) -> str:

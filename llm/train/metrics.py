@@ -11,21 +11,8 @@ import jax
 import ml_collections
 import tensorboardX
 
+from llm import devices
 from llm.model import layers
-
-# Dense bfloat16 peak FLOP/s per device, from the vendors' data sheets. MFU is reported against these
-# whatever the compute dtype, as is customary (PaLM, MaxText), so float32 runs show a low MFU.
-PEAK_FLOPS_BY_DEVICE_KIND = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "TPU v6": 918e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v4": 275e12,
-}
 
 
 def matmul_params(model: ml_collections.ConfigDict) -> int:
@@ -56,11 +43,8 @@ def peak_flops_per_device(configured_tflops: float = 0.0) -> float | None:
     """The configured peak, or the data-sheet peak of this device kind; None when unknown (e.g. CPU)."""
     if configured_tflops > 0:
         return configured_tflops * 1e12
-    kind = jax.devices()[0].device_kind
-    for name, flops in PEAK_FLOPS_BY_DEVICE_KIND.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
+    spec = devices.device_spec()
+    return spec.peak_flops if spec else None
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak_per_device: float | None) -> float | None:

@@ -8,39 +8,14 @@ carries the new shardings.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
-from configs import base
-
 ITEMS = ("state", "data", "config")
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to WORKDIR/config.json, over the defaults of configs/base.py.
-
-    A run written before a key existed gets the key's default, which is what it ran with.
-    """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path!r} not found: the directory must be a run written by scripts/train.py.")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    return ml_collections.ConfigDict(_over_defaults(base.get_config().to_dict(), saved))
-
-
-def _over_defaults(defaults: dict, saved: dict) -> dict:
-    merged = dict(defaults)
-    for key, value in saved.items():
-        nested = isinstance(value, dict) and isinstance(defaults.get(key), dict)
-        merged[key] = _over_defaults(defaults[key], value) if nested else value
-    return merged
 
 
 class _HideOrbaxInfo(logging.Filter):

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pathlib
 import re
 import unicodedata
-from typing import Iterable
+from collections.abc import Iterable
 
-from llm.data.document import Document, Dropped
+from llm.corpus.document import Document, Dropped
 
 _WORD = re.compile(r"\w+")
 # Combining acute, grave, diaeresis and circumflex: removed after decomposition. The tilde of "ñ" is not
@@ -26,12 +26,56 @@ _FOLDED_MARKS = ("\u0301", "\u0300", "\u0308", "\u0302")
 # yard of a mast, "polla" young hen, "capullo" bud, "mamón" a fruit, "culo" in refranes) are left out, so
 # texts about animals, the sea, cooking or the Bible are not counted.
 BUILTIN_OFFENSIVE_WORDS = frozenset(
-    """
-    puta putas puto putos putada hijoputa hijoputas hijueputa malparido malparida mierda mierdas coño cojones
-    joder jodido jodida jodidos gilipollas gilipollez cabron cabrona cabrones pendejo pendeja pendejos
-    pendejada chingar chingada chingado chingados culero culera culeros follar follando
-    carajo marica maricon maricones maricona bollera bolleras sudaca sudacas negrata subnormal subnormales
-    """.split()
+    [
+        "puta",
+        "putas",
+        "puto",
+        "putos",
+        "putada",
+        "hijoputa",
+        "hijoputas",
+        "hijueputa",
+        "malparido",
+        "malparida",
+        "mierda",
+        "mierdas",
+        "coño",
+        "cojones",
+        "joder",
+        "jodido",
+        "jodida",
+        "jodidos",
+        "gilipollas",
+        "gilipollez",
+        "cabron",
+        "cabrona",
+        "cabrones",
+        "pendejo",
+        "pendeja",
+        "pendejos",
+        "pendejada",
+        "chingar",
+        "chingada",
+        "chingado",
+        "chingados",
+        "culero",
+        "culera",
+        "culeros",
+        "follar",
+        "follando",
+        "carajo",
+        "marica",
+        "maricon",
+        "maricones",
+        "maricona",
+        "bollera",
+        "bolleras",
+        "sudaca",
+        "sudacas",
+        "negrata",
+        "subnormal",
+        "subnormales",
+    ]
 )
 
 

@@ -28,28 +28,31 @@ import gzip
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Sequence
+from typing import IO, Any
 
 import numpy as np
 
-from llm.data.debian_corpus import load_debian_corpus
-from llm.data.document import Document, Dropped
+from llm.corpus.debian_corpus import load_debian_corpus
+from llm.corpus.document import Document, Dropped
+from llm.io import ON_ERROR, SourceError
 
-ON_ERROR = ("raise", "skip")
 FORMATS = ("auto", "text", "jsonl", "parquet")
 TEXT_MODES = ("file", "paragraph")
 # Larger than any real document of a web or book corpus; a bigger one is almost surely a data bug (a dump
 # without newlines, a binary file), and the cleaning stages would hold it whole in memory several times.
 DEFAULT_MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
 
-_EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
-               ".parquet": "parquet"}
+_EXTENSIONS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+}
 _SKIP_HINT = " (set sources.on_error=skip to drop and count it instead)"
-
-
-class SourceError(ValueError):
-    """Malformed input; the message names the file and line, row or index."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +109,7 @@ def _plain(value: Any) -> Any:
 def _record(doc_id: str, where: str, record: Any, source: str, opts: _Options) -> Document | Dropped:
     """A document from one record (JSONL object, Parquet row, TFDS/HF example): text field + metadata."""
     if not isinstance(record, dict):
-        return opts.drop(doc_id, "source.bad_json",
-                         f"{where}: expected a JSON object, got {type(record).__name__}")
+        return opts.drop(doc_id, "source.bad_json", f"{where}: expected a JSON object, got {type(record).__name__}")
     text = record.get(opts.text_field)
     if isinstance(text, bytes):  # TFDS Text features
         if len(text) > opts.max_document_bytes:
@@ -115,12 +117,16 @@ def _record(doc_id: str, where: str, record: Any, source: str, opts: _Options) -
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
-            return opts.drop(doc_id, "source.invalid_utf8",
-                             f"{where}: field {opts.text_field!r}: invalid UTF-8 at byte {e.start}")
+            return opts.drop(
+                doc_id, "source.invalid_utf8", f"{where}: field {opts.text_field!r}: invalid UTF-8 at byte {e.start}"
+            )
     if text is None or not isinstance(text, str):
         found = "missing" if text is None else f"a {type(text).__name__}, not a string"
-        return opts.drop(doc_id, "source.missing_field", f"{where}: text field {opts.text_field!r} is "
-                         f"{found}; fields: {sorted(record)} (set sources.text_field)")
+        return opts.drop(
+            doc_id,
+            "source.missing_field",
+            f"{where}: text field {opts.text_field!r} is {found}; fields: {sorted(record)} (set sources.text_field)",
+        )
     if not text.strip():
         return opts.drop(doc_id, "source.empty", f"{where}: text field {opts.text_field!r} is empty")
     if len(text.encode("utf-8")) > opts.max_document_bytes:
@@ -133,8 +139,9 @@ def _record(doc_id: str, where: str, record: Any, source: str, opts: _Options) -
 
 
 def _too_large(doc_id: str, where: str, opts: _Options) -> Dropped:
-    return opts.drop(doc_id, "source.too_large",
-                     f"{where}: larger than sources.max_document_bytes={opts.max_document_bytes}")
+    return opts.drop(
+        doc_id, "source.too_large", f"{where}: larger than sources.max_document_bytes={opts.max_document_bytes}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -181,8 +188,9 @@ def _read_text_file(path: Path, name: str, opts: _Options) -> Iterator[Document 
     yield Document(name, text, {"source": name, "licence": opts.licence})
 
 
-def _paragraph(doc_id: str, lines: list[str], problem: tuple[str, str] | None, name: str,
-               opts: _Options) -> Document | Dropped:
+def _paragraph(
+    doc_id: str, lines: list[str], problem: tuple[str, str] | None, name: str, opts: _Options
+) -> Document | Dropped:
     if problem:
         return opts.drop(doc_id, *problem)
     return Document(doc_id, "\n".join(lines), {"source": name, "licence": opts.licence})
@@ -201,8 +209,11 @@ def _read_paragraphs(path: Path, name: str, opts: _Options) -> Iterator[Document
                 continue
             size += opts.max_document_bytes + 1 if raw is None else len(raw) + 1
             if problem is None and size > opts.max_document_bytes:
-                problem = ("source.too_large", f"{path}:{number}: paragraph {index} is larger than "
-                           f"sources.max_document_bytes={opts.max_document_bytes}")
+                problem = (
+                    "source.too_large",
+                    f"{path}:{number}: paragraph {index} is larger than "
+                    f"sources.max_document_bytes={opts.max_document_bytes}",
+                )
             if problem is None:
                 try:
                     lines.append(raw.decode("utf-8"))
@@ -235,8 +246,7 @@ def _read_jsonl(path: Path, name: str, opts: _Options) -> Iterator[Document | Dr
                 yield opts.drop(doc_id, "source.invalid_utf8", f"{where}: invalid UTF-8 at byte {e.start}")
                 continue
             except json.JSONDecodeError as e:
-                yield opts.drop(doc_id, "source.bad_json",
-                                f"{where}: invalid JSON: {e.msg} at column {e.colno}")
+                yield opts.drop(doc_id, "source.bad_json", f"{where}: invalid JSON: {e.msg} at column {e.colno}")
                 continue
             yield _record(doc_id, where, record, name, opts)
     if records == 0:
@@ -255,8 +265,7 @@ def _read_parquet(path: Path, name: str, opts: _Options) -> Iterator[Document | 
         return
     columns = parquet.schema_arrow.names
     if opts.text_field not in columns:
-        raise SourceError(f"{path}: no column {opts.text_field!r}; columns: {columns} "
-                          "(set sources.text_field)")
+        raise SourceError(f"{path}: no column {opts.text_field!r}; columns: {columns} (set sources.text_field)")
     if parquet.metadata.num_rows == 0:
         yield opts.drop(name, "source.empty", f"{path}: empty file (no rows)")
         return
@@ -291,24 +300,36 @@ def expand_paths(paths: Sequence[str], format: str = "auto") -> list[tuple[Path,
             if not match.is_dir():
                 files.append(match)
                 continue
-            walked = sorted(p for p in match.rglob("*") if p.is_file()
-                            and not any(part.startswith(".") for part in p.relative_to(match).parts))
+            walked = sorted(
+                p
+                for p in match.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(match).parts)
+            )
             known = [p for p in walked if format != "auto" or _format_of(p)]
             if len(known) < len(walked):
-                logging.warning("%s: skipped %d files of unknown format (set sources.format to read them)",
-                                match, len(walked) - len(known))
+                logging.warning(
+                    "%s: skipped %d files of unknown format (set sources.format to read them)",
+                    match,
+                    len(walked) - len(known),
+                )
             files.extend(known)
-    files = sorted(set(Path(os.path.abspath(p)) for p in files))
+    files = sorted({Path(os.path.abspath(p)) for p in files})
     if not files:
         raise SourceError(f"sources.paths: {list(paths)} hold no input files")
     root = os.path.commonpath([p.parent for p in files])
     return [(p, os.path.relpath(p, root)) for p in files]
 
 
-def read_files(paths: Sequence[str], *, format: str = "auto", text_mode: str = "file",
-               text_field: str = "text", on_error: str = "skip",
-               max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
-               licence: str = "unknown") -> Iterator[Document | Dropped]:
+def read_files(
+    paths: Sequence[str],
+    *,
+    format: str = "auto",
+    text_mode: str = "file",
+    text_field: str = "text",
+    on_error: str = "skip",
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+    licence: str = "unknown",
+) -> Iterator[Document | Dropped]:
     """Reads local text (.txt/.md), JSONL and Parquet files, optionally gzipped (not Parquet).
 
     Args:
@@ -327,15 +348,22 @@ def read_files(paths: Sequence[str], *, format: str = "auto", text_mode: str = "
     for path, name in expand_paths(paths, format):
         kind = format if format != "auto" else _format_of(path)
         if kind is None:
-            raise SourceError(f"{path}: cannot tell the format from the extension; set sources.format "
-                              f"to one of {list(FORMATS[1:])}")
+            raise SourceError(
+                f"{path}: cannot tell the format from the extension; set sources.format to one of {list(FORMATS[1:])}"
+            )
         yield from _READERS.get(kind, text_reader)(path, name, opts)
 
 
 # ------------------------------------------------------------------------------------------- TFDS and HF
-def read_indexed(data_source: Any, name: str, *, text_field: str = "text", on_error: str = "skip",
-                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
-                 licence: str = "unknown") -> Iterator[Document | Dropped]:
+def read_indexed(
+    data_source: Any,
+    name: str,
+    *,
+    text_field: str = "text",
+    on_error: str = "skip",
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+    licence: str = "unknown",
+) -> Iterator[Document | Dropped]:
     """Reads any random-access source of records (`len()` and `[i]`, e.g. a TFDS data source) in order.
 
     `name` ("dataset/split") prefixes the ids and is the documents' `source`.
@@ -345,8 +373,9 @@ def read_indexed(data_source: Any, name: str, *, text_field: str = "text", on_er
         yield _record(f"{name}:{index}", f"{name}: example {index}", data_source[index], name, opts)
 
 
-def read_tfds(name: str, split: str = "train", data_dir: str | None = None,
-              **kwargs: Any) -> Iterator[Document | Dropped]:
+def read_tfds(
+    name: str, split: str = "train", data_dir: str | None = None, **kwargs: Any
+) -> Iterator[Document | Dropped]:
     """Reads a prepared TFDS dataset with `tfds.data_source` (ArrayRecord; no TensorFlow needed).
 
     `kwargs` are those of `read_indexed`.
@@ -357,15 +386,21 @@ def read_tfds(name: str, split: str = "train", data_dir: str | None = None,
     yield from read_indexed(data_source, f"{name}/{split}", **kwargs)
 
 
-def read_hf(name: str, config_name: str | None = None, split: str = "train", *, text_field: str = "text",
-            on_error: str = "skip", max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
-            licence: str = "unknown") -> Iterator[Document | Dropped]:
+def read_hf(
+    name: str,
+    config_name: str | None = None,
+    split: str = "train",
+    *,
+    text_field: str = "text",
+    on_error: str = "skip",
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+    licence: str = "unknown",
+) -> Iterator[Document | Dropped]:
     """Streams a Hugging Face dataset (optional extra `hf`; needs network unless it is in the HF cache)."""
     try:
         import datasets
     except ImportError as e:
-        raise ImportError("Reading Hugging Face datasets needs the optional extra: "
-                          "pip install '.[hf]'") from e
+        raise ImportError("Reading Hugging Face datasets needs the optional extra: pip install '.[hf]'") from e
     opts = _Options(text_field, on_error, max_document_bytes, licence)
     rows = datasets.load_dataset(name, config_name or None, split=split, streaming=True)
     for index, record in enumerate(rows):
@@ -380,8 +415,9 @@ def read_sources(config: Any) -> Iterator[Document | Dropped]:
     of them, the embedded Debian corpus is read.
     """
     s = config.sources
-    common = dict(text_field=s.text_field, on_error=s.on_error, max_document_bytes=s.max_document_bytes,
-                  licence=s.licence)
+    common = dict(
+        text_field=s.text_field, on_error=s.on_error, max_document_bytes=s.max_document_bytes, licence=s.licence
+    )
     _Options(**common)  # validates on_error and max_document_bytes before any download or file access
     paths = _split(s.paths)
     if not (paths or s.tfds_name or s.hf_name):

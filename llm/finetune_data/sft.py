@@ -35,7 +35,7 @@ import numpy as np
 
 from llm import chat_template
 from llm.data import packing, records
-from llm.data.sources import ON_ERROR, SourceError
+from llm.io import ON_ERROR, SourceError
 from llm.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
@@ -68,8 +68,9 @@ class Drops:
             self.examples[reason].append(where)
 
     def as_dict(self) -> dict[str, Any]:
-        return {reason: {"count": count, "first": self.examples[reason]}
-                for reason, count in sorted(self.counts.items())}
+        return {
+            reason: {"count": count, "first": self.examples[reason]} for reason, count in sorted(self.counts.items())
+        }
 
 
 def read_jsonl(path: str, drops: Drops, reason: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -112,8 +113,9 @@ def conversation(record: Mapping[str, Any], where: str, drops: Drops) -> Message
     return messages
 
 
-def render_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]],
-                        seq_len: int) -> tuple[list[int], list[int], bool] | None:
+def render_conversation(
+    tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], seq_len: int
+) -> tuple[list[int], list[int], bool] | None:
     """(token ids, loss mask, truncated) of a conversation that fits in `seq_len`, or None if none does.
 
     The length policy of the module docstring: trailing non-assistant turns are left out, then the oldest
@@ -122,7 +124,7 @@ def render_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, st
     last_answer = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
     messages = list(messages[: last_answer + 1])
     system = messages[:1] if messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     starts = [0] + [i for i, message in enumerate(turns) if i > 0 and message["role"] == "user"]
     for start in starts:
         ids, mask = chat_template.render(tokenizer, system + turns[start:])
@@ -131,8 +133,9 @@ def render_conversation(tokenizer: Tokenizer, messages: Sequence[Mapping[str, st
     return None
 
 
-def split_ids(lengths: Sequence[tuple[str, int]], seq_len: int, validation_fraction: float,
-              min_validation_rows: int, what: str) -> set[str]:
+def split_ids(
+    lengths: Sequence[tuple[str, int]], seq_len: int, validation_fraction: float, min_validation_rows: int, what: str
+) -> set[str]:
     """Validation ids by a hash of each id (packing.split_train_validation), with a clearer error on tiny data."""
     try:
         return packing.split_train_validation(lengths, seq_len, validation_fraction, min_validation_rows)
@@ -148,8 +151,10 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     """Refuses a directory with shards of an earlier run (they would mix with the new ones) unless `overwrite`."""
     old = _old_shards(output_dir)
     if old and not overwrite:
-        raise FileExistsError(f"{output_dir} already holds {len(old)} shard(s) from an earlier run, e.g. {old[0]}; "
-                              "pass --overwrite to replace them, or choose another --output_dir.")
+        raise FileExistsError(
+            f"{output_dir} already holds {len(old)} shard(s) from an earlier run, e.g. {old[0]}; "
+            "pass --overwrite to replace them, or choose another --output_dir."
+        )
 
 
 def start_writing(output_dir: str, tokenizer_path: str) -> None:
@@ -178,10 +183,20 @@ def split_summary(stats: packing.SplitStats) -> dict[str, Any]:
     return summary
 
 
-def prepare_sft(input_path: str, tokenizer_path: str, output_dir: str, seq_len: int, *,
-                on_error: str = "raise", validation_fraction: float = 0.05, min_validation_rows: int = 1,
-                train_shards: int = 1, validation_shards: int = 1, overwrite: bool = False,
-                source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def prepare_sft(
+    input_path: str,
+    tokenizer_path: str,
+    output_dir: str,
+    seq_len: int,
+    *,
+    on_error: str = "raise",
+    validation_fraction: float = 0.05,
+    min_validation_rows: int = 1,
+    train_shards: int = 1,
+    validation_shards: int = 1,
+    overwrite: bool = False,
+    source: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Writes DIR/train/, DIR/validation/, DIR/tokenizer.model and DIR/report.json; returns the report.
 
     Conversations are held in memory as int32 arrays (a few hundred MB for a million chats of 100 tokens).
@@ -209,21 +224,33 @@ def prepare_sft(input_path: str, tokenizer_path: str, output_dir: str, seq_len: 
     dropped = sum(drops.counts.values())
     if not docs:
         raise ValueError(f"{input_path}: no usable conversation among {dropped} (drops: {dict(drops.counts)}).")
-    validation_ids = split_ids([(doc_id, len(ids)) for doc_id, (ids, _) in docs], seq_len,
-                               validation_fraction, min_validation_rows, "conversations")
+    validation_ids = split_ids(
+        [(doc_id, len(ids)) for doc_id, (ids, _) in docs],
+        seq_len,
+        validation_fraction,
+        min_validation_rows,
+        "conversations",
+    )
     start_writing(output_dir, tokenizer_path)
-    splits = packing.write_packed_splits(docs, output_dir, seq_len, validation_ids, pad_id=tokenizer.pad_id,
-                                         train_shards=train_shards, validation_shards=validation_shards,
-                                         masked=True)
+    splits = packing.write_packed_splits(
+        docs,
+        output_dir,
+        seq_len,
+        validation_ids,
+        pad_id=tokenizer.pad_id,
+        train_shards=train_shards,
+        validation_shards=validation_shards,
+        masked=True,
+    )
     tokens = sum(stats.tokens for stats in splits.values())
     assistant_tokens = sum(stats.target_tokens for stats in splits.values())
     report = {
+        "format": "chat",  # Rows rendered with the chat template: a run trained on them is chat-tuned.
         "input": input_path,
         **({"source": dict(source)} if source else {}),
         "tokenizer": os.path.join(output_dir, "tokenizer.model"),
         "seq_len": seq_len,
-        "conversations": {"read": len(docs) + dropped, "kept": len(docs), "truncated": truncated,
-                          "dropped": dropped},
+        "conversations": {"read": len(docs) + dropped, "kept": len(docs), "truncated": truncated, "dropped": dropped},
         "drops": drops.as_dict(),
         "tokens": tokens,
         "assistant_tokens": assistant_tokens,
@@ -266,8 +293,9 @@ def chatterbot_dialogues(language: str = "spanish") -> list[tuple[str, Messages]
             if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
                 raise SourceError(f"{path}: conversation {index} is not a list of strings: {lines!r}")
             roles = ("user", "assistant")
-            dialogues.append((category, [{"role": roles[i % 2], "content": line.strip()}
-                                         for i, line in enumerate(lines)]))
+            dialogues.append(
+                (category, [{"role": roles[i % 2], "content": line.strip()} for i, line in enumerate(lines)])
+            )
     if not dialogues:
         raise SourceError(f"{directory}: no conversations in its YAML files.")
     return dialogues

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +19,7 @@ class Document:
     text: str
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def replace(self, **changes: Any) -> "Document":
+    def replace(self, **changes: Any) -> Document:
         return dataclasses.replace(self, **changes)
 
 

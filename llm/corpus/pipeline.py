@@ -36,19 +36,12 @@ import numpy as np
 import tqdm
 
 from llm import tokenizer as tokenizer_lib
-from llm.data import dedup, packing, sources, stages
-from llm.data.corpus_io import (
-    is_remote,
-    iterate_documents,
-    join,
-    read_counts,
-    read_text,
-    remove_tree,
-    shard_paths,
-    write_text,
-)
-from llm.data.document import Document, DocumentStage, Dropped
-from llm.data.report import Accounts, SourceTotals, build_report, source_table, word_count
+from llm.corpus import dedup, sources, stages
+from llm.corpus.corpus_io import iterate_documents, read_counts, shard_paths
+from llm.corpus.document import Document, DocumentStage, Dropped
+from llm.corpus.report import Accounts, SourceTotals, build_report, source_table, word_count
+from llm.data import packing
+from llm.io import is_remote, join, read_text, remove_tree, write_text
 
 # Accounting names of the steps around the per-document stages.
 READ = "read"
@@ -447,8 +440,10 @@ def _link(source: str, destination: str) -> None:
 def _link_dir(source: str, destination: str) -> None:
     """Publishes a directory of files, swapped in whole so a loader never sees old and new shards mixed."""
     names = sorted(os.listdir(source))
-    if os.path.isdir(destination) and sorted(os.listdir(destination)) == names and all(
-        _same_file(join(source, name), join(destination, name)) for name in names
+    if (
+        os.path.isdir(destination)
+        and sorted(os.listdir(destination)) == names
+        and all(_same_file(join(source, name), join(destination, name)) for name in names)
     ):
         return
     staging, old = destination + ".tmp", destination + ".old"

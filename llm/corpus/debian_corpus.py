@@ -29,13 +29,13 @@ import struct
 import subprocess
 import tempfile
 import zlib
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
+from typing import Any
 from xml.etree import ElementTree
 
-from llm.data.document import Document
-from llm.data.html_text import html_to_text
-
+from llm.corpus.document import Document
+from llm.corpus.html_text import html_to_text
 
 # A fortune entry is one quotation or proverb (~15 words); alone it is too short for the quality filters
 # (word count, n-gram statistics) and a whole file (refranes: 5,000 entries) would make one document
@@ -78,11 +78,19 @@ PACKAGES: dict[str, Package] = {
     p.name: p
     for p in (
         Package("sword-text-sparv", "Reina-Valera 1909 Bible (SWORD module)", "public-domain"),
-        Package("fortunes-es", "Spanish quotations and proverbs for fortune(6); the packager presumes "
-                "the quotations public domain, the package is GPL-2+", "GPL-2+"),
+        Package(
+            "fortunes-es",
+            "Spanish quotations and proverbs for fortune(6); the packager presumes "
+            "the quotations public domain, the package is GPL-2+",
+            "GPL-2+",
+        ),
         Package("libreoffice-help-es", "LibreOffice help pages in Spanish", "MPL-2.0"),
-        Package("lilypond-doc-html-es", "LilyPond music engraver manuals, Spanish pages", "GFDL-1.3+",
-                licence_files="Documentation/*"),
+        Package(
+            "lilypond-doc-html-es",
+            "LilyPond music engraver manuals, Spanish pages",
+            "GFDL-1.3+",
+            licence_files="Documentation/*",
+        ),
         Package("manpages-es", "Spanish translations of manual pages", "GPL-3+"),
         Package("debian-reference-es", "Debian Reference, Spanish translation", "GPL-2+"),
     )
@@ -224,8 +232,11 @@ def _extract_sword(root: Path) -> Extracted:
                         yield chapter_id, "\n".join(lines), metadata
                         lines = []
                     chapter_id = element.get("osisID", element.get("sID"))
-                    metadata = {"book": book, "chapter": int(chapter_id.rsplit(".", 1)[-1]),
-                                "archaic_orthography": True}
+                    metadata = {
+                        "book": book,
+                        "chapter": int(chapter_id.rsplit(".", 1)[-1]),
+                        "archaic_orthography": True,
+                    }
             verse = " ".join("".join(_osis_text(fragment)).split())
             if verse:
                 lines.append(verse)
@@ -320,8 +331,7 @@ def extract_package(root: Path, name: str) -> Iterator[Document]:
     package = PACKAGES[name]
     licence = read_licence(root, package)
     if licence != package.licence:
-        logging.warning("%s: copyright now says %r, PACKAGES says %r: update PACKAGES", name, licence,
-                        package.licence)
+        logging.warning("%s: copyright now says %r, PACKAGES says %r: update PACKAGES", name, licence, package.licence)
     for local_id, text, extra in _EXTRACTORS[name](root):
         if text.strip():
             yield Document(f"{name}:{local_id}", text, {"source": name, "licence": licence, **extra})

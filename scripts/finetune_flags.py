@@ -10,16 +10,18 @@ from typing import Any
 
 from absl import app, flags
 
-from llm.data.sources import ON_ERROR, SourceError
+from llm.io import ON_ERROR, SourceError
 
 INPUT = flags.DEFINE_string("input", None, "JSONL file to prepare (its format: the script's docstring).")
-CHATTERBOT = flags.DEFINE_bool("chatterbot", False,
-                               "Build a demo set from the Spanish chatterbot-corpus dialogues instead of --input.")
+CHATTERBOT = flags.DEFINE_bool(
+    "chatterbot", False, "Build a demo set from the Spanish chatterbot-corpus dialogues instead of --input."
+)
 TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (llm/tokenizer.py).")
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Row length; must equal the training config's data.seq_len.")
-ON_ERROR_FLAG = flags.DEFINE_enum("on_error", "raise", list(ON_ERROR),
-                                  "Malformed lines: stop with an error naming file:line, or skip and count them.")
+ON_ERROR_FLAG = flags.DEFINE_enum(
+    "on_error", "raise", list(ON_ERROR), "Malformed lines: stop with an error naming file:line, or skip and count them."
+)
 VALIDATION_FRACTION = flags.DEFINE_float("validation_fraction", 0.05, "Share of examples held out (by id hash).")
 TRAIN_SHARDS = flags.DEFINE_integer("train_shards", 1, "ArrayRecord shards of the train split.")
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the shards of an earlier run in --output_dir.")
@@ -43,8 +45,16 @@ def prepare(function: Callable[..., dict[str, Any]], path: str, **options: Any) 
     """`function(path, tokenizer, output_dir, seq_len, ...)` with the common flags, its report returned; an
     error in the input (already named by file and line) ends the script with that one line."""
     try:
-        return function(path, TOKENIZER.value, OUTPUT_DIR.value, SEQ_LEN.value, on_error=ON_ERROR_FLAG.value,
-                        validation_fraction=VALIDATION_FRACTION.value, train_shards=TRAIN_SHARDS.value,
-                        overwrite=OVERWRITE.value, **options)
+        return function(
+            path,
+            TOKENIZER.value,
+            OUTPUT_DIR.value,
+            SEQ_LEN.value,
+            on_error=ON_ERROR_FLAG.value,
+            validation_fraction=VALIDATION_FRACTION.value,
+            train_shards=TRAIN_SHARDS.value,
+            overwrite=OVERWRITE.value,
+            **options,
+        )
     except (SourceError, ValueError, FileExistsError, FileNotFoundError) as error:
         raise SystemExit(f"Error: {error}") from error

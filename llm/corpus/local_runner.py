@@ -21,9 +21,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from llm.data import corpus_io, dedup, pipeline, sources, stages
-from llm.data.document import Document, Dropped
-from llm.data.report import Accounts
+from llm.corpus import corpus_io, dedup, pipeline, sources, stages
+from llm.corpus.document import Document, Dropped
+from llm.corpus.report import Accounts
 
 # Chunks queued per worker: enough to keep every worker busy while the main process reads or writes.
 _CHUNKS_PER_WORKER = 2
@@ -60,8 +60,9 @@ def parallel_map(
     # locks held by its threads (tqdm, Beam, JAX) and hang.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=initializer,
-                                                      initargs=initargs)
+    executor = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=context, initializer=initializer, initargs=initargs
+    )
 
     def results() -> Iterator[Any]:
         pending: collections.deque[concurrent.futures.Future] = collections.deque()
@@ -90,17 +91,16 @@ class ShardWriter:
         os.makedirs(directory, exist_ok=True)
         self._directory = directory
         self._num_shards = num_shards
-        self._parts = [open(self._part_path(i), "w", encoding="utf-8") for i in range(num_shards)]
+        # Open until close(): one file per shard receives documents as they arrive.
+        self._parts = [open(self._part_path(i), "w", encoding="utf-8") for i in range(num_shards)]  # noqa: SIM115
 
     def _part_path(self, index: int) -> str:
         return os.path.join(self._directory, "." + corpus_io.shard_name(index, self._num_shards) + ".unsorted")
 
     def write(self, document: Document) -> None:
-        self._parts[corpus_io.shard_of(document.id, self._num_shards)].write(
-            corpus_io.encode_document(document) + "\n"
-        )
+        self._parts[corpus_io.shard_of(document.id, self._num_shards)].write(corpus_io.encode_document(document) + "\n")
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:

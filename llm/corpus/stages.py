@@ -13,8 +13,8 @@ import functools
 
 import ml_collections
 
-from llm.data import clean, langid, offensive, pii, quality
-from llm.data.document import DocumentStage
+from llm.corpus import clean, langid, offensive, pii, quality
+from llm.corpus.document import DocumentStage
 
 _KEYS = {
     "clean": {"enabled", "strip_html", "boilerplate_patterns", "boilerplate_max_words", "archaic_orthography"},
@@ -47,15 +47,17 @@ def document_stages(config: ml_collections.ConfigDict) -> list[tuple[str, Docume
     cfg = sections["clean"]
     if cfg.enabled:
         patterns = tuple(cfg.boilerplate_patterns)
-        stages.append((
-            "clean",
-            functools.partial(
-                clean.clean_stage,
-                strip_markup=cfg.strip_html,
-                boilerplate=clean.compile_boilerplate(patterns) if patterns else None,
-                boilerplate_max_words=cfg.boilerplate_max_words,
-            ),
-        ))
+        stages.append(
+            (
+                "clean",
+                functools.partial(
+                    clean.clean_stage,
+                    strip_markup=cfg.strip_html,
+                    boilerplate=clean.compile_boilerplate(patterns) if patterns else None,
+                    boilerplate_max_words=cfg.boilerplate_max_words,
+                ),
+            )
+        )
     if cfg.archaic_orthography:
         stages.append(("archaic", clean.archaic_stage))
 
@@ -79,8 +81,10 @@ def document_stages(config: ml_collections.ConfigDict) -> list[tuple[str, Docume
     cfg = sections["offensive"]
     if cfg.enabled:
         words = offensive.offensive_words(tuple(cfg.extra_words), cfg.words_file)
-        stages.append((
-            "offensive",
-            functools.partial(offensive.offensive_stage, offensive=words, max_fraction=cfg.max_fraction),
-        ))
+        stages.append(
+            (
+                "offensive",
+                functools.partial(offensive.offensive_stage, offensive=words, max_fraction=cfg.max_fraction),
+            )
+        )
     return stages

@@ -147,7 +147,7 @@ class MinHasher:
         self._b = params[1].copy()
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "MinHasher":
+    def from_config(cls, config: ml_collections.ConfigDict) -> MinHasher:
         """Builds the hasher of the `dedup` config section."""
         return cls(config.num_perm, config.shingle_size, config.seed)
 

@@ -1,5 +1,5 @@
-"""The on-disk corpus between pipeline steps: JSONL document shards, their counts, and file access that
-works the same on local paths and on object stores (gs://, s3://, hdfs:// through Beam's FileSystems).
+"""The on-disk corpus between pipeline steps: JSONL document shards and their counts, on local paths or object
+stores alike (file access through llm/io.py).
 
 A shard `documents-00003-of-00008.jsonl` holds one JSON object {"id", "text", "metadata"} per line; a
 document goes to the shard given by a stable hash of its id, and each shard is sorted by id.
@@ -10,12 +10,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Iterable, Iterator
 
-from llm.data.document import Document
-from llm.data.report import Accounts
+from llm.corpus.document import Document
+from llm.corpus.report import Accounts
+from llm.io import beam_filesystems, is_remote, join, read_text, write_text
 
 SHARD_PREFIX = "documents"
 SHARD_SUFFIX = ".jsonl"
@@ -67,69 +66,11 @@ def shard_content(documents: Iterable[Document], where: str) -> str:
     return "".join(line + "\n" for _, line in keyed)
 
 
-# --- Files, local or remote (gs://, s3://, hdfs:// through Beam's FileSystems) ------------------------------
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def _filesystems():
-    try:
-        from apache_beam.io.filesystems import FileSystems
-    except ImportError as error:
-        raise ImportError(
-            "Paths with a scheme (gs://, s3://, ...) are read and written through Apache Beam: "
-            "pip install -e '.[beam]'."
-        ) from error
-    return FileSystems
-
-
-def join(base: str, *names: str) -> str:
-    return _filesystems().join(base, *names) if is_remote(base) else os.path.join(base, *names)
-
-
-def read_text(path: str) -> str | None:
-    """The UTF-8 content of a file, or None if it does not exist."""
-    if not is_remote(path):
-        if not os.path.exists(path):
-            return None
-        with open(path, encoding="utf-8") as file:
-            return file.read()
-    filesystems = _filesystems()
-    if not filesystems.exists(path):
-        return None
-    with filesystems.open(path) as file:
-        return file.read().decode("utf-8")
-
-
-def write_text(path: str, text: str) -> None:
-    """Writes a whole file atomically: readers see the old content or the new, never a part."""
-    if is_remote(path):  # an object store publishes an object only when it is closed
-        with _filesystems().create(path) as file:
-            file.write(text.encode("utf-8"))
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def remove_tree(path: str) -> None:
-    if not is_remote(path):
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    filesystems = _filesystems()
-    matches = filesystems.match([join(path, "**")])[0].metadata_list
-    if matches:
-        filesystems.delete([metadata.path for metadata in matches])
-
-
 def shard_paths(directory: str) -> list[str]:
     """The complete, sorted list of a step's corpus shards; raises if one is missing."""
     pattern = join(directory, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}")
     if is_remote(directory):
-        paths = sorted(metadata.path for metadata in _filesystems().match([pattern])[0].metadata_list)
+        paths = sorted(metadata.path for metadata in beam_filesystems().match([pattern])[0].metadata_list)
     else:
         paths = sorted(glob.glob(pattern))
     expected = int(paths[0].rsplit("-of-", 1)[1].removesuffix(SHARD_SUFFIX)) if paths else None

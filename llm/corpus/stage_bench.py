@@ -14,8 +14,8 @@ from typing import Any
 
 import ml_collections
 
-from llm.data import pipeline, sources, stages
-from llm.data.report import Accounts
+from llm.corpus import pipeline, sources, stages
+from llm.corpus.report import Accounts
 
 
 def run(config: ml_collections.ConfigDict, max_docs: int) -> dict[str, Any]:
@@ -33,8 +33,10 @@ def run(config: ml_collections.ConfigDict, max_docs: int) -> dict[str, Any]:
         pipeline.process_item(item, document_stages, accounts)
 
     read = accounts.stages[pipeline.READ]
-    result: dict[str, Any] = {"documents": len(items), pipeline.READ: _figures(len(items), read.bytes_out,
-                                                                                 read.documents_out, read_seconds)}
+    result: dict[str, Any] = {
+        "documents": len(items),
+        pipeline.READ: _figures(len(items), read.bytes_out, read.documents_out, read_seconds),
+    }
     input_bytes = read.bytes_out
     for name, _ in document_stages:
         count = accounts.stages[name]
@@ -47,5 +49,8 @@ def run(config: ml_collections.ConfigDict, max_docs: int) -> dict[str, Any]:
 
 def _figures(documents_in: int, bytes_in: int, documents_out: int, seconds: float) -> dict[str, float]:
     seconds = max(seconds, 1e-9)
-    return {"docs_per_sec": documents_in / seconds, "input_mb_per_sec": bytes_in / 1e6 / seconds,
-            "kept_fraction": documents_out / documents_in if documents_in else 0.0}
+    return {
+        "docs_per_sec": documents_in / seconds,
+        "input_mb_per_sec": bytes_in / 1e6 / seconds,
+        "kept_fraction": documents_out / documents_in if documents_in else 0.0,
+    }

@@ -14,7 +14,7 @@ import pathlib
 
 import fasttext
 
-from llm.data.document import Document, Dropped
+from llm.corpus.document import Document, Dropped
 
 _LABEL_PREFIX = "__label__"
 

@@ -2,7 +2,7 @@
 archaic-orthography normalizer for the Reina-Valera 1909 Bible.
 
 Each step is a small pure function of the text; `clean_stage` and `archaic_stage` wrap them as document
-stages (llm/data/stages.py builds them from the `clean` section of the data config).
+stages (llm/corpus/stages.py builds them from the `clean` section of the data config).
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from typing import Sequence
+from collections.abc import Sequence
 
-from llm.data.document import Document, Dropped
-from llm.data.html_text import html_to_text
+from llm.corpus.document import Document, Dropped
+from llm.corpus.html_text import html_to_text
 
 # Line breaks other than "\n" (Windows "\r\n", old Mac "\r", vertical tab, form feed, NEL, Unicode line and
 # paragraph separators) become "\n" before control characters are removed, so no line break is lost.
@@ -53,7 +53,7 @@ def normalize_whitespace(text: str) -> str:
 def strip_html(text: str) -> tuple[str, bool]:
     """Remove leftover HTML; returns (text, whether it had markup).
 
-    Text with tags is HTML: it goes through the corpus HTML parser (llm/data/html_text.py, which drops
+    Text with tags is HTML: it goes through the corpus HTML parser (llm/corpus/html_text.py, which drops
     scripts, styles and navigation and lays out paragraphs). Text with entities but no tags is plain text
     with escapes: only the entities are decoded, so its line layout is kept. Text with neither is returned
     unparsed, so a literal "<" or "&" in prose costs nothing and is kept.
@@ -123,8 +123,19 @@ def clean_stage(
 # modern Spanish (RAE 1959/2010) dropped. Only words whose accent is never written today are listed, so the
 # diacritic accents of modern Spanish (él, tú, mí, sí, sé, dé, más, aún, qué...) are left alone.
 _ARCHAIC_SPELLINGS = {
-    "fué": "fue", "fuí": "fui", "dió": "dio", "vió": "vio", "dí": "di", "ví": "vi", "tí": "ti", "pié": "pie",
-    "há": "ha", "á": "a", "é": "e", "ó": "o", "ú": "u",
+    "fué": "fue",
+    "fuí": "fui",
+    "dió": "dio",
+    "vió": "vio",
+    "dí": "di",
+    "ví": "vi",
+    "tí": "ti",
+    "pié": "pie",
+    "há": "ha",
+    "á": "a",
+    "é": "e",
+    "ó": "o",
+    "ú": "u",
 }
 _ARCHAIC_WORD = re.compile(r"(?<!\w)(?:" + "|".join(_ARCHAIC_SPELLINGS) + r")(?!\w)", re.IGNORECASE)
 # The 1909 text opens chapters with the first word in capitals ("EN el principio", "Y ACONTECIÓ en los días",

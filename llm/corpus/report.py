@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llm.data.document import Document, Dropped
+from llm.corpus.document import Document, Dropped
 
 _MB = 1e6
 
@@ -38,7 +38,7 @@ class StageCount:
     words_out: int = 0
     seconds: float = 0.0
 
-    def merge(self, other: "StageCount") -> None:
+    def merge(self, other: StageCount) -> None:
         self.documents_in += other.documents_in
         self.documents_out += other.documents_out
         self.dropped.update(other.dropped)
@@ -71,7 +71,7 @@ class Accounts:
     def add_pii(self, counts: Mapping[str, int]) -> None:
         self.pii.update(counts)
 
-    def merge(self, other: "Accounts") -> "Accounts":
+    def merge(self, other: Accounts) -> Accounts:
         if list(other.stages) != list(self.stages):
             raise ValueError(f"Cannot merge accounts of stages {list(other.stages)} into {list(self.stages)}.")
         for name, count in other.stages.items():
@@ -79,7 +79,7 @@ class Accounts:
         self.pii.update(other.pii)
         return self
 
-    def extend(self, other: "Accounts") -> "Accounts":
+    def extend(self, other: Accounts) -> Accounts:
         """Appends the stages of a later pipeline step (e.g. dedup after the per-document stages)."""
         overlap = set(self.stages) & set(other.stages)
         if overlap:
@@ -121,8 +121,7 @@ class Accounts:
             previous_name, previous_out = name, count.documents_out
         if self.documents_in != self.documents_kept + self.documents_dropped:
             raise AccountingError(
-                f"{self.documents_in} documents in != {self.documents_kept} kept + "
-                f"{self.documents_dropped} dropped."
+                f"{self.documents_in} documents in != {self.documents_kept} kept + {self.documents_dropped} dropped."
             )
 
     def counts(self) -> dict[str, Any]:
@@ -148,7 +147,7 @@ class Accounts:
         return data
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Accounts":
+    def from_json(cls, data: Mapping[str, Any]) -> Accounts:
         accounts = cls(list(data["stages"]))
         for name, fields in data["stages"].items():
             count = accounts.stages[name]

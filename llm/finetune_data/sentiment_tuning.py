@@ -27,16 +27,17 @@ from typing import Any
 import numpy as np
 
 from llm.data import packing, records
-from llm.data.preference import fit_prompt
-from llm.data.sft import check_output_dir, start_writing, write_report
 from llm.eval import multiple_choice, scoring, tasks
+from llm.finetune_data.preference import fit_prompt
+from llm.finetune_data.sft import check_output_dir, start_writing, write_report
 from llm.tokenizer import Tokenizer
 
 SPLITS = {"train": "train", "validation": "val"}  # output split -> sentiment split of the evaluation files
 
 
-def example_tokens(tokenizer: Tokenizer, item: multiple_choice.MultipleChoiceItem,
-                   seq_len: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def example_tokens(
+    tokenizer: Tokenizer, item: multiple_choice.MultipleChoiceItem, seq_len: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """(tokens, loss mask, truncated) of one labelled item: bos + prompt + label word + eos."""
     context, answer = scoring.encode_pair(tokenizer, item.context, item.choices[item.label])
     answer = [*answer, tokenizer.eos_id]
@@ -48,8 +49,9 @@ def example_tokens(tokenizer: Tokenizer, item: multiple_choice.MultipleChoiceIte
     return tokens, mask, len(fitted) < len(context)
 
 
-def sentiment_rows(tokenizer: Tokenizer, examples: Sequence[tasks.SentimentExample], seq_len: int,
-                   counts: collections.Counter) -> Iterator[dict[str, np.ndarray]]:
+def sentiment_rows(
+    tokenizer: Tokenizer, examples: Sequence[tasks.SentimentExample], seq_len: int, counts: collections.Counter
+) -> Iterator[dict[str, np.ndarray]]:
     """One row per example; `counts` gets "examples", "truncated", "tokens" and "label_tokens"."""
     for item in multiple_choice.sentiment_items(examples, shots=()):
         tokens, mask, truncated = example_tokens(tokenizer, item, seq_len)
@@ -58,8 +60,9 @@ def sentiment_rows(tokenizer: Tokenizer, examples: Sequence[tasks.SentimentExamp
         yield row
 
 
-def prepare_sentiment(data_dir: str, tokenizer_path: str, output_dir: str, seq_len: int = 128, *,
-                      overwrite: bool = False) -> dict[str, Any]:
+def prepare_sentiment(
+    data_dir: str, tokenizer_path: str, output_dir: str, seq_len: int = 128, *, overwrite: bool = False
+) -> dict[str, Any]:
     """Writes DIR/train/ (train split), DIR/validation/ (val split), DIR/tokenizer.model, DIR/report.json."""
     check_output_dir(output_dir, overwrite)
     tokenizer = Tokenizer.load(tokenizer_path)
@@ -71,8 +74,9 @@ def prepare_sentiment(data_dir: str, tokenizer_path: str, output_dir: str, seq_l
     splits = {}
     for split, source in SPLITS.items():
         counts: collections.Counter = collections.Counter()
-        paths = records.write_shards(sentiment_rows(tokenizer, examples[split], seq_len, counts),
-                                     os.path.join(output_dir, split), num_shards=1)
+        paths = records.write_shards(
+            sentiment_rows(tokenizer, examples[split], seq_len, counts), os.path.join(output_dir, split), num_shards=1
+        )
         labels = collections.Counter(example.label for example in examples[split])
         splits[split] = {
             "source": f"sentiment_es_{source}",
@@ -84,7 +88,12 @@ def prepare_sentiment(data_dir: str, tokenizer_path: str, output_dir: str, seq_l
             "shards": len(paths),
         }
     first = multiple_choice.sentiment_items(examples["train"][:1], shots=())[0]
-    report = {"data_dir": data_dir, "tokenizer": os.path.join(output_dir, "tokenizer.model"), "seq_len": seq_len,
-              "first_example": first.context + first.choices[first.label], "splits": splits}
+    report = {
+        "data_dir": data_dir,
+        "tokenizer": os.path.join(output_dir, "tokenizer.model"),
+        "seq_len": seq_len,
+        "first_example": first.context + first.choices[first.label],
+        "splits": splits,
+    }
     write_report(output_dir, report)
     return report

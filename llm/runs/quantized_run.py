@@ -7,23 +7,19 @@ A quantized directory (QDIR) looks like a training run to every tool that reads 
     QDIR/tokenizer.model     a copy of the run's tokenizer
     QDIR/checkpoints/STEP/   Orbax: the quantized parameters (int8/int4 values and float32 scales) only
 
-so `llm.infer.loading.load_run(QDIR)` (and with it scripts/sample.py, chat.py and evaluate.py) returns
+so `llm.runs.loading.load_run(QDIR)` (and with it scripts/sample.py, chat.py and evaluate.py) returns
 the quantized model: it rebuilds the quantized structure abstractly (`ptq.model_from_config` under
 nnx.eval_shape: nothing materialized) and restores the arrays onto it, sharded by their logical axes.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Sequence
 
-from flax import nnx
-
-from llm.infer.loading import Run, load_run
 from llm.quant import ptq
-from llm.train import checkpoint
+from llm.runs import directory
+from llm.runs.loading import Run, load_run
 
 
 def quantize_run(run: Run, mode: str, group_size: int = ptq.DEFAULT_GROUP_SIZE, kv_cache: str = "auto") -> Run:
@@ -37,11 +33,10 @@ def quantize_run(run: Run, mode: str, group_size: int = ptq.DEFAULT_GROUP_SIZE, 
 def save_quantized_run(run: Run, qdir: str, overwrite: bool = False) -> None:
     """Writes a run returned by `quantize_run` to `qdir` (see the module docstring).
 
-    Everything is written to QDIR.partial first and renamed at the end, so an interrupted save never leaves
-    a half-written QDIR. An existing QDIR is replaced only with `overwrite`, and only if it is itself a
-    quantized run.
+    The directory is written atomically (`directory.save_run`). An existing QDIR is replaced only with
+    `overwrite`, and only if it is itself a quantized run.
     """
-    if "quantization" not in run.config:
+    if not ptq.is_quantized(run.config):
         raise ValueError("save_quantized_run needs a quantized run (from quantize_run).")
     qdir = os.path.abspath(qdir)
     if os.path.exists(qdir):
@@ -51,32 +46,14 @@ def save_quantized_run(run: Run, qdir: str, overwrite: bool = False) -> None:
             )
         if not is_quantized_dir(qdir):
             raise FileExistsError(f"{qdir!r} exists and is not a quantized run; refusing to overwrite it.")
-    partial = qdir + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    config_dict = json.loads(run.config.to_json())
-    with open(os.path.join(partial, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_dict, f, indent=2, sort_keys=True)
-    shutil.copyfile(run.tokenizer.path, os.path.join(partial, "tokenizer.model"))
-    checkpointer = checkpoint.Checkpointer(os.path.join(partial, "checkpoints"), keep=1)
-    try:
-        # A quantized checkpoint has no data-loader position: its data item is empty.
-        checkpointer.save(run.step, {"params": nnx.state(run.model, nnx.Param)}, {}, config_dict)
-        checkpointer.wait()
-    finally:
-        checkpointer.close()
-    if os.path.exists(qdir):
-        shutil.rmtree(qdir)
-    os.replace(partial, qdir)
+    directory.save_run(qdir, run.config, run.tokenizer.path, run.step, run.model, overwrite=overwrite)
 
 
 def is_quantized_dir(path: str) -> bool:
     """Whether `path` holds a run written by `save_quantized_run`."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.isfile(os.path.join(path, directory.CONFIG_FILE)):
         return False
-    with open(config_path, encoding="utf-8") as f:
-        return "quantization" in json.load(f)
+    return ptq.is_quantized(directory.load_config(path))
 
 
 def load_quantized_run(qdir: str, step: int | None = None, mesh_shape: Sequence[int] = (1, -1, 1)) -> Run:
@@ -86,7 +63,7 @@ def load_quantized_run(qdir: str, step: int | None = None, mesh_shape: Sequence[
     """
     if not is_quantized_dir(qdir):
         raise ValueError(
-            f"{qdir!r} is not a quantized run (no config.json with a `quantization` section); "
+            f"{qdir!r} is not a quantized run (its config.json has no quantization.mode); "
             "write one with scripts/quantize.py."
         )
     return load_run(qdir, step, mesh_shape)

@@ -14,27 +14,83 @@ from __future__ import annotations
 
 import html.parser
 import re
-from typing import Collection
+from collections.abc import Collection
 
 # Elements whose whole subtree is skipped. `pre` holds code listings and program output; the rest is page
 # machinery or chrome rather than text.
 SKIPPED_TAGS = frozenset(
-    {"script", "style", "pre", "nav", "header", "footer", "aside", "head", "noscript", "template", "form",
-     "button", "select", "textarea", "svg", "math", "iframe", "object"}
+    {
+        "script",
+        "style",
+        "pre",
+        "nav",
+        "header",
+        "footer",
+        "aside",
+        "head",
+        "noscript",
+        "template",
+        "form",
+        "button",
+        "select",
+        "textarea",
+        "svg",
+        "math",
+        "iframe",
+        "object",
+    }
 )
 
 # Class/id words that mark navigation. Class names are split on whitespace, "_" and "-" so that "nav_table",
 # "toc_header" or "footer_version" match, while "table-contents" (DocBook's real tables) does not.
 NAVIGATION_WORDS = frozenset(
-    {"nav", "navheader", "navfooter", "navigation", "navbar", "toc", "menu", "breadcrumb", "breadcrumbs",
-     "sidebar", "footer", "header"}
+    {
+        "nav",
+        "navheader",
+        "navfooter",
+        "navigation",
+        "navbar",
+        "toc",
+        "menu",
+        "breadcrumb",
+        "breadcrumbs",
+        "sidebar",
+        "footer",
+        "header",
+    }
 )
 
 # Elements that end a paragraph; everything else is inline and flows into the surrounding text.
 _PARAGRAPH_TAGS = frozenset(
-    {"p", "div", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "table", "ul", "ol", "dl", "section",
-     "article", "main", "figure", "figcaption", "caption", "address", "center", "fieldset", "details",
-     "summary", "hr", "body", "html"}
+    {
+        "p",
+        "div",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "blockquote",
+        "table",
+        "ul",
+        "ol",
+        "dl",
+        "section",
+        "article",
+        "main",
+        "figure",
+        "figcaption",
+        "caption",
+        "address",
+        "center",
+        "fieldset",
+        "details",
+        "summary",
+        "hr",
+        "body",
+        "html",
+    }
 )
 # Elements that end a line but not a paragraph: a list item or a table row is one line of its block.
 _LINE_TAGS = frozenset({"br", "li", "dt", "dd", "tr"})

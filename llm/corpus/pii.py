@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
-from llm.data.document import Document
+from llm.corpus.document import Document
 
 PLACEHOLDERS = {
     "email": "<EMAIL>",
@@ -77,8 +77,10 @@ _CARD = re.compile(
     r"(?<![\w.,-])(?:[2-6][0-9]{12,18}|[2-6][0-9]{3}(?:([ -])[0-9]{4}(?:\1[0-9]{4})?)\1[0-9]{4}\1[0-9]{1,4}"
     r"|3[47][0-9]{2}([ -])[0-9]{6}\2[0-9]{5})(?![\w]|[.,-][0-9])"
 )
-_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
-                   r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?![\w]|\.[0-9])")
+_IPV4 = re.compile(
+    r"(?<![\w.])(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?![\w]|\.[0-9])"
+)
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 # An uppercase control letter may follow after a space or dash; a lower-case one only when attached, so
 # "12345678 y ..." (a number and the word "y") is never taken for a DNI.
@@ -86,8 +88,28 @@ _DNI = re.compile(r"(?<![\w.])([0-9]{2}\.?[0-9]{3}\.?[0-9]{3})(?:[ -]?([A-Z])|([
 _NIE = re.compile(r"(?<!\w)([XYZ])-?([0-9]{7})[ -]?([A-Z])(?!\w)")
 # Country codes of Spain and the Spanish-speaking Americas (longest first so +593 is not read as +59...).
 _COUNTRY_CODES = sorted(
-    ["34", "52", "54", "57", "56", "51", "58", "593", "591", "595", "598", "53", "502", "503", "504", "505",
-     "506", "507", "240", "1"],
+    [
+        "34",
+        "52",
+        "54",
+        "57",
+        "56",
+        "51",
+        "58",
+        "593",
+        "591",
+        "595",
+        "598",
+        "53",
+        "502",
+        "503",
+        "504",
+        "505",
+        "506",
+        "507",
+        "240",
+        "1",
+    ],
     key=len,
     reverse=True,
 )

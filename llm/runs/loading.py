@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
 from flax import nnx
 
-from llm import sharding
-from llm.infer.generate import Generator
+from llm import checkpoint, sharding
 from llm.model import lora
 from llm.model.transformer import Transformer, create_model
 from llm.quant import ptq
+from llm.runs import build, directory
 from llm.tokenizer import Tokenizer
-from llm.train import checkpoint, step as step_lib
 
 
 @dataclasses.dataclass
@@ -28,18 +25,6 @@ class Run:
     step: int
     workdir: str
 
-    @functools.cached_property
-    def generator(self) -> Generator:
-        """Shared by every generation call on this run (the split parameters are reused)."""
-        return Generator(self.model)
-
-
-def find_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> str:
-    for path in (os.path.join(workdir, "tokenizer.model"), os.path.join(config.data.path, "tokenizer.model")):
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError(f"No tokenizer.model in {workdir!r} or in the run's data directory {config.data.path!r}.")
-
 
 def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = (1, -1, 1)) -> Run:
     """Restores the parameters of `step` (default: the latest checkpoint) onto a mesh of the local devices.
@@ -49,8 +34,8 @@ def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = 
     base (for QLoRA, into its dequantized weights), so the returned model (and `Run.config`) is a plain model
     that decodes as fast as its base; a soft prompt stays in front of the base model, as it was trained.
     """
-    config = checkpoint.load_config(workdir)
-    tokenizer = Tokenizer.load(find_tokenizer(workdir, config))
+    config = directory.load_config(workdir)
+    tokenizer = Tokenizer.load(directory.find_tokenizer(workdir, config))
     mesh = sharding.create_mesh(mesh_shape, jax.local_devices())
 
     def placed(abstract: nnx.State) -> nnx.State:
@@ -77,15 +62,13 @@ def _trained_on_base(
     workdir: str, config: ml_collections.ConfigDict, step: int | None, placed: Callable[[nnx.State], nnx.State]
 ) -> tuple[Transformer, int]:
     """The model as it was trained: the run's trained parameters over its `init_from` base."""
-    trainable = step_lib.TRAINABLE[config.train.trainable]
-    graphdef, abstract_trained, _ = nnx.split(
-        nnx.eval_shape(lambda: step_lib.trained_model(config, None)), trainable, ...
-    )
+    trainable = build.TRAINABLE[config.train.trainable]
+    graphdef, abstract_trained, _ = nnx.split(nnx.eval_shape(lambda: build.trained_model(config, None)), trainable, ...)
     trained, step = checkpoint.restore_run_params(workdir, placed(abstract_trained), step)
-    abstract_base = nnx.state(nnx.eval_shape(lambda: create_model(step_lib.base_config(config))), nnx.Param)
+    abstract_base = nnx.state(nnx.eval_shape(lambda: create_model(build.base_config(config))), nnx.Param)
     base, _ = checkpoint.restore_run_params(config.init_from, placed(abstract_base))
     # One compiled program: XLA drops the unused fresh initialization of what the base replaces.
-    frozen = jax.jit(lambda base: nnx.split(step_lib.trained_model(config, base), trainable, ...)[2])(base)
+    frozen = jax.jit(lambda base: nnx.split(build.trained_model(config, base), trainable, ...)[2])(base)
     return nnx.merge(graphdef, trained, frozen), step
 
 
@@ -93,7 +76,7 @@ def _merged(adapted: Transformer, config: ml_collections.ConfigDict) -> tuple[Tr
     """The adapted model with its adapters merged into its (dequantized, for QLoRA) weights, and its config."""
     quantized = config.train.quantize_base != "none"
     params = ptq.dequantized_params(adapted) if quantized else nnx.state(adapted, nnx.Param)
-    config = step_lib.base_config(config)
+    config = build.base_config(config)
     if quantized:
         config.model.scan_layers = False  # Quantization unrolled the blocks (llm/quant/ptq.py).
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config)))

@@ -27,8 +27,7 @@ import numpy as np
 
 from llm import chat_template
 from llm.data import packing, records
-from llm.data.sft import (Drops, Messages, check_output_dir, read_jsonl, split_ids, start_writing,
-                          write_report)
+from llm.finetune_data.sft import Drops, Messages, check_output_dir, read_jsonl, split_ids, start_writing, write_report
 from llm.tokenizer import Tokenizer
 
 Pair = tuple[np.ndarray, np.ndarray, np.ndarray]  # prompt ids, chosen response ids, rejected response ids
@@ -45,19 +44,19 @@ def prompt_messages(prompt: Any) -> Messages:
     chat_template.validate_messages(messages)
     if messages[-1]["role"] != "user":
         raise chat_template.ChatFormatError(
-            f"the prompt must end with a user turn (the responses answer it), not {messages[-1]['role']!r}.")
+            f"the prompt must end with a user turn (the responses answer it), not {messages[-1]['role']!r}."
+        )
     return messages
 
 
-def tokenize_pair(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], chosen: str,
-                  rejected: str) -> Pair:
+def tokenize_pair(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], chosen: str, rejected: str) -> Pair:
     """Prompt ids (bos ... <|assistant|>) and the ids of each response (its content and <|end|>)."""
     prompt, _ = chat_template.render(tokenizer, messages, add_generation_prompt=True)
     responses = []
     for response in (chosen, rejected):
         ids, _ = chat_template.render(tokenizer, [*messages, {"role": "assistant", "content": response}])
         # The template renders message by message, so the full conversation extends the prompt.
-        responses.append(np.asarray(ids[len(prompt):], np.int32))
+        responses.append(np.asarray(ids[len(prompt) :], np.int32))
     return np.asarray(prompt, np.int32), responses[0], responses[1]
 
 
@@ -71,7 +70,7 @@ def fit_prompt(prompt: np.ndarray, longest_response: int, seq_len: int) -> np.nd
         return None
     if len(prompt) <= room:
         return prompt
-    return np.concatenate([prompt[:1], prompt[len(prompt) - (room - 1):]])
+    return np.concatenate([prompt[:1], prompt[len(prompt) - (room - 1) :]])
 
 
 def pair_rows(pair: Pair, seq_len: int, pad_id: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -86,8 +85,7 @@ def pair_rows(pair: Pair, seq_len: int, pad_id: int) -> tuple[dict[str, np.ndarr
     return rows[0], rows[1]
 
 
-def read_pairs(path: str, tokenizer: Tokenizer, seq_len: int,
-               drops: Drops) -> Iterator[tuple[str, Pair, bool]]:
+def read_pairs(path: str, tokenizer: Tokenizer, seq_len: int, drops: Drops) -> Iterator[tuple[str, Pair, bool]]:
     """(id "file name:line", pair fitted to seq_len, prompt truncated) for every usable line."""
     for line, record in read_jsonl(path, drops, "dpo.bad_json"):
         where = f"{path}:{line}"
@@ -111,10 +109,20 @@ def read_pairs(path: str, tokenizer: Tokenizer, seq_len: int,
         yield f"{os.path.basename(path)}:{line}", (fitted, chosen_ids, rejected_ids), len(fitted) < len(prompt)
 
 
-def prepare_dpo(input_path: str, tokenizer_path: str, output_dir: str, seq_len: int, *,
-                on_error: str = "raise", validation_fraction: float = 0.05, min_validation_pairs: int = 1,
-                train_shards: int = 1, validation_shards: int = 1, overwrite: bool = False,
-                source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def prepare_dpo(
+    input_path: str,
+    tokenizer_path: str,
+    output_dir: str,
+    seq_len: int,
+    *,
+    on_error: str = "raise",
+    validation_fraction: float = 0.05,
+    min_validation_pairs: int = 1,
+    train_shards: int = 1,
+    validation_shards: int = 1,
+    overwrite: bool = False,
+    source: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Writes pair records to DIR/train/ and DIR/validation/, DIR/tokenizer.model and DIR/report.json.
 
     Pairs are held in memory as token arrays; rows are built while writing. The validation split takes
@@ -132,27 +140,33 @@ def prepare_dpo(input_path: str, tokenizer_path: str, output_dir: str, seq_len: 
     if not pairs:
         raise ValueError(f"{input_path}: no usable preference pair among {dropped} (drops: {dict(drops.counts)}).")
     # Every pair is one record: a "length" of 1 and rows of 1 make the minimum a number of pairs.
-    validation_ids = split_ids([(pair_id, 1) for pair_id, _ in pairs], 1, validation_fraction,
-                               min_validation_pairs, "preference pairs")
-    members = {"train": [pair for pair_id, pair in pairs if pair_id not in validation_ids],
-               "validation": [pair for pair_id, pair in pairs if pair_id in validation_ids]}
+    validation_ids = split_ids(
+        [(pair_id, 1) for pair_id, _ in pairs], 1, validation_fraction, min_validation_pairs, "preference pairs"
+    )
+    members = {
+        "train": [pair for pair_id, pair in pairs if pair_id not in validation_ids],
+        "validation": [pair for pair_id, pair in pairs if pair_id in validation_ids],
+    }
     if not members["validation"]:  # checked before writing, so no empty shards are left behind
         raise ValueError("The validation split is empty: raise validation_fraction or min_validation_pairs.")
     start_writing(output_dir, tokenizer_path)
     splits = {}
     for split, shards in (("train", train_shards), ("validation", validation_shards)):
-        paths = records.write_shards((pair_rows(pair, seq_len, tokenizer.pad_id) for pair in members[split]),
-                                     os.path.join(output_dir, split), shards,
-                                     encode=lambda rows: records.encode_pair(*rows))
+        paths = records.write_shards(
+            (pair_rows(pair, seq_len, tokenizer.pad_id) for pair in members[split]),
+            os.path.join(output_dir, split),
+            shards,
+            encode=lambda rows: records.encode_pair(*rows),
+        )
         splits[split] = {"pairs": len(members[split]), "shards": len(paths)}
     lengths = {name: [len(pair[i]) for _, pair in pairs] for i, name in enumerate(("prompt", "chosen", "rejected"))}
     report = {
+        "format": "chat",  # Rows rendered with the chat template: a run trained on them is chat-tuned.
         "input": input_path,
         **({"source": dict(source)} if source else {}),
         "tokenizer": os.path.join(output_dir, "tokenizer.model"),
         "seq_len": seq_len,
-        "pairs": {"read": len(pairs) + dropped, "kept": len(pairs), "prompt_truncated": truncated,
-                  "dropped": dropped},
+        "pairs": {"read": len(pairs) + dropped, "kept": len(pairs), "prompt_truncated": truncated, "dropped": dropped},
         "drops": drops.as_dict(),
         "tokens": {name: int(sum(values)) for name, values in lengths.items()},
         "mean_tokens": {name: round(float(np.mean(values)), 1) for name, values in lengths.items()},
@@ -169,8 +183,12 @@ def chatterbot_preferences(dialogues: Sequence[tuple[str, Messages]]) -> list[di
     from a dialogue of another category (so unrelated to the question), seeded by the pair's position:
     the same package version always gives the same file.
     """
-    answers = [(category, message["content"]) for category, messages in dialogues
-               for message in messages if message["role"] == "assistant"]
+    answers = [
+        (category, message["content"])
+        for category, messages in dialogues
+        for message in messages
+        if message["role"] == "assistant"
+    ]
     pairs = []
     for number, (category, messages) in enumerate(dialogues):
         for index, message in enumerate(messages):

@@ -26,9 +26,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 
-from llm.data import corpus_io, dedup, pipeline, sources, stages
-from llm.data.document import Document, Dropped
-from llm.data.report import Accounts
+from llm.corpus import corpus_io, dedup, pipeline, sources, stages
+from llm.corpus.document import Document, Dropped
+from llm.corpus.report import Accounts
 
 COUNTS = "counts"
 DEFAULT_RUNNER = "FnApiRunner"
@@ -140,9 +140,8 @@ class _NearDuplicates(beam.PTransform):
             documents
             | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
             | "Signatures" >> beam.ParDo(_Signatures(self._config))
-            | "BandKeys" >> beam.FlatMap(
-                lambda item: [(key, item) for key in dedup.band_keys(item[1], params.bands, params.rows)]
-            )
+            | "BandKeys"
+            >> beam.FlatMap(lambda item: [(key, item) for key in dedup.band_keys(item[1], params.bands, params.rows)])
             | "GroupBands" >> beam.GroupByKey()
             | "ConfirmPairs" >> beam.FlatMap(lambda bucket: dedup.bucket_pairs(list(bucket[1]), params.threshold))
             | "DistinctPairs" >> beam.Distinct()
@@ -247,9 +246,9 @@ class BeamRunner:
                 | "ReadSources" >> beam.FlatMap(_read_all, config, self._read)
                 | "Spread" >> beam.Reshuffle()
             )
-            results = items | "DocumentStages" >> beam.ParDo(
-                _DocumentStages(config, self._make_stages)
-            ).with_outputs(COUNTS, main="documents")
+            results = items | "DocumentStages" >> beam.ParDo(_DocumentStages(config, self._make_stages)).with_outputs(
+                COUNTS, main="documents"
+            )
             results.documents | "WriteDocuments" >> _WriteShards(output_dir, config.output.corpus_shards)
             _write_counts(results[COUNTS], stage_names, output_dir)
         return corpus_io.read_counts(output_dir)

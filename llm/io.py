@@ -1,0 +1,76 @@
+"""Files: atomic writes, the same calls for local paths and object stores (gs://, s3://, hdfs:// through
+Apache Beam's FileSystems), and the error for malformed input that names where it is."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+ON_ERROR = ("raise", "skip")  # What a reader does with a malformed record: stop, or drop and count it.
+
+
+class SourceError(ValueError):
+    """Malformed input; the message names the file and line (or key) and what is wrong."""
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def beam_filesystems():
+    """Apache Beam's FileSystems (the [beam] extra), which reads and writes paths with a scheme."""
+    try:
+        from apache_beam.io.filesystems import FileSystems
+    except ImportError as error:
+        raise ImportError(
+            "Paths with a scheme (gs://, s3://, ...) are read and written through Apache Beam: "
+            "pip install -e '.[beam]'."
+        ) from error
+    return FileSystems
+
+
+def join(base: str, *names: str) -> str:
+    return beam_filesystems().join(base, *names) if is_remote(base) else os.path.join(base, *names)
+
+
+def read_text(path: str) -> str | None:
+    """The UTF-8 content of a file, or None if it does not exist."""
+    if not is_remote(path):
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    fs = beam_filesystems()
+    if not fs.exists(path):
+        return None
+    with fs.open(path) as file:
+        return file.read().decode("utf-8")
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a whole file atomically: readers see the old content or the new, never a part."""
+    if is_remote(path):  # an object store publishes an object only when it is closed
+        with beam_filesystems().create(path) as file:
+            file.write(text.encode("utf-8"))
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def remove_tree(path: str) -> None:
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs = beam_filesystems()
+    matches = fs.match([join(path, "**")])[0].metadata_list
+    if matches:
+        fs.delete([metadata.path for metadata in matches])
+
+
+def write_json(path: str, value: Any) -> None:
+    """Writes `value` as indented, key-sorted JSON, atomically (see `write_text`)."""
+    write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

@@ -1,0 +1,113 @@
+"""The files of a run directory, read and written in one place.
+
+    RUN/config.json        the resolved config (configs/base.py keys; a key added later reads as its default)
+    RUN/tokenizer.model    a copy of the tokenizer, so the directory is self-contained
+    RUN/checkpoints/STEP/  Orbax checkpoints (llm/checkpoint.py)
+    RUN/metrics.jsonl, RUN/tensorboard/   written by training (llm/train/metrics.py)
+
+Training writes the first two at start-up and checkpoints as it goes; a quantized or merged copy of a run is
+written whole by `save_run`, into RUN.partial first and renamed at the end, so an interrupted save never
+leaves a half-written run behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import ml_collections
+from flax import nnx
+
+from configs import base
+from llm import checkpoint, io
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def config_dict(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON values (tuples become lists): what config.json and checkpoints hold."""
+    return json.loads(config.to_json())
+
+
+def load_config(run_dir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to RUN/config.json, over the defaults of configs/base.py.
+
+    A run written before a key existed gets the key's default, which is what it ran with.
+    """
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} not found: the directory must be a run written by scripts/train.py.")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    return ml_collections.ConfigDict(_over_defaults(base.get_config().to_dict(), saved))
+
+
+def _over_defaults(defaults: dict, saved: dict) -> dict:
+    merged = dict(defaults)
+    for key, value in saved.items():
+        nested = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        merged[key] = _over_defaults(defaults[key], value) if nested else value
+    return merged
+
+
+def find_tokenizer(run_dir: str, config: ml_collections.ConfigDict) -> str:
+    """RUN/tokenizer.model, or the one in the run's data directory (runs written before the copy existed)."""
+    for path in (os.path.join(run_dir, TOKENIZER_FILE), os.path.join(config.data.path, TOKENIZER_FILE)):
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"No {TOKENIZER_FILE} in {run_dir!r} or in the run's data directory {config.data.path!r}.")
+
+
+def chat_tuned(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run with this config is chat-tuned: its config says so, its training data are chat rows
+    (their report.json, written by scripts/prepare_sft.py or prepare_dpo.py, says "format": "chat"), or it
+    continues a chat-tuned run."""
+    report_path = os.path.join(config.data.path, "report.json")
+    if config.data.path and os.path.isfile(report_path):
+        with open(report_path, encoding="utf-8") as f:
+            if json.load(f).get("format") == "chat":
+                return True
+    return config.chat or bool(config.init_from and load_config(config.init_from).chat)
+
+
+def write_run_files(run_dir: str, config: ml_collections.ConfigDict, tokenizer_path: str | None) -> None:
+    """Writes RUN/config.json and, when given, the copy of the tokenizer; each file atomically."""
+    os.makedirs(run_dir, exist_ok=True)
+    io.write_json(os.path.join(run_dir, CONFIG_FILE), config_dict(config))
+    if tokenizer_path:
+        target = os.path.join(run_dir, TOKENIZER_FILE)
+        shutil.copyfile(tokenizer_path, target + ".tmp")
+        os.replace(target + ".tmp", target)
+
+
+def save_run(
+    run_dir: str,
+    config: ml_collections.ConfigDict,
+    tokenizer_path: str,
+    step: int,
+    model: nnx.Module,
+    overwrite: bool = False,
+) -> None:
+    """Writes a whole run directory (config, tokenizer, one checkpoint of the model's parameters) atomically.
+
+    An existing `run_dir` is replaced only with `overwrite` (the caller checks that it may be), and only once
+    the new one is complete.
+    """
+    run_dir = os.path.abspath(run_dir)
+    if os.path.exists(run_dir) and not overwrite:
+        raise FileExistsError(f"{run_dir!r} already exists; choose another directory.")
+    partial = run_dir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    write_run_files(partial, config, tokenizer_path)
+    saver = checkpoint.Checkpointer(os.path.join(partial, "checkpoints"), keep=1)
+    try:
+        # A saved (not trained) run has no data-loader position: its data item is empty.
+        saver.save(step, {"params": nnx.state(model, nnx.Param)}, {}, config_dict(config))
+        saver.wait()
+    finally:
+        saver.close()
+    if os.path.exists(run_dir):
+        shutil.rmtree(run_dir)
+    os.replace(partial, run_dir)

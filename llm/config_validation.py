@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 from configs import base
-from llm.model.attention import ATTENTION_IMPLS
+from llm.model.kernels import ATTENTION_IMPLS
 from llm.train.optimizer import SCHEDULES
 from llm.train.step import BASE_QUANTIZATION, OBJECTIVES, TRAINABLE
 

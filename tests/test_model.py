@@ -7,7 +7,7 @@ import pytest
 from conftest import forward, tiny_config
 from flax import nnx
 
-from llm.model import attention, layers
+from llm.model import kernels, layers
 from llm.model.transformer import create_model
 
 
@@ -81,8 +81,8 @@ def test_grouped_query_attention_equals_repeated_key_value_heads():
     q = jnp.asarray(rng.normal(size=(2, 6, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 8)), jnp.float32) for _ in range(2))
     segments = jnp.ones((2, 6), jnp.int32)
-    grouped = attention.dot_product_attention(q, k, v, segments, "xla")
-    repeated = attention.dot_product_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), segments, "xla")
+    grouped = kernels.dot_product_attention(q, k, v, segments, "xla")
+    repeated = kernels.dot_product_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), segments, "xla")
     np.testing.assert_allclose(grouped, repeated, atol=1e-6)
 
 
@@ -96,8 +96,8 @@ def test_dropout_only_with_a_key():
 
 
 def test_attention_kernel_choice_on_cpu_is_blocked_xla():
-    assert attention.choose_impl("auto", jnp.bfloat16) == "blocked"
-    assert attention.choose_impl("cudnn", jnp.float32) == "cudnn"
+    assert kernels.choose_impl("auto", jnp.bfloat16) == "blocked"
+    assert kernels.choose_impl("cudnn", jnp.float32) == "cudnn"
 
 
 @pytest.mark.parametrize("length", [64, 37])  # 37: the last query block is shorter than the others.
@@ -108,11 +108,11 @@ def test_blocked_attention_matches_the_xla_reference_with_its_gradients(length):
     # Two packed documents, then a soft prompt's segment in front of the second row.
     segments = np.ones((2, length), np.int32)
     segments[0, length // 3 :] = 2
-    segments[1, :5] = attention.PROMPT_SEGMENT
+    segments[1, :5] = kernels.PROMPT_SEGMENT
     segments = jnp.asarray(segments)
 
     def attend(impl):
-        return jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, segments, impl))
+        return jax.jit(lambda q, k, v: kernels.dot_product_attention(q, k, v, segments, impl))
 
     np.testing.assert_allclose(attend("blocked")(q, k, v), attend("xla")(q, k, v), atol=1e-5)
     cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
@@ -145,9 +145,9 @@ def test_splash_kernel_matches_the_xla_reference(mesh_shape):
     q = jnp.asarray(rng.normal(size=(2, 128, 4, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 128, 2, 16)), jnp.float32) for _ in range(2))
     segments = jnp.asarray(np.repeat([[1] * 50 + [2] * 78], 2, axis=0), jnp.int32)
-    reference = attention.dot_product_attention(q, k, v, segments, "xla")
+    reference = kernels.dot_product_attention(q, k, v, segments, "xla")
     config = tiny_config()
     mesh = sharding.create_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-        splash = jax.jit(lambda *args: attention.dot_product_attention(*args, "splash"))(q, k, v, segments)
+        splash = jax.jit(lambda *args: kernels.dot_product_attention(*args, "splash"))(q, k, v, segments)
     np.testing.assert_allclose(splash, reference, atol=1e-5)

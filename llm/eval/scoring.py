@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llm.model.transformer import KVCache, Transformer, context_length, new_cache
+from llm.model.kv_cache import KVCache, new_cache
+from llm.model.transformer import Transformer, context_length
 from llm.tokenizer import Tokenizer
 
 TokenRequest = tuple[Sequence[int], Sequence[int]]
@@ -108,19 +109,7 @@ def _score_batch_after_prefix(
     mask: jax.Array,
 ) -> jax.Array:
     """Like _score_batch for rows that continue the cached prefix (every row gets its own copy of it)."""
-    rows = inputs.shape[0]
-
-    def tile(x: jax.Array | None, axis: int) -> jax.Array | None:
-        return None if x is None else jnp.repeat(x, rows, axis=axis)
-
-    cache = prefix._replace(
-        keys=tile(prefix.keys, 1),
-        values=tile(prefix.values, 1),
-        key_scales=tile(prefix.key_scales, 1),
-        value_scales=tile(prefix.value_scales, 1),
-        segment_ids=tile(prefix.segment_ids, 0),
-        index=tile(prefix.index, 0),
-    )
+    cache = prefix.repeat_rows(inputs.shape[0])
     logits, _ = nnx.merge(graphdef, state).decode(inputs, positions, segment_ids, cache)
     return _sum_log_probs(logits, targets, mask)
 

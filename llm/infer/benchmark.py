@@ -19,7 +19,8 @@ import numpy as np
 
 from llm.infer import generate
 from llm.infer.sampling import SamplingParams
-from llm.model.transformer import Transformer, context_length, new_cache
+from llm.model.kv_cache import new_cache
+from llm.model.transformer import Transformer, context_length
 
 # Peak HBM bandwidth in bytes/s, from the vendors' data sheets.
 HBM_BANDWIDTH_BY_DEVICE_KIND = {

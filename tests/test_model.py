@@ -8,7 +8,7 @@ from conftest import forward, tiny_config
 from flax import nnx
 
 from llm.model import kernels, layers
-from llm.model.transformer import create_model
+from llm.model.transformer import DropoutKeys, create_model
 
 
 def _packed_row():
@@ -93,6 +93,16 @@ def test_dropout_only_with_a_key():
     key = jax.random.key(0)
     np.testing.assert_array_equal(forward(model, tokens, dropout_key=key), forward(model, tokens, dropout_key=key))
     assert not np.allclose(forward(model, tokens), forward(model, tokens, dropout_key=key))
+
+
+def test_block_dropout_keys_keep_their_order_of_split():
+    """Renaming or reordering the keys would change every dropout mask of a run (and a resumed run's)."""
+    key = jax.random.key(3)
+    split = jax.random.split(key, 4)
+    keys = DropoutKeys.split(key)
+    for name, index in (("attention", 0), ("mlp", 1), ("attention_lora", 2), ("mlp_lora", 3)):
+        np.testing.assert_array_equal(jax.random.key_data(getattr(keys, name)), jax.random.key_data(split[index]))
+    assert DropoutKeys.split(None) == (None, None, None, None)
 
 
 def test_attention_kernel_choice_on_cpu_is_blocked_xla():

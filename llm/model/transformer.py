@@ -17,6 +17,8 @@ decoding, `init_cache` writes the prompt's keys and values into the first positi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,7 +36,23 @@ REMAT_POLICIES = {
 }
 
 
+class DropoutKeys(NamedTuple):
+    """The dropout keys of one block, split from its key in this order (which fixes the masks of a run)."""
+
+    attention: jax.Array | None  # the attention output, before the residual add
+    mlp: jax.Array | None  # the MLP output, before the residual add
+    attention_lora: jax.Array | None  # the inputs of the attention's LoRA adapters
+    mlp_lora: jax.Array | None  # the inputs of the MLP's LoRA adapters
+
+    @classmethod
+    def split(cls, key: jax.Array | None) -> DropoutKeys:
+        """Four keys from `key`; all None (no dropout) without one."""
+        return cls(None, None, None, None) if key is None else cls(*jax.random.split(key, 4))
+
+
 class Block(nnx.Module):
+    """A pre-norm residual block: x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x)))."""
+
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         self.dropout_rate = cfg.dropout_rate
         self.attention_norm = layers.make_norm(cfg, rngs)
@@ -50,11 +68,16 @@ class Block(nnx.Module):
         dropout_key: jax.Array | None,
         cache: LayerCache | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        keys = (None,) * 4 if dropout_key is None else jax.random.split(dropout_key, 4)
-        attended, cache = self.attention(self.attention_norm(x).astype(x.dtype), positions, segment_ids, cache, keys[2])
-        x = x + layers.dropout(attended, self.dropout_rate, keys[0])
+        keys = DropoutKeys.split(dropout_key)
+        norm = lambda layer_norm, x: layer_norm(x).astype(x.dtype)  # The norms compute in float32.
+        dropout = lambda x, key: layers.dropout(x, self.dropout_rate, key)
+        # The attention also writes this call's keys and values into the cache, when there is one.
+        attended, cache = self.attention(
+            norm(self.attention_norm, x), positions, segment_ids, cache, dropout_key=keys.attention_lora
+        )
+        x = x + dropout(attended, keys.attention)
         x = sharding.constrain(x, ("batch", "length", "embed"))
-        x = x + layers.dropout(self.mlp(self.mlp_norm(x).astype(x.dtype), keys[3]), self.dropout_rate, keys[1])
+        x = x + dropout(self.mlp(norm(self.mlp_norm, x), keys.mlp_lora), keys.mlp)
         return sharding.constrain(x, ("batch", "length", "embed")), cache
 
 

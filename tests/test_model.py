@@ -161,3 +161,23 @@ def test_splash_kernel_matches_the_xla_reference(mesh_shape):
     with sharding.use_mesh(mesh, config.logical_axis_rules):
         splash = jax.jit(lambda *args: kernels.dot_product_attention(*args, "splash"))(q, k, v, segments)
     np.testing.assert_allclose(splash, reference, atol=1e-5)
+
+
+def _lora_paths(config) -> set[str]:
+    return {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(create_model(config), nnx.LoRAParam))}
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_lora_adapters_sit_beside_their_layers_under_the_checkpointed_names(activation):
+    config = tiny_config(model__lora_rank=2, model__lora_targets=".*", model__mlp_activation=activation)
+    adapted = ["attention/query", "attention/key", "attention/value", "attention/out", "mlp/up", "mlp/down"]
+    adapted += ["mlp/gate"] if activation == "swiglu" else []
+    expected = {
+        f"blocks/{block}/{layer}_lora/adapter/{weight}"
+        for block in range(config.model.num_layers)
+        for layer in adapted
+        for weight in ("lora_a", "lora_b")
+    }
+    assert _lora_paths(config) == expected
+    only_query = tiny_config(model__lora_rank=2, model__lora_targets="attention/query")
+    assert {path.split("/")[3] for path in _lora_paths(only_query)} == {"query_lora"}

@@ -57,14 +57,12 @@ class Attention(nnx.Module):
             bias_init=layers.zeros_init(("embed",)),
             **common,
         )
-        shapes = {
-            "query": ((cfg.embed_dim,), (self.num_heads, self.head_dim)),
-            "key": ((cfg.embed_dim,), (self.num_kv_heads, self.head_dim)),
-            "value": ((cfg.embed_dim,), (self.num_kv_heads, self.head_dim)),
-            "out": ((self.num_heads, self.head_dim), (cfg.embed_dim,)),
-        }
-        for name in lora.targets(cfg, "attention", tuple(shapes)):
-            setattr(self, name + lora.LORA_SUFFIX, lora.LoRA(*shapes[name], cfg, rngs=rngs))
+        # LoRA adapters (None unless model.lora_targets matches), created last: see lora.adapter_for.
+        embed, heads, kv_heads = (cfg.embed_dim,), (self.num_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
+        self.query_lora = lora.adapter_for(cfg, "attention", "query", embed, heads, rngs=rngs)
+        self.key_lora = lora.adapter_for(cfg, "attention", "key", embed, kv_heads, rngs=rngs)
+        self.value_lora = lora.adapter_for(cfg, "attention", "value", embed, kv_heads, rngs=rngs)
+        self.out_lora = lora.adapter_for(cfg, "attention", "out", heads, embed, rngs=rngs)
 
     def __call__(
         self,
@@ -77,7 +75,9 @@ class Attention(nnx.Module):
         """Returns the attention output and, when given a cache, the cache with this call's keys written.
 
         `dropout_key` drives the LoRA adapters' dropout (training only)."""
-        query, key, value = (lora.project(self, name, x, dropout_key) for name in ("query", "key", "value"))
+        query = lora.project(self.query, self.query_lora, x, dropout_key)
+        key = lora.project(self.key, self.key_lora, x, dropout_key)
+        value = lora.project(self.value, self.value_lora, x, dropout_key)
         if self.use_rope:
             query = layers.rope(query, positions, self.rope_theta, self.max_len)
             key = layers.rope(key, positions, self.rope_theta, self.max_len)
@@ -90,4 +90,4 @@ class Attention(nnx.Module):
             cache = cache.store(key, value)
             keys, values = cache.load(query.dtype)
             attended = kernels.attention_over_cache(query, keys, values, segment_ids, cache.segment_ids, cache.index)
-        return lora.project(self, "out", attended, dropout_key), cache
+        return lora.project(self.out, self.out_lora, attended, dropout_key), cache

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from llm.model.kv_cache import KVCache, new_cache
+from llm.model.logprobs import target_logprobs
 from llm.model.transformer import Transformer, context_length
 from llm.tokenizer import Tokenizer
 
@@ -72,9 +73,7 @@ class _Row(NamedTuple):
 
 def _sum_log_probs(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Per row: sum over masked positions of log p(target), in float32."""
-    logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(mask, target_logits - jax.nn.logsumexp(logits, axis=-1), 0.0), axis=-1)
+    return jnp.sum(jnp.where(mask, target_logprobs(logits, targets), 0.0), axis=-1)
 
 
 def _score_batch(

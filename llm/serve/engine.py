@@ -34,6 +34,7 @@ from llm import sharding
 from llm.infer.generate import TextStream, bucket
 from llm.infer.sampling import RowSampling, SamplingParams, sample_rows
 from llm.model.kv_cache import KVCache, new_cache
+from llm.model.logprobs import log_softmax, target_logprobs
 from llm.model.transformer import context_length
 from llm.tokenizer import Tokenizer
 
@@ -134,7 +135,7 @@ def _prefill(
     vocab = logits.shape[-1]
     row_seen = jnp.zeros((vocab,), bool).at[jnp.where(real, tokens[0], vocab)].set(True, mode="drop")
     seen = seen.at[slot].set(row_seen)
-    logprobs = jax.nn.log_softmax(logits[0].astype(jnp.float32))  # (bucket, vocab)
+    logprobs = log_softmax(logits[0])  # (bucket, vocab)
     last_logits = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)
     last = jax.lax.dynamic_index_in_dim(logprobs, length - 1, keepdims=False)
     key = jax.random.fold_in(jax.random.key(seed[0]), 0)
@@ -143,7 +144,7 @@ def _prefill(
     prompt = None
     if with_prompt_logprobs:
         # Position t predicts token t + 1.
-        chosen = jnp.take_along_axis(logprobs[:-1], tokens[0, 1:, None], axis=-1)[:, 0]
+        chosen = target_logprobs(logits[0, :-1], tokens[0, 1:])
         prompt_top_logprobs, prompt_top_ids = jax.lax.top_k(logprobs[:-1], MAX_LOGPROBS)
         prompt = (chosen, prompt_top_ids, prompt_top_logprobs)
     return token, last[token], top_ids, top_logprobs, prompt, cache, seen
@@ -172,8 +173,8 @@ def _decode_step(
     logits = logits[:, -1]
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
     next_tokens = sample_rows(logits, keys, sampling, seen)
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    chosen = jnp.take_along_axis(logprobs, next_tokens[:, None], axis=-1)[:, 0]
+    logprobs = log_softmax(logits)
+    chosen = target_logprobs(logits, next_tokens)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
     return next_tokens, chosen, top_ids, top_logprobs, cache, seen
 

@@ -6,7 +6,7 @@
 The configuration (`configs/base.py`, section `model`) picks GPT-2 or Llama style pieces. Blocks are either
 a Python list or, with `scan_layers`, one stacked Block whose parameters carry a leading `layers` axis and
 run under `lax.scan` (compile time independent of depth). `remat_policy` rematerializes block activations.
-For generation, `decode` threads a `KVCache` through the blocks (see llm/infer/).
+For generation, `decode` threads a `KVCache` (llm/model/kv_cache.py) through the blocks (see llm/infer/).
 
 Prompt tuning (Lester et al. 2021) adds `soft_prompt_length` learned embeddings that every document reads
 first, as if they were tokens in front of it. They sit once at the start of a row with the segment id

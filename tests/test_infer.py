@@ -8,7 +8,8 @@ from conftest import forward, tiny_config
 
 from llm.infer import sampling as sampling_lib
 from llm.infer.generate import Generator
-from llm.model.transformer import KVCache, create_model
+from llm.model.kv_cache import KVCache
+from llm.model.transformer import create_model
 
 
 @pytest.fixture(scope="module")

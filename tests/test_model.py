@@ -7,8 +7,8 @@ import pytest
 from conftest import forward, tiny_config
 from flax import nnx
 
-from llm.model import attention, layers
-from llm.model.transformer import create_model
+from llm.model import kernels, layers
+from llm.model.transformer import DropoutKeys, create_model
 
 
 def _packed_row():
@@ -81,8 +81,8 @@ def test_grouped_query_attention_equals_repeated_key_value_heads():
     q = jnp.asarray(rng.normal(size=(2, 6, 4, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 8)), jnp.float32) for _ in range(2))
     segments = jnp.ones((2, 6), jnp.int32)
-    grouped = attention.dot_product_attention(q, k, v, segments, "xla")
-    repeated = attention.dot_product_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), segments, "xla")
+    grouped = kernels.dot_product_attention(q, k, v, segments, "xla")
+    repeated = kernels.dot_product_attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), segments, "xla")
     np.testing.assert_allclose(grouped, repeated, atol=1e-6)
 
 
@@ -95,9 +95,19 @@ def test_dropout_only_with_a_key():
     assert not np.allclose(forward(model, tokens), forward(model, tokens, dropout_key=key))
 
 
+def test_block_dropout_keys_keep_their_order_of_split():
+    """Renaming or reordering the keys would change every dropout mask of a run (and a resumed run's)."""
+    key = jax.random.key(3)
+    split = jax.random.split(key, 4)
+    keys = DropoutKeys.split(key)
+    for name, index in (("attention", 0), ("mlp", 1), ("attention_lora", 2), ("mlp_lora", 3)):
+        np.testing.assert_array_equal(jax.random.key_data(getattr(keys, name)), jax.random.key_data(split[index]))
+    assert DropoutKeys.split(None) == (None, None, None, None)
+
+
 def test_attention_kernel_choice_on_cpu_is_blocked_xla():
-    assert attention.choose_impl("auto", jnp.bfloat16) == "blocked"
-    assert attention.choose_impl("cudnn", jnp.float32) == "cudnn"
+    assert kernels.choose_impl("auto", jnp.bfloat16) == "blocked"
+    assert kernels.choose_impl("cudnn", jnp.float32) == "cudnn"
 
 
 @pytest.mark.parametrize("length", [64, 37])  # 37: the last query block is shorter than the others.
@@ -108,11 +118,11 @@ def test_blocked_attention_matches_the_xla_reference_with_its_gradients(length):
     # Two packed documents, then a soft prompt's segment in front of the second row.
     segments = np.ones((2, length), np.int32)
     segments[0, length // 3 :] = 2
-    segments[1, :5] = attention.PROMPT_SEGMENT
+    segments[1, :5] = kernels.PROMPT_SEGMENT
     segments = jnp.asarray(segments)
 
     def attend(impl):
-        return jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, segments, impl))
+        return jax.jit(lambda q, k, v: kernels.dot_product_attention(q, k, v, segments, impl))
 
     np.testing.assert_allclose(attend("blocked")(q, k, v), attend("xla")(q, k, v), atol=1e-5)
     cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
@@ -145,9 +155,29 @@ def test_splash_kernel_matches_the_xla_reference(mesh_shape):
     q = jnp.asarray(rng.normal(size=(2, 128, 4, 16)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 128, 2, 16)), jnp.float32) for _ in range(2))
     segments = jnp.asarray(np.repeat([[1] * 50 + [2] * 78], 2, axis=0), jnp.int32)
-    reference = attention.dot_product_attention(q, k, v, segments, "xla")
+    reference = kernels.dot_product_attention(q, k, v, segments, "xla")
     config = tiny_config()
     mesh = sharding.create_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-        splash = jax.jit(lambda *args: attention.dot_product_attention(*args, "splash"))(q, k, v, segments)
+        splash = jax.jit(lambda *args: kernels.dot_product_attention(*args, "splash"))(q, k, v, segments)
     np.testing.assert_allclose(splash, reference, atol=1e-5)
+
+
+def _lora_paths(config) -> set[str]:
+    return {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(create_model(config), nnx.LoRAParam))}
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_lora_adapters_sit_beside_their_layers_under_the_checkpointed_names(activation):
+    config = tiny_config(model__lora_rank=2, model__lora_targets=".*", model__mlp_activation=activation)
+    adapted = ["attention/query", "attention/key", "attention/value", "attention/out", "mlp/up", "mlp/down"]
+    adapted += ["mlp/gate"] if activation == "swiglu" else []
+    expected = {
+        f"blocks/{block}/{layer}_lora/adapter/{weight}"
+        for block in range(config.model.num_layers)
+        for layer in adapted
+        for weight in ("lora_a", "lora_b")
+    }
+    assert _lora_paths(config) == expected
+    only_query = tiny_config(model__lora_rank=2, model__lora_targets="attention/query")
+    assert {path.split("/")[3] for path in _lora_paths(only_query)} == {"query_lora"}

@@ -15,7 +15,8 @@ from flax import nnx
 
 from configs import tiny_es
 from llm.infer import generate
-from llm.model.transformer import KVCache, count_params, create_model
+from llm.model.kv_cache import KVCache
+from llm.model.transformer import count_params, create_model
 from llm.quant import ptq
 from llm.runs import loading, quantized_run
 

@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llm.model.transformer import KVCache, Transformer, context_length, new_cache
+from llm.model.kv_cache import KVCache, new_cache
+from llm.model.logprobs import target_logprobs
+from llm.model.transformer import Transformer, context_length
 from llm.tokenizer import Tokenizer
 
 TokenRequest = tuple[Sequence[int], Sequence[int]]
@@ -71,9 +73,7 @@ class _Row(NamedTuple):
 
 def _sum_log_probs(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
     """Per row: sum over masked positions of log p(target), in float32."""
-    logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(mask, target_logits - jax.nn.logsumexp(logits, axis=-1), 0.0), axis=-1)
+    return jnp.sum(jnp.where(mask, target_logprobs(logits, targets), 0.0), axis=-1)
 
 
 def _score_batch(
@@ -108,19 +108,7 @@ def _score_batch_after_prefix(
     mask: jax.Array,
 ) -> jax.Array:
     """Like _score_batch for rows that continue the cached prefix (every row gets its own copy of it)."""
-    rows = inputs.shape[0]
-
-    def tile(x: jax.Array | None, axis: int) -> jax.Array | None:
-        return None if x is None else jnp.repeat(x, rows, axis=axis)
-
-    cache = prefix._replace(
-        keys=tile(prefix.keys, 1),
-        values=tile(prefix.values, 1),
-        key_scales=tile(prefix.key_scales, 1),
-        value_scales=tile(prefix.value_scales, 1),
-        segment_ids=tile(prefix.segment_ids, 0),
-        index=tile(prefix.index, 0),
-    )
+    cache = prefix.repeat_rows(inputs.shape[0])
     logits, _ = nnx.merge(graphdef, state).decode(inputs, positions, segment_ids, cache)
     return _sum_log_probs(logits, targets, mask)
 

@@ -20,7 +20,8 @@ import numpy as np
 from llm import devices
 from llm.infer import generate
 from llm.infer.sampling import SamplingParams
-from llm.model.transformer import Transformer, context_length, new_cache
+from llm.model.kv_cache import new_cache
+from llm.model.transformer import Transformer, context_length
 
 
 def _hbm_bandwidth() -> float | None:

@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from llm.infer.sampling import SamplingParams, sample
-from llm.model.transformer import KVCache, Transformer, context_length, new_cache
+from llm.model.kv_cache import KVCache, new_cache
+from llm.model.transformer import Transformer, context_length
 from llm.runs.loading import Run
 from llm.tokenizer import Tokenizer
 

@@ -3,6 +3,7 @@
 With `model.lora_rank > 0`, every projection whose path (`attention/query`, `attention/key`,
 `attention/value`, `attention/out`, `mlp/up`, `mlp/gate`, `mlp/down`) matches the regular expression
 `model.lora_targets` gets a sibling `<name>_lora` adapter: y = W x + (alpha / rank) * B A dropout(x).
+The modules declare every sibling (`adapter` returns None for a projection left alone).
 The adapter's parameters are `nnx.LoRAParam` (Flax NNX's LoRA support), so a filter selects exactly them
 for training; the base layer keeps its own name and path, so base weights load unchanged from a pretrained
 checkpoint. B starts at zero: an adapted model starts out computing exactly what its base does.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,22 +23,23 @@ from flax import nnx
 
 from llm.model import layers
 
+# An adapter is the attribute `<name of the layer it adapts>_lora` of the same module (`merged_params` relies on it).
 LORA_SUFFIX = "_lora"
-
-
-def targets(cfg: ml_collections.ConfigDict, prefix: str, names: tuple[str, ...]) -> tuple[str, ...]:
-    """The layers of a module (`prefix` = "attention" or "mlp") that get adapters."""
-    if not cfg.lora_rank:
-        return ()
-    return tuple(name for name in names if re.fullmatch(cfg.lora_targets, f"{prefix}/{name}"))
 
 
 class LoRA(nnx.Module):
     """dropout(x) @ A @ B * alpha / rank, reshaped from `in_shape` to `out_shape` trailing dimensions."""
 
     def __init__(
-        self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+        self,
+        name: str,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        cfg: ml_collections.ConfigDict,
+        *,
+        rngs: nnx.Rngs,
     ):
+        self.layer_name = name  # The adapted layer's name within its module: it seeds the adapter's dropout.
         self.in_shape, self.out_shape = in_shape, out_shape
         self.scale = cfg.lora_alpha / cfg.lora_rank
         self.dropout_rate = cfg.lora_dropout
@@ -50,6 +53,10 @@ class LoRA(nnx.Module):
         )
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        """The update to add to the adapted layer's output; `dropout_key` is the module's (training only)."""
+        if dropout_key is not None:
+            # crc32, not hash(): Python salts string hashes per process, and resumed runs must draw the same masks.
+            dropout_key = jax.random.fold_in(dropout_key, zlib.crc32(self.layer_name.encode()))
         x = layers.dropout(x, self.dropout_rate, dropout_key)
         flat = x.reshape(*x.shape[: x.ndim - len(self.in_shape)], math.prod(self.in_shape))
         update = self.adapter(flat) * self.scale
@@ -61,15 +68,31 @@ class LoRA(nnx.Module):
         return update.reshape(*self.in_shape, *self.out_shape)
 
 
-def project(module: nnx.Module, name: str, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
-    """The layer `name` of `module` applied to x (batch, length, ...), plus its adapter's update when it has
-    one. The layers see one axis of tokens (`layers.over_tokens`): their einsums read "td,..."."""
-    layer, adapter = getattr(module, name), getattr(module, name + LORA_SUFFIX, None)
+def adapter_for(
+    cfg: ml_collections.ConfigDict,
+    module: str,
+    name: str,
+    in_shape: tuple[int, ...],
+    out_shape: tuple[int, ...],
+    *,
+    rngs: nnx.Rngs,
+) -> LoRA | None:
+    """The adapter of layer `name` of `module` ("attention" or "mlp") when `model.lora_targets` matches
+    `module/name` (and `lora_rank` > 0), else None. Its weights are drawn from `rngs`: modules create their
+    adapters after their layers, so that the layers' initialization does not depend on the adapters."""
+    if not cfg.lora_rank or not re.fullmatch(cfg.lora_targets, f"{module}/{name}"):
+        return None
+    return LoRA(name, in_shape, out_shape, cfg, rngs=rngs)
+
+
+def project(
+    layer: Callable[[jax.Array], jax.Array], adapter: LoRA | None, x: jax.Array, dropout_key: jax.Array | None
+) -> jax.Array:
+    """`layer` applied to x (batch, length, ...), plus `adapter`'s update when there is one. The layers see
+    one axis of tokens (`layers.over_tokens`): their einsums read "td,..."."""
     if adapter is None:
         return layers.over_tokens(layer, x)
-    # crc32, not hash(): Python salts string hashes per process, and resumed runs must draw the same masks.
-    key = None if dropout_key is None else jax.random.fold_in(dropout_key, zlib.crc32(name.encode()))
-    return layers.over_tokens(lambda tokens: layer(tokens) + adapter(tokens, key), x)
+    return layers.over_tokens(lambda tokens: layer(tokens) + adapter(tokens, dropout_key), x)
 
 
 def merged_params(model: nnx.Module, params: nnx.State | None = None) -> nnx.State:

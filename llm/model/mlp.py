@@ -30,21 +30,19 @@ class MLP(nnx.Module):
             bias_init=layers.zeros_init(("embed",)),
             **linear,
         )
-        shapes = {
-            "up": ((cfg.embed_dim,), (cfg.mlp_dim,)),
-            "gate": ((cfg.embed_dim,), (cfg.mlp_dim,)),
-            "down": ((cfg.mlp_dim,), (cfg.embed_dim,)),
-        }
-        names = ("up", "gate", "down") if self.activation == "swiglu" else ("up", "down")
-        for name in lora.targets(cfg, "mlp", names):
-            setattr(self, name + lora.LORA_SUFFIX, lora.LoRA(*shapes[name], cfg, rngs=rngs))
+        # LoRA adapters (None unless model.lora_targets matches), created last: see lora.adapter_for.
+        embed, hidden = (cfg.embed_dim,), (cfg.mlp_dim,)
+        self.up_lora = lora.adapter_for(cfg, "mlp", "up", embed, hidden, rngs=rngs)
+        if self.activation == "swiglu":
+            self.gate_lora = lora.adapter_for(cfg, "mlp", "gate", embed, hidden, rngs=rngs)
+        self.down_lora = lora.adapter_for(cfg, "mlp", "down", hidden, embed, rngs=rngs)
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """`dropout_key` drives the LoRA adapters' dropout (training only)."""
-        up = lora.project(self, "up", x, dropout_key)
+        up = lora.project(self.up, self.up_lora, x, dropout_key)
         if self.activation == "swiglu":
-            hidden = jax.nn.silu(lora.project(self, "gate", x, dropout_key)) * up
+            hidden = jax.nn.silu(lora.project(self.gate, self.gate_lora, x, dropout_key)) * up
         else:
             hidden = jax.nn.gelu(up)
         hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
-        return lora.project(self, "down", hidden, dropout_key)
+        return lora.project(self.down, self.down_lora, hidden, dropout_key)

@@ -6,7 +6,7 @@
 The configuration (`configs/base.py`, section `model`) picks GPT-2 or Llama style pieces. Blocks are either
 a Python list or, with `scan_layers`, one stacked Block whose parameters carry a leading `layers` axis and
 run under `lax.scan` (compile time independent of depth). `remat_policy` rematerializes block activations.
-For generation, `decode` threads a `KVCache` through the blocks (see llm/infer/).
+For generation, `decode` threads a `KVCache` (llm/model/kv_cache.py) through the blocks (see llm/infer/).
 
 Prompt tuning (Lester et al. 2021) adds `soft_prompt_length` learned embeddings that every document reads
 first, as if they were tokens in front of it. They sit once at the start of a row with the segment id
@@ -17,7 +17,6 @@ decoding, `init_cache` writes the prompt's keys and values into the first positi
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -27,7 +26,9 @@ from flax import nnx
 
 from llm import sharding
 from llm.model import layers, mlp
-from llm.model.attention import PROMPT_SEGMENT, Attention, LayerCache, write_rows
+from llm.model.attention import Attention
+from llm.model.kernels import PROMPT_SEGMENT
+from llm.model.kv_cache import KVCache, LayerCache
 
 REMAT_POLICIES = {
     "full": None,  # Save nothing: recompute the whole block in the backward pass.
@@ -35,7 +36,23 @@ REMAT_POLICIES = {
 }
 
 
+class DropoutKeys(NamedTuple):
+    """The dropout keys of one block, split from its key in this order (which fixes the masks of a run)."""
+
+    attention: jax.Array | None  # the attention output, before the residual add
+    mlp: jax.Array | None  # the MLP output, before the residual add
+    attention_lora: jax.Array | None  # the inputs of the attention's LoRA adapters
+    mlp_lora: jax.Array | None  # the inputs of the MLP's LoRA adapters
+
+    @classmethod
+    def split(cls, key: jax.Array | None) -> DropoutKeys:
+        """Four keys from `key`; all None (no dropout) without one."""
+        return cls(None, None, None, None) if key is None else cls(*jax.random.split(key, 4))
+
+
 class Block(nnx.Module):
+    """A pre-norm residual block: x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x)))."""
+
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         self.dropout_rate = cfg.dropout_rate
         self.attention_norm = layers.make_norm(cfg, rngs)
@@ -51,56 +68,17 @@ class Block(nnx.Module):
         dropout_key: jax.Array | None,
         cache: LayerCache | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        keys = (None,) * 4 if dropout_key is None else jax.random.split(dropout_key, 4)
-        attended, cache = self.attention(self.attention_norm(x).astype(x.dtype), positions, segment_ids, cache, keys[2])
-        x = x + layers.dropout(attended, self.dropout_rate, keys[0])
+        keys = DropoutKeys.split(dropout_key)
+        norm = lambda layer_norm, x: layer_norm(x).astype(x.dtype)  # The norms compute in float32.
+        dropout = lambda x, key: layers.dropout(x, self.dropout_rate, key)
+        # The attention also writes this call's keys and values into the cache, when there is one.
+        attended, cache = self.attention(
+            norm(self.attention_norm, x), positions, segment_ids, cache, dropout_key=keys.attention_lora
+        )
+        x = x + dropout(attended, keys.attention)
         x = sharding.constrain(x, ("batch", "length", "embed"))
-        x = x + layers.dropout(self.mlp(self.mlp_norm(x).astype(x.dtype), keys[3]), self.dropout_rate, keys[1])
+        x = x + dropout(self.mlp(norm(self.mlp_norm, x), keys.mlp_lora), keys.mlp)
         return sharding.constrain(x, ("batch", "length", "embed")), cache
-
-
-# The KVCache fields that hold one slice per layer (the others are shared by all layers).
-PER_LAYER_FIELDS = ("keys", "values", "key_scales", "value_scales")
-KV_CACHE_DTYPES = ("auto", "int8")
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every layer for `max_len` positions of a batch of sequences being generated.
-
-    keys, values: (layers, batch, max_len, kv_heads, head_dim). segment_ids: (batch, max_len), 1 for a
-    written token, 0 for padding or a position not written yet. index: (batch,) int32, the next position
-    each row writes to. key_scales, value_scales: (layers, batch, max_len, kv_heads, 1) for an int8 cache,
-    else None.
-    """
-
-    keys: jax.Array
-    values: jax.Array
-    segment_ids: jax.Array
-    index: jax.Array
-    key_scales: jax.Array | None = None
-    value_scales: jax.Array | None = None
-
-    @classmethod
-    def create(cls, cfg: ml_collections.ConfigDict, batch: int, max_len: int) -> KVCache:
-        """An empty cache in the compute dtype, or in int8 with per-(token, head) scales when the model's
-        `kv_cache_dtype` is "int8" (set by llm/quant; configs without the key use the compute dtype)."""
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, layers.head_dim(cfg))
-        segment_ids, index = jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch,), jnp.int32)
-        kv_cache_dtype = cfg.get("kv_cache_dtype", "auto")
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"model.kv_cache_dtype={kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}.")
-        if kv_cache_dtype == "int8":
-            scale_shape = shape[:-1] + (1,)
-            return cls(
-                jnp.zeros(shape, jnp.int8),
-                jnp.zeros(shape, jnp.int8),
-                segment_ids,
-                index,
-                jnp.zeros(scale_shape, jnp.float32),
-                jnp.zeros(scale_shape, jnp.float32),
-            )
-        dtype = jnp.dtype(cfg.dtype)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), segment_ids, index)
 
 
 class SoftPromptParam(nnx.Param):
@@ -169,9 +147,8 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Logits for `tokens` written at `cache.index` (a whole prompt, or one token per row), and the cache
         with their keys and values added. Earlier positions are attended to through the cache."""
-        cache = cache._replace(segment_ids=write_rows(cache.segment_ids, segment_ids, cache.index))
-        hidden, cache = self._forward(tokens, positions, segment_ids, None, cache)
-        return self.logits(hidden), cache._replace(index=cache.index + tokens.shape[1])
+        hidden, cache = self._forward(tokens, positions, segment_ids, None, cache.with_segments(segment_ids))
+        return self.logits(hidden), cache.advance(tokens.shape[1])
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache with room for `max_len` tokens per row. With a soft prompt, the cache is longer by
@@ -180,9 +157,8 @@ class Transformer(nnx.Module):
         if not self.prompt_length:
             return cache
         x, positions, segment_ids = self._prompt_inputs(batch, x_dtype=jnp.dtype(self.cfg.dtype))
-        cache = cache._replace(segment_ids=write_rows(cache.segment_ids, segment_ids, cache.index))
-        _, cache = self._run(x, positions, segment_ids, None, cache)
-        return cache._replace(index=cache.index + self.prompt_length)
+        _, cache = self._run(x, positions, segment_ids, None, cache.with_segments(segment_ids))
+        return cache.advance(self.prompt_length)
 
     def features(
         self,
@@ -263,36 +239,36 @@ class Transformer(nnx.Module):
             params: nnx.State,
             x: jax.Array,
             layer: jax.Array,
-            layer_kv: dict[str, jax.Array | None] | None,
-        ) -> tuple[jax.Array, dict | None]:
+            layer_cache: LayerCache | None,
+        ) -> tuple[jax.Array, LayerCache | None]:
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
-            layer_cache = (
-                None if layer_kv is None else LayerCache(segment_ids=cache.segment_ids, index=cache.index, **layer_kv)
-            )
-            x, layer_cache = nnx.merge(graphdef, params)(x, positions, segment_ids, key, layer_cache)
-            return x, None if layer_cache is None else {name: getattr(layer_cache, name) for name in PER_LAYER_FIELDS}
+            return nnx.merge(graphdef, params)(x, positions, segment_ids, key, layer_cache)
 
         if self.cfg.remat_policy != "none" and cache is None:
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat_policy], static_argnums=(0,))
 
-        # Slices of the per-layer fields travel through the blocks; the scales are None in a float cache.
-        kv = None if cache is None else {name: getattr(cache, name) for name in PER_LAYER_FIELDS}
+        def run_layer(
+            graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, cache: KVCache | None, layer: jax.Array
+        ) -> tuple[jax.Array, KVCache | None]:
+            if cache is None:
+                return apply(graphdef, params, x, layer, None)
+            x, layer_cache = apply(graphdef, params, x, layer, cache.layer(layer))
+            return x, cache.with_layer(layer, layer_cache)
+
         if self.cfg.scan_layers:
+            # The cache rides in the carry, each layer updating its slice in place; scanned over as inputs and
+            # outputs, it would be rebuilt into a second whole cache.
             graphdef, params = nnx.split(self.blocks)
 
-            def body(x: jax.Array, inputs: tuple) -> tuple[jax.Array, tuple | None]:
-                layer, layer_params, layer_kv = inputs
-                return apply(graphdef, layer_params, x, layer, layer_kv)
+            def body(carry: tuple, inputs: tuple) -> tuple[tuple, None]:
+                layer, layer_params = inputs
+                return run_layer(graphdef, layer_params, *carry, layer), None
 
-            x, kv = jax.lax.scan(body, x, (jnp.arange(self.cfg.num_layers), params, kv))
+            (x, cache), _ = jax.lax.scan(body, (x, cache), (jnp.arange(self.cfg.num_layers), params))
         else:
             for layer, block in enumerate(self.blocks):
-                graphdef, params = nnx.split(block)
-                layer_kv = None if kv is None else jax.tree.map(lambda a: a[layer], kv)
-                x, layer_kv = apply(graphdef, params, x, jnp.asarray(layer), layer_kv)
-                if kv is not None:
-                    kv = jax.tree.map(lambda a, new: a.at[layer].set(new), kv, layer_kv)
-        return x, None if cache is None else cache._replace(**kv)
+                x, cache = run_layer(*nnx.split(block), x, cache, jnp.asarray(layer))
+        return x, cache
 
 
 def _stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:
@@ -309,12 +285,6 @@ def _stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:
 def context_length(cfg: ml_collections.ConfigDict) -> int:
     """Tokens one sequence may hold: the model's context less its soft prompt."""
     return cfg.max_seq_len - cfg.soft_prompt_length
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def new_cache(graphdef: nnx.GraphDef, params: nnx.State, batch: int, max_len: int) -> KVCache:
-    """`Transformer.init_cache` of the model (graphdef, params), compiled once per shape."""
-    return nnx.merge(graphdef, params).init_cache(batch, max_len)
 
 
 def create_model(config: ml_collections.ConfigDict) -> Transformer:

@@ -30,7 +30,8 @@ from flax import nnx
 
 from llm import sharding
 from llm.model import layers
-from llm.model.transformer import KV_CACHE_DTYPES, Transformer, create_model
+from llm.model.kv_cache import KV_CACHE_DTYPES
+from llm.model.transformer import Transformer, create_model
 from llm.quant.embed import QuantizedEmbed
 
 MODES = ("int8", "int4", "int8_act")
@@ -43,7 +44,7 @@ class QuantConfig:
 
     mode: str
     group_size: int = DEFAULT_GROUP_SIZE  # Inputs per int4 scale (0: one scale per output channel).
-    kv_cache: str = "auto"  # "auto" (the compute dtype) or "int8" (llm/model/attention.py).
+    kv_cache: str = "auto"  # "auto" (the compute dtype) or "int8" (llm/model/kv_cache.py).
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -33,7 +33,9 @@ from flax import nnx
 from llm import sharding
 from llm.infer.generate import TextStream, bucket
 from llm.infer.sampling import RowSampling, SamplingParams, sample_rows
-from llm.model.transformer import KVCache, context_length, new_cache
+from llm.model.kv_cache import KVCache, new_cache
+from llm.model.logprobs import log_softmax, target_logprobs
+from llm.model.transformer import context_length
 from llm.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20  # Most alternatives per token a request may ask for (OpenAI's limit for chat).
@@ -107,30 +109,6 @@ class _Row:
     generated: int = 0
 
 
-def _batch_axis(field: str) -> int:
-    """segment_ids and index are (batch, ...); per-layer arrays (keys, values, int8 scales) are (layers, batch, ...)."""
-    return 0 if field in ("segment_ids", "index") else 1
-
-
-def _cache_row(cache: KVCache, slot: jax.Array, start: int) -> KVCache:
-    """Row `slot` of the cache as a batch-1 cache written from position `start` (after any soft prompt)."""
-    rows = {
-        name: jax.lax.dynamic_slice_in_dim(value, slot, 1, _batch_axis(name))
-        for name, value in cache._asdict().items()
-        if value is not None and name != "index"
-    }
-    return cache._replace(**rows, index=jnp.full((1,), start, jnp.int32))
-
-
-def _put_cache_row(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
-    rows = {
-        name: jax.lax.dynamic_update_slice_in_dim(getattr(cache, name), value, slot, _batch_axis(name))
-        for name, value in row._asdict().items()
-        if value is not None and name != "index"
-    }
-    return cache._replace(**rows)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "with_prompt_logprobs"), donate_argnames=("cache", "seen"))
 def _prefill(
     graphdef: nnx.GraphDef,
@@ -147,15 +125,17 @@ def _prefill(
     """Writes one prompt (tokens (1, bucket), the first `length` real) into row `slot` and samples its first
     new token. Returns (token, logprob, top ids, top logprobs, prompt logprobs or None, cache, seen)."""
     model = nnx.merge(graphdef, params)
-    row = _cache_row(cache, slot, model.prompt_length)
+    # The slot's row as a batch-1 cache, written from the start (after any soft prompt).
+    row = cache.row(slot).with_index(model.prompt_length)
     real = jnp.arange(tokens.shape[1]) < length
     # Padding after the prompt has segment 0 and sits beyond the row's index: decoding overwrites it.
     logits, row = model.decode(tokens, jnp.arange(tokens.shape[1])[None], real[None].astype(jnp.int32), row)
-    cache = _put_cache_row(cache, row, slot)._replace(index=cache.index.at[slot].set(model.prompt_length + length))
+    # The row's next token goes right after the prompt, over its padding.
+    cache = cache.with_row(slot, row.with_index(model.prompt_length + length))
     vocab = logits.shape[-1]
     row_seen = jnp.zeros((vocab,), bool).at[jnp.where(real, tokens[0], vocab)].set(True, mode="drop")
     seen = seen.at[slot].set(row_seen)
-    logprobs = jax.nn.log_softmax(logits[0].astype(jnp.float32))  # (bucket, vocab)
+    logprobs = log_softmax(logits[0])  # (bucket, vocab)
     last_logits = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)
     last = jax.lax.dynamic_index_in_dim(logprobs, length - 1, keepdims=False)
     key = jax.random.fold_in(jax.random.key(seed[0]), 0)
@@ -164,7 +144,7 @@ def _prefill(
     prompt = None
     if with_prompt_logprobs:
         # Position t predicts token t + 1.
-        chosen = jnp.take_along_axis(logprobs[:-1], tokens[0, 1:, None], axis=-1)[:, 0]
+        chosen = target_logprobs(logits[0, :-1], tokens[0, 1:])
         prompt_top_logprobs, prompt_top_ids = jax.lax.top_k(logprobs[:-1], MAX_LOGPROBS)
         prompt = (chosen, prompt_top_ids, prompt_top_logprobs)
     return token, last[token], top_ids, top_logprobs, prompt, cache, seen
@@ -193,8 +173,8 @@ def _decode_step(
     logits = logits[:, -1]
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
     next_tokens = sample_rows(logits, keys, sampling, seen)
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    chosen = jnp.take_along_axis(logprobs, next_tokens[:, None], axis=-1)[:, 0]
+    logprobs = log_softmax(logits)
+    chosen = target_logprobs(logits, next_tokens)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
     return next_tokens, chosen, top_ids, top_logprobs, cache, seen
 

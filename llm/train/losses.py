@@ -13,6 +13,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from llm.model.logprobs import log_normalizer, target_logprobs
+
 LossSums = tuple[jax.Array, jax.Array, jax.Array]  # (cross-entropy sum, z-loss term, weight sum)
 
 
@@ -27,11 +29,9 @@ def next_token_weights(segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Arra
 
 
 def _loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float) -> LossSums:
-    logits = logits.astype(jnp.float32)
-    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    cross_entropy = jnp.sum((log_normalizer - target_logits) * weights)
-    z_term = z_loss * jnp.sum(jnp.square(log_normalizer) * weights)
+    normalizer = log_normalizer(logits)
+    cross_entropy = -jnp.sum(target_logprobs(logits, targets, normalizer) * weights)
+    z_term = z_loss * jnp.sum(jnp.square(normalizer) * weights)
     return cross_entropy, z_term, jnp.sum(weights)
 
 
@@ -89,9 +89,7 @@ def chunked_next_token_loss(
 def sequence_logprobs(logits: jax.Array, tokens: jax.Array, weights: jax.Array) -> jax.Array:
     """Per row, the summed log-probability of the weighted next-token targets: (batch,) float32."""
     targets, weights = _targets_at_every_position(tokens, weights)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    target = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(target * weights, axis=-1)
+    return jnp.sum(target_logprobs(logits, targets) * weights, axis=-1)
 
 
 def dpo_loss(

@@ -72,7 +72,7 @@ def test_pickled_stage_loads_the_model_lazily_in_a_fresh_process():
     assert len(payload) < 1000  # The model (about 1 MB) is not in it.
     script = (
         "import pickle, sys\n"
-        "from llm.data import langid\n"
+        "from llm.corpus import langid\n"
         "from llm.corpus.document import Document\n"
         "stage = pickle.loads(sys.stdin.buffer.read())\n"
         "assert langid._model.cache_info().currsize == 0\n"

@@ -123,7 +123,7 @@ def test_signature_is_pinned_so_any_change_across_versions_is_caught():
 
 
 def test_signature_is_the_same_in_another_process_with_another_hash_seed():
-    code = "import sys; from llm.data import dedup; print(dedup.MinHasher().signature(sys.argv[1])[:8].tolist())"
+    code = "import sys; from llm.corpus import dedup; print(dedup.MinHasher().signature(sys.argv[1])[:8].tolist())"
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run(
         [sys.executable, "-c", code, RECETA],

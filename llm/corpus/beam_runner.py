@@ -93,7 +93,7 @@ class _DocumentStages(beam.DoFn):
 
 
 class _KeepSmallest(beam.DoFn):
-    """Exact dedup of one group of documents with the same exact key."""
+    """Exact dedup of one group of documents with the same exact key (`dedup.exact_duplicates`)."""
 
     def __init__(self, stage_names: Sequence[str]):
         self._stage_names = list(stage_names)
@@ -102,11 +102,14 @@ class _KeepSmallest(beam.DoFn):
         self._accounts = Accounts(self._stage_names)
 
     def process(self, group: tuple[str, Iterable[Document]]) -> Iterator[Document]:
-        kept, duplicates = pipeline.keep_smallest(group[1])
-        for duplicate in duplicates:
-            self._accounts.record(pipeline.EXACT_DEDUP, Dropped(duplicate.id, pipeline.EXACT_DUPLICATE))
-        self._accounts.record(pipeline.EXACT_DEDUP, kept)
-        yield kept
+        key, documents = group[0], list(group[1])
+        duplicates = dedup.exact_duplicates([document.id for document in documents], [key] * len(documents))
+        for document in documents:
+            if document.id in duplicates:
+                self._accounts.record(pipeline.EXACT_DEDUP, Dropped(document.id, pipeline.EXACT_DUPLICATE))
+            else:
+                self._accounts.record(pipeline.EXACT_DEDUP, document)
+                yield document
 
     def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput]:
         yield _counts_output(self._accounts)

@@ -210,7 +210,7 @@ class LocalRunner:
                 if chunk_signatures is not None:
                     signatures.append(chunk_signatures)
                 bar.update(len(chunk_ids))
-        exact = _exact_duplicates(ids, keys)
+        exact = set(dedup.exact_duplicates(ids, keys)) if config.dedup.exact else set()
         near = _near_duplicates(ids, signatures, exact, config) if config.dedup.near else set()
         accounts = Accounts(pipeline.dedup_stage_names(config))
         with (
@@ -242,26 +242,10 @@ def _dedup_verdict(
     return True
 
 
-def _exact_duplicates(ids: list[str], keys: list[str]) -> set[str]:
-    """Ids that share their exact key with a smaller id (empty when exact dedup is off: no keys)."""
-    keeper: dict[str, str] = {}
-    for doc_id, key in zip(ids, keys):
-        keeper[key] = min(keeper.get(key, doc_id), doc_id)
-    return {doc_id for doc_id, key in zip(ids, keys) if keeper[key] != doc_id}
-
-
 def _near_duplicates(
     ids: list[str], signatures: list[np.ndarray], exact: set[str], config: ml_collections.ConfigDict
 ) -> set[str]:
-    """Ids of the near duplicates among the exact survivors: LSH buckets, confirmed pairs, clusters."""
+    """Ids of the near duplicates among the exact survivors (the exact duplicates are already dropped)."""
     matrix = np.concatenate(signatures) if signatures else np.empty((0, config.dedup.num_perm), np.uint32)
-    buckets: dict[bytes, list[int]] = {}
-    for index, doc_id in enumerate(ids):
-        if doc_id not in exact:
-            for key in dedup.band_keys(matrix[index], config.dedup.bands, config.dedup.rows):
-                buckets.setdefault(key, []).append(index)
-    pairs: set[tuple[str, str]] = set()
-    for members in buckets.values():
-        if len(members) > 1:
-            pairs.update(dedup.bucket_pairs([(ids[i], matrix[i]) for i in members], config.dedup.threshold))
-    return set(dedup.duplicate_map(pairs))
+    survivors = ((doc_id, signature) for doc_id, signature in zip(ids, matrix, strict=True) if doc_id not in exact)
+    return set(dedup.near_duplicates(survivors, config.dedup))

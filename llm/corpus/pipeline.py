@@ -102,12 +102,6 @@ def process_item(
     return document
 
 
-def keep_smallest(documents: Iterable[Document]) -> tuple[Document, list[Document]]:
-    """Exact duplicates: keeps the document with the smallest id (order-independent), returns the rest."""
-    ordered = sorted(documents, key=lambda document: document.id)
-    return ordered[0], ordered[1:]
-
-
 # --- Steps and resumable execution --------------------------------------------------------------------------
 
 STEPS = ("filter", "dedup", "tokenizer", "pack", "report")

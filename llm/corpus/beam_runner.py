@@ -3,7 +3,8 @@
 Install with `pip install -e '.[beam]'`. Options are Beam's standard PipelineOptions (`--runner`,
 `--project`, `--region`, `--temp_location`, `--setup_file`, ...); without `--runner` the pipelines run
 in-process on the FnApiRunner (the DirectRunner may try to download a binary). Output directories are
-written through Beam's FileSystems, so they may be gs:// (or s3://, hdfs://) paths.
+written through llm/io.py, which uses Beam's FileSystems for paths with a scheme, so they may be gs://
+(or s3://, hdfs://) paths.
 
   filter   sources -> per-document stages -> shards; per-bundle counts -> one merged counts.json
   dedup    documents -> GroupByKey(exact key) -> the smallest id of each group
@@ -11,8 +12,9 @@ written through Beam's FileSystems, so they may be gs:// (or s3://, hdfs://) pat
            -> pairs confirmed by estimated Jaccard -> Distinct -> all pairs -> duplicate_map (global and
            small) -> side input of the filter that drops the near duplicates -> shards
 
-Shards are written by shard index: each group is sorted by id and written under a temporary name, then
-renamed, so a retried bundle rewrites the same bytes and readers never see a partial file.
+Shards are written by shard index with `corpus_io.write_shard`, as the local runner writes them: each group
+is sorted by id and written whole, so a retried bundle rewrites the same bytes and readers never see a
+partial file.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from typing import Any
 
 import apache_beam as beam
 import ml_collections
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 
@@ -174,18 +175,9 @@ class _DropNearDuplicates(beam.DoFn):
         yield _counts_output(self._accounts)
 
 
-def _write_file(path: str, text: str) -> None:
-    temporary = path + ".tmp"
-    with FileSystems.create(temporary) as file:
-        file.write(text.encode("utf-8"))
-    FileSystems.rename([temporary], [path])
-
-
 def _write_shard(group: tuple[int, dict[str, Iterable[Any]]], output_dir: str, num_shards: int) -> str:
     index, grouped = group
-    path = FileSystems.join(output_dir, corpus_io.shard_name(index, num_shards))
-    _write_file(path, corpus_io.shard_content(grouped["documents"], path))
-    return path
+    return corpus_io.write_shard(output_dir, index, num_shards, grouped["documents"])
 
 
 class _WriteShards(beam.PTransform):
@@ -258,7 +250,7 @@ class BeamRunner:
 
     def dedup(self, config: ml_collections.ConfigDict, input_dir: str, output_dir: str) -> Accounts:
         """Exact then near dedup of the filter step's output; writes the cleaned corpus as sorted shards."""
-        pattern = FileSystems.join(input_dir, f"{corpus_io.SHARD_PREFIX}-*{corpus_io.SHARD_SUFFIX}")
+        pattern = corpus_io.shard_pattern(input_dir)
         stage_names = pipeline.dedup_stage_names(config)
         with beam.Pipeline(options=self._options) as p:
             documents = (

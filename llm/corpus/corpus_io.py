@@ -66,9 +66,24 @@ def shard_content(documents: Iterable[Document], where: str) -> str:
     return "".join(line + "\n" for _, line in keyed)
 
 
+def write_shard(directory: str, index: int, num_shards: int, documents: Iterable[Document]) -> str:
+    """Writes shard `index` of a step's output whole (`write_text`: never a partial file); returns its path.
+
+    Both runners write every shard through here, so their shards are the same bytes.
+    """
+    path = join(directory, shard_name(index, num_shards))
+    write_text(path, shard_content(documents, path))
+    return path
+
+
+def shard_pattern(directory: str) -> str:
+    """The glob that matches every corpus shard of a step's directory."""
+    return join(directory, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}")
+
+
 def shard_paths(directory: str) -> list[str]:
     """The complete, sorted list of a step's corpus shards; raises if one is missing."""
-    pattern = join(directory, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}")
+    pattern = shard_pattern(directory)
     if is_remote(directory):
         paths = sorted(metadata.path for metadata in beam_filesystems().match([pattern])[0].metadata_list)
     else:

@@ -113,11 +113,8 @@ class ShardWriter:
         for index in range(self._num_shards):
             part_path = self._part_path(index)
             with open(part_path, encoding="utf-8") as lines:
-                content = corpus_io.shard_content(corpus_io.iterate_documents(lines, part_path), part_path)
-            path = os.path.join(self._directory, corpus_io.shard_name(index, self._num_shards))
-            with open(path + ".tmp", "w", encoding="utf-8") as out:
-                out.write(content)
-            os.replace(path + ".tmp", path)
+                documents = corpus_io.iterate_documents(lines, part_path)
+                corpus_io.write_shard(self._directory, index, self._num_shards, documents)
             os.remove(part_path)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs.data import es_default
-from llm.corpus import corpus_io, local_runner, pipeline, sources, stages
+from llm.corpus import beam_runner, corpus_io, local_runner, pipeline, sources, stages
 from llm.corpus.document import Document, Dropped
 from llm.corpus.report import AccountingError, Accounts
 from llm.data import records
@@ -232,7 +232,6 @@ def test_prepare_writes_every_promised_file(local_run):
 
 
 def test_local_and_beam_runners_write_the_same_corpus(local_run, tmp_path):
-    beam_runner = pytest.importorskip("llm.corpus.beam_runner")
     root, config, output = local_run
     runner = beam_runner.BeamRunner(config)
     runner.filter(config, str(tmp_path / "filter"))

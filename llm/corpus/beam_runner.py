@@ -19,7 +19,7 @@ partial file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -93,27 +93,33 @@ class _DocumentStages(beam.DoFn):
         yield _counts_output(self._accounts)
 
 
-class _KeepSmallest(beam.DoFn):
-    """Exact dedup of one group of documents with the same exact key (`dedup.exact_duplicates`)."""
+class _DedupStage(beam.DoFn):
+    """Counts documents through one dedup stage with `pipeline.count_dedup`, as the local runner does."""
 
-    def __init__(self, stage_names: Sequence[str]):
+    def __init__(self, stage_names: Sequence[str], stage: str):
         self._stage_names = list(stage_names)
+        self._stage = stage
 
     def start_bundle(self) -> None:
         self._accounts = Accounts(self._stage_names)
 
-    def process(self, group: tuple[str, Iterable[Document]]) -> Iterator[Document]:
-        key, documents = group[0], list(group[1])
-        duplicates = dedup.exact_duplicates([document.id for document in documents], [key] * len(documents))
-        for document in documents:
-            if document.id in duplicates:
-                self._accounts.record(pipeline.EXACT_DEDUP, Dropped(document.id, pipeline.EXACT_DUPLICATE))
-            else:
-                self._accounts.record(pipeline.EXACT_DEDUP, document)
-                yield document
+    def _kept(self, document: Document, duplicates: Container[str]) -> bool:
+        return pipeline.count_dedup(self._stage, document, duplicates, self._accounts)
 
     def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput]:
         yield _counts_output(self._accounts)
+
+
+class _KeepSmallest(_DedupStage):
+    """Exact dedup of one group of documents with the same exact key (`dedup.exact_duplicates`)."""
+
+    def __init__(self, stage_names: Sequence[str]):
+        super().__init__(stage_names, pipeline.EXACT_DEDUP)
+
+    def process(self, group: tuple[str, Iterable[Document]]) -> Iterator[Document]:
+        key, documents = group[0], list(group[1])
+        duplicates = dedup.exact_duplicates([document.id for document in documents], [key] * len(documents))
+        yield from (document for document in documents if self._kept(document, duplicates))
 
 
 class _Signatures(beam.DoFn):
@@ -155,24 +161,15 @@ class _NearDuplicates(beam.PTransform):
         )
 
 
-class _DropNearDuplicates(beam.DoFn):
+class _DropNearDuplicates(_DedupStage):
     """Drops the documents that `duplicate_map` maps to a kept one (the side input)."""
 
     def __init__(self, stage_names: Sequence[str]):
-        self._stage_names = list(stage_names)
-
-    def start_bundle(self) -> None:
-        self._accounts = Accounts(self._stage_names)
+        super().__init__(stage_names, pipeline.NEAR_DEDUP)
 
     def process(self, document: Document, duplicates: frozenset[str]) -> Iterator[Document]:
-        if document.id in duplicates:
-            self._accounts.record(pipeline.NEAR_DEDUP, Dropped(document.id, pipeline.NEAR_DUPLICATE))
-            return
-        self._accounts.record(pipeline.NEAR_DEDUP, document)
-        yield document
-
-    def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput]:
-        yield _counts_output(self._accounts)
+        if self._kept(document, duplicates):
+            yield document
 
 
 def _write_shard(group: tuple[int, dict[str, Iterable[Any]]], output_dir: str, num_shards: int) -> str:

@@ -226,16 +226,12 @@ def _dedup_verdict(
     document: Document, config: ml_collections.ConfigDict, exact: set[str], near: set[str], accounts: Accounts
 ) -> bool:
     """Counts the document through the enabled dedup stages; True if it is kept."""
-    for stage, enabled, duplicates, reason in (
-        (pipeline.EXACT_DEDUP, config.dedup.exact, exact, pipeline.EXACT_DUPLICATE),
-        (pipeline.NEAR_DEDUP, config.dedup.near, near, pipeline.NEAR_DUPLICATE),
+    for stage, enabled, duplicates in (
+        (pipeline.EXACT_DEDUP, config.dedup.exact, exact),
+        (pipeline.NEAR_DEDUP, config.dedup.near, near),
     ):
-        if not enabled:
-            continue
-        if document.id in duplicates:
-            accounts.record(stage, Dropped(document.id, reason))
+        if enabled and not pipeline.count_dedup(stage, document, duplicates, accounts):
             return False
-        accounts.record(stage, document)
     return True
 
 

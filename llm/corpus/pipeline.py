@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import ml_collections
@@ -100,6 +100,20 @@ def process_item(
             accounts.add_pii(result.metadata.get("pii", {}))
         document = result
     return document
+
+
+# --- Dedup verdicts -----------------------------------------------------------------------------------------
+
+_DUPLICATE_REASONS = {EXACT_DEDUP: EXACT_DUPLICATE, NEAR_DEDUP: NEAR_DUPLICATE}
+
+
+def count_dedup(stage: str, document: Document, duplicates: Container[str], accounts: Accounts) -> bool:
+    """Counts `document` through the dedup `stage`: dropped if its id is in `duplicates`. True if kept."""
+    if document.id in duplicates:
+        accounts.record(stage, Dropped(document.id, _DUPLICATE_REASONS[stage]))
+        return False
+    accounts.record(stage, document)
+    return True
 
 
 # --- Steps and resumable execution --------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def test_filter_and_dedup_decisions(local_run):
     assert deduped["stages"]["exact_dedup"]["dropped"] == {"exact_dedup.duplicate": 1}
     assert deduped["stages"]["near_dedup"]["dropped"] == {"near_dedup.near_duplicate": 1}
     assert filtered["pii"]["email"] == 1 and filtered["pii"]["phone"] == 1 and filtered["pii"]["dni"] == 1
-    kept = {document.id: document for document in pipeline.read_documents(str(output / "stages" / "dedup"))}
+    kept = {document.id: document for document in corpus_io.read_documents(str(output / "stages" / "dedup"))}
     # The smaller id of each duplicate pair is the one kept.
     assert "libros.txt:0" in kept and "libros.txt:12" not in kept
     assert "libros.txt:1" in kept and "libros.txt:13" not in kept

@@ -94,6 +94,13 @@ def shard_paths(directory: str) -> list[str]:
     return paths
 
 
+def read_documents(directory: str) -> Iterator[Document]:
+    """Every document of a step's output (local files), shard by shard, in file order."""
+    for path in shard_paths(directory):
+        with open(path, encoding="utf-8") as lines:
+            yield from iterate_documents(lines, path)
+
+
 def write_counts(directory: str, accounts: Accounts) -> None:
     write_text(join(directory, COUNTS_FILE), json.dumps(accounts.to_json(), indent=1, ensure_ascii=False))
 

@@ -196,7 +196,7 @@ class LocalRunner:
         ids: list[str] = []
         keys: list[str] = []
         signatures: list[np.ndarray] = []
-        chunks = _chunks(((d.id, d.text) for d in pipeline.read_documents(input_dir)), self._chunk_size)
+        chunks = _chunks(((d.id, d.text) for d in corpus_io.read_documents(input_dir)), self._chunk_size)
         with (
             parallel_map(_dedup_chunk, chunks, self._workers, _init_dedup_worker, (config,)) as results,
             self._bar("dedup: signatures", total) as bar,
@@ -214,7 +214,7 @@ class LocalRunner:
             ShardWriter(output_dir, config.output.corpus_shards) as writer,
             self._bar("dedup: write", total) as bar,
         ):
-            for document in pipeline.read_documents(input_dir):
+            for document in corpus_io.read_documents(input_dir):
                 bar.update()
                 if _dedup_verdict(document, config, exact, near, accounts):
                     writer.write(document)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs.data import es_default
-from llm.corpus import corpus_io, local_runner, pipeline, sources, stages
+from llm.corpus import beam_runner, corpus_io, local_runner, pipeline, sources, stages
 from llm.corpus.document import Document, Dropped
 from llm.corpus.report import AccountingError, Accounts
 from llm.data import records
@@ -159,7 +159,7 @@ def test_filter_and_dedup_decisions(local_run):
     assert deduped["stages"]["exact_dedup"]["dropped"] == {"exact_dedup.duplicate": 1}
     assert deduped["stages"]["near_dedup"]["dropped"] == {"near_dedup.near_duplicate": 1}
     assert filtered["pii"]["email"] == 1 and filtered["pii"]["phone"] == 1 and filtered["pii"]["dni"] == 1
-    kept = {document.id: document for document in pipeline.read_documents(str(output / "stages" / "dedup"))}
+    kept = {document.id: document for document in corpus_io.read_documents(str(output / "stages" / "dedup"))}
     # The smaller id of each duplicate pair is the one kept.
     assert "libros.txt:0" in kept and "libros.txt:12" not in kept
     assert "libros.txt:1" in kept and "libros.txt:13" not in kept
@@ -232,7 +232,6 @@ def test_prepare_writes_every_promised_file(local_run):
 
 
 def test_local_and_beam_runners_write_the_same_corpus(local_run, tmp_path):
-    beam_runner = pytest.importorskip("llm.corpus.beam_runner")
     root, config, output = local_run
     runner = beam_runner.BeamRunner(config)
     runner.filter(config, str(tmp_path / "filter"))

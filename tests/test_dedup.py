@@ -55,7 +55,11 @@ def test_exact_key_ignores_case_whitespace_and_unicode_form():
 def test_exact_duplicates_keep_the_smallest_id():
     ids = ["c", "a", "b", "d"]
     texts = ["¡Hola, mundo!", "¡HOLA,  mundo!", "Adiós", "¡hola, mundo!"]
-    assert dedup.exact_duplicates(ids, texts) == {"c": "a", "d": "a"}
+    keys = [dedup.exact_key(text) for text in texts]
+    assert dedup.exact_duplicates(ids, keys) == {"c": "a", "d": "a"}
+    # The runners pass ids in whatever order their workers return them: the keeper does not depend on it.
+    order = [3, 1, 0, 2]
+    assert dedup.exact_duplicates([ids[i] for i in order], [keys[i] for i in order]) == {"c": "a", "d": "a"}
 
 
 def test_words_split_on_spanish_punctuation_and_fold_case():
@@ -191,7 +195,14 @@ def test_planted_near_duplicates_are_found_and_distinct_documents_kept():
     reworded = RECETA.replace("Para preparar", "PARA HACER").replace(",", ";")  # one word changed, punctuation
     ids = ["q1", "r1", "n1", "n2", "q2", "r2", "q3"]
     texts = [QUIJOTE, RECETA, NOTICIA, NOTICIA_OTRA, edited, reworded, QUIJOTE.lower()]
-    assert dedup.near_duplicates(ids, texts, DEFAULTS) == {"q2": "q1", "q3": "q1", "r2": "r1"}
+    signatures = dedup.MinHasher.from_config(DEFAULTS).signatures(texts)
+    expected = {"q2": "q1", "q3": "q1", "r2": "r1"}
+    assert dedup.near_duplicates(zip(ids, signatures), DEFAULTS) == expected
+    assert dedup.near_duplicates(reversed(list(zip(ids, signatures))), DEFAULTS) == expected
+    pairs = dedup.near_duplicate_pairs(zip(ids, signatures), DEFAULTS.bands, DEFAULTS.rows, DEFAULTS.threshold)
+    assert pairs == {("q1", "q2"), ("q1", "q3"), ("q2", "q3"), ("r1", "r2")}
+    with pytest.raises(ValueError, match="unique document ids"):
+        dedup.near_duplicates(zip(["q1", "q1"], signatures), DEFAULTS)
 
 
 def test_bucket_pairs_confirm_only_similar_members():

@@ -3,7 +3,8 @@
 Install with `pip install -e '.[beam]'`. Options are Beam's standard PipelineOptions (`--runner`,
 `--project`, `--region`, `--temp_location`, `--setup_file`, ...); without `--runner` the pipelines run
 in-process on the FnApiRunner (the DirectRunner may try to download a binary). Output directories are
-written through Beam's FileSystems, so they may be gs:// (or s3://, hdfs://) paths.
+written through llm/io.py, which uses Beam's FileSystems for paths with a scheme, so they may be gs://
+(or s3://, hdfs://) paths.
 
   filter   sources -> per-document stages -> shards; per-bundle counts -> one merged counts.json
   dedup    documents -> GroupByKey(exact key) -> the smallest id of each group
@@ -11,18 +12,18 @@ written through Beam's FileSystems, so they may be gs:// (or s3://, hdfs://) pat
            -> pairs confirmed by estimated Jaccard -> Distinct -> all pairs -> duplicate_map (global and
            small) -> side input of the filter that drops the near duplicates -> shards
 
-Shards are written by shard index: each group is sorted by id and written under a temporary name, then
-renamed, so a retried bundle rewrites the same bytes and readers never see a partial file.
+Shards are written by shard index with `corpus_io.write_shard`, as the local runner writes them: each group
+is sorted by id and written whole, so a retried bundle rewrites the same bytes and readers never see a
+partial file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
 import ml_collections
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 
@@ -92,24 +93,33 @@ class _DocumentStages(beam.DoFn):
         yield _counts_output(self._accounts)
 
 
-class _KeepSmallest(beam.DoFn):
-    """Exact dedup of one group of documents with the same exact key."""
+class _DedupStage(beam.DoFn):
+    """Counts documents through one dedup stage with `pipeline.count_dedup`, as the local runner does."""
 
-    def __init__(self, stage_names: Sequence[str]):
+    def __init__(self, stage_names: Sequence[str], stage: str):
         self._stage_names = list(stage_names)
+        self._stage = stage
 
     def start_bundle(self) -> None:
         self._accounts = Accounts(self._stage_names)
 
-    def process(self, group: tuple[str, Iterable[Document]]) -> Iterator[Document]:
-        kept, duplicates = pipeline.keep_smallest(group[1])
-        for duplicate in duplicates:
-            self._accounts.record(pipeline.EXACT_DEDUP, Dropped(duplicate.id, pipeline.EXACT_DUPLICATE))
-        self._accounts.record(pipeline.EXACT_DEDUP, kept)
-        yield kept
+    def _kept(self, document: Document, duplicates: Container[str]) -> bool:
+        return pipeline.count_dedup(self._stage, document, duplicates, self._accounts)
 
     def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput]:
         yield _counts_output(self._accounts)
+
+
+class _KeepSmallest(_DedupStage):
+    """Exact dedup of one group of documents with the same exact key (`dedup.exact_duplicates`)."""
+
+    def __init__(self, stage_names: Sequence[str]):
+        super().__init__(stage_names, pipeline.EXACT_DEDUP)
+
+    def process(self, group: tuple[str, Iterable[Document]]) -> Iterator[Document]:
+        key, documents = group[0], list(group[1])
+        duplicates = dedup.exact_duplicates([document.id for document in documents], [key] * len(documents))
+        yield from (document for document in documents if self._kept(document, duplicates))
 
 
 class _Signatures(beam.DoFn):
@@ -151,38 +161,20 @@ class _NearDuplicates(beam.PTransform):
         )
 
 
-class _DropNearDuplicates(beam.DoFn):
+class _DropNearDuplicates(_DedupStage):
     """Drops the documents that `duplicate_map` maps to a kept one (the side input)."""
 
     def __init__(self, stage_names: Sequence[str]):
-        self._stage_names = list(stage_names)
-
-    def start_bundle(self) -> None:
-        self._accounts = Accounts(self._stage_names)
+        super().__init__(stage_names, pipeline.NEAR_DEDUP)
 
     def process(self, document: Document, duplicates: frozenset[str]) -> Iterator[Document]:
-        if document.id in duplicates:
-            self._accounts.record(pipeline.NEAR_DEDUP, Dropped(document.id, pipeline.NEAR_DUPLICATE))
-            return
-        self._accounts.record(pipeline.NEAR_DEDUP, document)
-        yield document
-
-    def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput]:
-        yield _counts_output(self._accounts)
-
-
-def _write_file(path: str, text: str) -> None:
-    temporary = path + ".tmp"
-    with FileSystems.create(temporary) as file:
-        file.write(text.encode("utf-8"))
-    FileSystems.rename([temporary], [path])
+        if self._kept(document, duplicates):
+            yield document
 
 
 def _write_shard(group: tuple[int, dict[str, Iterable[Any]]], output_dir: str, num_shards: int) -> str:
     index, grouped = group
-    path = FileSystems.join(output_dir, corpus_io.shard_name(index, num_shards))
-    _write_file(path, corpus_io.shard_content(grouped["documents"], path))
-    return path
+    return corpus_io.write_shard(output_dir, index, num_shards, grouped["documents"])
 
 
 class _WriteShards(beam.PTransform):
@@ -255,7 +247,7 @@ class BeamRunner:
 
     def dedup(self, config: ml_collections.ConfigDict, input_dir: str, output_dir: str) -> Accounts:
         """Exact then near dedup of the filter step's output; writes the cleaned corpus as sorted shards."""
-        pattern = FileSystems.join(input_dir, f"{corpus_io.SHARD_PREFIX}-*{corpus_io.SHARD_SUFFIX}")
+        pattern = corpus_io.shard_pattern(input_dir)
         stage_names = pipeline.dedup_stage_names(config)
         with beam.Pipeline(options=self._options) as p:
             documents = (

@@ -66,9 +66,24 @@ def shard_content(documents: Iterable[Document], where: str) -> str:
     return "".join(line + "\n" for _, line in keyed)
 
 
+def write_shard(directory: str, index: int, num_shards: int, documents: Iterable[Document]) -> str:
+    """Writes shard `index` of a step's output whole (`write_text`: never a partial file); returns its path.
+
+    Both runners write every shard through here, so their shards are the same bytes.
+    """
+    path = join(directory, shard_name(index, num_shards))
+    write_text(path, shard_content(documents, path))
+    return path
+
+
+def shard_pattern(directory: str) -> str:
+    """The glob that matches every corpus shard of a step's directory."""
+    return join(directory, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}")
+
+
 def shard_paths(directory: str) -> list[str]:
     """The complete, sorted list of a step's corpus shards; raises if one is missing."""
-    pattern = join(directory, f"{SHARD_PREFIX}-*{SHARD_SUFFIX}")
+    pattern = shard_pattern(directory)
     if is_remote(directory):
         paths = sorted(metadata.path for metadata in beam_filesystems().match([pattern])[0].metadata_list)
     else:
@@ -77,6 +92,13 @@ def shard_paths(directory: str) -> list[str]:
     if expected is None or len(paths) != expected:
         raise FileNotFoundError(f"{directory}: expected a complete set of {pattern} shards, found {len(paths)}.")
     return paths
+
+
+def read_documents(directory: str) -> Iterator[Document]:
+    """Every document of a step's output (local files), shard by shard, in file order."""
+    for path in shard_paths(directory):
+        with open(path, encoding="utf-8") as lines:
+            yield from iterate_documents(lines, path)
 
 
 def write_counts(directory: str, accounts: Accounts) -> None:

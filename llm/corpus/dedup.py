@@ -3,11 +3,15 @@
 Every function here is a pure function of its inputs, so the local runner and the Apache Beam pipeline
 compute the same decisions from the same pieces:
 
-  exact      key = exact_key(text); documents sharing a key are duplicates.
+  exact      key = exact_key(text)                           (per document, embarrassingly parallel)
+             exact_duplicates(ids, keys)                     (per key group, or all at once: smallest id kept)
   near       sig = MinHasher(...).signature(text)            (per document, embarrassingly parallel)
              for key in band_keys(sig, bands, rows): group  (a shuffle on the band key)
              bucket_pairs(members, threshold)                (per bucket: candidates confirmed by similarity)
              duplicate_map(all confirmed pairs)              (union-find; the smallest id of a cluster is kept)
+
+The Beam runner distributes these steps (GroupByKey on the exact key and on the band key); the local runner
+and the benchmark run the near-dedup steps in memory through `near_duplicate_pairs` and `near_duplicates`.
 
 Hashing is stable across processes, machines and runs: no Python `hash()` (salted per process), only
 hashlib and fixed-width NumPy integer arithmetic, whose wrap-around is defined.
@@ -60,9 +64,12 @@ def exact_key(text: str) -> str:
     return hashlib.blake2b(collapsed.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def exact_duplicates(ids: Sequence[str], texts: Sequence[str]) -> dict[str, str]:
-    """Maps every exact duplicate id to the smallest id with the same `exact_key`."""
-    keys = [exact_key(text) for text in texts]
+def exact_duplicates(ids: Sequence[str], keys: Sequence[str]) -> dict[str, str]:
+    """Maps every exact duplicate id to the smallest id with the same key (`exact_key` of its text).
+
+    Takes keys rather than texts so that the keys can be computed where the texts are (worker processes,
+    Beam workers) and only the small keys gathered; the keeper does not depend on the order of the ids.
+    """
     keeper: dict[str, str] = {}
     for doc_id, key in zip(ids, keys, strict=True):
         keeper[key] = min(keeper.get(key, doc_id), doc_id)
@@ -298,21 +305,29 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"dedup.threshold must be in (0, 1], got {config.threshold}.")
 
 
-def near_duplicates(ids: Sequence[str], texts: Sequence[str], config: ml_collections.ConfigDict) -> dict[str, str]:
-    """In-memory near-duplicate detection (local runner, tests): duplicate id -> id kept for its cluster."""
+def near_duplicate_pairs(
+    members: Iterable[tuple[str, np.ndarray]], bands: int, rows: int, threshold: float
+) -> set[tuple[str, str]]:
+    """In-memory LSH: confirmed pairs (smaller id, larger id) of (id, signature) members.
+
+    Members are grouped into buckets by `band_keys` and each bucket is confirmed by `bucket_pairs`; the same
+    pair often shares several bands, and the set keeps one copy of it.
+    """
+    buckets: dict[bytes, list[tuple[str, np.ndarray]]] = {}
+    for member in members:
+        for key in band_keys(member[1], bands, rows):
+            buckets.setdefault(key, []).append(member)
+    return {pair for bucket in buckets.values() if len(bucket) > 1 for pair in bucket_pairs(bucket, threshold)}
+
+
+def near_duplicates(members: Iterable[tuple[str, np.ndarray]], config: ml_collections.ConfigDict) -> dict[str, str]:
+    """In-memory near dedup of (id, signature) members: duplicate id -> id kept for its cluster.
+
+    `config` is the `dedup` section. Signatures come from `MinHasher.from_config(config)`, computed wherever
+    the texts are; the result depends on the set of members, not on their order.
+    """
     check_config(config)
-    if len(set(ids)) != len(ids):
+    members = list(members)
+    if len({doc_id for doc_id, _ in members}) != len(members):
         raise ValueError("near_duplicates needs unique document ids.")
-    sigs = MinHasher.from_config(config).signatures(texts)
-    buckets: dict[bytes, list[int]] = {}
-    for index, sig in enumerate(sigs):
-        for key in band_keys(sig, config.bands, config.rows):
-            buckets.setdefault(key, []).append(index)
-    # The same pair often shares several bands; the set keeps one copy of each confirmed pair.
-    pairs = {
-        pair
-        for members in buckets.values()
-        if len(members) > 1
-        for pair in bucket_pairs([(ids[i], sigs[i]) for i in members], config.threshold)
-    }
-    return duplicate_map(pairs)
+    return duplicate_map(near_duplicate_pairs(members, config.bands, config.rows, config.threshold))

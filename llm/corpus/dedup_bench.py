@@ -315,18 +315,9 @@ def run(
     theirs_s = _best_time(lambda: _datasketch_signatures(texts, num_perm, shingle_size), repeats)
 
     start = time.perf_counter()
-    sigs = hasher.signatures(texts)
-    buckets: dict[bytes, list[int]] = {}
-    for index, sig in enumerate(sigs):
-        for key in dedup.band_keys(sig, bands, rows):
-            buckets.setdefault(key, []).append(index)
     ids = [f"{i:08d}" for i in range(num_docs)]  # zero-padded so string order = index order
-    found = {
-        (int(a), int(b))
-        for members in buckets.values()
-        if len(members) > 1
-        for a, b in dedup.bucket_pairs([(ids[i], sigs[i]) for i in members], threshold)
-    }
+    pairs = dedup.near_duplicate_pairs(zip(ids, hasher.signatures(texts)), bands, rows, threshold)
+    found = {(int(a), int(b)) for a, b in pairs}
     near_dup_s = time.perf_counter() - start
 
     truth = true_pairs(texts, shingle_size, threshold)

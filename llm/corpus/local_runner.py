@@ -113,11 +113,8 @@ class ShardWriter:
         for index in range(self._num_shards):
             part_path = self._part_path(index)
             with open(part_path, encoding="utf-8") as lines:
-                content = corpus_io.shard_content(corpus_io.iterate_documents(lines, part_path), part_path)
-            path = os.path.join(self._directory, corpus_io.shard_name(index, self._num_shards))
-            with open(path + ".tmp", "w", encoding="utf-8") as out:
-                out.write(content)
-            os.replace(path + ".tmp", path)
+                documents = corpus_io.iterate_documents(lines, part_path)
+                corpus_io.write_shard(self._directory, index, self._num_shards, documents)
             os.remove(part_path)
 
 
@@ -199,7 +196,7 @@ class LocalRunner:
         ids: list[str] = []
         keys: list[str] = []
         signatures: list[np.ndarray] = []
-        chunks = _chunks(((d.id, d.text) for d in pipeline.read_documents(input_dir)), self._chunk_size)
+        chunks = _chunks(((d.id, d.text) for d in corpus_io.read_documents(input_dir)), self._chunk_size)
         with (
             parallel_map(_dedup_chunk, chunks, self._workers, _init_dedup_worker, (config,)) as results,
             self._bar("dedup: signatures", total) as bar,
@@ -210,14 +207,14 @@ class LocalRunner:
                 if chunk_signatures is not None:
                     signatures.append(chunk_signatures)
                 bar.update(len(chunk_ids))
-        exact = _exact_duplicates(ids, keys)
+        exact = set(dedup.exact_duplicates(ids, keys)) if config.dedup.exact else set()
         near = _near_duplicates(ids, signatures, exact, config) if config.dedup.near else set()
         accounts = Accounts(pipeline.dedup_stage_names(config))
         with (
             ShardWriter(output_dir, config.output.corpus_shards) as writer,
             self._bar("dedup: write", total) as bar,
         ):
-            for document in pipeline.read_documents(input_dir):
+            for document in corpus_io.read_documents(input_dir):
                 bar.update()
                 if _dedup_verdict(document, config, exact, near, accounts):
                     writer.write(document)
@@ -229,39 +226,19 @@ def _dedup_verdict(
     document: Document, config: ml_collections.ConfigDict, exact: set[str], near: set[str], accounts: Accounts
 ) -> bool:
     """Counts the document through the enabled dedup stages; True if it is kept."""
-    for stage, enabled, duplicates, reason in (
-        (pipeline.EXACT_DEDUP, config.dedup.exact, exact, pipeline.EXACT_DUPLICATE),
-        (pipeline.NEAR_DEDUP, config.dedup.near, near, pipeline.NEAR_DUPLICATE),
+    for stage, enabled, duplicates in (
+        (pipeline.EXACT_DEDUP, config.dedup.exact, exact),
+        (pipeline.NEAR_DEDUP, config.dedup.near, near),
     ):
-        if not enabled:
-            continue
-        if document.id in duplicates:
-            accounts.record(stage, Dropped(document.id, reason))
+        if enabled and not pipeline.count_dedup(stage, document, duplicates, accounts):
             return False
-        accounts.record(stage, document)
     return True
-
-
-def _exact_duplicates(ids: list[str], keys: list[str]) -> set[str]:
-    """Ids that share their exact key with a smaller id (empty when exact dedup is off: no keys)."""
-    keeper: dict[str, str] = {}
-    for doc_id, key in zip(ids, keys):
-        keeper[key] = min(keeper.get(key, doc_id), doc_id)
-    return {doc_id for doc_id, key in zip(ids, keys) if keeper[key] != doc_id}
 
 
 def _near_duplicates(
     ids: list[str], signatures: list[np.ndarray], exact: set[str], config: ml_collections.ConfigDict
 ) -> set[str]:
-    """Ids of the near duplicates among the exact survivors: LSH buckets, confirmed pairs, clusters."""
+    """Ids of the near duplicates among the exact survivors (the exact duplicates are already dropped)."""
     matrix = np.concatenate(signatures) if signatures else np.empty((0, config.dedup.num_perm), np.uint32)
-    buckets: dict[bytes, list[int]] = {}
-    for index, doc_id in enumerate(ids):
-        if doc_id not in exact:
-            for key in dedup.band_keys(matrix[index], config.dedup.bands, config.dedup.rows):
-                buckets.setdefault(key, []).append(index)
-    pairs: set[tuple[str, str]] = set()
-    for members in buckets.values():
-        if len(members) > 1:
-            pairs.update(dedup.bucket_pairs([(ids[i], matrix[i]) for i in members], config.dedup.threshold))
-    return set(dedup.duplicate_map(pairs))
+    survivors = ((doc_id, signature) for doc_id, signature in zip(ids, matrix, strict=True) if doc_id not in exact)
+    return set(dedup.near_duplicates(survivors, config.dedup))

@@ -14,7 +14,7 @@
 `filter` and `dedup` run on a runner: `local_runner.LocalRunner` (processes) or `beam_runner.BeamRunner`
 (Apache Beam, any Beam runner). Both call the functions below and write corpus shards through
 `corpus_io`, so they write byte-identical output that does not depend on the runner, the number of
-workers or the order of the input.
+workers or the order of the input. `tokenizer` and `pack` run here, on local files (`tokenize_pack`).
 
 A re-run skips the steps whose marker exists and whose config is unchanged, so an interrupted run resumes
 from the first unfinished step; a step found without its marker is redone from scratch.
@@ -22,25 +22,21 @@ from the first unfinished step; a step found without its marker is redone from s
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any, Protocol
 
 import ml_collections
-import numpy as np
-import tqdm
 
 from llm import tokenizer as tokenizer_lib
-from llm.corpus import dedup, sources, stages
-from llm.corpus.corpus_io import iterate_documents, read_counts, shard_paths
+from llm.corpus import dedup, sources, stages, tokenize_pack
+from llm.corpus.corpus_io import read_counts
 from llm.corpus.document import Document, DocumentStage, Dropped
-from llm.corpus.report import Accounts, SourceTotals, build_report, source_table, word_count
-from llm.data import packing
+from llm.corpus.report import Accounts, build_report
 from llm.io import is_remote, join, read_text, remove_tree, write_text
 
 # Accounting names of the steps around the per-document stages.
@@ -52,7 +48,6 @@ EXACT_DUPLICATE = "exact_dedup.duplicate"
 NEAR_DUPLICATE = "near_dedup.near_duplicate"
 
 MARKER_FILE = "_COMPLETE.json"
-_TOKENIZE_BATCH = 256  # documents per SentencePiece batch call (which encodes on all cores)
 
 # Builds the per-document stages from the config; runs once in every worker (stages may load models).
 StageFactory = Callable[[ml_collections.ConfigDict], Sequence[tuple[str, DocumentStage]]]
@@ -102,10 +97,18 @@ def process_item(
     return document
 
 
-def keep_smallest(documents: Iterable[Document]) -> tuple[Document, list[Document]]:
-    """Exact duplicates: keeps the document with the smallest id (order-independent), returns the rest."""
-    ordered = sorted(documents, key=lambda document: document.id)
-    return ordered[0], ordered[1:]
+# --- Dedup verdicts -----------------------------------------------------------------------------------------
+
+_DUPLICATE_REASONS = {EXACT_DEDUP: EXACT_DUPLICATE, NEAR_DEDUP: NEAR_DUPLICATE}
+
+
+def count_dedup(stage: str, document: Document, duplicates: Container[str], accounts: Accounts) -> bool:
+    """Counts `document` through the dedup `stage`: dropped if its id is in `duplicates`. True if kept."""
+    if document.id in duplicates:
+        accounts.record(stage, Dropped(document.id, _DUPLICATE_REASONS[stage]))
+        return False
+    accounts.record(stage, document)
+    return True
 
 
 # --- Steps and resumable execution --------------------------------------------------------------------------
@@ -265,133 +268,14 @@ def _dedup_step(config, output_dir, runner, markers, progress) -> dict[str, Any]
     return {"documents_in": accounts.documents_in, "documents_out": accounts.documents_kept}
 
 
-def read_documents(directory: str) -> Iterator[Document]:
-    """Every document of a step's output (local files), shard by shard, in file order."""
-    for path in shard_paths(directory):
-        with open(path, encoding="utf-8") as lines:
-            yield from iterate_documents(lines, path)
-
-
-def _corpus_bar(description: str, output_dir: str, progress: bool) -> tqdm.tqdm:
-    """A progress bar over the cleaned corpus: documents, MB and ETA (its size is in the dedup counts)."""
-    kept = read_counts(step_dir(output_dir, "dedup"))
-    total_bytes = kept.stages[next(reversed(kept.stages))].bytes_out if kept.stages else None
-    return tqdm.tqdm(
-        desc=description, total=total_bytes, unit="B", unit_scale=True, disable=not progress, smoothing=0.1
-    )
-
-
-def _corpus_texts(output_dir: str, bar: tqdm.tqdm) -> Iterator[str]:
-    for count, document in enumerate(read_documents(step_dir(output_dir, "dedup")), start=1):
-        bar.update(len(document.text.encode("utf-8")))
-        bar.set_postfix(documents=count, refresh=False)
-        yield document.text
-
-
-def eval_conllu_path(config: ml_collections.ConfigDict) -> str | None:
-    """The CoNLL-U file the tokenizer is measured on, or None when the default one is not there."""
-    if config.report.eval_conllu:
-        return os.path.expanduser(config.report.eval_conllu)
-    return tokenizer_lib.DEFAULT_UD_PATH if os.path.isfile(tokenizer_lib.DEFAULT_UD_PATH) else None
-
-
 def _tokenizer_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
-    settings = config.tokenizer
-    prefix = join(step_dir(output_dir, "tokenizer"), "tokenizer")
-    with _corpus_bar("tokenizer", output_dir, progress) as bar:
-        tokenizer = tokenizer_lib.train_tokenizer(
-            _corpus_texts(output_dir, bar),
-            prefix,
-            vocab_size=settings.vocab_size,
-            model_type=settings.model_type,
-            character_coverage=settings.character_coverage,
-            input_sentence_size=settings.input_sentence_size,
-            max_sentence_bytes=settings.max_sentence_bytes,
-            seed=settings.seed,
-            multiword_pieces=settings.multiword_pieces,
-        )
-    result: dict[str, Any] = {
-        "vocab_size": tokenizer.vocab_size,
-        "model_type": settings.model_type,
-        "spanish_characters_round_trip": tokenizer_lib.round_trips(tokenizer, tokenizer_lib.SPANISH_CHARACTERS),
-    }
-    conllu = eval_conllu_path(config)
-    if conllu is None:
-        logging.warning("No CoNLL-U file for the tokenizer metrics (set report.eval_conllu); not measured.")
-        return {**result, "eval_text": None, "fertility": None, "bytes_per_token": None}
-    texts = tokenizer_lib.conllu_texts(conllu)
-    return {
-        **result,
-        "eval_text": os.path.basename(conllu),
-        "fertility": round(tokenizer_lib.fertility(tokenizer, texts), 4),
-        "bytes_per_token": round(tokenizer_lib.bytes_per_token(tokenizer, texts), 4),
-    }
+    corpus_dir, tokenizer_dir = step_dir(output_dir, "dedup"), step_dir(output_dir, "tokenizer")
+    return tokenize_pack.train_corpus_tokenizer(config, corpus_dir, tokenizer_dir, progress)
 
 
 def _pack_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
-    """Tokenizes the corpus once into a scratch file of int32 ids, splits by id hash, packs both splits."""
-    settings = config.pack
-    directory = step_dir(output_dir, "pack")
-    os.makedirs(directory, exist_ok=True)
-    tokenizer = tokenizer_lib.Tokenizer.load(join(step_dir(output_dir, "tokenizer"), "tokenizer.model"))
-    extra = int(settings.add_bos) + int(settings.add_eos)  # tokens each document gains when packed
-    scratch = join(directory, ".tokens.bin")
-    lengths: list[tuple[str, int]] = []
-    totals: dict[str, SourceTotals] = {}
-    with open(scratch, "wb") as out, _corpus_bar("tokenize", output_dir, progress) as bar:
-        documents = read_documents(step_dir(output_dir, "dedup"))
-        while chunk := list(itertools.islice(documents, _TOKENIZE_BATCH)):
-            for document, ids in zip(chunk, tokenizer.encode_batch([d.text for d in chunk])):
-                out.write(np.asarray(ids, dtype="<i4").tobytes())
-                lengths.append((document.id, len(ids)))
-                source = document.metadata.get("source", "unknown")
-                licence = document.metadata.get("licence", "unknown")
-                total = totals.setdefault(source, SourceTotals(licence=licence))
-                size = len(document.text.encode("utf-8"))
-                total.documents += 1
-                total.bytes += size
-                total.words += word_count(document.text)
-                total.tokens += len(ids)
-                bar.update(size)
-            bar.set_postfix(documents=len(lengths), refresh=False)
-    validation = packing.split_train_validation(
-        ((doc_id, length + extra) for doc_id, length in lengths),
-        settings.seq_len,
-        settings.validation_fraction,
-        settings.min_validation_rows,
-    )
-
-    def tokenized() -> Iterator[tuple[str, np.ndarray]]:
-        with open(scratch, "rb") as tokens:
-            for doc_id, length in lengths:
-                yield doc_id, np.frombuffer(tokens.read(4 * length), dtype="<i4")
-
-    splits = packing.write_packed_splits(
-        tokenized(),
-        directory,
-        settings.seq_len,
-        validation,
-        bos_id=tokenizer.bos_id if settings.add_bos else None,
-        eos_id=tokenizer.eos_id if settings.add_eos else None,
-        pad_id=tokenizer.pad_id,
-        train_shards=settings.train_shards,
-        validation_shards=settings.validation_shards,
-    )
-    os.remove(scratch)
-    return {
-        "tokens": sum(length for _, length in lengths),
-        "splits": {
-            name: {
-                "documents": stats.documents,
-                "rows": stats.rows,
-                "tokens": stats.tokens,
-                "shards": len(stats.shards),
-                "packing_efficiency": round(stats.efficiency, 4),
-            }
-            for name, stats in splits.items()
-        },
-        "sources": source_table(totals),
-    }
+    directories = (step_dir(output_dir, step) for step in ("dedup", "tokenizer", "pack"))
+    return tokenize_pack.pack_corpus(config, *directories, progress)
 
 
 def _report_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:

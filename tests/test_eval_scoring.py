@@ -9,7 +9,8 @@ from scipy import special
 
 from llm.data import records
 from llm.eval import perplexity
-from llm.eval.scoring import Scorer, encode_pair, length_buckets
+from llm.eval.scoring import Scorer, encode_pair
+from llm.infer import generate
 from llm.model.transformer import create_model
 
 
@@ -63,8 +64,8 @@ def test_bad_requests_get_a_clear_error(model):
 
 
 def test_lengths_pad_to_a_few_buckets():
-    assert length_buckets(256) == [16, 32, 64, 128, 256]
-    assert length_buckets(100) == [16, 32, 64, 100]
+    assert [generate.bucket(n, 256) for n in (1, 16, 17, 100, 129, 256)] == [16, 16, 32, 128, 256, 256]
+    assert [generate.bucket(n, 100) for n in (33, 64, 65, 100)] == [64, 64, 100, 100]
 
 
 def test_continuations_split_where_the_text_splits(trained_run):

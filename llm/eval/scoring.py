@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llm.infer import generate
 from llm.model.kv_cache import KVCache, new_cache
 from llm.model.logprobs import target_logprobs
 from llm.model.transformer import Transformer, context_length
@@ -29,18 +30,7 @@ from llm.tokenizer import Tokenizer
 TokenRequest = tuple[Sequence[int], Sequence[int]]
 # What the tasks need from a model: (context, continuation) texts -> log-likelihoods in nats.
 Loglikelihood = Callable[[Sequence[tuple[str, str]]], list[float]]
-SMALLEST_BUCKET = 16
 MIN_SHARED_PREFIX = 16  # shorter shared prefixes are not worth a separate pass
-
-
-def length_buckets(max_len: int) -> list[int]:
-    """Padded lengths used for batches: 16, 32, 64, ... below max_len, then max_len itself."""
-    buckets = []
-    length = SMALLEST_BUCKET
-    while length < max_len:
-        buckets.append(length)
-        length *= 2
-    return buckets + [max_len]
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -122,7 +112,6 @@ class Scorer:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_len = context_length(model.cfg)
-        self.buckets = length_buckets(self.max_len)
         self._graphdef, self._state = nnx.split(model)
         self._forward = jax.jit(_score_batch, static_argnums=0)
         self._prefill = jax.jit(_prefill, static_argnums=0)
@@ -178,7 +167,7 @@ class Scorer:
         )
 
     def _bucket(self, length: int) -> int:
-        return next(bucket for bucket in self.buckets if bucket >= length)
+        return generate.bucket(length, self.max_len)
 
     def _read_prefix(self, prefix: list[int]) -> KVCache:
         """The KV cache of the prefix, padded to a bucket, with room for a full context after it."""

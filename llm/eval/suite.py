@@ -55,7 +55,7 @@ _GENERATION = {
 class Settings:
     """What to evaluate on and how; the flags of scripts/evaluate.py."""
 
-    data_dir: str = tasks.DEFAULT_DATA_DIR  # directory with the files of ../shared/data/es_eval
+    data_dir: str = tasks.DEFAULT_DATA_DIR  # the evaluation sets (default: the copy in llm/eval/data)
     text_file: str = ""  # bpb on this plain-text file instead of the UD Spanish-GSD dev sentences
     train_data: str = ""  # training shards of the unigram baseline; "" means the run's config.data.path/train
     max_examples: int = 0  # examples per task: 0 = DEFAULT_MAX_EXAMPLES, -1 = all

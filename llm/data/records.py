@@ -53,8 +53,10 @@ def encode_pair(chosen_row: Mapping[str, np.ndarray], rejected_row: Mapping[str,
     """Serializes a DPO preference pair: two packed rows of the same length (each with the four FIELDS)."""
     chosen, rejected = encode_row(chosen_row), encode_row(rejected_row)
     if len(chosen) != len(rejected):
-        raise ValueError(f"The chosen row has {len(chosen) // 16} positions and the rejected row "
-                         f"{len(rejected) // 16}; a pair needs rows of the same length.")
+        raise ValueError(
+            f"The chosen row has {len(chosen) // 16} positions and the rejected row "
+            f"{len(rejected) // 16}; a pair needs rows of the same length."
+        )
     return chosen + rejected
 
 
@@ -62,8 +64,7 @@ def decode_pair(record: bytes) -> dict[str, np.ndarray]:
     """Inverse of `encode_pair`: the eight PAIR_FIELDS, each int32 of shape (seq_len,)."""
     flat = np.frombuffer(record, dtype="<i4")
     if flat.size % len(PAIR_FIELDS):
-        raise ValueError(f"Record of {len(record)} bytes is not a preference pair of {len(PAIR_FIELDS)} int32 "
-                         "fields.")
+        raise ValueError(f"Record of {len(record)} bytes is not a preference pair of {len(PAIR_FIELDS)} int32 fields.")
     stacked = flat.reshape(len(PAIR_FIELDS), -1)
     return {name: stacked[i].astype(np.int32) for i, name in enumerate(PAIR_FIELDS)}
 
@@ -72,9 +73,7 @@ def shard_paths(split_dir: str) -> list[str]:
     """Sorted ArrayRecord shard paths of one split directory (complete shards only)."""
     if not os.path.isdir(split_dir):
         raise FileNotFoundError(f"Data split directory {split_dir!r} does not exist.")
-    paths = sorted(
-        os.path.join(split_dir, name) for name in os.listdir(split_dir) if name.endswith(SHARD_SUFFIX)
-    )
+    paths = sorted(os.path.join(split_dir, name) for name in os.listdir(split_dir) if name.endswith(SHARD_SUFFIX))
     if not paths:
         raise FileNotFoundError(f"No *{SHARD_SUFFIX} shards in {split_dir!r}.")
     return paths
@@ -95,9 +94,7 @@ def write_shards(
     `shard_paths` would pick up.
     """
     os.makedirs(split_dir, exist_ok=True)
-    final = [
-        os.path.join(split_dir, f"{name}-{i:05d}-of-{num_shards:05d}{SHARD_SUFFIX}") for i in range(num_shards)
-    ]
+    final = [os.path.join(split_dir, f"{name}-{i:05d}-of-{num_shards:05d}{SHARD_SUFFIX}") for i in range(num_shards)]
     temporary = [path + ".tmp" for path in final]
     # group_size:1 keeps every record independently addressable, which Grain's random access needs.
     writers = [array_record_module.ArrayRecordWriter(path, "group_size:1") for path in temporary]
@@ -112,8 +109,10 @@ def write_shards(
     return final
 
 
-def iterate_shard(path: str, decode: Callable[[bytes], dict[str, np.ndarray]] = decode_row,
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def iterate_shard(
+    path: str,
+    decode: Callable[[bytes], dict[str, np.ndarray]] = decode_row,
+) -> Iterator[dict[str, np.ndarray]]:
     """Reads every record of one shard in order, decoded with `decode` (`decode_pair` for preference data).
 
     For inspection and tests; training uses the Grain loader.

@@ -11,7 +11,7 @@ from conftest import tiny_config
 
 import configs
 from llm import config_validation
-from llm.train import loop
+from llm.train import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +59,7 @@ def test_missing_data_path_is_named():
     config = tiny_config()
     config.data.path = "/nonexistent/data"
     with pytest.raises(FileNotFoundError, match="config.data.path='/nonexistent/data' has no train/"):
-        loop.check_data_path(config)
+        inputs.check_data_path(config)
 
 
 def _train_cli(*flags):

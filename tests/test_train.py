@@ -48,7 +48,8 @@ def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
     config.data.path = data_dir
     config.train.num_steps = 40
     config.train.eval_every = 20
-    last = loop.train(config, str(tmp_path))
+    result = loop.train(config, str(tmp_path))
+    assert (result.start_step, result.steps_run) == (0, 40)
     entries = _read_metrics(tmp_path)
     train_entries = [e for e in entries if "loss" in e]
     assert train_entries[-1]["loss"] < 0.75 * train_entries[0]["loss"]
@@ -57,7 +58,7 @@ def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
     evals = [e for e in entries if "eval_loss" in e]
     assert [e["step"] for e in evals] == [20, 40]
     assert evals[-1]["eval_perplexity"] == pytest.approx(np.exp(evals[-1]["eval_loss"]))
-    assert last["eval_loss"] == evals[-1]["eval_loss"]
+    assert result.metrics["eval_loss"] == evals[-1]["eval_loss"]
     assert os.listdir(tmp_path / "tensorboard")
     assert json.load(open(tmp_path / "config.json"))["model"]["num_layers"] == 2
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "30", "40"]  # keep_checkpoints=3

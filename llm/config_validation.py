@@ -154,8 +154,12 @@ def _check_relations(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key}={_get(config, key)} must be in [0, 1).")
     if config.data.replay_fraction > 0 and not config.data.replay_path:
         raise ConfigError("config.data.replay_fraction > 0 needs config.data.replay_path.")
-    rule_names = [rule[0] for rule in config.logical_axis_rules]
-    for rule in config.logical_axis_rules:
+    _check_axis_rules(config.logical_axis_rules)
+
+
+def _check_axis_rules(rules: Any) -> None:
+    rule_names = [rule[0] for rule in rules]
+    for rule in rules:
         axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
         unknown = [a for a in axes if a is not None and a not in ("data", "fsdp", "tensor")]
         if unknown:

@@ -15,10 +15,10 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from llm import checkpoint, sharding
+from llm import checkpoint, config_validation, sharding
 from llm.model.transformer import REMAT_POLICIES, create_model
 from llm.runs import directory
-from llm.train import loop, losses, optimizer as optimizer_lib, step as step_lib
+from llm.train import loop, losses, optimizer as optimizer_lib, start, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_FLAGS = [
@@ -133,6 +133,25 @@ def test_run_killed_with_sigkill_resumes_bit_exactly(tmp_path, data_dir):
     exact_keys = ("step", "loss", "perplexity", "learning_rate", "grad_norm", "eval_loss", "eval_perplexity")
     strip = lambda entries: [{k: v for k, v in e.items() if k in exact_keys} for e in entries]
     assert strip(_read_metrics(interrupted)) == strip(_read_metrics(uninterrupted))
+
+
+def test_a_workdir_or_init_from_of_another_model_is_refused_by_the_first_differing_key(tmp_path, data_dir):
+    config = tiny_config()
+    config.data.path = data_dir
+    config.train.update(num_steps=2, checkpoint_every=2, eval_every=0)
+    loop.train(config, str(tmp_path))
+    other = tiny_config(model__mlp_dim=48)
+    other.data.path = data_dir
+    other.train.update(num_steps=4, eval_every=0)
+    saved = r"config.model.mlp_dim=48 differs from the config saved with the workdir's checkpoint \(64\)"
+    with pytest.raises(config_validation.ConfigError, match=saved):
+        loop.train(other, str(tmp_path))
+    assert directory.load_config(str(tmp_path)).model.mlp_dim == 64  # the refused run wrote nothing
+    other.init_from = str(tmp_path)
+    with pytest.raises(config_validation.ConfigError, match=r"config.model.mlp_dim=48 differs from the run in config"):
+        start.check_init_from(other)
+    # Adapters and how the model runs may differ from the base.
+    start.check_init_from(tiny_config(init_from=str(tmp_path), model__lora_rank=4, model__remat_policy="full"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):

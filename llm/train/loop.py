@@ -76,7 +76,7 @@ class _Run:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Trains (or resumes training) to `config.train.num_steps`."""
-    config = start_lib.prepare_run(config, workdir)
+    config = start_lib.checked_config(config)
     mesh = sharding.create_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
     config_validation.check_batch_divides_mesh(config, sharding.data_parallel_size(mesh, rules))
@@ -89,6 +89,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     with sharding.use_mesh(mesh, rules):
         steps = step_lib.build_steps(config, mesh, optimizer, schedule)
         start, state, frozen = start_lib.restore_or_init(config, steps, checkpointer, data)
+        start_lib.write_run_files(config, workdir)
         writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
         run = _Run(config, mesh, steps, frozen, data, validation, checkpointer, writer)
         try:

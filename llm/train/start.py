@@ -1,5 +1,5 @@
-"""How a run starts: its config checked and recorded, then its state resumed from the workdir's latest
-checkpoint, or fresh (from the weights of `init_from` when set)."""
+"""How a run starts: its config checked, its state resumed from the workdir's latest checkpoint or fresh
+(from the weights of `init_from` when set), then its config recorded in the workdir."""
 
 from __future__ import annotations
 
@@ -19,21 +19,23 @@ from llm.train import inputs, step as step_lib
 RUNTIME_MODEL_KEYS = ("dropout_rate", "remat_policy", "scan_layers", "attention_impl", "dtype")
 
 
-def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """Checks the config, then writes WORKDIR/config.json and the tokenizer; returns the config as recorded.
-
-    Every check runs before anything compiles. A run whose data or `init_from` are chat becomes a chat run.
-    """
+def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config after every check that needs no device (so a typo costs a second, not a compilation);
+    a run whose data or `init_from` are chat becomes a chat run."""
     config_validation.validate(config)
     inputs.check_data_path(config)
     check_init_from(config)
     if not config.chat and directory.chat_tuned(config):
         config = ml_collections.ConfigDict(config.to_dict())
         config.chat = True  # Recorded in config.json, so every tool prompts the run through the chat template.
+    return config
+
+
+def write_run_files(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """WORKDIR/config.json and the tokenizer, once the run is known to be this workdir's (`restore_or_init`)."""
     if jax.process_index() == 0:
         # A run directory is self-contained: inference and evaluation find the tokenizer next to the weights.
         directory.write_run_files(workdir, config, _tokenizer_source(config))
-    return config
 
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:

@@ -7,6 +7,7 @@ this module holds the constraints that tie keys together. Nothing here touches d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
@@ -153,8 +154,12 @@ def _check_relations(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key}={_get(config, key)} must be in [0, 1).")
     if config.data.replay_fraction > 0 and not config.data.replay_path:
         raise ConfigError("config.data.replay_fraction > 0 needs config.data.replay_path.")
-    rule_names = [rule[0] for rule in config.logical_axis_rules]
-    for rule in config.logical_axis_rules:
+    _check_axis_rules(config.logical_axis_rules)
+
+
+def _check_axis_rules(rules: Any) -> None:
+    rule_names = [rule[0] for rule in rules]
+    for rule in rules:
         axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
         unknown = [a for a in axes if a is not None and a not in ("data", "fsdp", "tensor")]
         if unknown:
@@ -183,3 +188,43 @@ def check_batch_divides_mesh(config: ml_collections.ConfigDict, data_parallel: i
             f"{config.train.grad_accum_steps} = {micro} rows per microbatch is not divisible by the "
             f"{data_parallel} data-parallel devices of mesh_shape={tuple(config.mesh_shape)}."
         )
+
+
+def require_same(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    source: str,
+    advice: str,
+    prefix: str = "config",
+    ignore: Callable[[str], bool] = lambda key: False,
+) -> None:
+    """Raises ConfigError naming the first key, dotted (e.g. config.model.num_layers), whose value differs
+    between two nested mappings of plain values; a key only one of them has differs too.
+
+    `ignore` skips keys by their dotted name without the prefix ("model.dropout_rate"). The error reads
+    "{key}={current value} differs from {source} ({saved value}); {advice}".
+    """
+    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    for key in [*current_flat, *(k for k in saved_flat if k not in current_flat)]:
+        was, now = saved_flat.get(key, _ABSENT), current_flat.get(key, _ABSENT)
+        if was != now and not ignore(key):
+            raise ConfigError(f"{prefix}.{key}={now!r} differs from {source} ({was!r}); {advice}")
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"num_layers": 2}} -> {"model.num_layers": 2}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat

@@ -8,7 +8,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from llm import checkpoint, config_validation, sharding
-from llm.train import loop
+from llm.train import inputs, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_es.py", "Training config (a configs/*.py file).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.", required=True)
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     # Validate before touching devices, so a typo costs a second, not a compilation.
     config_validation.validate(config)
-    loop.check_data_path(config)
+    inputs.check_data_path(config)
     if _DISTRIBUTED.value:
         sharding.initialize_distributed()
     checkpoint.quiet_orbax_logs()

@@ -124,6 +124,42 @@ def crash_after(monkeypatch, batches):
     monkeypatch.setattr(loader.TrainIterator, "__next__", crashing_next)
 
 
+def record_batches(monkeypatch):
+    """The batches the data iterator serves from now on (one per train step), in a list that fills as it runs."""
+    original, served = loader.TrainIterator.__next__, []
+
+    def recording_next(self):
+        served.append(original(self))
+        return served[-1]
+
+    monkeypatch.setattr(loader.TrainIterator, "__next__", recording_next)
+    return served
+
+
+def latest_checkpoint(workdir):
+    """The highest complete checkpoint step on disk (Orbax renames a checkpoint into place when done)."""
+    return max(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
+
+
+def crash_then_resume(config, workdir, monkeypatch, batches):
+    """Trains until the data iterator has served `batches` batches, crashes, then trains again in `workdir`.
+
+    Returns the second call's TrainResult, the checkpoint step the crash left, and the number of batches the
+    second call drew: the steps it really trained, counted outside the trainer.
+    """
+    from llm.train import loop
+
+    crash_after(monkeypatch, batches)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(config, workdir)
+    monkeypatch.undo()
+    saved = latest_checkpoint(workdir)
+    drawn = record_batches(monkeypatch)
+    result = loop.train(config, workdir)
+    monkeypatch.undo()
+    return result, saved, len(drawn)
+
+
 SUBJECTS = ["La niña", "El señor García", "Mi abuela", "El pingüino", "La compañía", "Un músico", "La ciudad"]
 VERBS = ["canta", "escribe", "cocina", "estudia", "camina", "trabaja", "sueña"]
 OBJECTS = [

@@ -10,8 +10,11 @@ import pytest
 from conftest import tiny_config
 
 import configs
+from configs import base
 from llm import config_validation
-from llm.train import loop
+from llm.model.transformer import REMAT_POLICIES
+from llm.runs.build import TRAINABLE
+from llm.train import inputs, losses, optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +62,7 @@ def test_missing_data_path_is_named():
     config = tiny_config()
     config.data.path = "/nonexistent/data"
     with pytest.raises(FileNotFoundError, match="config.data.path='/nonexistent/data' has no train/"):
-        loop.check_data_path(config)
+        inputs.check_data_path(config)
 
 
 def _train_cli(*flags):
@@ -83,3 +86,33 @@ def test_command_line_errors_fail_before_any_work(flag, message, tmp_path):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Compiling" not in result.stderr and not os.path.exists("/tmp/unused")
+
+
+@pytest.mark.parametrize(
+    "key, cases",
+    [
+        ("train.objective", set(losses.OBJECTIVES)),
+        ("train.trainable", set(TRAINABLE)),
+        ("optimizer.schedule", set(optimizer.SCHEDULES)),
+        ("model.remat_policy", {"none", *REMAT_POLICIES}),  # "none" skips jax.checkpoint altogether
+    ],
+)
+def test_each_dispatch_table_has_exactly_the_allowed_choices(key, cases):
+    assert cases == set(base.CHOICES[key])
+
+
+def test_a_config_difference_names_the_first_differing_key():
+    saved = {"seed": 0, "model": {"num_layers": 2, "embed_dim": 32}}
+    with pytest.raises(
+        config_validation.ConfigError, match=r"^config.model.num_layers=4 differs from the run \(2\); x"
+    ):
+        config_validation.require_same(saved, {"seed": 0, "model": {"num_layers": 4, "embed_dim": 64}}, "the run", "x")
+    with pytest.raises(config_validation.ConfigError, match=r"config.model.embed_dim=absent differs .* \(32\)"):
+        config_validation.require_same(saved, {"seed": 0, "model": {"num_layers": 2}}, "the run", "x")
+    config_validation.require_same(
+        saved,
+        {"seed": 0, "model": {"num_layers": 2, "embed_dim": 64}},
+        "the run",
+        "x",
+        ignore=lambda key: key == "model.embed_dim",
+    )

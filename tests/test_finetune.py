@@ -8,13 +8,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import crash_after, finetune_config, forward, metrics_entries, saved_state
+from conftest import (
+    crash_then_resume,
+    finetune_config,
+    forward,
+    metrics_entries,
+    pattern_rows,
+    record_batches,
+    saved_state,
+)
 from flax import nnx
 
 from llm import checkpoint
 from llm.data import records
 from llm.model.transformer import create_model
-from llm.runs import build, directory, loading
+from llm.runs import build, loading
 from llm.train import loop, losses
 
 
@@ -103,11 +111,11 @@ def test_qlora_adapters_merge_into_the_dequantized_base(trained_run, qlora_run):
 def test_lora_resumes_bit_exactly_after_a_crash(trained_run, make_config, request, tmp_path, monkeypatch):
     config = make_config(trained_run)
     run = request.getfixturevalue("lora_run" if make_config is _lora_config else "qlora_run")
-    crash_after(monkeypatch, 6)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(config, str(tmp_path))
-    monkeypatch.undo()
-    loop.train(config, str(tmp_path))
+    resumed, saved, trained = crash_then_resume(config, str(tmp_path), monkeypatch, batches=6)
+    # It crashed during step 7: the last checkpoint is step 4 (checkpoint_every=4), and the second run must
+    # start there, not from scratch (Orbax would silently skip re-saving steps it has).
+    assert saved == 4 and resumed.start_step == 4
+    assert resumed.steps_run == trained == 12 - 4
     want, got = saved_state(config, run), saved_state(config, str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, want, got)
     strip = lambda entries: [{k: v for k, v in e.items() if k not in ("tokens_per_sec", "mfu")} for e in entries]
@@ -170,11 +178,9 @@ def test_dpo_learns_the_preference_and_resumes_bit_exactly(trained_run, tmp_path
     assert entries[-1]["reward_accuracy"] >= 0.75
     assert {"eval_loss", "eval_reward_accuracy", "eval_reward_margin"} <= set(metrics_entries(uninterrupted)[-1])
 
-    crash_after(monkeypatch, 5)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(config, str(tmp_path / "crashed"))
-    monkeypatch.undo()
-    loop.train(config, str(tmp_path / "crashed"))
+    resumed, saved, trained = crash_then_resume(config, str(tmp_path / "crashed"), monkeypatch, batches=5)
+    assert saved == 4 and resumed.start_step == 4  # the last checkpoint before the crash during step 6
+    assert resumed.steps_run == trained == 12 - 4
     jax.tree.map(
         np.testing.assert_array_equal,
         saved_state(config, str(uninterrupted)),
@@ -182,14 +188,34 @@ def test_dpo_learns_the_preference_and_resumes_bit_exactly(trained_run, tmp_path
     )
 
 
-def test_continued_pretraining_mixes_in_replay_and_reports_the_old_validation_loss(trained_run, tmp_path, data_dir):
+def _token_range_dataset(path, low, high):
+    """Packed rows (conftest.pattern_rows) whose token ids all lie in [low + 4, high)."""
+    for split, rows, seed in (("train", 64, 0), ("validation", 16, 1)):
+        shifted = ({**row, "tokens": row["tokens"] + low} for row in pattern_rows(rows, 32, high - low, seed))
+        records.write_shards(shifted, str(path / split), 1)
+    return str(path)
+
+
+def test_continued_pretraining_mixes_in_replay_and_reports_the_old_validation_loss(trained_run, tmp_path, monkeypatch):
     config = finetune_config(trained_run, num_steps=6, checkpoint_every=6)
-    new_data = directory.load_config(trained_run).data.path
-    config.data.update(path=new_data, replay_path=new_data, replay_fraction=0.25)
-    loop.train(config, str(tmp_path))
-    first, last = metrics_entries(tmp_path)[0], metrics_entries(tmp_path)[-1]
+    # New and replay rows from disjoint token ranges: every drawn row tells which corpus it came from.
+    half = config.model.vocab_size // 2
+    new_data, replay_data = (
+        _token_range_dataset(tmp_path / "new", 0, half),
+        _token_range_dataset(tmp_path / "old", half, 2 * half),
+    )
+    config.data.update(path=new_data, replay_path=replay_data, replay_fraction=0.25)
+    drawn = record_batches(monkeypatch)
+    loop.train(config, str(tmp_path / "run"))
+    rows = np.concatenate([batch["tokens"] for batch in drawn])
+    from_replay, from_new = (rows >= half).all(axis=1), (rows < half).all(axis=1)
+    assert len(rows) == 6 * 8 and (from_replay ^ from_new).all()
+    assert from_replay.mean() == pytest.approx(0.25, abs=0.05)
+    first, last = metrics_entries(tmp_path / "run")[0], metrics_entries(tmp_path / "run")[-1]
     assert {"eval_loss", "replay_eval_loss"} <= set(first) and {"eval_loss", "replay_eval_loss"} <= set(last)
     assert first["step"] == 0
+    for entry in (first, last):
+        assert entry["replay_eval_loss"] != pytest.approx(entry["eval_loss"], rel=1e-3)
 
 
 def test_lora_config_without_rank_and_dpo_without_init_from_are_refused(trained_run):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_VOCAB, crash_after, finetune_config, forward, metrics_entries, saved_state, tiny_config
+from conftest import TINY_VOCAB, crash_then_resume, finetune_config, forward, metrics_entries, saved_state, tiny_config
 from flax import nnx
 from test_serve_engine import generate_with_engine
 
@@ -105,11 +105,9 @@ def test_prompt_tuning_trains_only_the_prompt_and_lowers_the_loss(trained_run, p
 
 
 def test_prompt_tuning_resumes_bit_exactly_after_a_crash(prompt_config, prompt_run, tmp_path, monkeypatch):
-    crash_after(monkeypatch, 6)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(prompt_config, str(tmp_path))
-    monkeypatch.undo()
-    loop.train(prompt_config, str(tmp_path))
+    resumed, saved, trained = crash_then_resume(prompt_config, str(tmp_path), monkeypatch, batches=6)
+    assert saved == 4 and resumed.start_step == 4  # the last checkpoint before the crash during step 7
+    assert resumed.steps_run == trained == 12 - 4
     jax.tree.map(
         np.testing.assert_array_equal, saved_state(prompt_config, prompt_run), saved_state(prompt_config, str(tmp_path))
     )

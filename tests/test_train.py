@@ -2,21 +2,23 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from llm import checkpoint, sharding
-from llm.model.transformer import create_model
+from llm import checkpoint, config_validation, sharding
+from llm.model.transformer import REMAT_POLICIES, create_model
 from llm.runs import directory
-from llm.train import loop, optimizer as optimizer_lib, step as step_lib
+from llm.train import loop, losses, optimizer as optimizer_lib, start, step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_FLAGS = [
@@ -48,7 +50,8 @@ def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
     config.data.path = data_dir
     config.train.num_steps = 40
     config.train.eval_every = 20
-    last = loop.train(config, str(tmp_path))
+    result = loop.train(config, str(tmp_path))
+    assert (result.start_step, result.steps_run) == (0, 40)
     entries = _read_metrics(tmp_path)
     train_entries = [e for e in entries if "loss" in e]
     assert train_entries[-1]["loss"] < 0.75 * train_entries[0]["loss"]
@@ -57,7 +60,7 @@ def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
     evals = [e for e in entries if "eval_loss" in e]
     assert [e["step"] for e in evals] == [20, 40]
     assert evals[-1]["eval_perplexity"] == pytest.approx(np.exp(evals[-1]["eval_loss"]))
-    assert last["eval_loss"] == evals[-1]["eval_loss"]
+    assert result.metrics["eval_loss"] == evals[-1]["eval_loss"]
     assert os.listdir(tmp_path / "tensorboard")
     assert json.load(open(tmp_path / "config.json"))["model"]["num_layers"] == 2
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "30", "40"]  # keep_checkpoints=3
@@ -73,6 +76,11 @@ def _train_cli(workdir, data_dir, num_steps):
         f"--config.train.num_steps={num_steps}",
         *TRAIN_FLAGS,
     ]
+
+
+def _logged_train_steps(log):
+    """The steps whose training metrics a run logged (lines "step N: ...learning_rate=...")."""
+    return [int(step) for step in re.findall(r"step (\d+): .*learning_rate=", log)]
 
 
 def _final_params(workdir, step):
@@ -94,7 +102,9 @@ def _final_params(workdir, step):
 def test_run_killed_with_sigkill_resumes_bit_exactly(tmp_path, data_dir):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    subprocess.run(_train_cli(uninterrupted, data_dir, 30), check=True, env=env, capture_output=True)
+    first = subprocess.run(_train_cli(uninterrupted, data_dir, 30), check=True, env=env, capture_output=True, text=True)
+    assert _logged_train_steps(first.stderr) == list(range(2, 31, 2))  # log_every=2
+    assert "Resumed" not in first.stderr
 
     process = subprocess.Popen(
         _train_cli(interrupted, data_dir, 30), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -109,7 +119,12 @@ def test_run_killed_with_sigkill_resumes_bit_exactly(tmp_path, data_dir):
     saved = sorted(int(s) for s in os.listdir(interrupted / "checkpoints") if s.isdigit())
     assert saved and saved[-1] < 30, "the run finished before it could be killed"
 
-    subprocess.run(_train_cli(interrupted, data_dir, 30), check=True, env=env, capture_output=True)
+    resumed = subprocess.run(_train_cli(interrupted, data_dir, 30), check=True, env=env, capture_output=True, text=True)
+    # The second run must start from the last checkpoint, not from scratch: a restart from step 0 would end
+    # with the same parameters and metrics (training is deterministic, and Orbax skips steps it already has).
+    assert re.findall(r"Resumed from step (\d+) ", resumed.stderr) == [str(saved[-1])]
+    assert _logged_train_steps(resumed.stderr) == [s for s in range(saved[-1] + 1, 31) if s % 2 == 0]
+    assert f"Trained {30 - saved[-1]} steps, from step {saved[-1]} to step 30." in resumed.stderr
 
     want, want_data = _final_params(str(uninterrupted), 30)
     got, got_data = _final_params(str(interrupted), 30)
@@ -118,6 +133,25 @@ def test_run_killed_with_sigkill_resumes_bit_exactly(tmp_path, data_dir):
     exact_keys = ("step", "loss", "perplexity", "learning_rate", "grad_norm", "eval_loss", "eval_perplexity")
     strip = lambda entries: [{k: v for k, v in e.items() if k in exact_keys} for e in entries]
     assert strip(_read_metrics(interrupted)) == strip(_read_metrics(uninterrupted))
+
+
+def test_a_workdir_or_init_from_of_another_model_is_refused_by_the_first_differing_key(tmp_path, data_dir):
+    config = tiny_config()
+    config.data.path = data_dir
+    config.train.update(num_steps=2, checkpoint_every=2, eval_every=0)
+    loop.train(config, str(tmp_path))
+    other = tiny_config(model__mlp_dim=48)
+    other.data.path = data_dir
+    other.train.update(num_steps=4, eval_every=0)
+    saved = r"config.model.mlp_dim=48 differs from the config saved with the workdir's checkpoint \(64\)"
+    with pytest.raises(config_validation.ConfigError, match=saved):
+        loop.train(other, str(tmp_path))
+    assert directory.load_config(str(tmp_path)).model.mlp_dim == 64  # the refused run wrote nothing
+    other.init_from = str(tmp_path)
+    with pytest.raises(config_validation.ConfigError, match=r"config.model.mlp_dim=48 differs from the run in config"):
+        start.check_init_from(other)
+    # Adapters and how the model runs may differ from the base.
+    start.check_init_from(tiny_config(init_from=str(tmp_path), model__lora_rank=4, model__remat_policy="full"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
@@ -162,6 +196,50 @@ def _one_step_metrics(config, seed):
 def test_gradient_accumulation_matches_the_full_batch():
     results = [_one_step_metrics(tiny_config(train__grad_accum_steps=accum), seed=0) for accum in (1, 4)]
     np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
+
+
+def _loss_gradients(config):
+    """Every parameter's gradient of the next-token loss, dropout on, on a fixed random batch; and whether
+    the backward pass rematerializes (a remat primitive in its program)."""
+    graphdef, params, rest = nnx.split(create_model(config), nnx.Param, ...)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 128, (4, 32)), jnp.int32)
+    positions, segments = jnp.tile(jnp.arange(32, dtype=jnp.int32), (4, 1)), jnp.ones((4, 32), jnp.int32)
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params, rest)(tokens, positions, segments, dropout_key=jax.random.key(0))
+        cross_entropy, _, weight = losses.next_token_loss(logits, tokens, losses.next_token_weights(segments, segments))
+        return cross_entropy / weight
+
+    rematerialized = "remat" in str(jax.make_jaxpr(jax.grad(loss))(params))
+    return jax.device_get(nnx.to_pure_dict(jax.jit(jax.grad(loss))(params))), rematerialized
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["listed", "scanned"])
+@pytest.mark.parametrize("policy", sorted(REMAT_POLICIES))
+def test_remat_policies_leave_the_gradients_unchanged(policy, scan_layers):
+    # Dropout on: the recomputed forward pass must draw the same masks as the first one.
+    config = lambda remat: tiny_config(
+        model__remat_policy=remat, model__scan_layers=scan_layers, model__dropout_rate=0.1
+    )
+    (want, plain), (got, rematerialized) = _loss_gradients(config("none")), _loss_gradients(config(policy))
+    assert rematerialized and not plain
+    jax.tree.map(lambda w, g: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), want, got)
+
+
+def test_accumulated_gradients_sum_interleaved_microbatches_each_with_its_own_dropout_key():
+    def grad_fn(params, frozen, batch, key):
+        sums = {"first_rows": batch["x"][0], "noise": jax.random.uniform(key, ())}
+        return (jnp.sum(params * batch["x"]), (sums, jnp.float32(len(batch["x"])))), jnp.sum(batch["x"], axis=0)
+
+    params, batch, key = jnp.ones(3), {"x": jnp.arange(24.0).reshape(8, 3)}, jax.random.key(1)
+    (value, (sums, weight)), grads = jax.jit(step_lib.accumulate_gradients(grad_fn, 4))(params, None, batch, key)
+    (full_value, _), full_grads = grad_fn(params, None, batch, key)
+    assert float(value) == float(full_value) and float(weight) == 8.0
+    np.testing.assert_array_equal(grads, full_grads)
+    # Microbatch i holds rows i, i + 4: its first row is row i, so no row moves between devices.
+    np.testing.assert_array_equal(sums["first_rows"], batch["x"][:4].sum(axis=0))
+    noise = sum(float(jax.random.uniform(jax.random.fold_in(key, i), ())) for i in range(4))
+    assert float(sums["noise"]) == pytest.approx(noise, rel=1e-6)
 
 
 def test_weight_decay_skips_norms_biases_and_embeddings():

@@ -15,6 +15,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from llm import config_validation
 from llm.data import records
 
 Batch = dict[str, np.ndarray]
@@ -51,6 +52,7 @@ class TrainIterator:
     def __init__(
         self,
         split_dir: str,
+        *,
         seq_len: int,
         batch_size: int,
         seed: int,
@@ -103,15 +105,14 @@ class TrainIterator:
         return {"layout": self._layout, "grain": self._iterator.get_state()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        saved = state["layout"]
-        if saved != self._layout:
-            changed = {k: (saved.get(k), v) for k, v in self._layout.items() if saved.get(k) != v}
-            raise ValueError(
-                "The checkpoint's data-iterator state was saved with another data layout "
-                f"(key: (saved, now)) {changed}. Grain iterator state is only valid for the same worker count, "
-                "process layout, batch size and seed; restore with the saved values (e.g. "
-                f"--config.data.num_workers={saved.get('num_workers')})."
-            )
+        config_validation.require_same(
+            state["layout"],
+            self._layout,
+            source="the data layout the checkpoint's iterator state was saved with",
+            advice="Grain iterator state is only valid for the same worker count, process layout, batch size "
+            "and seed: restore the saved value (e.g. --config.data.num_workers).",
+            prefix="layout",
+        )
         self._iterator.set_state(state["grain"])
 
 
@@ -120,6 +121,7 @@ def validation_batches(
     seq_len: int,
     batch_size: int,
     num_batches: int,
+    *,
     process_index: int = 0,
     process_count: int = 1,
     pairs: bool = False,

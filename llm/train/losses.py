@@ -1,21 +1,34 @@
-"""Next-token cross-entropy over packed rows, with a loss mask and an optional z-loss, in float32.
+"""The training objectives and their losses, in float32: next-token cross-entropy (with a loss mask and an
+optional z-loss) and DPO, chosen by `train.objective` from `OBJECTIVES`.
 
 `next_token_loss` takes the logits; `chunked_next_token_loss` takes the final hidden states and the output
 projection, and computes the same sums chunk by chunk along the sequence, recomputing each chunk's logits in
 the backward pass. With a large vocabulary the full (batch, length, vocab) float32 logits, and their
 gradient, are then never in memory at once.
+
+An objective returns sums, not means (`LossTerms`), so gradient accumulation over microbatches divides once
+by the total weight and equals the full batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from llm.data import records
+from llm.model.transformer import Transformer
 
 from llm.model.logprobs import log_normalizer, target_logprobs
 
 LossSums = tuple[jax.Array, jax.Array, jax.Array]  # (cross-entropy sum, z-loss term, weight sum)
+# (objective to differentiate, metric sums, weight): metrics are sums so that accumulation is exact.
+LossTerms = tuple[jax.Array, dict[str, jax.Array], jax.Array]
+Batch = dict[str, jax.Array]
+DPO_SIDES = ("chosen", "rejected")
 
 
 def next_token_weights(segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -118,3 +131,68 @@ def dpo_loss(
         "chosen_reward": chosen_reward,
         "rejected_reward": rejected_reward,
     }
+
+
+def lm_terms(
+    model: Transformer,
+    reference: Transformer | None,
+    batch: Batch,
+    key: jax.Array | None,
+    train_cfg: ml_collections.ConfigDict,
+) -> LossTerms:
+    """Next-token cross-entropy plus the z-loss term; the metric is the cross-entropy alone."""
+    del reference  # Only preference objectives have one.
+    features = model.features(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key)
+    weights = next_token_weights(batch["segment_ids"], batch["loss_mask"])
+    if train_cfg.loss_chunk_size:
+        cross_entropy, z_term, weight = chunked_next_token_loss(
+            features, model.logits, batch["tokens"], weights, train_cfg.z_loss, train_cfg.loss_chunk_size
+        )
+    else:
+        cross_entropy, z_term, weight = next_token_loss(
+            model.logits(features), batch["tokens"], weights, train_cfg.z_loss
+        )
+    return cross_entropy + z_term, {"loss": cross_entropy}, weight
+
+
+def dpo_terms(
+    model: Transformer,
+    reference: Transformer | None,
+    batch: Batch,
+    key: jax.Array | None,
+    train_cfg: ml_collections.ConfigDict,
+) -> LossTerms:
+    """DPO of the policy `model` against the frozen `reference`, summed over the batch's preference pairs."""
+    # Chosen and rejected responses go through the model as one batch of twice the rows.
+    joined = {name: jnp.concatenate([batch[f"{side}_{name}"] for side in DPO_SIDES]) for name in records.FIELDS}
+    weights = next_token_weights(joined["segment_ids"], joined["loss_mask"])
+
+    def logprobs(m: Transformer, k: jax.Array | None) -> list[jax.Array]:
+        logits = m(joined["tokens"], joined["positions"], joined["segment_ids"], dropout_key=k)
+        return jnp.split(sequence_logprobs(logits, joined["tokens"], weights), 2)
+
+    policy_chosen, policy_rejected = logprobs(model, key)
+    reference_chosen, reference_rejected = jax.lax.stop_gradient(logprobs(reference, None))
+    per_pair = dpo_loss(
+        policy_chosen,
+        policy_rejected,
+        reference_chosen,
+        reference_rejected,
+        train_cfg.dpo_beta,
+        train_cfg.dpo_label_smoothing,
+    )
+    sums = {name: jnp.sum(values) for name, values in per_pair.items()}
+    return sums["loss"], sums, jnp.asarray(policy_chosen.shape[0], jnp.float32)
+
+
+class Objective(NamedTuple):
+    terms: Callable[[Transformer, Transformer | None, Batch, jax.Array | None, ml_collections.ConfigDict], LossTerms]
+    pairs: bool  # Trains on preference pairs (records.PAIR_FIELDS) against a frozen reference model.
+    perplexity: bool  # The loss is a mean next-token cross-entropy, so exp(loss) is a perplexity.
+
+
+# train.objective -> its objective; the keys are exactly configs.base.CHOICES["train.objective"] (tested).
+OBJECTIVES = {
+    "lm": Objective(lm_terms, pairs=False, perplexity=True),
+    "dpo": Objective(dpo_terms, pairs=True, perplexity=False),
+}

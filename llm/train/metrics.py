@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -51,6 +52,33 @@ def mfu(tokens_per_sec: float, flops_per_token: float, peak_per_device: float | 
     if peak_per_device is None:
         return None
     return tokens_per_sec * flops_per_token / (peak_per_device * jax.device_count())
+
+
+class Throughput:
+    """Tokens per second and MFU over the steps since the last `restart`.
+
+    The trainer restarts it after the first step (which includes compilation) and after every log and
+    evaluation, so the rates measure training steps alone.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self._tokens_per_step = config.train.batch_size * config.data.seq_len
+        self._flops_per_token = train_flops_per_token(config.model, config.data.seq_len)
+        self._peak = peak_flops_per_device(config.train.peak_tflops_per_device)
+        self.restart()
+
+    def restart(self) -> None:
+        self._start, self._steps = time.perf_counter(), 0
+
+    def step(self) -> None:
+        self._steps += 1
+
+    def rates(self) -> dict[str, float | None]:
+        """{"tokens_per_sec", "mfu"}; None when no step was timed (or, for MFU, the peak is unknown)."""
+        if not self._steps:
+            return {"tokens_per_sec": None, "mfu": None}
+        tokens_per_sec = self._tokens_per_step * self._steps / (time.perf_counter() - self._start)
+        return {"tokens_per_sec": tokens_per_sec, "mfu": mfu(tokens_per_sec, self._flops_per_token, self._peak)}
 
 
 class MetricsWriter:

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import optax
 
-SCHEDULES = ("cosine", "linear", "constant")
+# optimizer.schedule -> the decay after warmup, from (peak, final_lr_ratio, decay_steps); the keys are
+# exactly configs.base.CHOICES["optimizer.schedule"] (tested).
+SCHEDULES: dict[str, Callable[[float, float, int], optax.Schedule]] = {
+    "cosine": lambda peak, ratio, steps: optax.cosine_decay_schedule(peak, steps, alpha=ratio),
+    "linear": lambda peak, ratio, steps: optax.linear_schedule(peak, peak * ratio, steps),
+    "constant": lambda peak, ratio, steps: optax.constant_schedule(peak),
+}
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to the peak, then the configured decay down to peak * final_lr_ratio."""
-    peak, final = opt.learning_rate, opt.learning_rate * opt.final_lr_ratio
-    warmup = optax.linear_schedule(0.0, peak, max(opt.warmup_steps, 1))
-    decay_steps = max(num_steps - opt.warmup_steps, 1)
-    if opt.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=opt.final_lr_ratio)
-    elif opt.schedule == "linear":
-        decay = optax.linear_schedule(peak, final, decay_steps)
-    else:
-        decay = optax.constant_schedule(peak)
+    warmup = optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1))
+    decay = SCHEDULES[opt.schedule](opt.learning_rate, opt.final_lr_ratio, max(num_steps - opt.warmup_steps, 1))
     return optax.join_schedules([warmup, decay], boundaries=[opt.warmup_steps])
 
 

@@ -20,9 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from llm.data import records
-from llm.model.transformer import Transformer
-
 from llm.model.logprobs import log_normalizer, target_logprobs
+from llm.model.transformer import Transformer
 
 LossSums = tuple[jax.Array, jax.Array, jax.Array]  # (cross-entropy sum, z-loss term, weight sum)
 # (objective to differentiate, metric sums, weight): metrics are sums so that accumulation is exact.

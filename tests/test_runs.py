@@ -4,11 +4,13 @@ import json
 import os
 
 import pytest
+from conftest import tiny_config
 from flax import nnx
 
 from configs import base
 from llm import checkpoint
 from llm.runs import directory
+from llm.train import loop
 
 
 def _run_dir(path, **config_overrides):
@@ -61,3 +63,19 @@ def test_save_run_never_leaves_a_half_written_directory(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="already exists"):
         directory.save_run(str(target), base.get_config(), str(tokenizer), 2, model)
     assert os.listdir(target / "checkpoints") == ["1"]
+
+
+def test_a_run_saved_before_a_config_key_existed_resumes(tmp_path, data_dir):
+    config = tiny_config(train__num_steps=2, train__checkpoint_every=2, train__eval_every=0)
+    config.data.path = data_dir
+    loop.train(config, str(tmp_path))
+    # Remove a key from the config saved in the checkpoint, as a run written by an older version lacks it.
+    saved = tmp_path / "checkpoints" / "2" / "config" / "metadata"  # Orbax's JsonSave writes the JSON here.
+    with open(saved, encoding="utf-8") as f:
+        old = json.load(f)
+    del old["model"]["kv_cache_dtype"]
+    with open(saved, "w", encoding="utf-8") as f:
+        json.dump(old, f)
+    config.train.num_steps = 3
+    result = loop.train(config, str(tmp_path))
+    assert (result.start_step, result.steps_run) == (2, 1)

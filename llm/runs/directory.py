@@ -41,14 +41,19 @@ def load_config(run_dir: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"{path!r} not found: the directory must be a run written by scripts/train.py.")
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
-    return ml_collections.ConfigDict(_over_defaults(base.get_config().to_dict(), saved))
+    return ml_collections.ConfigDict(over_defaults(saved))
 
 
-def _over_defaults(defaults: dict, saved: dict) -> dict:
+def over_defaults(saved: dict) -> dict:
+    """A saved config (plain JSON values) with every key it lacks set to its configs/base.py default."""
+    return _merged(config_dict(base.get_config()), saved)
+
+
+def _merged(defaults: dict, saved: dict) -> dict:
     merged = dict(defaults)
     for key, value in saved.items():
         nested = isinstance(value, dict) and isinstance(defaults.get(key), dict)
-        merged[key] = _over_defaults(defaults[key], value) if nested else value
+        merged[key] = _merged(defaults[key], value) if nested else value
     return merged
 
 

@@ -79,7 +79,8 @@ def restore_or_init(
         state, frozen = steps.init(base)
         return 0, state, frozen
     config_validation.require_same(
-        _identity(checkpointer.restore_config(start)),
+        # A run saved before a config key existed ran with its default.
+        _identity(directory.over_defaults(checkpointer.restore_config(start))),
         _identity(directory.config_dict(config)),
         source="the config saved with the workdir's checkpoint",
         advice="the workdir holds another run: use a new --workdir, or restore the saved value.",

@@ -1,7 +1,10 @@
 """Test set-up: CPU only, 8 simulated devices, a persistent compilation cache shared across runs."""
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -12,19 +15,18 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
+import numpy as np
+import pytest
+from flax import nnx
 
-from configs import tiny_es  # noqa: E402
-from llm import (
-    checkpoint,
-    sharding,  # noqa: E402
-)
-from llm.data import loader, records  # noqa: E402
-from llm.runs import directory
+from configs import tiny_es
+from llm import checkpoint, sharding
+from llm.data import loader, records
+from llm.runs import directory, loading
+from llm.tokenizer import train_tokenizer
 from llm.train import optimizer as optimizer_lib, step as step_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SEQ_LEN = 32
 TINY_VOCAB = 128
 
@@ -95,16 +97,19 @@ def metrics_entries(workdir):
         return [json.loads(line) for line in f]
 
 
+@contextlib.contextmanager
+def one_device_steps(config, num_steps):
+    """(mesh, compiled steps) of `config` on a one-device mesh, used inside that mesh."""
+    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+    optimizer = optimizer_lib.make_optimizer(config.optimizer, num_steps)
+    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_steps)
+    with sharding.use_mesh(mesh, config.logical_axis_rules):
+        yield mesh, step_lib.build_steps(config, mesh, optimizer, schedule)
+
+
 def saved_state(config, workdir):
     """The train state (step, trainable params, optimizer state) of a run's latest checkpoint."""
-    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-    with sharding.use_mesh(mesh, config.logical_axis_rules):
-        steps = step_lib.build_steps(
-            config,
-            mesh,
-            optimizer_lib.make_optimizer(config.optimizer, 12),
-            optimizer_lib.learning_rate_schedule(config.optimizer, 12),
-        )
+    with one_device_steps(config, 12) as (_, steps):
         saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
         state, _, _ = saver.restore(saver.latest_step(), steps.abstract_state)
         saver.close()
@@ -182,6 +187,19 @@ def spanish_documents(count: int) -> list[str]:
     return docs
 
 
+def run_script(name: str, *flags: str, stdin: str | None = None, timeout: int = 300, **kwargs):
+    """scripts/NAME run by this interpreter on the CPU, with its output captured as text."""
+    command = [sys.executable, os.path.join(REPO, "scripts", name), *flags]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(command, capture_output=True, text=True, input=stdin, timeout=timeout, env=env, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A 320-piece SentencePiece tokenizer trained on `spanish_documents`."""
+    return train_tokenizer(spanish_documents(100), str(tmp_path_factory.mktemp("tok") / "tok"), vocab_size=320)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A complete little run directory: tokenizer, packed data and 30 trained steps (shared by the tests of
@@ -210,3 +228,9 @@ def trained_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     loop.train(config, str(workdir))
     return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def run(trained_run):
+    """The trained run loaded for inference (once per test module)."""
+    return loading.load_run(trained_run)

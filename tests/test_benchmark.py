@@ -7,12 +7,9 @@ benchmarks' output, not in tests.
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import spanish_documents, tiny_config
+from conftest import REPO, run_script, spanish_documents, tiny_config
 
 from configs import tiny_es
 from configs.data import es_default
@@ -20,8 +17,6 @@ from llm.corpus import stage_bench
 from llm.infer import benchmark as decode_benchmark
 from llm.model.transformer import create_model
 from llm.train import benchmark as train_benchmark, metrics
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_train_flops_per_token_is_six_per_matmul_parameter_plus_causal_attention():
@@ -97,17 +92,9 @@ def test_stage_benchmark_times_every_enabled_stage_on_the_configured_sources(tmp
 
 
 def test_benchmark_cli_writes_json_and_rejects_an_unknown_subcommand(tmp_path):
-    def cli(*args):
-        return subprocess.run(
-            [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), *args],
-            capture_output=True,
-            text=True,
-            env=dict(os.environ, JAX_PLATFORMS="cpu"),
-            timeout=300,
-        )
-
     out = tmp_path / "train.json"
-    result = cli(
+    result = run_script(
+        "benchmark.py",
         "train",
         f"--config={REPO}/configs/tiny_es.py",
         "--config.model.num_layers=1",
@@ -124,5 +111,5 @@ def test_benchmark_cli_writes_json_and_rejects_an_unknown_subcommand(tmp_path):
     record = json.loads(out.read_text())
     assert record["benchmark"] == "train" and record["tokens_per_sec"] > 0 and record["platform"] == "cpu"
     assert "tokens_per_sec" in result.stdout
-    result = cli("speed")
+    result = run_script("benchmark.py", "speed")
     assert result.returncode != 0 and "Usage: benchmark.py {train|decode|data|tokenizer|serve}" in result.stderr

@@ -1,15 +1,8 @@
 """The chat template: role markers, the assistant mask that SFT trains on, and forged turns defused."""
 
 import pytest
-from conftest import spanish_documents
 
 from llm import chat_template
-from llm.tokenizer import train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return train_tokenizer(spanish_documents(100), str(tmp_path_factory.mktemp("tok") / "tok"), vocab_size=320)
 
 
 def test_render_marks_exactly_the_assistant_tokens(tokenizer):

@@ -3,11 +3,9 @@
 import importlib
 import os
 import pkgutil
-import subprocess
-import sys
 
 import pytest
-from conftest import tiny_config
+from conftest import REPO, run_script, tiny_config
 
 import configs
 from configs import base
@@ -15,9 +13,6 @@ from llm import config_validation
 from llm.model.transformer import REMAT_POLICIES
 from llm.runs.build import TRAINABLE
 from llm.train import inputs, losses, optimizer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 RECIPES = sorted(module.name for module in pkgutil.iter_modules(configs.__path__) if not module.ispkg)
 
@@ -65,13 +60,6 @@ def test_missing_data_path_is_named():
         inputs.check_data_path(config)
 
 
-def _train_cli(*flags):
-    command = [sys.executable, os.path.join(REPO, "scripts", "train.py"), "--workdir=/tmp/unused", *flags]
-    return subprocess.run(
-        command, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120
-    )
-
-
 @pytest.mark.parametrize(
     "flag, message",
     [
@@ -82,7 +70,7 @@ def _train_cli(*flags):
     ],
 )
 def test_command_line_errors_fail_before_any_work(flag, message, tmp_path):
-    result = _train_cli(f"--config={REPO}/configs/tiny_es.py", flag)
+    result = run_script("train.py", "--workdir=/tmp/unused", f"--config={REPO}/configs/tiny_es.py", flag)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Compiling" not in result.stderr and not os.path.exists("/tmp/unused")

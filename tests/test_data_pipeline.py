@@ -10,6 +10,7 @@ from concurrent.futures.process import BrokenProcessPool
 import ml_collections
 import numpy as np
 import pytest
+from conftest import REPO
 
 from configs.data import es_default
 from llm.corpus import beam_runner, corpus_io, local_runner, pipeline, sources, stages
@@ -17,8 +18,6 @@ from llm.corpus.document import Document, Dropped
 from llm.corpus.report import AccountingError, Accounts
 from llm.data import records
 from llm.tokenizer import Tokenizer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PARAGRAPHS = [
     "En un lugar de la Mancha, de cuyo nombre no quiero acordarme, vivía un hidalgo de los de lanza en "

@@ -8,29 +8,18 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_config
+from conftest import REPO, run_script, tiny_config
 from test_eval_tasks import write_eval_data
 
 from llm.eval import model_card, report, suite
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _evaluate(*flags):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "evaluate.py"), *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
 
 
 def test_evaluate_writes_the_report_the_table_and_the_model_card(trained_run, tmp_path):
     data_dir = write_eval_data(tmp_path / "es_eval")
     output = tmp_path / "out" / "report.json"
     # One task of each kind (the others differ only in data and prompts, tested with fakes).
-    result = _evaluate(
+    result = run_script(
+        "evaluate.py",
         f"--workdir={trained_run}",
         f"--data_dir={data_dir}",
         f"--output={output}",
@@ -55,14 +44,14 @@ def test_evaluate_writes_the_report_the_table_and_the_model_card(trained_run, tm
 
 
 def test_an_unknown_task_fails_before_loading_with_the_allowed_ones(trained_run):
-    result = _evaluate(f"--workdir={trained_run}", "--tasks=bpb,xnil")
+    result = run_script("evaluate.py", f"--workdir={trained_run}", "--tasks=bpb,xnil")
     assert result.returncode != 0
     assert "Unknown task(s) ['xnil']; choose from bpb, xnli, sentiment, mgsm, xquad, robustness" in result.stderr
 
 
 def test_a_missing_checkpoint_is_named(trained_run, tmp_path):
     shutil.copy(os.path.join(trained_run, "config.json"), tmp_path / "config.json")
-    result = _evaluate(f"--workdir={tmp_path}")
+    result = run_script("evaluate.py", f"--workdir={tmp_path}")
     assert result.returncode != 0 and f"'{tmp_path / 'checkpoints'}': train first (scripts/train.py)" in result.stderr
 
 
@@ -153,8 +142,13 @@ def test_model_card_lists_sources_with_licences_and_token_counts(tmp_path):
 def test_quantize_flag_evaluates_float_and_quantized_side_by_side(trained_run, tmp_path):
     data_dir = write_eval_data(tmp_path / "es_eval")
     output = tmp_path / "report.json"
-    result = _evaluate(
-        f"--workdir={trained_run}", f"--data_dir={data_dir}", f"--output={output}", "--tasks=bpb", "--quantize=int8"
+    result = run_script(
+        "evaluate.py",
+        f"--workdir={trained_run}",
+        f"--data_dir={data_dir}",
+        f"--output={output}",
+        "--tasks=bpb",
+        "--quantize=int8",
     )
     assert result.returncode == 0, result.stderr
     written = json.loads(output.read_text(encoding="utf-8"))
@@ -167,7 +161,7 @@ def test_quantize_flag_evaluates_float_and_quantized_side_by_side(trained_run, t
 
 
 def test_an_unsupported_quantization_mode_is_refused(trained_run):
-    result = _evaluate(f"--workdir={trained_run}", "--quantize=int2")
+    result = run_script("evaluate.py", f"--workdir={trained_run}", "--quantize=int2")
     assert result.returncode != 0 and "int8" in result.stderr and "int2" in result.stderr
 
 

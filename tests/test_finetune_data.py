@@ -2,26 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import spanish_documents
+from conftest import run_script
 
 from llm import chat_template
 from llm.corpus.sources import SourceError
 from llm.data import loader, packing, records
 from llm.eval import multiple_choice, scoring, tasks
 from llm.finetune_data import preference, sentiment_tuning, sft
-from llm.tokenizer import train_tokenizer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return train_tokenizer(spanish_documents(100), str(tmp_path_factory.mktemp("tok") / "tok"), vocab_size=320)
 
 
 def _write_lines(path, lines):
@@ -139,22 +129,15 @@ def test_prepare_sft_counts_drops_with_their_lines_and_writes_trainable_rows(tmp
     assert len(loader.validation_batches(os.path.join(out, "validation"), 32, batch_size=2, num_batches=1)) == 1
 
 
-def _prepare_cli(script, *flags):
-    command = [sys.executable, os.path.join(REPO, "scripts", script), *flags]
-    return subprocess.run(
-        command, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120
-    )
-
-
 def test_prepare_sft_cli_writes_the_splits_and_stops_on_a_bad_line_with_its_number(tmp_path, chats_file, tokenizer):
     common = [f"--tokenizer={tokenizer.path}", "--seq_len=32"]
-    result = _prepare_cli(
+    result = run_script(
         "prepare_sft.py", f"--input={chats_file}", f"--output_dir={tmp_path / 'ok'}", "--on_error=skip", *common
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[0])["conversations"]["kept"] == 31
     assert os.path.isdir(tmp_path / "ok" / "train") and os.path.isfile(tmp_path / "ok" / "report.json")
-    result = _prepare_cli("prepare_sft.py", f"--input={chats_file}", f"--output_dir={tmp_path / 'bad'}", *common)
+    result = run_script("prepare_sft.py", f"--input={chats_file}", f"--output_dir={tmp_path / 'bad'}", *common)
     assert result.returncode != 0 and f"{chats_file}:2" in result.stderr
     assert not os.path.exists(tmp_path / "bad" / "train")
 
@@ -163,9 +146,9 @@ def test_prepare_sft_cli_writes_the_splits_and_stops_on_a_bad_line_with_its_numb
 def test_prepare_cli_wants_exactly_one_source(tmp_path, tokenizer, script):
     common = [f"--tokenizer={tokenizer.path}", f"--output_dir={tmp_path}"]
     for flags in ([], ["--input=x.jsonl", "--chatterbot"]):
-        result = _prepare_cli(script, *common, *flags)
+        result = run_script(script, *common, *flags)
         assert result.returncode != 0 and "exactly one of --input=FILE.jsonl and --chatterbot" in result.stderr
-    result = _prepare_cli(script, *common, "--input=/nonexistent.jsonl")
+    result = run_script(script, *common, "--input=/nonexistent.jsonl")
     assert result.returncode != 0 and "--input='/nonexistent.jsonl' is not a file" in result.stderr
 
 

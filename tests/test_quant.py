@@ -2,15 +2,13 @@
 round-trips through disk and loads wherever a run does, bad modes are refused, the int8 KV cache is close."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import forward, spanish_documents, tiny_config
+from conftest import forward, run_script, spanish_documents, tiny_config
 from flax import nnx
 
 from configs import tiny_es
@@ -20,19 +18,12 @@ from llm.model.transformer import count_params, create_model
 from llm.quant import ptq
 from llm.runs import loading, quantized_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # Per mode, on held-out text: the largest relative L2 error of the logits, ||q - f|| / ||f||, and the
 # largest mean KL divergence of the next-token distributions, KL(float || quantized) in nats. Measured on
 # the trained fixture: int8 0.13% / 6e-6, int4 (groups of 16) 1.9% / 1.5e-3, int8 + activations
 # 0.23% / 1.1e-5. (Not argmax agreement: after 30 steps many positions are near-ties, and which side of a
 # tie a 1e-3 change lands on moves with any retraining of the fixture.)
 BOUNDS = {"int8": (0.01, 1e-4), "int4": (0.05, 1e-2), "int8_act": (0.01, 1e-4)}
-
-
-@pytest.fixture(scope="module")
-def run(trained_run):
-    return loading.load_run(trained_run)
 
 
 @pytest.fixture(scope="module")
@@ -151,18 +142,8 @@ def test_an_unknown_kv_cache_dtype_is_named():
         KVCache.create(cfg, batch=1, max_len=8)
 
 
-def _quantize_script(*flags):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "quantize.py"), *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
-
-
 def test_quantize_script_refuses_a_bad_mode_before_loading(trained_run, tmp_path):
-    result = _quantize_script(f"--workdir={trained_run}", "--mode=fp8", f"--output={tmp_path / 'q'}")
+    result = run_script("quantize.py", f"--workdir={trained_run}", "--mode=fp8", f"--output={tmp_path / 'q'}")
     assert result.returncode != 0
     assert "Unsupported quantization mode 'fp8'; allowed modes: int8, int4, int8_act." in result.stderr
     assert not (tmp_path / "q").exists()
@@ -170,10 +151,12 @@ def test_quantize_script_refuses_a_bad_mode_before_loading(trained_run, tmp_path
 
 def test_quantize_script_writes_a_run_and_reports_sizes(trained_run, tmp_path):
     output = tmp_path / "run-int8"
-    result = _quantize_script(f"--workdir={trained_run}", "--mode=int8", f"--output={output}", "--kv_cache=int8")
+    result = run_script(
+        "quantize.py", f"--workdir={trained_run}", "--mode=int8", f"--output={output}", "--kv_cache=int8"
+    )
     assert result.returncode == 0, result.stderr
     assert "parameter memory (MB)" in result.stdout and "checkpoint on disk (MB)" in result.stdout
     assert sorted(os.listdir(output)) == ["checkpoints", "config.json", "tokenizer.model"]
     assert quantized_run.is_quantized_dir(str(output)) and not quantized_run.is_quantized_dir(trained_run)
-    again = _quantize_script(f"--workdir={output}", "--mode=int4", f"--output={tmp_path / 'twice'}")
+    again = run_script("quantize.py", f"--workdir={output}", "--mode=int4", f"--output={tmp_path / 'twice'}")
     assert again.returncode != 0 and "is already quantized (int8)" in again.stderr

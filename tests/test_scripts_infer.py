@@ -3,27 +3,13 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+from conftest import run_script
 
 from llm import chat_template
 from llm.infer import generate
 from llm.runs import loading
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script(name, *flags, stdin=None):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", name), *flags],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
 
 
 def test_a_run_loads_and_generates_text(trained_run):
@@ -47,7 +33,7 @@ def test_stop_strings_cut_the_completion(trained_run):
 
 
 def test_sample_script_prints_one_line_per_sample(trained_run):
-    result = _script(
+    result = run_script(
         "sample.py",
         f"--workdir={trained_run}",
         "--prompt=Mi abuela",
@@ -68,7 +54,7 @@ def test_sample_script_prints_one_line_per_sample(trained_run):
     ],
 )
 def test_sample_script_errors_are_clear(trained_run, flags, message):
-    result = _script("sample.py", f"--workdir={trained_run}", *flags)
+    result = run_script("sample.py", f"--workdir={trained_run}", *flags)
     assert result.returncode != 0 and message in result.stderr
 
 
@@ -80,7 +66,7 @@ def test_missing_checkpoint_is_named(tmp_path, trained_run):
 
 
 def test_chat_script_streams_answers_until_exit(trained_run):
-    result = _script(
+    result = run_script(
         "chat.py", f"--workdir={trained_run}", "--max_new_tokens=8", stdin="Hola\n/reset\n¿Qué tal?\n/exit\n"
     )
     assert result.returncode == 0, result.stderr
@@ -90,7 +76,7 @@ def test_chat_script_streams_answers_until_exit(trained_run):
 def _chat_answer(workdir, message):
     """The answer chat.py prints to one message, greedily, without a system text."""
     flags = ("--max_new_tokens=8", "--temperature=0", "--repetition_penalty=1", "--system=")
-    result = _script("chat.py", f"--workdir={workdir}", *flags, stdin=f"{message}\n/exit\n")
+    result = run_script("chat.py", f"--workdir={workdir}", *flags, stdin=f"{message}\n/exit\n")
     assert result.returncode == 0, result.stderr
     body = result.stdout.split("Asistente:", 1)[1]
     return body[: body.rindex("\n\nTú:")].removesuffix("\n")

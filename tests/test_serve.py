@@ -14,7 +14,6 @@ import pytest
 
 from llm import chat_template
 from llm.infer import generate
-from llm.runs import loading
 from llm.serve import admission, api, bench, errors
 from tests import conftest
 from tests.conftest import forward
@@ -29,11 +28,6 @@ def serving(run, **settings):
     app = api.create_app(run.model, run.tokenizer, api.ServeSettings(MODEL, max_batch_size=4, **settings))
     with bench.background_server(app) as url:
         yield url, app
-
-
-@pytest.fixture(scope="module")
-def run(trained_run):
-    return loading.load_run(trained_run)
 
 
 @pytest.fixture(scope="module")

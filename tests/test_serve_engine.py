@@ -9,14 +9,9 @@ import pytest
 
 from llm.infer import generate
 from llm.infer.sampling import RowSampling, SamplingParams, sample_rows
-from llm.runs import loading, quantized_run
+from llm.runs import quantized_run
 from llm.serve import auth
 from llm.serve.engine import Engine, Finished, Request, Token
-
-
-@pytest.fixture(scope="module")
-def run(trained_run):
-    return loading.load_run(trained_run)
 
 
 def test_short_requests_finish_while_a_long_one_decodes(run):

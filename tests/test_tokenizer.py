@@ -8,10 +8,10 @@ import unicodedata
 
 import pytest
 import sentencepiece as spm
+from conftest import REPO
 
 from llm import tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = """\
 ¿Qué hora es? ¡Ya es tarde! El niño pequeño jugaba en el jardín con su perro.
 «Mañana iremos al campo», dijo la abuela mientras cocinaba una paella con azafrán.

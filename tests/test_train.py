@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import REPO, metrics_entries, one_device_steps, tiny_config
 from flax import nnx
 
 from llm import checkpoint, config_validation, sharding
@@ -20,7 +20,6 @@ from llm.model.transformer import REMAT_POLICIES, create_model
 from llm.runs import directory
 from llm.train import loop, losses, optimizer as optimizer_lib, start, step as step_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_FLAGS = [
     "--config.model.vocab_size=128",
     "--config.model.max_seq_len=32",
@@ -40,11 +39,6 @@ TRAIN_FLAGS = [
 ]
 
 
-def _read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
     config = tiny_config()
     config.data.path = data_dir
@@ -52,7 +46,7 @@ def test_loss_falls_and_metrics_are_written(tmp_path, data_dir):
     config.train.eval_every = 20
     result = loop.train(config, str(tmp_path))
     assert (result.start_step, result.steps_run) == (0, 40)
-    entries = _read_metrics(tmp_path)
+    entries = metrics_entries(tmp_path)
     train_entries = [e for e in entries if "loss" in e]
     assert train_entries[-1]["loss"] < 0.75 * train_entries[0]["loss"]
     for key in ("step", "loss", "perplexity", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"):
@@ -85,14 +79,7 @@ def _logged_train_steps(log):
 
 def _final_params(workdir, step):
     config = tiny_config()
-    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-    with sharding.use_mesh(mesh, config.logical_axis_rules):
-        steps = step_lib.build_steps(
-            config,
-            mesh,
-            optimizer_lib.make_optimizer(config.optimizer, 30),
-            optimizer_lib.learning_rate_schedule(config.optimizer, 30),
-        )
+    with one_device_steps(config, 30) as (_, steps):
         saver = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
         state, data_state, _ = saver.restore(step, steps.abstract_state)
         saver.close()
@@ -132,7 +119,7 @@ def test_run_killed_with_sigkill_resumes_bit_exactly(tmp_path, data_dir):
     assert want_data == got_data
     exact_keys = ("step", "loss", "perplexity", "learning_rate", "grad_norm", "eval_loss", "eval_perplexity")
     strip = lambda entries: [{k: v for k, v in e.items() if k in exact_keys} for e in entries]
-    assert strip(_read_metrics(interrupted)) == strip(_read_metrics(uninterrupted))
+    assert strip(metrics_entries(interrupted)) == strip(metrics_entries(uninterrupted))
 
 
 def test_a_workdir_or_init_from_of_another_model_is_refused_by_the_first_differing_key(tmp_path, data_dir):
@@ -163,21 +150,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint is step"):
         loop.train(config, str(tmp_path))
     saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
-    logged = {e["step"]: e["loss"] for e in _read_metrics(tmp_path)}
+    logged = {e["step"]: e["loss"] for e in metrics_entries(tmp_path)}
     assert saved and all(logged[s] is not None for s in saved)
     assert saved[-1] < 40
 
 
 def _one_step_metrics(config, seed):
     """The metrics of one train step on a fixed random batch (one device)."""
-    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-    with sharding.use_mesh(mesh, config.logical_axis_rules):
-        steps = step_lib.build_steps(
-            config,
-            mesh,
-            optimizer_lib.make_optimizer(config.optimizer, 20),
-            optimizer_lib.learning_rate_schedule(config.optimizer, 20),
-        )
+    with one_device_steps(config, 20) as (mesh, steps):
         rng = np.random.default_rng(seed)
         batch = {
             "tokens": rng.integers(0, 128, (8, 32)),

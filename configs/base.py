@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.rope_theta = 10000.0  # RoPE base frequency.
     model.tie_embeddings = True  # Output projection shares the token embedding matrix.
     model.use_bias = False  # Biases in attention and MLP projections.
+    model.qkv_bias = False  # Biases on the query, key and value projections only (Qwen2); implied by use_bias.
     model.dropout_rate = 0.0  # Dropout on embeddings, attention output and MLP output (training only).
     model.lora_rank = 0  # >0: LoRA adapters of this rank beside the layers matched by lora_targets.
     model.lora_alpha = 16.0  # LoRA scale numerator: updates are scaled by lora_alpha / lora_rank.

@@ -29,11 +29,13 @@ class Attention(nnx.Module):
         if self.impl == "splash" and cfg.soft_prompt_length:
             self.impl = "xla"  # Splash masks by segment equality only; a shared soft prompt needs the general mask.
         common = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-        kv_bias = (self.num_kv_heads, self.head_dim) if cfg.use_bias else None
+        # Qwen2 biases only the query, key and value projections (qkv_bias); use_bias biases all four.
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+        kv_bias = (self.num_kv_heads, self.head_dim) if qkv_bias else None
         self.query = nnx.Einsum(
             "td,dnh->tnh",
             (cfg.embed_dim, self.num_heads, self.head_dim),
-            (self.num_heads, self.head_dim) if cfg.use_bias else None,
+            (self.num_heads, self.head_dim) if qkv_bias else None,
             kernel_init=layers.normal_init(("embed", "heads", "head_dim")),
             bias_init=layers.zeros_init(("heads", "head_dim")),
             **common,

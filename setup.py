@@ -43,10 +43,16 @@ EXTRAS_REQUIRE = {
         "openai==3.54.0",
         "httpx==0.28.1",
         "chatterbot-corpus==1.3.3",
+        # The Hugging Face import's tests build tiny random models and compare logits with transformers.
+        "torch==2.13.0",
+        "transformers==5.24.0",
+        "safetensors==0.8.0",
     ],
     "beam": ["apache-beam==2.77.0"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],
-    "hf": ["datasets>=3"],
+    # Hugging Face data sets, and the checkpoint import's tokenizer files (scripts/import_hf.py reads the
+    # weights with numpy alone: no torch).
+    "hf": ["datasets>=3", "safetensors==0.8.0", "tokenizers==0.23.3"],
     # The Spanish demo dialogues of SFT and DPO (scripts/prepare_sft.py --chatterbot); YAML via ml-collections.
     "finetune": ["chatterbot-corpus==1.3.3"],
     # The PyTorch-eager speed baseline (scripts/torch_reference.py) and the dedup benchmark's comparison.

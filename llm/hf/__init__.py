@@ -1,0 +1,1 @@
+"""Import of Hugging Face checkpoints (Llama, Mistral, Qwen2) into ordinary run directories."""

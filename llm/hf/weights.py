@@ -1,0 +1,142 @@
+"""HF tensor names -> our parameter paths, and the parameters streamed onto a mesh straight from disk.
+
+Each of our parameters is created with `jax.make_array_from_callback`: every device's callback reads only
+its own block from the memory-mapped checkpoint (llm/hf/safetensors_files.py), transformed into our layout,
+so no host ever holds the checkpoint twice. HF stores Linear weights as (out, in) with heads flattened into
+`out`; our projections are einsum kernels with the heads as their own axes (llm/model/attention.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from llm import sharding
+from llm.hf import safetensors_files
+from llm.model.transformer import Transformer
+
+Index = tuple[slice, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """How one of our parameters is laid out in its HF tensor."""
+
+    name: str
+    hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # our shape -> the HF tensor's shape
+    read: Callable[[np.ndarray, Index, tuple[int, ...]], np.ndarray]  # (HF tensor, our block, our shape) -> block
+
+
+def _heads(index: slice, head_dim: int) -> slice:
+    """The HF rows (heads flattened with head_dim) of a block of whole heads."""
+    return slice(index.start * head_dim, index.stop * head_dim)
+
+
+def _read_heads_in(t: np.ndarray, ix: Index, shape: tuple[int, ...]) -> np.ndarray:
+    # ours (embed, heads, head_dim) = W.T with W: (heads * head_dim, embed)
+    block = t[_heads(ix[1], shape[2]), ix[0]]
+    return block.reshape(ix[1].stop - ix[1].start, shape[2], -1)[:, ix[2], :].transpose(2, 0, 1)
+
+
+def _read_heads_out(t: np.ndarray, ix: Index, shape: tuple[int, ...]) -> np.ndarray:
+    # ours (heads, head_dim, embed) = W.T with W: (embed, heads * head_dim)
+    block = t[ix[2], _heads(ix[0], shape[1])]
+    return block.reshape(-1, ix[0].stop - ix[0].start, shape[1])[:, :, ix[1]].transpose(1, 2, 0)
+
+
+def _read_heads_bias(t: np.ndarray, ix: Index, shape: tuple[int, ...]) -> np.ndarray:
+    # ours (heads, head_dim) from b: (heads * head_dim,)
+    return t[_heads(ix[0], shape[1])].reshape(-1, shape[1])[:, ix[1]]
+
+
+COPY = Transform("copy", lambda s: s, lambda t, ix, s: t[ix])
+TRANSPOSE = Transform("transpose", lambda s: s[::-1], lambda t, ix, s: t[ix[::-1]].T)
+HEADS_IN = Transform("split heads of an input projection", lambda s: (s[1] * s[2], s[0]), _read_heads_in)
+HEADS_OUT = Transform("split heads of the output projection", lambda s: (s[2], s[0] * s[1]), _read_heads_out)
+HEADS_BIAS = Transform("split heads of a bias", lambda s: (s[0] * s[1],), _read_heads_bias)
+
+# Our parameter path ("{i}": the layer) -> (HF tensor name, transform).
+LLAMA = {
+    "embed.embedding": ("model.embed_tokens.weight", COPY),
+    "blocks.{i}.attention.query.kernel": ("model.layers.{i}.self_attn.q_proj.weight", HEADS_IN),
+    "blocks.{i}.attention.key.kernel": ("model.layers.{i}.self_attn.k_proj.weight", HEADS_IN),
+    "blocks.{i}.attention.value.kernel": ("model.layers.{i}.self_attn.v_proj.weight", HEADS_IN),
+    "blocks.{i}.attention.out.kernel": ("model.layers.{i}.self_attn.o_proj.weight", HEADS_OUT),
+    "blocks.{i}.mlp.gate.kernel": ("model.layers.{i}.mlp.gate_proj.weight", TRANSPOSE),
+    "blocks.{i}.mlp.up.kernel": ("model.layers.{i}.mlp.up_proj.weight", TRANSPOSE),
+    "blocks.{i}.mlp.down.kernel": ("model.layers.{i}.mlp.down_proj.weight", TRANSPOSE),
+    "blocks.{i}.attention_norm.scale": ("model.layers.{i}.input_layernorm.weight", COPY),
+    "blocks.{i}.mlp_norm.scale": ("model.layers.{i}.post_attention_layernorm.weight", COPY),
+    "final_norm.scale": ("model.norm.weight", COPY),
+    "unembed.kernel": ("lm_head.weight", TRANSPOSE),  # only untied models have unembed
+}
+MISTRAL = dict(LLAMA)
+QWEN2 = {
+    **LLAMA,
+    "blocks.{i}.attention.query.bias": ("model.layers.{i}.self_attn.q_proj.bias", HEADS_BIAS),
+    "blocks.{i}.attention.key.bias": ("model.layers.{i}.self_attn.k_proj.bias", HEADS_BIAS),
+    "blocks.{i}.attention.value.bias": ("model.layers.{i}.self_attn.v_proj.bias", HEADS_BIAS),
+}
+MAPPINGS = {"LlamaForCausalLM": LLAMA, "MistralForCausalLM": MISTRAL, "Qwen2ForCausalLM": QWEN2}
+
+
+def _source(mapping: dict, path: tuple) -> tuple[str, Transform]:
+    """The HF tensor and transform of one of our parameter paths, e.g. ('blocks', 3, 'mlp', 'up', 'kernel')."""
+    layer = next((part for part in path if isinstance(part, int)), None)
+    template = ".".join("{i}" if isinstance(part, int) else str(part) for part in path)
+    if template not in mapping:
+        raise KeyError(f"No HF tensor is mapped to our parameter {'.'.join(map(str, path))!r}.")
+    hf_name, transform = mapping[template]
+    return hf_name.format(i=layer), transform
+
+
+def _abstract_model(config: ml_collections.ConfigDict) -> Transformer:
+    if config.model.scan_layers:
+        raise ValueError("Importing into config.model.scan_layers=True is not supported yet; use False.")
+    with sharding.no_eager_sharding():
+        return nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(params=0)))
+
+
+def abstract_params(model: Transformer, config: ml_collections.ConfigDict, mesh: Mesh) -> nnx.State:
+    """The model's parameters as ShapeDtypeStructs carrying the shardings the rules table declares."""
+    params = nnx.state(model, nnx.Param)
+    return sharding.abstract_with_shardings(params, sharding.tree_shardings(params, mesh, config.logical_axis_rules))
+
+
+def load_model(model_dir: str, architecture: str, config: ml_collections.ConfigDict, mesh: Mesh) -> Transformer:
+    """`config`'s model with the HF checkpoint's weights, every parameter sharded on `mesh` as the rules say.
+
+    Every tensor and its shape is checked before any data is read; errors name the tensor.
+    """
+    model = _abstract_model(config)
+    targets = nnx.to_flat_state(abstract_params(model, config, mesh))
+    sources = {path: _source(MAPPINGS[architecture], path) for path, _ in targets}
+    tensors = safetensors_files.open_tensors(model_dir, sorted({name for name, _ in sources.values()}))
+    for path, target in targets:
+        name, transform = sources[path]
+        expected = transform.hf_shape(tuple(target.value.shape))
+        if tuple(tensors[name].shape) != expected:
+            raise ValueError(
+                f"Tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {expected} "
+                f"for our parameter {'.'.join(map(str, path))} {tuple(target.value.shape)} ({transform.name})."
+            )
+    arrays = [(path, _placed(tensors[sources[path][0]], sources[path][1], target)) for path, target in targets]
+    nnx.update(model, nnx.from_flat_state(arrays))
+    return model
+
+
+def _placed(tensor: np.ndarray, transform: Transform, target: nnx.Variable) -> nnx.Variable:
+    shape, dtype, placement = tuple(target.value.shape), target.value.dtype, target.value.sharding
+
+    def block(index: Index) -> np.ndarray:
+        # Open-ended slices made explicit, so the transforms can do arithmetic on them.
+        index = tuple(slice(*ix.indices(n)[:2]) for ix, n in zip(index, shape))
+        return np.asarray(transform.read(tensor, index, shape), dtype=dtype)
+
+    return target.replace(jax.make_array_from_callback(shape, placement, block))

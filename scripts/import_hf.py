@@ -1,0 +1,43 @@
+"""Imports a Hugging Face checkpoint (Llama, Mistral or Qwen2; safetensors) as an ordinary run directory.
+
+    python scripts/import_hf.py --model_dir=DIR --output=RUN_DIR [--dtype=float32|bfloat16] [--overwrite]
+
+DIR is a local model directory (config.json, model.safetensors or sharded model-*.safetensors with
+model.safetensors.index.json, tokenizer files). RUN_DIR gets config.json, a checkpoint at step 0 and the
+tokenizer files unchanged; it serves as `init_from` for fine-tuning like any trained run.
+"""
+
+import os
+
+from absl import app, flags
+
+from llm import checkpoint
+from llm.hf import importer
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Hugging Face model directory (local).", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Run directory to write.", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(importer.DTYPES), "Parameter and compute dtype of the run.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing run directory at --output.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        # Everything that can be wrong with the flags or the checkpoint's config, before any weight is read.
+        importer.check_output(_OUTPUT.value, _OVERWRITE.value)
+        config = importer.run_config(importer.read_hf_config(_MODEL_DIR.value), _DTYPE.value)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        raise app.UsageError(str(error)) from error
+    checkpoint.quiet_orbax_logs()
+    run_dir = importer.import_hf(_MODEL_DIR.value, _OUTPUT.value, _DTYPE.value, overwrite=_OVERWRITE.value)
+    model = config.model
+    print(
+        f"Imported {os.path.abspath(_MODEL_DIR.value)} into {run_dir}: {model.num_layers} layers, "
+        f"embed {model.embed_dim}, {model.num_heads}/{model.num_kv_heads} heads, vocab {model.vocab_size}, "
+        f"context {model.max_seq_len}, {_DTYPE.value}."
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)

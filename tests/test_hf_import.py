@@ -1,0 +1,259 @@
+"""Hugging Face checkpoint import: tiny random Llama, Mistral and Qwen2 models built with transformers, imported,
+restored from the run directory, and compared logit by logit with transformers on the CPU."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import run_script, tiny_config
+from flax import nnx
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
+from safetensors.torch import load_file as load_torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from llm import checkpoint, sharding
+from llm.hf import architectures, importer, safetensors_files, weights
+from llm.model.transformer import create_model
+from llm.runs import directory
+
+VOCAB = 160
+SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
+MODELS = {
+    "llama": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=False, rope_theta=500000.0)),
+    "llama_tied": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=True)),
+    "mistral": (MistralForCausalLM, MistralConfig, dict(sliding_window=None)),
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=False)),
+}
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 16))  # A batch of 2 sequences.
+
+
+def hf_model(kind: str, **overrides):
+    """A tiny transformers model of `kind` whose every weight (norm scales and zero-initialized biases
+    included) is randomized, so a weight mapped wrong or not at all changes the logits."""
+    model_class, config_class, extra = MODELS[kind]
+    torch.manual_seed(0)
+    model = model_class(config_class(**{**SIZES, **extra, **overrides})).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def save_hf(model, path, **kwargs) -> str:
+    model.save_pretrained(str(path), **kwargs)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """kind -> (transformers model, its saved directory)."""
+    models = {kind: hf_model(kind) for kind in MODELS}
+    return {kind: (model, save_hf(model, tmp_path_factory.mktemp(kind))) for kind, model in models.items()}
+
+
+@pytest.fixture(scope="module")
+def sharded_qwen2(tmp_path_factory):
+    """Qwen2 (q/k/v biases) saved as several safetensors shards with model.safetensors.index.json."""
+    return save_hf(hf_model("qwen2"), tmp_path_factory.mktemp("sharded"), max_shard_size="40KB")
+
+
+def restored_model(run_dir):
+    """The model of an imported run, restored from its checkpoint onto one device."""
+    config = directory.load_config(run_dir)
+    mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+    model = nnx.eval_shape(lambda: create_model(config))
+    params = nnx.state(model, nnx.Param)
+    target = sharding.abstract_with_shardings(params, sharding.tree_shardings(params, mesh, config.logical_axis_rules))
+    restored, step = checkpoint.restore_run_params(run_dir, target)
+    assert step == 0
+    nnx.update(model, restored)
+    return model
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_imported_logits_equal_transformers(kind, hf_dirs, tmp_path):
+    hf, model_dir = hf_dirs[kind]
+    # Qwen2 is streamed onto a (2, 2, 2) mesh, the others onto the default one (fsdp over all 8 devices).
+    mesh_shape = (2, 2, 2) if kind == "qwen2" else (1, -1, 1)
+    run_dir = importer.import_hf(model_dir, str(tmp_path / "run"), mesh_shape=mesh_shape)
+    model = restored_model(run_dir)
+    ours = np.asarray(nnx.jit(lambda m, t: m(t))(model, TOKENS))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    config = directory.load_config(run_dir)
+    assert config.model.tie_embeddings == (kind == "llama_tied")
+    assert config.model.qkv_bias == (kind == "qwen2")
+    assert config.train.trainable == "all" and config.data.seq_len == 64
+
+
+def test_the_run_config_is_the_converted_one(hf_dirs, tmp_path):
+    run_dir = importer.import_hf(hf_dirs["llama"][1], str(tmp_path / "run"))
+    model = directory.load_config(run_dir).model
+    assert (model.vocab_size, model.max_seq_len, model.num_layers, model.embed_dim) == (VOCAB, 64, 2, 64)
+    assert (model.num_heads, model.num_kv_heads, model.head_dim, model.mlp_dim) == (4, 2, 16, 128)
+    assert (model.mlp_activation, model.norm, model.position_encoding) == ("swiglu", "rmsnorm", "rope")
+    assert (model.rope_theta, model.norm_eps, model.use_bias) == (500000.0, 1e-6, False)
+    assert sorted(os.listdir(run_dir)) == ["checkpoints", "config.json", "generation_config.json"]
+
+
+def test_sharded_import_onto_a_2x2x2_mesh_matches_one_device(sharded_qwen2):
+    assert os.path.exists(os.path.join(sharded_qwen2, safetensors_files.INDEX_FILE))
+    config = importer.run_config(importer.read_hf_config(sharded_qwen2))
+    one = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
+    eight = sharding.create_mesh((2, 2, 2))
+    single = nnx.state(weights.load_model(sharded_qwen2, "Qwen2ForCausalLM", config, one), nnx.Param)
+    spread = nnx.state(weights.load_model(sharded_qwen2, "Qwen2ForCausalLM", config, eight), nnx.Param)
+    declared = nnx.to_flat_state(sharding.tree_shardings(spread, eight, config.logical_axis_rules))
+    for (path, a), (_, b), (_, placement) in zip(nnx.to_flat_state(single), nnx.to_flat_state(spread), declared):
+        np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value), err_msg=str(path))
+        assert b.value.sharding == placement.value, path
+    # The rules do shard: the query kernel is split over fsdp (embed) and tensor (heads).
+    query = dict(nnx.to_flat_state(spread))[("blocks", 0, "attention", "query", "kernel")].value
+    assert query.sharding.spec[:2] == ("fsdp", "tensor")
+    assert query.addressable_shards[0].data.shape == (32, 2, 16)
+
+
+def test_the_reader_gives_safetensors_values_in_bfloat16_too(tmp_path):
+    model_dir = save_hf(hf_model("llama").to(torch.bfloat16), tmp_path)
+    expected = load_torch(os.path.join(model_dir, safetensors_files.SINGLE_FILE))
+    ours = safetensors_files.open_tensors(model_dir, sorted(expected))
+    for name, tensor in expected.items():
+        assert ours[name].dtype.name == "bfloat16"
+        np.testing.assert_array_equal(ours[name].astype(np.float32), tensor.float().numpy(), err_msg=name)
+
+
+def test_a_bfloat16_checkpoint_imports_as_a_bfloat16_run(tmp_path):
+    hf = hf_model("llama").to(torch.bfloat16)
+    run_dir = importer.import_hf(save_hf(hf, tmp_path / "model"), str(tmp_path / "run"), dtype="bfloat16")
+    model = restored_model(run_dir)
+    assert directory.load_config(run_dir).model.param_dtype == "bfloat16"
+    assert model.embed.embedding.value.dtype == jax.numpy.bfloat16
+    expected = hf.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T
+    np.testing.assert_array_equal(np.asarray(model.blocks[1].mlp.down.kernel.value, np.float32), expected)
+
+
+def test_tokenizer_files_are_copied_unchanged(hf_dirs, tmp_path):
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(hf_dirs["llama"][1], model_dir)
+    files = {"tokenizer.json": '{"version": "1.0"}', "chat_template.jinja": "{{ messages }}", "README.md": "not copied"}
+    for name, text in files.items():
+        with open(os.path.join(model_dir, name), "w") as f:
+            f.write(text)
+    run_dir = importer.import_hf(model_dir, str(tmp_path / "run"))
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
+        assert open(os.path.join(run_dir, name), "rb").read() == open(os.path.join(model_dir, name), "rb").read()
+    assert not os.path.exists(os.path.join(run_dir, "README.md"))
+
+
+def edited_config(source_dir, target, **changes) -> str:
+    """A copy of a saved HF model directory with some config.json keys set to other values."""
+    shutil.copytree(source_dir, target)
+    path = os.path.join(target, "config.json")
+    with open(path) as f:
+        hf_config = json.load(f)
+    hf_config.update(changes)
+    with open(path, "w") as f:
+        json.dump(hf_config, f)
+    return str(target)
+
+
+@pytest.mark.parametrize(
+    "kind, changes, message",
+    [
+        ("llama", dict(architectures=["GPT2LMHeadModel"]), "architectures=['GPT2LMHeadModel']"),
+        ("llama", dict(auto_map={"AutoModel": "x.Y"}), "remote code"),
+        ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling="),
+        ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}), "rope_type='llama3'"),
+        ("llama", dict(attention_bias=True), "attention_bias=True"),
+        ("llama", dict(hidden_act="gelu"), "hidden_act='gelu'"),
+        ("mistral", dict(sliding_window=16), "sliding_window=16"),
+        ("qwen2", dict(use_sliding_window=True), "use_sliding_window=True"),
+    ],
+)
+def test_unsupported_configs_are_refused_by_name_before_any_weight(kind, changes, message, hf_dirs, tmp_path):
+    model_dir = edited_config(hf_dirs[kind][1], tmp_path / "model", **changes)
+    os.remove(os.path.join(model_dir, safetensors_files.SINGLE_FILE))  # Refused before the weights are looked at.
+    with pytest.raises(architectures.UnsupportedCheckpoint, match=message.replace("[", r"\[").replace("(", r"\(")):
+        importer.import_hf(model_dir, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "run.importing")
+
+
+def test_a_missing_shard_is_named(sharded_qwen2, tmp_path):
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(sharded_qwen2, model_dir)
+    with open(os.path.join(model_dir, safetensors_files.INDEX_FILE)) as f:
+        last_shard = sorted(set(json.load(f)["weight_map"].values()))[-1]
+    os.remove(os.path.join(model_dir, last_shard))
+    with pytest.raises(FileNotFoundError, match=f"Shard '{last_shard}' is missing"):
+        importer.import_hf(model_dir, str(tmp_path / "run"))
+
+
+def test_a_missing_tensor_and_a_wrong_shape_are_named(hf_dirs, tmp_path):
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(hf_dirs["llama"][1], model_dir)
+    path = os.path.join(model_dir, safetensors_files.SINGLE_FILE)
+    tensors = load_numpy(path)
+    name = "model.layers.1.mlp.up_proj.weight"
+    save_numpy({**tensors, name: tensors[name][:, :32].copy()}, path)
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \(128, 32\), expected"):
+        importer.import_hf(model_dir, str(tmp_path / "run"))
+    save_numpy({key: value for key, value in tensors.items() if key != "lm_head.weight"}, path)
+    with pytest.raises(KeyError, match="no tensor 'lm_head.weight'"):
+        importer.import_hf(model_dir, str(tmp_path / "run"))
+
+
+def test_output_is_replaced_only_when_asked_and_only_if_a_run(hf_dirs, tmp_path):
+    model_dir, run_dir = hf_dirs["llama_tied"][1], str(tmp_path / "run")
+    importer.import_hf(model_dir, run_dir)
+    with pytest.raises(FileExistsError, match="already exists"):
+        importer.import_hf(model_dir, run_dir)
+    assert importer.import_hf(model_dir, run_dir, overwrite=True) == run_dir
+    (tmp_path / "precious").mkdir()
+    with pytest.raises(FileExistsError, match="not a run directory"):
+        importer.import_hf(model_dir, str(tmp_path / "precious"), overwrite=True)
+
+
+def test_scan_layers_is_refused_with_a_message(hf_dirs):
+    config = importer.run_config(importer.read_hf_config(hf_dirs["llama"][1]))
+    config.model.scan_layers = True
+    with pytest.raises(ValueError, match="scan_layers=True is not supported"):
+        weights.load_model(hf_dirs["llama"][1], "LlamaForCausalLM", config, sharding.create_mesh((1, -1, 1)))
+
+
+def test_qkv_bias_adds_biases_to_query_key_value_only():
+    def params(**overrides):
+        model = nnx.eval_shape(lambda: create_model(tiny_config(**overrides)))
+        return {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+    added = params(model__qkv_bias=True) - params()
+    assert added == {f"blocks.{i}.attention.{p}.bias" for i in range(2) for p in ("query", "key", "value")}
+
+
+def test_import_script(hf_dirs, tmp_path):
+    result = run_script("import_hf.py", f"--model_dir={hf_dirs['qwen2'][1]}", f"--output={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    assert "2 layers, embed 64, 4/2 heads, vocab 160" in result.stdout
+    assert directory.load_config(str(tmp_path / "run")).model.qkv_bias
+    missing = run_script("import_hf.py", f"--model_dir={tmp_path}", f"--output={tmp_path / 'other'}")
+    assert missing.returncode != 0 and "config.json' not found" in missing.stderr

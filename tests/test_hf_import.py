@@ -257,3 +257,15 @@ def test_import_script(hf_dirs, tmp_path):
     assert directory.load_config(str(tmp_path / "run")).model.qkv_bias
     missing = run_script("import_hf.py", f"--model_dir={tmp_path}", f"--output={tmp_path / 'other'}")
     assert missing.returncode != 0 and "config.json' not found" in missing.stderr
+
+
+def test_an_imported_run_is_an_init_from_for_training(hf_dirs, data_dir, tmp_path):
+    from llm.train import loop
+
+    run_dir = importer.import_hf(hf_dirs["qwen2"][1], str(tmp_path / "run"))
+    config = directory.load_config(run_dir)
+    config.init_from, config.data.path, config.data.seq_len = run_dir, data_dir, 32  # conftest's rows: 32 tokens
+    config.train.update(num_steps=2, batch_size=8, log_every=1, eval_every=0, checkpoint_every=2)
+    config.optimizer.update(warmup_steps=1)
+    result = loop.train(config, str(tmp_path / "finetuned"))
+    assert result.steps_run == 2 and np.isfinite(result.metrics["loss"])

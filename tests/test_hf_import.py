@@ -269,3 +269,34 @@ def test_an_imported_run_is_an_init_from_for_training(hf_dirs, data_dir, tmp_pat
     config.optimizer.update(warmup_steps=1)
     result = loop.train(config, str(tmp_path / "finetuned"))
     assert result.steps_run == 2 and np.isfinite(result.metrics["loss"])
+
+
+class _RecordingArray(np.ndarray):
+    """A checkpoint tensor that records how many elements each read of it takes."""
+
+    def __getitem__(self, index):
+        block = np.ndarray.__getitem__(self, index)
+        self.reads.append(block.size)
+        return block.view(np.ndarray)
+
+
+def test_each_device_reads_only_its_own_block(hf_dirs, monkeypatch):
+    model_dir = hf_dirs["llama"][1]
+    opened, open_tensors = {}, safetensors_files.open_tensors
+
+    def recording(path, names):
+        for name, tensor in open_tensors(path, names).items():
+            opened[name] = tensor.view(_RecordingArray)
+            opened[name].reads = []
+        return opened
+
+    monkeypatch.setattr(safetensors_files, "open_tensors", recording)
+    config = importer.run_config(importer.read_hf_config(model_dir))
+    weights.load_model(model_dir, "LlamaForCausalLM", config, sharding.create_mesh((2, 2, 2)))
+    # q_proj (heads x embed) is split 2 ways over heads (tensor) and 2 over embed (fsdp): 8 reads of a quarter.
+    query = opened["model.layers.0.self_attn.q_proj.weight"]
+    assert query.reads == [query.size // 4] * 8
+    # lm_head: vocab over tensor, embed over fsdp. The norms are replicated: JAX asks once for a block that
+    # several devices share.
+    assert opened["lm_head.weight"].reads == [opened["lm_head.weight"].size // 4] * 8
+    assert opened["model.norm.weight"].reads == [64]

@@ -11,6 +11,8 @@ INSTALL_REQUIRES = [
     "grain==0.2.18",
     "array-record==0.8.6",
     "sentencepiece==0.2.3",
+    # Hugging Face tokenizer.json files: the tokenizer of every run imported from a Hugging Face checkpoint.
+    "tokenizers==0.23.3",
     "tensorflow-datasets==4.9.10",
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
@@ -43,6 +45,9 @@ EXTRAS_REQUIRE = {
         "openai==3.54.0",
         "httpx==0.28.1",
         "chatterbot-corpus==1.3.3",
+        # The reference that the Hugging Face tokenizer backend must match (tests/test_hf_tokenizer.py).
+        "transformers==5.24.0",
+        "torch==2.13.0",
     ],
     "beam": ["apache-beam==2.77.0"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],

@@ -7,6 +7,9 @@ character the vocabulary lacks (emoji, CJK) falls back to its UTF-8 bytes instea
 Reserved ids are fixed so that every model trained here is interchangeable for the rest of the code:
 pad=0, unk=1, bos=2, eos=3, then the chat-role markers of ROLE_TOKENS (ids 4..7), which fine-tuning uses to
 build its chat template. They are user-defined symbols: the encoder never splits them.
+
+`load_tokenizer` also loads a Hugging Face tokenizer.json (llm/hf_tokenizer.py, same interface) for runs
+imported from Hugging Face checkpoints.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+
+from llm.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
@@ -105,9 +110,25 @@ class Tokenizer:
         return EOS_ID
 
     @property
+    def has_role_tokens(self) -> bool:
+        """Whether `role_ids` exists (the project's chat markers); False for Hugging Face tokenizers."""
+        return True
+
+    @property
     def role_ids(self) -> dict[str, int]:
         """Ids of the chat-role markers: {'system': 4, 'user': 5, 'assistant': 6, 'end': 7}."""
         return {role: self._sp.piece_to_id(piece) for role, piece in ROLE_TOKENS.items()}
+
+
+# Either backend: both have the interface of Tokenizer (encode, decode, decode_after, piece, the special ids).
+AnyTokenizer = Tokenizer | HFTokenizer
+
+
+def load_tokenizer(path: str) -> AnyTokenizer:
+    """A SentencePiece `.model` file, or a Hugging Face tokenizer.json (the file or a directory holding one)."""
+    if os.path.isdir(path) or os.path.basename(path) == TOKENIZER_JSON:
+        return HFTokenizer.load(path)
+    return Tokenizer.load(path)
 
 
 def _training_sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:

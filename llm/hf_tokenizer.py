@@ -1,0 +1,167 @@
+"""The Hugging Face tokenizer backend: a `tokenizer.json` (the `tokenizers` library) behind the interface of
+llm.tokenizer.Tokenizer, so that runs imported from Hugging Face checkpoints work with every tool.
+
+Text is encoded exactly as `transformers` encodes it: the tokenizer.json's own normalizer and pre-tokenizer,
+and no NFC normalization here (the model was trained on what its tokenizer makes of the text). The special
+tokens (bos, eos, pad, unk) come from `tokenizer_config.json` (then `special_tokens_map.json`); whether a
+text gets a BOS by default comes from tokenizer.json's post-processor, as in `transformers`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import tokenizers
+
+TOKENIZER_JSON = "tokenizer.json"
+# Copied alongside tokenizer.json into a run directory: they name the special tokens.
+COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+_SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece-style byte fallback
+
+
+class NoChatMarkersError(ValueError):
+    """The tokenizer lacks the project's chat-role markers (llm/chat_template.py cannot render for it)."""
+
+
+def _content(token: str | Mapping | None) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or a serialized AddedToken."""
+    return token.get("content") if isinstance(token, Mapping) else token
+
+
+def read_special_tokens(directory: str) -> dict[str, str | None]:
+    """The special tokens (bos_token, eos_token, pad_token, unk_token) the config files in `directory` name.
+
+    tokenizer_config.json wins over special_tokens_map.json, as in `transformers`.
+    """
+    settings: dict = {}
+    for name in reversed(COMPANION_FILES):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                settings.update(json.load(f))
+    return {key: _content(settings.get(key)) for key in _SPECIAL_KEYS}
+
+
+class HFTokenizer:
+    """A loaded tokenizer.json with the special tokens of its tokenizer_config.json."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, path: str, settings: Mapping):
+        self._tk = tokenizer
+        self.path = path
+        self._eos_id = self._id_of(settings.get("eos_token"))
+        if self._eos_id is None:
+            raise ValueError(
+                f"{path}: the tokenizer config names no eos_token of the vocabulary; generation needs one."
+            )
+        bos_id = self._id_of(settings.get("bos_token"))
+        # A tokenizer without a BOS (GPT-2, Qwen) starts its documents after the end-of-text token; that is the
+        # "beginning of sequence" the rest of the code (scoring, generation prompts) puts in front of a text.
+        self._bos_id = self._eos_id if bos_id is None else bos_id
+        pad_id = self._id_of(settings.get("pad_token"))
+        self._pad_id = self._eos_id if pad_id is None else pad_id  # Padding is masked out: any id will do.
+        self._unk_id = self._id_of(settings.get("unk_token"))
+        self._special_ids = frozenset(
+            token_id for token_id, token in tokenizer.get_added_tokens_decoder().items() if token.special
+        )
+        # What `transformers` adds around a text by default; encode() adds them only when asked.
+        self.add_bos_token = self._adds(bos_id, first=True)
+        self.add_eos_token = self._adds(self._eos_id, first=False)
+
+    @classmethod
+    def load(cls, path: str) -> HFTokenizer:
+        """Loads a tokenizer.json file, or the one in directory `path`, with its companion config files."""
+        if os.path.isdir(path):
+            path = os.path.join(path, TOKENIZER_JSON)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Tokenizer file {path!r} does not exist.")
+        return cls(tokenizers.Tokenizer.from_file(path), path, read_special_tokens(os.path.dirname(path)))
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._tk.token_to_id(token)
+
+    def _adds(self, token_id: int | None, first: bool) -> bool:
+        """Whether tokenizer.json's post-processor puts `token_id` first (or last) around an encoded text.
+
+        `transformers` (5.x) ignores tokenizer_config.json's add_bos_token / add_eos_token when there is a
+        tokenizer.json: its post-processor alone decides, and so it does here.
+        """
+        if token_id is None:
+            return False
+        plain = self._tk.encode("a", add_special_tokens=False).ids
+        full = self._tk.encode("a", add_special_tokens=True).ids
+        return len(full) > len(plain) and full[0 if first else -1] == token_id
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of `text`, with the BOS / EOS only when asked for (whatever the post-processor says)."""
+        return self._wrapped(self._tk.encode(text, add_special_tokens=False).ids, add_bos, add_eos)
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+        """Token ids of many texts, encoded on all cores."""
+        encodings = self._tk.encode_batch(list(texts), add_special_tokens=False)
+        return [self._wrapped(encoding.ids, add_bos, add_eos) for encoding in encodings]
+
+    def _wrapped(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        return [self._bos_id] * add_bos + ids + [self._eos_id] * add_eos
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`; special tokens (bos, eos, pad) read as nothing, as SentencePiece's control ids."""
+        return self._tk.decode(list(ids), skip_special_tokens=True)
+
+    def decode_after(self, ids: Sequence[int], previous_id: int | None) -> str:
+        """The text of `ids` as it reads after the token `previous_id` (which ends a whole character).
+
+        Decoders drop the space that starts the first token ("▁de" -> "de" for SentencePiece-style tokenizers);
+        decoding behind the previous token keeps it. After a special token the text starts fresh, as `decode`
+        of the whole sequence reads it.
+        """
+        if previous_id is None or previous_id in self._special_ids:
+            return self.decode(ids)
+        head = [previous_id]
+        if _BYTE_PIECE.fullmatch(self._tk.id_to_token(previous_id) or ""):
+            # Byte-fallback pieces decode as one group: the previous byte would join the ids' leading bytes into
+            # invalid UTF-8 (U+FFFD). Plain text in front reads the same, since the previous token ends a character.
+            head = self._tk.encode("a", add_special_tokens=False).ids
+        return self.decode([*head, *ids])[len(self.decode(head)) :]
+
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of an id (e.g. 'Ġcasa' for byte-level BPE, '▁casa' for SentencePiece-style)."""
+        if not 0 <= token_id < self.vocab_size:
+            raise IndexError(f"Token id {token_id} is outside the vocabulary of {self.vocab_size} ({self.path}).")
+        return self._tk.id_to_token(token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def unk_id(self) -> int | None:
+        """None for byte-level tokenizers, which need no unknown token."""
+        return self._unk_id
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def has_role_tokens(self) -> bool:
+        return False
+
+    @property
+    def role_ids(self) -> dict[str, int]:
+        raise NoChatMarkersError(
+            f"{self.path} is a Hugging Face tokenizer without the project's chat-role markers: this run does not "
+            "use the project's chat template (llm/chat_template.py), and its own Jinja chat template is not "
+            "supported yet. Use it for plain text completion."
+        )

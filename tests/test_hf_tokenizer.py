@@ -15,6 +15,7 @@ import transformers
 from conftest import tiny_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from llm import chat_template
 from llm.hf_tokenizer import HFTokenizer, NoChatMarkersError
 from llm.infer.generate import TextStream
 from llm.model.transformer import create_model
@@ -175,3 +176,9 @@ def test_a_tokenizer_without_an_eos_is_refused(tmp_path):
         json.dump({"eos_token": "<nonexistent>"}, f)
     with pytest.raises(ValueError, match="eos_token"):
         HFTokenizer.load(path)
+
+
+def test_the_chat_template_refuses_a_tokenizer_without_chat_markers(tmp_path):
+    hf = HFTokenizer.load(_save(tmp_path, "byte_level"))
+    with pytest.raises(chat_template.ChatFormatError, match="chat-role markers"):
+        chat_template.render(hf, [{"role": "user", "content": "¿Qué tal?"}], add_generation_prompt=True)

@@ -20,7 +20,27 @@ TOKENIZER_JSON = "tokenizer.json"
 # Copied alongside tokenizer.json into a run directory: they name the special tokens.
 COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
-_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece-style byte fallback
+_BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")  # SentencePiece-style byte fallback
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """The byte of each character of a byte-level vocabulary (GPT-2's bytes_to_unicode, inverted): printable
+    bytes stand for themselves, the others for the characters from U+0100 on, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [byte for byte in range(256) if byte not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+_BYTE_LEVEL_CHARS = _byte_level_chars()
+
+
+def _has_byte_level(component: Mapping | list | None) -> bool:
+    """Whether a serialized decoder is (or contains) the ByteLevel decoder."""
+    if isinstance(component, list):
+        return any(_has_byte_level(part) for part in component)
+    if isinstance(component, Mapping):
+        return component.get("type") == "ByteLevel" or _has_byte_level(component.get("decoders"))
+    return False
 
 
 class NoChatMarkersError(ValueError):
@@ -67,6 +87,8 @@ class HFTokenizer:
         self._special_ids = frozenset(
             token_id for token_id, token in tokenizer.get_added_tokens_decoder().items() if token.special
         )
+        decoder = tokenizer.decoder
+        self._byte_level = decoder is not None and _has_byte_level(json.loads(decoder.__getstate__()))
         # What `transformers` adds around a text by default; encode() adds them only when asked.
         self.add_bos_token = self._adds(bos_id, first=True)
         self.add_eos_token = self._adds(self._eos_id, first=False)
@@ -132,6 +154,17 @@ class HFTokenizer:
         if not 0 <= token_id < self.vocab_size:
             raise IndexError(f"Token id {token_id} is outside the vocabulary of {self.vocab_size} ({self.path}).")
         return self._tk.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (the logprobs of the server): a byte-level piece's characters mapped
+        back to bytes, a byte-fallback piece's byte, else the piece with '▁' as a space."""
+        piece = self.piece(token_id)
+        byte = _BYTE_PIECE.fullmatch(piece)
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        if self._byte_level and all(char in _BYTE_LEVEL_CHARS for char in piece):
+            return bytes(_BYTE_LEVEL_CHARS[char] for char in piece)
+        return piece.replace("\u2581", " ").encode()
 
     @property
     def vocab_size(self) -> int:

@@ -15,6 +15,7 @@ imported from Hugging Face checkpoints.
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -33,6 +34,7 @@ SPANISH_CHARACTERS = "á é í ó ú ü ñ Á É Í Ó Ú Ü Ñ ¿ ¡ « »"
 # frequency from there on.
 FIRST_TEXT_PIECE = len(SPECIAL_PIECES) + len(ROLE_TOKENS) + 256
 MIN_VOCAB_SIZE = FIRST_TEXT_PIECE + 1
+_BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")  # A byte-fallback piece
 DEFAULT_UD_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval", "data", "ud_gsd_es_dev.conllu")
 
 
@@ -88,6 +90,13 @@ class Tokenizer:
         if not 0 <= token_id < self.vocab_size:
             raise IndexError(f"Token id {token_id} is outside the vocabulary of {self.vocab_size} ({self.path}).")
         return self._sp.id_to_piece(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a piece stands for (the logprobs of the server): a byte piece's byte, else its text with
+        '▁' as a space."""
+        piece = self.piece(token_id)
+        byte = _BYTE_PIECE.fullmatch(piece)
+        return bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode()
 
     @property
     def vocab_size(self) -> int:

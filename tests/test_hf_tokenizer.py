@@ -20,6 +20,7 @@ from llm.hf_tokenizer import HFTokenizer, NoChatMarkersError
 from llm.infer.generate import TextStream
 from llm.model.transformer import create_model
 from llm.runs import directory, loading
+from llm.serve import completions
 from llm.tokenizer import load_tokenizer
 
 CORPUS = [
@@ -182,3 +183,17 @@ def test_the_chat_template_refuses_a_tokenizer_without_chat_markers(tmp_path):
     hf = HFTokenizer.load(_save(tmp_path, "byte_level"))
     with pytest.raises(chat_template.ChatFormatError, match="chat-role markers"):
         chat_template.render(hf, [{"role": "user", "content": "¿Qué tal?"}], add_generation_prompt=True)
+
+
+def test_token_bytes_spell_out_the_text(saved, tokenizer):
+    kind, path = saved
+    hf = HFTokenizer.load(path)
+    for text in TEXTS:
+        spelled = b"".join(hf.token_bytes(i) for i in hf.encode(text)).decode("utf-8")
+        # A SentencePiece-style tokenizer writes a space in front of a text that does not start with one.
+        assert spelled == (text if kind == "byte_level" or text.startswith(" ") else " " + text)
+        spelled = b"".join(tokenizer.token_bytes(i) for i in tokenizer.encode(text)).decode("utf-8")
+        assert spelled == " " + unicodedata.normalize("NFC", text)
+    emoji = hf.encode("😀")
+    assert completions.token_text(hf, emoji[-1]).startswith("bytes:\\x")
+    assert "".join(completions.token_text(hf, i) for i in hf.encode(" la playa")) == " la playa"

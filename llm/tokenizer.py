@@ -57,7 +57,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
-        """Loads a `.model` file written by `train_tokenizer`."""
+        """Loads a `.model` file written by `train_tokenizer` (`load_tokenizer` loads either backend)."""
+        if os.path.isdir(path) or os.path.basename(path) == TOKENIZER_JSON:
+            raise ValueError(
+                f"{path!r} is a Hugging Face tokenizer, not a SentencePiece model: load it with "
+                "llm.tokenizer.load_tokenizer (it has no chat-role markers for chat fine-tuning data)."
+            )
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Tokenizer model {path!r} does not exist.")
         processor = spm.SentencePieceProcessor()

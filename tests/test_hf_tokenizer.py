@@ -154,6 +154,8 @@ def test_load_tokenizer_picks_the_backend(saved, tokenizer):
         _ = load_tokenizer(path).role_ids
     with pytest.raises(FileNotFoundError):
         load_tokenizer(os.path.join(path, "missing", "tokenizer.json"))
+    with pytest.raises(ValueError, match="load_tokenizer"):
+        type(tokenizer).load(os.path.join(path, "tokenizer.json"))  # The SentencePiece class alone.
 
 
 def test_a_run_directory_with_a_tokenizer_json_loads(tmp_path, tokenizer):

@@ -52,17 +52,23 @@ def _content(token: str | Mapping | None) -> str | None:
     return token.get("content") if isinstance(token, Mapping) else token
 
 
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def read_special_tokens(directory: str) -> dict[str, str | None]:
     """The special tokens (bos_token, eos_token, pad_token, unk_token) the config files in `directory` name.
 
-    tokenizer_config.json wins over special_tokens_map.json, as in `transformers`.
+    As in `transformers` 5: the legacy special_tokens_map.json counts only when tokenizer_config.json has no
+    added_tokens_decoder, and then its tokens override the config's.
     """
-    settings: dict = {}
-    for name in reversed(COMPANION_FILES):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                settings.update(json.load(f))
+    config_file, map_file = (os.path.join(directory, name) for name in COMPANION_FILES)
+    settings = _read_json(config_file)
+    if "added_tokens_decoder" not in settings:
+        settings.update(_read_json(map_file))
     return {key: _content(settings.get(key)) for key in _SPECIAL_KEYS}
 
 

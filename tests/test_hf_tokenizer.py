@@ -199,3 +199,23 @@ def test_token_bytes_spell_out_the_text(saved, tokenizer):
     emoji = hf.encode("😀")
     assert completions.token_text(hf, emoji[-1]).startswith("bytes:\\x")
     assert "".join(completions.token_text(hf, i) for i in hf.encode(" la playa")) == " la playa"
+
+
+def test_special_tokens_map_json_is_read_as_transformers_reads_it(tmp_path):
+    path = _save(tmp_path, "metaspace_template")
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<unk>", "bos_token": "<s>"}, f)
+    with open(os.path.join(path, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump({"eos_token": {"content": "</s>", "lstrip": False}, "pad_token": "<unk>"}, f)
+    ours, reference = HFTokenizer.load(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert (ours.eos_id, ours.pad_id, ours.bos_id) == (2, 0, 1)
+    assert (reference.eos_token_id, reference.pad_token_id, reference.bos_token_id) == (2, 0, 1)
+    run_dir = str(tmp_path / "run")
+    directory.write_run_files(run_dir, tiny_config(), os.path.join(path, "tokenizer.json"))
+    assert HFTokenizer.load(run_dir).eos_id == 2  # special_tokens_map.json travels with the tokenizer.
+    # A config with added_tokens_decoder (what transformers 5 writes) makes it ignore special_tokens_map.json.
+    added = {"content": "<unk>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False}
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"eos_token": "<unk>", "added_tokens_decoder": {"0": {**added, "special": True}}}, f)
+    reference = transformers.AutoTokenizer.from_pretrained(path)
+    assert HFTokenizer.load(path).eos_id == reference.eos_token_id == 0

@@ -59,8 +59,9 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def read_special_tokens(directory: str) -> dict[str, str | None]:
-    """The special tokens (bos_token, eos_token, pad_token, unk_token) the config files in `directory` name.
+def read_special_tokens(directory: str) -> dict[str, str | Mapping | None]:
+    """The special tokens (bos_token, eos_token, pad_token, unk_token) the config files in `directory` name:
+    strings, or serialized AddedTokens.
 
     As in `transformers` 5: the legacy special_tokens_map.json counts only when tokenizer_config.json has no
     added_tokens_decoder, and then its tokens override the config's.
@@ -69,7 +70,21 @@ def read_special_tokens(directory: str) -> dict[str, str | None]:
     settings = _read_json(config_file)
     if "added_tokens_decoder" not in settings:
         settings.update(_read_json(map_file))
-    return {key: _content(settings.get(key)) for key in _SPECIAL_KEYS}
+    return {key: settings.get(key) for key in _SPECIAL_KEYS}
+
+
+def _register_special_tokens(tokenizer: tokenizers.Tokenizer, tokens: Mapping[str, str | Mapping | None]) -> None:
+    """Makes the config's special tokens special added tokens, as `transformers` does: the encoder never splits
+    them and decode skips them, also where tokenizer.json has them as plain vocabulary entries (or not at all)."""
+    special = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
+    for token in tokens.values():
+        content = _content(token)
+        if content is None or content in special:
+            continue
+        flags = {"normalized": False}
+        if isinstance(token, Mapping):
+            flags |= {key: token[key] for key in ("single_word", "lstrip", "rstrip", "normalized") if key in token}
+        tokenizer.add_special_tokens([tokenizers.AddedToken(content, special=True, **flags)])
 
 
 class HFTokenizer:
@@ -106,10 +121,13 @@ class HFTokenizer:
             path = os.path.join(path, TOKENIZER_JSON)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Tokenizer file {path!r} does not exist.")
-        return cls(tokenizers.Tokenizer.from_file(path), path, read_special_tokens(os.path.dirname(path)))
+        tokenizer, settings = tokenizers.Tokenizer.from_file(path), read_special_tokens(os.path.dirname(path))
+        _register_special_tokens(tokenizer, settings)
+        return cls(tokenizer, path, settings)
 
-    def _id_of(self, token: str | None) -> int | None:
-        return None if token is None else self._tk.token_to_id(token)
+    def _id_of(self, token: str | Mapping | None) -> int | None:
+        content = _content(token)
+        return None if content is None else self._tk.token_to_id(content)
 
     def _adds(self, token_id: int | None, first: bool) -> bool:
         """Whether tokenizer.json's post-processor puts `token_id` first (or last) around an encoded text.
@@ -143,8 +161,8 @@ class HFTokenizer:
         """The text of `ids` as it reads after the token `previous_id` (which ends a whole character).
 
         Decoders drop the space that starts the first token ("▁de" -> "de" for SentencePiece-style tokenizers);
-        decoding behind the previous token keeps it. After a special token the text starts fresh, as `decode`
-        of the whole sequence reads it.
+        decoding behind the previous token keeps it. After a special token (<s>, or a </s> that ends a
+        document) a new text starts, without that space, as in SentencePiece's decode_after.
         """
         if previous_id is None or previous_id in self._special_ids:
             return self.decode(ids)

@@ -2,8 +2,8 @@
 
 Two tokenizers are trained here with the `tokenizers` library: a byte-level BPE without a BOS (GPT-2 / Qwen
 style) and a SentencePiece-style BPE (Metaspace, byte fallback, <s> </s> <unk>; Llama style), the latter once
-with add_bos_token in its tokenizer_config.json (which transformers ignores) and once with a BOS-adding
-post-processor in its tokenizer.json.
+with add_bos_token in its tokenizer_config.json (which transformers ignores), once with a BOS-adding
+post-processor in its tokenizer.json, and once more with <s> </s> special only by its tokenizer_config.json.
 """
 
 import json
@@ -38,6 +38,7 @@ TEXTS = [
     "  espacios   múltiples\n\n\tsaltos de línea\n",
     " empieza con espacio y termina con dos  ",
     "ÑANDÚ",
+    "fin </s> y <s>otra vez",
 ]
 BYTES = [f"<0x{byte:02X}>" for byte in range(256)]
 
@@ -74,14 +75,23 @@ def _metaspace(template: bool) -> tuple[Tokenizer, dict]:
     return tokenizer, {**config, "add_bos_token": True, "add_eos_token": False}
 
 
+def _specials_in_vocab() -> tuple[Tokenizer, dict]:
+    """<s> and </s> as plain vocabulary entries, not added tokens: only the config says they are special."""
+    tokenizer, config = _metaspace(template=True)
+    spec = json.loads(tokenizer.to_str())
+    spec["added_tokens"] = [token for token in spec["added_tokens"] if token["content"] == "<unk>"]
+    return Tokenizer.from_str(json.dumps(spec)), config
+
+
 BUILDERS = {
     "byte_level": _byte_level,
     "metaspace": lambda: _metaspace(template=False),
     "metaspace_template": lambda: _metaspace(template=True),
+    "specials_in_vocab": _specials_in_vocab,
 }
 # transformers 5 ignores tokenizer_config.json's add_bos_token when there is a tokenizer.json: only the
 # post-processor adds a BOS.
-ADDS_BOS = {"byte_level": False, "metaspace": False, "metaspace_template": True}
+ADDS_BOS = {"byte_level": False, "metaspace": False, "metaspace_template": True, "specials_in_vocab": True}
 
 
 def _save(directory_path, kind: str) -> str:
@@ -122,7 +132,8 @@ def test_decode_matches_transformers(saved):
     for text in TEXTS:
         ids = ours.encode(text, add_bos=True, add_eos=True)
         assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=True), text
-        assert ours.decode(ours.encode(text)) == reference.decode(reference.encode(text, add_special_tokens=False))
+        plain = reference.encode(text, add_special_tokens=False)
+        assert ours.decode(ours.encode(text)) == reference.decode(plain, skip_special_tokens=True)
 
 
 def _stream(tokenizer, ids, previous_id) -> str:
@@ -137,9 +148,11 @@ def test_decode_after_streams_what_the_whole_sequence_decodes_to(saved):
         whole = tokenizer.decode(ids)
         assert _stream(tokenizer, ids[1:], None) == _stream(tokenizer, ids[1:], tokenizer.bos_id) == whole
         for cut in range(2, len(ids)):
-            # A prompt that ends on a whole character: the completion streams on with its leading space.
+            # A prompt that ends on a whole character: the completion streams on with its leading space. (After
+            # a special token, e.g. </s> inside the text, a new text starts, as for SentencePiece's decode_after.)
             prompt = tokenizer.decode(ids[:cut])
-            if whole.startswith(prompt) and not prompt.endswith("\ufffd"):
+            special = tokenizer.piece(ids[cut - 1]) in ("<s>", "</s>", "<|endoftext|>")
+            if whole.startswith(prompt) and not prompt.endswith("\ufffd") and not special:
                 assert tokenizer.decode_after(ids[cut:], ids[cut - 1]) == whole[len(prompt) :]
                 assert _stream(tokenizer, ids[cut:], ids[cut - 1]) == whole[len(prompt) :]
 
@@ -173,10 +186,15 @@ def test_a_run_directory_with_a_tokenizer_json_loads(tmp_path, tokenizer):
     assert run.tokenizer.bos_id == 1 and run.tokenizer.unk_id == 0
 
 
-def test_a_tokenizer_without_an_eos_is_refused(tmp_path):
+def test_special_tokens_of_the_config_are_added_and_an_eos_is_required(tmp_path):
     path = _save(tmp_path, "byte_level")
     with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"eos_token": "<nonexistent>"}, f)
+        json.dump({"eos_token": "<|fin|>"}, f)
+    ours, reference = HFTokenizer.load(path), transformers.AutoTokenizer.from_pretrained(path)
+    assert ours.eos_id == reference.eos_token_id == ours.vocab_size - 1 == len(reference) - 1
+    assert ours.encode("hola<|fin|>") == reference.encode("hola<|fin|>", add_special_tokens=False)
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token": "<|endoftext|>"}, f)
     with pytest.raises(ValueError, match="eos_token"):
         HFTokenizer.load(path)
 

@@ -11,6 +11,8 @@ INSTALL_REQUIRES = [
     "grain==0.2.18",
     "array-record==0.8.6",
     "sentencepiece==0.2.3",
+    # Hugging Face tokenizer.json files: the tokenizer of every run imported from a Hugging Face checkpoint.
+    "tokenizers==0.23.3",
     "tensorflow-datasets==4.9.10",
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
@@ -43,7 +45,7 @@ EXTRAS_REQUIRE = {
         "openai==3.54.0",
         "httpx==0.28.1",
         "chatterbot-corpus==1.3.3",
-        # The Hugging Face import's tests build tiny random models and compare logits with transformers.
+        # The references the Hugging Face import and tokenizer tests compare with (tiny models built in the test).
         "torch==2.13.0",
         "transformers==5.24.0",
         "safetensors==0.8.0",
@@ -52,7 +54,7 @@ EXTRAS_REQUIRE = {
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],
     # Hugging Face data sets, and the checkpoint import's tokenizer files (scripts/import_hf.py reads the
     # weights with numpy alone: no torch).
-    "hf": ["datasets>=3", "safetensors==0.8.0", "tokenizers==0.23.3"],
+    "hf": ["datasets>=3"],  # Hugging Face datasets as corpus sources.
     # The Spanish demo dialogues of SFT and DPO (scripts/prepare_sft.py --chatterbot); YAML via ml-collections.
     "finetune": ["chatterbot-corpus==1.3.3"],
     # The PyTorch-eager speed baseline (scripts/torch_reference.py) and the dedup benchmark's comparison.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from llm.hf_tokenizer import NoChatMarkersError
 from llm.tokenizer import ROLE_TOKENS, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -52,7 +53,10 @@ def render(
     `<|assistant|>` so that generation continues with the assistant's answer.
     """
     validate_messages(messages)
-    roles = tokenizer.role_ids
+    try:
+        roles = tokenizer.role_ids
+    except NoChatMarkersError as error:  # A run imported from Hugging Face: the request, not the server, is wrong.
+        raise ChatFormatError(str(error)) from None
     ids, assistant_mask = [tokenizer.bos_id], [0]
     for message in messages:
         content = tokenizer.encode(_defuse(message["content"]))

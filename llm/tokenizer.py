@@ -7,15 +7,21 @@ character the vocabulary lacks (emoji, CJK) falls back to its UTF-8 bytes instea
 Reserved ids are fixed so that every model trained here is interchangeable for the rest of the code:
 pad=0, unk=1, bos=2, eos=3, then the chat-role markers of ROLE_TOKENS (ids 4..7), which fine-tuning uses to
 build its chat template. They are user-defined symbols: the encoder never splits them.
+
+`load_tokenizer` also loads a Hugging Face tokenizer.json (llm/hf_tokenizer.py, same interface) for runs
+imported from Hugging Face checkpoints.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+
+from llm.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
@@ -28,6 +34,7 @@ SPANISH_CHARACTERS = "á é í ó ú ü ñ Á É Í Ó Ú Ü Ñ ¿ ¡ « »"
 # frequency from there on.
 FIRST_TEXT_PIECE = len(SPECIAL_PIECES) + len(ROLE_TOKENS) + 256
 MIN_VOCAB_SIZE = FIRST_TEXT_PIECE + 1
+_BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")  # A byte-fallback piece
 DEFAULT_UD_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval", "data", "ud_gsd_es_dev.conllu")
 
 
@@ -50,7 +57,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str) -> Tokenizer:
-        """Loads a `.model` file written by `train_tokenizer`."""
+        """Loads a `.model` file written by `train_tokenizer` (`load_tokenizer` loads either backend)."""
+        if os.path.isdir(path) or os.path.basename(path) == TOKENIZER_JSON:
+            raise ValueError(
+                f"{path!r} is a Hugging Face tokenizer, not a SentencePiece model: load it with "
+                "llm.tokenizer.load_tokenizer (it has no chat-role markers for chat fine-tuning data)."
+            )
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Tokenizer model {path!r} does not exist.")
         processor = spm.SentencePieceProcessor()
@@ -84,6 +96,13 @@ class Tokenizer:
             raise IndexError(f"Token id {token_id} is outside the vocabulary of {self.vocab_size} ({self.path}).")
         return self._sp.id_to_piece(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a piece stands for (the logprobs of the server): a byte piece's byte, else its text with
+        '▁' as a space."""
+        piece = self.piece(token_id)
+        byte = _BYTE_PIECE.fullmatch(piece)
+        return bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode()
+
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
@@ -105,9 +124,25 @@ class Tokenizer:
         return EOS_ID
 
     @property
+    def has_role_tokens(self) -> bool:
+        """Whether `role_ids` exists (the project's chat markers); False for Hugging Face tokenizers."""
+        return True
+
+    @property
     def role_ids(self) -> dict[str, int]:
         """Ids of the chat-role markers: {'system': 4, 'user': 5, 'assistant': 6, 'end': 7}."""
         return {role: self._sp.piece_to_id(piece) for role, piece in ROLE_TOKENS.items()}
+
+
+# Either backend: both have the interface of Tokenizer (encode, decode, decode_after, piece, the special ids).
+AnyTokenizer = Tokenizer | HFTokenizer
+
+
+def load_tokenizer(path: str) -> AnyTokenizer:
+    """A SentencePiece `.model` file, or a Hugging Face tokenizer.json (the file or a directory holding one)."""
+    if os.path.isdir(path) or os.path.basename(path) == TOKENIZER_JSON:
+        return HFTokenizer.load(path)
+    return Tokenizer.load(path)
 
 
 def _training_sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:

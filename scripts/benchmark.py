@@ -29,7 +29,7 @@ _URL = flags.DEFINE_string("url", None, "A running server to load (serve); else 
 _NUM_REQUESTS = flags.DEFINE_integer("num_requests", 64, "Requests sent (serve).", lower_bound=1)
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Clients at once (serve).", lower_bound=1)
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Tokens per answer (serve).", lower_bound=1)
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (tokenizer).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model or tokenizer.json (tokenizer).")
 _NUM_DOCS = flags.DEFINE_integer("num_docs", 20000, "Synthetic documents for MinHash (data).", lower_bound=100)
 _DATA_CONFIG = config_flags.DEFINE_config_file(
     "data_config", "configs/data/es_default.py", "Corpus pipeline config whose sources and stages are timed (data)."
@@ -80,13 +80,13 @@ def main(argv: list[str]) -> None:
         result = {"benchmark": "decode", **train_benchmark.machine(), **_decode()}
     elif argv[1] == "tokenizer":
         if not _TOKENIZER.value:
-            raise app.UsageError("benchmark.py tokenizer needs --tokenizer=PATH/tokenizer.model.")
+            raise app.UsageError("benchmark.py tokenizer needs --tokenizer=PATH/tokenizer.model (or tokenizer.json).")
         from llm import tokenizer as tokenizer_lib
 
         result = {
             "benchmark": "tokenizer",
             **train_benchmark.machine(),
-            **tokenizer_lib.benchmark(tokenizer_lib.Tokenizer.load(_TOKENIZER.value)),
+            **tokenizer_lib.benchmark(tokenizer_lib.load_tokenizer(_TOKENIZER.value)),
         }
     elif argv[1] == "serve":
         if bool(_URL.value) == bool(_WORKDIR.value):

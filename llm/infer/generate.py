@@ -183,8 +183,10 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), previous_id: int | None = None):
         self.tokenizer, self.stop_strings = tokenizer, tuple(stop_strings)
-        # After a chat role marker the answer starts a fresh text, as after <s>: no leading space.
-        fresh_start = previous_id is None or previous_id in tokenizer.role_ids.values()
+        # After a chat role marker the answer starts a fresh text, as after <s>: no leading space. (A Hugging
+        # Face tokenizer has no such markers; its decode_after starts fresh after any special token.)
+        markers = tokenizer.role_ids.values() if tokenizer.has_role_tokens else ()
+        fresh_start = previous_id is None or previous_id in markers
         self.previous_id = tokenizer.bos_id if fresh_start else previous_id
         self.ids: list[int] = []
         self.shown = 0

@@ -1,7 +1,8 @@
 """The files of a run directory, read and written in one place.
 
     RUN/config.json        the resolved config (configs/base.py keys; a key added later reads as its default)
-    RUN/tokenizer.model    a copy of the tokenizer, so the directory is self-contained
+    RUN/tokenizer.model    a copy of the tokenizer, so the directory is self-contained; a run imported from
+                           Hugging Face has tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)
     RUN/checkpoints/STEP/  Orbax checkpoints (llm/checkpoint.py)
     RUN/metrics.jsonl, RUN/tensorboard/   written by training (llm/train/metrics.py)
 
@@ -20,10 +21,12 @@ import ml_collections
 from flax import nnx
 
 from configs import base
-from llm import checkpoint, io
+from llm import checkpoint, hf_tokenizer, io
 
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.model"
+SENTENCEPIECE_FILE = "tokenizer.model"
+# Either backend's file (llm.tokenizer.load_tokenizer loads both); a directory holds one of them.
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, hf_tokenizer.TOKENIZER_JSON)
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict:
@@ -57,12 +60,24 @@ def _merged(defaults: dict, saved: dict) -> dict:
     return merged
 
 
-def find_tokenizer(run_dir: str, config: ml_collections.ConfigDict) -> str:
-    """RUN/tokenizer.model, or the one in the run's data directory (runs written before the copy existed)."""
-    for path in (os.path.join(run_dir, TOKENIZER_FILE), os.path.join(config.data.path, TOKENIZER_FILE)):
+def tokenizer_in(source_dir: str) -> str | None:
+    """The tokenizer file (tokenizer.model or tokenizer.json) in a run or data directory; None if none."""
+    for name in TOKENIZER_FILES:
+        path = os.path.join(source_dir, name)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(f"No {TOKENIZER_FILE} in {run_dir!r} or in the run's data directory {config.data.path!r}.")
+    return None
+
+
+def find_tokenizer(run_dir: str, config: ml_collections.ConfigDict) -> str:
+    """RUN's tokenizer file, or the one in the run's data directory (runs written before the copy existed)."""
+    for source_dir in (run_dir, config.data.path):
+        path = tokenizer_in(source_dir)
+        if path:
+            return path
+    raise FileNotFoundError(
+        f"No {' or '.join(TOKENIZER_FILES)} in {run_dir!r} or in the run's data directory {config.data.path!r}."
+    )
 
 
 def chat_tuned(config: ml_collections.ConfigDict) -> bool:
@@ -77,13 +92,32 @@ def chat_tuned(config: ml_collections.ConfigDict) -> bool:
     return config.chat or bool(config.init_from and load_config(config.init_from).chat)
 
 
+def _tokenizer_copies(tokenizer_path: str) -> list[tuple[str, str]]:
+    """(source, name in the run) of the files that make up a tokenizer: a SentencePiece model file, or a
+    tokenizer.json (the file or its directory) with the companion config files it has."""
+    if os.path.isdir(tokenizer_path):
+        tokenizer_path = os.path.join(tokenizer_path, hf_tokenizer.TOKENIZER_JSON)
+    if os.path.basename(tokenizer_path) != hf_tokenizer.TOKENIZER_JSON:
+        return [(tokenizer_path, SENTENCEPIECE_FILE)]
+    source_dir = os.path.dirname(tokenizer_path)
+    companions = [name for name in hf_tokenizer.COMPANION_FILES if os.path.isfile(os.path.join(source_dir, name))]
+    return [(tokenizer_path, hf_tokenizer.TOKENIZER_JSON)] + [(os.path.join(source_dir, n), n) for n in companions]
+
+
 def write_run_files(run_dir: str, config: ml_collections.ConfigDict, tokenizer_path: str | None) -> None:
-    """Writes RUN/config.json and, when given, the copy of the tokenizer; each file atomically."""
+    """Writes RUN/config.json and, when given, the copy of the tokenizer's files; each file atomically."""
     os.makedirs(run_dir, exist_ok=True)
     io.write_json(os.path.join(run_dir, CONFIG_FILE), config_dict(config))
-    if tokenizer_path:
-        target = os.path.join(run_dir, TOKENIZER_FILE)
-        shutil.copyfile(tokenizer_path, target + ".tmp")
+    if not tokenizer_path:
+        return
+    copies = _tokenizer_copies(tokenizer_path)
+    # A tokenizer of the other backend left from an earlier write would be found first: remove it.
+    for name in (*TOKENIZER_FILES, *hf_tokenizer.COMPANION_FILES):
+        if name not in {target for _, target in copies} and os.path.exists(os.path.join(run_dir, name)):
+            os.remove(os.path.join(run_dir, name))
+    for source, name in copies:
+        target = os.path.join(run_dir, name)
+        shutil.copyfile(source, target + ".tmp")
         os.replace(target + ".tmp", target)
 
 

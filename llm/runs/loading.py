@@ -14,14 +14,14 @@ from llm.model import lora
 from llm.model.transformer import Transformer, create_model
 from llm.quant import ptq
 from llm.runs import build, directory
-from llm.tokenizer import Tokenizer
+from llm.tokenizer import AnyTokenizer, load_tokenizer
 
 
 @dataclasses.dataclass
 class Run:
     model: Transformer
     config: ml_collections.ConfigDict
-    tokenizer: Tokenizer
+    tokenizer: AnyTokenizer
     step: int
     workdir: str
 
@@ -35,7 +35,7 @@ def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = 
     that decodes as fast as its base; a soft prompt stays in front of the base model, as it was trained.
     """
     config = directory.load_config(workdir)
-    tokenizer = Tokenizer.load(directory.find_tokenizer(workdir, config))
+    tokenizer = load_tokenizer(directory.find_tokenizer(workdir, config))
     mesh = sharding.create_mesh(mesh_shape, jax.local_devices())
 
     def placed(abstract: nnx.State) -> nnx.State:

@@ -4,7 +4,8 @@ A quantized directory (QDIR) looks like a training run to every tool that reads 
 
     QDIR/config.json         the run config, with model.scan_layers off, model.kv_cache_dtype, and a
                              `quantization` section (mode, group_size, source workdir and step)
-    QDIR/tokenizer.model     a copy of the run's tokenizer
+    QDIR/tokenizer.model     a copy of the run's tokenizer (tokenizer.json and its config files for a run
+                             imported from Hugging Face)
     QDIR/checkpoints/STEP/   Orbax: the quantized parameters (int8/int4 values and float32 scales) only
 
 so `llm.runs.loading.load_run(QDIR)` (and with it scripts/sample.py, chat.py and evaluate.py) returns

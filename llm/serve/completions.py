@@ -9,7 +9,6 @@ wraps a request's choices in the response object (id, model, usage).
 from __future__ import annotations
 
 import dataclasses
-import re
 import secrets
 import time
 import uuid
@@ -19,8 +18,6 @@ from llm.infer.sampling import SamplingParams
 from llm.serve import engine as engine_lib
 from llm.serve.schemas import ChatCompletionRequest, CompletionRequest
 from llm.tokenizer import Tokenizer
-
-_BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 
 
 class RequestError(ValueError):
@@ -54,15 +51,16 @@ class Plan:
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
-    """A token as text in logprobs: its piece with SentencePiece's '▁' as a space; byte pieces as 'bytes:\\xNN'."""
-    piece = tokenizer.piece(token_id)
-    match = _BYTE_PIECE.fullmatch(piece)
-    return f"bytes:\\x{match.group(1).lower()}" if match else piece.replace("\u2581", " ")
+    """A token as text in logprobs: the text of its bytes, or 'bytes:\\xNN...' for part of a character."""
+    data = tokenizer.token_bytes(token_id)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
 
 
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
-    match = _BYTE_PIECE.fullmatch(tokenizer.piece(token_id))
-    return [int(match.group(1), 16)] if match else list(tokenizer.piece(token_id).replace("\u2581", " ").encode())
+    return list(tokenizer.token_bytes(token_id))
 
 
 def _sampling(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
@@ -109,7 +108,7 @@ def _load_base_params(config: ml_collections.ConfigDict, abstract_base: Any) -> 
 def _tokenizer_source(config: ml_collections.ConfigDict) -> str | None:
     """The tokenizer of the training data, else that of the `init_from` run; None if neither has one."""
     for source_dir in (config.data.path, config.init_from):
-        path = os.path.join(source_dir, directory.TOKENIZER_FILE)
-        if source_dir and os.path.exists(path):
+        path = source_dir and directory.tokenizer_in(source_dir)
+        if path:
             return path
     return None

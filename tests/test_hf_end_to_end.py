@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 import transformers
+from test_hf_import import hf_model
 from test_hf_tokenizer import BUILDERS
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llm.hf import importer
 from llm.infer import generate
@@ -23,23 +23,9 @@ def hf_llama(tmp_path_factory):
     tokenizer.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", **tokenizer_config}, f)
-    config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
+    model = hf_model(
+        "llama", vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=128, bos_token_id=1, eos_token_id=2
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))  # Away from the init, so greedy choices are not near ties.
     model.save_pretrained(str(path))
     return model, str(path)
 

@@ -5,18 +5,25 @@
     python scripts/benchmark.py data [--data_config=configs/data/es_default.py] [--stage_docs=5000] [--json_out=F]
     python scripts/benchmark.py tokenizer --tokenizer=DIR/tokenizer.model [--json_out=F]
     python scripts/benchmark.py serve (--workdir=DIR | --url=URL) [--num_requests=64 --concurrency=8]
+    python scripts/benchmark.py import_hf [--model_dir=HF_DIR] [--dtype=bfloat16] [--json_out=F]
+    python scripts/benchmark.py decode_hf [--model_dir=HF_DIR] [--batch_sizes=1,8] [--new_tokens=128]
+
+`import_hf` imports a Hugging Face checkpoint (default: a synthetic 1.24B Llama, Llama-3.2-1B-shaped) and reports
+peak host memory against the checkpoint's size; `decode_hf` imports one (default: a synthetic 120M Llama) and
+times greedy generation against transformers' `generate` on the same weights (needs the test extra).
 
 Every result carries the machine it came from (device kind and count, JAX version).
 """
 
 import json
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from llm.train import benchmark as train_benchmark
 
-SUBCOMMANDS = ("train", "decode", "data", "tokenizer", "serve")
+SUBCOMMANDS = ("train", "decode", "data", "tokenizer", "serve", "import_hf", "decode_hf")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_es.py", "Model/training config (train).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train).", lower_bound=1)
@@ -24,7 +31,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first, the first comp
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained run to benchmark (decode); else --config's shape.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Decode batch sizes (decode).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens (decode).", lower_bound=1)
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Decode steps timed (decode).", lower_bound=4)
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Decode steps timed (decode; decode_hf: 128).", lower_bound=4)
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Hugging Face checkpoint (import_hf, decode_hf); else synthetic.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Dtype of the imported run (import_hf).")
 _URL = flags.DEFINE_string("url", None, "A running server to load (serve); else one is started for --workdir.")
 _NUM_REQUESTS = flags.DEFINE_integer("num_requests", 64, "Requests sent (serve).", lower_bound=1)
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Clients at once (serve).", lower_bound=1)
@@ -65,10 +74,30 @@ def _decode() -> dict:
 
     batch_sizes = [int(b) for b in _BATCH_SIZES.value]
     if _WORKDIR.value:
-        model = loading.load_run(_WORKDIR.value).model
+        model = loading.load_model(_WORKDIR.value)[0]
     else:
         model = create_model(_CONFIG.value)
     return decode_benchmark.benchmark_decode(model, batch_sizes, _PROMPT_LEN.value, _NEW_TOKENS.value)
+
+
+def _decode_hf() -> dict:
+    import tempfile
+
+    from llm.hf import benchmark as hf_benchmark, importer
+    from llm.infer import transformers_bench
+
+    batch_sizes = [int(b) for b in _BATCH_SIZES.value] if _BATCH_SIZES.present else [1, 8]
+    new_tokens = _NEW_TOKENS.value if _NEW_TOKENS.present else 128
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = _MODEL_DIR.value
+        if model_dir is None:
+            model_dir = os.path.join(scratch, "synthetic_llama")
+            os.makedirs(model_dir)
+            hf_benchmark.write_synthetic_llama(model_dir, hf_benchmark.LLAMA_120M, num_shards=1)
+        run_dir = importer.import_hf(model_dir, os.path.join(scratch, "run"), "float32")
+        return transformers_bench.benchmark_against_transformers(
+            run_dir, model_dir, batch_sizes, _PROMPT_LEN.value if _PROMPT_LEN.present else 32, new_tokens
+        )
 
 
 def main(argv: list[str]) -> None:
@@ -78,6 +107,12 @@ def main(argv: list[str]) -> None:
         result = train_benchmark.benchmark_train(_CONFIG.value, _STEPS.value, _WARMUP.value)
     elif argv[1] == "decode":
         result = {"benchmark": "decode", **train_benchmark.machine(), **_decode()}
+    elif argv[1] == "import_hf":
+        from llm.hf import benchmark as hf_benchmark
+
+        result = {**train_benchmark.machine(), **hf_benchmark.benchmark_import(_MODEL_DIR.value, _DTYPE.value)}
+    elif argv[1] == "decode_hf":
+        result = {"benchmark": "decode_hf", **train_benchmark.machine(), **_decode_hf()}
     elif argv[1] == "tokenizer":
         if not _TOKENIZER.value:
             raise app.UsageError("benchmark.py tokenizer needs --tokenizer=PATH/tokenizer.model (or tokenizer.json).")

@@ -2,7 +2,10 @@
 
 The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte offsets)
 and the raw data. We map each file once and hand out lazy views into it, so reading a slice touches only
-the pages it covers. safetensors' own numpy reader would do for float32 and float16, but it cannot return
+the pages it covers, and `release` hands a tensor's pages back once it has been copied where it goes: the
+import then holds little more than the placed parameters, instead of those plus every page it has read.
+
+safetensors' own numpy reader would do for float32 and float16, but it cannot return
 bfloat16 (numpy has no such type), the dtype most released checkpoints are stored in; ml_dtypes (a JAX
 dependency) provides it here.
 """
@@ -10,6 +13,7 @@ dependency) provides it here.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 
@@ -58,21 +62,35 @@ def open_tensors(model_dir: str, names: list[str]) -> dict[str, np.ndarray]:
             wanted = [name for name in names if files[name] == file]
             raise FileNotFoundError(f"Shard {file!r} is missing from {model_dir!r} (it holds {wanted[0]!r}, ...).")
         header = _header(path)
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=_data_offset(path))
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # The mapping outlives the descriptor.
         for name in names:
             if files[name] == file:
-                tensors[name] = _view(data, header, name, path)
+                tensors[name] = _view(mapping, _data_offset(path), header, name, path)
     return tensors
 
 
-def _view(data: np.ndarray, header: dict, name: str, path: str) -> np.ndarray:
+def release(tensor: np.ndarray) -> None:
+    """Drops the pages of a tensor from `open_tensors` out of this process's memory. They stay in the OS page
+    cache, and reading the tensor again maps them back in, so this changes memory use only, never values."""
+    mapping, view = tensor, tensor
+    while not isinstance(mapping, mmap.mmap):  # ndarray views lead to a memoryview of the mapping.
+        mapping = mapping.base if isinstance(mapping, np.ndarray) else mapping.obj
+    start = view.__array_interface__["data"][0] - np.frombuffer(mapping, np.uint8).__array_interface__["data"][0]
+    first_page = start - start % mmap.PAGESIZE
+    mapping.madvise(mmap.MADV_DONTNEED, first_page, start + view.nbytes - first_page)
+
+
+def _view(mapping: mmap.mmap, data_offset: int, header: dict, name: str, path: str) -> np.ndarray:
     if name not in header:
         raise KeyError(f"Tensor {name!r} is listed in the shard index but absent from {path!r}.")
     entry = header[name]
     if entry["dtype"] not in DTYPES:
         raise ValueError(f"Tensor {name!r} in {path!r} has dtype {entry['dtype']}, which cannot be imported.")
     begin, end = entry["data_offsets"]
-    return data[begin:end].view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    dtype = np.dtype(DTYPES[entry["dtype"]])
+    flat = np.frombuffer(mapping, dtype, (end - begin) // dtype.itemsize, data_offset + begin)
+    return flat.reshape(entry["shape"])
 
 
 def _header(path: str) -> dict:

@@ -126,7 +126,11 @@ def load_model(model_dir: str, architecture: str, config: ml_collections.ConfigD
                 f"Tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {expected} "
                 f"for our parameter {'.'.join(map(str, path))} {tuple(target.value.shape)} ({transform.name})."
             )
-    arrays = [(path, _placed(tensors[sources[path][0]], sources[path][1], target)) for path, target in targets]
+    arrays = []
+    for path, target in targets:
+        name, transform = sources[path]
+        arrays.append((path, _placed(tensors[name], transform, target)))
+        safetensors_files.release(tensors[name])  # Now on the devices: the host need not keep its pages.
     nnx.update(model, nnx.from_flat_state(arrays))
     return model
 

@@ -140,7 +140,7 @@ def save_run(
     partial = run_dir + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     write_run_files(partial, config, tokenizer_path)
-    saver = checkpoint.Checkpointer(os.path.join(partial, "checkpoints"), keep=1)
+    saver = checkpoint.Checkpointer(os.path.join(partial, "checkpoints"), keep=1, compress=False)
     try:
         # A saved (not trained) run has no data-loader position: its data item is empty.
         saver.save(step, {"params": nnx.state(model, nnx.Param)}, {}, config_dict(config))

@@ -27,15 +27,27 @@ class Run:
 
 
 def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = (1, -1, 1)) -> Run:
-    """Restores the parameters of `step` (default: the latest checkpoint) onto a mesh of the local devices.
+    """The run's model (see `load_model`) with its tokenizer."""
+    config = directory.load_config(workdir)
+    tokenizer = load_tokenizer(directory.find_tokenizer(workdir, config))
+    model, config, step = load_model(workdir, step, mesh_shape)
+    if config.model.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {config.model.vocab_size}.")
+    return Run(model, config, tokenizer, step, workdir)
+
+
+def load_model(
+    workdir: str, step: int | None = None, mesh_shape: Sequence[int] = (1, -1, 1)
+) -> tuple[Transformer, ml_collections.ConfigDict, int]:
+    """Restores the parameters of `step` (default: the latest checkpoint) onto a mesh of the local devices;
+    returns the model, its config and the step.
 
     Only parameters are read, not the optimizer state. LoRA, QLoRA and prompt-tuning runs' checkpoints hold
     only what they trained; the base weights come from their `init_from` run. Adapters are merged into the
-    base (for QLoRA, into its dequantized weights), so the returned model (and `Run.config`) is a plain model
+    base (for QLoRA, into its dequantized weights), so the returned model (and config) is a plain model
     that decodes as fast as its base; a soft prompt stays in front of the base model, as it was trained.
     """
     config = directory.load_config(workdir)
-    tokenizer = load_tokenizer(directory.find_tokenizer(workdir, config))
     mesh = sharding.create_mesh(mesh_shape, jax.local_devices())
 
     def placed(abstract: nnx.State) -> nnx.State:
@@ -53,9 +65,7 @@ def load_run(workdir: str, step: int | None = None, mesh_shape: Sequence[int] = 
         model, step = _trained_on_base(workdir, config, step, placed)
         if config.train.trainable == "lora":
             model, config = _merged(model, config)
-    if config.model.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but the model only {config.model.vocab_size}.")
-    return Run(model, config, tokenizer, step, workdir)
+    return model, config, step
 
 
 def _trained_on_base(

@@ -53,8 +53,11 @@ def _percent(value: float) -> str:
     return f"{value:.1f}"
 
 
-def _ratio(value: float) -> str:
-    """bpb and perplexity: three decimals while they are small, one once they are large."""
+def _ratio(value: float | None) -> str:
+    """bpb and perplexity: three decimals while they are small, one once they are large; "n/a" for a missing
+    baseline (a run with no training data of its own)."""
+    if value is None:
+        return "n/a"
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 

@@ -106,7 +106,8 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
         if settings.text_file and not os.path.isfile(settings.text_file):
             raise FileNotFoundError(f"--text_file={settings.text_file!r} does not exist.")
         try:
-            records.shard_paths(train_split_dir(config, settings))
+            if train_split_dir(config, settings):
+                records.shard_paths(train_split_dir(config, settings))
         except FileNotFoundError as error:
             raise FileNotFoundError(
                 f"The unigram baseline of bpb counts the run's training tokens: {error} "
@@ -197,21 +198,21 @@ def bpb_documents(settings: Settings) -> tuple[str, list[str]]:
 
 def evaluate_bpb(
     score_tokens: Callable,
-    unigram: perplexity.UnigramModel,
+    unigram: perplexity.UnigramModel | None,
     tokenizer: tokenizer_lib.Tokenizer,
     max_len: int,
     settings: Settings,
 ) -> dict[str, Any]:
-    """bpb, perplexity and the unigram baseline's on the same tokens of the same text."""
+    """bpb, perplexity and the unigram baseline's (None without one) on the same tokens of the same text."""
     name, documents = bpb_documents(settings)
     model_score = perplexity.score_text(score_tokens, tokenizer, documents, max_len)
-    unigram_score = perplexity.score_text(unigram.score_tokens, tokenizer, documents, max_len)
+    unigram_score = unigram and perplexity.score_text(unigram.score_tokens, tokenizer, documents, max_len)
     return {
         "bpb": model_score.bpb,
         "perplexity": model_score.perplexity,
-        "unigram_bpb": unigram_score.bpb,
+        "unigram_bpb": unigram_score and unigram_score.bpb,
         "bpb_details": {
-            "unigram_perplexity": unigram_score.perplexity,
+            "unigram_perplexity": unigram_score and unigram_score.perplexity,
             "text": name,
             "documents": model_score.documents,
             "tokens": model_score.tokens,
@@ -220,8 +221,12 @@ def evaluate_bpb(
     }
 
 
-def train_split_dir(config: ml_collections.ConfigDict, settings: Settings) -> str:
-    return settings.train_data or os.path.join(config.data.path, "train")
+def train_split_dir(config: ml_collections.ConfigDict, settings: Settings) -> str | None:
+    """The shards the unigram baseline counts; None for a run that was not trained on data of its own here
+    (imported from Hugging Face) when no --train_data is given: its bpb then has no baseline."""
+    if settings.train_data or config.data.path:
+        return settings.train_data or os.path.join(config.data.path, "train")
+    return None
 
 
 def evaluate_run(
@@ -234,8 +239,8 @@ def evaluate_run(
     if "bpb" in task_names:
         start = time.perf_counter()
         train_dir = train_split_dir(run.config, settings)
-        logging.info("Evaluating bpb (unigram baseline from %s)", train_dir)
-        unigram = perplexity.UnigramModel.from_shards(train_dir, run.config.model.vocab_size)
+        logging.info("Evaluating bpb (unigram baseline from %s)", train_dir or "nowhere: no training data")
+        unigram = train_dir and perplexity.UnigramModel.from_shards(train_dir, run.config.model.vocab_size)
         results.update(evaluate_bpb(scorer.score_tokens, unigram, run.tokenizer, scorer.max_len, settings))
         seconds["bpb"] = time.perf_counter() - start
     generate = generation_tasks.run_generator(run, batch_size)

@@ -15,7 +15,7 @@ from test_hf_import import hf_model, restored_model
 from test_hf_tokenizer import BUILDERS
 from transformers import AutoModelForCausalLM
 
-from llm.hf import exporter, importer, peft_adapters, safetensors_files
+from llm.hf import exporter, importer, peft_adapters, safetensors_files, weights
 from llm.model.transformer import create_model
 from llm.runs import directory, loading
 
@@ -63,6 +63,7 @@ def our_logits(model):
         ("untied", dict(), "LlamaForCausalLM"),
         ("tied", dict(tie_embeddings=True), "LlamaForCausalLM"),
         ("qkv_bias", dict(qkv_bias=True), "Qwen2ForCausalLM"),
+        ("scanned", dict(scan_layers=True), "LlamaForCausalLM"),  # stacked blocks written layer by layer
     ],
 )
 def test_exported_run_gives_our_logits_in_transformers(kind, model_keys, architecture, tokenizer, tmp_path):
@@ -247,6 +248,33 @@ def test_configs_without_a_hf_equivalent_are_refused_by_key_before_writing(model
     with pytest.raises(exporter.UnsupportedRun, match=message):
         exporter.export_run(run_dir, str(tmp_path / "hf"))
     assert not os.path.exists(tmp_path / "hf") and not os.path.exists(str(tmp_path / "hf") + exporter.STAGING_SUFFIX)
+
+
+def test_a_model_key_the_export_does_not_know_is_refused_unless_default(tokenizer, tmp_path, monkeypatch):
+    # As if rope_theta were a key added after the exporter was written.
+    monkeypatch.setattr(exporter, "EXPORTED_KEYS", exporter.EXPORTED_KEYS - {"rope_theta"})
+    assert exporter.architecture(our_config(tokenizer, rope_theta=10000.0)).name == "LlamaForCausalLM"
+    with pytest.raises(exporter.UnsupportedRun, match="model.rope_theta=500000.0: not exported"):
+        exporter.architecture(our_config(tokenizer))
+
+
+def test_a_fused_hf_tensor_is_its_parts_in_table_order():
+    # GPT-2's c_attn: (embed, 3 * embed) = query | key | value columns (Conv1D stores (in, out)).
+    columns = weights.Transform("columns", lambda s: (s[0], s[1] * s[2]), None, lambda a: a.reshape(a.shape[0], -1))
+    table = {
+        f"blocks.{{i}}.attention.{name}.kernel": ("h.{i}.attn.c_attn.weight", columns)
+        for name in ("query", "key", "value")
+    }
+    paths = [("blocks", 1, "attention", name, "kernel") for name in ("key", "query", "value")]  # (our sorted order)
+    (tensor,) = weights.export_tensors(table, paths)
+    arrays = {
+        name: np.random.default_rng(i).standard_normal((8, 2, 4)) for i, name in enumerate(("query", "key", "value"))
+    }
+    assert tensor.name == "h.1.attn.c_attn.weight" and tensor.shape(dict.fromkeys(paths, (8, 2, 4))) == (8, 24)
+    fused = tensor.assemble([arrays[path[3]] for path, _ in tensor.parts])
+    np.testing.assert_array_equal(
+        fused, np.concatenate([arrays[n].reshape(8, 8) for n in ("query", "key", "value")], -1)
+    )
 
 
 def test_a_quantized_run_is_refused_naming_its_source(tokenizer, tmp_path):

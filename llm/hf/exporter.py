@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from configs import base
 from llm import checkpoint, io
 from llm.hf import safetensors_files, tokenizer_export, weights
 from llm.model import layers
@@ -51,29 +52,64 @@ class UnsupportedRun(ValueError):
     """The run has no faithful Hugging Face equivalent (the message names the config key)."""
 
 
+def _llama_keys(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config.json keys that describe a Llama-style model (Llama, Qwen2)."""
+    rope = {"rope_type": "default", "rope_theta": float(model.rope_theta)}
+    return {
+        "hidden_size": model.embed_dim,
+        "intermediate_size": model.mlp_dim,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_heads,
+        "num_key_value_heads": model.num_kv_heads,
+        "head_dim": layers.head_dim(model),
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_seq_len,
+        "rms_norm_eps": model.norm_eps,
+        "rope_parameters": rope,  # transformers 5
+        "rope_theta": rope["rope_theta"],  # transformers 4
+        "attention_bias": model.qkv_bias,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-    """A transformers architecture a run can be exported as."""
+    """A transformers architecture a run can be exported as: adding one is one entry of ARCHITECTURES."""
 
     name: str  # config.json "architectures"
     model_type: str
     mapping: dict  # our parameter paths -> HF tensors (llm/hf/weights.py)
     required: dict[str, Any]  # config.model keys -> the value the architecture needs
-    extra_keys: dict[str, Any]  # config.json keys of this architecture beyond the Llama-style ones
+    config_keys: Callable[[ml_collections.ConfigDict], dict[str, Any]]  # config.model -> its config.json keys
 
 
 _LLAMA_STYLE = dict(norm="rmsnorm", mlp_activation="swiglu", position_encoding="rope", use_bias=False)
 ARCHITECTURES = (
-    Architecture("LlamaForCausalLM", "llama", weights.LLAMA, {**_LLAMA_STYLE, "qkv_bias": False}, {"mlp_bias": False}),
-    # Qwen2's q/k/v projections always carry biases, its output projection and MLP never.
+    Architecture("LlamaForCausalLM", "llama", weights.LLAMA, {**_LLAMA_STYLE, "qkv_bias": False}, _llama_keys),
+    # Qwen2's q/k/v projections always carry biases, its output projection and MLP never; tied or not.
     Architecture(
         "Qwen2ForCausalLM",
         "qwen2",
         weights.QWEN2,
         {**_LLAMA_STYLE, "qkv_bias": True},
-        {"use_sliding_window": False, "sliding_window": None},
+        lambda model: {**_llama_keys(model), "use_sliding_window": False, "sliding_window": None},
     ),
 )
+# config.model keys every architecture honours, or that do not change what the model computes. Any other key
+# (one added after this list, say) must keep its configs/base.py default: the export would silently drop it.
+EXPORTED_KEYS = {
+    "vocab_size", "max_seq_len", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+    "norm_eps", "rope_theta", "tie_embeddings", "soft_prompt_length", "dropout_rate", "lora_rank", "lora_alpha",
+    "lora_dropout", "lora_targets", "scan_layers", "remat_policy", "attention_impl", "kv_cache_dtype", "dtype",
+    "param_dtype",
+}  # fmt: skip
+
+
+def _unexported_keys(model: ml_collections.ConfigDict) -> list[str]:
+    known = EXPORTED_KEYS.union(*(arch.required for arch in ARCHITECTURES))
+    defaults = base.get_config().model
+    return [f"model.{key}={model[key]!r}" for key in model.keys() if key not in known and model[key] != defaults[key]]
 
 
 def architecture(config: ml_collections.ConfigDict) -> Architecture:
@@ -88,6 +124,9 @@ def architecture(config: ml_collections.ConfigDict) -> Architecture:
         raise UnsupportedRun(
             f"model.soft_prompt_length={model.soft_prompt_length}: a soft prompt has no Hugging Face equivalent."
         )
+    unexported = _unexported_keys(model)
+    if unexported:
+        raise UnsupportedRun(f"{'; '.join(unexported)}: not exported to Hugging Face yet (llm/hf/exporter.py).")
     mismatches = {
         arch.name: [key for key, value in arch.required.items() if model[key] != value] for arch in ARCHITECTURES
     }
@@ -107,24 +146,11 @@ def hf_config(
 ) -> dict[str, Any]:
     """The config.json of the exported model."""
     model = config.model
-    rope = {"rope_type": "default", "rope_theta": float(model.rope_theta)}
     return {
         "architectures": [arch.name],
         "model_type": arch.model_type,
         "vocab_size": model.vocab_size,
-        "hidden_size": model.embed_dim,
-        "intermediate_size": model.mlp_dim,
-        "num_hidden_layers": model.num_layers,
-        "num_attention_heads": model.num_heads,
-        "num_key_value_heads": model.num_kv_heads,
-        "head_dim": layers.head_dim(model),
-        "hidden_act": "silu",
-        "max_position_embeddings": model.max_seq_len,
-        "rms_norm_eps": model.norm_eps,
-        "rope_parameters": rope,  # transformers 5
-        "rope_theta": rope["rope_theta"],  # transformers 4
-        "attention_bias": model.qkv_bias,
-        "attention_dropout": 0.0,
+        **arch.config_keys(model),
         "tie_word_embeddings": model.tie_embeddings,
         "bos_token_id": tokenizer.bos_id,
         "eos_token_id": tokenizer.eos_id,
@@ -132,7 +158,6 @@ def hf_config(
         "dtype": dtype,  # transformers 5
         "torch_dtype": dtype,  # transformers 4
         "use_cache": True,
-        **arch.extra_keys,
     }
 
 

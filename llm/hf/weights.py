@@ -31,6 +31,8 @@ class Transform:
     name: str
     hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # our shape -> the HF tensor's shape
     read: Callable[[np.ndarray, Index, tuple[int, ...]], np.ndarray]  # (HF tensor, our block, our shape) -> block
+    # Export: our whole array -> the HF tensor (or, for a fused HF tensor, its column block: see `export_tensors`).
+    write: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def _heads(index: slice, head_dim: int) -> slice:
@@ -55,11 +57,21 @@ def _read_heads_bias(t: np.ndarray, ix: Index, shape: tuple[int, ...]) -> np.nda
     return t[_heads(ix[0], shape[1])].reshape(-1, shape[1])[:, ix[1]]
 
 
-COPY = Transform("copy", lambda s: s, lambda t, ix, s: t[ix])
-TRANSPOSE = Transform("transpose", lambda s: s[::-1], lambda t, ix, s: t[ix[::-1]].T)
-HEADS_IN = Transform("split heads of an input projection", lambda s: (s[1] * s[2], s[0]), _read_heads_in)
-HEADS_OUT = Transform("split heads of the output projection", lambda s: (s[2], s[0] * s[1]), _read_heads_out)
-HEADS_BIAS = Transform("split heads of a bias", lambda s: (s[0] * s[1],), _read_heads_bias)
+COPY = Transform("copy", lambda s: s, lambda t, ix, s: t[ix], lambda a: a)
+TRANSPOSE = Transform("transpose", lambda s: s[::-1], lambda t, ix, s: t[ix[::-1]].T, lambda a: a.T)
+HEADS_IN = Transform(
+    "split heads of an input projection",
+    lambda s: (s[1] * s[2], s[0]),
+    _read_heads_in,
+    lambda a: a.reshape(a.shape[0], -1).T,  # (embed, heads, head_dim) -> (heads * head_dim, embed)
+)
+HEADS_OUT = Transform(
+    "split heads of the output projection",
+    lambda s: (s[2], s[0] * s[1]),
+    _read_heads_out,
+    lambda a: a.reshape(-1, a.shape[-1]).T,  # (heads, head_dim, embed) -> (embed, heads * head_dim)
+)
+HEADS_BIAS = Transform("split heads of a bias", lambda s: (s[0] * s[1],), _read_heads_bias, lambda a: a.reshape(-1))
 
 # Our parameter path ("{i}": the layer) -> (HF tensor name, transform).
 LLAMA = {
@@ -144,3 +156,38 @@ def _placed(tensor: np.ndarray, transform: Transform, target: nnx.Variable) -> n
         return np.asarray(transform.read(tensor, index, shape), dtype=dtype)
 
     return target.replace(jax.make_array_from_callback(shape, placement, block))
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """One tensor of an exported checkpoint and the parameters of ours it is written from, in column order."""
+
+    name: str
+    parts: tuple[tuple[tuple, Transform], ...]  # (our parameter path, its transform)
+
+    def shape(self, our_shapes: dict[tuple, tuple[int, ...]]) -> tuple[int, ...]:
+        """The HF tensor's shape, from our parameters' shapes."""
+        shapes = [transform.hf_shape(our_shapes[path]) for path, transform in self.parts]
+        return shapes[0] if len(shapes) == 1 else (*shapes[0][:-1], sum(shape[-1] for shape in shapes))
+
+    def assemble(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """The HF tensor from our whole arrays (one per part, in `parts` order)."""
+        blocks = [transform.write(array) for (_, transform), array in zip(self.parts, arrays)]
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=-1)
+
+
+def export_tensors(mapping: dict, paths: list[tuple]) -> list[HFTensor]:
+    """The HF tensors that our parameters `paths` (per layer, e.g. ('blocks', 3, 'mlp', 'up', 'kernel')) make.
+
+    Several parameters mapped to one HF tensor are its column blocks, in the order of their entries in
+    `mapping`: a fused tensor such as GPT-2's c_attn (query | key | value) is one table entry per block.
+    """
+    order = {template: position for position, template in enumerate(mapping)}
+    grouped: dict[str, list[tuple[int, tuple, Transform]]] = {}
+    for path in paths:
+        name, transform = _source(mapping, path)
+        if transform.write is None:
+            raise ValueError(f"Transform {transform.name!r} of {name!r} has no export direction (write).")
+        template = ".".join("{i}" if isinstance(part, int) else str(part) for part in path)
+        grouped.setdefault(name, []).append((order[template], path, transform))
+    return [HFTensor(name, tuple((path, t) for _, path, t in sorted(parts))) for name, parts in grouped.items()]

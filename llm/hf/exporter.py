@@ -1,0 +1,322 @@
+"""A run directory -> a Hugging Face model folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    OUTPUT/config.json                  the HF config (architectures, sizes, RoPE, norms, special token ids, dtype)
+    OUTPUT/model.safetensors            the weights, or model-0000K-of-0000N.safetensors shards (5 GB each by
+                                        default) with model.safetensors.index.json
+    OUTPUT/generation_config.json       the special token ids (an imported run's own file, copied)
+    OUTPUT/tokenizer.json, ...          the tokenizer (llm/hf/tokenizer_export.py)
+
+A run with RMSNorm, SwiGLU and RoPE exports as LlamaForCausalLM, with `qkv_bias` as Qwen2ForCausalLM; a config
+with no Hugging Face equivalent is refused, naming the key, before anything is written. A LoRA run exports
+merged here (`merge=True`); its PEFT adapter is llm/hf/peft_adapters.py. A quantized run is refused: export the
+float run it was made from (its `quantization.source_workdir`), which is what its weights approximate.
+
+Weights leave the devices one tensor at a time and go straight into the file (the safetensors format is
+written here: an 8-byte header length, a JSON header, then the raw data), so the host never holds the model
+twice. The folder appears complete or not at all: it is written into OUTPUT.exporting and renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from configs import base
+from llm import checkpoint, io
+from llm.hf import safetensors_files, tokenizer_export, weights
+from llm.model import layers
+from llm.quant import ptq
+from llm.runs import build, directory, loading
+from llm.tokenizer import AnyTokenizer
+
+SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16")}
+GENERATION_CONFIG = "generation_config.json"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's; an output holding one is an export too (llm/hf/peft_adapters.py)
+STAGING_SUFFIX = ".exporting"
+
+
+class UnsupportedRun(ValueError):
+    """The run has no faithful Hugging Face equivalent (the message names the config key)."""
+
+
+def _llama_keys(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config.json keys that describe a Llama-style model (Llama, Qwen2)."""
+    rope = {"rope_type": "default", "rope_theta": float(model.rope_theta)}
+    return {
+        "hidden_size": model.embed_dim,
+        "intermediate_size": model.mlp_dim,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_heads,
+        "num_key_value_heads": model.num_kv_heads,
+        "head_dim": layers.head_dim(model),
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_seq_len,
+        "rms_norm_eps": model.norm_eps,
+        "rope_parameters": rope,  # transformers 5
+        "rope_theta": rope["rope_theta"],  # transformers 4
+        "attention_bias": model.qkv_bias,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A transformers architecture a run can be exported as: adding one is one entry of ARCHITECTURES."""
+
+    name: str  # config.json "architectures"
+    model_type: str
+    mapping: dict  # our parameter paths -> HF tensors (llm/hf/weights.py)
+    required: dict[str, Any]  # config.model keys -> the value the architecture needs
+    config_keys: Callable[[ml_collections.ConfigDict], dict[str, Any]]  # config.model -> its config.json keys
+
+
+_LLAMA_STYLE = dict(norm="rmsnorm", mlp_activation="swiglu", position_encoding="rope", use_bias=False)
+ARCHITECTURES = (
+    Architecture("LlamaForCausalLM", "llama", weights.LLAMA, {**_LLAMA_STYLE, "qkv_bias": False}, _llama_keys),
+    # Qwen2's q/k/v projections always carry biases, its output projection and MLP never; tied or not.
+    Architecture(
+        "Qwen2ForCausalLM",
+        "qwen2",
+        weights.QWEN2,
+        {**_LLAMA_STYLE, "qkv_bias": True},
+        lambda model: {**_llama_keys(model), "use_sliding_window": False, "sliding_window": None},
+    ),
+)
+# config.model keys every architecture honours, or that do not change what the model computes. Any other key
+# (one added after this list, say) must keep its configs/base.py default: the export would silently drop it.
+EXPORTED_KEYS = {
+    "vocab_size", "max_seq_len", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+    "norm_eps", "rope_theta", "tie_embeddings", "soft_prompt_length", "dropout_rate", "lora_rank", "lora_alpha",
+    "lora_dropout", "lora_targets", "scan_layers", "remat_policy", "attention_impl", "kv_cache_dtype", "dtype",
+    "param_dtype",
+}  # fmt: skip
+
+
+def _unexported_keys(model: ml_collections.ConfigDict) -> list[str]:
+    known = EXPORTED_KEYS.union(*(arch.required for arch in ARCHITECTURES))
+    defaults = base.get_config().model
+    return [f"model.{key}={model[key]!r}" for key in model.keys() if key not in known and model[key] != defaults[key]]
+
+
+def architecture(config: ml_collections.ConfigDict) -> Architecture:
+    """The architecture a (float, unadapted or merged) run config exports as; UnsupportedRun names the key."""
+    if ptq.is_quantized(config):
+        raise UnsupportedRun(
+            f"The run is quantized (quantization.mode={config.quantization.mode!r}): export the float run it was "
+            f"made from, quantization.source_workdir={config.quantization.source_workdir!r}, instead."
+        )
+    model = config.model
+    if model.soft_prompt_length:
+        raise UnsupportedRun(
+            f"model.soft_prompt_length={model.soft_prompt_length}: a soft prompt has no Hugging Face equivalent."
+        )
+    unexported = _unexported_keys(model)
+    if unexported:
+        raise UnsupportedRun(f"{'; '.join(unexported)}: not exported to Hugging Face yet (llm/hf/exporter.py).")
+    mismatches = {
+        arch.name: [key for key, value in arch.required.items() if model[key] != value] for arch in ARCHITECTURES
+    }
+    matching = [arch for arch in ARCHITECTURES if not mismatches[arch.name]]
+    if matching:
+        return matching[0]
+    nearest = min(ARCHITECTURES, key=lambda arch: len(mismatches[arch.name]))
+    reasons = [
+        f"model.{key}={model[key]!r} ({nearest.name} needs {nearest.required[key]!r})"
+        for key in mismatches[nearest.name]
+    ]
+    raise UnsupportedRun("No Hugging Face architecture matches this run: " + "; ".join(reasons) + ".")
+
+
+def hf_config(
+    config: ml_collections.ConfigDict, arch: Architecture, tokenizer: AnyTokenizer, dtype: str
+) -> dict[str, Any]:
+    """The config.json of the exported model."""
+    model = config.model
+    return {
+        "architectures": [arch.name],
+        "model_type": arch.model_type,
+        "vocab_size": model.vocab_size,
+        **arch.config_keys(model),
+        "tie_word_embeddings": model.tie_embeddings,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "dtype": dtype,  # transformers 5
+        "torch_dtype": dtype,  # transformers 4
+        "use_cache": True,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class OutTensor:
+    """A tensor to write: its name, shape, and how to gather it (called when its turn comes, then dropped)."""
+
+    name: str
+    shape: tuple[int, ...]
+    values: Callable[[], np.ndarray]
+
+
+def per_layer_arrays(state: nnx.State) -> dict[tuple, tuple[tuple[int, ...], Callable[[], jax.Array]]]:
+    """Path -> (shape, getter) of every array in `state`, with scanned blocks (a leading `layers` axis, path
+    ('blocks', 'mlp', ...)) split into layers ('blocks', i, 'mlp', ...): the paths of the HF tables. A getter
+    reads the array (or one layer of it) only when called."""
+    arrays = {}
+    for path, variable in nnx.to_flat_state(state):
+        value = variable.value
+        if path[0] == "blocks" and not isinstance(path[1], int):
+            for layer in range(value.shape[0]):
+                arrays[("blocks", layer, *path[1:])] = (value.shape[1:], lambda v=value, i=layer: v[i])
+        else:
+            arrays[path] = (value.shape, lambda v=value: v)
+    return arrays
+
+
+def model_tensors(model: nnx.Module, arch: Architecture) -> list[OutTensor]:
+    """The HF tensors of `model` (a plain model: no adapters, no quantization), gathered lazily."""
+    arrays = per_layer_arrays(nnx.state(model, nnx.Param))
+    shapes = {path: shape for path, (shape, _) in arrays.items()}
+
+    def values(tensor: weights.HFTensor) -> Callable[[], np.ndarray]:
+        return lambda: tensor.assemble([np.asarray(jax.device_get(arrays[path][1]())) for path, _ in tensor.parts])
+
+    return [OutTensor(t.name, t.shape(shapes), values(t)) for t in weights.export_tensors(arch.mapping, list(arrays))]
+
+
+def write_safetensors(
+    output_dir: str, tensors: list[OutTensor], dtype: str, shard_bytes: int = SHARD_BYTES, file_name: str | None = None
+) -> None:
+    """Writes `tensors` in `dtype` as OUTPUT/`file_name` (default model.safetensors) or, when they exceed
+    `shard_bytes`, as model-0000K-of-0000N.safetensors shards with model.safetensors.index.json."""
+    itemsize = np.dtype(DTYPES[dtype][0]).itemsize
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        nbytes = math.prod(tensor.shape) * itemsize
+        if shards[-1] and size + nbytes > shard_bytes:  # A tensor larger than a shard gets one of its own.
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += nbytes
+    if len(shards) == 1:
+        _write_file(os.path.join(output_dir, file_name or safetensors_files.SINGLE_FILE), shards[0], dtype)
+        return
+    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    for file, shard in zip(files, shards):
+        _write_file(os.path.join(output_dir, file), shard, dtype)
+    total = sum(math.prod(tensor.shape) * itemsize for tensor in tensors)
+    weight_map = {tensor.name: file for file, shard in zip(files, shards) for tensor in shard}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    io.write_json(os.path.join(output_dir, safetensors_files.INDEX_FILE), index)
+
+
+def _write_file(path: str, tensors: list[OutTensor], dtype: str) -> None:
+    np_dtype, code = DTYPES[dtype]
+    itemsize, header, offset = np.dtype(np_dtype).itemsize, {}, 0
+    for tensor in tensors:
+        end = offset + math.prod(tensor.shape) * itemsize
+        header[tensor.name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        offset = end
+    header["__metadata__"] = {"format": "pt"}  # transformers refuses files without it.
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # The data start 8-byte aligned, as safetensors writes them.
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for tensor in tensors:
+            array = np.ascontiguousarray(tensor.values(), dtype=np_dtype)
+            if array.shape != tensor.shape:
+                raise ValueError(f"Tensor {tensor.name!r} came out {array.shape}, expected {tensor.shape}.")
+            f.write(array.tobytes())
+
+
+def check_output(output_dir: str, overwrite: bool) -> str:
+    """The absolute output path; an existing one is replaced only with `overwrite`, and only if it holds an
+    export (config.json or adapter_config.json): a mistyped path must not delete anything else."""
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and not overwrite:
+        raise FileExistsError(f"{output_dir!r} already exists; choose another directory or overwrite it.")
+    markers = (directory.CONFIG_FILE, ADAPTER_CONFIG)
+    if os.path.exists(output_dir) and not any(os.path.isfile(os.path.join(output_dir, m)) for m in markers):
+        raise FileExistsError(f"{output_dir!r} exists and is not an exported model; refusing to overwrite it.")
+    return output_dir
+
+
+def check_run(workdir: str, step: int | None, dtype: str | None) -> ml_collections.ConfigDict:
+    """The run's config after every check that needs no weights: its architecture (a LoRA run's once merged),
+    its checkpoint (and its base's, for a LoRA run), its tokenizer, the dtype. Raises UnsupportedRun,
+    FileNotFoundError or ValueError."""
+    config = directory.load_config(workdir)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {tuple(DTYPES)}.")
+    lora = config.train.trainable == "lora"
+    architecture(build.base_config(config) if lora else config)
+    checkpoint.require_checkpoint(workdir, step)
+    if lora:
+        checkpoint.require_checkpoint(config.init_from)
+    directory.find_tokenizer(workdir, config)
+    return config
+
+
+def write_model(run: loading.Run, output_dir: str, dtype: str | None, shard_bytes: int = SHARD_BYTES) -> None:
+    """Writes the HF folder of a loaded plain (or merged) run into the existing directory `output_dir`."""
+    arch = architecture(run.config)
+    dtype = dtype or run.config.model.param_dtype
+    io.write_json(os.path.join(output_dir, directory.CONFIG_FILE), hf_config(run.config, arch, run.tokenizer, dtype))
+    write_safetensors(output_dir, model_tensors(run.model, arch), dtype, shard_bytes)
+    imported = os.path.join(run.workdir, GENERATION_CONFIG)
+    if os.path.isfile(imported):
+        shutil.copyfile(imported, os.path.join(output_dir, GENERATION_CONFIG))
+    else:
+        ids = {"bos_token_id": run.tokenizer.bos_id, "eos_token_id": run.tokenizer.eos_id}
+        io.write_json(os.path.join(output_dir, GENERATION_CONFIG), {**ids, "pad_token_id": run.tokenizer.pad_id})
+    tokenizer_export.write_tokenizer_files(run.workdir, output_dir, None)
+
+
+def export_run(
+    workdir: str,
+    output_dir: str,
+    dtype: str | None = None,
+    step: int | None = None,
+    merge: bool = False,
+    overwrite: bool = False,
+    shard_bytes: int = SHARD_BYTES,
+) -> str:
+    """Writes the HF folder of run `workdir` (checkpoint `step`, default the latest) to `output_dir`; returns
+    its absolute path. `dtype` defaults to the run's param_dtype; a LoRA run needs `merge` (adapters merged
+    into the base weights, as scripts/merge_lora.py does). Everything is checked before any weight is read."""
+    output_dir = check_output(output_dir, overwrite)
+    config = check_run(workdir, step, dtype)
+    if config.train.trainable == "lora" and not merge:
+        raise UnsupportedRun("A LoRA run exports as a PEFT adapter (llm/hf/peft_adapters.py) or merged (merge=True).")
+    run = loading.load_run(workdir, step)  # A LoRA run comes back merged.
+    staging = output_dir + STAGING_SUFFIX
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        write_model(run, staging, dtype, shard_bytes)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return publish(staging, output_dir)
+
+
+def publish(staging: str, output_dir: str) -> str:
+    """Puts the finished folder `staging` in place of `output_dir` (checked by `check_output`)."""
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(staging, output_dir)
+    return output_dir

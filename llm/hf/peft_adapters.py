@@ -1,0 +1,285 @@
+"""LoRA runs <-> PEFT adapter folders, both ways.
+
+Export (`export_adapter`) writes what `peft.PeftModel.from_pretrained` reads, with the base beside it:
+
+    OUTPUT/adapter_config.json        peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, lora_dropout,
+                                      target_modules in HF names (q_proj, ...), base_model_name_or_path
+    OUTPUT/adapter_model.safetensors  the adapters under PEFT's names
+    OUTPUT/tokenizer.json, ...        the run's tokenizer
+    OUTPUT/base/                      the run's `init_from` exported as a HF model (llm/hf/exporter.py)
+
+base_model_name_or_path is the absolute path of OUTPUT/base, so `AutoPeftModelForCausalLM.from_pretrained(OUTPUT)`
+works in place; after moving the folder, load the base yourself:
+`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUTPUT/base), OUTPUT)`. A QLoRA run's adapters
+were trained against the int4-quantized base; the base written is the float `init_from` (as when a bitsandbytes
+QLoRA adapter is applied to the float model): close, not identical. `--merge` (exporter) gives one model.
+
+PEFT names the adapter of the HF Linear `model.layers.{i}.self_attn.q_proj` with the keys
+`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (r, in) and `...lora_B.weight` (out, r),
+and adds lora_B @ lora_A @ x * lora_alpha / r. Ours adds x @ A @ B * alpha / rank with A (in, r), B (r, out),
+their `in` and `out` flattened in the (heads, head_dim) order of the HF weight: lora_A = A.T, lora_B = B.T.
+
+Import (`import_adapter`) turns a PEFT folder into a LoRA run on an existing run (e.g. an imported model):
+config lora_rank / lora_alpha / lora_dropout / lora_targets from the adapter config, init_from the base run,
+trainable "lora", and one checkpoint holding the adapters. PEFT features we lack are refused by key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import safetensors.flax
+from flax import nnx
+
+from llm import checkpoint, config_validation, io, sharding
+from llm.hf import exporter, importer, tokenizer_export, weights
+from llm.model.lora import LORA_SUFFIX
+from llm.model.transformer import create_model
+from llm.runs import build, directory, loading
+
+ADAPTER_FILE = "adapter_model.safetensors"
+BASE_DIR = "base"
+PEFT_PREFIX = "base_model.model."
+LINEAR_LAYOUTS = (weights.TRANSPOSE, weights.HEADS_IN, weights.HEADS_OUT)  # HF nn.Linear weights: (out, in)
+# PEFT config keys we honour, or that only shape training or initialization; every other key must be unset
+# (null, false, empty), else the adapter computes something our LoRA does not.
+HONOURED_KEYS = {
+    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "base_model_name_or_path",
+    "revision", "inference_mode", "init_lora_weights", "peft_version", "auto_mapping", "megatron_core",
+    "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "layers_pattern",
+    "fan_in_fan_out",  # PEFT itself sets it false for nn.Linear layers
+}  # fmt: skip
+
+
+class UnsupportedAdapter(ValueError):
+    """A PEFT adapter that our LoRA cannot reproduce (the message names the adapter_config.json key)."""
+
+
+def _layer_path(path: tuple) -> tuple:
+    """The adapted layer's kernel path of an adapter parameter path (..., 'query_lora', 'adapter', 'lora_a')."""
+    *parents, owner, _, _ = path
+    return (*parents, owner.removesuffix(LORA_SUFFIX), "kernel")
+
+
+def _template(path: tuple) -> str:
+    return ".".join("{i}" if isinstance(part, int) else str(part) for part in path)
+
+
+def _peft_module(arch: exporter.Architecture, layer_path: tuple) -> str:
+    """PEFT's module name of one of our adapted kernels, e.g. 'base_model.model.model.layers.0.self_attn.q_proj'.
+    Only plain HF Linear weights qualify: an adapter of a fused tensor (GPT-2's c_attn) is a different one."""
+    hf_template, transform = arch.mapping[_template(layer_path)]
+    fused = [name for name, _ in arch.mapping.values()].count(hf_template) > 1
+    if transform not in LINEAR_LAYOUTS or fused:
+        raise exporter.UnsupportedRun(
+            f"{hf_template!r} is not a plain Linear weight: PEFT cannot hold our adapter of it."
+        )
+    layer = next(part for part in layer_path if isinstance(part, int))
+    return PEFT_PREFIX + hf_template.format(i=layer).removesuffix(".weight")
+
+
+def _peft_key(arch: exporter.Architecture, path: tuple) -> str:
+    """PEFT's tensor name of one of our (per-layer) adapter parameters."""
+    return f"{_peft_module(arch, _layer_path(path))}.lora_{'A' if path[-1] == 'lora_a' else 'B'}.weight"
+
+
+def adapter_tensors(lora_state: nnx.State, arch: exporter.Architecture) -> list[exporter.OutTensor]:
+    """The adapters as PEFT's tensors: lora_A = our A.T (r, in), lora_B = our B.T (out, r), gathered lazily."""
+    arrays = exporter.per_layer_arrays(lora_state)
+
+    def values(get):
+        return lambda: np.asarray(jax.device_get(get())).T
+
+    return [
+        exporter.OutTensor(_peft_key(arch, path), shape[::-1], values(get)) for path, (shape, get) in arrays.items()
+    ]
+
+
+def adapter_config(
+    config: ml_collections.ConfigDict, arch: exporter.Architecture, paths: list[tuple], base: str
+) -> dict:
+    """adapter_config.json of a LoRA run whose (per-layer) adapter parameter paths are `paths`."""
+    modules = sorted({_peft_module(arch, _layer_path(path)).rsplit(".", 1)[-1] for path in paths})
+    model = config.model
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": model.lora_rank,
+        "lora_alpha": model.lora_alpha,
+        "lora_dropout": model.lora_dropout,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,  # The scale is lora_alpha / r, as ours.
+        "use_dora": False,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def _abstract_adapters(config: ml_collections.ConfigDict) -> nnx.State:
+    """The LoRA parameters of a LoRA run's model, abstract, placed on one device (adapters are small)."""
+    abstract = nnx.state(nnx.eval_shape(lambda: build.trained_model(config, None)), nnx.LoRAParam)
+    mesh = sharding.create_mesh((1, 1, 1), jax.local_devices()[:1])
+    return sharding.abstract_with_shardings(
+        abstract, sharding.tree_shardings(abstract, mesh, config.logical_axis_rules)
+    )
+
+
+def export_adapter(
+    workdir: str,
+    output_dir: str,
+    dtype: str | None = None,
+    step: int | None = None,
+    overwrite: bool = False,
+    shard_bytes: int = exporter.SHARD_BYTES,
+) -> str:
+    """Writes the PEFT folder of LoRA run `workdir` (checkpoint `step`, default the latest) and its base (see
+    the module docstring) to `output_dir`; returns its absolute path. Checked before any weight is read."""
+    output_dir = exporter.check_output(output_dir, overwrite)
+    config = exporter.check_run(workdir, step, dtype)
+    if config.train.trainable != "lora":
+        raise exporter.UnsupportedRun(f"{workdir!r} is not a LoRA run (train.trainable={config.train.trainable!r}).")
+    arch = exporter.architecture(build.base_config(config))
+    abstract = _abstract_adapters(config)
+    paths = list(exporter.per_layer_arrays(abstract))
+    settings = adapter_config(config, arch, paths, os.path.join(output_dir, BASE_DIR))  # Refuses fused targets.
+    lora_state, _ = checkpoint.restore_run_params(workdir, abstract, step)
+    staging = output_dir + exporter.STAGING_SUFFIX
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(os.path.join(staging, BASE_DIR))
+    try:
+        exporter.write_model(loading.load_run(config.init_from), os.path.join(staging, BASE_DIR), dtype, shard_bytes)
+        io.write_json(os.path.join(staging, exporter.ADAPTER_CONFIG), settings)
+        adapters = adapter_tensors(lora_state, arch)
+        exporter.write_safetensors(staging, adapters, dtype or config.model.param_dtype, math.inf, ADAPTER_FILE)
+        tokenizer_export.write_tokenizer_files(workdir, staging, None)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return exporter.publish(staging, output_dir)
+
+
+def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
+    """ADAPTER_DIR/adapter_config.json, refused by key when it asks for anything our LoRA does not compute."""
+    path = os.path.join(adapter_dir, exporter.ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} not found: a PEFT adapter folder has an adapter_config.json.")
+    with open(path, encoding="utf-8") as f:
+        settings = json.load(f)
+    refused = [f"peft_type={settings.get('peft_type')!r} (only 'LORA')"] if settings.get("peft_type") != "LORA" else []
+    if settings.get("bias", "none") != "none":
+        refused.append(f"bias={settings['bias']!r} (only 'none')")
+    if not isinstance(settings.get("target_modules"), list):
+        refused.append(f"target_modules={settings.get('target_modules')!r} (only a list of module names)")
+    refused += [f"{key}={value!r}" for key, value in settings.items() if key not in HONOURED_KEYS and value]
+    if refused:
+        raise UnsupportedAdapter(f"{path}: cannot import " + "; ".join(refused) + ".")
+    return settings
+
+
+def adaptable_modules(arch: exporter.Architecture) -> dict[str, str]:
+    """HF module name (q_proj, ...) -> the path our lora_targets matches (attention/query, ...)."""
+    modules = {}
+    for template, (hf_template, transform) in arch.mapping.items():
+        match = re.fullmatch(r"blocks\.\{i\}\.(attention|mlp)\.(\w+)\.kernel", template)
+        if match and transform in LINEAR_LAYOUTS:
+            modules[hf_template.removesuffix(".weight").rsplit(".", 1)[-1]] = f"{match[1]}/{match[2]}"
+    return modules
+
+
+def lora_run_config(settings: dict[str, Any], base_run: str) -> tuple[ml_collections.ConfigDict, exporter.Architecture]:
+    """The config of a LoRA run on `base_run` with the adapter's rank, alpha, dropout and targets; validated."""
+    base = directory.load_config(base_run)
+    if base.train.trainable != "all":
+        raise ValueError(f"The base run {base_run!r} has train.trainable={base.train.trainable!r}; it must hold full "
+                         "weights (merge a LoRA run first: scripts/merge_lora.py).")  # fmt: skip
+    arch = exporter.architecture(base)
+    modules = adaptable_modules(arch)
+    unknown = [name for name in settings["target_modules"] if name not in modules]
+    if unknown:
+        raise UnsupportedAdapter(f"target_modules={settings['target_modules']!r}: {unknown} are not among the "
+                                 f"projections our LoRA adapts in a {arch.name}: {sorted(modules)}.")  # fmt: skip
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.init_from = os.path.abspath(base_run)
+    targets = sorted({modules[name] for name in settings["target_modules"]})
+    config.model.update(
+        lora_rank=int(settings["r"]),
+        lora_alpha=float(settings["lora_alpha"]),
+        lora_dropout=float(settings.get("lora_dropout") or 0.0),
+        lora_targets="|".join(targets),
+    )
+    config.train.update(trainable="lora", quantize_base="none")
+    config_validation.validate(config)
+    return config, arch
+
+
+def _adapter_state(adapter_dir: str, config: ml_collections.ConfigDict, arch: exporter.Architecture) -> nnx.State:
+    """Our LoRA parameters of `config` read from ADAPTER_DIR/adapter_model.safetensors; every tensor of the file
+    must be used and every one we need present with its shape."""
+    file = os.path.join(adapter_dir, ADAPTER_FILE)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file!r} not found: only safetensors adapters can be imported.")
+    tensors = safetensors.flax.load_file(file)  # bfloat16 too; adapters are small.
+    abstract = nnx.state(nnx.eval_shape(lambda: create_model(config)), nnx.LoRAParam)
+    used, flat = set(), []
+    for path, variable in nnx.to_flat_state(abstract):
+        stacked = path[0] == "blocks" and not isinstance(path[1], int)  # scan_layers: a leading layers axis
+        shape = variable.value.shape[1:] if stacked else variable.value.shape
+        per_layer = []
+        for layer_path in [("blocks", i, *path[1:]) for i in range(variable.value.shape[0])] if stacked else [path]:
+            key = _peft_key(arch, layer_path)
+            if key not in tensors:
+                raise KeyError(f"{file} has no tensor {key!r}, which target_modules and r call for.")
+            if tuple(tensors[key].shape) != shape[::-1]:
+                raise ValueError(
+                    f"Tensor {key!r} in {file} has shape {tuple(tensors[key].shape)}, expected {shape[::-1]}."
+                )
+            per_layer.append(tensors[key].T)
+            used.add(key)
+        array = np.stack(per_layer) if stacked else per_layer[0]
+        flat.append((path, variable.replace(jax.numpy.asarray(array, variable.value.dtype))))
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise UnsupportedAdapter(f"{file} holds {len(extra)} tensors no adapter of ours takes, e.g. {extra[0]!r}.")
+    return nnx.from_flat_state(flat)
+
+
+def import_adapter(adapter_dir: str, base_run: str, output_dir: str, overwrite: bool = False) -> str:
+    """Writes the LoRA run `output_dir` (on `base_run`) holding the PEFT adapter of `adapter_dir`; returns its
+    absolute path. Its config is checked before the tensors are read; the run appears complete or not at all."""
+    output_dir = importer.check_output(output_dir, overwrite)
+    config, arch = lora_run_config(read_adapter_config(adapter_dir), base_run)
+    checkpoint.require_checkpoint(base_run)
+    adapters = _adapter_state(adapter_dir, config, arch)
+    save_lora_run(output_dir, config, directory.tokenizer_in(base_run), adapters)
+    return output_dir
+
+
+def save_lora_run(
+    output_dir: str, config: ml_collections.ConfigDict, tokenizer_path: str | None, adapters: nnx.State
+) -> None:
+    """Writes a LoRA run directory whose one checkpoint (step 0) holds `adapters` (its LoRA parameters), as
+    training's checkpoints do: the base weights come from `config.init_from`. Written into OUTPUT.partial and
+    renamed, replacing an existing OUTPUT (the caller checks that it may)."""
+    partial = output_dir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    directory.write_run_files(partial, config, tokenizer_path)
+    saver = checkpoint.Checkpointer(os.path.join(partial, "checkpoints"), keep=1)
+    try:
+        saver.save(0, {"params": adapters}, {}, directory.config_dict(config))
+        saver.wait()
+    finally:
+        saver.close()
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(partial, output_dir)

@@ -219,6 +219,18 @@ def test_tokenizer_files_of_an_imported_run(tmp_path):
     assert reference.chat_template == CHAT_TEMPLATE and reference.eos_token == "</s>"
 
 
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_a_model_without_the_dummy_prefix(tmp_path, monkeypatch, model_type):
+    train = spm.SentencePieceTrainer.train
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", lambda **kwargs: train(**kwargs, add_dummy_prefix=False))
+    tokenizer = train_tokenizer(CORPUS, str(tmp_path / "es"), vocab_size=400, model_type=model_type)
+    assert tokenizer.piece(tokenizer.encode("hola")[0])[0] != "▁"
+    hf = spm_to_tokenizer_json(tokenizer)
+    assert _differences(tokenizer, lambda text, bos: hf.encode(text, add_special_tokens=bos).ids) == []
+    for text in TEXTS:
+        assert hf.decode(tokenizer.encode(text), skip_special_tokens=False) == tokenizer.decode(tokenizer.encode(text))
+
+
 @pytest.mark.parametrize(
     "setting, message",
     [

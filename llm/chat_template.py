@@ -72,3 +72,21 @@ def render(
 def stop_token_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
     """Tokens that end an assistant turn."""
     return tokenizer.role_ids["end"], tokenizer.eos_id
+
+
+def _defused_content_jinja() -> str:
+    """`message['content']` with every marker broken as `_defuse` breaks it, as a Jinja expression."""
+    replaces = "".join(
+        f" | replace('{marker}', '{marker[:2]}{_ZERO_WIDTH_SPACE}{marker[2:]}')" for marker in ROLE_TOKENS.values()
+    )
+    return "message['content']" + replaces
+
+
+# The same layout as a Jinja chat template, the form Hugging Face tokenizers carry: exported chat-tuned runs
+# ship it, and transformers' `apply_chat_template` renders exactly `render`'s ids with it (tested). Each content
+# reads after a space: the dummy prefix our SentencePiece encoder puts in front of every message.
+JINJA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|> {{ "
+    + _defused_content_jinja()
+    + " }}<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)

@@ -3,10 +3,12 @@ and exported folders imported back."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import forward, run_script, tiny_config
 from flax import nnx
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
@@ -15,6 +17,7 @@ from test_hf_import import hf_model, restored_model
 from test_hf_tokenizer import BUILDERS
 from transformers import AutoModelForCausalLM
 
+from llm import chat_template
 from llm.hf import exporter, importer, peft_adapters, safetensors_files, weights
 from llm.model.transformer import create_model
 from llm.runs import directory, loading
@@ -311,3 +314,33 @@ def test_export_script_end_to_end(lora_run, tmp_path):
     np.testing.assert_allclose(their_logits(peft_model), our_logits(model), atol=ATOL, rtol=0)
     again = run_script("export_hf.py", f"--workdir={lora_dir}", f"--output={out}", "--merge")
     assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_the_quickstart_shaped_export_runs_in_a_transformers_pipeline_as_sample_py_does(trained_run, tmp_path):
+    prompt = "La niña canta"
+    sampled = run_script(
+        "sample.py", f"--workdir={trained_run}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=12"
+    )
+    assert sampled.returncode == 0, sampled.stderr
+    completion = sampled.stdout.split(f"--- {prompt}", 1)[1].split("\n---", 1)[0].rstrip("\n")
+    out = exporter.export_run(trained_run, str(tmp_path / "hf"))
+    generator = transformers.pipeline("text-generation", model=out, device="cpu")
+    ids = generator(prompt, max_new_tokens=12, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    # The pipeline's own text cuts the prompt off by its decoded length, which loses a space of this barely trained
+    # model's runs of spaces; its tokens, decoded with the exported tokenizer, are sample.py's text.
+    text = generator.tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(completion) > 4 and text == prompt + completion
+
+
+def test_a_chat_tuned_export_carries_our_template_and_a_plain_one_none(trained_run, tmp_path):
+    chat_run = tmp_path / "chat_run"
+    shutil.copytree(trained_run, chat_run)
+    config = json.loads((chat_run / "config.json").read_text(encoding="utf-8"))
+    (chat_run / "config.json").write_text(json.dumps({**config, "chat": True}), encoding="utf-8")
+    messages = [{"role": "system", "content": "Eres útil."}, {"role": "user", "content": "¿Quién canta?"}]
+    reference = transformers.AutoTokenizer.from_pretrained(exporter.export_run(str(chat_run), str(tmp_path / "chat")))
+    rendered = reference.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    tokenizer = loading.load_run(str(chat_run)).tokenizer
+    assert rendered == chat_template.render(tokenizer, messages, add_generation_prompt=True)[0]
+    plain = transformers.AutoTokenizer.from_pretrained(exporter.export_run(trained_run, str(tmp_path / "plain")))
+    assert plain.chat_template is None

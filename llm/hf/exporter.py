@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from configs import base
-from llm import checkpoint, io
+from llm import chat_template, checkpoint, io
 from llm.hf import safetensors_files, tokenizer_export, weights
 from llm.model import layers
 from llm.quant import ptq
@@ -271,6 +271,12 @@ def check_run(workdir: str, step: int | None, dtype: str | None) -> ml_collectio
     return config
 
 
+def chat_template_of(config: ml_collections.ConfigDict, tokenizer: AnyTokenizer) -> str | None:
+    """The Jinja chat template an export of a chat-tuned run with our tokenizer carries; None otherwise (an
+    imported run keeps the template it came with)."""
+    return chat_template.JINJA_TEMPLATE if directory.chat_tuned(config) and tokenizer.has_role_tokens else None
+
+
 def write_model(run: loading.Run, output_dir: str, dtype: str | None, shard_bytes: int = SHARD_BYTES) -> None:
     """Writes the HF folder of a loaded plain (or merged) run into the existing directory `output_dir`."""
     arch = architecture(run.config)
@@ -283,7 +289,7 @@ def write_model(run: loading.Run, output_dir: str, dtype: str | None, shard_byte
     else:
         ids = {"bos_token_id": run.tokenizer.bos_id, "eos_token_id": run.tokenizer.eos_id}
         io.write_json(os.path.join(output_dir, GENERATION_CONFIG), {**ids, "pad_token_id": run.tokenizer.pad_id})
-    tokenizer_export.write_tokenizer_files(run.workdir, output_dir, None)
+    tokenizer_export.write_tokenizer_files(run.workdir, output_dir, chat_template_of(run.config, run.tokenizer))
 
 
 def export_run(

@@ -158,11 +158,12 @@ def export_adapter(
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(os.path.join(staging, BASE_DIR))
     try:
-        exporter.write_model(loading.load_run(config.init_from), os.path.join(staging, BASE_DIR), dtype, shard_bytes)
+        base = loading.load_run(config.init_from)
+        exporter.write_model(base, os.path.join(staging, BASE_DIR), dtype, shard_bytes)
         io.write_json(os.path.join(staging, exporter.ADAPTER_CONFIG), settings)
         adapters = adapter_tensors(lora_state, arch)
         exporter.write_safetensors(staging, adapters, dtype or config.model.param_dtype, math.inf, ADAPTER_FILE)
-        tokenizer_export.write_tokenizer_files(workdir, staging, None)
+        tokenizer_export.write_tokenizer_files(workdir, staging, exporter.chat_template_of(config, base.tokenizer))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -37,6 +37,8 @@ FIRST_TEXT_PIECE = len(SPECIAL_PIECES) + len(ROLE_TOKENS) + 256
 MIN_VOCAB_SIZE = FIRST_TEXT_PIECE + 1
 _BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")  # A byte-fallback piece
 SENTENCEPIECE_FILE = "tokenizer.model"
+# Every file a tokenizer of either backend is made of, as copied into a run or data directory.
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, TOKENIZER_JSON, *COMPANION_FILES)
 DEFAULT_UD_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval", "data", "ud_gsd_es_dev.conllu")
 
 
@@ -177,7 +179,7 @@ def copy_tokenizer(path: str, output_dir: str) -> str:
     else:
         copies = [(source, SENTENCEPIECE_FILE)]
     os.makedirs(output_dir, exist_ok=True)
-    for name in {TOKENIZER_JSON, SENTENCEPIECE_FILE, *COMPANION_FILES} - {name for _, name in copies}:
+    for name in set(TOKENIZER_FILES) - {name for _, name in copies}:
         if os.path.exists(os.path.join(output_dir, name)):
             os.remove(os.path.join(output_dir, name))
     for origin, name in copies:

@@ -49,6 +49,30 @@ CHATML_GENERATION = (
     "{% else %}{{ message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Zephyr's (HuggingFaceH4/zephyr-7b-beta): a template over several lines, whose block tags' newlines go.
+ZEPHYR = """{% for message in messages %}
+{% if message['role'] == 'user' %}
+{{ '<|user|>\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'system' %}
+{{ '<|system|>\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'assistant' %}
+{{ '<|assistant|>\n'  + message['content'] + eos_token }}
+{% endif %}
+{% if loop.last and add_generation_prompt %}
+{{ '<|assistant|>' }}
+{% endif %}
+{% endfor %}"""
+# Made up for the test: indented block tags (lstrip_blocks), and a generation block around the answer alone.
+ANSWERS_ONLY = """{% for message in messages %}
+    {% if message['role'] == 'assistant' %}
+{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>\n' }}
+    {% else %}
+{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+    {{ '<|im_start|>assistant\n' }}
+{% endif %}"""
 CHATML = re.sub(r"\{% (end)?generation %\}", "", CHATML_GENERATION)
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 LLAMA3_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -63,8 +87,10 @@ KINDS = {
         "<|eot_id|>",
     ),
     "mistral": (MISTRAL, "metaspace_template", [], {}, "</s>"),
+    "zephyr": (ZEPHYR, "byte_level", [], {}, "<|endoftext|>"),
     "chatml": (CHATML, "byte_level", CHATML_TOKENS, {}, "<|im_end|>"),
     "chatml_generation": (CHATML_GENERATION, "byte_level", CHATML_TOKENS, {}, "<|im_end|>"),
+    "answers_only": (ANSWERS_ONLY, "byte_level", CHATML_TOKENS, {}, ""),
 }
 SYSTEM = {"role": "system", "content": "Eres un asistente útil que responde en español."}
 TURNS = [
@@ -116,7 +142,7 @@ def _text(tokenizer, messages, add_generation_prompt):
 
 @pytest.mark.parametrize("add_generation_prompt", [False, True])
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
-@pytest.mark.parametrize("kind", ["qwen", "llama3", "mistral"])
+@pytest.mark.parametrize("kind", ["qwen", "llama3", "mistral", "zephyr"])
 def test_text_and_ids_equal_apply_chat_template(tokenizers, kind, conversation, add_generation_prompt):
     ours, reference = tokenizers[kind]
     messages = CONVERSATIONS[conversation]
@@ -131,7 +157,7 @@ def test_text_and_ids_equal_apply_chat_template(tokenizers, kind, conversation, 
     ids, mask = chat_template.render(ours, messages, add_generation_prompt)
     want = reference.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, return_dict=False)
     assert ids == want and len(mask) == len(ids)
-    if kind != "qwen":  # The template writes the BOS; none is added in front of it.
+    if kind in ("llama3", "mistral"):  # The template writes the BOS; none is added in front of it.
         assert ids[0] == ours.bos_id and ids.count(ours.bos_id) == 1
 
 
@@ -140,12 +166,16 @@ def test_the_assistant_mask_equals_transformers_generation_mask(tokenizers, conv
     """With {% generation %} blocks the mask is transformers'; without them (plain ChatML), the rendered prefixes
     give the same mask."""
     messages = CONVERSATIONS[conversation]
-    reference = tokenizers["chatml_generation"][1]
-    out = reference.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
-    for kind in ("chatml_generation", "chatml"):
+    for kind, reference_kind in (
+        ("chatml_generation", "chatml_generation"),
+        ("chatml", "chatml_generation"),
+        ("answers_only", "answers_only"),
+    ):
+        reference = tokenizers[reference_kind][1]
+        out = reference.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
         ids, mask = chat_template.render(tokenizers[kind][0], messages)
         assert ids == out["input_ids"] and mask == out["assistant_masks"], kind
-    assert 0 < sum(mask) < len(mask)
+        assert 0 < sum(mask) < len(mask)
 
 
 @pytest.mark.parametrize("kind", ["qwen", "llama3", "mistral", "chatml"])

@@ -12,7 +12,9 @@ never forge a turn.
 Runs imported from Hugging Face have no role markers but usually a Jinja chat template of their own
 (chat_template.jinja or tokenizer_config.json's "chat_template"), rendered as `transformers` renders it
 (llm/jinja_chat.py) and encoded without added special tokens: the template writes the BOS itself when the
-model wants one (`{{ bos_token }}`), so the ids equal apply_chat_template's. The assistant mask of such a
+model wants one (`{{ bos_token }}`), so the ids equal apply_chat_template's (and, as there by default, a
+message that spells a special token, `<|im_end|>`, gets that token: unlike our markers, nothing is defused).
+The assistant mask of such a
 conversation covers the tokens that overlap an assistant span of the text:
 
   - with {% generation %} blocks in the template, the blocks (as transformers' return_assistant_tokens_mask);

@@ -13,6 +13,9 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     # Hugging Face tokenizer.json files: the tokenizer of every run imported from a Hugging Face checkpoint.
     "tokenizers==0.23.3",
+    # The chat templates of those runs (llm/jinja_chat.py): Jinja templates from model repositories, rendered in
+    # Jinja's sandbox, which has known escapes before 3.1.6 (transformers asks for the same minimum).
+    "jinja2>=3.1.6,<4",
     "tensorflow-datasets==4.9.10",
     "ml-collections==1.1.0",
     "absl-py==2.5.1",

@@ -1,4 +1,6 @@
-"""The chat template: conversations as token ids, built on the tokenizer's reserved role markers.
+"""Conversations as token ids: the project's chat template, or the model's own Jinja template.
+
+Runs trained here use the project's template, built on the tokenizer's reserved role markers:
 
     <s><|system|>Eres un asistente útil.<|end|><|user|>¿Qué hora es?<|end|><|assistant|>Son las tres.<|end|>
 
@@ -6,21 +8,39 @@ Each message is its role marker, its content and `<|end|>`. Rendering for genera
 `<|assistant|>`, and the model's answer ends when it produces `<|end|>`. The marker strings are reserved:
 if a message's text contains one literally, it is broken with a zero-width space so that user text can
 never forge a turn.
+
+Runs imported from Hugging Face have no role markers but usually a Jinja chat template of their own
+(chat_template.jinja or tokenizer_config.json's "chat_template"), rendered as `transformers` renders it
+(llm/jinja_chat.py) and encoded without added special tokens: the template writes the BOS itself when the
+model wants one (`{{ bos_token }}`), so the ids equal apply_chat_template's (and, as there by default, a
+message that spells a special token, `<|im_end|>`, gets that token: unlike our markers, nothing is defused).
+The assistant mask of such a
+conversation covers the tokens that overlap an assistant span of the text:
+
+  - with {% generation %} blocks in the template, the blocks (as transformers' return_assistant_tokens_mask);
+  - else, for assistant message i: from the end of the conversation before it rendered with the generation
+    prompt (`messages[:i]`, add_generation_prompt=True) to the end of the conversation through it
+    (`messages[:i+1]`) less trailing whitespace. That is its content and the end-of-turn text the template
+    writes after it (`<|im_end|>`, `<|eot_id|>`, `</s>`), but not the newline that separates turns, which
+    the model never generates before it stops. Both renderings must be prefixes of the whole conversation's
+    text; a template that renders earlier turns differently once later ones follow is a ChatFormatError.
+
+Stop tokens of such a run: its eos, generation_config.json's eos_token_id(s) and the end-of-turn token of its
+template (the last special token of an assistant span).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from llm.hf_tokenizer import NoChatMarkersError
-from llm.tokenizer import ROLE_TOKENS, Tokenizer
+from llm import jinja_chat
+from llm.jinja_chat import ChatFormatError, Span
+from llm.tokenizer import ROLE_TOKENS, AnyTokenizer
 
 ROLES = ("system", "user", "assistant")
 _ZERO_WIDTH_SPACE = "\u200b"
-
-
-class ChatFormatError(ValueError):
-    """A conversation that cannot be rendered (unknown role, missing content, wrong order)."""
+# A conversation whose rendering shows what a template writes after an answer (its end-of-turn token).
+_PROBE = ({"role": "user", "content": "Hola"}, {"role": "assistant", "content": "Hola"})
 
 
 def _defuse(text: str) -> str:
@@ -44,19 +64,35 @@ def validate_messages(messages: Sequence[Mapping[str, str]]) -> None:
             raise ChatFormatError(f"Message {index}: a system message may only come first.")
 
 
-def render(
-    tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
-) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and a mask that is 1 on the assistant's tokens (its content and <|end|>).
+def has_chat_format(tokenizer: AnyTokenizer) -> bool:
+    """Whether conversations can be rendered for this tokenizer: role markers, or a Jinja template."""
+    return tokenizer.has_role_tokens or tokenizer.chat_template is not None
 
-    The mask is what supervised fine-tuning trains on. With `add_generation_prompt`, the ids end with
-    `<|assistant|>` so that generation continues with the assistant's answer.
+
+def render(
+    tokenizer: AnyTokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and a mask that is 1 on the assistant's tokens (its content and end of turn).
+
+    The mask is what supervised fine-tuning trains on. With `add_generation_prompt`, the ids end where the
+    assistant's answer starts (`<|assistant|>`, or the template's generation prompt), so that generation
+    continues with it.
     """
     validate_messages(messages)
-    try:
-        roles = tokenizer.role_ids
-    except NoChatMarkersError as error:  # A run imported from Hugging Face: the request, not the server, is wrong.
-        raise ChatFormatError(str(error)) from None
+    if tokenizer.has_role_tokens:
+        return _render_markers(tokenizer, messages, add_generation_prompt)
+    if tokenizer.chat_template is None:  # A run imported from Hugging Face: the request, not the server, is wrong.
+        raise ChatFormatError(
+            f"{tokenizer.path} has neither the project's chat-role markers nor a chat template of its own "
+            "(chat_template.jinja or tokenizer_config.json's chat_template): use it for plain text completion."
+        )
+    return _render_jinja(tokenizer, messages, add_generation_prompt)
+
+
+def _render_markers(
+    tokenizer: AnyTokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
+) -> tuple[list[int], list[int]]:
+    roles = tokenizer.role_ids
     ids, assistant_mask = [tokenizer.bos_id], [0]
     for message in messages:
         content = tokenizer.encode(_defuse(message["content"]))
@@ -69,9 +105,66 @@ def render(
     return ids, assistant_mask
 
 
-def stop_token_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
-    """Tokens that end an assistant turn."""
-    return tokenizer.role_ids["end"], tokenizer.eos_id
+def _text(
+    tokenizer: AnyTokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
+) -> tuple[str, list[Span]]:
+    return jinja_chat.render(tokenizer.chat_template, messages, add_generation_prompt, tokenizer.template_tokens)
+
+
+def _render_jinja(
+    tokenizer: AnyTokenizer, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool
+) -> tuple[list[int], list[int]]:
+    text, spans = _text(tokenizer, messages, add_generation_prompt)
+    if not jinja_chat.has_generation_blocks(tokenizer.chat_template):
+        spans = _assistant_spans(tokenizer, messages, text)
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    return ids, _token_mask(offsets, spans)
+
+
+def _assistant_spans(tokenizer: AnyTokenizer, messages: Sequence[Mapping[str, str]], text: str) -> list[Span]:
+    """The assistant spans of `text` (the whole conversation) by rendering its prefixes: the module's rule."""
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, _ = _text(tokenizer, messages[:index], add_generation_prompt=True)
+        through, _ = _text(tokenizer, messages[: index + 1], add_generation_prompt=False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ChatFormatError(
+                f"Message {index}: the chat template renders the conversation before this answer differently "
+                "once more turns follow, so the answer's tokens cannot be found (a template with "
+                "{% generation %} blocks marks them itself)."
+            )
+        spans.append((len(before), max(len(before), len(through.rstrip()))))
+    return spans
+
+
+def _token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> list[int]:
+    """1 for every token whose characters overlap a span (as transformers' return_assistant_tokens_mask)."""
+    mask = [0] * len(offsets)
+    span = 0
+    for index, (start, end) in enumerate(offsets):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span == len(spans):
+            break
+        mask[index] = int(end > spans[span][0])
+    return mask
+
+
+def stop_token_ids(tokenizer: AnyTokenizer) -> tuple[int, ...]:
+    """Tokens that end an assistant turn: `<|end|>` and eos; for a Jinja template, eos, generation_config's
+    eos ids and the template's end-of-turn token (the last special token of an answer's span)."""
+    if tokenizer.has_role_tokens:
+        return tokenizer.role_ids["end"], tokenizer.eos_id
+    end_of_turn = []
+    if tokenizer.chat_template is not None:
+        try:
+            ids, mask = _render_jinja(tokenizer, _PROBE, add_generation_prompt=False)
+        except ChatFormatError:  # A template that refuses the probe: eos and generation_config still stop.
+            ids, mask = [], []
+        end_of_turn = [token for token, kept in zip(ids, mask) if kept and tokenizer.is_special(token)][-1:]
+    return tuple(dict.fromkeys([tokenizer.eos_id, *tokenizer.generation_eos_ids, *end_of_turn]))
 
 
 def _defused_content_jinja() -> str:

@@ -17,9 +17,14 @@ from collections.abc import Mapping, Sequence
 import tokenizers
 
 TOKENIZER_JSON = "tokenizer.json"
-# Copied alongside tokenizer.json into a run directory: they name the special tokens.
-COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+CONFIG_FILE, SPECIAL_TOKENS_FILE = "tokenizer_config.json", "special_tokens_map.json"
+CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE = "chat_template.jinja", "generation_config.json"
+# Copied alongside tokenizer.json into a run or data directory: they name the special tokens, hold the model's
+# own chat template and the ids that end its turns (llm/chat_template.py).
+COMPANION_FILES = (CONFIG_FILE, SPECIAL_TOKENS_FILE, CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE)
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# The special tokens a chat template sees as variables (transformers' SPECIAL_TOKENS_ATTRIBUTES).
+TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")  # SentencePiece-style byte fallback
 
 
@@ -59,18 +64,57 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+def _token_settings(directory: str) -> dict:
+    """tokenizer_config.json, with special_tokens_map.json over it as `transformers` 5 reads them: the legacy
+    map counts only when the config has no added_tokens_decoder, and then its tokens override the config's."""
+    settings = _read_json(os.path.join(directory, CONFIG_FILE))
+    if "added_tokens_decoder" not in settings:
+        settings.update(_read_json(os.path.join(directory, SPECIAL_TOKENS_FILE)))
+    return settings
+
+
 def read_special_tokens(directory: str) -> dict[str, str | Mapping | None]:
     """The special tokens (bos_token, eos_token, pad_token, unk_token) the config files in `directory` name:
-    strings, or serialized AddedTokens.
-
-    As in `transformers` 5: the legacy special_tokens_map.json counts only when tokenizer_config.json has no
-    added_tokens_decoder, and then its tokens override the config's.
-    """
-    config_file, map_file = (os.path.join(directory, name) for name in COMPANION_FILES)
-    settings = _read_json(config_file)
-    if "added_tokens_decoder" not in settings:
-        settings.update(_read_json(map_file))
+    strings, or serialized AddedTokens."""
+    settings = _token_settings(directory)
     return {key: settings.get(key) for key in _SPECIAL_KEYS}
+
+
+def read_template_tokens(directory: str) -> dict[str, str]:
+    """The special tokens a chat template sees (bos_token, eos_token, ...), as text: those the config names."""
+    settings = _token_settings(directory)
+    return {key: _content(settings[key]) for key in TEMPLATE_TOKEN_KEYS if _content(settings.get(key)) is not None}
+
+
+def read_chat_template(directory: str) -> str | None:
+    """The model's Jinja chat template: chat_template.jinja, else tokenizer_config.json's "chat_template" (a
+    string, or a list of {"name", "template"} of which "default" is the chat template); None without one."""
+    jinja_file = os.path.join(directory, CHAT_TEMPLATE_FILE)
+    if os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            return f.read()
+    config_file = os.path.join(directory, CONFIG_FILE)
+    template = _read_json(config_file).get("chat_template")
+    if template is None or isinstance(template, str):
+        return template
+    entries = template if isinstance(template, list) else []
+    named = {entry.get("name"): entry.get("template") for entry in entries if isinstance(entry, Mapping)}
+    if not isinstance(named.get("default"), str):
+        raise ValueError(
+            f'{config_file}: "chat_template" must be a string or a list of {{"name", "template"}} with a "default" '
+            f"one; found the names {sorted(map(str, named))}."
+        )
+    return named["default"]
+
+
+def read_generation_eos_ids(directory: str) -> tuple[int, ...]:
+    """generation_config.json's eos_token_id (an id or a list: the ids that end generation); () without it."""
+    path = os.path.join(directory, GENERATION_CONFIG_FILE)
+    eos = _read_json(path).get("eos_token_id")
+    ids = tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
+    if not all(isinstance(token_id, int) and not isinstance(token_id, bool) for token_id in ids):
+        raise ValueError(f"{path}: eos_token_id must be an id or a list of ids, got {eos!r}.")
+    return ids
 
 
 def _register_special_tokens(tokenizer: tokenizers.Tokenizer, tokens: Mapping[str, str | Mapping | None]) -> None:
@@ -88,11 +132,16 @@ def _register_special_tokens(tokenizer: tokenizers.Tokenizer, tokens: Mapping[st
 
 
 class HFTokenizer:
-    """A loaded tokenizer.json with the special tokens of its tokenizer_config.json."""
+    """A loaded tokenizer.json with the special tokens of its tokenizer_config.json and the model's own chat
+    template (rendered by llm/chat_template.py)."""
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, path: str, settings: Mapping):
         self._tk = tokenizer
         self.path = path
+        directory = os.path.dirname(path)
+        self.chat_template = read_chat_template(directory)
+        self.template_tokens = read_template_tokens(directory)
+        self.generation_eos_ids = read_generation_eos_ids(directory)
         self._eos_id = self._id_of(settings.get("eos_token"))
         if self._eos_id is None:
             raise ValueError(
@@ -149,6 +198,15 @@ class HFTokenizer:
         """Token ids of many texts, encoded on all cores."""
         encodings = self._tk.encode_batch(list(texts), add_special_tokens=False)
         return [self._wrapped(encoding.ids, add_bos, add_eos) for encoding in encodings]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` (no BOS / EOS added) and each token's (start, end) character span in `text`."""
+        encoding = self._tk.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether `token_id` is a special added token (bos, eos, a template's <|im_end|> ...)."""
+        return token_id in self._special_ids
 
     def _wrapped(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         return [self._bos_id] * add_bos + ids + [self._eos_id] * add_eos
@@ -218,7 +276,6 @@ class HFTokenizer:
     @property
     def role_ids(self) -> dict[str, int]:
         raise NoChatMarkersError(
-            f"{self.path} is a Hugging Face tokenizer without the project's chat-role markers: this run does not "
-            "use the project's chat template (llm/chat_template.py), and its own Jinja chat template is not "
-            "supported yet. Use it for plain text completion."
+            f"{self.path} is a Hugging Face tokenizer without the project's chat-role markers: its conversations "
+            "go through its own Jinja chat template (llm/chat_template.py renders both)."
         )

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from llm.hf_tokenizer import TOKENIZER_JSON, HFTokenizer
+from llm.hf_tokenizer import COMPANION_FILES, TOKENIZER_JSON, HFTokenizer
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_PIECES = ("<pad>", "<unk>", "<s>", "</s>")
@@ -35,6 +36,9 @@ SPANISH_CHARACTERS = "á é í ó ú ü ñ Á É Í Ó Ú Ü Ñ ¿ ¡ « »"
 FIRST_TEXT_PIECE = len(SPECIAL_PIECES) + len(ROLE_TOKENS) + 256
 MIN_VOCAB_SIZE = FIRST_TEXT_PIECE + 1
 _BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")  # A byte-fallback piece
+SENTENCEPIECE_FILE = "tokenizer.model"
+# Every file a tokenizer of either backend is made of, as copied into a run or data directory.
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, TOKENIZER_JSON, *COMPANION_FILES)
 DEFAULT_UD_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval", "data", "ud_gsd_es_dev.conllu")
 
 
@@ -133,16 +137,57 @@ class Tokenizer:
         """Ids of the chat-role markers: {'system': 4, 'user': 5, 'assistant': 6, 'end': 7}."""
         return {role: self._sp.piece_to_id(piece) for role, piece in ROLE_TOKENS.items()}
 
+    @property
+    def chat_template(self) -> None:
+        """No Jinja chat template: the role markers make the project's own (llm/chat_template.py)."""
+        return None
+
 
 # Either backend: both have the interface of Tokenizer (encode, decode, decode_after, piece, the special ids).
 AnyTokenizer = Tokenizer | HFTokenizer
 
 
+def tokenizer_file(path: str) -> str:
+    """The tokenizer file `path` names: the file itself, or the tokenizer.json, else tokenizer.model, of a
+    directory (a run, a data directory, a Hugging Face model: one that has both, e.g. Llama 2's, means the
+    tokenizer.json, since its tokenizer.model is no tokenizer of this project)."""
+    if not os.path.isdir(path):
+        return path
+    for name in (TOKENIZER_JSON, SENTENCEPIECE_FILE):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"{path!r} holds no {TOKENIZER_JSON} or {SENTENCEPIECE_FILE}.")
+
+
 def load_tokenizer(path: str) -> AnyTokenizer:
-    """A SentencePiece `.model` file, or a Hugging Face tokenizer.json (the file or a directory holding one)."""
-    if os.path.isdir(path) or os.path.basename(path) == TOKENIZER_JSON:
+    """A SentencePiece `.model` file, or a Hugging Face tokenizer.json; or a directory holding one of them."""
+    path = tokenizer_file(path)
+    if os.path.basename(path) == TOKENIZER_JSON:
         return HFTokenizer.load(path)
     return Tokenizer.load(path)
+
+
+def copy_tokenizer(path: str, output_dir: str) -> str:
+    """Copies the tokenizer `path` names into `output_dir` (a SentencePiece model as tokenizer.model; a
+    tokenizer.json with its companion files: config, chat template, generation config) and removes the files
+    of another tokenizer left there, which would otherwise be found first. Returns the copy's path."""
+    source = tokenizer_file(path)
+    if os.path.basename(source) == TOKENIZER_JSON:
+        source_dir = os.path.dirname(source)
+        names = [TOKENIZER_JSON, *(name for name in COMPANION_FILES if os.path.isfile(os.path.join(source_dir, name)))]
+        copies = [(os.path.join(source_dir, name), name) for name in names]
+    else:
+        copies = [(source, SENTENCEPIECE_FILE)]
+    os.makedirs(output_dir, exist_ok=True)
+    for name in set(TOKENIZER_FILES) - {name for _, name in copies}:
+        if os.path.exists(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
+    for origin, name in copies:
+        target = os.path.join(output_dir, name)
+        if not (os.path.exists(target) and os.path.samefile(origin, target)):
+            shutil.copyfile(origin, target + ".tmp")
+            os.replace(target + ".tmp", target)
+    return os.path.join(output_dir, copies[0][1])
 
 
 def _training_sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:

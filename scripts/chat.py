@@ -4,10 +4,12 @@
 
 A chat-tuned run (trained on chat rows: its config has `chat=True`, see configs/sft_es.py) is prompted
 exactly as it was trained: the conversation so far through the chat template (llm/chat_template.py), ending
-with <|assistant|>, and its answer ends at <|end|>. A pretrained run continues a plain-text dialogue instead:
-each turn is sent as "Usuario: ...\\nAsistente:" after the conversation so far, and the answer ends where the
-model starts the user's next turn. When the conversation outgrows the context, its oldest turns are dropped.
-Commands: /reset clears the conversation, /exit (or Ctrl-D) quits.
+with <|assistant|>, and its answer ends at <|end|>. A run imported from Hugging Face whose tokenizer has a chat
+template of its own (chat_template.jinja) is prompted through that template, and its answer ends at the
+template's end-of-turn token or an eos of its generation_config.json. A pretrained run continues a plain-text
+dialogue instead: each turn is sent as "Usuario: ...\\nAsistente:" after the conversation so far, and the answer
+ends where the model starts the user's next turn. When the conversation outgrows the context, its oldest turns
+are dropped. Commands: /reset clears the conversation, /exit (or Ctrl-D) quits.
 """
 
 import os
@@ -20,7 +22,7 @@ from llm.infer import generate
 from llm.infer.sampling import SamplingParams
 from llm.model.transformer import context_length
 from llm.runs import loading
-from llm.tokenizer import Tokenizer
+from llm.tokenizer import AnyTokenizer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -50,7 +52,12 @@ def main(argv: list[str]) -> None:
     # Leave room for the answer: at least a quarter of the context, at most max_new_tokens.
     context = context_length(run.model.cfg)
     prompt_budget = context - min(_MAX_NEW_TOKENS.value, context // 4)
-    chat = run.config.chat
+    chat = run.config.chat or run.tokenizer.chat_template is not None
+    if chat and not chat_template.has_chat_format(run.tokenizer):
+        raise app.UsageError(
+            f"--workdir={_WORKDIR.value!r} is chat-tuned (config chat=True) but its tokenizer has neither the "
+            "chat-role markers nor a chat template (chat_template.jinja or tokenizer_config.json's chat_template)."
+        )
     build_prompt = _chat_prompt if chat else _plain_prompt
     stop = (
         {"stop_token_ids": chat_template.stop_token_ids(run.tokenizer)}
@@ -74,7 +81,12 @@ def main(argv: list[str]) -> None:
         if not message:
             continue
         messages.append({"role": "user", "content": message})
-        prompt = build_prompt(run.tokenizer, messages, prompt_budget)
+        try:
+            prompt = build_prompt(run.tokenizer, messages, prompt_budget)
+        except chat_template.ChatFormatError as error:  # A model's own template may refuse, e.g., a system turn.
+            print(f"({error} Con --system= no se envía mensaje de sistema.)")
+            messages.pop()
+            continue
         if prompt is None:
             print("(Mensaje demasiado largo para el contexto del modelo.)")
             messages = []
@@ -93,8 +105,8 @@ def main(argv: list[str]) -> None:
         messages.append({"role": "assistant", "content": answer})
 
 
-def _chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]], budget: int) -> list[int] | None:
-    """The conversation through the chat template, ending with <|assistant|>, in at most `budget` tokens;
+def _chat_prompt(tokenizer: AnyTokenizer, messages: list[dict[str, str]], budget: int) -> list[int] | None:
+    """The conversation through the chat template, ending where the answer starts, in at most `budget` tokens;
     drops the oldest exchanges (in place) to fit."""
     system = [{"role": "system", "content": _SYSTEM.value}] if _SYSTEM.value else []
     while messages:
@@ -105,7 +117,7 @@ def _chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]], budget: i
     return None
 
 
-def _plain_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]], budget: int) -> list[int] | None:
+def _plain_prompt(tokenizer: AnyTokenizer, messages: list[dict[str, str]], budget: int) -> list[int] | None:
     """The system text and as many recent turns as fit `budget` tokens, as a plain-text dialogue; drops the
     oldest exchanges (in place) to fit."""
     while messages:

@@ -1,7 +1,9 @@
 """The corpus pipeline end to end: runners agree, every document is accounted for, runs resume."""
 
+import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,13 +13,14 @@ import ml_collections
 import numpy as np
 import pytest
 from conftest import REPO
+from test_hf_tokenizer import _save
 
 from configs.data import es_default
 from llm.corpus import beam_runner, corpus_io, local_runner, pipeline, sources, stages
 from llm.corpus.document import Document, Dropped
 from llm.corpus.report import AccountingError, Accounts
 from llm.data import records
-from llm.tokenizer import Tokenizer
+from llm.tokenizer import Tokenizer, load_tokenizer
 
 PARAGRAPHS = [
     "En un lugar de la Mancha, de cuyo nombre no quiero acordarme, vivía un hidalgo de los de lanza en "
@@ -412,3 +415,59 @@ def test_script_runs_end_to_end_and_resumes(tmp_path):
     assert "Step filter: finished in a previous run" in second.stderr
     bad = subprocess.run(flags[:2] + ["--runner=spark"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert bad.returncode != 0 and "--output_dir is required" in bad.stderr
+
+
+# The keys of make_config that the pipeline's scripts run needs to see the same corpus as local_run.
+_PIPELINE_KEYS = (
+    "sources.paths",
+    "sources.text_mode",
+    "runner.num_workers",
+    "runner.chunk_size",
+    "output.corpus_shards",
+    "pack.min_validation_rows",
+    "pack.train_shards",
+    "report.eval_conllu",
+)
+
+
+def test_an_existing_tokenizer_replaces_the_trained_one(local_run, tmp_path):
+    """--tokenizer=HF_DIR (config.tokenizer.path): the corpus is tokenized with it and its files are published;
+    the filter and dedup steps of an earlier run are reused."""
+    root, config, output = local_run
+    hf_dir = _save(tmp_path / "hf", "metaspace_template")
+    with open(os.path.join(hf_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write("{% for m in messages %}{{ m.content }}{% endfor %}")
+    out = tmp_path / "out"
+    for step in ("filter", "dedup"):
+        shutil.copytree(output / "stages" / step, out / "stages" / step)
+    (out / "tokenizer.model").write_bytes((output / "tokenizer.model").read_bytes())  # An earlier run's: removed.
+    script = os.path.join(REPO, "scripts", "prepare_data.py")
+    flags = [f"--output_dir={out}", f"--tokenizer={hf_dir}", "--noprogress", "--config.pack.seq_len=64"]
+    flags += [f"--config.{key}={config[key.split('.')[0]][key.split('.')[1]]}" for key in _PIPELINE_KEYS]
+    result = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Step dedup: finished in a previous run" in result.stderr
+    names = set(os.listdir(out))
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= names
+    assert not names & {"tokenizer.model", "tokenizer.vocab"}
+    tokenizer = load_tokenizer(str(out))
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["tokenizer"]["vocab_size"] == report["packing"]["vocab_size"] == tokenizer.vocab_size
+    assert report["tokenizer"]["source"] == hf_dir
+    # The packed tokens are the tokenizer's encoding of every document, with bos and eos around it.
+    documents = list(corpus_io.read_documents(str(out / "stages" / "dedup")))
+    want = collections.Counter()
+    for document in documents:
+        want.update(tokenizer.encode(document.text, add_bos=True, add_eos=True))
+    packed = collections.Counter()
+    for split in ("train", "validation"):
+        for row in (row for path in records.shard_paths(str(out / split)) for row in records.iterate_shard(path)):
+            packed.update(row["tokens"][row["segment_ids"] > 0].tolist())
+    assert packed == want and sum(want.values()) == report["corpus"]["tokens"] + 2 * len(documents)
+    bad = subprocess.run(
+        [sys.executable, script, f"--output_dir={tmp_path / 'bad'}", f"--tokenizer={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "tokenizer.path=" in bad.stderr and "holds no tokenizer.json" in bad.stderr

@@ -95,6 +95,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Tokenizer (llm/tokenizer.py): SentencePiece on the cleaned corpus, NFC + identity, byte fallback.
     config.tokenizer = ml_collections.ConfigDict()
+    # An existing tokenizer instead of training one (scripts/prepare_data.py --tokenizer): a tokenizer.model or
+    # tokenizer.json, or a directory holding one (a run, a Hugging Face model); "" = train one with the keys below.
+    config.tokenizer.path = ""
     config.tokenizer.vocab_size = 32000  # Includes pad/unk/bos/eos, 4 chat-role markers and 256 byte pieces.
     config.tokenizer.model_type = "bpe"  # "bpe" or "unigram".
     config.tokenizer.character_coverage = 0.9999  # Rarer characters go to byte fallback, freeing vocab slots.

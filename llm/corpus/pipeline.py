@@ -7,7 +7,8 @@
   dedup      exact dedup (same normalized text: the smallest id is kept), then MinHash LSH near dedup of
              what is left (band buckets -> candidate pairs confirmed by estimated Jaccard -> clusters, the
              smallest id kept)                                    -> documents-*.jsonl + counts.json
-  tokenizer  SentencePiece trained on the cleaned corpus           -> tokenizer.model/.vocab + metrics
+  tokenizer  SentencePiece trained on the cleaned corpus, or the files of an existing tokenizer
+             (tokenizer.path: ours, or a Hugging Face tokenizer.json) -> tokenizer files + metrics
   pack       tokenize, split train/validation by id hash, pack     -> train/, validation/ ArrayRecord
   report     the accounting of every document and every figure    -> report.json
 
@@ -169,6 +170,13 @@ def validate(config: ml_collections.ConfigDict, output_dir: str, runner: str, un
             raise ValueError(f"{key}={value!r}: expected one of {list(allowed)}.")
     dedup.check_config(config.dedup)
     stages.document_stages(config)  # checks every per-document stage's section
+    if config.tokenizer.path:
+        path = os.path.expanduser(config.tokenizer.path)
+        try:
+            if not os.path.isfile(tokenizer_lib.tokenizer_file(path)):
+                raise FileNotFoundError("no such file or directory.")
+        except FileNotFoundError as error:
+            raise ValueError(f"tokenizer.path={config.tokenizer.path!r}: {error}") from None
     if config.report.eval_conllu and not os.path.isfile(os.path.expanduser(config.report.eval_conllu)):
         raise ValueError(f"report.eval_conllu={config.report.eval_conllu!r}: no such file.")
 
@@ -270,6 +278,8 @@ def _dedup_step(config, output_dir, runner, markers, progress) -> dict[str, Any]
 
 def _tokenizer_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
     corpus_dir, tokenizer_dir = step_dir(output_dir, "dedup"), step_dir(output_dir, "tokenizer")
+    if config.tokenizer.path:
+        return tokenize_pack.copy_corpus_tokenizer(config, tokenizer_dir)
     return tokenize_pack.train_corpus_tokenizer(config, corpus_dir, tokenizer_dir, progress)
 
 
@@ -343,9 +353,15 @@ def _link_dir(source: str, destination: str) -> None:
 
 
 def publish(output_dir: str) -> None:
-    """Makes DIR/tokenizer.model, .vocab, report.json, train/ and validation/ the finished steps' files."""
-    for name in ("tokenizer.model", "tokenizer.vocab"):
-        _link(join(step_dir(output_dir, "tokenizer"), name), join(output_dir, name))
+    """Makes DIR's tokenizer files (tokenizer.model and .vocab, or tokenizer.json and its companions),
+    report.json, train/ and validation/ the finished steps' files. The files of an earlier run's other
+    tokenizer go: training would find them first."""
+    tokenizer_dir = step_dir(output_dir, "tokenizer")
+    for name in (*tokenizer_lib.TOKENIZER_FILES, tokenize_pack.SENTENCEPIECE_VOCAB):
+        if os.path.exists(join(tokenizer_dir, name)):
+            _link(join(tokenizer_dir, name), join(output_dir, name))
+        elif os.path.exists(join(output_dir, name)):
+            os.remove(join(output_dir, name))
     for split in PUBLISHED_DIRS:
         _link_dir(join(step_dir(output_dir, "pack"), split), join(output_dir, split))
     # The report last: its presence says that everything it describes is in place.

@@ -1,6 +1,7 @@
 """The tokenizer and pack steps of the corpus pipeline, on the dedup step's output (local files).
 
-  tokenizer  SentencePiece trained on the cleaned corpus, measured on a CoNLL-U file when there is one
+  tokenizer  SentencePiece trained on the cleaned corpus, or an existing tokenizer's files copied (a run's or a
+             Hugging Face model's: config.tokenizer.path); measured on a CoNLL-U file when there is one
   pack       the corpus tokenized once into a scratch file of int32 ids, split train/validation by id hash,
              and packed into ArrayRecord rows (llm/data/packing.py)
 
@@ -26,6 +27,7 @@ from llm.data import packing
 from llm.io import join
 
 _TOKENIZE_BATCH = 256  # documents per SentencePiece batch call (which encodes on all cores)
+SENTENCEPIECE_VOCAB = "tokenizer.vocab"  # The trained model's pieces and scores, for reading (published too).
 
 
 def _corpus_bar(description: str, corpus_dir: str, progress: bool) -> tqdm.tqdm:
@@ -68,9 +70,24 @@ def train_corpus_tokenizer(
             seed=settings.seed,
             multiword_pieces=settings.multiword_pieces,
         )
-    result: dict[str, Any] = {
+    return _measured(config, tokenizer, {"model_type": settings.model_type})
+
+
+def copy_corpus_tokenizer(config: ml_collections.ConfigDict, tokenizer_dir: str) -> dict[str, Any]:
+    """Copies the files of the tokenizer config.tokenizer.path names into `tokenizer_dir`; returns its metrics."""
+    source = os.path.expanduser(config.tokenizer.path)
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_lib.copy_tokenizer(source, tokenizer_dir))
+    return _measured(config, tokenizer, {"source": os.path.abspath(source), "file": os.path.basename(tokenizer.path)})
+
+
+def _measured(
+    config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.AnyTokenizer, result: dict[str, Any]
+) -> dict[str, Any]:
+    """`result` with the tokenizer's vocabulary size, round trip of the Spanish characters and, on the CoNLL-U
+    file when there is one, fertility and bytes per token."""
+    result = {
         "vocab_size": tokenizer.vocab_size,
-        "model_type": settings.model_type,
+        **result,
         "spanish_characters_round_trip": tokenizer_lib.round_trips(tokenizer, tokenizer_lib.SPANISH_CHARACTERS),
     }
     conllu = eval_conllu_path(config)
@@ -87,7 +104,7 @@ def train_corpus_tokenizer(
 
 
 def _tokenize_to_file(
-    tokenizer: tokenizer_lib.Tokenizer, corpus_dir: str, scratch: str, progress: bool
+    tokenizer: tokenizer_lib.AnyTokenizer, corpus_dir: str, scratch: str, progress: bool
 ) -> tuple[list[tuple[str, int]], dict[str, SourceTotals]]:
     """Writes every document's ids to `scratch` as int32; returns (id, length) in file order and per-source
     totals. Tokenizing once keeps the split (which needs every length) from tokenizing the corpus twice."""
@@ -118,7 +135,7 @@ def pack_corpus(
     """Tokenizes the corpus, splits it by id hash and packs train/ and validation/ into `pack_dir`."""
     settings = config.pack
     os.makedirs(pack_dir, exist_ok=True)
-    tokenizer = tokenizer_lib.Tokenizer.load(join(tokenizer_dir, "tokenizer.model"))
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)  # Trained here, or copied: either backend.
     scratch = join(pack_dir, ".tokens.bin")
     lengths, totals = _tokenize_to_file(tokenizer, corpus_dir, scratch, progress)
     extra = int(settings.add_bos) + int(settings.add_eos)  # tokens each document gains when packed

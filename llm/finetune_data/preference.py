@@ -2,13 +2,14 @@
 
 The prompt is a string (one user turn) or a list of chat messages ending with a user turn; the responses
 are the assistant's answers as strings. Each pair becomes two rows of `seq_len` tokens, chosen and
-rejected, both rendered with the chat template as `prompt <|assistant|> response <|end|>`, with loss_mask 1
-on the response and its `<|end|>` only. One pair fills one row pair (no packing of several pairs), as in
+rejected, both rendered with the chat template as `prompt <|assistant|> response <|end|>` (or the model's own
+Jinja template: `... <|im_start|>assistant\n response <|im_end|>`), with loss_mask 1 on the response and its
+end of turn only. One pair fills one row pair (no packing of several pairs), as in
 the usual DPO implementations: the loss compares the two log-likelihoods of one prompt.
 
 Length policy. When prompt and the longer response do not fit in `seq_len`, the prompt loses tokens from
-its start (after bos), the same in both rows; a pair whose longer response leaves no room for bos and the
-`<|assistant|>` marker is dropped as `dpo.too_long`.
+its start (after its first token, bos), the same in both rows; a pair whose longer response leaves no room for
+that token and the last one of the prompt (`<|assistant|>`) is dropped as `dpo.too_long`.
 
 Unusable lines are an error naming file:line (`on_error="raise"`) or a counted drop (`on_error="skip"`):
 
@@ -28,7 +29,7 @@ import numpy as np
 from llm import chat_template
 from llm.data import packing, records
 from llm.finetune_data.sft import Drops, Messages, check_output_dir, read_jsonl, split_ids, start_writing, write_report
-from llm.tokenizer import Tokenizer
+from llm.tokenizer import AnyTokenizer, load_tokenizer
 
 Pair = tuple[np.ndarray, np.ndarray, np.ndarray]  # prompt ids, chosen response ids, rejected response ids
 
@@ -49,14 +50,18 @@ def prompt_messages(prompt: Any) -> Messages:
     return messages
 
 
-def tokenize_pair(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], chosen: str, rejected: str) -> Pair:
-    """Prompt ids (bos ... <|assistant|>) and the ids of each response (its content and <|end|>)."""
+def tokenize_pair(tokenizer: AnyTokenizer, messages: Sequence[Mapping[str, str]], chosen: str, rejected: str) -> Pair:
+    """Prompt ids (bos ... <|assistant|>) and the ids of each response (its content and end of turn: the
+    tokens of the answered conversation after the prompt, through the last one of the assistant mask)."""
     prompt, _ = chat_template.render(tokenizer, messages, add_generation_prompt=True)
     responses = []
     for response in (chosen, rejected):
-        ids, _ = chat_template.render(tokenizer, [*messages, {"role": "assistant", "content": response}])
-        # The template renders message by message, so the full conversation extends the prompt.
-        responses.append(np.asarray(ids[len(prompt) :], np.int32))
+        ids, mask = chat_template.render(tokenizer, [*messages, {"role": "assistant", "content": response}])
+        if ids[: len(prompt)] != prompt or not any(mask[len(prompt) :]):
+            # Chosen and rejected must share the prompt's tokens: the loss compares them on the same prompt.
+            raise chat_template.ChatFormatError("the chat template's prompt tokens change once an answer follows.")
+        end = len(mask) - mask[::-1].index(1)
+        responses.append(np.asarray(ids[len(prompt) : end], np.int32))
     return np.asarray(prompt, np.int32), responses[0], responses[1]
 
 
@@ -85,7 +90,7 @@ def pair_rows(pair: Pair, seq_len: int, pad_id: int) -> tuple[dict[str, np.ndarr
     return rows[0], rows[1]
 
 
-def read_pairs(path: str, tokenizer: Tokenizer, seq_len: int, drops: Drops) -> Iterator[tuple[str, Pair, bool]]:
+def read_pairs(path: str, tokenizer: AnyTokenizer, seq_len: int, drops: Drops) -> Iterator[tuple[str, Pair, bool]]:
     """(id "file name:line", pair fitted to seq_len, prompt truncated) for every usable line."""
     for line, record in read_jsonl(path, drops, "dpo.bad_json"):
         where = f"{path}:{line}"
@@ -101,7 +106,11 @@ def read_pairs(path: str, tokenizer: Tokenizer, seq_len: int, drops: Drops) -> I
         if chosen == rejected:
             drops.reject(where, "dpo.bad_pair", '"chosen" and "rejected" are identical: nothing to prefer.')
             continue
-        prompt, chosen_ids, rejected_ids = tokenize_pair(tokenizer, messages, chosen, rejected)
+        try:
+            prompt, chosen_ids, rejected_ids = tokenize_pair(tokenizer, messages, chosen, rejected)
+        except chat_template.ChatFormatError as error:  # What a model's own template refuses.
+            drops.reject(where, "dpo.bad_pair", str(error))
+            continue
         fitted = fit_prompt(prompt, max(len(chosen_ids), len(rejected_ids)), seq_len)
         if fitted is None:
             drops.count(where, "dpo.too_long")
@@ -123,14 +132,16 @@ def prepare_dpo(
     overwrite: bool = False,
     source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Writes pair records to DIR/train/ and DIR/validation/, DIR/tokenizer.model and DIR/report.json.
+    """Writes pair records to DIR/train/ and DIR/validation/, the tokenizer's files and DIR/report.json.
+
+    `tokenizer_path` is a tokenizer file or a directory holding one (a run, a Hugging Face model directory).
 
     Pairs are held in memory as token arrays; rows are built while writing. The validation split takes
     pairs by a hash of their "file name:line" id, at least `min_validation_pairs` of them.
     """
     drops = Drops(on_error)
     check_output_dir(output_dir, overwrite)
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     pairs: list[tuple[str, Pair]] = []
     truncated = 0
     for pair_id, pair, was_truncated in read_pairs(input_path, tokenizer, seq_len, drops):
@@ -149,7 +160,7 @@ def prepare_dpo(
     }
     if not members["validation"]:  # checked before writing, so no empty shards are left behind
         raise ValueError("The validation split is empty: raise validation_fraction or min_validation_pairs.")
-    start_writing(output_dir, tokenizer_path)
+    tokenizer_copy = start_writing(output_dir, tokenizer_path)
     splits = {}
     for split, shards in (("train", train_shards), ("validation", validation_shards)):
         paths = records.write_shards(
@@ -164,7 +175,7 @@ def prepare_dpo(
         "format": "chat",  # Rows rendered with the chat template: a run trained on them is chat-tuned.
         "input": input_path,
         **({"source": dict(source)} if source else {}),
-        "tokenizer": os.path.join(output_dir, "tokenizer.model"),
+        "tokenizer": tokenizer_copy,
         "seq_len": seq_len,
         "pairs": {"read": len(pairs) + dropped, "kept": len(pairs), "prompt_truncated": truncated, "dropped": dropped},
         "drops": drops.as_dict(),

@@ -2,8 +2,9 @@
 
 Input is JSONL with one conversation per line, `{"messages": [{"role": ..., "content": ...}, ...]}`
 (roles system / user / assistant, as in llm/chat_template.py). Each conversation is rendered with the chat
-template; its loss mask is 1 exactly on the assistant's tokens (content and `<|end|>`), so the model learns
-to answer and never to imitate the user. Several conversations share a row as separate segments, and a
+template (the project's role markers, or the model's own Jinja template for a Hugging Face tokenizer); its
+loss mask is 1 exactly on the assistant's tokens (content and end of turn: `<|end|>`, `<|im_end|>`, ...), so
+the model learns to answer and never to imitate the user. Several conversations share a row as separate segments, and a
 conversation is never split across rows: its answers would lose the question they answer.
 
 Length policy. Messages after the last assistant turn train nothing and are left out. A conversation longer
@@ -27,7 +28,6 @@ import dataclasses
 import glob
 import json
 import os
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -36,7 +36,7 @@ import numpy as np
 from llm import chat_template
 from llm.data import packing, records
 from llm.io import ON_ERROR, SourceError
-from llm.tokenizer import Tokenizer
+from llm.tokenizer import AnyTokenizer, copy_tokenizer, load_tokenizer
 
 Messages = list[dict[str, str]]
 MAX_DROP_EXAMPLES = 5  # file:line locations kept per drop reason in the report
@@ -114,7 +114,7 @@ def conversation(record: Mapping[str, Any], where: str, drops: Drops) -> Message
 
 
 def render_conversation(
-    tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]], seq_len: int
+    tokenizer: AnyTokenizer, messages: Sequence[Mapping[str, str]], seq_len: int
 ) -> tuple[list[int], list[int], bool] | None:
     """(token ids, loss mask, truncated) of a conversation that fits in `seq_len`, or None if none does.
 
@@ -157,17 +157,15 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
         )
 
 
-def start_writing(output_dir: str, tokenizer_path: str) -> None:
-    """Removes the shards of an earlier run and copies the tokenizer to DIR/tokenizer.model.
+def start_writing(output_dir: str, tokenizer_path: str) -> str:
+    """Removes the shards of an earlier run and copies the tokenizer's files into DIR (tokenizer.model, or
+    tokenizer.json with its config and chat template), where training finds them; returns the copy's path.
 
     Called once the input has been read, so that bad input stops a run before it replaces anything.
     """
     for path in _old_shards(output_dir):
         os.remove(path)
-    os.makedirs(output_dir, exist_ok=True)
-    copy = os.path.join(output_dir, "tokenizer.model")
-    if not (os.path.exists(copy) and os.path.samefile(copy, tokenizer_path)):
-        shutil.copyfile(tokenizer_path, copy)
+    return copy_tokenizer(tokenizer_path, output_dir)
 
 
 def write_report(output_dir: str, report: Mapping[str, Any]) -> None:
@@ -197,7 +195,10 @@ def prepare_sft(
     overwrite: bool = False,
     source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Writes DIR/train/, DIR/validation/, DIR/tokenizer.model and DIR/report.json; returns the report.
+    """Writes DIR/train/, DIR/validation/, the tokenizer's files and DIR/report.json; returns the report.
+
+    `tokenizer_path` is a tokenizer file or a directory holding one: a run (ours, or one imported from
+    Hugging Face) or a Hugging Face model directory.
 
     Conversations are held in memory as int32 arrays (a few hundred MB for a million chats of 100 tokens).
     The validation split takes conversations by a hash of their "file name:line" id (so it survives moving
@@ -206,7 +207,7 @@ def prepare_sft(
     """
     drops = Drops(on_error)
     check_output_dir(output_dir, overwrite)
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     docs: list[tuple[str, tuple[np.ndarray, np.ndarray]]] = []
     truncated = 0
     for line, record in read_jsonl(input_path, drops, "sft.bad_json"):
@@ -231,7 +232,7 @@ def prepare_sft(
         min_validation_rows,
         "conversations",
     )
-    start_writing(output_dir, tokenizer_path)
+    tokenizer_copy = start_writing(output_dir, tokenizer_path)
     splits = packing.write_packed_splits(
         docs,
         output_dir,
@@ -248,7 +249,7 @@ def prepare_sft(
         "format": "chat",  # Rows rendered with the chat template: a run trained on them is chat-tuned.
         "input": input_path,
         **({"source": dict(source)} if source else {}),
-        "tokenizer": os.path.join(output_dir, "tokenizer.model"),
+        "tokenizer": tokenizer_copy,
         "seq_len": seq_len,
         "conversations": {"read": len(docs) + dropped, "kept": len(docs), "truncated": truncated, "dropped": dropped},
         "drops": drops.as_dict(),

@@ -16,16 +16,11 @@ import ml_collections
 from configs import base
 from llm import config_validation, sharding
 from llm.hf import architectures, weights
+from llm.hf_tokenizer import COMPANION_FILES, TOKENIZER_JSON
 from llm.runs import directory
 
 # Copied unchanged into the run when present: what loading the HF tokenizer and its chat template needs.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "chat_template.jinja",
-)
+TOKENIZER_FILES = (TOKENIZER_JSON, *COMPANION_FILES)
 # Packed training rows default to the model's context, capped: longer rows rarely pay for their memory.
 MAX_DATA_SEQ_LEN = 2048
 DTYPES = ("float32", "bfloat16")

@@ -46,12 +46,11 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from llm import io
 from llm.hf import importer
-from llm.hf_tokenizer import COMPANION_FILES, TOKENIZER_JSON
+from llm.hf_tokenizer import CONFIG_FILE as TOKENIZER_CONFIG, SPECIAL_TOKENS_FILE as SPECIAL_TOKENS_MAP, TOKENIZER_JSON
 from llm.runs import directory
 from llm.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_PIECES, UNK_ID, Tokenizer
 
 SPACE = "\u2581"  # SentencePiece's '▁'
-TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = COMPANION_FILES
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers prefers it to tokenizer_config.json's chat_template
 # Field numbers and defaults of sentencepiece_model.proto. The sentencepiece_model_pb2 of sentencepiece 0.2.3
 # is generated for protobuf 7 and refuses to import under the protobuf 6 that apache-beam pins, so the few

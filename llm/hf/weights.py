@@ -3,7 +3,9 @@
 Each of our parameters is created with `jax.make_array_from_callback`: every device's callback reads only
 its own block from the memory-mapped checkpoint (llm/hf/safetensors_files.py), transformed into our layout,
 so no host ever holds the checkpoint twice. HF stores Linear weights as (out, in) with heads flattened into
-`out`; our projections are einsum kernels with the heads as their own axes (llm/model/attention.py).
+`out` (GPT-2's Conv1D as (in, out), query, key and value fused in one); our projections are einsum kernels with
+the heads as their own axes (llm/model/attention.py). With scan_layers, a stacked parameter's block reads its
+layers' tensors one by one.
 """
 
 from __future__ import annotations

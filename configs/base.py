@@ -29,6 +29,7 @@ CHOICES = {
     "model.mlp_activation": ("gelu", "swiglu"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.position_encoding": ("rope", "learned", "sinusoidal"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
     "model.remat_policy": ("none", "full", "save_dots"),
     "model.attention_impl": ("auto", "xla", "blocked", "cudnn", "splash"),
     "model.kv_cache_dtype": ("auto", "int8"),
@@ -65,11 +66,20 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_kv_heads = 12  # Key/value heads: = num_heads is MHA, 1 is MQA, in between is GQA.
     model.head_dim = 0  # Per-head width; 0 means embed_dim // num_heads.
     model.mlp_dim = 3072  # Hidden width of the feed-forward block.
-    model.mlp_activation = "gelu"  # "gelu" (GPT-2) or "swiglu" (Llama: gated, three matrices).
+    # "gelu" (GPT-2; the tanh approximation, transformers' gelu_new) or "swiglu" (Llama: gated, three matrices).
+    model.mlp_activation = "gelu"
     model.norm = "layernorm"  # "layernorm" or "rmsnorm"; pre-norm in every block plus one final norm.
     model.norm_eps = 1e-5  # Epsilon of the normalization layers.
     model.position_encoding = "rope"  # "rope", "learned" (absolute table) or "sinusoidal".
     model.rope_theta = 10000.0  # RoPE base frequency.
+    # RoPE frequency scaling for contexts longer than pretraining's: "none", "linear" (every frequency divided
+    # by rope_scaling_factor) or "llama3" (Llama 3.1: low frequencies divided, high ones kept, smooth between).
+    model.rope_scaling = "none"
+    model.rope_scaling_factor = 1.0  # "linear" and "llama3": the factor frequencies are divided by.
+    model.rope_low_freq_factor = 1.0  # "llama3": wavelengths above rope_original_max_len / this are divided.
+    model.rope_high_freq_factor = 4.0  # "llama3": wavelengths below rope_original_max_len / this are kept.
+    model.rope_original_max_len = 8192  # "llama3": the context length the model was pretrained with.
+    model.qk_norm = False  # RMSNorm over head_dim on every query and key head before RoPE (Qwen3).
     model.tie_embeddings = True  # Output projection shares the token embedding matrix.
     model.use_bias = False  # Biases in attention and MLP projections.
     model.qkv_bias = False  # Biases on the query, key and value projections only (Qwen2); implied by use_bias.

@@ -24,6 +24,10 @@ POSITIVE = (
     "model.mlp_dim",
     "model.norm_eps",
     "model.rope_theta",
+    "model.rope_scaling_factor",
+    "model.rope_low_freq_factor",
+    "model.rope_high_freq_factor",
+    "model.rope_original_max_len",
     "data.seq_len",
     "train.num_steps",
     "train.batch_size",
@@ -116,6 +120,11 @@ def _check_relations(config: ml_collections.ConfigDict) -> None:
         )
     if model.position_encoding == "rope" and (model.head_dim or model.embed_dim // model.num_heads) % 2:
         raise ConfigError("RoPE needs an even head dimension (config.model.head_dim / embed_dim // num_heads).")
+    if model.rope_scaling == "llama3" and model.rope_high_freq_factor <= model.rope_low_freq_factor:
+        raise ConfigError(
+            f"config.model.rope_high_freq_factor={model.rope_high_freq_factor} must exceed "
+            f"config.model.rope_low_freq_factor={model.rope_low_freq_factor} (rope_scaling='llama3')."
+        )
     if config.data.seq_len + model.soft_prompt_length > model.max_seq_len:
         prompt = f" + config.model.soft_prompt_length={model.soft_prompt_length}" if model.soft_prompt_length else ""
         raise ConfigError(

@@ -7,6 +7,7 @@ import pytest
 from conftest import forward, tiny_config
 from flax import nnx
 
+from configs import base
 from llm.model import kernels, layers
 from llm.model.transformer import DropoutKeys, create_model
 
@@ -54,6 +55,8 @@ def test_attention_is_causal():
         dict(model__scan_layers=True, model__remat_policy="full"),
         dict(model__remat_policy="save_dots"),
         dict(model__dtype="bfloat16"),
+        dict(model__qk_norm=True, model__scan_layers=True),
+        dict(model__rope_scaling="llama3", model__rope_scaling_factor=8.0, model__rope_original_max_len=16),
     ],
 )
 def test_architecture_options_run_and_are_finite(overrides):
@@ -136,15 +139,80 @@ def test_rope_scores_depend_only_on_the_distance_between_positions():
     q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32) for _ in range(2))
 
     def score(query_position, key_position):
-        rotate = lambda x, p: layers.rope(x, jnp.array([[p]]), 10000.0, max_len=64)
+        rotate = lambda x, p: layers.rope(x, jnp.array([[p]]), layers.Rope(10000.0, max_len=64))
         return float(jnp.sum(rotate(q, query_position) * rotate(k, key_position)))
 
     assert score(7, 3) == pytest.approx(score(40, 36), abs=1e-5)
     assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
     # Position 0 is the identity; the rotation keeps norms.
-    np.testing.assert_allclose(layers.rope(q, jnp.zeros((1, 1), jnp.int32), 10000.0, 64), q)
-    rotated = layers.rope(q, jnp.full((1, 1), 21), 10000.0, 64)
+    np.testing.assert_allclose(layers.rope(q, jnp.zeros((1, 1), jnp.int32), layers.Rope(10000.0, 64)), q)
+    rotated = layers.rope(q, jnp.full((1, 1), 21), layers.Rope(10000.0, 64))
     np.testing.assert_allclose(jnp.linalg.norm(rotated), jnp.linalg.norm(q), rtol=1e-6)
+
+
+def test_rope_scaling_dispatch_has_exactly_the_allowed_choices():
+    assert set(layers.ROPE_SCALINGS) == set(base.CHOICES["model.rope_scaling"])
+
+
+@pytest.mark.parametrize(
+    "scaling, parameters",
+    [
+        ("none", dict(rope_type="default")),
+        ("linear", dict(rope_type="linear", factor=4.0)),
+        # A pretraining context of 64 puts the 32 frequencies of head_dim 64 in all three llama3 regimes.
+        (
+            "llama3",
+            dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+    ],
+)
+def test_rope_frequencies_equal_transformers(scaling, parameters):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    theta = 500000.0
+    hf = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters=dict(parameters, rope_theta=theta))
+    init = ROPE_INIT_FUNCTIONS.get(parameters["rope_type"], LlamaRotaryEmbedding.compute_default_rope_parameters)
+    theirs = init(hf)[0].numpy()
+    spec = layers.Rope(
+        theta,
+        128,
+        scaling,
+        parameters.get("factor", 1.0),
+        parameters.get("low_freq_factor", 1.0),
+        parameters.get("high_freq_factor", 4.0),
+        parameters.get("original_max_position_embeddings", 8192),
+    )
+    ours = layers.rope_frequencies(32, spec)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    if scaling != "none":
+        assert not np.allclose(ours, layers.rope_frequencies(32, layers.Rope(theta, 128)), rtol=1e-3)
+
+
+def test_qk_norm_adds_one_head_dim_scale_per_query_and_key():
+    from llm import sharding
+
+    def params(**overrides):
+        model = nnx.eval_shape(lambda: create_model(tiny_config(**overrides)))
+        return nnx.state(model, nnx.Param)
+
+    names = lambda state: {".".join(map(str, path)) for path, _ in nnx.to_flat_state(state)}
+    with_norm = params(model__qk_norm=True, model__head_dim=12)
+    added = names(with_norm) - names(params())
+    assert added == {f"blocks.{i}.attention.{q}_norm.scale" for i in range(2) for q in ("query", "key")}
+    # The scales have the logical axis head_dim: a rule that shards head_dim shards them.
+    rules = [(name, "tensor" if name == "head_dim" else axes) for name, axes in base.DEFAULT_LOGICAL_AXIS_RULES]
+    placed = sharding.tree_shardings(with_norm, sharding.create_mesh((2, 2, 2)), rules)
+    scale = placed["blocks"][0]["attention"]["query_norm"]["scale"]
+    assert with_norm["blocks"][0]["attention"]["query_norm"]["scale"].value.shape == (12,)
+    assert tuple(scale.value.spec) == ("tensor",)
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 1, 2)])

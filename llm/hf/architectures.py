@@ -1,11 +1,12 @@
 """Hugging Face config.json -> our `configs.base` model keys, one small table per architecture.
 
 Every HF key we cannot honour is refused by name before any weight is read: a converted model that silently
-ignored, say, RoPE scaling or a sliding window would load fine and then compute something else.
+ignored, say, a YaRN RoPE scaling or a sliding window would load fine and then compute something else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,19 +17,35 @@ class UnsupportedCheckpoint(ValueError):
 
 Check = Callable[[Mapping[str, Any]], str | None]  # A config -> the reason it is refused, or None.
 
+# RoPE types we compute (llm/model/layers.py) -> the rope_parameters keys each one needs.
+ROPE_TYPES = {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+# GPT-2's tanh-approximated GELU under both of its transformers names; our "gelu" is that approximation.
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
 
 def _flag_off(key: str) -> Check:
     return lambda hf: f"{key}={hf[key]!r} (only false is supported)" if hf.get(key) else None
 
 
-def _rope_default(hf: Mapping[str, Any]) -> str | None:
-    # Older configs say rope_scaling; transformers 5 writes rope_parameters with a rope_type.
-    if hf.get("rope_scaling") is not None:
-        return f"rope_scaling={hf['rope_scaling']!r} (only null is supported: plain RoPE)"
-    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
-    if rope_type != "default":
-        return f"rope_parameters.rope_type={rope_type!r} (only 'default' is supported: plain RoPE)"
-    factor = hf.get("partial_rotary_factor", 1.0)
+def _rope_parameters(hf: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The RoPE parameters and the key that holds them. transformers 5 writes rope_parameters (rope_theta
+    inside); older configs say rope_scaling beside a top-level rope_theta, and transformers lets rope_scaling
+    win when both are there. Old rope_scaling dicts name the type "type"."""
+    source = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = dict(hf.get(source) or {})
+    params.setdefault("rope_type", params.get("type", "default"))
+    return source, params
+
+
+def _rope(hf: Mapping[str, Any]) -> str | None:
+    source, params = _rope_parameters(hf)
+    rope_type = params["rope_type"]
+    if rope_type not in ROPE_TYPES:
+        return f"{source}.rope_type={rope_type!r} (supported: {sorted(ROPE_TYPES)})"
+    missing = [key for key in ROPE_TYPES[rope_type] if key not in params]
+    if missing:
+        return f"{source} of rope_type={rope_type!r} lacks {missing}"
+    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     return None if factor == 1.0 else f"partial_rotary_factor={factor!r} (only 1.0 is supported)"
 
 
@@ -55,11 +72,100 @@ def _full_attention_layers(hf: Mapping[str, Any]) -> str | None:
     return f"layer_types contains {kinds} (only 'full_attention' is supported)" if kinds else None
 
 
-# architectures value -> (checks, whether q/k/v carry biases). Qwen2's q/k/v projections always have biases.
-ARCHITECTURES: dict[str, tuple[tuple[Check, ...], bool]] = {
-    "LlamaForCausalLM": ((_rope_default, _silu, _flag_off("attention_bias"), _flag_off("mlp_bias")), False),
-    "MistralForCausalLM": ((_rope_default, _silu, _full_window), False),
-    "Qwen2ForCausalLM": ((_rope_default, _silu, _full_attention_layers), True),
+def _gelu_tanh(hf: Mapping[str, Any]) -> str | None:
+    act = hf.get("activation_function", "gelu_new")
+    return None if act in GPT2_ACTIVATIONS else f"activation_function={act!r} (supported: {list(GPT2_ACTIVATIONS)})"
+
+
+def _scaled_scores(hf: Mapping[str, Any]) -> str | None:
+    if not hf.get("scale_attn_weights", True):
+        return "scale_attn_weights=False (only scores scaled by 1/sqrt(head_dim) are supported)"
+    return None
+
+
+def _rope_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
+    _, params = _rope_parameters(hf)
+    rope_type = params["rope_type"]
+    keys: dict[str, Any] = dict(
+        position_encoding="rope",
+        rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_scaling="none" if rope_type == "default" else rope_type,
+    )
+    if rope_type != "default":
+        keys["rope_scaling_factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        # As transformers: a top-level original_max_position_embeddings wins, then the parameters', then the context.
+        original = hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+        keys.update(
+            rope_low_freq_factor=float(params["low_freq_factor"]),
+            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_original_max_len=int(original or hf["max_position_embeddings"]),
+        )
+    return keys
+
+
+def _llama_keys(hf: Mapping[str, Any], qkv_bias: bool = False, qk_norm: bool = False) -> dict[str, Any]:
+    heads = hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf["max_position_embeddings"],
+        num_layers=hf["num_hidden_layers"],
+        embed_dim=hf["hidden_size"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        mlp_dim=hf["intermediate_size"],
+        mlp_activation="swiglu",
+        norm="rmsnorm",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        **_rope_keys(hf),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        use_bias=False,
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
+    )
+
+
+def _gpt2_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
+    embed, heads = hf["n_embd"], hf["n_head"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf["n_positions"],
+        num_layers=hf["n_layer"],
+        embed_dim=embed,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=embed // heads,
+        mlp_dim=hf.get("n_inner") or 4 * embed,
+        mlp_activation="gelu",
+        norm="layernorm",
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        position_encoding="learned",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        use_bias=True,
+        qkv_bias=False,
+        qk_norm=False,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    checks: tuple[Check, ...]  # Each names a config key it cannot honour, or passes.
+    keys: Callable[[Mapping[str, Any]], dict[str, Any]]  # HF config -> our config.model keys.
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "LlamaForCausalLM": Architecture((_rope, _silu, _flag_off("attention_bias"), _flag_off("mlp_bias")), _llama_keys),
+    "MistralForCausalLM": Architecture((_rope, _silu, _full_window), _llama_keys),
+    # Qwen2's q/k/v projections always have biases; Qwen3 has none but normalizes each query and key head.
+    "Qwen2ForCausalLM": Architecture((_rope, _silu, _full_attention_layers), lambda hf: _llama_keys(hf, qkv_bias=True)),
+    "Qwen3ForCausalLM": Architecture(
+        (_rope, _silu, _full_attention_layers, _flag_off("attention_bias")), lambda hf: _llama_keys(hf, qk_norm=True)
+    ),
+    "GPT2LMHeadModel": Architecture(
+        (_gelu_tanh, _scaled_scores, _flag_off("scale_attn_by_inverse_layer_idx"), _flag_off("add_cross_attention")),
+        _gpt2_keys,
+    ),
 }
 
 
@@ -80,27 +186,10 @@ def model_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
     """The `config.model` keys of configs/base.py that describe the HF model; raises UnsupportedCheckpoint
     naming every HF key it cannot honour."""
     name = architecture(hf)
-    checks, qkv_bias = ARCHITECTURES[name]
-    refused = [reason for reason in (check(hf) for check in checks) if reason]
+    refused = [reason for reason in (check(hf) for check in ARCHITECTURES[name].checks) if reason]
     if refused:
         raise UnsupportedCheckpoint(f"Cannot import this {name}: " + "; ".join(refused) + ".")
-    heads = hf["num_attention_heads"]
-    rope_theta = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
-    return dict(
-        vocab_size=hf["vocab_size"],
-        max_seq_len=hf["max_position_embeddings"],
-        num_layers=hf["num_hidden_layers"],
-        embed_dim=hf["hidden_size"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        mlp_dim=hf["intermediate_size"],
-        mlp_activation="swiglu",
-        norm="rmsnorm",
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        position_encoding="rope",
-        rope_theta=float(rope_theta),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        use_bias=False,
-        qkv_bias=qkv_bias,
-    )
+    try:
+        return ARCHITECTURES[name].keys(hf)
+    except KeyError as error:
+        raise UnsupportedCheckpoint(f"config.json of this {name} lacks the key {error.args[0]!r}.") from None

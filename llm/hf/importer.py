@@ -1,7 +1,8 @@
 """A Hugging Face checkpoint directory -> an ordinary run directory (config.json, checkpoint at step 0).
 
 The run is then used like any trained run: `init_from` for fine-tuning, sampling, evaluation, serving. The
-HF tokenizer files are copied in unchanged beside config.json (the run has no tokenizer.model).
+HF tokenizer files are copied in unchanged beside config.json (the run has no tokenizer.model). The supported
+architectures are those of `llm.hf.architectures.ARCHITECTURES`.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def read_hf_config(model_dir: str) -> dict:
         return json.load(f)
 
 
-def run_config(hf_config: dict, dtype: str = "float32") -> ml_collections.ConfigDict:
-    """configs/base.py defaults with the converted model keys; stored and computed in `dtype`. Validated.
+def run_config(hf_config: dict, dtype: str = "float32", scan_layers: bool = False) -> ml_collections.ConfigDict:
+    """configs/base.py defaults with the converted model keys; stored and computed in `dtype`, the blocks
+    stacked and scanned with `scan_layers` (model.scan_layers). Validated.
 
     The mesh stays the default: the import's mesh is where the weights are streamed, not a choice for the runs
     that start from them."""
@@ -46,7 +48,7 @@ def run_config(hf_config: dict, dtype: str = "float32") -> ml_collections.Config
         raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}.")
     config = base.get_config()
     config.model.update(architectures.model_keys(hf_config))
-    config.model.update(dtype=dtype, param_dtype=dtype)
+    config.model.update(dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
     config.data.seq_len = min(config.model.max_seq_len, MAX_DATA_SEQ_LEN)
     config.train.trainable = "all"
     config_validation.validate(config)
@@ -70,15 +72,17 @@ def import_hf(
     dtype: str = "float32",
     mesh_shape: Sequence[int] = (1, -1, 1),
     overwrite: bool = False,
+    scan_layers: bool = False,
 ) -> str:
     """Writes the run directory `output_dir` from the HF checkpoint in `model_dir`; returns its absolute path.
 
     Unsupported architectures and config keys are refused before any weight is read. The run appears
-    complete or not at all: it is assembled in OUTPUT.importing and renamed at the end.
+    complete or not at all: it is assembled in OUTPUT.importing and renamed at the end. With `scan_layers` the
+    run's blocks are stacked (model.scan_layers: compile time flat in depth); it computes the same function.
     """
     output_dir = check_output(output_dir, overwrite)
     hf_config = read_hf_config(model_dir)
-    config = run_config(hf_config, dtype)
+    config = run_config(hf_config, dtype, scan_layers)
     mesh = sharding.create_mesh(mesh_shape)
     with sharding.use_mesh(mesh, config.logical_axis_rules):
         model = weights.load_model(model_dir, architectures.architecture(hf_config), config, mesh)

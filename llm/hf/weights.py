@@ -3,7 +3,9 @@
 Each of our parameters is created with `jax.make_array_from_callback`: every device's callback reads only
 its own block from the memory-mapped checkpoint (llm/hf/safetensors_files.py), transformed into our layout,
 so no host ever holds the checkpoint twice. HF stores Linear weights as (out, in) with heads flattened into
-`out`; our projections are einsum kernels with the heads as their own axes (llm/model/attention.py).
+`out` (GPT-2's Conv1D as (in, out), query, key and value fused in one); our projections are einsum kernels with
+the heads as their own axes (llm/model/attention.py). With scan_layers, a stacked parameter's block reads its
+layers' tensors one by one.
 """
 
 from __future__ import annotations
@@ -57,6 +59,35 @@ def _read_heads_bias(t: np.ndarray, ix: Index, shape: tuple[int, ...]) -> np.nda
     return t[_heads(ix[0], shape[1])].reshape(-1, shape[1])[:, ix[1]]
 
 
+def _read_heads_rows(t: np.ndarray, ix: Index, shape: tuple[int, ...]) -> np.ndarray:
+    # ours (heads, head_dim, embed) from W: (heads * head_dim, embed), a GPT-2 Conv1D stored (in, out)
+    return t[_heads(ix[0], shape[1]), ix[2]].reshape(ix[0].stop - ix[0].start, shape[1], -1)[:, ix[1], :]
+
+
+def _shifted(index: slice, offset: int) -> slice:
+    return slice(index.start + offset, index.stop + offset)
+
+
+def fused_heads_in(part: int, parts: int) -> Transform:
+    """Our query, key or value kernel (embed, heads, head_dim) as the columns [part * width, (part + 1) * width)
+    of a fused Conv1D weight (embed, parts * width), width = heads * head_dim: GPT-2's c_attn is [q | k | v]."""
+
+    def read(t: np.ndarray, ix: Index, shape: tuple[int, ...]) -> np.ndarray:
+        columns = _shifted(_heads(ix[1], shape[2]), part * shape[1] * shape[2])
+        return t[ix[0], columns].reshape(-1, ix[1].stop - ix[1].start, shape[2])[:, :, ix[2]]
+
+    return Transform(f"columns {part} of {parts} of a fused projection", lambda s: (s[0], parts * s[1] * s[2]), read)
+
+
+def fused_heads_bias(part: int, parts: int) -> Transform:
+    """Our query, key or value bias (heads, head_dim) as the slice `part` of `parts` of a fused bias."""
+
+    def read(t: np.ndarray, ix: Index, shape: tuple[int, ...]) -> np.ndarray:
+        return t[_shifted(_heads(ix[0], shape[1]), part * shape[0] * shape[1])].reshape(-1, shape[1])[:, ix[1]]
+
+    return Transform(f"slice {part} of {parts} of a fused bias", lambda s: (parts * s[0] * s[1],), read)
+
+
 COPY = Transform("copy", lambda s: s, lambda t, ix, s: t[ix], lambda a: a)
 TRANSPOSE = Transform("transpose", lambda s: s[::-1], lambda t, ix, s: t[ix[::-1]].T, lambda a: a.T)
 HEADS_IN = Transform(
@@ -72,6 +103,7 @@ HEADS_OUT = Transform(
     lambda a: a.reshape(-1, a.shape[-1]).T,  # (heads, head_dim, embed) -> (embed, heads * head_dim)
 )
 HEADS_BIAS = Transform("split heads of a bias", lambda s: (s[0] * s[1],), _read_heads_bias, lambda a: a.reshape(-1))
+HEADS_ROWS = Transform("split heads of a Conv1D output projection", lambda s: (s[0] * s[1], s[2]), _read_heads_rows)
 
 # Our parameter path ("{i}": the layer) -> (HF tensor name, transform).
 LLAMA = {
@@ -95,22 +127,80 @@ QWEN2 = {
     "blocks.{i}.attention.key.bias": ("model.layers.{i}.self_attn.k_proj.bias", HEADS_BIAS),
     "blocks.{i}.attention.value.bias": ("model.layers.{i}.self_attn.v_proj.bias", HEADS_BIAS),
 }
-MAPPINGS = {"LlamaForCausalLM": LLAMA, "MistralForCausalLM": MISTRAL, "Qwen2ForCausalLM": QWEN2}
+QWEN3 = {
+    **LLAMA,
+    "blocks.{i}.attention.query_norm.scale": ("model.layers.{i}.self_attn.q_norm.weight", COPY),
+    "blocks.{i}.attention.key_norm.scale": ("model.layers.{i}.self_attn.k_norm.weight", COPY),
+}
+# GPT-2's Conv1D layers store (in, out), which is our Linear layout; c_attn fuses query, key and value columns.
+GPT2 = {
+    "embed.embedding": ("transformer.wte.weight", COPY),
+    "position_embed.embedding": ("transformer.wpe.weight", COPY),
+    "blocks.{i}.attention_norm.scale": ("transformer.h.{i}.ln_1.weight", COPY),
+    "blocks.{i}.attention_norm.bias": ("transformer.h.{i}.ln_1.bias", COPY),
+    "blocks.{i}.attention.query.kernel": ("transformer.h.{i}.attn.c_attn.weight", fused_heads_in(0, 3)),
+    "blocks.{i}.attention.key.kernel": ("transformer.h.{i}.attn.c_attn.weight", fused_heads_in(1, 3)),
+    "blocks.{i}.attention.value.kernel": ("transformer.h.{i}.attn.c_attn.weight", fused_heads_in(2, 3)),
+    "blocks.{i}.attention.query.bias": ("transformer.h.{i}.attn.c_attn.bias", fused_heads_bias(0, 3)),
+    "blocks.{i}.attention.key.bias": ("transformer.h.{i}.attn.c_attn.bias", fused_heads_bias(1, 3)),
+    "blocks.{i}.attention.value.bias": ("transformer.h.{i}.attn.c_attn.bias", fused_heads_bias(2, 3)),
+    "blocks.{i}.attention.out.kernel": ("transformer.h.{i}.attn.c_proj.weight", HEADS_ROWS),
+    "blocks.{i}.attention.out.bias": ("transformer.h.{i}.attn.c_proj.bias", COPY),
+    "blocks.{i}.mlp_norm.scale": ("transformer.h.{i}.ln_2.weight", COPY),
+    "blocks.{i}.mlp_norm.bias": ("transformer.h.{i}.ln_2.bias", COPY),
+    "blocks.{i}.mlp.up.kernel": ("transformer.h.{i}.mlp.c_fc.weight", COPY),
+    "blocks.{i}.mlp.up.bias": ("transformer.h.{i}.mlp.c_fc.bias", COPY),
+    "blocks.{i}.mlp.down.kernel": ("transformer.h.{i}.mlp.c_proj.weight", COPY),
+    "blocks.{i}.mlp.down.bias": ("transformer.h.{i}.mlp.c_proj.bias", COPY),
+    "final_norm.scale": ("transformer.ln_f.weight", COPY),
+    "final_norm.bias": ("transformer.ln_f.bias", COPY),
+    "unembed.kernel": ("lm_head.weight", TRANSPOSE),  # only untied models have unembed
+}
+MAPPINGS = {
+    "LlamaForCausalLM": LLAMA,
+    "MistralForCausalLM": MISTRAL,
+    "Qwen2ForCausalLM": QWEN2,
+    "Qwen3ForCausalLM": QWEN3,
+    "GPT2LMHeadModel": GPT2,
+}
+# save_pretrained writes GPT-2's tensors under `transformer.`; the original OpenAI checkpoints have them bare.
+OPTIONAL_PREFIXES = {"GPT2LMHeadModel": "transformer."}
 
 
-def _source(mapping: dict, path: tuple) -> tuple[str, Transform]:
-    """The HF tensor and transform of one of our parameter paths, e.g. ('blocks', 3, 'mlp', 'up', 'kernel')."""
-    layer = next((part for part in path if isinstance(part, int)), None)
-    template = ".".join("{i}" if isinstance(part, int) else str(part) for part in path)
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where one of our parameters comes from: one HF tensor, or with scan_layers one per layer (stacked)."""
+
+    names: tuple[str, ...]
+    transform: Transform
+    stacked: bool
+
+
+def _source(mapping: dict, path: tuple, num_layers: int) -> Source:
+    """The HF tensors and transform of one of our parameter paths, e.g. ('blocks', 3, 'mlp', 'up', 'kernel'),
+    or ('blocks', 'mlp', 'up', 'kernel') for the scanned blocks' stacked parameter (a leading `layers` axis)."""
+    parts = ["{i}" if isinstance(part, int) else str(part) for part in path]
+    stacked = parts[0] == "blocks" and "{i}" not in parts
+    if stacked:
+        parts.insert(1, "{i}")
+    template = ".".join(parts)
     if template not in mapping:
         raise KeyError(f"No HF tensor is mapped to our parameter {'.'.join(map(str, path))!r}.")
     hf_name, transform = mapping[template]
-    return hf_name.format(i=layer), transform
+    layers = range(num_layers) if stacked else [next((part for part in path if isinstance(part, int)), None)]
+    return Source(tuple(hf_name.format(i=layer) for layer in layers), transform, stacked)
+
+
+def _present(source: Source, available: dict[str, str], prefix: str) -> Source:
+    """`source` with its names stripped of the architecture's optional prefix where only the bare name exists."""
+    names = [
+        name[len(prefix) :] if prefix and name.startswith(prefix) and name not in available else name
+        for name in source.names
+    ]
+    return dataclasses.replace(source, names=tuple(names))
 
 
 def _abstract_model(config: ml_collections.ConfigDict) -> Transformer:
-    if config.model.scan_layers:
-        raise ValueError("Importing into config.model.scan_layers=True is not supported yet; use False.")
     with sharding.no_eager_sharding():
         return nnx.eval_shape(lambda: Transformer(config.model, rngs=nnx.Rngs(params=0)))
 
@@ -124,36 +214,47 @@ def abstract_params(model: Transformer, config: ml_collections.ConfigDict, mesh:
 def load_model(model_dir: str, architecture: str, config: ml_collections.ConfigDict, mesh: Mesh) -> Transformer:
     """`config`'s model with the HF checkpoint's weights, every parameter sharded on `mesh` as the rules say.
 
-    Every tensor and its shape is checked before any data is read; errors name the tensor.
+    Every tensor and its shape is checked before any data is read; errors name the tensor. With
+    config.model.scan_layers the blocks' parameters are stacked over a leading `layers` axis, read layer by layer.
     """
     model = _abstract_model(config)
     targets = nnx.to_flat_state(abstract_params(model, config, mesh))
-    sources = {path: _source(MAPPINGS[architecture], path) for path, _ in targets}
-    tensors = safetensors_files.open_tensors(model_dir, sorted({name for name, _ in sources.values()}))
+    available = safetensors_files.weight_map(model_dir)
+    prefix = OPTIONAL_PREFIXES.get(architecture, "")
+    sources = {
+        path: _present(_source(MAPPINGS[architecture], path, config.model.num_layers), available, prefix)
+        for path, _ in targets
+    }
+    tensors = safetensors_files.open_tensors(model_dir, sorted({name for s in sources.values() for name in s.names}))
     for path, target in targets:
-        name, transform = sources[path]
-        expected = transform.hf_shape(tuple(target.value.shape))
-        if tuple(tensors[name].shape) != expected:
-            raise ValueError(
-                f"Tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {expected} "
-                f"for our parameter {'.'.join(map(str, path))} {tuple(target.value.shape)} ({transform.name})."
-            )
+        source, shape = sources[path], tuple(target.value.shape)
+        expected = source.transform.hf_shape(shape[1:] if source.stacked else shape)
+        for name in source.names:
+            if tuple(tensors[name].shape) != expected:
+                raise ValueError(
+                    f"Tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {expected} "
+                    f"for our parameter {'.'.join(map(str, path))} {shape} ({source.transform.name})."
+                )
     arrays = []
     for path, target in targets:
-        name, transform = sources[path]
-        arrays.append((path, _placed(tensors[name], transform, target)))
-        safetensors_files.release(tensors[name])  # Now on the devices: the host need not keep its pages.
+        arrays.append((path, _placed([tensors[n] for n in sources[path].names], sources[path], target)))
+        for name in sources[path].names:
+            safetensors_files.release(tensors[name])  # Now on the devices: the host need not keep its pages.
     nnx.update(model, nnx.from_flat_state(arrays))
     return model
 
 
-def _placed(tensor: np.ndarray, transform: Transform, target: nnx.Variable) -> nnx.Variable:
+def _placed(hf_tensors: list[np.ndarray], source: Source, target: nnx.Variable) -> nnx.Variable:
     shape, dtype, placement = tuple(target.value.shape), target.value.dtype, target.value.sharding
+    read = source.transform.read
 
     def block(index: Index) -> np.ndarray:
         # Open-ended slices made explicit, so the transforms can do arithmetic on them.
         index = tuple(slice(*ix.indices(n)[:2]) for ix, n in zip(index, shape))
-        return np.asarray(transform.read(tensor, index, shape), dtype=dtype)
+        if source.stacked:  # Only the layers of this block, each read as an unstacked parameter.
+            layers = range(index[0].start, index[0].stop)
+            return np.stack([np.asarray(read(hf_tensors[i], index[1:], shape[1:]), dtype=dtype) for i in layers])
+        return np.asarray(read(hf_tensors[0], index, shape), dtype=dtype)
 
     return target.replace(jax.make_array_from_callback(shape, placement, block))
 
@@ -185,7 +286,8 @@ def export_tensors(mapping: dict, paths: list[tuple]) -> list[HFTensor]:
     order = {template: position for position, template in enumerate(mapping)}
     grouped: dict[str, list[tuple[int, tuple, Transform]]] = {}
     for path in paths:
-        name, transform = _source(mapping, path)
+        source = _source(mapping, path, num_layers=0)  # Per-layer paths: one tensor each.
+        name, transform = source.names[0], source.transform
         if transform.write is None:
             raise ValueError(f"Transform {transform.name!r} of {name!r} has no export direction (write).")
         template = ".".join("{i}" if isinstance(part, int) else str(part) for part in path)

@@ -24,7 +24,7 @@ from llm.model.kv_cache import LayerCache
 class Attention(nnx.Module):
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, layers.head_dim(cfg)
-        self.use_rope, self.rope_theta, self.max_len = cfg.position_encoding == "rope", cfg.rope_theta, cfg.max_seq_len
+        self.rope = layers.Rope.from_config(cfg) if cfg.position_encoding == "rope" else None
         self.impl = kernels.choose_impl(cfg.attention_impl, cfg.dtype)
         if self.impl == "splash" and cfg.soft_prompt_length:
             self.impl = "xla"  # Splash masks by segment equality only; a shared soft prompt needs the general mask.
@@ -59,6 +59,9 @@ class Attention(nnx.Module):
             bias_init=layers.zeros_init(("embed",)),
             **common,
         )
+        # Qwen3 normalizes each query and key head (RMSNorm over head_dim) before RoPE.
+        self.query_norm = layers.make_head_norm(cfg, rngs) if cfg.qk_norm else None
+        self.key_norm = layers.make_head_norm(cfg, rngs) if cfg.qk_norm else None
         # LoRA adapters (None unless model.lora_targets matches), created last: see lora.adapter_for.
         embed, heads, kv_heads = (cfg.embed_dim,), (self.num_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
         self.query_lora = lora.adapter_for(cfg, "attention", "query", embed, heads, rngs=rngs)
@@ -80,9 +83,10 @@ class Attention(nnx.Module):
         query = lora.project(self.query, self.query_lora, x, dropout_key)
         key = lora.project(self.key, self.key_lora, x, dropout_key)
         value = lora.project(self.value, self.value_lora, x, dropout_key)
-        if self.use_rope:
-            query = layers.rope(query, positions, self.rope_theta, self.max_len)
-            key = layers.rope(key, positions, self.rope_theta, self.max_len)
+        if self.query_norm is not None:
+            query, key = self.query_norm(query).astype(query.dtype), self.key_norm(key).astype(key.dtype)
+        if self.rope is not None:
+            query, key = layers.rope(query, positions, self.rope), layers.rope(key, positions, self.rope)
         query = sharding.constrain(query, ("batch", "length", "heads", "head_dim"))
         key = sharding.constrain(key, ("batch", "length", "kv_heads", "head_dim"))
         value = sharding.constrain(value, ("batch", "length", "kv_heads", "head_dim"))

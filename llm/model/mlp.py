@@ -43,6 +43,6 @@ class MLP(nnx.Module):
         if self.activation == "swiglu":
             hidden = jax.nn.silu(lora.project(self.gate, self.gate_lora, x, dropout_key)) * up
         else:
-            hidden = jax.nn.gelu(up)
+            hidden = jax.nn.gelu(up, approximate=True)  # The tanh approximation: GPT-2's gelu_new.
         hidden = sharding.constrain(hidden, ("batch", "length", "mlp"))
         return lora.project(self.down, self.down_lora, hidden, dropout_key)

@@ -1,9 +1,9 @@
 """Every tool takes a run imported from Hugging Face unchanged: LoRA, QLoRA and prompt tuning start from it,
-`evaluate.py` scores it, it quantizes and decodes quantized, and the server completes with it."""
+`evaluate.py` scores it, and it quantizes and decodes quantized. (The server and chat.py with an imported run:
+tests/test_hf_chat_template.py.)"""
 
 import json
 
-import httpx
 import numpy as np
 import pytest
 from conftest import finetune_config, forward, run_script
@@ -13,7 +13,6 @@ from llm.hf import importer
 from llm.infer import generate
 from llm.quant import ptq
 from llm.runs import loading, quantized_run
-from llm.serve import api, bench
 from llm.train import loop
 
 TOKENS = np.random.default_rng(0).integers(3, 128, (2, 16))
@@ -69,14 +68,3 @@ def test_an_imported_run_quantizes_and_decodes(imported, tmp_path):
     error = np.linalg.norm(np.asarray(forward(loaded.model, TOKENS)) - expected) / np.linalg.norm(expected)
     assert error < 0.05  # int8 per channel on random weights; a wrong scale or layout is off by far more
     assert len(generate.generate_text(loaded, ["El niño comió"], 8)[0]) > 0
-
-
-def test_the_server_completes_with_an_imported_run(imported):
-    run = loading.load_run(imported)
-    app = api.create_app(run.model, run.tokenizer, api.ServeSettings("imported", max_batch_size=2, max_tokens=16))
-    expected = generate.generate_text(run, ["¿Qué tal? El niño"], 12)[0]
-    with bench.background_server(app) as url:
-        body = {"model": "imported", "prompt": "¿Qué tal? El niño", "max_tokens": 12, "temperature": 0}
-        response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
-    assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["text"] == expected

@@ -3,12 +3,14 @@ with Llama 3.x "llama3" or "linear" RoPE scaling), MistralForCausalLM, Qwen2ForC
 GPT2LMHeadModel.
 
     python scripts/import_hf.py --model_dir=DIR --output=RUN_DIR [--dtype=float32|bfloat16] [--scan_layers]
-        [--overwrite]
+        [--overwrite] [--weights_only]
 
 DIR is a local model directory (config.json, model.safetensors or sharded model-*.safetensors with
 model.safetensors.index.json, tokenizer files). RUN_DIR gets config.json, a checkpoint at step 0 and the
 tokenizer files unchanged; it serves as `init_from` for fine-tuning like any trained run. --scan_layers stacks
-the blocks (config.model.scan_layers: compile time independent of depth, for deep models).
+the blocks (config.model.scan_layers: compile time independent of depth, for deep models). A DIR without
+tokenizer.json is refused unless --weights_only: a run without a tokenizer can only be an `init_from` for training
+on data tokenized elsewhere.
 """
 
 import os
@@ -23,6 +25,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Run directory to write.", require
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(importer.DTYPES), "Parameter and compute dtype of the run.")
 _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", False, "Stack the blocks and run them with lax.scan.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing run directory at --output.")
+_WEIGHTS_ONLY = flags.DEFINE_bool("weights_only", False, "Import a DIR that has no tokenizer.json.")
 
 
 def main(argv: list[str]) -> None:
@@ -32,6 +35,8 @@ def main(argv: list[str]) -> None:
         # Everything that can be wrong with the flags or the checkpoint's config, before any weight is read.
         importer.check_output(_OUTPUT.value, _OVERWRITE.value)
         config = importer.run_config(importer.read_hf_config(_MODEL_DIR.value), _DTYPE.value, _SCAN_LAYERS.value)
+        if not _WEIGHTS_ONLY.value:
+            importer.check_tokenizer(_MODEL_DIR.value)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         raise app.UsageError(str(error)) from error
     checkpoint.quiet_orbax_logs()

@@ -426,7 +426,14 @@ def test_qkv_bias_adds_biases_to_query_key_value_only():
 
 def test_import_script(hf_dirs, tmp_path):
     model_dir, run_dir = hf_dirs["qwen2"][1], str(tmp_path / "run")
-    result = run_script("import_hf.py", f"--model_dir={model_dir}", f"--output={run_dir}", "--scan_layers")
+    refused = run_script("import_hf.py", f"--model_dir={model_dir}", f"--output={run_dir}")
+    assert refused.returncode != 0 and "tokenizer.json' not found" in refused.stderr and not os.path.exists(run_dir)
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="only the slow tokenizer.model"):
+        importer.check_tokenizer(str(tmp_path / "slow"))
+    flags = (f"--model_dir={model_dir}", f"--output={run_dir}", "--scan_layers", "--weights_only")
+    result = run_script("import_hf.py", *flags)
     assert result.returncode == 0, result.stderr
     assert "2 layers, embed 64, 4/2 heads, vocab 160" in result.stdout
     assert directory.load_config(run_dir).model.qkv_bias and directory.load_config(run_dir).model.scan_layers

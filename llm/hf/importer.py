@@ -66,6 +66,23 @@ def check_output(output_dir: str, overwrite: bool) -> str:
     return output_dir
 
 
+def check_tokenizer(model_dir: str) -> None:
+    """Refuses a model directory without tokenizer.json: nearly every tool needs the run's tokenizer. A
+    directory with only a SentencePiece tokenizer.model (a "slow" tokenizer) is told how to convert it."""
+    if os.path.isfile(os.path.join(model_dir, TOKENIZER_JSON)):
+        return
+    hint = (
+        " It has only the slow tokenizer.model: write tokenizer.json with transformers, "
+        "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)."
+        if os.path.isfile(os.path.join(model_dir, "tokenizer.model"))
+        else ""
+    )
+    raise FileNotFoundError(
+        f"{os.path.join(model_dir, TOKENIZER_JSON)!r} not found: the run would have no tokenizer.{hint} "
+        "(--weights_only imports the weights alone.)"
+    )
+
+
 def import_hf(
     model_dir: str,
     output_dir: str,

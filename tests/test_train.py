@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,3 +260,15 @@ def test_a_saved_config_without_newer_keys_loads_with_their_defaults(tmp_path):
     loaded = directory.load_config(str(tmp_path))
     assert loaded.model.soft_prompt_length == 0 and loaded.train.quantize_base == "none"
     assert loaded.model.num_layers == config.model.num_layers and loaded.data.seq_len == config.data.seq_len
+
+
+def test_a_model_vocabulary_smaller_than_the_datas_tokenizer_is_refused(tmp_path, tokenizer):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(tokenizer.path, data / "tokenizer.model")  # 320 ids
+    config = tiny_config(model__vocab_size=256)
+    config.data.path = str(data)
+    with pytest.raises(config_validation.ConfigError, match="vocab_size=256 is smaller than the 320 ids"):
+        start.check_vocabulary(config)
+    config.model.vocab_size = 320
+    start.check_vocabulary(config)

@@ -12,6 +12,7 @@ import ml_collections
 from llm import checkpoint, config_validation
 from llm.data import loader
 from llm.runs import directory
+from llm.tokenizer import load_tokenizer
 from llm.train import inputs, step as step_lib
 
 # Model keys that change how the model runs, not what it computes or holds: a run may set them anew.
@@ -24,6 +25,7 @@ def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     config_validation.validate(config)
     inputs.check_data_path(config)
     check_init_from(config)
+    check_vocabulary(config)
     if not config.chat and directory.chat_tuned(config):
         config = ml_collections.ConfigDict(config.to_dict())
         config.chat = True  # Recorded in config.json, so every tool prompts the run through the chat template.
@@ -35,6 +37,18 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
         # A run directory is self-contained: inference and evaluation find the tokenizer next to the weights.
         directory.write_run_files(workdir, config, _tokenizer_source(config))
+
+
+def check_vocabulary(config: ml_collections.ConfigDict) -> None:
+    """The model must have an embedding for every id of the tokenizer its data were made with (or its
+    `init_from`'s): a larger id would be clipped to the last row in silence, not refused."""
+    path = _tokenizer_source(config)
+    vocab = path and load_tokenizer(path).vocab_size
+    if vocab and vocab > config.model.vocab_size:
+        raise config_validation.ConfigError(
+            f"config.model.vocab_size={config.model.vocab_size} is smaller than the {vocab} ids of the tokenizer "
+            f"{path!r}; set config.model.vocab_size >= {vocab}."
+        )
 
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:

@@ -16,7 +16,9 @@ INPUT = flags.DEFINE_string("input", None, "JSONL file to prepare (its format: t
 CHATTERBOT = flags.DEFINE_bool(
     "chatterbot", False, "Build a demo set from the Spanish chatterbot-corpus dialogues instead of --input."
 )
-TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (llm/tokenizer.py).")
+TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, "Tokenizer: a SentencePiece .model, a tokenizer.json, or a run or HF model directory."
+)
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output directory.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Row length; must equal the training config's data.seq_len.")
 ON_ERROR_FLAG = flags.DEFINE_enum(

@@ -21,10 +21,10 @@ import ml_collections
 from flax import nnx
 
 from configs import base
-from llm import checkpoint, hf_tokenizer, io
+from llm import checkpoint, hf_tokenizer, io, tokenizer as tokenizer_lib
 
 CONFIG_FILE = "config.json"
-SENTENCEPIECE_FILE = "tokenizer.model"
+SENTENCEPIECE_FILE = tokenizer_lib.SENTENCEPIECE_FILE
 # Either backend's file (llm.tokenizer.load_tokenizer loads both); a directory holds one of them.
 TOKENIZER_FILES = (SENTENCEPIECE_FILE, hf_tokenizer.TOKENIZER_JSON)
 
@@ -92,33 +92,13 @@ def chat_tuned(config: ml_collections.ConfigDict) -> bool:
     return config.chat or bool(config.init_from and load_config(config.init_from).chat)
 
 
-def _tokenizer_copies(tokenizer_path: str) -> list[tuple[str, str]]:
-    """(source, name in the run) of the files that make up a tokenizer: a SentencePiece model file, or a
-    tokenizer.json (the file or its directory) with the companion config files it has."""
-    if os.path.isdir(tokenizer_path):
-        tokenizer_path = os.path.join(tokenizer_path, hf_tokenizer.TOKENIZER_JSON)
-    if os.path.basename(tokenizer_path) != hf_tokenizer.TOKENIZER_JSON:
-        return [(tokenizer_path, SENTENCEPIECE_FILE)]
-    source_dir = os.path.dirname(tokenizer_path)
-    companions = [name for name in hf_tokenizer.COMPANION_FILES if os.path.isfile(os.path.join(source_dir, name))]
-    return [(tokenizer_path, hf_tokenizer.TOKENIZER_JSON)] + [(os.path.join(source_dir, n), n) for n in companions]
-
-
 def write_run_files(run_dir: str, config: ml_collections.ConfigDict, tokenizer_path: str | None) -> None:
     """Writes RUN/config.json and, when given, the copy of the tokenizer's files; each file atomically."""
     os.makedirs(run_dir, exist_ok=True)
     io.write_json(os.path.join(run_dir, CONFIG_FILE), config_dict(config))
     if not tokenizer_path:
         return
-    copies = _tokenizer_copies(tokenizer_path)
-    # A tokenizer of the other backend left from an earlier write would be found first: remove it.
-    for name in (*TOKENIZER_FILES, *hf_tokenizer.COMPANION_FILES):
-        if name not in {target for _, target in copies} and os.path.exists(os.path.join(run_dir, name)):
-            os.remove(os.path.join(run_dir, name))
-    for source, name in copies:
-        target = os.path.join(run_dir, name)
-        shutil.copyfile(source, target + ".tmp")
-        os.replace(target + ".tmp", target)
+    tokenizer_lib.copy_tokenizer(tokenizer_path, run_dir)
 
 
 def save_run(

@@ -8,9 +8,10 @@ import pytest
 from conftest import REPO, run_script, tiny_config
 
 import configs
-from configs import base
+from configs import base, tiny_es
 from llm import config_validation
 from llm.model.transformer import REMAT_POLICIES
+from llm.runs import directory
 from llm.runs.build import TRAINABLE
 from llm.train import inputs, losses, optimizer
 
@@ -22,8 +23,17 @@ def test_every_recipe_is_listed():
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipes_are_valid(name):
-    config_validation.validate(importlib.import_module(f"configs.{name}").get_config())
+def test_recipes_are_valid(name, tmp_path):
+    module = importlib.import_module(f"configs.{name}")
+    if name == "from_run":  # Its argument is a run directory, whose model it takes.
+        run = tiny_es.get_config()
+        run.model.lora_targets = "mlp/up"
+        directory.write_run_files(str(tmp_path), run, None)
+        config = module.get_config(str(tmp_path))
+        assert config.model.to_dict() == run.model.to_dict() and config.init_from == str(tmp_path)
+    else:
+        config = module.get_config()
+    config_validation.validate(config)
 
 
 @pytest.mark.parametrize(

@@ -164,10 +164,9 @@ def check_adapters(config: ml_collections.ConfigDict) -> tuple[exporter.Architec
         fused = sorted({arch.mapping[template][0] for template in refused})
         ours = sorted(map(_layer_name, adaptable))
         raise exporter.UnsupportedRun(
-            f"model.lora_targets={config.model.lora_targets!r} adapts {[_layer_name(t) for t in refused]}, fused "
-            f"in {arch.name}'s {fused}: "
-            f"PEFT's LoRA of a fused tensor is one adapter of its whole output, ours one per projection. Export "
-            f"it merged (--merge), or train adapters of {ours} only."
+            f"model.lora_targets={config.model.lora_targets!r} adapts {[_layer_name(t) for t in refused]}, fused in "
+            f"{arch.name}'s {fused}: PEFT's LoRA of a fused tensor is one adapter of its whole output, ours one per "
+            f"projection. Export it merged (--merge), or train adapters of {ours} only."
         )
     return arch, abstract
 

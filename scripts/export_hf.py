@@ -5,13 +5,15 @@
 
 DIR gets config.json, model.safetensors (or 5 GB shards with model.safetensors.index.json),
 generation_config.json and the tokenizer files: `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads
-it. RMSNorm + SwiGLU + RoPE runs export as LlamaForCausalLM, with model.qkv_bias as Qwen2ForCausalLM; configs
-without a Hugging Face equivalent are refused by key before anything is written. A quantized run is refused:
-export its float source run (quantization.source_workdir) instead.
+it. RMSNorm + SwiGLU + RoPE runs (RoPE scaling included) export as LlamaForCausalLM, with model.qkv_bias as
+Qwen2ForCausalLM, with model.qk_norm as Qwen3ForCausalLM; LayerNorm + GELU + learned positions + biases runs as
+GPT2LMHeadModel. Configs without a Hugging Face equivalent are refused by key before anything is written. A
+quantized run is refused: export its float source run (quantization.source_workdir) instead.
 
 A LoRA run exports as a PEFT adapter (adapter_config.json, adapter_model.safetensors) with its base model, the
 run's init_from, exported into DIR/base (the adapter's base_model_name_or_path): load it with
-`peft.AutoPeftModelForCausalLM.from_pretrained(DIR)`. With --merge it exports as one model, the adapters merged
+`peft.AutoPeftModelForCausalLM.from_pretrained(DIR)`; on a GPT-2 base, adapters of query, key or value (fused
+into c_attn there) are refused by model.lora_targets. With --merge it exports as one model, the adapters merged
 into the base weights. DIR is written as DIR.exporting and renamed when complete; --overwrite replaces only an
 earlier export. --dtype defaults to the run's param_dtype.
 """
@@ -41,6 +43,8 @@ def main(argv: list[str]) -> None:
             raise ValueError(
                 f"--merge is for LoRA runs; {_WORKDIR.value!r} has train.trainable={config.train.trainable!r}."
             )
+        if lora and not _MERGE.value:
+            peft_adapters.check_adapters(config)  # Adapters of a fused tensor (GPT-2's c_attn) are refused.
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         raise app.UsageError(str(error)) from error
     checkpoint.quiet_orbax_logs()

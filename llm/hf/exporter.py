@@ -6,10 +6,12 @@
     OUTPUT/generation_config.json       the special token ids (an imported run's own file, copied)
     OUTPUT/tokenizer.json, ...          the tokenizer (llm/hf/tokenizer_export.py)
 
-A run with RMSNorm, SwiGLU and RoPE exports as LlamaForCausalLM, with `qkv_bias` as Qwen2ForCausalLM; a config
-with no Hugging Face equivalent is refused, naming the key, before anything is written. A LoRA run exports
-merged here (`merge=True`); its PEFT adapter is llm/hf/peft_adapters.py. A quantized run is refused: export the
-float run it was made from (its `quantization.source_workdir`), which is what its weights approximate.
+A run with RMSNorm, SwiGLU and RoPE (scaled or not) exports as LlamaForCausalLM, with `qkv_bias` as
+Qwen2ForCausalLM, with `qk_norm` as Qwen3ForCausalLM; one with LayerNorm, GELU, learned positions and biases as
+GPT2LMHeadModel (query, key and value joined into its fused c_attn). A config with no Hugging Face equivalent is
+refused, naming the key, before anything is written. A LoRA run exports merged here (`merge=True`); its PEFT
+adapter is llm/hf/peft_adapters.py. A quantized run is refused: export the float run it was made from (its
+`quantization.source_workdir`), which is what its weights approximate.
 
 Weights leave the devices one tensor at a time and go straight into the file (the safetensors format is
 written here: an 8-byte header length, a JSON header, then the raw data), so the host never holds the model
@@ -52,9 +54,23 @@ class UnsupportedRun(ValueError):
     """The run has no faithful Hugging Face equivalent (the message names the config key)."""
 
 
+# model.rope_scaling -> its rope_parameters entries as transformers 5 writes them (rope_theta beside them).
+ROPE_PARAMETERS: dict[str, Callable[[ml_collections.ConfigDict], dict[str, Any]]] = {
+    "none": lambda model: {"rope_type": "default"},
+    "linear": lambda model: {"rope_type": "linear", "factor": model.rope_scaling_factor},
+    "llama3": lambda model: {
+        "rope_type": "llama3",
+        "factor": model.rope_scaling_factor,
+        "low_freq_factor": model.rope_low_freq_factor,
+        "high_freq_factor": model.rope_high_freq_factor,
+        "original_max_position_embeddings": model.rope_original_max_len,
+    },
+}
+
+
 def _llama_keys(model: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config.json keys that describe a Llama-style model (Llama, Qwen2)."""
-    rope = {"rope_type": "default", "rope_theta": float(model.rope_theta)}
+    """The config.json keys that describe a Llama-style model (Llama, Qwen2, Qwen3)."""
+    rope = {**ROPE_PARAMETERS[model.rope_scaling](model), "rope_theta": float(model.rope_theta)}
     return {
         "hidden_size": model.embed_dim,
         "intermediate_size": model.mlp_dim,
@@ -65,12 +81,52 @@ def _llama_keys(model: ml_collections.ConfigDict) -> dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": model.norm_eps,
-        "rope_parameters": rope,  # transformers 5
-        "rope_theta": rope["rope_theta"],  # transformers 4
+        "rope_parameters": rope,  # transformers 5, scaling included
+        "rope_theta": rope["rope_theta"],  # transformers 4 (its rope_scaling is not written: 5 would prefer it)
         "attention_bias": model.qkv_bias,
         "attention_dropout": 0.0,
         "mlp_bias": False,
     }
+
+
+def _qwen_keys(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {**_llama_keys(model), "use_sliding_window": False, "sliding_window": None}
+
+
+def _gpt2_keys(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config.json keys of a GPT-2 model. GPT-2's dropouts are ours: embd_pdrop on the embeddings, resid_pdrop
+    on the attention and MLP outputs; we do not drop attention probabilities (attn_pdrop)."""
+    return {
+        "n_embd": model.embed_dim,
+        "n_layer": model.num_layers,
+        "n_head": model.num_heads,
+        "n_positions": model.max_seq_len,
+        "n_inner": model.mlp_dim,
+        "layer_norm_epsilon": model.norm_eps,
+        "activation_function": "gelu_new",  # our "gelu": the tanh approximation
+        "embd_pdrop": model.dropout_rate,
+        "resid_pdrop": model.dropout_rate,
+        "attn_pdrop": 0.0,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+    }
+
+
+def _gpt2_refusals(model: ml_collections.ConfigDict) -> list[str]:
+    """What GPT2LMHeadModel cannot express: its heads are all query, key and value heads, embed / heads wide."""
+    reasons = []
+    if model.num_kv_heads != model.num_heads:
+        reasons.append(
+            f"model.num_kv_heads={model.num_kv_heads} differs from model.num_heads={model.num_heads} "
+            "(GPT2LMHeadModel has no grouped-query attention)"
+        )
+    if layers.head_dim(model) * model.num_heads != model.embed_dim:
+        reasons.append(
+            f"model.head_dim={model.head_dim} is not model.embed_dim // model.num_heads = "
+            f"{model.embed_dim // model.num_heads} (GPT2LMHeadModel derives it)"
+        )
+    return reasons
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,25 +138,40 @@ class Architecture:
     mapping: dict  # our parameter paths -> HF tensors (llm/hf/weights.py)
     required: dict[str, Any]  # config.model keys -> the value the architecture needs
     config_keys: Callable[[ml_collections.ConfigDict], dict[str, Any]]  # config.model -> its config.json keys
+    # config.model -> what else the architecture cannot express, each naming its keys.
+    refusals: Callable[[ml_collections.ConfigDict], list[str]] = lambda model: []
 
 
 _LLAMA_STYLE = dict(norm="rmsnorm", mlp_activation="swiglu", position_encoding="rope", use_bias=False)
 ARCHITECTURES = (
-    Architecture("LlamaForCausalLM", "llama", weights.LLAMA, {**_LLAMA_STYLE, "qkv_bias": False}, _llama_keys),
+    Architecture(
+        "LlamaForCausalLM", "llama", weights.LLAMA, {**_LLAMA_STYLE, "qkv_bias": False, "qk_norm": False}, _llama_keys
+    ),
     # Qwen2's q/k/v projections always carry biases, its output projection and MLP never; tied or not.
     Architecture(
-        "Qwen2ForCausalLM",
-        "qwen2",
-        weights.QWEN2,
-        {**_LLAMA_STYLE, "qkv_bias": True},
-        lambda model: {**_llama_keys(model), "use_sliding_window": False, "sliding_window": None},
+        "Qwen2ForCausalLM", "qwen2", weights.QWEN2, {**_LLAMA_STYLE, "qkv_bias": True, "qk_norm": False}, _qwen_keys
+    ),
+    # Qwen3 has no biases but an RMSNorm on every query and key head; it names head_dim (_llama_keys does).
+    Architecture(
+        "Qwen3ForCausalLM", "qwen3", weights.QWEN3, {**_LLAMA_STYLE, "qkv_bias": False, "qk_norm": True}, _qwen_keys
+    ),
+    # GPT-2 biases every projection (use_bias implies qkv_bias, either value computes the same); tied or not.
+    Architecture(
+        "GPT2LMHeadModel",
+        "gpt2",
+        weights.GPT2,
+        dict(norm="layernorm", mlp_activation="gelu", position_encoding="learned", use_bias=True, qk_norm=False),
+        _gpt2_keys,
+        _gpt2_refusals,
     ),
 )
-# config.model keys every architecture honours, or that do not change what the model computes. Any other key
-# (one added after this list, say) must keep its configs/base.py default: the export would silently drop it.
+# config.model keys every architecture honours, or that do not change what the model computes (the RoPE keys
+# change nothing with learned positions). Any other key (one added after this list, say) must keep its
+# configs/base.py default: the export would silently drop it.
 EXPORTED_KEYS = {
     "vocab_size", "max_seq_len", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
-    "norm_eps", "rope_theta", "tie_embeddings", "soft_prompt_length", "dropout_rate", "lora_rank", "lora_alpha",
+    "norm_eps", "rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+    "rope_original_max_len", "tie_embeddings", "soft_prompt_length", "dropout_rate", "lora_rank", "lora_alpha",
     "lora_dropout", "lora_targets", "scan_layers", "remat_policy", "attention_impl", "kv_cache_dtype", "dtype",
     "param_dtype",
 }  # fmt: skip
@@ -112,8 +183,8 @@ def _unexported_keys(model: ml_collections.ConfigDict) -> list[str]:
     return [f"model.{key}={model[key]!r}" for key in model.keys() if key not in known and model[key] != defaults[key]]
 
 
-def architecture(config: ml_collections.ConfigDict) -> Architecture:
-    """The architecture a (float, unadapted or merged) run config exports as; UnsupportedRun names the key."""
+def _refuse(config: ml_collections.ConfigDict) -> None:
+    """Refuses, naming the key, what no architecture can express before any is matched."""
     if ptq.is_quantized(config):
         raise UnsupportedRun(
             f"The run is quantized (quantization.mode={config.quantization.mode!r}): export the float run it was "
@@ -124,14 +195,28 @@ def architecture(config: ml_collections.ConfigDict) -> Architecture:
         raise UnsupportedRun(
             f"model.soft_prompt_length={model.soft_prompt_length}: a soft prompt has no Hugging Face equivalent."
         )
+    if model.qkv_bias and model.qk_norm:
+        raise UnsupportedRun(
+            "model.qkv_bias=True with model.qk_norm=True: no Hugging Face architecture has both "
+            "(Qwen2ForCausalLM biases the query, key and value projections, Qwen3ForCausalLM normalizes them)."
+        )
     unexported = _unexported_keys(model)
     if unexported:
         raise UnsupportedRun(f"{'; '.join(unexported)}: not exported to Hugging Face yet (llm/hf/exporter.py).")
+
+
+def architecture(config: ml_collections.ConfigDict) -> Architecture:
+    """The architecture a (float, unadapted or merged) run config exports as; UnsupportedRun names the key."""
+    _refuse(config)
+    model = config.model
     mismatches = {
         arch.name: [key for key, value in arch.required.items() if model[key] != value] for arch in ARCHITECTURES
     }
     matching = [arch for arch in ARCHITECTURES if not mismatches[arch.name]]
     if matching:
+        refused = matching[0].refusals(model)
+        if refused:
+            raise UnsupportedRun(f"Cannot export this run as {matching[0].name}: " + "; ".join(refused) + ".")
         return matching[0]
     nearest = min(ARCHITECTURES, key=lambda arch: len(mismatches[arch.name]))
     reasons = [

@@ -18,6 +18,10 @@ PEFT names the adapter of the HF Linear `model.layers.{i}.self_attn.q_proj` with
 `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (r, in) and `...lora_B.weight` (out, r),
 and adds lora_B @ lora_A @ x * lora_alpha / r. Ours adds x @ A @ B * alpha / rank with A (in, r), B (r, out),
 their `in` and `out` flattened in the (heads, head_dim) order of the HF weight: lora_A = A.T, lora_B = B.T.
+GPT-2's Conv1D layers (stored (in, out), PEFT's fan_in_fan_out) have adapters of the same shapes; its c_attn
+fuses query, key and value, and PEFT's adapter of it is one for the fused output: a run adapting any of the
+three is refused by model.lora_targets (export it merged instead). target_modules name a module by the
+shortest suffix no other one shares: q_proj, but attn.c_proj beside mlp.c_proj.
 
 Import (`import_adapter`) turns a PEFT folder into a LoRA run on an existing run (e.g. an imported model):
 config lora_rank / lora_alpha / lora_dropout / lora_targets from the adapter config, init_from the base run,
@@ -49,6 +53,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 BASE_DIR = "base"
 PEFT_PREFIX = "base_model.model."
 LINEAR_LAYOUTS = (weights.TRANSPOSE, weights.HEADS_IN, weights.HEADS_OUT)  # HF nn.Linear weights: (out, in)
+CONV1D_LAYOUTS = (weights.COPY, weights.HEADS_ROWS)  # GPT-2's Conv1D weights: (in, out)
 # PEFT config keys we honour, or that only shape training or initialization; every other key must be unset
 # (null, false, empty), else the adapter computes something our LoRA does not.
 HONOURED_KEYS = {
@@ -73,17 +78,37 @@ def _template(path: tuple) -> str:
     return ".".join("{i}" if isinstance(part, int) else str(part) for part in path)
 
 
+def _layer_name(template: str) -> str:
+    """What lora_targets matches of an adapted kernel: blocks.{i}.attention.query.kernel -> attention/query."""
+    return "/".join(template.split(".")[2:4])
+
+
+def _adaptable_kernels(arch: exporter.Architecture) -> dict[str, str]:
+    """Our kernels PEFT can adapt in `arch` (blocks.{i}.attention.query.kernel, ...) -> the HF module it adapts
+    (model.layers.{i}.self_attn.q_proj). A kernel that is one block of a fused HF tensor has none: PEFT's adapter
+    of GPT-2's c_attn is one for the fused output, not one per projection as ours."""
+    hf_names = [name for name, _ in arch.mapping.values()]
+    return {
+        template: hf_name.removesuffix(".weight")
+        for template, (hf_name, transform) in arch.mapping.items()
+        if re.fullmatch(r"blocks\.\{i\}\.(attention|mlp)\.\w+\.kernel", template)
+        and transform in LINEAR_LAYOUTS + CONV1D_LAYOUTS
+        and hf_names.count(hf_name) == 1
+    }
+
+
+def _target_name(arch: exporter.Architecture, module: str) -> str:
+    """The target_modules entry of an adaptable HF module: the shortest dotted suffix of its name that no other
+    adaptable module shares (q_proj; GPT-2's attn.c_proj beside mlp.c_proj). PEFT matches entries as suffixes."""
+    parts, others = module.split("."), [m.split(".") for m in _adaptable_kernels(arch).values() if m != module]
+    length = next(n for n in range(1, len(parts) + 1) if all(other[-n:] != parts[-n:] for other in others))
+    return ".".join(parts[-length:])
+
+
 def _peft_module(arch: exporter.Architecture, layer_path: tuple) -> str:
-    """PEFT's module name of one of our adapted kernels, e.g. 'base_model.model.model.layers.0.self_attn.q_proj'.
-    Only plain HF Linear weights qualify: an adapter of a fused tensor (GPT-2's c_attn) is a different one."""
-    hf_template, transform = arch.mapping[_template(layer_path)]
-    fused = [name for name, _ in arch.mapping.values()].count(hf_template) > 1
-    if transform not in LINEAR_LAYOUTS or fused:
-        raise exporter.UnsupportedRun(
-            f"{hf_template!r} is not a plain Linear weight: PEFT cannot hold our adapter of it."
-        )
+    """PEFT's module name of one of our adapted kernels, e.g. 'base_model.model.model.layers.0.self_attn.q_proj'."""
     layer = next(part for part in layer_path if isinstance(part, int))
-    return PEFT_PREFIX + hf_template.format(i=layer).removesuffix(".weight")
+    return PEFT_PREFIX + _adaptable_kernels(arch)[_template(layer_path)].format(i=layer)
 
 
 def _peft_key(arch: exporter.Architecture, path: tuple) -> str:
@@ -107,7 +132,8 @@ def adapter_config(
     config: ml_collections.ConfigDict, arch: exporter.Architecture, paths: list[tuple], base: str
 ) -> dict:
     """adapter_config.json of a LoRA run whose (per-layer) adapter parameter paths are `paths`."""
-    modules = sorted({_peft_module(arch, _layer_path(path)).rsplit(".", 1)[-1] for path in paths})
+    layers = {_template(_layer_path(path)) for path in paths}
+    modules = {_adaptable_kernels(arch)[template] for template in layers}
     model = config.model
     return {
         "peft_type": "LORA",
@@ -116,14 +142,33 @@ def adapter_config(
         "r": model.lora_rank,
         "lora_alpha": model.lora_alpha,
         "lora_dropout": model.lora_dropout,
-        "target_modules": modules,
+        "target_modules": sorted(_target_name(arch, module) for module in modules),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT's flag for Conv1D layers (stored (in, out)); its lora_A and lora_B keep their (r, in), (out, r).
+        "fan_in_fan_out": any(arch.mapping[template][1] in CONV1D_LAYOUTS for template in layers),
         "use_rslora": False,  # The scale is lora_alpha / r, as ours.
         "use_dora": False,
         "modules_to_save": None,
         "inference_mode": True,
     }
+
+
+def check_adapters(config: ml_collections.ConfigDict) -> tuple[exporter.Architecture, nnx.State]:
+    """The base architecture and the abstract adapters of LoRA run `config`, once every adapted layer is known to
+    be one PEFT can adapt; else UnsupportedRun names model.lora_targets."""
+    arch = exporter.architecture(build.base_config(config))
+    abstract = _abstract_adapters(config)
+    adaptable = _adaptable_kernels(arch)
+    refused = sorted({_template(_layer_path(path)) for path in exporter.per_layer_arrays(abstract)} - set(adaptable))
+    if refused:
+        fused = sorted({arch.mapping[template][0] for template in refused})
+        ours = sorted(map(_layer_name, adaptable))
+        raise exporter.UnsupportedRun(
+            f"model.lora_targets={config.model.lora_targets!r} adapts {[_layer_name(t) for t in refused]}, fused in "
+            f"{arch.name}'s {fused}: PEFT's LoRA of a fused tensor is one adapter of its whole output, ours one per "
+            f"projection. Export it merged (--merge), or train adapters of {ours} only."
+        )
+    return arch, abstract
 
 
 def _abstract_adapters(config: ml_collections.ConfigDict) -> nnx.State:
@@ -149,10 +194,9 @@ def export_adapter(
     config = exporter.check_run(workdir, step, dtype)
     if config.train.trainable != "lora":
         raise exporter.UnsupportedRun(f"{workdir!r} is not a LoRA run (train.trainable={config.train.trainable!r}).")
-    arch = exporter.architecture(build.base_config(config))
-    abstract = _abstract_adapters(config)
+    arch, abstract = check_adapters(config)
     paths = list(exporter.per_layer_arrays(abstract))
-    settings = adapter_config(config, arch, paths, os.path.join(output_dir, BASE_DIR))  # Refuses fused targets.
+    settings = adapter_config(config, arch, paths, os.path.join(output_dir, BASE_DIR))
     lora_state, _ = checkpoint.restore_run_params(workdir, abstract, step)
     staging = output_dir + exporter.STAGING_SUFFIX
     shutil.rmtree(staging, ignore_errors=True)
@@ -189,13 +233,8 @@ def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
 
 
 def adaptable_modules(arch: exporter.Architecture) -> dict[str, str]:
-    """HF module name (q_proj, ...) -> the path our lora_targets matches (attention/query, ...)."""
-    modules = {}
-    for template, (hf_template, transform) in arch.mapping.items():
-        match = re.fullmatch(r"blocks\.\{i\}\.(attention|mlp)\.(\w+)\.kernel", template)
-        if match and transform in LINEAR_LAYOUTS:
-            modules[hf_template.removesuffix(".weight").rsplit(".", 1)[-1]] = f"{match[1]}/{match[2]}"
-    return modules
+    """target_modules entry (q_proj, ...) -> the path our lora_targets matches (attention/query, ...)."""
+    return {_target_name(arch, module): _layer_name(template) for template, module in _adaptable_kernels(arch).items()}
 
 
 def lora_run_config(settings: dict[str, Any], base_run: str) -> tuple[ml_collections.ConfigDict, exporter.Architecture]:

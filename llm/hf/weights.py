@@ -34,7 +34,7 @@ class Transform:
     hf_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # our shape -> the HF tensor's shape
     read: Callable[[np.ndarray, Index, tuple[int, ...]], np.ndarray]  # (HF tensor, our block, our shape) -> block
     # Export: our whole array -> the HF tensor (or, for a fused HF tensor, its column block: see `export_tensors`).
-    write: Callable[[np.ndarray], np.ndarray] | None = None
+    write: Callable[[np.ndarray], np.ndarray]
 
 
 def _heads(index: slice, head_dim: int) -> slice:
@@ -76,7 +76,12 @@ def fused_heads_in(part: int, parts: int) -> Transform:
         columns = _shifted(_heads(ix[1], shape[2]), part * shape[1] * shape[2])
         return t[ix[0], columns].reshape(-1, ix[1].stop - ix[1].start, shape[2])[:, :, ix[2]]
 
-    return Transform(f"columns {part} of {parts} of a fused projection", lambda s: (s[0], parts * s[1] * s[2]), read)
+    return Transform(
+        f"columns {part} of {parts} of a fused projection",
+        lambda s: (s[0], parts * s[1] * s[2]),
+        read,
+        lambda a: a.reshape(a.shape[0], -1),  # (embed, heads, head_dim) -> (embed, heads * head_dim): its columns
+    )
 
 
 def fused_heads_bias(part: int, parts: int) -> Transform:
@@ -85,7 +90,9 @@ def fused_heads_bias(part: int, parts: int) -> Transform:
     def read(t: np.ndarray, ix: Index, shape: tuple[int, ...]) -> np.ndarray:
         return t[_shifted(_heads(ix[0], shape[1]), part * shape[0] * shape[1])].reshape(-1, shape[1])[:, ix[1]]
 
-    return Transform(f"slice {part} of {parts} of a fused bias", lambda s: (parts * s[0] * s[1],), read)
+    return Transform(
+        f"slice {part} of {parts} of a fused bias", lambda s: (parts * s[0] * s[1],), read, lambda a: a.reshape(-1)
+    )
 
 
 COPY = Transform("copy", lambda s: s, lambda t, ix, s: t[ix], lambda a: a)
@@ -103,7 +110,12 @@ HEADS_OUT = Transform(
     lambda a: a.reshape(-1, a.shape[-1]).T,  # (heads, head_dim, embed) -> (embed, heads * head_dim)
 )
 HEADS_BIAS = Transform("split heads of a bias", lambda s: (s[0] * s[1],), _read_heads_bias, lambda a: a.reshape(-1))
-HEADS_ROWS = Transform("split heads of a Conv1D output projection", lambda s: (s[0] * s[1], s[2]), _read_heads_rows)
+HEADS_ROWS = Transform(
+    "split heads of a Conv1D output projection",
+    lambda s: (s[0] * s[1], s[2]),
+    _read_heads_rows,
+    lambda a: a.reshape(-1, a.shape[-1]),  # (heads, head_dim, embed) -> (heads * head_dim, embed)
+)
 
 # Our parameter path ("{i}": the layer) -> (HF tensor name, transform).
 LLAMA = {
@@ -267,9 +279,10 @@ class HFTensor:
     parts: tuple[tuple[tuple, Transform], ...]  # (our parameter path, its transform)
 
     def shape(self, our_shapes: dict[tuple, tuple[int, ...]]) -> tuple[int, ...]:
-        """The HF tensor's shape, from our parameters' shapes."""
-        shapes = [transform.hf_shape(our_shapes[path]) for path, transform in self.parts]
-        return shapes[0] if len(shapes) == 1 else (*shapes[0][:-1], sum(shape[-1] for shape in shapes))
+        """The HF tensor's shape, from our parameters' shapes: each part's transform gives the whole tensor's (the
+        written file checks that the assembled parts have it)."""
+        path, transform = self.parts[0]
+        return transform.hf_shape(our_shapes[path])
 
     def assemble(self, arrays: list[np.ndarray]) -> np.ndarray:
         """The HF tensor from our whole arrays (one per part, in `parts` order)."""
@@ -288,8 +301,6 @@ def export_tensors(mapping: dict, paths: list[tuple]) -> list[HFTensor]:
     for path in paths:
         source = _source(mapping, path, num_layers=0)  # Per-layer paths: one tensor each.
         name, transform = source.names[0], source.transform
-        if transform.write is None:
-            raise ValueError(f"Transform {transform.name!r} of {name!r} has no export direction (write).")
         template = ".".join("{i}" if isinstance(part, int) else str(part) for part in path)
         grouped.setdefault(name, []).append((order[template], path, transform))
     return [HFTensor(name, tuple((path, t) for _, path, t in sorted(parts))) for name, parts in grouped.items()]

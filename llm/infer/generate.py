@@ -3,8 +3,8 @@
 Prompts of different lengths are left-padded to a common length, so every row decodes at the same cache
 index; padding carries segment id 0 and is masked out, and positions count from each prompt's own start,
 so a prompt gives the same tokens alone or in a batch. Prompt lengths, batch sizes and cache lengths are
-rounded up to powers of two ("buckets"), so a new prompt length rarely means a new compilation. The cache
-is donated to each step and updated in place.
+rounded up to powers of two ("buckets": lengths from MIN_BUCKET, batches from one row), so a new prompt length
+rarely means a new compilation. The cache is donated to each step and updated in place.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from llm.tokenizer import Tokenizer
 MIN_BUCKET = 16
 
 
-def bucket(n: int, cap: int | None = None) -> int:
-    """The power of two >= n (at least MIN_BUCKET), capped at `cap`."""
-    size = max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+def bucket(n: int, cap: int | None = None, minimum: int = MIN_BUCKET) -> int:
+    """The power of two >= n (at least `minimum`), capped at `cap`."""
+    size = max(minimum, 1 << (max(n, 1) - 1).bit_length())
     return min(size, cap) if cap else size
 
 
@@ -115,7 +115,7 @@ class Generator:
         max_new_tokens = min(max_new_tokens, context - max(lengths))
         cache_len = bucket(prompt_len + max_new_tokens, context)
         max_new_tokens = min(max_new_tokens, cache_len - prompt_len)
-        batch = bucket(len(prompts))
+        batch = bucket(len(prompts), minimum=1)  # On CPU every row costs compute: one prompt decodes as one row.
 
         tokens = np.zeros((batch, prompt_len), np.int32)
         segment_ids = np.zeros((batch, prompt_len), np.int32)

@@ -57,6 +57,7 @@ class Attention(nnx.Module):
             (cfg.embed_dim,) if cfg.use_bias else None,
             kernel_init=layers.normal_init(("heads", "head_dim", "embed"), layers.residual_std(cfg)),
             bias_init=layers.zeros_init(("embed",)),
+            einsum_op=_heads_as_one_axis,
             **common,
         )
         # Qwen3 normalizes each query and key head (RMSNorm over head_dim) before RoPE.
@@ -97,3 +98,12 @@ class Attention(nnx.Module):
             keys, values = cache.load(query.dtype)
             attended = kernels.attention_over_cache(query, keys, values, segment_ids, cache.segment_ids, cache.index)
         return lora.project(self.out, self.out_lora, attended, dropout_key), cache
+
+
+def _heads_as_one_axis(subscripts: str, x: jax.Array, kernel: jax.Array, **kwargs) -> jax.Array:
+    """The output projection "tnh,nhd->td" as one contraction over heads * head_dim. XLA:CPU computes a
+    contraction over two axes about 7x slower than over one (measured on a decoding step, where it took a
+    quarter of the time); the reshapes are free."""
+    if subscripts != "tnh,nhd->td":
+        raise ValueError(f"Expected the output projection's 'tnh,nhd->td', got {subscripts!r}.")
+    return jnp.einsum("tk,kd->td", x.reshape(x.shape[0], -1), kernel.reshape(-1, kernel.shape[-1]), **kwargs)

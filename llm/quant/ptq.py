@@ -161,6 +161,9 @@ def _quantize(model: Transformer, qconfig: QuantConfig) -> Transformer:
     positions, segment_ids = jnp.arange(length)[None], jnp.ones((1, length), jnp.int32)
     block_provider = qwix.PtqProvider(_rules(cfg, qconfig, "query key value out up gate down"))
     for layer, block in enumerate(model.blocks):
+        # Qwix derives the quantized kernel's sharding from the einsum it intercepts, which the float model's
+        # merged-heads form of the output projection (attention._heads_as_one_axis) hides: use the plain one.
+        block.attention.out.einsum_op = jnp.einsum
         model.blocks[layer] = qwix.quantize_model(block, block_provider, x, positions, segment_ids, None)
     if not cfg.tie_embeddings:
         # Quantized on its own, the unembedding is the root module: its path is "".

@@ -309,17 +309,5 @@ def save_lora_run(
     output_dir: str, config: ml_collections.ConfigDict, tokenizer_path: str | None, adapters: nnx.State
 ) -> None:
     """Writes a LoRA run directory whose one checkpoint (step 0) holds `adapters` (its LoRA parameters), as
-    training's checkpoints do: the base weights come from `config.init_from`. Written into OUTPUT.partial and
-    renamed, replacing an existing OUTPUT (the caller checks that it may)."""
-    partial = output_dir + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    directory.write_run_files(partial, config, tokenizer_path)
-    saver = checkpoint.Checkpointer(os.path.join(partial, "checkpoints"), keep=1)
-    try:
-        saver.save(0, {"params": adapters}, {}, directory.config_dict(config))
-        saver.wait()
-    finally:
-        saver.close()
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.replace(partial, output_dir)
+    training's checkpoints do, replacing an existing OUTPUT (the caller checks that it may)."""
+    directory.save_params(output_dir, config, tokenizer_path, 0, adapters, overwrite=True)

@@ -114,6 +114,19 @@ def save_run(
     An existing `run_dir` is replaced only with `overwrite` (the caller checks that it may be), and only once
     the new one is complete.
     """
+    save_params(run_dir, config, tokenizer_path, step, nnx.state(model, nnx.Param), overwrite)
+
+
+def save_params(
+    run_dir: str,
+    config: ml_collections.ConfigDict,
+    tokenizer_path: str | None,
+    step: int,
+    params: nnx.State,
+    overwrite: bool = False,
+) -> None:
+    """`save_run` for parameters: the whole model's, or what a LoRA or prompt-tuning run trains (its base
+    comes from `config.init_from`, as with training's checkpoints)."""
     run_dir = os.path.abspath(run_dir)
     if os.path.exists(run_dir) and not overwrite:
         raise FileExistsError(f"{run_dir!r} already exists; choose another directory.")
@@ -123,7 +136,7 @@ def save_run(
     saver = checkpoint.Checkpointer(os.path.join(partial, "checkpoints"), keep=1, compress=False)
     try:
         # A saved (not trained) run has no data-loader position: its data item is empty.
-        saver.save(step, {"params": nnx.state(model, nnx.Param)}, {}, config_dict(config))
+        saver.save(step, {"params": params}, {}, config_dict(config))
         saver.wait()
     finally:
         saver.close()

@@ -21,11 +21,13 @@ earlier export. --dtype defaults to the run's param_dtype.
 from absl import app, flags
 
 from llm import checkpoint
-from llm.hf import exporter, peft_adapters
+from llm.hf import exporter, peft_adapters, safetensors_files
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (scripts/train.py, import_hf.py, ...).", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Folder to write (must not exist unless --overwrite).", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", None, list(exporter.DTYPES), "Dtype of the written weights (default: the run's).")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", None, list(safetensors_files.WRITE_DTYPES), "Dtype of the written weights (default: the run's)."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
 _MERGE = flags.DEFINE_bool("merge", False, "LoRA runs: export one model with the adapters merged, not a PEFT adapter.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier export at --output.")

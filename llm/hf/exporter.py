@@ -21,17 +21,13 @@ twice. The folder appears complete or not at all: it is written into OUTPUT.expo
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import shutil
-import struct
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -43,8 +39,6 @@ from llm.quant import ptq
 from llm.runs import build, directory, loading
 from llm.tokenizer import AnyTokenizer
 
-SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
-DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16")}
 GENERATION_CONFIG = "generation_config.json"
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's; an output holding one is an export too (llm/hf/peft_adapters.py)
 STAGING_SUFFIX = ".exporting"
@@ -246,15 +240,6 @@ def hf_config(
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class OutTensor:
-    """A tensor to write: its name, shape, and how to gather it (called when its turn comes, then dropped)."""
-
-    name: str
-    shape: tuple[int, ...]
-    values: Callable[[], np.ndarray]
-
-
 def per_layer_arrays(state: nnx.State) -> dict[tuple, tuple[tuple[int, ...], Callable[[], jax.Array]]]:
     """Path -> (shape, getter) of every array in `state`, with scanned blocks (a leading `layers` axis, path
     ('blocks', 'mlp', ...)) split into layers ('blocks', i, 'mlp', ...): the paths of the HF tables. A getter
@@ -270,7 +255,7 @@ def per_layer_arrays(state: nnx.State) -> dict[tuple, tuple[tuple[int, ...], Cal
     return arrays
 
 
-def model_tensors(model: nnx.Module, arch: Architecture) -> list[OutTensor]:
+def model_tensors(model: nnx.Module, arch: Architecture) -> list[safetensors_files.OutTensor]:
     """The HF tensors of `model` (a plain model: no adapters, no quantization), gathered lazily."""
     arrays = per_layer_arrays(nnx.state(model, nnx.Param))
     shapes = {path: shape for path, (shape, _) in arrays.items()}
@@ -278,54 +263,10 @@ def model_tensors(model: nnx.Module, arch: Architecture) -> list[OutTensor]:
     def values(tensor: weights.HFTensor) -> Callable[[], np.ndarray]:
         return lambda: tensor.assemble([np.asarray(jax.device_get(arrays[path][1]())) for path, _ in tensor.parts])
 
-    return [OutTensor(t.name, t.shape(shapes), values(t)) for t in weights.export_tensors(arch.mapping, list(arrays))]
-
-
-def write_safetensors(
-    output_dir: str, tensors: list[OutTensor], dtype: str, shard_bytes: int = SHARD_BYTES, file_name: str | None = None
-) -> None:
-    """Writes `tensors` in `dtype` as OUTPUT/`file_name` (default model.safetensors) or, when they exceed
-    `shard_bytes`, as model-0000K-of-0000N.safetensors shards with model.safetensors.index.json."""
-    itemsize = np.dtype(DTYPES[dtype][0]).itemsize
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for tensor in tensors:
-        nbytes = math.prod(tensor.shape) * itemsize
-        if shards[-1] and size + nbytes > shard_bytes:  # A tensor larger than a shard gets one of its own.
-            shards.append([])
-            size = 0
-        shards[-1].append(tensor)
-        size += nbytes
-    if len(shards) == 1:
-        _write_file(os.path.join(output_dir, file_name or safetensors_files.SINGLE_FILE), shards[0], dtype)
-        return
-    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    for file, shard in zip(files, shards):
-        _write_file(os.path.join(output_dir, file), shard, dtype)
-    total = sum(math.prod(tensor.shape) * itemsize for tensor in tensors)
-    weight_map = {tensor.name: file for file, shard in zip(files, shards) for tensor in shard}
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    io.write_json(os.path.join(output_dir, safetensors_files.INDEX_FILE), index)
-
-
-def _write_file(path: str, tensors: list[OutTensor], dtype: str) -> None:
-    np_dtype, code = DTYPES[dtype]
-    itemsize, header, offset = np.dtype(np_dtype).itemsize, {}, 0
-    for tensor in tensors:
-        end = offset + math.prod(tensor.shape) * itemsize
-        header[tensor.name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, end]}
-        offset = end
-    header["__metadata__"] = {"format": "pt"}  # transformers refuses files without it.
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # The data start 8-byte aligned, as safetensors writes them.
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for tensor in tensors:
-            array = np.ascontiguousarray(tensor.values(), dtype=np_dtype)
-            if array.shape != tensor.shape:
-                raise ValueError(f"Tensor {tensor.name!r} came out {array.shape}, expected {tensor.shape}.")
-            f.write(array.tobytes())
+    return [
+        safetensors_files.OutTensor(t.name, t.shape(shapes), values(t))
+        for t in weights.export_tensors(arch.mapping, list(arrays))
+    ]
 
 
 def check_output(output_dir: str, overwrite: bool) -> str:
@@ -345,8 +286,8 @@ def check_run(workdir: str, step: int | None, dtype: str | None) -> ml_collectio
     its checkpoint (and its base's, for a LoRA run), its tokenizer, the dtype. Raises UnsupportedRun,
     FileNotFoundError or ValueError."""
     config = directory.load_config(workdir)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {tuple(DTYPES)}.")
+    if dtype is not None and dtype not in safetensors_files.WRITE_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {tuple(safetensors_files.WRITE_DTYPES)}.")
     lora = config.train.trainable == "lora"
     architecture(build.base_config(config) if lora else config)
     checkpoint.require_checkpoint(workdir, step)
@@ -362,12 +303,14 @@ def chat_template_of(config: ml_collections.ConfigDict, tokenizer: AnyTokenizer)
     return chat_template.JINJA_TEMPLATE if directory.chat_tuned(config) and tokenizer.has_role_tokens else None
 
 
-def write_model(run: loading.Run, output_dir: str, dtype: str | None, shard_bytes: int = SHARD_BYTES) -> None:
+def write_model(
+    run: loading.Run, output_dir: str, dtype: str | None, shard_bytes: int = safetensors_files.SHARD_BYTES
+) -> None:
     """Writes the HF folder of a loaded plain (or merged) run into the existing directory `output_dir`."""
     arch = architecture(run.config)
     dtype = dtype or run.config.model.param_dtype
     io.write_json(os.path.join(output_dir, directory.CONFIG_FILE), hf_config(run.config, arch, run.tokenizer, dtype))
-    write_safetensors(output_dir, model_tensors(run.model, arch), dtype, shard_bytes)
+    safetensors_files.write_safetensors(output_dir, model_tensors(run.model, arch), dtype, shard_bytes)
     imported = os.path.join(run.workdir, GENERATION_CONFIG)
     if os.path.isfile(imported):
         shutil.copyfile(imported, os.path.join(output_dir, GENERATION_CONFIG))
@@ -384,7 +327,7 @@ def export_run(
     step: int | None = None,
     merge: bool = False,
     overwrite: bool = False,
-    shard_bytes: int = SHARD_BYTES,
+    shard_bytes: int = safetensors_files.SHARD_BYTES,
 ) -> str:
     """Writes the HF folder of run `workdir` (checkpoint `step`, default the latest) to `output_dir`; returns
     its absolute path. `dtype` defaults to the run's param_dtype; a LoRA run needs `merge` (adapters merged

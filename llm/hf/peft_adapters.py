@@ -40,11 +40,10 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import safetensors.flax
 from flax import nnx
 
 from llm import checkpoint, config_validation, io, sharding
-from llm.hf import exporter, importer, tokenizer_export, weights
+from llm.hf import exporter, importer, safetensors_files, tokenizer_export, weights
 from llm.model.lora import LORA_SUFFIX
 from llm.model.transformer import create_model
 from llm.runs import build, directory, loading
@@ -116,7 +115,7 @@ def _peft_key(arch: exporter.Architecture, path: tuple) -> str:
     return f"{_peft_module(arch, _layer_path(path))}.lora_{'A' if path[-1] == 'lora_a' else 'B'}.weight"
 
 
-def adapter_tensors(lora_state: nnx.State, arch: exporter.Architecture) -> list[exporter.OutTensor]:
+def adapter_tensors(lora_state: nnx.State, arch: exporter.Architecture) -> list[safetensors_files.OutTensor]:
     """The adapters as PEFT's tensors: lora_A = our A.T (r, in), lora_B = our B.T (out, r), gathered lazily."""
     arrays = exporter.per_layer_arrays(lora_state)
 
@@ -124,7 +123,8 @@ def adapter_tensors(lora_state: nnx.State, arch: exporter.Architecture) -> list[
         return lambda: np.asarray(jax.device_get(get())).T
 
     return [
-        exporter.OutTensor(_peft_key(arch, path), shape[::-1], values(get)) for path, (shape, get) in arrays.items()
+        safetensors_files.OutTensor(_peft_key(arch, path), shape[::-1], values(get))
+        for path, (shape, get) in arrays.items()
     ]
 
 
@@ -186,7 +186,7 @@ def export_adapter(
     dtype: str | None = None,
     step: int | None = None,
     overwrite: bool = False,
-    shard_bytes: int = exporter.SHARD_BYTES,
+    shard_bytes: int = safetensors_files.SHARD_BYTES,
 ) -> str:
     """Writes the PEFT folder of LoRA run `workdir` (checkpoint `step`, default the latest) and its base (see
     the module docstring) to `output_dir`; returns its absolute path. Checked before any weight is read."""
@@ -206,7 +206,9 @@ def export_adapter(
         exporter.write_model(base, os.path.join(staging, BASE_DIR), dtype, shard_bytes)
         io.write_json(os.path.join(staging, exporter.ADAPTER_CONFIG), settings)
         adapters = adapter_tensors(lora_state, arch)
-        exporter.write_safetensors(staging, adapters, dtype or config.model.param_dtype, math.inf, ADAPTER_FILE)
+        safetensors_files.write_safetensors(
+            staging, adapters, dtype or config.model.param_dtype, math.inf, ADAPTER_FILE
+        )
         tokenizer_export.write_tokenizer_files(workdir, staging, exporter.chat_template_of(config, base.tokenizer))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -269,7 +271,7 @@ def _adapter_state(adapter_dir: str, config: ml_collections.ConfigDict, arch: ex
     file = os.path.join(adapter_dir, ADAPTER_FILE)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file!r} not found: only safetensors adapters can be imported.")
-    tensors = safetensors.flax.load_file(file)  # bfloat16 too; adapters are small.
+    tensors = safetensors_files.open_file(file)
     abstract = nnx.state(nnx.eval_shape(lambda: create_model(config)), nnx.LoRAParam)
     used, flat = set(), []
     for path, variable in nnx.to_flat_state(abstract):

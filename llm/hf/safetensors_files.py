@@ -1,4 +1,5 @@
-"""Memory-mapped tensors of a single-file or sharded safetensors checkpoint, read with numpy alone.
+"""safetensors checkpoints, single-file or sharded: tensors memory-mapped with numpy alone, and written tensor by
+tensor (export).
 
 The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte offsets)
 and the raw data. We map each file once and hand out lazy views into it, so reading a slice touches only
@@ -12,16 +13,23 @@ dependency) provides it here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import mmap
 import os
 import struct
+from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
 
+from llm import io
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+WRITE_DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16")}  # dtype -> (numpy, code)
 DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -61,13 +69,20 @@ def open_tensors(model_dir: str, names: list[str]) -> dict[str, np.ndarray]:
         if not os.path.exists(path):
             wanted = [name for name in names if files[name] == file]
             raise FileNotFoundError(f"Shard {file!r} is missing from {model_dir!r} (it holds {wanted[0]!r}, ...).")
-        header = _header(path)
-        with open(path, "rb") as f:
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # The mapping outlives the descriptor.
-        for name in names:
-            if files[name] == file:
-                tensors[name] = _view(mapping, _data_offset(path), header, name, path)
+        tensors |= _mapped(path, [name for name in names if files[name] == file])
     return tensors
+
+
+def open_file(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file (e.g. a PEFT adapter's), memory-mapped."""
+    return _mapped(path, list(_header(path)))
+
+
+def _mapped(path: str, names: list[str]) -> dict[str, np.ndarray]:
+    header = _header(path)
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # The mapping outlives the descriptor.
+    return {name: _view(mapping, _data_offset(path), header, name, path) for name in names}
 
 
 def release(tensor: np.ndarray) -> None:
@@ -104,3 +119,59 @@ def _header(path: str) -> dict:
 def _data_offset(path: str) -> int:
     with open(path, "rb") as f:
         return 8 + struct.unpack("<Q", f.read(8))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class OutTensor:
+    """A tensor to write: its name, shape, and how to gather it (called when its turn comes, then dropped)."""
+
+    name: str
+    shape: tuple[int, ...]
+    values: Callable[[], np.ndarray]
+
+
+def write_safetensors(
+    output_dir: str, tensors: list[OutTensor], dtype: str, shard_bytes: int = SHARD_BYTES, file_name: str | None = None
+) -> None:
+    """Writes `tensors` in `dtype` as OUTPUT/`file_name` (default model.safetensors) or, when they exceed
+    `shard_bytes`, as model-0000K-of-0000N.safetensors shards with model.safetensors.index.json."""
+    itemsize = np.dtype(WRITE_DTYPES[dtype][0]).itemsize
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        nbytes = math.prod(tensor.shape) * itemsize
+        if shards[-1] and size + nbytes > shard_bytes:  # A tensor larger than a shard gets one of its own.
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += nbytes
+    if len(shards) == 1:
+        _write_file(os.path.join(output_dir, file_name or SINGLE_FILE), shards[0], dtype)
+        return
+    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    for file, shard in zip(files, shards):
+        _write_file(os.path.join(output_dir, file), shard, dtype)
+    total = sum(math.prod(tensor.shape) * itemsize for tensor in tensors)
+    weight_map = {tensor.name: file for file, shard in zip(files, shards) for tensor in shard}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    io.write_json(os.path.join(output_dir, INDEX_FILE), index)
+
+
+def _write_file(path: str, tensors: list[OutTensor], dtype: str) -> None:
+    np_dtype, code = WRITE_DTYPES[dtype]
+    itemsize, header, offset = np.dtype(np_dtype).itemsize, {}, 0
+    for tensor in tensors:
+        end = offset + math.prod(tensor.shape) * itemsize
+        header[tensor.name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        offset = end
+    header["__metadata__"] = {"format": "pt"}  # transformers refuses files without it.
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # The data start 8-byte aligned, as safetensors writes them.
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for tensor in tensors:
+            array = np.ascontiguousarray(tensor.values(), dtype=np_dtype)
+            if array.shape != tensor.shape:
+                raise ValueError(f"Tensor {tensor.name!r} came out {array.shape}, expected {tensor.shape}.")
+            f.write(array.tobytes())

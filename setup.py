@@ -52,6 +52,7 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers==5.24.0",
         "safetensors==0.8.0",
+        "peft==0.21.2",  # The reference the LoRA <-> PEFT adapter tests compare with.
     ],
     "beam": ["apache-beam==2.77.0"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],

@@ -90,7 +90,7 @@ class Transformer(nnx.Module):
         # A frozen copy: hashable, and safe from later edits of the caller's config.
         self.cfg = cfg = ml_collections.FrozenConfigDict(cfg)
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.embed = nnx.Embed(
+        self.embed = layers.Embed(
             cfg.vocab_size,
             cfg.embed_dim,
             dtype=dtype,

@@ -71,6 +71,14 @@ def remove_tree(path: str) -> None:
         fs.delete([metadata.path for metadata in matches])
 
 
+def replace_dir(staging: str, target: str) -> None:
+    """Puts the finished local directory `staging` in place of `target`, replacing an existing one (the
+    caller checked that it may): a reader sees the old directory or the new one, never a half-written one."""
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
 def write_json(path: str, value: Any) -> None:
     """Writes `value` as indented, key-sorted JSON, atomically (see `write_text`)."""
     write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

@@ -345,12 +345,5 @@ def export_run(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return publish(staging, output_dir)
-
-
-def publish(staging: str, output_dir: str) -> str:
-    """Puts the finished folder `staging` in place of `output_dir` (checked by `check_output`)."""
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.replace(staging, output_dir)
+    io.replace_dir(staging, output_dir)
     return output_dir

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from configs import base
-from llm import config_validation, sharding
+from llm import config_validation, io, sharding
 from llm.hf import architectures, weights
 from llm.hf_tokenizer import COMPANION_FILES, TOKENIZER_JSON
 from llm.runs import directory
@@ -109,7 +109,5 @@ def import_hf(
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(model_dir, name)):
             shutil.copyfile(os.path.join(model_dir, name), os.path.join(staging, name))
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.replace(staging, output_dir)
+    io.replace_dir(staging, output_dir)
     return output_dir

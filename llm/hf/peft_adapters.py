@@ -213,7 +213,8 @@ def export_adapter(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return exporter.publish(staging, output_dir)
+    io.replace_dir(staging, output_dir)
+    return output_dir
 
 
 def read_adapter_config(adapter_dir: str) -> dict[str, Any]:

@@ -140,6 +140,4 @@ def save_params(
         saver.wait()
     finally:
         saver.close()
-    if os.path.exists(run_dir):
-        shutil.rmtree(run_dir)
-    os.replace(partial, run_dir)
+    io.replace_dir(partial, run_dir)

@@ -70,7 +70,10 @@ setup(
     version="0.1.0",
     description=__doc__,
     packages=find_packages(include=["llm", "llm.*", "configs", "configs.*"]),
-    package_data={"llm.serve": ["static/*.html"], "llm.eval": ["data/*"]},  # The chat page; the evaluation sets.
+    package_data={  # The chat page, its script and icon; the evaluation sets.
+        "llm.serve": ["static/*.html", "static/*.js", "static/*.svg"],
+        "llm.eval": ["data/*"],
+    },
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

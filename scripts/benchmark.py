@@ -5,12 +5,19 @@
     python scripts/benchmark.py data [--data_config=configs/data/es_default.py] [--stage_docs=5000] [--json_out=F]
     python scripts/benchmark.py tokenizer --tokenizer=DIR/tokenizer.model [--json_out=F]
     python scripts/benchmark.py serve (--workdir=DIR | --url=URL) [--num_requests=64 --concurrency=8]
+        [--mix=good:0.8,malformed:0.1,abandoned:0.1] [--api_key=KEY]
     python scripts/benchmark.py import_hf [--model_dir=HF_DIR] [--dtype=bfloat16] [--json_out=F]
     python scripts/benchmark.py decode_hf [--model_dir=HF_DIR] [--batch_sizes=1,8] [--new_tokens=128]
 
 `import_hf` imports a Hugging Face checkpoint (default: a synthetic 1.24B Llama, Llama-3.2-1B-shaped) and reports
 peak host memory against the checkpoint's size; `decode_hf` imports one (default: a synthetic 120M Llama) and
 times greedy generation against transformers' `generate` on the same weights (needs the test extra).
+
+`serve --mix` is a load mode: it mixes good requests (streamed completions and non-streamed chat answers) with
+malformed ones (bad JSON, deep nesting, wrong types, unknown model, too long, lone surrogate, oversized body, not an
+object) and abandoned ones (the client hangs up mid-stream, mid-answer or mid-upload), and reports good tokens/s,
+requests/s, TTFT percentiles of the streamed good requests, the statuses each kind got back ("closed": the
+connection failed without a status) and /health after the load (llm/serve/load_mix.py).
 
 Every result carries the machine it came from (device kind and count, JAX version).
 """
@@ -38,6 +45,8 @@ _URL = flags.DEFINE_string("url", None, "A running server to load (serve); else 
 _NUM_REQUESTS = flags.DEFINE_integer("num_requests", 64, "Requests sent (serve).", lower_bound=1)
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "Clients at once (serve).", lower_bound=1)
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 32, "Tokens per answer (serve).", lower_bound=1)
+_MIX = flags.DEFINE_string("mix", None, "Load mode: shares of good, malformed, abandoned requests (serve).")
+_API_KEY = flags.DEFINE_string("api_key", None, "API key for a --url server that needs one (serve).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model or tokenizer.json (tokenizer).")
 _NUM_DOCS = flags.DEFINE_integer("num_docs", 20000, "Synthetic documents for MinHash (data).", lower_bound=100)
 _DATA_CONFIG = config_flags.DEFINE_config_file(
@@ -126,8 +135,12 @@ def main(argv: list[str]) -> None:
     elif argv[1] == "serve":
         if bool(_URL.value) == bool(_WORKDIR.value):
             raise app.UsageError("benchmark.py serve needs exactly one of --url or --workdir.")
-        from llm.serve import bench as serve_bench  # Needs the [serve] extra.
+        from llm.serve import bench as serve_bench, load_mix  # Needs the [serve] extra.
 
+        try:
+            mix = load_mix.parse_mix(_MIX.value) if _MIX.value else None
+        except ValueError as error:
+            raise app.UsageError(f"--mix={_MIX.value!r}: {error}") from None
         result = {
             **train_benchmark.machine(),
             **serve_bench.run(
@@ -136,6 +149,8 @@ def main(argv: list[str]) -> None:
                 num_requests=_NUM_REQUESTS.value,
                 concurrency=_CONCURRENCY.value,
                 max_tokens=_MAX_TOKENS.value,
+                api_key=_API_KEY.value,
+                mix=mix,
             ),
         }
     else:

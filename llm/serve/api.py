@@ -25,7 +25,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pydantic
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 from llm.serve import admission, completions, errors, schemas
 from llm.serve.engine import Engine
@@ -221,4 +222,8 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.prometheus, methods=["GET"])
     app.add_api_route("/", server.chat_page, methods=["GET"], response_class=HTMLResponse)
+    app.mount("/static", StaticFiles(directory=os.path.dirname(CHAT_PAGE)), name="static")  # chat.js, favicon.svg
+    app.add_api_route(
+        "/favicon.ico", lambda: FileResponse(os.path.dirname(CHAT_PAGE) + "/favicon.svg"), methods=["GET"]
+    )
     return app

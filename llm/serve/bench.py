@@ -2,10 +2,12 @@
 
 Reports requests/s, generated tokens/s, and the 50th/90th/99th percentiles of request latency and time to
 first token. Every request asks for exactly `max_tokens` tokens (`ignore_eos`), so runs are comparable.
+With a `mix` (llm/serve/load_mix.py) the N requests mix good ones with malformed and abandoned ones.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import json
@@ -16,6 +18,8 @@ from collections.abc import Iterator
 
 import httpx
 import numpy as np
+
+from llm.serve import load_mix
 
 PROMPTS = (
     "Había una vez",
@@ -52,6 +56,14 @@ def background_server(app, host: str = "127.0.0.1", startup_timeout_s: float = 6
         thread.join(timeout=30)
 
 
+class HTTPStatusError(RuntimeError):
+    """A request answered with another status than 200."""
+
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+
+
 def _one(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     """(latency, time to first token, completion tokens) of one streamed completion."""
     body = {
@@ -66,7 +78,7 @@ def _one(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: in
     start, first, tokens = time.perf_counter(), None, 0
     with client.stream("POST", url + "/v1/completions", json=body) as response:
         if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {response.read().decode()[:200]}")
+            raise HTTPStatusError(response.status_code, response.read().decode()[:200])
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -94,10 +106,14 @@ def run(
     max_batch_size: int = 8,
     api_key: str | None = None,
     request_timeout_s: float = 300.0,
+    mix: dict[str, float] | None = None,
+    seed: int = 0,
 ) -> dict:
     """Load-tests the server at `url`, or (with `workdir`) one started here on 127.0.0.1 for the run.
 
     `max_batch_size` applies to a server started here. The first request is a warm-up and is not counted.
+    `mix` (see `load_mix.parse_mix`) mixes malformed and abandoned requests among the good ones, in an order
+    shuffled with `seed`; the result then also counts the statuses each kind got back.
     """
     if (url is None) == (workdir is None):
         raise ValueError("Give exactly one of url (a running server) or workdir (serve that run here).")
@@ -106,7 +122,7 @@ def run(
             f"num_requests, concurrency and max_tokens must be >= 1; got {num_requests}, {concurrency}, {max_tokens}."
         )
     if url is not None:
-        return _load(url.rstrip("/"), num_requests, concurrency, max_tokens, api_key, request_timeout_s)
+        return _load(url.rstrip("/"), num_requests, concurrency, max_tokens, api_key, request_timeout_s, mix, seed)
     import os
 
     from llm.runs import loading
@@ -123,12 +139,19 @@ def run(
     with background_server(api.create_app(loaded.model, loaded.tokenizer, settings)) as local_url:
         return {
             "max_batch_size": max_batch_size,
-            **_load(local_url, num_requests, concurrency, max_tokens, api_key, request_timeout_s),
+            **_load(local_url, num_requests, concurrency, max_tokens, api_key, request_timeout_s, mix, seed),
         }
 
 
 def _load(
-    url: str, num_requests: int, concurrency: int, max_tokens: int, api_key: str | None, timeout_s: float
+    url: str,
+    num_requests: int,
+    concurrency: int,
+    max_tokens: int,
+    api_key: str | None,
+    timeout_s: float,
+    mix: dict[str, float] | None,
+    seed: int,
 ) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(
@@ -136,8 +159,11 @@ def _load(
     ) as client:
         models = client.get(url + "/v1/models")
         models.raise_for_status()
-        model = models.json()["data"][0]["id"]
+        card = models.json()["data"][0]
+        model = card["id"]
         _one(client, url, model, PROMPTS[0], max_tokens)  # Warm-up: compiles whatever is not compiled yet.
+        if mix is not None:
+            return _load_mixed(client, url, card, num_requests, concurrency, max_tokens, mix, seed)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_requests)]
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
@@ -163,3 +189,92 @@ def _load(
         **_percentiles(ttfts, "ttft"),
         **({"first_error": errors[0]} if errors else {}),
     }
+
+
+def _mixed_request(
+    client: httpx.Client, url: str, card: dict, kind: str, variant: str, prompt: str, max_tokens: int
+) -> tuple[str, float | None, int]:
+    """(status, time to first token or None, completion tokens) of one request of a mixed load.
+
+    A malformed or abandoned request comes from a client of its own, on a connection of its own, so that
+    whatever the server does to that connection hits that client only, as it would in real use."""
+    model = card["id"]
+    if kind != "good":
+        with httpx.Client(headers=client.headers, timeout=client.timeout) as own:
+            if kind == "malformed":
+                return load_mix.send_malformed(own, url, variant, model, card.get("max_model_len", 4096)), None, 0
+            return load_mix.abandon(own, url, variant, model, prompt, max_tokens), None, 0
+    if variant == "whole":
+        status, tokens = load_mix.good_whole(client, url, model, prompt, max_tokens)
+        return status, None, tokens
+    try:
+        _, ttft, tokens = _one(client, url, model, prompt, max_tokens)
+    except HTTPStatusError as error:
+        return str(error.status), None, 0
+    except RuntimeError:
+        return "stream_error", None, 0
+    except httpx.HTTPError:
+        return "closed", None, 0
+    return "200", ttft, tokens
+
+
+def _load_mixed(
+    client: httpx.Client,
+    url: str,
+    card: dict,
+    num_requests: int,
+    concurrency: int,
+    max_tokens: int,
+    mix: dict[str, float],
+    seed: int,
+) -> dict:
+    """The mixed load: throughput of the good requests, TTFT of the streamed ones, statuses by kind and by
+    malformed variant, and what /health says once the load is over."""
+    plan = load_mix.schedule(num_requests, mix, seed)
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        futures = [
+            pool.submit(_mixed_request, client, url, card, kind, variant, PROMPTS[i % len(PROMPTS)], max_tokens)
+            for i, (kind, variant) in enumerate(plan)
+        ]
+        outcomes = [future.result() for future in futures]
+        wall = time.perf_counter() - start
+    statuses: dict[str, collections.Counter] = {kind: collections.Counter() for kind in mix}
+    malformed: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for (kind, variant), (status, _, _) in zip(plan, outcomes):
+        statuses[kind][status] += 1
+        if kind == "malformed":
+            malformed[variant][status] += 1
+    good = [outcome for (kind, _), outcome in zip(plan, outcomes) if kind == "good" and outcome[0] == "200"]
+    return {
+        "benchmark": "serve_mixed",
+        "num_requests": num_requests,
+        "concurrency": concurrency,
+        "max_tokens": max_tokens,
+        "mix": mix,
+        "wall_s": wall,
+        "requests_per_s": num_requests / wall,
+        "good_requests_per_s": len(good) / wall,
+        "output_tokens_per_s": sum(tokens for _, _, tokens in good) / wall,
+        **_percentiles([ttft for _, ttft, _ in good if ttft is not None], "ttft"),
+        "statuses": {kind: dict(counts) for kind, counts in statuses.items()},
+        "malformed_statuses": {variant: dict(counts) for variant, counts in sorted(malformed.items())},
+        "after": _settled_health(client, url),
+    }
+
+
+def _settled_health(client: httpx.Client, url: str, wait_s: float = 5.0) -> dict:
+    """/health once the server has let go of every request (or after `wait_s`): a server that still holds
+    slots or in-flight requests after the load leaked them."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            response = client.get(url + "/health")
+        except httpx.HTTPError as error:
+            return {"health_status": "closed", "error": str(error)}
+        health = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+        held = health.get("in_flight_requests", 0) + health.get("active_slots", 0) + health.get("queue_depth", 0)
+        if held == 0 or time.monotonic() > deadline:
+            keys = ("in_flight_requests", "active_slots", "queue_depth")
+            return {"health_status": response.status_code, **{key: health[key] for key in keys if key in health}}
+        time.sleep(0.05)

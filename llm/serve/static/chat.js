@@ -223,25 +223,34 @@ function startPage() {
       answer.textContent += delta;
       scroll();
     };
+    const before = page.turns;
     const result = await completeTurn({fetch, headers: headers(), model: page.model, system: $("system").value.trim(),
-      turns: page.turns, text, settings: parsed.settings, signal: page.controller.signal, onDelta});
-    const turns = nextTurns(page.turns, result, text);
-    if (turns === page.turns) { // The turn failed: grey it out; it is not sent again.
-      turn.nodes.forEach((node) => node.classList.add("failed"));
-      if (!result.answer) answer.textContent = result.stopped ? "(detenido)" : "(sin respuesta)";
-      answer.classList.remove("pending");
-      if (result.error) bubble("error", result.error, result.detail);
-    } else {
-      if (!result.answer) [answer.className, answer.textContent] = ["msg assistant note", "(respuesta vacía)"];
-      for (const old of page.turns.slice(0, page.turns.length - result.kept.length)) {
-        old.nodes.forEach((node) => node.classList.add("forgotten"));
-      }
-      page.turns = turns;
-      page.turns[page.turns.length - 1].nodes = turn.nodes;
-    }
+      turns: before, text, settings: parsed.settings, signal: page.controller.signal, onDelta});
     page.controller = null;
     $("send").disabled = false;
     $("stop").disabled = true;
+    if (page.turns === before) settle(result, text, turn, answer); // Else "Nueva conversación" came meanwhile.
+  }
+
+  // Shows how a turn ended and updates the conversation (nextTurns) that the next turn sends.
+  function settle(result, text, turn, answer) {
+    answer.classList.remove("pending");
+    const turns = nextTurns(page.turns, result, text);
+    if (turns === page.turns) { // The turn failed: greyed out, it is not sent again.
+      turn.nodes.forEach((node) => node.classList.add("failed"));
+      if (!result.answer) answer.textContent = result.stopped ? "(detenido)" : "(sin respuesta)";
+      if (result.error) bubble("error", result.error, result.detail);
+      return;
+    }
+    if (!result.answer) [answer.className, answer.textContent] = ["msg assistant note", "(respuesta vacía)"];
+    for (const old of page.turns.slice(0, page.turns.length - result.kept.length)) {
+      for (const node of old.nodes) {
+        node.classList.add("forgotten");
+        node.title = "Ya no cabe en el contexto del modelo: no se le envía.";
+      }
+    }
+    page.turns = turns;
+    page.turns[page.turns.length - 1].nodes = turn.nodes;
   }
 
   $("api_key").addEventListener("change", () => {
@@ -261,6 +270,7 @@ function startPage() {
   });
   $("stop").addEventListener("click", () => page.controller?.abort());
   $("reset").addEventListener("click", () => {
+    page.controller?.abort();
     page.turns = [];
     $("log").replaceChildren();
   });

@@ -42,6 +42,16 @@ MALFORMED = [
     json.dumps({"model": MODEL, "prompt": "a", "stop": ["x"] * 70, "temperature": 1e308}).encode(),
     json.dumps({"model": "gpt-4", "prompt": "a", "messages": [{"role": "user", "content": "a"}]}).encode(),
     json.dumps({"model": MODEL, "prompt": [[10**6]], "messages": [{"role": "assistant", "content": "a"}]}).encode(),
+    # Valid, with a top_k past int32 (the engine's sampling arrays): must be served, not fail the decode loop.
+    json.dumps(
+        {
+            "model": MODEL,
+            "prompt": "a",
+            "messages": [{"role": "user", "content": "a"}],
+            "max_tokens": 1,
+            "top_k": 10**30,
+        }
+    ).encode(),
 ]
 
 # JSON values of any shape (and the odd surrogate); Python's json writes NaN and huge integers as they are.
@@ -139,6 +149,8 @@ def fuzz_client(run):
 @given(request=fuzzed)
 @example(request=(COMPLETIONS, MALFORMED[4]))
 @example(request=(CHAT, MALFORMED[8]))
+@example(request=(COMPLETIONS, MALFORMED[-1]))
+@example(request=(CHAT, MALFORMED[-1]))
 def test_fuzzed_bodies_never_get_a_server_error(fuzz_client, request):
     assert_well_answered(send(fuzz_client, *request))
 

@@ -47,6 +47,7 @@ EXTRAS_REQUIRE = {
         "prometheus-client==0.26.0",
         "openai==3.54.0",
         "httpx==0.28.1",
+        "hypothesis==6.170.17",  # The server's fuzz tests (tests/test_serve_robustness.py).
         "chatterbot-corpus==1.3.3",
         # The references the Hugging Face import and tokenizer tests compare with (tiny models built in the test).
         "torch==2.13.0",

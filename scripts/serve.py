@@ -6,6 +6,12 @@
 
 Then e.g. `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")`.
 API keys also come from the LLM_API_KEYS environment variable (comma-separated); with none, the server is open.
+
+Slow clients: a request body must arrive within --body_timeout (else 408), and a request takes one of the
+--max_concurrent_requests places only once its body is in and valid; an idle keep-alive connection is closed
+after --keep_alive_timeout. Nothing here bounds a client that sends its request *headers* slowly (uvicorn has
+no header timeout; h11 caps them at 16 KiB): such a client holds a socket but no request place. Facing the
+open internet, put a reverse proxy with a header timeout (e.g. nginx's client_header_timeout) in front.
 """
 
 import os
@@ -33,7 +39,12 @@ _MAX_CONCURRENT = flags.DEFINE_integer(
 )
 _TIMEOUT = flags.DEFINE_float("request_timeout", 300.0, "Seconds before an unfinished request is cancelled.")
 _MAX_BODY_BYTES = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body; larger gets 413.")
+_BODY_TIMEOUT = flags.DEFINE_float("body_timeout", 10.0, "Seconds to receive a request body; slower gets 408.")
+_KEEP_ALIVE = flags.DEFINE_integer(
+    "keep_alive_timeout", 5, "Seconds an idle keep-alive connection stays open.", lower_bound=1
+)
 _API_KEYS_FILE = flags.DEFINE_string("api_keys_file", None, "File with one API key per line.")
+_METRICS_PUBLIC = flags.DEFINE_bool("metrics_public", False, "Serve /metrics without a key even when keys are set.")
 _RATE = flags.DEFINE_float("rate_limit_per_minute", 0.0, "Requests per minute per key (or address); 0: off.")
 _BURST = flags.DEFINE_integer("rate_limit_burst", 20, "Requests a client may send at once.", lower_bound=1)
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every prompt length bucket before serving.")
@@ -57,7 +68,9 @@ def main(argv: list[str]) -> None:
         max_concurrent_requests=_MAX_CONCURRENT.value,
         request_timeout_s=_TIMEOUT.value,
         max_body_bytes=_MAX_BODY_BYTES.value,
+        body_timeout_s=_BODY_TIMEOUT.value,
         api_keys=keys,
+        metrics_public=_METRICS_PUBLIC.value,
         rate_limit_per_minute=_RATE.value,
         rate_limit_burst=_BURST.value,
         warmup=_WARMUP.value,
@@ -69,7 +82,7 @@ def main(argv: list[str]) -> None:
         f"{engine.max_batch_size} slots x {engine.max_cache_len} tokens, KV cache "
         f"{engine.kv_cache_bytes / 2**20:.1f} MiB, API keys: {len(keys) or 'none (open)'}."
     )
-    uvicorn.run(server, host=_HOST.value, port=_PORT.value, log_level="info")
+    uvicorn.run(server, host=_HOST.value, port=_PORT.value, log_level="info", timeout_keep_alive=_KEEP_ALIVE.value)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import concurrent.futures
 import contextlib
 import json
+import logging
 import threading
 import time
 
@@ -14,7 +15,7 @@ import pytest
 
 from llm import chat_template
 from llm.infer import generate
-from llm.serve import admission, api, bench, errors
+from llm.serve import admission, api, bench, completions, errors
 from tests import conftest
 from tests.conftest import forward
 
@@ -28,6 +29,19 @@ def serving(run, **settings):
     app = api.create_app(run.model, run.tokenizer, api.ServeSettings(MODEL, max_batch_size=4, **settings))
     with bench.background_server(app) as url:
         yield url, app
+
+
+def hold_decoding(engine, monkeypatch, before_each_step):
+    """Runs `before_each_step()` (e.g. a wait) on the engine's thread before every decode step."""
+    step = engine._run_decode
+    monkeypatch.setattr(engine, "_run_decode", lambda active: (before_each_step(), step(active))[1])
+
+
+def wait_until(condition, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +125,10 @@ def test_echo_logprobs_are_the_models_prompt_log_likelihoods(client, run):
     assert choice.text == prompt and choice.finish_reason == "length"
     np.testing.assert_allclose(choice.logprobs.token_logprobs, want, atol=1e-4)
     assert [len(top) for top in choice.logprobs.top_logprobs] == [2] * len(want)
-    assert choice.logprobs.text_offset[0] == 0 and choice.logprobs.text_offset == sorted(choice.logprobs.text_offset)
+    # The tokens add up to the text (no dummy-prefix space before "El"), and each starts at its text_offset.
+    tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+    assert "".join(tokens) == prompt and not tokens[0].startswith(" ")
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
     # Token-id prompts are taken as given; the first token has nothing before it, so no logprob.
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=0).choices[0]
     assert by_ids.logprobs.token_logprobs[0] is None
@@ -212,6 +229,130 @@ def test_bad_completion_requests_get_openai_errors(server, body, status, param):
     assert error["param"] == param
 
 
+def post_raw(url, path, body, client=httpx):
+    """POSTs `body` (a dict, written with Python's json: a lone surrogate becomes a \\uXXXX escape; or text)."""
+    text = body if isinstance(body, str) else json.dumps(body)
+    return client.post(url + path, content=text.encode(), headers={"content-type": "application/json"}, timeout=30)
+
+
+def assert_openai_error(response, status, param=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and isinstance(error["message"], str)
+    assert error["param"] == param
+    return error
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_deeply_nested_json_is_a_bad_request(server, path):
+    deep = f'{{"model": "{MODEL}", "messages": {"[" * 1000}{"]" * 1000}, "prompt": 1}}'
+    assert "nest" in assert_openai_error(post_raw(server[0], path, deep), 400)["message"]
+    # Deep enough to parse, too deep to be a request; and NaN, which strict JSON has not.
+    assert_openai_error(post_raw(server[0], path, f'{{"model": {"[" * 40}{"]" * 40}}}'), 400)
+    assert_openai_error(post_raw(server[0], path, f'{{"model": "{MODEL}", "temperature": NaN}}'), 400)
+
+
+HALF = "hola \ud800"  # Half a surrogate pair: valid JSON (as an escape), not encodable text.
+CHAT = "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    "path, fields, param",
+    [
+        ("/v1/completions", {"prompt": "hola \udcff"}, "prompt"),
+        ("/v1/completions", {"prompt": ["ok", HALF]}, "prompt.1"),
+        ("/v1/completions", {"prompt": "ok", "stop": ["a", HALF]}, "stop.1"),
+        ("/v1/completions", {"prompt": "ok", "user": HALF}, "user"),
+        (CHAT, {"messages": [{"role": "user", "content": HALF}]}, "messages.0.content"),
+        (CHAT, {"messages": [{"role": "user", "content": "a", "name": HALF}]}, "messages.0.name"),
+        (
+            CHAT,
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": HALF}]}]},
+            "messages.0.content.0.text",
+        ),
+    ],
+)
+def test_unpaired_surrogates_are_a_bad_request_naming_the_field(server, path, fields, param):
+    response = post_raw(server[0], path, {"model": MODEL, **fields})
+    assert "surrogate" in assert_openai_error(response, 400, param)["message"]
+
+
+def test_an_unknown_field_with_a_surrogate_name_is_refused_in_valid_utf8(server):
+    response = post_raw(server[0], "/v1/completions", {"model": MODEL, "prompt": "a", "\ud800x": 1})
+    assert "\\ud800x" in assert_openai_error(response, 400)["message"]
+
+
+@pytest.mark.parametrize(
+    "prompt, param, says",
+    [
+        ([], "prompt", "must be a string, a list of strings, a list of token ids or a list of lists of token ids"),
+        ([-1], "prompt.0", "token ids must be >= 0"),
+        ([[]], "prompt.0", "at least 1 item"),
+        ([1, "a"], "prompt", "must be a string, a list of strings, a list of token ids"),
+        ([[3], [4, -2]], "prompt.1.1", "token ids must be >= 0"),
+    ],
+)
+def test_a_bad_prompt_gets_a_message_that_says_what_is_wrong(server, prompt, param, says):
+    response = httpx.post(server[0] + "/v1/completions", json={"model": MODEL, "prompt": prompt}, timeout=30)
+    assert says in assert_openai_error(response, 422, param)["message"]
+
+
+def test_many_stop_strings_are_accepted_up_to_a_generous_limit(server):
+    ask = lambda stop: httpx.post(
+        server[0] + "/v1/completions", json={"model": MODEL, "prompt": "Hola", "max_tokens": 2, "stop": stop}
+    )
+    assert ask([f"\n{i}" for i in range(6)]).status_code == 200  # lm-eval's tasks: 5 stop strings and EOS.
+    error = assert_openai_error(ask([f"s{i}" for i in range(70)]), 422, "stop")
+    assert "at most 64 stop strings" in error["message"]
+    assert "a string or a list of strings" in assert_openai_error(ask(5), 422, "stop")["message"]
+
+
+def test_an_internal_error_is_one_log_line_a_500_with_the_request_id_and_keeps_the_connection(
+    server, monkeypatch, caplog
+):
+    def broken_planner(*args):
+        raise RuntimeError("planner exploded")
+
+    monkeypatch.setattr(completions, "plan_completion", broken_planner)
+    traceback_log = logging.getLogger("uvicorn.error")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    traceback_log.addHandler(handler)
+    try:
+        with httpx.Client(base_url=server[0], timeout=30) as client, caplog.at_level(logging.INFO):
+            failed = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hola", "max_tokens": 1})
+            request_id = failed.headers["x-request-id"]
+            assert request_id in assert_openai_error(failed, 500)["message"] and failed.json()["error"]["type"]
+            assert failed.headers.get("connection") != "close"
+            monkeypatch.undo()
+            again = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hola", "max_tokens": 1})
+            assert again.status_code == 200 and again.headers["x-request-id"] != request_id
+            # Both went over one connection: the same local port.
+            port = lambda r: r.extensions["network_stream"].get_extra_info("client_addr")[1]
+            assert port(failed) == port(again)
+    finally:
+        traceback_log.removeHandler(handler)
+    errors_logged = [r for r in caplog.records + seen if r.levelno >= logging.ERROR]
+    assert len(errors_logged) == 1, [r.getMessage() for r in errors_logged]
+    assert request_id in errors_logged[0].getMessage() and "planner exploded" in errors_logged[0].getMessage()
+    assert errors_logged[0].exc_info is None
+    # A client's own tame request id is kept.
+    assert httpx.get(server[0] + "/health", headers={"X-Request-Id": "abc-123"}).headers["x-request-id"] == "abc-123"
+
+
+def test_the_developer_role_is_the_system_role(client):
+    ask = lambda role: client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": role, "content": "Eres un asistente."}, {"role": "user", "content": "Hola"}],
+        max_tokens=6,
+        temperature=0,
+    )
+    developer, system = ask("developer"), ask("system")
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+
+
 def test_bad_chat_requests_get_openai_errors(server):
     post = lambda body: httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=30)
     wrong_role = post({"model": MODEL, "messages": [{"role": "robot", "content": "hola"}]})
@@ -267,25 +408,26 @@ def test_api_keys_and_rate_limit(run):
         # The limit is per key: another key still gets through.
         other = openai.OpenAI(base_url=url + "/v1", api_key="clave-2", max_retries=0)
         assert other.completions.create(model=MODEL, prompt="Hola", max_tokens=1).choices
+        # The scheme is case-insensitive (RFC 7235); /metrics needs a key too, but is not rate limited.
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "bearer clave-2"}).status_code == 200
+        assert httpx.get(url + "/metrics").status_code == 401
+        for _ in range(3):
+            assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer clave-1"}).status_code == 200
+    with serving(run, api_keys=frozenset({"clave-1"}), metrics_public=True) as (url, _):
+        assert httpx.get(url + "/metrics").status_code == 200
 
 
-def test_busy_server_and_timeouts_answer_with_errors_and_free_the_slots(run):
+def test_busy_server_and_timeouts_answer_with_errors_and_free_the_slots(run, monkeypatch):
     body = {"model": MODEL, "prompt": "La ciudad", "max_tokens": 8}
     with serving(run, max_concurrent_requests=1) as (url, app):
-        sent_half = threading.Event()
-
-        def slow_body():  # Holds the only request slot open until the second request has been refused.
-            yield json.dumps(body)[:10].encode()
-            sent_half.wait(30)
-            yield json.dumps(body)[10:].encode()
-
+        # The first request holds the only request slot, generating, until the second has been refused.
+        go_on = threading.Event()
+        hold_decoding(app.state.engine, monkeypatch, lambda: go_on.wait(30))
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            first = pool.submit(httpx.post, url + "/v1/completions", content=slow_body(), timeout=30)
-            deadline = time.monotonic() + 10
-            while httpx.get(url + "/health").json()["in_flight_requests"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            first = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=30)
+            wait_until(lambda: app.state.engine.num_active == 1)
             busy = httpx.post(url + "/v1/completions", json=body, timeout=30)
-            sent_half.set()
+            go_on.set()
             assert first.result().status_code == 200
         assert busy.status_code == 429 and busy.json()["error"]["code"] == "server_busy"
         assert busy.headers["retry-after"] == "1"

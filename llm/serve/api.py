@@ -7,10 +7,16 @@
     GET  /metrics               Prometheus text format
     GET  /                      the chat page
 
-Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 malformed JSON or a
-request that cannot be served (context too long, bad conversation), 401 missing or unknown API key, 404
-unknown model or path, 413 body too large, 422 a body that does not match the schema (unknown field,
-wrong type, value out of range), 429 rate limit or too many concurrent requests, 504 request timeout.
+Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 malformed JSON (bad
+syntax, nesting deeper than 32, text with an unpaired surrogate) or a request that cannot be served (context
+too long, bad conversation), 401 missing or unknown API key, 404 unknown model or path, 408 body not received
+within `body_timeout_s`, 413 body too large, 422 a body that does not match the schema (unknown field, wrong
+type, value out of range), 429 rate limit or too many concurrent requests, 499 (only in /metrics) the client
+disconnected before its answer was complete, 500 an internal error (its message names the request id, which
+every response carries in X-Request-Id, and the server logs one line with it), 504 request timeout.
+
+A request takes one of the `max_concurrent_requests` places only once its body has arrived and been checked,
+so clients that upload slowly cannot lock others out; each of those is cut off after `body_timeout_s`.
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ class ServeSettings:
     max_choices: int = 64  # Most choices (prompts x n) in one request.
     max_concurrent_requests: int = 64  # HTTP requests in progress (running or queued); more get 429.
     request_timeout_s: float = 300.0  # A request still unfinished after this is cancelled (504).
+    body_timeout_s: float = 10.0  # A request body not fully received after this is refused (408).
     max_body_bytes: int = 1 << 20  # Larger request bodies get 413.
     api_keys: frozenset[str] = frozenset()  # Empty: no key needed.
+    metrics_public: bool = False  # GET /metrics without a key even when the server has keys.
     rate_limit_per_minute: float = 0.0  # Requests per minute per API key (or client address); 0: off.
     rate_limit_burst: int = 20  # Requests a client may send at once before the rate applies.
     warmup: bool = False  # Compile every prompt bucket before accepting requests.
@@ -138,22 +146,23 @@ class Server:
     ) -> Response:
         """A completion or chat request: the JSON answer once all choices finish, or a stream of its tokens."""
         deadline = time.monotonic() + self.settings.request_timeout_s
-        slot = self.in_flight.enter()
+        plan = await self._plan(request, schema, plan_request)
+        slot = self.in_flight.enter()  # Only now: a slow or invalid upload holds no place.
         try:
-            plan = await self._plan(request, schema, plan_request)
             job = Job(self.engine, plan)
         except BaseException:
             slot.release()
             raise
         answer = completions.Answer(plan, self.tokenizer, self.settings.model_name)
-        if plan.stream:
+        if plan.stream:  # Starlette's streaming response notices a disconnect and cancels `_stream`.
             return StreamingResponse(
-                self._stream(job, answer, deadline, slot),
+                self._stream(job, answer, deadline, slot, request),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
+        job.watch(request.receive)
         try:
-            async for index, event in job.events(deadline, request.is_disconnected):
+            async for index, event in job.events(deadline):
                 answer.choices[index].add(event)
         finally:
             job.cancel()
@@ -167,12 +176,12 @@ class Server:
         plan_request: Callable[..., completions.Plan],
     ) -> completions.Plan:
         """The request's body checked (400, 413, 422; 404 for another model) and turned into engine requests."""
-        raw = await admission.read_json(request, self.settings.max_body_bytes)
+        raw = await admission.read_json(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
         try:
             body = schema.model_validate(raw)
         except pydantic.ValidationError as error:
-            message, param = schemas.describe(error, raw)
-            raise APIError(422, message, param=param) from None
+            status, message, param = schemas.describe(error, raw)
+            raise APIError(status, message, param=param) from None
         if body.model != self.settings.model_name:
             raise APIError(
                 404,
@@ -186,7 +195,7 @@ class Server:
             raise APIError(400, str(error), param=error.param, code=error.code) from None
 
     async def _stream(
-        self, job: Job, answer: completions.Answer, deadline: float, slot: admission.Slot
+        self, job: Job, answer: completions.Answer, deadline: float, slot: admission.Slot, request: Request
     ) -> AsyncIterator[str]:
         try:
             for choice in answer.choices:
@@ -200,6 +209,9 @@ class Server:
             yield _sse("[DONE]")
         except APIError as error:  # The status line is sent already: the error goes in the stream.
             yield _sse(errors.error_body(error))
+        except Exception as error:
+            failure = errors.internal_error(errors.request_id(request), request.method, request.url.path, error)
+            yield _sse(errors.error_body(failure))
         finally:  # Also on client disconnect (the task is cancelled): free the slots at once.
             job.cancel()
             slot.release()
@@ -210,17 +222,21 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
     server = Server(model, tokenizer, settings)
     app = FastAPI(title="Spanish LLM", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.settings = server.engine, server.metrics, settings
+    # The last added runs first: metrics see the 500 that the request-id middleware makes of an exception.
+    app.add_middleware(errors.RequestIdMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=server.metrics, endpoints=ENDPOINTS)
     errors.install_handlers(app)
-    # The API routes need a key (when the server has any) and count against the rate limit; the health check,
-    # metrics and chat page do not (the page's own API calls do).
+    # The API routes need a key (when the server has any) and count against the rate limit; the metrics need a
+    # key unless `metrics_public` (and are not rate limited: scrapers poll); the health check and chat page need
+    # none (the page's own API calls do).
     keyed = [Depends(server.gate.authorize)]
+    scraped = [] if settings.metrics_public else [Depends(server.gate.authenticate)]
     app.add_api_route("/v1/completions", server.create_completion, methods=["POST"], dependencies=keyed)
     app.add_api_route("/v1/chat/completions", server.create_chat_completion, methods=["POST"], dependencies=keyed)
     app.add_api_route("/v1/models", server.list_models, methods=["GET"], dependencies=keyed)
     app.add_api_route("/v1/models/{model_id}", server.get_model, methods=["GET"], dependencies=keyed)
     app.add_api_route("/health", server.health, methods=["GET"])
-    app.add_api_route("/metrics", server.prometheus, methods=["GET"])
+    app.add_api_route("/metrics", server.prometheus, methods=["GET"], dependencies=scraped)
     app.add_api_route("/", server.chat_page, methods=["GET"], response_class=HTMLResponse)
     app.mount("/static", StaticFiles(directory=os.path.dirname(CHAT_PAGE)), name="static")  # chat.js, favicon.svg
     app.add_api_route(

@@ -33,9 +33,10 @@ def check_key(keys: frozenset[str], authorization: str | None) -> str | None:
     """The key presented in an `Authorization: Bearer KEY` header if it is one of `keys`, else None.
 
     Every key is compared in constant time, so response timing does not leak how much of a key matched."""
-    if not authorization or not authorization.startswith("Bearer "):
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":  # Auth schemes are case-insensitive (RFC 7235 section 2.1).
         return None
-    presented = authorization[len("Bearer ") :].strip().encode()
+    presented = credentials.strip().encode()
     matches = [key for key in keys if hmac.compare_digest(presented, key.encode())]
     return matches[0] if matches else None
 

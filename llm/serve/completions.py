@@ -63,10 +63,11 @@ def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
     return list(tokenizer.token_bytes(token_id))
 
 
-def _sampling(body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+def _sampling(body: CompletionRequest | ChatCompletionRequest, vocab_size: int) -> SamplingParams:
     return SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
-        top_k=body.top_k or 0,
+        # Keeping the top vocab_size tokens keeps all; larger values would overflow the engine's int32 arrays.
+        top_k=min(body.top_k or 0, vocab_size),
         top_p=1.0 if body.top_p is None else body.top_p,
         min_p=body.min_p or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
@@ -140,7 +141,7 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer, limits: Limit
                 engine_lib.Request(
                     ids,
                     max_tokens,
-                    _sampling(body),
+                    _sampling(body, tokenizer.vocab_size),
                     seeds[len(requests)],
                     body.stop_strings(),
                     () if body.ignore_eos else (tokenizer.eos_id,),
@@ -163,7 +164,8 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer, limits: Limit
 
 
 def plan_chat(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -> Plan:
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    # OpenAI's `developer` messages are what chat templates call `system`.
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
         ids, _ = chat_template.render(tokenizer, messages, add_generation_prompt=True)
     except chat_template.ChatFormatError as error:
@@ -177,7 +179,9 @@ def plan_chat(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits)
         raise RequestError("top_logprobs needs logprobs=true.", "top_logprobs")
     stop_ids = () if body.ignore_eos else chat_template.stop_token_ids(tokenizer)
     requests = [
-        engine_lib.Request(ids, max_tokens, _sampling(body), seed, body.stop_strings(), stop_ids, logprobs)
+        engine_lib.Request(
+            ids, max_tokens, _sampling(body, tokenizer.vocab_size), seed, body.stop_strings(), stop_ids, logprobs
+        )
         for seed in _seeds(body.seed, n)
     ]
     return Plan(
@@ -277,14 +281,26 @@ class Choice:
                     for i, lp, top in zip(self.ids[start:end], self.logprobs[start:end], self.tops[start:end])
                 ]
             }
+        offsets = [self._text_offset(position) for position in range(start, end)]
         return {
-            "tokens": [token_text(tok, i) for i in self.ids[start:end]],
+            "tokens": [self._shown_token(position, offset) for position, offset in zip(range(start, end), offsets)],
             "token_logprobs": self.logprobs[start:end],
             "top_logprobs": [
                 None if top is None else {token_text(tok, t): v for t, v in top} for top in self.tops[start:end]
             ],
-            "text_offset": [self._text_offset(position) for position in range(start, end)],
+            "text_offset": offsets,
         }
+
+    def _shown_token(self, position: int, offset: int) -> str:
+        """Token `position` as text, such that the echoed prompt's tokens add up to the echoed text: decoding
+        drops the space SentencePiece puts before the first word (its dummy prefix: "▁Hola" reads "Hola" at
+        the start), so the token is shown without it there, as vLLM and OpenAI do."""
+        text = token_text(self.tokenizer, self.ids[position])
+        if position < self._prompt_tokens and text.startswith(" "):
+            shown = self.echo[offset:]
+            if not shown.startswith(text) and shown.startswith(text[1:]):
+                return text[1:]
+        return text
 
     def _text_offset(self, position: int) -> int:
         """Where token `position` starts in the returned text (echoed prompt, then completion)."""

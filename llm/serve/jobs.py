@@ -10,7 +10,7 @@ from llm.serve import completions
 from llm.serve.engine import Engine, Event, Finished
 from llm.serve.errors import APIError
 
-_POLL_S = 1.0  # How often a waiting non-streaming request checks whether its client has gone.
+_GONE = (-1, None)  # Put on the queue when the client disconnects.
 
 
 class Job:
@@ -21,6 +21,7 @@ class Job:
         # The engine calls `emit` on its own thread; asyncio queues are not thread-safe, so hop to the loop.
         emit = lambda index: lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
         self.tickets = []
+        self._watcher: asyncio.Task | None = None
         try:
             for index, request in enumerate(plan.requests):
                 self.tickets.append(engine.submit(request, emit(index)))
@@ -29,25 +30,40 @@ class Job:
             raise APIError(400, str(error)) from None
 
     def cancel(self) -> None:
+        """Frees the engine slots before the next decode step (and stops watching the client)."""
         for ticket in self.tickets:
             ticket.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
-    async def events(
-        self, deadline: float, disconnected: Callable[[], Awaitable[bool]] | None = None
-    ) -> AsyncIterator[tuple[int, Event]]:
-        """Every choice's events until all have finished; 504 past `deadline` (time.monotonic)."""
+    def watch(self, receive: Callable[[], Awaitable[dict]]) -> None:
+        """Cancels the job the moment the client disconnects: `receive` is the request's ASGI receive channel,
+        whose body has been read, so its next message is the disconnect. Tokens keep arriving meanwhile, so
+        waiting for a quiet moment to ask would never notice a client that left mid-generation."""
+
+        async def wait_for_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            for ticket in self.tickets:
+                ticket.cancel()
+            self.queue.put_nowait(_GONE)
+
+        self._watcher = asyncio.create_task(wait_for_disconnect())
+
+    async def events(self, deadline: float) -> AsyncIterator[tuple[int, Event]]:
+        """Every choice's events until all have finished; 504 past `deadline` (time.monotonic), 499 when a
+        watched client disconnects."""
         remaining = len(self.tickets)
         while remaining:
-            wait = deadline - time.monotonic()
-            if wait <= 0:
-                raise APIError(504, "The request timed out before the model finished.", "timeout", code="timeout")
             try:
-                index, event = await asyncio.wait_for(self.queue.get(), min(wait, _POLL_S))
+                index, event = await asyncio.wait_for(self.queue.get(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                if disconnected is not None and await disconnected():
-                    # 499 (nginx's "client closed request"): nobody reads it, but /metrics counts it.
-                    raise APIError(499, "The client disconnected.", code="client_disconnected") from None
-                continue
+                raise APIError(
+                    504, "The request timed out before the model finished.", "timeout", code="timeout"
+                ) from None
+            if (index, event) == _GONE:
+                # 499 (nginx's "client closed request"): nobody reads it, but /metrics counts it.
+                raise APIError(499, "The client disconnected.", code="client_disconnected")
             if isinstance(event, Finished):
                 remaining -= 1
                 if event.reason == "error":

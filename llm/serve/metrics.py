@@ -61,9 +61,13 @@ class ServeMetrics:
         return prom.generate_latest(self.registry)
 
 
+CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before its response was complete.
+
+
 class RequestMetricsMiddleware:
     """ASGI middleware: counts every HTTP request by endpoint and status, and times it to its last byte (streams
-    included, which a route handler could not see). Paths not in `endpoints` count as "other", so clients
+    included, which a route handler could not see). A request whose client disconnected before the response was
+    complete counts as 499, whatever was sent to nobody. Paths not in `endpoints` count as "other", so clients
     probing arbitrary paths cannot grow the label set."""
 
     def __init__(self, app, metrics: ServeMetrics, endpoints: Collection[str]):
@@ -72,16 +76,26 @@ class RequestMetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
+        # No response at all (the app was cancelled, e.g. at shutdown) counts as 500.
+        start, status, complete, gone = time.perf_counter(), 500, False, False
+
+        async def receive_and_note_disconnect():
+            nonlocal gone
+            message = await receive()
+            # After the last byte the server reports a disconnect to any late reader: that is no early leave.
+            gone = gone or (message["type"] == "http.disconnect" and not complete)
+            return message
 
         async def send_and_note_status(message):
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_note_status)
+            await self.app(scope, receive_and_note_disconnect, send_and_note_status)
         finally:
             endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
-            self.metrics.request(endpoint, status, time.perf_counter() - start)
+            self.metrics.request(endpoint, CLIENT_CLOSED if gone else status, time.perf_counter() - start)

@@ -7,14 +7,86 @@ only at their neutral value 0, so that clients that always send them keep workin
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
-MAX_STOP_STRINGS = 4  # OpenAI's limit.
+MAX_STOP_STRINGS = 64  # OpenAI allows 4; lm-eval's tasks send 5 plus EOS, and vLLM has no small limit.
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions; chat's top_logprobs goes to 20.
+# Errors of these types are a body that is not proper text (400, like invalid JSON), not a schema mismatch (422).
+BAD_TEXT_ERRORS = ("invalid_text", "string_unicode")  # Ours on values; pydantic's on an object's keys.
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+
+def _unicode(value: str) -> str:
+    """JSON's \\uXXXX escapes can carry half a surrogate pair, which Python keeps but no tokenizer (nor the
+    UTF-8 response) can encode: refuse it here, naming the field, rather than fail deep in the tokenizer."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PydanticCustomError(
+            "invalid_text",
+            "must be valid Unicode text; it has an unpaired surrogate {char} at index {index}",
+            {"char": ascii(value[error.start]), "index": error.start},
+        ) from None
+    return value
+
+
+def _token_id(value: int) -> int:
+    if value < 0:
+        raise PydanticCustomError("invalid_token_id", "token ids must be >= 0")
+    return value
+
+
+def _stop_count(value: list[str]) -> list[str]:
+    if len(value) > MAX_STOP_STRINGS:
+        raise PydanticCustomError(
+            "too_many_stop_strings",
+            "at most {limit} stop strings; got {count}",
+            {"limit": MAX_STOP_STRINGS, "count": len(value)},
+        )
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+TokenIds = list[Annotated[int, AfterValidator(_token_id)]]
+
+
+def _json_shape(value: Any) -> str | None:
+    """The JSON shape of a union field's value: 'text', or a non-empty list of 'texts', 'ids' (token ids),
+    'id_lists' or 'parts' (objects); None for anything else."""
+    if isinstance(value, str):
+        return "text"
+    if not isinstance(value, list) or not value:
+        return None
+    for shape, kind in (("texts", str), ("ids", int), ("id_lists", list), ("parts", dict)):
+        # bool is an int subclass in Python but not a token id in JSON.
+        if all(isinstance(item, kind) and not isinstance(item, bool) for item in value):
+            return shape
+    return None
+
+
+def _by_shape(expected: str, empty: str | None = None, **members: Any) -> Any:
+    """A union whose member is chosen by the value's shape (`_json_shape`; an empty list goes to `empty`), so
+    that an error is that member's ('token ids must be >= 0' at prompt.0) rather than pydantic's report on the
+    first member ('Input should be a valid string'); a value of no accepted shape gets 'must be `expected`'."""
+
+    def shape(value: Any) -> str | None:
+        return empty if isinstance(value, list) and not value else _json_shape(value)
+
+    union = Union[tuple(Annotated[kind, Tag(tag)] for tag, kind in members.items())]  # noqa: UP007
+    return Annotated[
+        union, Discriminator(shape, custom_error_type="invalid_type", custom_error_message=f"must be {expected}")
+    ]
 
 
 class _Strict(BaseModel):
@@ -26,16 +98,24 @@ class StreamOptions(_Strict):
 
 
 class _Sampling(_Strict):
-    model: str
+    model: Text
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop: (
+        _by_shape(
+            "a string or a list of strings",
+            empty="texts",
+            text=Text,
+            texts=Annotated[list[Text], AfterValidator(_stop_count)],
+        )
+        | None
+    ) = None
     seed: int | None = None
-    user: str | None = None
+    user: Text | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
@@ -64,11 +144,12 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     """POST /v1/completions. `prompt` is text, a list of texts, token ids or a list of token-id lists."""
 
-    prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1)]
-        | Annotated[TokenIds, Field(min_length=1)]
-        | Annotated[list[Annotated[TokenIds, Field(min_length=1)]], Field(min_length=1)]
+    prompt: _by_shape(
+        "a string, a list of strings, a list of token ids or a list of lists of token ids (none of them empty)",
+        text=Text,
+        texts=list[Text],
+        ids=TokenIds,
+        id_lists=list[Annotated[TokenIds, Field(min_length=1)]],
     )
     logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
     echo: bool | None = None
@@ -76,13 +157,13 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system.
+    content: _by_shape("a string or a list of text parts", empty="parts", text=Text, parts=list[TextPart])
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
@@ -97,23 +178,25 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
-def describe(error: ValidationError, body: object) -> tuple[str, str | None]:
-    """An OpenAI-style message and the offending parameter (e.g. 'messages.0.role') for the first problem
-    in `error`, raised while validating `body`."""
+def describe(error: ValidationError, body: object) -> tuple[int, str, str | None]:
+    """HTTP status (400 for text that is not Unicode, else 422), an OpenAI-style message and the offending
+    parameter (e.g. 'messages.0.role') for the first problem in `error`, raised while validating `body`."""
     first = error.errors(include_url=False)[0]
     path, node = [], body
-    for part in first["loc"]:  # Keep the part of the location that exists in the body (drop union-member tags).
+    for part in first["loc"]:  # Keep the parts of the location that exist in the body (not union-member tags).
         if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int):
             path.append(str(part))
             node = node[part] if isinstance(node, dict) or part < len(node) else None
         elif first["type"] in ("extra_forbidden", "missing") and isinstance(node, dict):
             path.append(str(part))
             break
-        else:
-            break
     param = ".".join(path) or None
     if first["type"] == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {param}", param
+        return 422, f"Unrecognized request argument supplied: {param}", param
     if first["type"] == "missing":
-        return f"Missing required parameter: '{param}'.", param
-    return f"Invalid value for '{param}': {first['msg']} (got {first.get('input')!r:.100}).", param
+        return 422, f"Missing required parameter: '{param}'.", param
+    status = 400 if first["type"] in BAD_TEXT_ERRORS else 422
+    shown = repr(first.get("input"))
+    shown = shown if len(shown) <= 100 else shown[:100] + "..."
+    where = f"value for '{param}'" if param else "request body"
+    return status, f"Invalid {where}: {first['msg']} (got {shown}).", param

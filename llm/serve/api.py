@@ -36,15 +36,8 @@ from llm.serve.metrics import RequestMetricsMiddleware, ServeMetrics
 from llm.tokenizer import Tokenizer
 
 CHAT_PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
-ENDPOINTS = (
-    "/",
-    "/health",
-    "/metrics",
-    "/v1/models",
-    "/v1/completions",
-    "/v1/chat/completions",
-    *tokenize_api.ENDPOINTS,
-)
+ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ENDPOINTS += tokenize_api.ENDPOINTS  # vLLM's tokenizer endpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,10 +220,7 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
     app.add_api_route("/v1/chat/completions", server.create_chat_completion, methods=["POST"], dependencies=keyed)
     app.add_api_route("/v1/models", server.list_models, methods=["GET"], dependencies=keyed)
     app.add_api_route("/v1/models/{model_id}", server.get_model, methods=["GET"], dependencies=keyed)
-    tokenizer_routes = tokenize_api.TokenizeAPI(
-        tokenizer, settings.model_name, server.engine.max_cache_len, settings.max_body_bytes
-    )
-    tokenize_api.add_routes(app, tokenizer_routes, keyed)  # vLLM's /tokenize, /detokenize, /tokenizer_info
+    tokenize_api.add_routes(app, tokenizer, settings, server.engine.max_cache_len, keyed)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.prometheus, methods=["GET"])
     app.add_api_route("/", server.chat_page, methods=["GET"], response_class=HTMLResponse)

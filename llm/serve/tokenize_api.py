@@ -19,7 +19,7 @@ outside the vocabulary or a conversation the chat template refuses, 404 for anot
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import pydantic
 from fastapi import FastAPI, Request
@@ -31,6 +31,9 @@ from llm.hf.tokenizer_export import special_token_encoder
 from llm.serve import admission, schemas
 from llm.serve.errors import APIError
 from llm.tokenizer import AnyTokenizer
+
+if TYPE_CHECKING:
+    from llm.serve.api import ServeSettings
 
 ENDPOINTS = ("/tokenizer_info", "/tokenize", "/detokenize")
 
@@ -134,8 +137,11 @@ def _check_ids(tokens: Sequence[int], vocab_size: int) -> None:
             )
 
 
-def add_routes(app: FastAPI, api: TokenizeAPI, dependencies: Sequence[Depends]) -> None:
+def add_routes(
+    app: FastAPI, tokenizer: AnyTokenizer, settings: ServeSettings, max_model_len: int, dependencies: Sequence[Depends]
+) -> None:
     """The endpoints on `app`, behind the same dependencies (API key, rate limit) as the /v1 routes."""
+    api = TokenizeAPI(tokenizer, settings.model_name, max_model_len, settings.max_body_bytes)
     app.add_api_route("/tokenizer_info", api.tokenizer_info, methods=["GET"], dependencies=dependencies)
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"], dependencies=dependencies)
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"], dependencies=dependencies)

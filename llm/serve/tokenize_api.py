@@ -84,10 +84,7 @@ class TokenizeAPI:
         raw = await admission.read_json(request, self.max_body_bytes)
         chat = isinstance(raw, dict) and "messages" in raw
         body = self._validate(TokenizeChatRequest if chat else TokenizeCompletionRequest, raw)
-        if chat:
-            ids = self._render(body)
-        else:
-            ids = self.encode_text(body.prompt)
+        ids = self._render(body) if chat else self.encode_text(body.prompt)
         if body.add_special_tokens:
             ids = [self.tokenizer.bos_id, *ids]
         pieces = [self.tokenizer.piece(token) for token in ids] if body.return_token_strs else None

@@ -54,6 +54,8 @@ EXTRAS_REQUIRE = {
         "transformers==5.24.0",
         "safetensors==0.8.0",
         "peft==0.21.2",  # The reference the LoRA <-> PEFT adapter tests compare with.
+        # lm-evaluation-harness drives runs natively and through the server (its API models need the [api] extra).
+        "lm-eval[api]==0.4.13",
     ],
     "beam": ["apache-beam==2.77.0"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],
@@ -62,6 +64,8 @@ EXTRAS_REQUIRE = {
     "hf": ["datasets>=3"],  # Hugging Face datasets as corpus sources.
     # The Spanish demo dialogues of SFT and DPO (scripts/prepare_sft.py --chatterbot); YAML via ml-collections.
     "finetune": ["chatterbot-corpus==1.3.3"],
+    # lm-evaluation-harness: scripts/lm_eval.py (the model "spanish-llm"), and its API models against the server.
+    "lm_eval": ["lm-eval[api]==0.4.13"],
     # The PyTorch-eager speed baseline (scripts/torch_reference.py) and the dedup benchmark's comparison.
     "bench": ["torch==2.13.0", "datasketch==2.0.0"],
 }

@@ -82,11 +82,15 @@ def render(
     if tokenizer.has_role_tokens:
         return _render_markers(tokenizer, messages, add_generation_prompt)
     if tokenizer.chat_template is None:  # A run imported from Hugging Face: the request, not the server, is wrong.
-        raise ChatFormatError(
-            f"{tokenizer.path} has neither the project's chat-role markers nor a chat template of its own "
-            "(chat_template.jinja or tokenizer_config.json's chat_template): use it for plain text completion."
-        )
+        raise _no_chat_format(tokenizer)
     return _render_jinja(tokenizer, messages, add_generation_prompt)
+
+
+def _no_chat_format(tokenizer: AnyTokenizer) -> ChatFormatError:
+    return ChatFormatError(
+        f"{tokenizer.path} has neither the project's chat-role markers nor a chat template of its own "
+        "(chat_template.jinja or tokenizer_config.json's chat_template): use it for plain text completion."
+    )
 
 
 def _render_markers(
@@ -165,6 +169,44 @@ def stop_token_ids(tokenizer: AnyTokenizer) -> tuple[int, ...]:
             ids, mask = [], []
         end_of_turn = [token for token, kept in zip(ids, mask) if kept and tokenizer.is_special(token)][-1:]
     return tuple(dict.fromkeys([tokenizer.eos_id, *tokenizer.generation_eos_ids, *end_of_turn]))
+
+
+def template_source(tokenizer: AnyTokenizer) -> str | None:
+    """The conversation layout as a Jinja template: the run's own, or JINJA_TEMPLATE for the project's markers
+    (what an exported chat run ships); None for a tokenizer with neither."""
+    if tokenizer.has_role_tokens:
+        return JINJA_TEMPLATE
+    return tokenizer.chat_template
+
+
+def render_text(
+    tokenizer: AnyTokenizer,
+    messages: Sequence[Mapping[str, str]],
+    add_generation_prompt: bool = False,
+    continue_final_message: bool = False,
+) -> str:
+    """A conversation as text, for tools that take prompts as strings (lm-eval's apply_chat_template): read as
+    Hugging Face tokenizers read it (special tokens spelled in it are those tokens), it is `render`'s ids.
+
+    `continue_final_message` ends the text right after the last message's content (transformers' option of the
+    same name), so that a model continues that message instead of starting a new turn. A message that spells a
+    control token ('</s>') reads as that token here, where `render` keeps it as text.
+    """
+    validate_messages(messages)
+    if tokenizer.has_role_tokens:
+        template, tokens = JINJA_TEMPLATE, {"bos_token": tokenizer.piece(tokenizer.bos_id)}
+    elif tokenizer.chat_template is not None:
+        template, tokens = tokenizer.chat_template, tokenizer.template_tokens
+    else:
+        raise _no_chat_format(tokenizer)
+    text, _ = jinja_chat.render(template, messages, add_generation_prompt, tokens)
+    if continue_final_message:
+        final = messages[-1]["content"].strip()
+        end = text.rfind(final) if final else len(text)
+        if end < 0:
+            raise ChatFormatError("The last message's content does not appear in the rendered conversation.")
+        text = text[: end + len(final)]
+    return text
 
 
 def _defused_content_jinja() -> str:

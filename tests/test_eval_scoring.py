@@ -53,6 +53,28 @@ def test_a_shared_few_shot_prefix_is_read_once_and_scores_the_same(model):
         assert score == pytest.approx(_reference(model, context, continuation), abs=1e-4)
 
 
+def _greedy_tokens(model, context, count):
+    tokens = list(context)
+    for _ in range(count):
+        tokens.append(int(np.argmax(np.asarray(forward(model, np.array([tokens]))[0, -1]))))
+    return tokens[len(context) :]
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_greediness_is_whether_every_continuation_token_is_the_argmax(model, shared_prefix):
+    rng = np.random.default_rng(2)
+    prefix = rng.integers(4, 128, 20).tolist()  # >= MIN_SHARED_PREFIX: the rows run on top of its KV cache
+    requests = []
+    for n in (1, 4, 7):
+        context = (prefix if shared_prefix else rng.integers(4, 128, 20).tolist()) + rng.integers(4, 128, n).tolist()
+        greedy = _greedy_tokens(model, context, 3)
+        requests += [(context, greedy), (context, greedy[:2] + [4 + (greedy[2] - 3) % 124])]
+    answers = Scorer(model, batch_size=2).score_tokens_greedy(requests)
+    assert [is_greedy for _, is_greedy in answers] == [True, False] * 3
+    plain = Scorer(model, batch_size=2).score_tokens(requests)
+    np.testing.assert_allclose([score for score, _ in answers], plain, atol=1e-5)
+
+
 def test_bad_requests_get_a_clear_error(model):
     scorer = Scorer(model)
     with pytest.raises(ValueError, match="Request 0: the context is empty"):

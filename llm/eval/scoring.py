@@ -9,6 +9,9 @@ and loses the start of its context (left truncation), as a model reading a long 
 Few-shot prompts repeat the same solved examples in front of every request. When all requests of a call
 share a prefix of at least MIN_SHARED_PREFIX tokens, it is run once into a KV cache and every batch only
 runs its own tokens on top of it: a 3-shot task then costs about what its zero-shot version costs.
+
+`score_tokens_greedy` also says whether each continuation is the model's greedy choice, token by token (lm-eval's
+`is_greedy`); it is a separately compiled variant, so the plain scores pay nothing for it.
 """
 
 from __future__ import annotations
@@ -33,22 +36,26 @@ Loglikelihood = Callable[[Sequence[tuple[str, str]]], list[float]]
 MIN_SHARED_PREFIX = 16  # shorter shared prefixes are not worth a separate pass
 
 
-def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer: Tokenizer, context: str, continuation: str, encode: Callable[[str], list[int]] | None = None
+) -> tuple[list[int], list[int]]:
     """Token ids of (bos + context, continuation), split where the text is split.
 
     Trailing spaces of the context move to the continuation: SentencePiece attaches a space to the word
     after it ('▁Sí'), so "¿verdad?" + " Sí" tokenizes like the running text the model was trained on. The
     continuation's ids are the tail of the encoding of the whole text when the context's encoding is its
-    prefix (the usual case); otherwise the continuation is encoded on its own.
+    prefix (the usual case); otherwise the continuation is encoded on its own. `encode` (default
+    `tokenizer.encode`) turns text into ids: lm-eval's model passes one that reads special tokens spelled in it.
     """
+    encode = encode or tokenizer.encode
     stripped = context.rstrip()
     continuation = context[len(stripped) :] + continuation
-    context_ids = tokenizer.encode(stripped)
-    whole = tokenizer.encode(stripped + continuation)
+    context_ids = encode(stripped)
+    whole = encode(stripped + continuation)
     if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
         continuation_ids = whole[len(context_ids) :]
     else:
-        continuation_ids = tokenizer.encode(continuation)
+        continuation_ids = encode(continuation)
     return [tokenizer.bos_id] + context_ids, continuation_ids
 
 
@@ -61,9 +68,15 @@ class _Row(NamedTuple):
     cut: bool  # the start of the context did not fit
 
 
-def _sum_log_probs(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Per row: sum over masked positions of log p(target), in float32."""
-    return jnp.sum(jnp.where(mask, target_logprobs(logits, targets), 0.0), axis=-1)
+def _sum_log_probs(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array, greedy: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """Per row: sum over masked positions of log p(target), in float32; with `greedy`, also whether every
+    masked target is the most likely token (else None)."""
+    sums = jnp.sum(jnp.where(mask, target_logprobs(logits, targets), 0.0), axis=-1)
+    if not greedy:
+        return sums, None
+    return sums, jnp.all(~mask | (jnp.argmax(logits, axis=-1) == targets), axis=-1)
 
 
 def _score_batch(
@@ -74,8 +87,9 @@ def _score_batch(
     segment_ids: jax.Array,
     targets: jax.Array,
     mask: jax.Array,
-) -> jax.Array:
-    return _sum_log_probs(nnx.merge(graphdef, state)(inputs, positions, segment_ids), targets, mask)
+    greedy: bool,
+) -> tuple[jax.Array, jax.Array | None]:
+    return _sum_log_probs(nnx.merge(graphdef, state)(inputs, positions, segment_ids), targets, mask, greedy)
 
 
 def _prefill(
@@ -96,11 +110,12 @@ def _score_batch_after_prefix(
     segment_ids: jax.Array,
     targets: jax.Array,
     mask: jax.Array,
-) -> jax.Array:
+    greedy: bool,
+) -> tuple[jax.Array, jax.Array | None]:
     """Like _score_batch for rows that continue the cached prefix (every row gets its own copy of it)."""
     cache = prefix.repeat_rows(inputs.shape[0])
     logits, _ = nnx.merge(graphdef, state).decode(inputs, positions, segment_ids, cache)
-    return _sum_log_probs(logits, targets, mask)
+    return _sum_log_probs(logits, targets, mask, greedy)
 
 
 class Scorer:
@@ -113,26 +128,37 @@ class Scorer:
         self.batch_size = batch_size
         self.max_len = context_length(model.cfg)
         self._graphdef, self._state = nnx.split(model)
-        self._forward = jax.jit(_score_batch, static_argnums=0)
+        self._forward = jax.jit(_score_batch, static_argnums=0, static_argnames="greedy")
         self._prefill = jax.jit(_prefill, static_argnums=0)
-        self._forward_after_prefix = jax.jit(_score_batch_after_prefix, static_argnums=0)
+        self._forward_after_prefix = jax.jit(_score_batch_after_prefix, static_argnums=0, static_argnames="greedy")
 
     def score_tokens(self, requests: Sequence[TokenRequest]) -> list[float]:
         """Sum of continuation log-probabilities (nats) of each (context ids, continuation ids) request."""
+        return self._score(requests, greedy=None).tolist()
+
+    def score_tokens_greedy(self, requests: Sequence[TokenRequest]) -> list[tuple[float, bool]]:
+        """(score_tokens' log-likelihood, whether greedy decoding after the context gives the continuation)."""
+        greedy = np.zeros(len(requests), bool)
+        scores = self._score(requests, greedy)
+        return [(float(score), bool(is_greedy)) for score, is_greedy in zip(scores, greedy)]
+
+    def _score(self, requests: Sequence[TokenRequest], greedy: np.ndarray | None) -> np.ndarray:
+        """The requests' scores; with a `greedy` array, writes each request's greediness into it too."""
         rows = [self._row(index, context, continuation) for index, (context, continuation) in enumerate(requests)]
         scores = np.zeros(len(rows), np.float64)
         # Rows whose context was cut no longer start like the others: they run whole.
         intact, whole = [row for row in rows if not row.cut], [row for row in rows if row.cut]
         prefix = _shared_prefix(intact)
         if len(prefix) >= MIN_SHARED_PREFIX:
-            self._score_rows(intact, prefix, scores)
+            self._score_rows(intact, prefix, scores, greedy)
         else:
             whole = rows
-        self._score_rows(whole, [], scores)
-        return scores.tolist()
+        self._score_rows(whole, [], scores, greedy)
+        return scores
 
-    def _score_rows(self, rows: list[_Row], prefix: list[int], scores: np.ndarray) -> None:
-        """Writes the score of each row into scores[index], running the rows on top of `prefix`'s cache."""
+    def _score_rows(self, rows: list[_Row], prefix: list[int], scores: np.ndarray, greedy: np.ndarray | None) -> None:
+        """Writes the score of each row into scores[index] (and its greediness into greedy[index], if given),
+        running the rows on top of `prefix`'s cache."""
         cache = self._read_prefix(prefix) if prefix else None
         # Longest first: each batch pads to its own bucket, and similar lengths share a batch.
         rows = sorted(rows, key=lambda row: -len(row.tokens))
@@ -148,15 +174,18 @@ class Scorer:
                 positions[row, : len(own) - 1] = np.arange(len(prefix), len(tokens) - 1)
                 segment_ids[row, : len(own) - 1] = 1
                 mask[row, len(own) - 1 - num_scored : len(own) - 1] = True
+            arrays = (inputs, positions, segment_ids, targets, mask)
+            with_greedy = greedy is not None
             if cache is None:
-                sums = self._forward(self._graphdef, self._state, inputs, positions, segment_ids, targets, mask)
+                sums, matches = self._forward(self._graphdef, self._state, *arrays, greedy=with_greedy)
             else:
-                sums = self._forward_after_prefix(
-                    self._graphdef, self._state, cache, inputs, positions, segment_ids, targets, mask
+                sums, matches = self._forward_after_prefix(
+                    self._graphdef, self._state, cache, *arrays, greedy=with_greedy
                 )
-            sums = np.asarray(sums)
-            for row, request in enumerate(batch):
-                scores[request.index] = sums[row]
+            indices = [request.index for request in batch]
+            scores[indices] = np.asarray(sums)[: len(batch)]
+            if with_greedy:
+                greedy[indices] = np.asarray(matches)[: len(batch)]
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[float]:
         """Log-likelihood (nats) of each continuation text given its context text (bos is prepended)."""

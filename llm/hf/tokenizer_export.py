@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 
 import ml_collections
 import sentencepiece as spm
@@ -48,7 +49,7 @@ from llm import io
 from llm.hf import importer
 from llm.hf_tokenizer import CONFIG_FILE as TOKENIZER_CONFIG, SPECIAL_TOKENS_FILE as SPECIAL_TOKENS_MAP, TOKENIZER_JSON
 from llm.runs import directory
-from llm.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_PIECES, UNK_ID, Tokenizer
+from llm.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_PIECES, UNK_ID, AnyTokenizer, Tokenizer
 
 SPACE = "\u2581"  # SentencePiece's '▁'
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers prefers it to tokenizer_config.json's chat_template
@@ -173,6 +174,20 @@ def spm_to_tokenizer_json(tokenizer: Tokenizer) -> tokenizers.Tokenizer:
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, BOS_ID)]
     )
     return hf
+
+
+def special_token_encoder(tokenizer: AnyTokenizer) -> Callable[[str], list[int]]:
+    """Token ids of texts (no BOS added) read as Hugging Face tokenizers read them, and so vLLM and lm-eval: a
+    special token spelled in a text ('</s>', '<s>' in front of a rendered chat template) is that token.
+
+    A Hugging Face run's tokenizer reads texts so already. SentencePiece never matches its control pieces in a
+    text, so ours reads them through its export, which otherwise gives `Tokenizer.encode`'s ids (the module
+    docstring lists the exceptions): the ids vLLM would give serving the exported model.
+    """
+    if not isinstance(tokenizer, Tokenizer):
+        return tokenizer.encode
+    exported = spm_to_tokenizer_json(tokenizer)
+    return lambda text: exported.encode(text, add_special_tokens=False).ids
 
 
 def _tokenizer_config(

@@ -219,18 +219,23 @@ class TextStream:
 
 def generate_text(
     run: Run,
-    prompts: list[str],
+    prompts: Sequence[str | Sequence[int]],
     max_new_tokens: int,
     sampling: SamplingParams = SamplingParams(),
     stop_strings: Sequence[str] = (),
     seed: int = 0,
+    stop_token_ids: Sequence[int] | None = None,
 ) -> list[str]:
-    """Completions of text prompts for a loaded run, cut at the first stop string.
+    """Completions of prompts for a loaded run, in one batch, cut at the first stop string.
 
-    Generation ends at the end-of-sequence token, or as soon as every row contains a stop string.
+    A prompt is text (encoded after <s>) or token ids as they are. Generation ends at one of `stop_token_ids`
+    (default: </s>), or as soon as every row contains a stop string.
     """
     tokenizer = run.tokenizer
-    encoded = [tokenizer.encode(prompt, add_bos=True) for prompt in prompts]
+    encoded = [
+        tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt) for prompt in prompts
+    ]
+    stop_ids = (tokenizer.eos_id,) if stop_token_ids is None else tuple(stop_token_ids)
     streams = [TextStream(tokenizer, stop_strings, ids[-1]) for ids in encoded]
 
     def collect(step_tokens: list[int | None]) -> bool:
@@ -239,7 +244,7 @@ def generate_text(
                 stream.ids.append(token)
         return bool(stop_strings) and all(stream.stopped() for stream in streams)
 
-    run_generator(run).generate(encoded, max_new_tokens, sampling, (tokenizer.eos_id,), seed, on_tokens=collect)
+    run_generator(run).generate(encoded, max_new_tokens, sampling, stop_ids, seed, on_tokens=collect)
     return [stream.text() for stream in streams]
 
 

@@ -3,6 +3,7 @@
     POST /v1/completions        text (or token-id) prompts; logprobs, echo, n, stop, seed, stream
     POST /v1/chat/completions   messages through the chat template (llm/chat_template.py); stream
     GET  /v1/models             the one served model (and GET /v1/models/{id} its card)
+    /tokenize, /detokenize, /tokenizer_info   vLLM's tokenizer endpoints (llm/serve/tokenize_api.py)
     GET  /health                200 while the decode loop runs, 503 otherwise
     GET  /metrics               Prometheus text format
     GET  /                      the chat page
@@ -34,7 +35,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from llm.serve import admission, completions, errors, schemas
+from llm.serve import admission, completions, errors, schemas, tokenize_api
 from llm.serve.engine import Engine
 from llm.serve.errors import APIError
 from llm.serve.jobs import Job
@@ -43,6 +44,7 @@ from llm.tokenizer import Tokenizer
 
 CHAT_PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ENDPOINTS += tokenize_api.ENDPOINTS  # vLLM's tokenizer endpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +237,7 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
     app.add_api_route("/v1/chat/completions", server.create_chat_completion, methods=["POST"], dependencies=keyed)
     app.add_api_route("/v1/models", server.list_models, methods=["GET"], dependencies=keyed)
     app.add_api_route("/v1/models/{model_id}", server.get_model, methods=["GET"], dependencies=keyed)
+    tokenize_api.add_routes(app, tokenizer, settings, server.engine.max_cache_len, keyed)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.prometheus, methods=["GET"], dependencies=scraped)
     app.add_api_route("/", server.chat_page, methods=["GET"], response_class=HTMLResponse)

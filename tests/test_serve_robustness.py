@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from tests.test_serve import MODEL, hold_decoding, serving, wait_until
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+TOKENIZE, DETOKENIZE = "/tokenize", "/detokenize"
 HALVES = ["hola \ud800", "\udcff", "a\udfffb"]  # Unpaired surrogates: written by json.dumps as \uXXXX escapes.
 # Bodies of many kinds of wrong, for both endpoints (raw bytes, so anything goes).
 MALFORMED = [
@@ -117,6 +118,14 @@ fuzzed = (
     st.tuples(st.just(COMPLETIONS), _bodies("prompt", {**_plausible, **_completion}).map(json.dumps))
     | st.tuples(st.just(CHAT), _bodies("messages", {**_plausible, **_chat}).map(json.dumps))
     | st.tuples(st.sampled_from([COMPLETIONS, CHAT]), st.binary(max_size=64) | _json.map(json.dumps))
+    | st.tuples(
+        st.just(TOKENIZE),
+        (
+            _bodies("prompt", {"prompt": _text, "add_special_tokens": st.booleans()})
+            | _bodies("messages", {"messages": _chat["messages"], "add_generation_prompt": st.booleans()})
+        ).map(json.dumps),
+    )
+    | st.tuples(st.just(DETOKENIZE), _bodies("tokens", {"tokens": _ids}).map(json.dumps))
 )
 
 
@@ -133,6 +142,8 @@ def assert_well_answered(response):
         assert set(error) == {"message", "type", "param", "code"}
         assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
         assert error["param"] is None or isinstance(error["param"], str)
+    elif response.request.url.path in (TOKENIZE, DETOKENIZE):
+        assert {"tokens", "prompt"} & set(response.json())
     elif not response.headers["content-type"].startswith("text/event-stream"):
         assert response.json()["choices"]
     else:
@@ -151,6 +162,7 @@ def fuzz_client(run):
 @example(request=(CHAT, MALFORMED[8]))
 @example(request=(COMPLETIONS, MALFORMED[-1]))
 @example(request=(CHAT, MALFORMED[-1]))
+@example(request=(TOKENIZE, MALFORMED[8]))
 def test_fuzzed_bodies_never_get_a_server_error(fuzz_client, request):
     assert_well_answered(send(fuzz_client, *request))
 

@@ -5,8 +5,10 @@
     GET  /v1/models             the one served model (and GET /v1/models/{id} its card)
     /tokenize, /detokenize, /tokenizer_info   vLLM's tokenizer endpoints (llm/serve/tokenize_api.py)
     GET  /health                200 while the decode loop runs, 503 otherwise
-    GET  /metrics               Prometheus text format
-    GET  /                      the chat page
+    GET  /tokenizer_info        vLLM's tokenizer description (special tokens, chat template, context length)
+    POST /tokenize, /detokenize vLLM's token endpoints (text or messages <-> ids), which lm-eval's API models use
+    GET  /metrics               Prometheus text format (needs a key when the server has keys, unless public)
+    GET  /                      the chat page (its script and icon under /static, and /favicon.ico)
 
 Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 malformed JSON (bad
 syntax, nesting deeper than 32, text with an unpaired surrogate) or a request that cannot be served (context
@@ -30,7 +32,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 
-import pydantic
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -43,8 +44,17 @@ from llm.serve.metrics import RequestMetricsMiddleware, ServeMetrics
 from llm.tokenizer import Tokenizer
 
 CHAT_PAGE = os.path.join(os.path.dirname(__file__), "static", "chat.html")
-ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
-ENDPOINTS += tokenize_api.ENDPOINTS  # vLLM's tokenizer endpoints
+ENDPOINTS = (
+    "/",
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/static/chat.js",
+    "/favicon.ico",
+    *tokenize_api.ENDPOINTS,  # vLLM's tokenizer endpoints
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,18 +189,7 @@ class Server:
     ) -> completions.Plan:
         """The request's body checked (400, 413, 422; 404 for another model) and turned into engine requests."""
         raw = await admission.read_json(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
-        try:
-            body = schema.model_validate(raw)
-        except pydantic.ValidationError as error:
-            status, message, param = schemas.describe(error, raw)
-            raise APIError(status, message, param=param) from None
-        if body.model != self.settings.model_name:
-            raise APIError(
-                404,
-                f"The model '{body.model}' does not exist; this server serves '{self.settings.model_name}'.",
-                param="model",
-                code="model_not_found",
-            )
+        body = schemas.parse(schema, raw, self.settings.model_name)
         try:
             return plan_request(body, self.tokenizer, self.limits)
         except completions.RequestError as error:

@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from llm.serve.errors import APIError
+
 MAX_STOP_STRINGS = 64  # OpenAI allows 4; lm-eval's tasks send 5 plus EOS, and vLLM has no small limit.
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions; chat's top_logprobs goes to 20.
 # Errors of these types are a body that is not proper text (400, like invalid JSON), not a schema mismatch (422).
@@ -89,15 +91,17 @@ def _by_shape(expected: str, empty: str | None = None, **members: Any) -> Any:
     ]
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """A request body: unknown fields and wrong types are errors (no coercion)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False  # A last chunk (with empty choices) carries the token usage.
 
 
-class _Sampling(_Strict):
+class _Sampling(Strict):
     model: Text
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
@@ -155,12 +159,12 @@ class CompletionRequest(_Sampling):
     echo: bool | None = None
 
 
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: Text
 
 
-class ChatMessage(_Strict):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system.
     content: _by_shape("a string or a list of text parts", empty="parts", text=Text, parts=list[TextPart])
     name: Text | None = None
@@ -200,3 +204,21 @@ def describe(error: ValidationError, body: object) -> tuple[int, str, str | None
     shown = shown if len(shown) <= 100 else shown[:100] + "..."
     where = f"value for '{param}'" if param else "request body"
     return status, f"Invalid {where}: {first['msg']} (got {shown}).", param
+
+
+def parse(schema: type[Strict], raw: object, model_name: str) -> Strict:
+    """`raw` validated as `schema` (400 or 422 naming the field, see `describe`) and addressed to the served
+    model `model_name` (404 for another; a body that may leave out `model` means this one)."""
+    try:
+        body = schema.model_validate(raw)
+    except ValidationError as error:
+        status, message, param = describe(error, raw)
+        raise APIError(status, message, param=param) from None
+    if body.model is not None and body.model != model_name:
+        raise APIError(
+            404,
+            f"The model '{body.model}' does not exist; this server serves '{model_name}'.",
+            param="model",
+            code="model_not_found",
+        )
+    return body

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
-import pydantic
 from fastapi import FastAPI, Request
 from fastapi.params import Depends
 from pydantic import Field
@@ -38,15 +37,15 @@ if TYPE_CHECKING:
 ENDPOINTS = ("/tokenizer_info", "/tokenize", "/detokenize")
 
 
-class TokenizeCompletionRequest(schemas._Strict):
-    model: str | None = None
-    prompt: str
+class TokenizeCompletionRequest(schemas.Strict):
+    model: schemas.Text | None = None
+    prompt: schemas.Text
     add_special_tokens: bool = True  # The BOS in front, as a text prompt of /v1/completions gets it.
     return_token_strs: bool = False  # Also the vocabulary piece of each id.
 
 
-class TokenizeChatRequest(schemas._Strict):
-    model: str | None = None
+class TokenizeChatRequest(schemas.Strict):
+    model: schemas.Text | None = None
     messages: Annotated[list[schemas.ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool = True  # End where the assistant's answer starts.
     continue_final_message: bool = False  # End inside the last message, for the model to continue it.
@@ -54,17 +53,16 @@ class TokenizeChatRequest(schemas._Strict):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(schemas._Strict):
-    model: str | None = None
+class DetokenizeRequest(schemas.Strict):
+    model: schemas.Text | None = None
     tokens: list[int]
 
 
 class TokenizeAPI:
     """The three endpoints for one served tokenizer."""
 
-    def __init__(self, tokenizer: AnyTokenizer, model_name: str, max_model_len: int, max_body_bytes: int):
-        self.tokenizer, self.model_name = tokenizer, model_name
-        self.max_model_len, self.max_body_bytes = max_model_len, max_body_bytes
+    def __init__(self, tokenizer: AnyTokenizer, settings: ServeSettings, max_model_len: int):
+        self.tokenizer, self.settings, self.max_model_len = tokenizer, settings, max_model_len
         self.encode_text = special_token_encoder(tokenizer)
 
     async def tokenizer_info(self) -> dict:
@@ -81,9 +79,9 @@ class TokenizeAPI:
         }
 
     async def tokenize(self, request: Request) -> dict:
-        raw = await admission.read_json(request, self.max_body_bytes)
+        raw = await self._read(request)
         chat = isinstance(raw, dict) and "messages" in raw
-        body = self._validate(TokenizeChatRequest if chat else TokenizeCompletionRequest, raw)
+        body = schemas.parse(TokenizeChatRequest if chat else TokenizeCompletionRequest, raw, self.settings.model_name)
         ids = self._render(body) if chat else self.encode_text(body.prompt)
         if body.add_special_tokens:
             ids = [self.tokenizer.bos_id, *ids]
@@ -91,24 +89,12 @@ class TokenizeAPI:
         return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": pieces}
 
     async def detokenize(self, request: Request) -> dict:
-        body = self._validate(DetokenizeRequest, await admission.read_json(request, self.max_body_bytes))
+        body = schemas.parse(DetokenizeRequest, await self._read(request), self.settings.model_name)
         _check_ids(body.tokens, self.tokenizer.vocab_size)
         return {"prompt": self.tokenizer.decode(body.tokens)}
 
-    def _validate(self, schema: type[schemas._Strict], raw: object) -> schemas._Strict:
-        try:
-            body = schema.model_validate(raw)
-        except pydantic.ValidationError as error:
-            message, param = schemas.describe(error, raw)
-            raise APIError(422, message, param=param) from None
-        if body.model is not None and body.model != self.model_name:
-            raise APIError(
-                404,
-                f"The model '{body.model}' does not exist; this server serves '{self.model_name}'.",
-                param="model",
-                code="model_not_found",
-            )
-        return body
+    async def _read(self, request: Request) -> dict:
+        return await admission.read_json(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
 
     def _render(self, body: TokenizeChatRequest) -> list[int]:
         if body.add_generation_prompt and body.continue_final_message:
@@ -138,7 +124,7 @@ def add_routes(
     app: FastAPI, tokenizer: AnyTokenizer, settings: ServeSettings, max_model_len: int, dependencies: Sequence[Depends]
 ) -> None:
     """The endpoints on `app`, behind the same dependencies (API key, rate limit) as the /v1 routes."""
-    api = TokenizeAPI(tokenizer, settings.model_name, max_model_len, settings.max_body_bytes)
+    api = TokenizeAPI(tokenizer, settings, max_model_len)
     app.add_api_route("/tokenizer_info", api.tokenizer_info, methods=["GET"], dependencies=dependencies)
     app.add_api_route("/tokenize", api.tokenize, methods=["POST"], dependencies=dependencies)
     app.add_api_route("/detokenize", api.detokenize, methods=["POST"], dependencies=dependencies)

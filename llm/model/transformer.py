@@ -238,7 +238,7 @@ class Transformer(nnx.Module):
             graphdef: nnx.GraphDef,
             params: nnx.State,
             x: jax.Array,
-            layer: jax.Array,
+            layer: int | jax.Array,
             layer_cache: LayerCache | None,
         ) -> tuple[jax.Array, LayerCache | None]:
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
@@ -248,12 +248,12 @@ class Transformer(nnx.Module):
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat_policy], static_argnums=(0,))
 
         def run_layer(
-            graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, cache: KVCache | None, layer: jax.Array
+            graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, cache: KVCache | None, layer: int | jax.Array
         ) -> tuple[jax.Array, KVCache | None]:
             if cache is None:
                 return apply(graphdef, params, x, layer, None)
             x, layer_cache = apply(graphdef, params, x, layer, cache.layer(layer))
-            return x, cache.with_layer(layer, layer_cache)
+            return x, cache.with_layer(layer_cache)
 
         if self.cfg.scan_layers:
             # The cache rides in the carry, each layer updating its slice in place; scanned over as inputs and
@@ -267,7 +267,7 @@ class Transformer(nnx.Module):
             (x, cache), _ = jax.lax.scan(body, (x, cache), (jnp.arange(self.cfg.num_layers), params))
         else:
             for layer, block in enumerate(self.blocks):
-                x, cache = run_layer(*nnx.split(block), x, cache, jnp.asarray(layer))
+                x, cache = run_layer(*nnx.split(block), x, cache, layer)
         return x, cache
 
 

@@ -61,8 +61,9 @@ EXTRAS_REQUIRE = {
     "hf": ["datasets>=3"],  # Hugging Face datasets as corpus sources.
     # The Spanish demo dialogues of SFT and DPO (scripts/prepare_sft.py --chatterbot); YAML via ml-collections.
     "finetune": ["chatterbot-corpus==1.3.3"],
-    # The PyTorch-eager speed baseline (scripts/torch_reference.py) and the dedup benchmark's comparison.
-    "bench": ["torch==2.13.0", "datasketch==2.0.0"],
+    # The PyTorch-eager speed baseline (scripts/torch_reference.py), the dedup benchmark's comparison, and the
+    # decode benchmark's (`decode --compare=transformers`: a random Llama written with safetensors' torch API).
+    "bench": ["torch==2.13.0", "datasketch==2.0.0", "transformers==5.24.0", "safetensors==0.8.0"],
 }
 
 setup(

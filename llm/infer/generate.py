@@ -44,13 +44,16 @@ def _prefill(
     sampling: SamplingParams,
 ):
     model = nnx.merge(graphdef, params)
-    logits, cache = model.decode(tokens, positions, segment_ids, cache)
+    hidden, cache = model.decode_features(tokens, positions, segment_ids, cache)
+    # Only the last position's logits are used (prompts are left-padded): projecting every position cost more
+    # than the rest of the prefill of a small model.
+    logits = model.logits(hidden[:, -1:])[:, 0]
     vocab = logits.shape[-1]
     seen = (
         jnp.zeros((tokens.shape[0], vocab), bool).at[jnp.arange(tokens.shape[0])[:, None], tokens].set(segment_ids > 0)
     )
-    next_tokens = sample(logits[:, -1], key, sampling, seen)
-    return next_tokens, logits[:, -1], cache, seen
+    next_tokens = sample(logits, key, sampling, seen)
+    return next_tokens, logits, cache, seen
 
 
 def _decode_step(

@@ -147,8 +147,16 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Logits for `tokens` written at `cache.index` (a whole prompt, or one token per row), and the cache
         with their keys and values added. Earlier positions are attended to through the cache."""
+        hidden, cache = self.decode_features(tokens, positions, segment_ids, cache)
+        return self.logits(hidden), cache
+
+    def decode_features(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """`decode`'s final hidden states (batch, length, embed), before the output projection: a caller that
+        needs the logits of a few positions (a prompt's last) projects only those."""
         hidden, cache = self._forward(tokens, positions, segment_ids, None, cache.with_segments(segment_ids))
-        return self.logits(hidden), cache.advance(tokens.shape[1])
+        return hidden, cache.advance(tokens.shape[1])
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache with room for `max_len` tokens per row. With a soft prompt, the cache is longer by

@@ -101,8 +101,11 @@ def test_greedy_picks_argmaxs_token_and_row_sampling_skips_what_no_row_asks_for(
     mixed = [sampling_lib.SamplingParams(), sampling_lib.SamplingParams(temperature=2.0, top_k=1)] * 2
     mixed += [sampling_lib.SamplingParams(temperature=2.0, top_p=1e-6), sampling_lib.SamplingParams(temperature=2.0)]
     untied = jax.random.normal(jax.random.key(2), (6, 50))
-    drawn = sampling_lib.sample_rows(untied, keys, sampling_lib.RowSampling.stack(mixed), seen)
-    np.testing.assert_array_equal(drawn[:5], jnp.argmax(untied[:5], axis=-1))
+    rows = sampling_lib.RowSampling.stack(mixed)
+    draws = [sampling_lib.sample_rows(untied, jax.random.split(jax.random.key(i), 6), rows, seen) for i in range(8)]
+    for drawn in draws:
+        np.testing.assert_array_equal(drawn[:5], jnp.argmax(untied[:5], axis=-1))
+    assert len({int(drawn[5]) for drawn in draws}) > 1  # The unfiltered row does sample.
 
 
 def test_rows_at_different_cache_positions_decode_independently(model):

@@ -66,8 +66,9 @@ EXTRAS_REQUIRE = {
     "finetune": ["chatterbot-corpus==1.3.3"],
     # lm-evaluation-harness: scripts/lm_eval.py (the model "spanish-llm"), and its API models against the server.
     "lm_eval": ["lm-eval[api]==0.4.13"],
-    # The PyTorch-eager speed baseline (scripts/torch_reference.py) and the dedup benchmark's comparison.
-    "bench": ["torch==2.13.0", "datasketch==2.0.0"],
+    # The PyTorch-eager speed baseline (scripts/torch_reference.py), the dedup benchmark's comparison, and the
+    # decode benchmark's (`decode --compare=transformers`: a random Llama written with safetensors' torch API).
+    "bench": ["torch==2.13.0", "datasketch==2.0.0", "transformers==5.24.0", "safetensors==0.8.0"],
 }
 
 setup(

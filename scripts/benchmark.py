@@ -1,17 +1,18 @@
 """Benchmarks that print figures (never timed unit tests).
 
     python scripts/benchmark.py train --config=configs/tiny_es.py [--steps=10] [--json_out=F]
-    python scripts/benchmark.py decode (--workdir=DIR | --config=C) [--batch_sizes=1,8,64] [--json_out=F]
+    python scripts/benchmark.py decode (--workdir=DIR | --config=C | --model_dir=HF_DIR) [--compare=transformers]
+        [--batch_sizes=1,8,64] [--json_out=F]
     python scripts/benchmark.py data [--data_config=configs/data/es_default.py] [--stage_docs=5000] [--json_out=F]
     python scripts/benchmark.py tokenizer --tokenizer=DIR/tokenizer.model [--json_out=F]
     python scripts/benchmark.py serve (--workdir=DIR | --url=URL) [--num_requests=64 --concurrency=8]
         [--mix=good:0.8,malformed:0.1,abandoned:0.1] [--api_key=KEY]
     python scripts/benchmark.py import_hf [--model_dir=HF_DIR] [--dtype=bfloat16] [--json_out=F]
-    python scripts/benchmark.py decode_hf [--model_dir=HF_DIR] [--batch_sizes=1,8] [--new_tokens=128]
 
 `import_hf` imports a Hugging Face checkpoint (default: a synthetic 1.24B Llama, Llama-3.2-1B-shaped) and reports
-peak host memory against the checkpoint's size; `decode_hf` imports one (default: a synthetic 120M Llama) and
-times greedy generation against transformers' `generate` on the same weights (needs the test extra).
+peak host memory against the checkpoint's size. `decode --compare=transformers` times greedy generation of the
+same weights with transformers' `generate` too (needs the [bench] extra): a Hugging Face checkpoint
+(`--model_dir`, else a random Llama of `--config`'s shape) is imported, and both libraries generate from it.
 
 `serve --mix` is a load mode: it mixes good requests (streamed completions and non-streamed chat answers) with
 malformed ones (bad JSON, deep nesting, wrong types, unknown model, too long, lone surrogate, oversized body, not an
@@ -30,7 +31,7 @@ from ml_collections import config_flags
 
 from llm.train import benchmark as train_benchmark
 
-SUBCOMMANDS = ("train", "decode", "data", "tokenizer", "serve", "import_hf", "decode_hf")
+SUBCOMMANDS = ("train", "decode", "data", "tokenizer", "serve", "import_hf")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_es.py", "Model/training config (train).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train).", lower_bound=1)
@@ -38,8 +39,10 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first, the first comp
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained run to benchmark (decode); else --config's shape.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Decode batch sizes (decode).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens (decode).", lower_bound=1)
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Decode steps timed (decode; decode_hf: 128).", lower_bound=4)
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Hugging Face checkpoint (import_hf, decode_hf); else synthetic.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Decode steps timed (decode).", lower_bound=4)
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Hugging Face checkpoint (import_hf, decode); else synthetic.")
+_COMPARE = flags.DEFINE_enum("compare", None, ["transformers"], "Also time this library on the same weights (decode).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timings per figure of --compare, the median reported.", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Dtype of the imported run (import_hf).")
 _URL = flags.DEFINE_string("url", None, "A running server to load (serve); else one is started for --workdir.")
 _NUM_REQUESTS = flags.DEFINE_integer("num_requests", 64, "Requests sent (serve).", lower_bound=1)
@@ -82,31 +85,43 @@ def _decode() -> dict:
     from llm.runs import loading
 
     batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+    if not (_COMPARE.value or _MODEL_DIR.value):
+        model = loading.load_model(_WORKDIR.value)[0] if _WORKDIR.value else create_model(_CONFIG.value)
+        return decode_benchmark.benchmark_decode(model, batch_sizes, _PROMPT_LEN.value, _NEW_TOKENS.value)
     if _WORKDIR.value:
-        model = loading.load_model(_WORKDIR.value)[0]
-    else:
-        model = create_model(_CONFIG.value)
-    return decode_benchmark.benchmark_decode(model, batch_sizes, _PROMPT_LEN.value, _NEW_TOKENS.value)
+        raise app.UsageError(
+            "decode --compare and --model_dir time a Hugging Face checkpoint: export the run with "
+            "scripts/export_hf.py and pass that folder as --model_dir."
+        )
+    return _decode_hugging_face(batch_sizes)
 
 
-def _decode_hf() -> dict:
+def _decode_hugging_face(batch_sizes: list[int]) -> dict:
+    """The decode figures of an imported checkpoint (--model_dir, else a random Llama of --config's shape), with
+    transformers' on the same weights beside ours per batch size when --compare asks."""
     import tempfile
 
     from llm.hf import benchmark as hf_benchmark, importer
-    from llm.infer import transformers_bench
+    from llm.infer import benchmark as decode_benchmark, transformers_bench
+    from llm.runs import loading
 
-    batch_sizes = [int(b) for b in _BATCH_SIZES.value] if _BATCH_SIZES.present else [1, 8]
-    new_tokens = _NEW_TOKENS.value if _NEW_TOKENS.present else 128
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = _MODEL_DIR.value
         if model_dir is None:
             model_dir = os.path.join(scratch, "synthetic_llama")
             os.makedirs(model_dir)
-            hf_benchmark.write_synthetic_llama(model_dir, hf_benchmark.LLAMA_120M, num_shards=1)
+            hf_benchmark.write_synthetic_llama(model_dir, hf_benchmark.llama_sizes(_CONFIG.value), num_shards=1)
         run_dir = importer.import_hf(model_dir, os.path.join(scratch, "run"), "float32")
-        return transformers_bench.benchmark_against_transformers(
-            run_dir, model_dir, batch_sizes, _PROMPT_LEN.value if _PROMPT_LEN.present else 32, new_tokens
-        )
+        model = loading.load_model(run_dir)[0]
+        result = decode_benchmark.benchmark_decode(model, batch_sizes, _PROMPT_LEN.value, _NEW_TOKENS.value)
+        if _COMPARE.value == "transformers":
+            peer = transformers_bench.benchmark_against_transformers(
+                run_dir, model_dir, batch_sizes, result["prompt_len"], _NEW_TOKENS.value, _REPEATS.value
+            )
+            result["transformers"] = {key: peer.pop(key) for key in ("repeats", "torch_threads")}
+            for batch in batch_sizes:
+                result[f"batch_{batch}"]["vs_transformers"] = peer[f"batch_{batch}"]
+    return result
 
 
 def main(argv: list[str]) -> None:
@@ -120,8 +135,6 @@ def main(argv: list[str]) -> None:
         from llm.hf import benchmark as hf_benchmark
 
         result = {**train_benchmark.machine(), **hf_benchmark.benchmark_import(_MODEL_DIR.value, _DTYPE.value)}
-    elif argv[1] == "decode_hf":
-        result = {"benchmark": "decode_hf", **train_benchmark.machine(), **_decode_hf()}
     elif argv[1] == "tokenizer":
         if not _TOKENIZER.value:
             raise app.UsageError("benchmark.py tokenizer needs --tokenizer=PATH/tokenizer.model (or tokenizer.json).")

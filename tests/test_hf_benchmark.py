@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import tiny_config
 from safetensors.numpy import save_file
 
 from llm.hf import benchmark, importer, safetensors_files
 from llm.infer import transformers_bench
+from llm.runs import loading
 
 TINY = dict(
     benchmark.LLAMA_1B,
@@ -77,3 +79,18 @@ def test_decode_comparison_generates_transformers_tokens_and_reports_the_ratio(s
         assert figures["speedup"] == pytest.approx(
             figures["ours_tokens_per_sec"] / figures["transformers_tokens_per_sec"]
         )
+        assert figures["decode_speedup"] == pytest.approx(
+            figures["ours_decode_tokens_per_sec"] / figures["transformers_decode_tokens_per_sec"]
+        )
+        assert figures["ours_decode_tokens_per_sec"] > 0 and figures["transformers_decode_tokens_per_sec"] > 0
+
+
+def test_the_comparisons_llama_has_the_shape_of_the_config(tmp_path):
+    config = tiny_config()
+    (tmp_path / "hf").mkdir()
+    benchmark.write_synthetic_llama(str(tmp_path / "hf"), benchmark.llama_sizes(config), num_shards=1)
+    imported = loading.load_model(importer.import_hf(str(tmp_path / "hf"), str(tmp_path / "run")))[1].model
+    for key in ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp_dim", "tie_embeddings"):
+        assert imported[key] == config.model[key], key
+    with pytest.raises(ValueError, match="Llama-shaped"):
+        benchmark.llama_sizes(tiny_config(model__qkv_bias=True))  # A Qwen2.

@@ -91,6 +91,23 @@ def test_sampling_filters_keep_the_right_tokens():
         sampling_lib.SamplingParams(top_p=0.0)
 
 
+def test_greedy_picks_argmaxs_token_and_row_sampling_skips_what_no_row_asks_for():
+    logits = jax.random.normal(jax.random.key(0), (6, 50)).at[:, 7].set(9.0).at[::2, 3].set(9.0)  # Ties at 3, 7.
+    np.testing.assert_array_equal(sampling_lib.greedy(logits), jnp.argmax(logits, axis=-1))
+    seen, keys = jnp.zeros((6, 50), bool), jax.random.split(jax.random.key(1), 6)
+    greedy_rows = sampling_lib.RowSampling.stack([sampling_lib.SamplingParams()] * 6)
+    np.testing.assert_array_equal(sampling_lib.sample_rows(logits, keys, greedy_rows, seen), jnp.argmax(logits, -1))
+    # Rows that sample, filtered to their single most likely token, beside greedy rows: every row's argmax.
+    mixed = [sampling_lib.SamplingParams(), sampling_lib.SamplingParams(temperature=2.0, top_k=1)] * 2
+    mixed += [sampling_lib.SamplingParams(temperature=2.0, top_p=1e-6), sampling_lib.SamplingParams(temperature=2.0)]
+    untied = jax.random.normal(jax.random.key(2), (6, 50))
+    rows = sampling_lib.RowSampling.stack(mixed)
+    draws = [sampling_lib.sample_rows(untied, jax.random.split(jax.random.key(i), 6), rows, seen) for i in range(8)]
+    for drawn in draws:
+        np.testing.assert_array_equal(drawn[:5], jnp.argmax(untied[:5], axis=-1))
+    assert len({int(drawn[5]) for drawn in draws}) > 1  # The unfiltered row does sample.
+
+
 def test_rows_at_different_cache_positions_decode_independently(model):
     long, short = [7, 21, 3, 99, 45, 8], [60, 12, 5, 31]
     full_long, full_short = forward(model, jnp.array([long])), forward(model, jnp.array([short]))

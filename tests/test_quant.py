@@ -129,7 +129,8 @@ def test_int8_kv_cache_decodes_close_to_the_float_cache(run, text_tokens):
     # The quantized model decodes through its cache exactly as it runs a whole sequence.
     np.testing.assert_allclose(reference, forward(with_float_cache, tokens), atol=1e-5)
     logits, int8_cache = _decode_logits(with_int8_cache, tokens, prompt_len=12)
-    assert int8_cache.keys.dtype == jnp.int8 and int8_cache.key_scales.shape == int8_cache.keys.shape[:-1] + (1,)
+    keys, key_scales = int8_cache.keys[0], int8_cache.key_scales[0]  # Layer 0's.
+    assert keys.dtype == jnp.int8 and key_scales.shape == keys.shape[:-1] + (1,)
     assert float_cache.key_scales is None
     assert np.abs(logits - reference).max() <= 0.01 * np.abs(reference).max()
     assert (logits.argmax(-1) == reference.argmax(-1)).mean() >= 0.97

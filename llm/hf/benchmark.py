@@ -6,7 +6,9 @@ memory-mapped files must keep it near 1x (the placed parameters) rather than 2x 
 The time is set beside the time to read the same files once, the floor any import has to pay.
 
 Without a model directory, a synthetic Llama-shaped checkpoint of the Llama-3.2-1B shape (1.24B parameters,
-bfloat16, two shards) is written first with `safetensors` (it needs torch, from the test extra).
+bfloat16, two shards) is written first with `safetensors` (it needs torch, from the test extra). The decode
+comparison with transformers (scripts/benchmark.py decode --compare) writes one shaped like a run config's model
+(`llama_sizes`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import tempfile
 import time
 from typing import Any
 
-from llm.hf import safetensors_files
+import ml_collections
+
+from llm.hf import exporter, safetensors_files
 
 # Llama 3.2 1B: 16 layers, 2048 wide, 32 query and 8 key/value heads, SwiGLU 8192, 128K vocabulary, tied.
 LLAMA_1B = dict(
@@ -35,32 +39,32 @@ LLAMA_1B = dict(
     rope_theta=500000.0,
     tie_word_embeddings=True,
 )
-# The default model of the decode comparison with transformers: 8 layers, 1024 wide, 120M parameters.
-LLAMA_120M = dict(
-    LLAMA_1B,
-    vocab_size=32000,
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=8,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-)
 READ_CHUNK = 64 << 20
+
+
+def llama_sizes(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config.json sizes of a Llama checkpoint shaped like this run config's model (the decode comparison's
+    default model); a model that does not export as a Llama is refused, naming why."""
+    arch = exporter.architecture(config)
+    if arch.model_type != "llama":
+        raise exporter.UnsupportedRun(f"The decode comparison needs a Llama-shaped model, not a {arch.name}.")
+    model = config.model
+    return {"vocab_size": model.vocab_size, **arch.config_keys(model), "tie_word_embeddings": model.tie_embeddings}
 
 
 def llama_tensor_shapes(sizes: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """The safetensors names and shapes of a Llama checkpoint of these sizes, as transformers saves it."""
     hidden, inner, vocab = sizes["hidden_size"], sizes["intermediate_size"], sizes["vocab_size"]
-    head_dim = hidden // sizes["num_attention_heads"]
-    kv = sizes["num_key_value_heads"] * head_dim
+    head_dim = sizes.get("head_dim") or hidden // sizes["num_attention_heads"]
+    queries, kv = sizes["num_attention_heads"] * head_dim, sizes["num_key_value_heads"] * head_dim
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     for i in range(sizes["num_hidden_layers"]):
         prefix = f"model.layers.{i}."
         shapes |= {
-            prefix + "self_attn.q_proj.weight": (hidden, hidden),
+            prefix + "self_attn.q_proj.weight": (queries, hidden),
             prefix + "self_attn.k_proj.weight": (kv, hidden),
             prefix + "self_attn.v_proj.weight": (kv, hidden),
-            prefix + "self_attn.o_proj.weight": (hidden, hidden),
+            prefix + "self_attn.o_proj.weight": (hidden, queries),
             prefix + "mlp.gate_proj.weight": (inner, hidden),
             prefix + "mlp.up_proj.weight": (inner, hidden),
             prefix + "mlp.down_proj.weight": (hidden, inner),

@@ -65,7 +65,7 @@ def benchmark_decode(
 
         def prefill():
             cache = new_cache(graphdef, params, batch, cache_len)
-            return generate._prefill(graphdef, params, prompts, positions, segments, cache, key, greedy)
+            return generator.prefill(params, prompts, positions, segments, cache, key, greedy)
 
         jax.block_until_ready(prefill())  # Compile.
         start = time.perf_counter()
@@ -74,8 +74,7 @@ def benchmark_decode(
 
         def decode_steps(next_tokens, cache, seen, count, host_round_trip):
             for step in range(count):
-                next_tokens, _, cache, seen = generate._decode_step(
-                    graphdef,
+                next_tokens, _, cache, seen = generator.decode_step(
                     params,
                     next_tokens,
                     jnp.full((batch,), prompt_len + step, jnp.int32),

@@ -33,7 +33,6 @@ def bucket(n: int, cap: int | None = None, minimum: int = MIN_BUCKET) -> int:
     return min(size, cap) if cap else size
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
 def _prefill(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -45,16 +44,18 @@ def _prefill(
     sampling: SamplingParams,
 ):
     model = nnx.merge(graphdef, params)
-    logits, cache = model.decode(tokens, positions, segment_ids, cache)
+    hidden, cache = model.decode_features(tokens, positions, segment_ids, cache)
+    # Only the last position's logits are used (prompts are left-padded): projecting every position cost more
+    # than the rest of the prefill of a small model.
+    logits = model.logits(hidden[:, -1:])[:, 0]
     vocab = logits.shape[-1]
     seen = (
         jnp.zeros((tokens.shape[0], vocab), bool).at[jnp.arange(tokens.shape[0])[:, None], tokens].set(segment_ids > 0)
     )
-    next_tokens = sample(logits[:, -1], key, sampling, seen)
-    return next_tokens, logits[:, -1], cache, seen
+    next_tokens = sample(logits, key, sampling, seen)
+    return next_tokens, logits, cache, seen
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache", "seen"))
 def _decode_step(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -72,6 +73,18 @@ def _decode_step(
     return next_tokens, logits[:, -1], cache, seen
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_steps(graphdef: nnx.GraphDef) -> tuple[Callable, Callable]:
+    """The jitted prefill and decode step of one graphdef (`sampling` static; the cache, and the record of seen
+    tokens, donated). The graphdef is bound here rather than passed as a static argument, which jit hashed on
+    every call: a fifth of a small model's decoding step."""
+    prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("sampling",), donate_argnames=("cache",))
+    decode_step = jax.jit(
+        functools.partial(_decode_step, graphdef), static_argnames=("sampling",), donate_argnames=("cache", "seen")
+    )
+    return prefill, decode_step
+
+
 class Generator:
     """Generates token ids for batches of prompts with one model."""
 
@@ -81,6 +94,10 @@ class Generator:
         # Serve in the compute dtype: decoding reads every weight per token, so bfloat16 halves its cost.
         compute = jnp.dtype(self.cfg.dtype)
         self.params = jax.tree.map(lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        # prefill(params, tokens, positions, segment_ids, cache, key, sampling) and
+        # decode_step(params, tokens, positions, cache, seen, key, sampling) -> (next tokens, last logits, cache,
+        # seen), jitted for this graphdef.
+        self.prefill, self.decode_step = _jitted_steps(self.graphdef)
 
     def generate(
         self,
@@ -130,8 +147,8 @@ class Generator:
 
         key = jax.random.key(seed)
         cache = new_cache(self.graphdef, self.params, batch, cache_len)
-        next_tokens, _, cache, seen = _prefill(
-            self.graphdef, self.params, tokens, positions, segment_ids, cache, jax.random.fold_in(key, 0), sampling
+        next_tokens, _, cache, seen = self.prefill(
+            self.params, tokens, positions, segment_ids, cache, jax.random.fold_in(key, 0), sampling
         )
         outputs: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
@@ -149,8 +166,7 @@ class Generator:
                     streamed.append(token)
             if (on_tokens is not None and on_tokens(streamed)) or all(finished) or step == max_new_tokens - 1:
                 break
-            next_tokens, _, cache, seen = _decode_step(
-                self.graphdef,
+            next_tokens, _, cache, seen = self.decode_step(
                 self.params,
                 next_tokens,
                 jnp.asarray(next_positions + step),

@@ -1,10 +1,12 @@
 """Greedy generation speed of an imported run against `transformers` `generate` on the same weights.
 
 Both sides generate exactly `new_tokens` tokens after the same random prompts (no early stop), after one
-untimed warm-up call each (our compilation, torch's first-call set-up), on the same machine in float32. The
-figure is end to end, prefill included, as a user of either library sees it: tokens generated per second of
-`generate`. The share of rows whose tokens agree is reported too: greedy decoding of the same weights must
-give the same tokens, so a speed-up bought with a different computation would show.
+untimed warm-up call each (our compilation, torch's first-call set-up), on the same machine in float32. Two
+figures per side, each the median of `repeats` timings: end to end, prefill included, as a user of either
+library sees it (tokens generated per second of `generate`), and decoding alone: the `new_tokens - 1` tokens
+after the first, per second of the time `generate` takes beyond a call for one token (prefill and first
+token). The share of rows whose tokens agree is reported too: greedy decoding of the same weights must give
+the same tokens, so a speed-up bought with a different computation would show.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from llm.infer import generate
 from llm.runs import loading
 
 
-def _timed(fn) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
+def _median_time(fn, repeats: int) -> tuple[Any, float]:
+    """The result of fn() and the median of `repeats` timings of it."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, float(np.median(times))
 
 
 def benchmark_against_transformers(
@@ -31,9 +37,12 @@ def benchmark_against_transformers(
     batch_sizes: Sequence[int] = (1, 8),
     prompt_len: int = 32,
     new_tokens: int = 128,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """Tokens/s of our generator on `run_dir` and of transformers on `hf_dir` (the checkpoint it was imported
-    from), per batch size, and their ratio (ours / transformers)."""
+    from), end to end and decoding alone, per batch size, and their ratios (ours / transformers)."""
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens must be >= 2 (decoding is timed after the first token), got {new_tokens}.")
     import torch
     import transformers
 
@@ -44,34 +53,42 @@ def benchmark_against_transformers(
     result: dict[str, Any] = {
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
+        "repeats": repeats,
         "torch_threads": torch.get_num_threads(),
     }
     for batch in batch_sizes:
         prompts = rng.integers(4, config.model.vocab_size, (batch, prompt_len))
 
-        def run_ours() -> list[list[int]]:
-            return ours.generate(prompts.tolist(), new_tokens)
+        def run_ours(count: int = new_tokens) -> list[list[int]]:
+            return ours.generate(prompts.tolist(), count)
 
-        def run_theirs() -> list[list[int]]:
+        def run_theirs(count: int = new_tokens) -> list[list[int]]:
             with torch.no_grad():
                 out = theirs.generate(
                     torch.tensor(prompts),
                     attention_mask=torch.ones(prompts.shape, dtype=torch.long),
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
+                    max_new_tokens=count,
+                    min_new_tokens=count,
                     do_sample=False,
                     pad_token_id=0,
                 )
             return out[:, prompt_len:].tolist()
 
-        run_ours(), run_theirs()  # Warm-up: compilation and first-call costs are not generation speed.
-        our_tokens, our_s = _timed(run_ours)
-        their_tokens, their_s = _timed(run_theirs)
+        run_ours(), run_theirs(), run_ours(1)  # Warm-up: compilation and first-call costs are not generation speed.
+        our_tokens, our_s = _median_time(run_ours, repeats)
+        their_tokens, their_s = _median_time(run_theirs, repeats)
+        our_first_s = _median_time(lambda: run_ours(1), repeats)[1]
+        their_first_s = _median_time(lambda: run_theirs(1), repeats)[1]
         ours_per_s, theirs_per_s = batch * new_tokens / our_s, batch * new_tokens / their_s
+        decoded = batch * (new_tokens - 1)
+        ours_decode, theirs_decode = decoded / (our_s - our_first_s), decoded / (their_s - their_first_s)
         result[f"batch_{batch}"] = {
             "ours_tokens_per_sec": ours_per_s,
             "transformers_tokens_per_sec": theirs_per_s,
             "speedup": ours_per_s / theirs_per_s,
+            "ours_decode_tokens_per_sec": ours_decode,
+            "transformers_decode_tokens_per_sec": theirs_decode,
+            "decode_speedup": ours_decode / theirs_decode,
             "rows_identical": sum(a == b for a, b in zip(our_tokens, their_tokens)) / batch,
         }
     return result

@@ -147,8 +147,16 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Logits for `tokens` written at `cache.index` (a whole prompt, or one token per row), and the cache
         with their keys and values added. Earlier positions are attended to through the cache."""
+        hidden, cache = self.decode_features(tokens, positions, segment_ids, cache)
+        return self.logits(hidden), cache
+
+    def decode_features(
+        self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """`decode`'s final hidden states (batch, length, embed), before the output projection: a caller that
+        needs the logits of a few positions (a prompt's last) projects only those."""
         hidden, cache = self._forward(tokens, positions, segment_ids, None, cache.with_segments(segment_ids))
-        return self.logits(hidden), cache.advance(tokens.shape[1])
+        return hidden, cache.advance(tokens.shape[1])
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache with room for `max_len` tokens per row. With a soft prompt, the cache is longer by
@@ -238,7 +246,7 @@ class Transformer(nnx.Module):
             graphdef: nnx.GraphDef,
             params: nnx.State,
             x: jax.Array,
-            layer: jax.Array,
+            layer: int | jax.Array,
             layer_cache: LayerCache | None,
         ) -> tuple[jax.Array, LayerCache | None]:
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
@@ -248,12 +256,12 @@ class Transformer(nnx.Module):
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.cfg.remat_policy], static_argnums=(0,))
 
         def run_layer(
-            graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, cache: KVCache | None, layer: jax.Array
+            graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, cache: KVCache | None, layer: int | jax.Array
         ) -> tuple[jax.Array, KVCache | None]:
             if cache is None:
                 return apply(graphdef, params, x, layer, None)
             x, layer_cache = apply(graphdef, params, x, layer, cache.layer(layer))
-            return x, cache.with_layer(layer, layer_cache)
+            return x, cache.with_layer(layer_cache)
 
         if self.cfg.scan_layers:
             # The cache rides in the carry, each layer updating its slice in place; scanned over as inputs and
@@ -267,7 +275,7 @@ class Transformer(nnx.Module):
             (x, cache), _ = jax.lax.scan(body, (x, cache), (jnp.arange(self.cfg.num_layers), params))
         else:
             for layer, block in enumerate(self.blocks):
-                x, cache = run_layer(*nnx.split(block), x, cache, jnp.asarray(layer))
+                x, cache = run_layer(*nnx.split(block), x, cache, layer)
         return x, cache
 
 

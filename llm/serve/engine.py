@@ -146,7 +146,7 @@ class Engine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return sum(x.nbytes for x in self._cache if x is not None and x is not self._cache.index)
+        return self._cache.nbytes()
 
     @property
     def running(self) -> bool:

@@ -7,7 +7,7 @@ import pytest
 from conftest import forward, tiny_config
 
 from llm.infer import sampling as sampling_lib
-from llm.infer.generate import Generator
+from llm.infer.generate import Generator, cache_bucket
 from llm.model.kv_cache import KVCache
 from llm.model.transformer import create_model
 
@@ -59,6 +59,77 @@ def test_stop_tokens_end_a_row_and_streaming_sees_every_token(model):
     streamed = []
     generator.generate([[2, 11, 12]], 6, on_tokens=lambda tokens: streamed.append(tokens[0]))
     assert streamed == free
+
+
+def test_cache_lengths_round_up_to_an_eighth_of_a_power_of_two():
+    sizes = [cache_bucket(n) for n in (1, 16, 17, 33, 100, 129, 160, 161, 257)]
+    assert sizes == [16, 16, 32, 48, 112, 160, 160, 192, 320]
+    assert cache_bucket(300, 256) == 256
+
+
+def test_a_cache_of_no_power_of_two_length_gives_the_full_forward_passs_greedy_tokens():
+    model = create_model(tiny_config(model__max_seq_len=64))
+    prompt, new = [2, 11, 12, 40], 20  # A cache of cache_bucket(16 + 20) = 48 positions.
+    want = list(prompt)
+    for _ in range(new):
+        want.append(int(jnp.argmax(forward(model, jnp.array([want]))[0, -1])))
+    assert Generator(model).generate([prompt], new) == [want[len(prompt) :]]
+
+
+def one_step_per_call(generator, prompts, new_tokens, sampling, seed):
+    """Tokens (batch, new_tokens) of a prefill then one jitted `decode_step` call per token: step s writes at
+    each prompt's length + s with key fold_in(key, s + 1), as `generate` has always decoded."""
+    prompt_len = max(len(p) for p in prompts)
+    tokens = np.array([[0] * (prompt_len - len(p)) + p for p in prompts], np.int32)
+    segments = np.array([[0] * (prompt_len - len(p)) + [1] * len(p) for p in prompts], np.int32)
+    positions = np.array([[0] * (prompt_len - len(p)) + list(range(len(p))) for p in prompts], np.int32)
+    lengths = jnp.array([len(p) for p in prompts], jnp.int32)
+    key = jax.random.key(seed)
+    cache = KVCache.create(generator.cfg, len(prompts), 32)
+    chosen, _, cache, seen = generator.prefill(
+        generator.params, tokens, positions, segments, cache, jax.random.fold_in(key, 0), sampling
+    )
+    out = [chosen]
+    for step in range(new_tokens - 1):
+        fold = jax.random.fold_in(key, step + 1)
+        chosen, _, cache, seen = generator.decode_step(
+            generator.params, chosen, lengths + step, cache, seen, fold, sampling
+        )
+        out.append(chosen)
+    return np.stack(out, axis=1).tolist()
+
+
+def test_several_steps_per_dispatch_give_the_tokens_of_one_step_per_call(model):
+    generator = Generator(model)
+    prompts = [[2, 17, 40, 3], [2, 5, 9, 31, 77, 12, 8, 90, 4, 33, 61, 19, 20], [2, 100], [2, 8, 8]]
+    hot = sampling_lib.SamplingParams(temperature=1.5, repetition_penalty=1.3)
+    for sampling in (sampling_lib.SamplingParams(), hot):
+        want = one_step_per_call(generator, prompts, 12, sampling, seed=7)
+        stop = (want[0][4], want[2][7])
+        for steps in (1, 3, 16):
+            assert generator.generate(prompts, 12, sampling, seed=7, steps_per_dispatch=steps) == want
+            stopped = generator.generate(prompts, 12, sampling, stop, seed=7, steps_per_dispatch=steps)
+            assert stopped == [row[: min([row.index(t) for t in stop if t in row], default=12)] for row in want]
+
+
+def test_the_device_loop_ends_when_every_real_row_has_stopped(model):
+    generator = Generator(model)
+    # A batch of 4: the filler row samples its own tokens, which must not keep the loop going.
+    prompts, hot = [[2, 17, 40], [2, 100], [2, 55]], sampling_lib.SamplingParams(temperature=1.5)
+    free = generator.generate(prompts, 12, hot, seed=3)
+    stop = {row[1] for row in free}  # Every row stops at its second token or before.
+    cut = [min(i for i, token in enumerate(row) if token in stop) for row in free]
+    steps_run, decode_tokens = [], generator.decode_tokens
+
+    def counting(*args, **kwargs):
+        chosen, steps, state = decode_tokens(*args, **kwargs)
+        steps_run.append(int(steps))
+        return chosen, steps, state
+
+    generator.decode_tokens = counting
+    stopped = generator.generate(prompts, 12, hot, tuple(stop), seed=3)
+    assert stopped == [row[:i] for row, i in zip(free, cut)]
+    assert steps_run == ([1] if max(cut) == 1 else [])
 
 
 @pytest.mark.parametrize(

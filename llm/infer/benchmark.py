@@ -58,7 +58,7 @@ def benchmark_decode(
 
     for batch in batch_sizes:
         prompts = rng.integers(4, vocab, (batch, prompt_len)).astype(np.int32)
-        cache_len = generate.bucket(prompt_len + new_tokens, context)
+        cache_len = generate.cache_bucket(prompt_len + new_tokens, context)
         positions = np.broadcast_to(np.arange(prompt_len, dtype=np.int32), prompts.shape)
         segments = np.ones_like(prompts)
         key = jax.random.key(0)

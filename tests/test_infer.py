@@ -67,13 +67,23 @@ def test_cache_lengths_round_up_to_an_eighth_of_a_power_of_two():
     assert cache_bucket(300, 256) == 256
 
 
+def greedy_by_forward(model, prompt, new_tokens):
+    """The greedy continuation of `prompt` by full forward passes, without a cache."""
+    tokens = list(prompt)
+    for _ in range(new_tokens):
+        tokens.append(int(jnp.argmax(forward(model, jnp.array([tokens]))[0, -1])))
+    return tokens[len(prompt) :]
+
+
 def test_a_cache_of_no_power_of_two_length_gives_the_full_forward_passs_greedy_tokens():
     model = create_model(tiny_config(model__max_seq_len=64))
-    prompt, new = [2, 11, 12, 40], 20  # A cache of cache_bucket(16 + 20) = 48 positions.
-    want = list(prompt)
-    for _ in range(new):
-        want.append(int(jnp.argmax(forward(model, jnp.array([want]))[0, -1])))
-    assert Generator(model).generate([prompt], new) == [want[len(prompt) :]]
+    prompt = [2, 11, 12, 40]  # With 20 new tokens, a cache of cache_bucket(16 + 20) = 48 positions.
+    assert Generator(model).generate([prompt], 20) == [greedy_by_forward(model, prompt, 20)]
+
+
+def test_a_prompt_whose_bucket_reaches_the_context_still_gets_its_new_tokens(model):
+    prompt = [2] + list(range(5, 24))  # 20 tokens, bucket 32: the whole context of the tiny model.
+    assert Generator(model).generate([prompt], 8) == [greedy_by_forward(model, prompt, 8)]
 
 
 def one_step_per_call(generator, prompts, new_tokens, sampling, seed):

@@ -245,10 +245,11 @@ class Generator:
             )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-        prompt_len = bucket(max(lengths), context)
         max_new_tokens = min(max_new_tokens, context - max(lengths))
-        cache_len = cache_bucket(prompt_len + max_new_tokens, context)
-        return min(max_new_tokens, cache_len - prompt_len), prompt_len, cache_len
+        # Left padding up to the prompt bucket must leave the new tokens room in the context: near its end the
+        # prompts are padded to less (a prompt of 20 tokens in a context of 32 once got no new tokens).
+        prompt_len = min(bucket(max(lengths), context), context - max_new_tokens)
+        return max_new_tokens, prompt_len, cache_bucket(prompt_len + max_new_tokens, context)
 
 
 def _collect(chosen: np.ndarray, outputs: list[list[int]], finished: list[bool], stop: set[int]) -> list[int | None]:

@@ -75,7 +75,7 @@ def greedy_by_forward(model, prompt, new_tokens):
     return tokens[len(prompt) :]
 
 
-def test_a_cache_of_no_power_of_two_length_gives_the_full_forward_passs_greedy_tokens():
+def test_a_cache_of_no_power_of_two_length_gives_the_full_forward_pass_greedy_tokens():
     model = create_model(tiny_config(model__max_seq_len=64))
     prompt = [2, 11, 12, 40]  # With 20 new tokens, a cache of cache_bucket(16 + 20) = 48 positions.
     assert Generator(model).generate([prompt], 20) == [greedy_by_forward(model, prompt, 20)]

@@ -30,7 +30,7 @@ BAD_TEXT_ERRORS = ("invalid_text", "string_unicode")  # Ours on values; pydantic
 
 
 def _unicode(value: str) -> str:
-    """JSON's \\uXXXX escapes can carry half a surrogate pair, which Python keeps but no tokenizer (nor the
+    """JSON escapes such as \\ud800 can carry half a surrogate pair, which Python keeps but no tokenizer (nor the
     UTF-8 response) can encode: refuse it here, naming the field, rather than fail deep in the tokenizer."""
     try:
         value.encode("utf-8")

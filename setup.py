@@ -56,7 +56,12 @@ EXTRAS_REQUIRE = {
         "peft==0.21.2",  # The reference the LoRA <-> PEFT adapter tests compare with.
         # lm-evaluation-harness drives runs natively and through the server (its API models need the [api] extra).
         "lm-eval[api]==0.4.13",
+        "bm25s==0.3.16",  # Retrieval (llm/rag): BM25, the Snowball Spanish stemmer, Spanish sentences.
+        "PyStemmer==3.1.0",
+        "pysbd==0.3.4",
     ],
+    # Retrieval-augmented generation: passages (pysbd's Spanish sentences) and BM25 search (llm/rag).
+    "rag": ["bm25s==0.3.16", "PyStemmer==3.1.0", "pysbd==0.3.4"],
     "beam": ["apache-beam==2.77.0"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],
     # Hugging Face data sets, and the checkpoint import's tokenizer files (scripts/import_hf.py reads the

@@ -77,6 +77,14 @@ def test_markdown_heading_paths_and_jsonl_shards(tmp_path):
     assert read_passages(str(tmp_path / "p.jsonl")) == passages
 
 
+def test_a_data_directory_is_read_for_its_documents_only(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"\x80\x81 binary")  # What a data directory holds beside them.
+    (tmp_path / "notas.txt").write_text("Una nota.", encoding="utf-8")
+    assert [p.text for p in passages_from_path(str(tmp_path))] == ["Una nota."]
+    with pytest.raises(ValueError, match=r"tokenizer\.model: not a UTF-8 text document"):
+        passages_from_path(str(tmp_path / "tokenizer.model"))
+
+
 def test_bad_shard_line_is_named(tmp_path):
     (tmp_path / "s.jsonl").write_text('{"id": "a", "text": "x"}\n{"text": "sin id"}\n')
     with pytest.raises(ValueError, match=r"s\.jsonl:2"):

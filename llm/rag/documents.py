@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 MARKDOWN_SUFFIXES = (".md", ".markdown")
 JSONL_SUFFIX = ".jsonl"
+DOCUMENT_SUFFIXES = (JSONL_SUFFIX, ".txt", *MARKDOWN_SUFFIXES)  # What a directory is read for.
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.*?)[ \t#]*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 
@@ -55,13 +56,14 @@ def read_jsonl_documents(path: str) -> Iterator[SourceDocument]:
 
 
 def read_documents(path: str) -> Iterator[SourceDocument]:
-    """The documents of a file, or of every file under a directory (sorted, hidden files skipped): JSONL
-    shards by record, Markdown and any other (text) file as one document each."""
+    """The documents of a file, or of every document file under a directory (sorted; hidden files and files of
+    other kinds, such as a data directory's tokenizer and packed rows, skipped): JSONL shards by record, and
+    Markdown and plain text files as one document each. A file named directly is read whatever its name."""
     if os.path.isdir(path):
         for root, dirs, files in os.walk(path):
             dirs[:] = sorted(name for name in dirs if not name.startswith("."))
             for name in sorted(files):
-                if not name.startswith("."):
+                if not name.startswith(".") and name.lower().endswith(DOCUMENT_SUFFIXES):
                     yield from read_documents(os.path.join(root, name))
         return
     if not os.path.exists(path):
@@ -69,8 +71,11 @@ def read_documents(path: str) -> Iterator[SourceDocument]:
     if path.endswith(JSONL_SUFFIX):
         yield from read_jsonl_documents(path)
         return
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a UTF-8 text document ({error})") from None
     yield SourceDocument(path, text, path, markdown=path.lower().endswith(MARKDOWN_SUFFIXES))
 
 

@@ -109,7 +109,8 @@ def test_empty_inputs_and_long_texts(llama, embedders):
         first = model.model(**ids).last_hidden_state.numpy()[:, 0]
     np.testing.assert_allclose(embedder.embed([""]), first, atol=1e-4)
     long = " ".join(TEXTS * 20)
-    assert len(embedder.encode(long)) == embedder.max_len
+    tokenizer = embedder.tokenizer
+    assert embedder.encode(long) == ([tokenizer.bos_id] + tokenizer.encode(long))[: embedder.max_len]  # the start
     np.testing.assert_array_equal(embedder.embed([long]).shape, (1, 64))
     with pytest.raises(ValueError, match="pooling must be one of"):
         Embedder(None, None, pooling="max")

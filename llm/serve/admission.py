@@ -9,7 +9,7 @@ import json
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from llm.serve import auth
+from llm.serve import auth, errors
 from llm.serve.errors import APIError
 
 
@@ -142,5 +142,5 @@ async def read_json(request: Request, max_bytes: int, timeout_s: float) -> dict:
             408, f"The request body did not arrive within {timeout_s:g} s.", code="request_timeout", headers=close
         ) from None
     except ClientDisconnect:
-        raise APIError(499, "The client disconnected.", code="client_disconnected") from None
+        raise errors.client_disconnected() from None
     return parse_json(bytes(body))

@@ -46,6 +46,14 @@ def _utf8(text: str | None) -> str | None:
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before its response was complete.
+
+
+def client_disconnected() -> APIError:
+    """What a request whose client left ends with: nobody reads it, but /metrics counts it."""
+    return APIError(CLIENT_CLOSED, "The client disconnected.", code="client_disconnected")
+
+
 def error_body(error: APIError) -> dict:
     return {
         "error": {"message": _utf8(error.message), "type": error.type, "param": _utf8(error.param), "code": error.code}

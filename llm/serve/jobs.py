@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from llm.serve import completions
+from llm.serve import completions, errors
 from llm.serve.engine import Engine, Event, Finished
 from llm.serve.errors import APIError
 
@@ -62,8 +62,7 @@ class Job:
                     504, "The request timed out before the model finished.", "timeout", code="timeout"
                 ) from None
             if (index, event) == _GONE:
-                # 499 (nginx's "client closed request"): nobody reads it, but /metrics counts it.
-                raise APIError(499, "The client disconnected.", code="client_disconnected")
+                raise errors.client_disconnected()
             if isinstance(event, Finished):
                 remaining -= 1
                 if event.reason == "error":

@@ -11,6 +11,8 @@ from collections.abc import Collection
 
 import prometheus_client as prom
 
+from llm.serve.errors import CLIENT_CLOSED
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -59,9 +61,6 @@ class ServeMetrics:
 
     def exposition(self) -> bytes:
         return prom.generate_latest(self.registry)
-
-
-CLIENT_CLOSED = 499  # nginx's "client closed request": the client left before its response was complete.
 
 
 class RequestMetricsMiddleware:

@@ -59,9 +59,10 @@ EXTRAS_REQUIRE = {
         "bm25s==0.3.16",  # Retrieval (llm/rag): BM25, the Snowball Spanish stemmer, Spanish sentences.
         "PyStemmer==3.1.0",
         "pysbd==0.3.4",
+        "faiss-cpu==1.15.1",  # Vector search (llm/rag): exact, IVF-PQ and HNSW indexes.
     ],
-    # Retrieval-augmented generation: passages (pysbd's Spanish sentences) and BM25 search (llm/rag).
-    "rag": ["bm25s==0.3.16", "PyStemmer==3.1.0", "pysbd==0.3.4"],
+    # Retrieval-augmented generation: passages (pysbd's Spanish sentences), BM25 and FAISS vector search (llm/rag).
+    "rag": ["bm25s==0.3.16", "PyStemmer==3.1.0", "pysbd==0.3.4", "faiss-cpu==1.15.1"],
     "beam": ["apache-beam==2.77.0"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],
     # Hugging Face data sets, and the checkpoint import's tokenizer files (scripts/import_hf.py reads the

@@ -60,6 +60,7 @@ EXTRAS_REQUIRE = {
         "PyStemmer==3.1.0",
         "pysbd==0.3.4",
         "faiss-cpu==1.15.1",  # Vector search (llm/rag): exact, IVF-PQ and HNSW indexes.
+        "pytrec-eval-terrier==0.5.11",  # trec_eval, the reference the retrieval metrics are checked against.
     ],
     # Retrieval-augmented generation: passages (pysbd's Spanish sentences), BM25 and FAISS vector search (llm/rag).
     "rag": ["bm25s==0.3.16", "PyStemmer==3.1.0", "pysbd==0.3.4", "faiss-cpu==1.15.1"],

@@ -2,6 +2,7 @@
 
     POST /v1/completions        text (or token-id) prompts; logprobs, echo, n, stop, seed, stream
     POST /v1/chat/completions   messages through the chat template (llm/chat_template.py); stream
+    POST /v1/embeddings         sentence embeddings of texts or token ids (llm/serve/embeddings_api.py)
     GET  /v1/models             the one served model (and GET /v1/models/{id} its card)
     /tokenize, /detokenize, /tokenizer_info   vLLM's tokenizer endpoints (llm/serve/tokenize_api.py)
     GET  /health                200 while the decode loop runs, 503 otherwise
@@ -36,7 +37,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from llm.serve import admission, completions, errors, schemas, tokenize_api
+from llm.rag.embeddings import Embedder
+from llm.serve import admission, completions, embeddings_api, errors, schemas, tokenize_api
 from llm.serve.engine import Engine
 from llm.serve.errors import APIError
 from llm.serve.jobs import Job
@@ -54,6 +56,7 @@ ENDPOINTS = (
     "/static/chat.js",
     "/favicon.ico",
     *tokenize_api.ENDPOINTS,  # vLLM's tokenizer endpoints
+    *embeddings_api.ENDPOINTS,
 )
 
 
@@ -83,8 +86,8 @@ def _sse(payload: dict | str) -> str:
 class Server:
     """One served model: the engine and everything the endpoints share, with one method per endpoint."""
 
-    def __init__(self, model, tokenizer: Tokenizer, settings: ServeSettings):
-        self.settings, self.tokenizer = settings, tokenizer
+    def __init__(self, model, tokenizer: Tokenizer, settings: ServeSettings, embeddings: embeddings_api.EmbeddingModel):
+        self.settings, self.tokenizer, self.embeddings = settings, tokenizer, embeddings
         self.metrics = ServeMetrics()
         self.engine = Engine(model, tokenizer, settings.max_batch_size, settings.max_cache_len, self.metrics)
         self.limits = completions.Limits(
@@ -131,6 +134,7 @@ class Server:
                 "max_batch_size": self.engine.max_batch_size,
                 "in_flight_requests": self.in_flight.count,
                 "last_error": self.engine.error,
+                "embeddings": self.embeddings.describe(),
             },
             status_code=200 if alive else 503,
         )
@@ -218,11 +222,16 @@ class Server:
             slot.release()
 
 
-def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
-    """The server for one loaded model (any module with the Transformer interface, quantized or not)."""
-    server = Server(model, tokenizer, settings)
+def create_app(
+    model, tokenizer: Tokenizer, settings: ServeSettings, embeddings: embeddings_api.EmbeddingModel | None = None
+) -> FastAPI:
+    """The server for one loaded model (any module with the Transformer interface, quantized or not);
+    `embeddings` is what POST /v1/embeddings embeds with (default: this model, mean pooling, no prefixes)."""
+    embeddings = embeddings or embeddings_api.EmbeddingModel(Embedder(model, tokenizer))
+    server = Server(model, tokenizer, settings, embeddings)
     app = FastAPI(title="Spanish LLM", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.settings = server.engine, server.metrics, settings
+    app.state.embeddings = embeddings
     # The last added runs first: metrics see the 500 that the request-id middleware makes of an exception.
     app.add_middleware(errors.RequestIdMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=server.metrics, endpoints=ENDPOINTS)
@@ -237,6 +246,7 @@ def create_app(model, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
     app.add_api_route("/v1/models", server.list_models, methods=["GET"], dependencies=keyed)
     app.add_api_route("/v1/models/{model_id}", server.get_model, methods=["GET"], dependencies=keyed)
     tokenize_api.add_routes(app, tokenizer, settings, server.engine.max_cache_len, keyed)
+    embeddings_api.add_routes(app, embeddings, settings, server.in_flight, keyed)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.prometheus, methods=["GET"], dependencies=scraped)
     app.add_api_route("/", server.chat_page, methods=["GET"], response_class=HTMLResponse)

@@ -25,6 +25,7 @@ from llm.serve.errors import APIError
 
 MAX_STOP_STRINGS = 64  # OpenAI allows 4; lm-eval's tasks send 5 plus EOS, and vLLM has no small limit.
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions; chat's top_logprobs goes to 20.
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one /v1/embeddings request.
 # Errors of these types are a body that is not proper text (400, like invalid JSON), not a schema mismatch (422).
 BAD_TEXT_ERRORS = ("invalid_text", "string_unicode")  # Ours on values; pydantic's on an object's keys.
 
@@ -180,6 +181,24 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens.
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+
+class EmbeddingRequest(Strict):
+    """POST /v1/embeddings. `input` is text, a list of texts, token ids or a list of token-id lists; an empty text,
+    and an input longer than the embedding model's context, are refused by the route (400, as OpenAI does)."""
+
+    model: Text
+    input: _by_shape(
+        f"a string, a list of strings, a list of token ids or a list of lists of token ids (none of the lists empty, "
+        f"at most {MAX_EMBEDDING_INPUTS} inputs)",
+        text=Text,
+        texts=Annotated[list[Text], Field(max_length=MAX_EMBEDDING_INPUTS)],
+        ids=TokenIds,
+        id_lists=Annotated[list[Annotated[TokenIds, Field(min_length=1)]], Field(max_length=MAX_EMBEDDING_INPUTS)],
+    )
+    dimensions: Annotated[int, Field(ge=1)] | None = None  # Keep the first `dimensions` (Matryoshka), re-normalised.
+    encoding_format: Literal["float", "base64"] = "float"  # base64: the little-endian float32 bytes.
+    user: Text | None = None
 
 
 def describe(error: ValidationError, body: object) -> tuple[int, str, str | None]:

@@ -5,6 +5,11 @@
         [--max_batch_size=8 --max_cache_len=N --api_keys_file=keys.txt --rate_limit_per_minute=60]
 
 Then e.g. `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY or anything")`.
+
+POST /v1/embeddings embeds with the served run (mean pooling, no prefixes) unless told otherwise:
+    --embedder=runs/embedder_es [--embedding_pooling=last --embedding_query_prefix="consulta: "
+    --embedding_passage_prefix="pasaje: " --embedding_input_kind=query]
+OpenAI's API has no query/passage kind, so every input is embedded as --embedding_input_kind (passage by default).
 API keys also come from the LLM_API_KEYS environment variable (comma-separated); with none, the server is open.
 
 Slow clients: a request body must arrive within --body_timeout (else 408), and a request takes one of the
@@ -18,8 +23,9 @@ import os
 
 from absl import app, flags
 
+from llm.rag import embeddings
 from llm.runs import loading
-from llm.serve import api, auth
+from llm.serve import api, auth, embeddings_api
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -48,6 +54,27 @@ _METRICS_PUBLIC = flags.DEFINE_bool("metrics_public", False, "Serve /metrics wit
 _RATE = flags.DEFINE_float("rate_limit_per_minute", 0.0, "Requests per minute per key (or address); 0: off.")
 _BURST = flags.DEFINE_integer("rate_limit_burst", 20, "Requests a client may send at once.", lower_bound=1)
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile every prompt length bucket before serving.")
+_EMBEDDER = flags.DEFINE_string(
+    "embedder",
+    None,
+    "Run whose embeddings POST /v1/embeddings serves (e.g. a contrastively trained one); default: the served run.",
+)
+_POOLING = flags.DEFINE_enum("embedding_pooling", "mean", embeddings.POOLINGS, "How /v1/embeddings pools tokens.")
+_QUERY_PREFIX = flags.DEFINE_string("embedding_query_prefix", "", "Put before inputs embedded as queries.")
+_PASSAGE_PREFIX = flags.DEFINE_string("embedding_passage_prefix", "", "Put before inputs embedded as passages.")
+_INPUT_KIND = flags.DEFINE_enum(
+    "embedding_input_kind", "passage", embeddings.KINDS, "What /v1/embeddings embeds every input as (its prefix)."
+)
+
+
+def embedding_model(run: loading.Run) -> embeddings_api.EmbeddingModel:
+    """The embedder the flags describe: the --embedder run's, or the served run's."""
+    options = dict(pooling=_POOLING.value, query_prefix=_QUERY_PREFIX.value, passage_prefix=_PASSAGE_PREFIX.value)
+    if _EMBEDDER.value is None:
+        embedder = embeddings.Embedder(run.model, run.tokenizer, **options)
+    else:
+        embedder = embeddings.Embedder.from_run(_EMBEDDER.value, **options)
+    return embeddings_api.EmbeddingModel(embedder, _INPUT_KIND.value, _EMBEDDER.value)
 
 
 def main(argv: list[str]) -> None:
@@ -55,6 +82,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not os.path.isdir(_WORKDIR.value):
         raise app.UsageError(f"--workdir={_WORKDIR.value!r} does not exist.")
+    if _EMBEDDER.value is not None and not os.path.isdir(_EMBEDDER.value):
+        raise app.UsageError(f"--embedder={_EMBEDDER.value!r} does not exist.")
     import uvicorn  # The [serve] extra.
 
     keys = auth.load_api_keys(_API_KEYS_FILE.value)
@@ -75,12 +104,13 @@ def main(argv: list[str]) -> None:
         rate_limit_burst=_BURST.value,
         warmup=_WARMUP.value,
     )
-    server = api.create_app(run.model, run.tokenizer, settings)
-    engine = server.state.engine
+    server = api.create_app(run.model, run.tokenizer, settings, embedding_model(run))
+    engine, embedder = server.state.engine, server.state.embeddings.describe()
     print(
         f"Serving {settings.model_name!r} (step {run.step}) on http://{_HOST.value}:{_PORT.value}/ : "
         f"{engine.max_batch_size} slots x {engine.max_cache_len} tokens, KV cache "
-        f"{engine.kv_cache_bytes / 2**20:.1f} MiB, API keys: {len(keys) or 'none (open)'}."
+        f"{engine.kv_cache_bytes / 2**20:.1f} MiB, API keys: {len(keys) or 'none (open)'}; embeddings: "
+        f"{embedder['run']}, {embedder['pooling']} pooling, {embedder['dimensions']} dimensions."
     )
     uvicorn.run(server, host=_HOST.value, port=_PORT.value, log_level="info", timeout_keep_alive=_KEEP_ALIVE.value)
 

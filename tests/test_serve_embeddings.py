@@ -171,6 +171,23 @@ def test_embeddings_go_on_while_generation_runs_and_both_succeed(server, client,
     assert all(answer.usage.completion_tokens > 0 for answer in answers)
 
 
+def test_the_event_loop_and_generation_go_on_while_an_embedding_runs(server, client, monkeypatch):
+    url, app = server
+    embedder, started, go_on = app.state.embeddings.embedder, threading.Event(), threading.Event()
+    embed = embedder.embed
+    monkeypatch.setattr(embedder, "embed", lambda *args: (started.set(), go_on.wait(30), embed(*args))[2])
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        held = pool.submit(client.embeddings.create, model=MODEL, input=TEXTS[:1])
+        assert started.wait(30)
+        assert httpx.get(url + "/health", timeout=5).json()["in_flight_requests"] == 1
+        answer = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hola"}], max_tokens=4, timeout=10
+        )
+        assert answer.usage.completion_tokens > 0 and not held.done()
+        go_on.set()
+        assert len(held.result(timeout=30).data) == 1
+
+
 def test_health_metrics_and_request_id(server):
     url, _ = server
     health = httpx.get(url + "/health", timeout=10).json()["embeddings"]

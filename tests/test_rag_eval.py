@@ -6,7 +6,7 @@ import re
 import pytest
 import pytrec_eval
 
-from llm.eval import generation_tasks, rag_task, retrieval, suite, tasks
+from llm.eval import generation_tasks, rag_task, report, retrieval, suite, tasks
 from llm.rag.grounded import grounded_prompt, render_grounded
 from llm.rag.passages import Passage, token_counter
 
@@ -223,7 +223,7 @@ def test_rag_scores_gold_above_retrieved_above_closed_book(tmp_path):
     tools = suite.RetrievalTools(lambda passages: {"bm25": search}, token_counter(None), 1000)
     results, _ = suite.run_tasks(["rag"], settings, None, answer_if_in_context, tools)
     rag = results["rag"]
-    assert rag["examples"] == 9 and rag["searcher"] == "bm25"
+    assert (rag["examples"], rag["searcher"], rag["shots"]) == (9, "bm25", 1.0)
     assert (rag["closed_book"]["exact_match"], rag["closed_book"]["f1"]) == (0.0, 0.0)
     assert rag["retrieved"]["exact_match"] == pytest.approx(100 * 4 / 9) == rag["retrieved"]["hit_rate"]
     assert (rag["gold"]["exact_match"], rag["gold"]["gold_cut"]) == (100.0, 0.0)
@@ -239,13 +239,45 @@ def test_rag_conditions_differ_only_in_the_context_and_gold_is_the_xquad_prompt(
     gold = next(p for p in passages if p.id == gold_of[example.context])
     solved = [f"{tasks.xquad_query(shot)} {shot.answers[0]}" for shot in shots]
     count = token_counter(None)
-    roomy = rag_task.condition_prompts(example, gold, passages[:2], solved, rag_task.Budget(count, 1000))
-    assert roomy["gold"].text == generation_tasks.xquad_prompts([example], shots)[0]
+    kept, roomy = rag_task.condition_prompts(example, gold, passages[:2], solved, rag_task.Budget(count, 1000))
+    assert kept == 2 and roomy["gold"].text == generation_tasks.xquad_prompts([example], shots)[0]
     heads = {condition: prompt.text.split("Contexto:")[:3] for condition, prompt in roomy.items()}
     assert heads["closed_book"] == heads["retrieved"] == heads["gold"]
     assert "Contexto: \nPregunta:" in roomy["closed_book"].text
     # Room for the gold passage beside one shot only: the first shot goes, in every condition.
     tight = count(generation_tasks.xquad_prompts([example], shots[1:])[0])
-    prompts = rag_task.condition_prompts(example, gold, passages[:2], solved, rag_task.Budget(count, tight))
-    assert all(prompt.text.count("Respuesta:") == 2 for prompt in prompts.values())
+    kept, prompts = rag_task.condition_prompts(example, gold, passages[:2], solved, rag_task.Budget(count, tight))
+    assert kept == 1 and all(prompt.text.count("Respuesta:") == 2 for prompt in prompts.values())
     assert prompts["gold"].tokens == tight and prompts["retrieved"].passages == (passages[0],)
+
+
+def test_the_report_shows_methods_and_conditions_side_by_side():
+    scores = {"recall@1": 40.0, "recall@5": 70.0, "recall@20": 90.0, "mrr@10": 52.25, "ndcg@10": 60.0}
+    rag = {
+        "searcher": "bm25",
+        "num_passages": 3,
+        "examples": 32,
+        "shots": 0.5,
+        "closed_book": {"exact_match": 3.125, "f1": 8.0, "passages": 0.0},
+        "retrieved": {"exact_match": 12.5, "f1": 20.0, "hit_rate": 60.0, "passages": 1.5},
+        "gold": {"exact_match": 25.0, "f1": 35.0, "passages": 1.0, "gold_cut": 40.0},
+    }
+    table = report.markdown_table(
+        {
+            "retrieval": {"methods": {"bm25": scores}, "queries": 1190, "passages": 240},
+            "rag": rag,
+            "settings": {"num_shots": 3},
+        }
+    )
+    for line in (
+        "| retrieval | bm25 | MRR@10 | 52.2 | - |",
+        "| rag | bm25 top-3, 3-shot | token F1 | 20.0 | closed-book 8.0 |",
+        "| rag | gold passage, 3-shot | exact match | 25.0 | closed-book 3.1 |",
+        "| bm25 | 40.0 | 70.0 | 90.0 | 52.2 | 60.0 |",
+        "| exact match | 3.1 | 12.5 | 25.0 |",
+        "| retrieval hit rate | - | 60.0 | - |",
+        "| passages in the prompt | 0.0 | 1.5 | 1.0 |",
+        "| gold passage cut to fit | - | - | 40.0 |",
+    ):
+        assert line in table.splitlines(), line
+    assert "(on average 0.5 shots fitted the context)" in table

@@ -9,7 +9,7 @@ the gold passage fits whole beside them (or none are left); the same shots then 
 
 Reported, in percent: exact match and token F1 per condition (text_metrics, as xquad), the retrieved
 condition's hit rate (the gold passage among the passages that made it into its prompt), the mean number
-of passages in each prompt, how often the gold passage had to be cut, and a few samples.
+of passages in each prompt and of shots kept, how often the gold passage had to be cut, and a few samples.
 """
 
 from __future__ import annotations
@@ -47,14 +47,16 @@ def _frame(example: tasks.QaExample, shots: Sequence[str]):
 
 def condition_prompts(
     example: tasks.QaExample, gold: Passage, retrieved: Sequence[Passage], solved_shots: Sequence[str], budget: Budget
-) -> dict[str, GroundedPrompt]:
-    """The prompt of each condition for one question (see the module docstring for the shots)."""
+) -> tuple[int, dict[str, GroundedPrompt]]:
+    """(shots kept, the prompt of each condition) for one question (see the module docstring for the shots)."""
     kept = list(solved_shots)
     while kept and budget.count(_frame(example, kept)([gold])) > budget.tokens:
         kept = kept[1:]
     render = _frame(example, kept)
     ranked = {"closed_book": [], "retrieved": retrieved, "gold": [gold]}
-    return {condition: fit_passages(render, ranked[condition], budget.count, budget.tokens) for condition in CONDITIONS}
+    return len(kept), {
+        condition: fit_passages(render, ranked[condition], budget.count, budget.tokens) for condition in CONDITIONS
+    }
 
 
 def evaluate_rag(
@@ -73,16 +75,19 @@ def evaluate_rag(
         raise ValueError("No XQuAD examples to evaluate.")
     by_id = {passage.id: passage for passage in corpus}
     solved = [f"{tasks.xquad_query(shot)} {shot.answers[0]}" for shot in shots]
-    prompts = [
-        condition_prompts(
-            example,
-            by_id[gold_of[example.context]],
-            [by_id[passage_id] for passage_id in search(example.question, num_passages)],
-            solved,
-            budget,
-        )
-        for example in examples
-    ]
+    shots_kept, prompts = zip(
+        *(
+            condition_prompts(
+                example,
+                by_id[gold_of[example.context]],
+                [by_id[passage_id] for passage_id in search(example.question, num_passages)],
+                solved,
+                budget,
+            )
+            for example in examples
+        ),
+        strict=True,
+    )
     results: dict[str, Any] = {}
     completions: dict[str, list[str]] = {}
     for condition in CONDITIONS:
@@ -99,6 +104,7 @@ def evaluate_rag(
     results.update(
         examples=len(examples),
         num_passages=num_passages,
+        shots=sum(shots_kept) / len(examples),
         samples=[
             {
                 "question": example.question,

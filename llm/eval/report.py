@@ -133,16 +133,18 @@ def _retrieval_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str,
         for metric in _RETRIEVAL_METRICS
     ]
     if "rag" in report:
-        rag, shots = report["rag"], report["settings"]["num_shots"]
+        rag, shots = report["rag"], _shots(report["settings"]["num_shots"])
         retrieved = f"{rag['searcher']} top-{rag['num_passages']}"
         for condition, label in {**_RAG_CONDITIONS, "retrieved": retrieved}.items():
             for metric in [metric for metric in _RAG_METRICS if metric in rag[condition]]:
                 closed_book = rag["closed_book"].get(metric) if condition != "closed_book" else None
                 baseline = "-" if closed_book is None else f"closed-book {_percent(closed_book)}"
-                rows.append(
-                    ("rag", f"{label}, {shots}-shot", _LABELS[metric], _percent(rag[condition][metric]), baseline)
-                )
+                rows.append(("rag", f"{label}, {shots}", _LABELS[metric], _percent(rag[condition][metric]), baseline))
     return rows
+
+
+def _shots(num_shots: int) -> str:
+    return f"{num_shots}-shot" if num_shots else "zero-shot"
 
 
 def _side_by_side(report: Mapping[str, Any]) -> list[str]:
@@ -165,8 +167,9 @@ def _side_by_side(report: Mapping[str, Any]) -> list[str]:
         rag = report["rag"]
         lines += [
             "",
-            f"RAG: {rag['examples']} XQuAD-es questions, {report['settings']['num_shots']}-shot; retrieved = "
-            f"{rag['searcher']} top-{rag['num_passages']} (percent, except the mean number of passages).",
+            f"RAG: {rag['examples']} XQuAD-es questions, {_shots(report['settings']['num_shots'])} (on average "
+            f"{rag['shots']:.1f} shots fitted the context); retrieved = {rag['searcher']} top-{rag['num_passages']} "
+            "(percent, except the mean number of passages).",
             "",
             "| metric | " + " | ".join(_RAG_CONDITIONS.values()) + " |",
             "|---|" + "---:|" * len(_RAG_CONDITIONS),

@@ -235,7 +235,7 @@ def test_rag_scores_gold_above_retrieved_above_closed_book(tmp_path):
 
 def test_rag_conditions_differ_only_in_the_context_and_gold_is_the_xquad_prompt(tmp_path):
     articles, passages, gold_of = retrieval.load_corpus(write_xquad(tmp_path))
-    example, shots = articles[1][0], articles[0][:2]
+    example, shots = articles[1][0], [articles[0][0], articles[0][2]]  # about tema 0, then tema 1
     gold = next(p for p in passages if p.id == gold_of[example.context])
     solved = [f"{tasks.xquad_query(shot)} {shot.answers[0]}" for shot in shots]
     count = token_counter(None)
@@ -248,6 +248,7 @@ def test_rag_conditions_differ_only_in_the_context_and_gold_is_the_xquad_prompt(
     tight = count(generation_tasks.xquad_prompts([example], shots[1:])[0])
     kept, prompts = rag_task.condition_prompts(example, gold, passages[:2], solved, rag_task.Budget(count, tight))
     assert kept == 1 and all(prompt.text.count("Respuesta:") == 2 for prompt in prompts.values())
+    assert all("artículo 0 del tema 0" not in p.text and "artículo 0 del tema 1" in p.text for p in prompts.values())
     assert prompts["gold"].tokens == tight and prompts["retrieved"].passages == (passages[0],)
 
 

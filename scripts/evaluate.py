@@ -1,8 +1,11 @@
-"""Evaluates a trained run in Spanish: bits-per-byte, XNLI, sentiment, MGSM, XQuAD and robustness.
+"""Evaluates a trained run in Spanish: bits-per-byte, XNLI, sentiment, MGSM, XQuAD, robustness, and (asked for
+by name) XQuAD-es retrieval and retrieval-augmented answers.
 
     python scripts/evaluate.py --workdir=runs/tiny_es [--tasks=bpb,xnli,sentiment,mgsm,xquad,robustness]
         [--output=report.json] [--text_file=F] [--max_examples=N] [--num_shots=K] [--data_dir=DIR]
         [--quantize=int8|int4|int8_act]
+    python scripts/evaluate.py --workdir=runs/tiny_es --tasks=retrieval,rag [--embedder=RUN]
+        [--rag_passages=3] [--rag_searcher=bm25|dense]
 
 With --quantize (or a quantized --workdir from scripts/quantize.py), the float and the quantized model are
 evaluated side by side, with their parameter memory and decode speed, in one table.
@@ -17,7 +20,7 @@ import os
 from absl import app, flags, logging
 
 from llm import checkpoint
-from llm.eval import model_card, report, suite
+from llm.eval import model_card, report, retrieval, suite
 from llm.eval.tasks import DEFAULT_DATA_DIR
 from llm.infer.benchmark import benchmark_decode
 from llm.model.transformer import count_params
@@ -25,7 +28,11 @@ from llm.quant import ptq
 from llm.runs import directory, loading, quantized_run
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
-_TASKS = flags.DEFINE_string("tasks", ",".join(suite.TASKS), f"Comma-separated tasks from: {', '.join(suite.TASKS)}.")
+_TASKS = flags.DEFINE_string(
+    "tasks",
+    ",".join(suite.DEFAULT_TASKS),
+    f"Comma-separated tasks from: {', '.join(suite.TASKS)} (retrieval and rag only when named).",
+)
 _OUTPUT = flags.DEFINE_string("output", "", "JSON report path (default WORKDIR/eval/report.json); .md beside it.")
 _TEXT_FILE = flags.DEFINE_string(
     "text_file",
@@ -60,6 +67,21 @@ _QUANTIZE = flags.DEFINE_enum(
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seeds the example subsets, the shots and the typos.")
+_EMBEDDER = flags.DEFINE_string(
+    "embedder", "", "Run whose pooled hidden states the retrieval task's dense search uses (default: --workdir)."
+)
+_RAG_PASSAGES = flags.DEFINE_integer(
+    "rag_passages",
+    suite.Settings.rag_passages,
+    "Retrieved passages offered to each rag prompt (fewer when they do not fit).",
+    lower_bound=1,
+)
+_RAG_SEARCHER = flags.DEFINE_enum(
+    "rag_searcher",
+    suite.Settings.rag_searcher,
+    list(retrieval.SEARCH_METHODS),
+    "Search method of rag's retrieved condition.",
+)
 _MODEL_CARD = flags.DEFINE_bool(
     "model_card",
     True,
@@ -84,6 +106,9 @@ def _checked_inputs() -> tuple[list[str], suite.Settings]:
         num_shots=_NUM_SHOTS.value,
         max_new_tokens=_MAX_NEW_TOKENS.value,
         seed=_SEED.value,
+        embedder=_EMBEDDER.value,
+        rag_passages=_RAG_PASSAGES.value,
+        rag_searcher=_RAG_SEARCHER.value,
     )
     suite.check_settings(task_names, settings, config)
     return task_names, settings

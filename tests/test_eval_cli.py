@@ -63,6 +63,9 @@ def test_a_missing_checkpoint_is_named(trained_run, tmp_path):
         (["mgsm"], {"data_dir": "/nonexistent"}, "'/nonexistent/mgsm_es.tsv' does not exist"),
         (["robustness"], {"data_dir": "/nonexistent"}, "'/nonexistent/sentiment_es_train_text.txt' does not exist"),
         (["xnli"], {"num_shots": -1}, "num_shots must be >= 0 (got -1)"),
+        (["rag"], {"rag_searcher": "sparse"}, "rag_searcher one of ('bm25', 'dense') (got 'sparse')"),
+        (["retrieval"], {"embedder": "/nonexistent/run"}, "--embedder='/nonexistent/run' is not a run directory"),
+        (["rag"], {"data_dir": "/nonexistent"}, "'/nonexistent/xquad_es.json' does not exist"),
     ],
 )
 def test_missing_files_and_bad_settings_are_found_before_loading(tmp_path, tasks, overrides, message):
@@ -191,3 +194,36 @@ def test_compare_reports_prints_labelled_columns_and_names_a_bad_argument(tmp_pa
         [sys.executable, script, args[0], "lora=/nonexistent/report.json"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode != 0 and "'/nonexistent/report.json' (label 'lora') does not exist" in result.stderr
+
+
+def test_evaluate_retrieval_and_rag_end_to_end(trained_run, tmp_path):
+    data_dir = write_eval_data(tmp_path / "es_eval")
+    output = tmp_path / "report.json"
+    result = run_script(
+        "evaluate.py",
+        f"--workdir={trained_run}",
+        f"--data_dir={data_dir}",
+        f"--output={output}",
+        "--tasks=retrieval,rag",
+        "--num_shots=1",
+        "--max_new_tokens=4",
+        "--rag_passages=2",
+        "--nomodel_card",
+    )
+    assert result.returncode == 0, result.stderr
+    written = json.loads(output.read_text(encoding="utf-8"))
+    found = written["retrieval"]
+    assert (found["queries"], found["passages"], set(found["methods"])) == (6, 3, {"bm25", "dense"})
+    assert set(found["methods"]["dense"]) == {"recall@1", "recall@5", "recall@20", "mrr@10", "ndcg@10"}
+    assert found["methods"]["dense"]["recall@20"] == 100.0  # dense ranks all three passages
+    assert set(found["methods"]["bm25"].values()) == {0.0}  # "¿Pregunta 0.1?" shares no word with "Contexto 0."
+    rag = written["rag"]
+    assert rag["examples"] == 4 and rag["searcher"] == "bm25" and rag["gold"]["passages"] == 1.0
+    assert {"exact_match", "f1", "hit_rate"} <= set(rag["retrieved"]) and set(written["seconds"]) == {
+        "retrieval",
+        "rag",
+    }
+    table = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "| method | recall@1 | recall@5 | recall@20 | MRR@10 | nDCG@10 |" in table
+    assert "| metric | closed-book | retrieved | gold passage |" in table and "| rag | bm25 top-2, 1-shot |" in table
+    assert "retrieval" not in suite.DEFAULT_TASKS and "rag" not in suite.DEFAULT_TASKS

@@ -88,6 +88,22 @@ def _data(data_report: Mapping[str, Any] | None, data_path: str) -> list[str]:
     return lines
 
 
+def _retrieval_note(report: Mapping[str, Any]) -> list[str]:
+    """What the retrieval and rag figures measure, when the report has them."""
+    notes = []
+    if "retrieval" in report:
+        notes.append(
+            "retrieval: each XQuAD-es question searched over the file's contexts; the gold passage is its own "
+            "context. dense pools this model's own hidden states unless another embedder run was given."
+        )
+    if "rag" in report:
+        notes.append(
+            "rag: the same few-shot XQuAD prompt with no context (closed-book), the retrieved passages, or the "
+            "question's own context (gold passage): what retrieval adds, and what it loses against the oracle."
+        )
+    return ["", *notes] if notes else []
+
+
 def _limitations(
     config: ml_collections.ConfigDict, num_params: int, step: int, data_report: Mapping[str, Any] | None
 ) -> list[str]:
@@ -140,6 +156,7 @@ def model_card(
             "`scripts/evaluate.py` (every figure, with the settings, is in its JSON report).",
             "",
             markdown_table(report).rstrip(),
+            *_retrieval_note(report),
         ],
         [
             "## Intended use",

@@ -1,8 +1,10 @@
 """The evaluation report: one JSON file with every figure, and the same results as a Markdown table.
 
-Scores of tasks are percentages (accuracy, macro-F1, exact match, F1, BLEU, chrF, ROUGE); bpb is bits per
-UTF-8 byte and perplexity is per token of the run's tokenizer. Each row carries its baseline: the unigram
-model for bpb, chance for multiple choice, the clean score for a perturbed input.
+Scores of tasks are percentages (accuracy, macro-F1, exact match, F1, BLEU, chrF, ROUGE, and retrieval's
+recall, MRR and nDCG scaled by 100); bpb is bits per UTF-8 byte and perplexity is per token of the run's
+tokenizer. Each row carries its baseline: the unigram model for bpb, chance for multiple choice, the clean
+score for a perturbed input, closed-book for rag. Retrieval and rag also get side-by-side tables below the
+main one (methods by metrics, conditions by metrics).
 """
 
 from __future__ import annotations
@@ -24,7 +26,17 @@ _LABELS = {
     "rouge1": "ROUGE-1",
     "rouge2": "ROUGE-2",
     "rougeL": "ROUGE-L",
+    "recall@1": "recall@1",
+    "recall@5": "recall@5",
+    "recall@20": "recall@20",
+    "mrr@10": "MRR@10",
+    "ndcg@10": "nDCG@10",
+    "hit_rate": "retrieval hit rate",
 }
+_RETRIEVAL_METRICS = ("recall@1", "recall@5", "recall@20", "mrr@10", "ndcg@10")
+_RAG_CONDITIONS = {"closed_book": "closed-book", "retrieved": "retrieved", "gold": "gold passage"}
+_RAG_METRICS = ("exact_match", "f1", "hit_rate")
+_RAG_ROWS = {"passages": "passages in the prompt", "gold_cut": "gold passage cut to fit"}
 _GENERATION_METRICS = {"mgsm": ("exact_match",), "xquad": ("exact_match", "f1", "bleu", "chrf", "rougeL")}
 _MULTIPLE_CHOICE_METRICS = {"xnli": ("accuracy",), "sentiment": ("accuracy", "macro_f1")}
 
@@ -96,6 +108,7 @@ def table_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]
             rows.append(
                 (task, f"{shots}-shot" if shots else "zero-shot", _LABELS[metric], _percent(report[task][metric]), "-")
             )
+    rows += _retrieval_rows(report)
     for task, entry in report.get("robustness", {}).items():
         for kind in ("typos", "no_accents"):
             setting = f"{kind.replace('_', ' ')}, {entry['setting'].replace('_', '-')}"
@@ -113,10 +126,65 @@ def table_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]
     return rows
 
 
+def _retrieval_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    rows = [
+        ("retrieval", method, _LABELS[metric], _percent(scores[metric]), "-")
+        for method, scores in report.get("retrieval", {}).get("methods", {}).items()
+        for metric in _RETRIEVAL_METRICS
+    ]
+    if "rag" in report:
+        rag, shots = report["rag"], _shots(report["settings"]["num_shots"])
+        retrieved = f"{rag['searcher']} top-{rag['num_passages']}"
+        for condition, label in {**_RAG_CONDITIONS, "retrieved": retrieved}.items():
+            for metric in [metric for metric in _RAG_METRICS if metric in rag[condition]]:
+                closed_book = rag["closed_book"].get(metric) if condition != "closed_book" else None
+                baseline = "-" if closed_book is None else f"closed-book {_percent(closed_book)}"
+                rows.append(("rag", f"{label}, {shots}", _LABELS[metric], _percent(rag[condition][metric]), baseline))
+    return rows
+
+
+def _shots(num_shots: int) -> str:
+    return f"{num_shots}-shot" if num_shots else "zero-shot"
+
+
+def _side_by_side(report: Mapping[str, Any]) -> list[str]:
+    """The retrieval methods by metric, and the rag conditions by metric, as two small tables."""
+    lines = []
+    if "retrieval" in report:
+        retrieval = report["retrieval"]
+        lines += [
+            "",
+            f"Retrieval: {retrieval['queries']} XQuAD-es questions over {retrieval['passages']} contexts (percent).",
+            "",
+            "| method | " + " | ".join(_LABELS[metric] for metric in _RETRIEVAL_METRICS) + " |",
+            "|---|" + "---:|" * len(_RETRIEVAL_METRICS),
+        ]
+        lines += [
+            f"| {name} | " + " | ".join(_percent(scores[metric]) for metric in _RETRIEVAL_METRICS) + " |"
+            for name, scores in retrieval["methods"].items()
+        ]
+    if "rag" in report:
+        rag = report["rag"]
+        lines += [
+            "",
+            f"RAG: {rag['examples']} XQuAD-es questions, {_shots(report['settings']['num_shots'])} (on average "
+            f"{rag['shots']:.1f} shots fitted the context); retrieved = {rag['searcher']} top-{rag['num_passages']} "
+            "(percent, except the mean number of passages).",
+            "",
+            "| metric | " + " | ".join(_RAG_CONDITIONS.values()) + " |",
+            "|---|" + "---:|" * len(_RAG_CONDITIONS),
+        ]
+        for metric in (*_RAG_METRICS, "passages", "gold_cut"):
+            cells = [rag[condition].get(metric) for condition in _RAG_CONDITIONS]
+            shown = [("-" if value is None else f"{value:.1f}") for value in cells]
+            lines.append(f"| {_RAG_ROWS.get(metric) or _LABELS[metric]} | " + " | ".join(shown) + " |")
+    return lines
+
+
 def markdown_table(report: Mapping[str, Any]) -> str:
     lines = ["| task | setting | metric | score | baseline |", "|---|---|---|---:|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _side_by_side(report)) + "\n"
 
 
 def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> str:

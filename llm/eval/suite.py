@@ -1,8 +1,9 @@
 """The evaluation suite: which tasks exist, their default sizes, and running a selection of them on a run.
 
 `run_tasks` runs the multiple-choice and generation tasks (and their robustness variants) against any
-log-likelihood and generation functions, so tests can pass fakes with known outputs; `evaluate_run` wires a
-loaded run (llm.runs.loading.Run) into it and adds bits-per-byte with its unigram baseline.
+log-likelihood and generation functions, and retrieval and rag against any searchers, so tests can pass fakes
+with known outputs; `evaluate_run` wires a loaded run (llm.runs.loading.Run) into it and adds bits-per-byte
+with its unigram baseline.
 
 Default sizes keep a CPU evaluation of the 5M-parameter tiny model near two minutes: a seeded subset of
 DEFAULT_MAX_EXAMPLES examples per task (`max_examples` overrides all of them; -1 means every example),
@@ -22,15 +23,21 @@ import ml_collections
 
 from llm import tokenizer as tokenizer_lib
 from llm.data import records
-from llm.eval import generation_tasks, multiple_choice, perplexity, robustness, tasks
+from llm.eval import generation_tasks, multiple_choice, perplexity, rag_task, retrieval, robustness, tasks
 from llm.eval.generation_tasks import Generate
+from llm.eval.retrieval import Searcher
 from llm.eval.scoring import Loglikelihood, Scorer
+from llm.model.transformer import context_length
+from llm.rag.embeddings import Embedder
+from llm.rag.passages import Counter, Passage, token_counter
 from llm.runs.loading import Run
 
-TASKS = ("bpb", "xnli", "sentiment", "mgsm", "xquad", "robustness")
+TASKS = ("bpb", "xnli", "sentiment", "mgsm", "xquad", "robustness", "retrieval", "rag")
+# retrieval (embedding every XQuAD-es question) and rag (three generations per question) stay opt-in.
+DEFAULT_TASKS = tuple(name for name in TASKS if name not in ("retrieval", "rag"))
 PERTURBABLE_TASKS = ("xnli", "sentiment", "mgsm", "xquad")
 DEFAULT_ROBUSTNESS_TASKS = ("xnli", "sentiment")  # when robustness is asked for without any of the tasks
-DEFAULT_MAX_EXAMPLES = {"xnli": 120, "sentiment": 120, "mgsm": 32, "xquad": 32}
+DEFAULT_MAX_EXAMPLES = {"xnli": 120, "sentiment": 120, "mgsm": 32, "xquad": 32, "retrieval": -1, "rag": 32}
 DEFAULT_NUM_SHOTS = 3
 DEFAULT_MAX_NEW_TOKENS = 16
 UD_FILE = "ud_gsd_es_dev.conllu"
@@ -62,6 +69,9 @@ class Settings:
     num_shots: int = DEFAULT_NUM_SHOTS  # solved examples in front of each prompt (multiple choice: also 0)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # generation budget of mgsm and xquad answers
     seed: int = 0  # seeds the example subsets, the shots and the typos
+    embedder: str = ""  # run whose embeddings the dense searcher uses; "" means the evaluated run
+    rag_passages: int = 3  # retrieved passages offered to the rag prompt (fewer if they do not fit)
+    rag_searcher: str = "bm25"  # the search method of rag's retrieved condition (retrieval.SEARCH_METHODS)
 
     def examples(self, task: str) -> int:
         return DEFAULT_MAX_EXAMPLES[task] if self.max_examples == 0 else self.max_examples
@@ -89,6 +99,13 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
             f"num_shots must be >= 0 (got {settings.num_shots}), max_new_tokens >= 1 (got "
             f"{settings.max_new_tokens}) and max_examples >= -1 (got {settings.max_examples})."
         )
+    if settings.rag_passages < 1 or settings.rag_searcher not in retrieval.SEARCH_METHODS:
+        raise ValueError(
+            f"rag_passages must be >= 1 (got {settings.rag_passages}) and rag_searcher one of "
+            f"{retrieval.SEARCH_METHODS} (got {settings.rag_searcher!r})."
+        )
+    if settings.embedder and not os.path.isdir(settings.embedder):
+        raise FileNotFoundError(f"--embedder={settings.embedder!r} is not a run directory.")
     needed = set(task_names)
     if "robustness" in needed:
         needed.update(robustness_targets(task_names))
@@ -96,6 +113,8 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
         "xnli": [tasks.XNLI_FILE],
         "mgsm": [tasks.MGSM_FILE],
         "xquad": [tasks.XQUAD_FILE],
+        "retrieval": [tasks.XQUAD_FILE],
+        "rag": [tasks.XQUAD_FILE],
         "sentiment": [f"sentiment_es_{split}_{kind}.txt" for split in ("train", "test") for kind in ("text", "labels")],
         "bpb": [] if settings.text_file else [UD_FILE],
     }
@@ -149,10 +168,25 @@ def run_task(
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class RetrievalTools:
+    """What retrieval and rag need besides `generate`: the search methods over a corpus, a text's length in
+    the generator's tokens (no BOS) and the generator's context length."""
+
+    make_searchers: Callable[[list[Passage]], dict[str, Searcher]]
+    count: Counter
+    context: int
+
+
 def run_tasks(
-    task_names: Sequence[str], settings: Settings, loglikelihood: Loglikelihood, generate: Generate
+    task_names: Sequence[str],
+    settings: Settings,
+    loglikelihood: Loglikelihood,
+    generate: Generate,
+    tools: RetrievalTools | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Results and seconds of every selected task except bpb (see `evaluate_run`)."""
+    """Results and seconds of every selected task except bpb (see `evaluate_run`); retrieval and rag need
+    `tools`."""
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     clean: dict[str, Any] = {}
@@ -170,6 +204,57 @@ def run_tasks(
             name: _robustness(name, settings, clean[name], loglikelihood, generate) for name in targets
         }
         seconds["robustness"] = time.perf_counter() - start
+    if "retrieval" in task_names or "rag" in task_names:
+        if tools is None:
+            raise ValueError("The retrieval and rag tasks need RetrievalTools (searchers and a prompt budget).")
+        retrieval_results, retrieval_seconds = _run_retrieval_tasks(task_names, settings, generate, tools)
+        results.update(retrieval_results)
+        seconds.update(retrieval_seconds)
+    return results, seconds
+
+
+def _run_retrieval_tasks(
+    task_names: Sequence[str], settings: Settings, generate: Generate, tools: RetrievalTools
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """retrieval and rag over one corpus and one set of searchers (built once, timed with the first task)."""
+    start = time.perf_counter()
+    articles, passages, gold_of = retrieval.load_corpus(settings.data_dir)
+    searchers = tools.make_searchers(passages)
+    results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    if "retrieval" in task_names:
+        logging.info("Evaluating retrieval (%s) over %d passages", ", ".join(searchers), len(passages))
+        questions = [question for article in articles for question in article]
+        scored = tasks.subsample(questions, settings.examples("retrieval"), settings.seed)
+        results["retrieval"] = {
+            "methods": retrieval.evaluate_retrieval(scored, gold_of, searchers),
+            "queries": len(scored),
+            "passages": len(passages),
+        }
+        seconds["retrieval"] = time.perf_counter() - start
+        start = time.perf_counter()
+    if "rag" in task_names:
+        logging.info("Evaluating rag (%s, top %d)", settings.rag_searcher, settings.rag_passages)
+        shots = tasks.choose_shots(articles[0], settings.num_shots, settings.seed)
+        scored = tasks.subsample(
+            [question for article in articles[1:] for question in article], settings.examples("rag"), settings.seed
+        )
+        budget = rag_task.Budget(tools.count, tools.context - settings.max_new_tokens - 1)  # BOS comes first
+        results["rag"] = {
+            "searcher": settings.rag_searcher,
+            **rag_task.evaluate_rag(
+                scored,
+                shots,
+                passages,
+                gold_of,
+                searchers[settings.rag_searcher],
+                generate,
+                budget,
+                settings.max_new_tokens,
+                settings.rag_passages,
+            ),
+        }
+        seconds["rag"] = time.perf_counter() - start
     return results, seconds
 
 
@@ -244,7 +329,15 @@ def evaluate_run(
         results.update(evaluate_bpb(scorer.score_tokens, unigram, run.tokenizer, scorer.max_len, settings))
         seconds["bpb"] = time.perf_counter() - start
     generate = generation_tasks.run_generator(run, batch_size)
-    task_results, task_seconds = run_tasks(task_names, settings, scorer.loglikelihood, generate)
+    tools = None
+    if "retrieval" in task_names or "rag" in task_names:
+        embedder = Embedder.from_run(settings.embedder) if settings.embedder else Embedder(run.model, run.tokenizer)
+        tools = RetrievalTools(
+            lambda passages: retrieval.default_searchers(passages, embedder),
+            token_counter(run.tokenizer),
+            context_length(run.model.cfg),
+        )
+    task_results, task_seconds = run_tasks(task_names, settings, scorer.loglikelihood, generate, tools)
     results.update(task_results)
     seconds.update(task_seconds)
     return results, seconds

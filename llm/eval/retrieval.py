@@ -1,0 +1,123 @@
+"""The `retrieval` task: XQuAD-es questions searched over XQuAD-es contexts, scored by recall, MRR and nDCG.
+
+The corpus is every distinct context of the file, one passage each: an article is a document (its contexts
+joined by blank lines), a context is its passage number p, with the id "xquad_es/<article>#<p>". A
+question's gold passage is its own context. Each method is a searcher, `(query, k) -> passage ids, best
+first`; the task asks every method for the top MAX_K of each question and reports, in percent and averaged
+over the questions: recall@1, @5 and @20 (the gold passage among the first k), MRR@10 (one over the gold's
+rank, 0 below rank 10) and nDCG@10, all as trec_eval defines them (the tests compare with pytrec_eval).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from llm.eval import tasks
+from llm.rag.embeddings import Embedder
+from llm.rag.lexical import LexicalIndex
+from llm.rag.passages import Passage
+
+# (query, k) -> the ids of the best k passages (or fewer), best first.
+Searcher = Callable[[str, int], list[str]]
+SEARCH_METHODS = ("bm25", "dense")  # what default_searchers offers
+RECALL_CUTOFFS = (1, 5, 20)
+RANK_CUTOFF = 10  # of MRR and nDCG
+MAX_K = max(*RECALL_CUTOFFS, RANK_CUTOFF)
+METRICS = (*(f"recall@{k}" for k in RECALL_CUTOFFS), f"mrr@{RANK_CUTOFF}", f"ndcg@{RANK_CUTOFF}")
+
+
+def xquad_corpus(articles: Sequence[Sequence[tasks.QaExample]], source: str) -> tuple[list[Passage], dict[str, str]]:
+    """(passages, context -> passage id) of XQuAD articles (lists of questions, as tasks.read_xquad gives)."""
+    passages: list[Passage] = []
+    id_of: dict[str, str] = {}
+    for number, article in enumerate(articles):
+        start = 0
+        contexts = [
+            context for context in dict.fromkeys(question.context for question in article) if context not in id_of
+        ]
+        for index, context in enumerate(contexts):
+            document = f"xquad_es/{number}"
+            passage = Passage(f"{document}#{index}", document, index, start, start + len(context), source, context)
+            passages.append(passage)
+            id_of[context] = passage.id
+            start += len(context) + 2  # the blank line joining the contexts of the article
+    return passages, id_of
+
+
+def ranked_ids(scores: Mapping[str, float]) -> list[str]:
+    """Passage ids by score, best first; ties go to the larger id, as trec_eval orders them."""
+    return sorted(scores, key=lambda passage_id: (scores[passage_id], passage_id), reverse=True)
+
+
+def query_metrics(ranking: Sequence[str], relevance: Mapping[str, int]) -> dict[str, float]:
+    """The METRICS (fractions) of one query's ranking against its graded relevance (passage id -> grade > 0)."""
+    if len(set(ranking)) != len(ranking):
+        raise ValueError(f"A ranking names a passage twice: {list(ranking)}")
+    relevant = {passage_id for passage_id, grade in relevance.items() if grade > 0}
+    if not relevant:
+        raise ValueError("A query needs at least one relevant passage.")
+    metrics = {f"recall@{k}": len(relevant.intersection(ranking[:k])) / len(relevant) for k in RECALL_CUTOFFS}
+    ranks = [rank for rank, passage_id in enumerate(ranking[:RANK_CUTOFF], start=1) if passage_id in relevant]
+    metrics[f"mrr@{RANK_CUTOFF}"] = 1.0 / ranks[0] if ranks else 0.0
+    gains = [relevance.get(passage_id, 0) for passage_id in ranking[:RANK_CUTOFF]]
+    ideal = sorted(relevance.values(), reverse=True)[:RANK_CUTOFF]
+    metrics[f"ndcg@{RANK_CUTOFF}"] = _dcg(gains) / _dcg(ideal)
+    return metrics
+
+
+def _dcg(gains: Sequence[float]) -> float:
+    return sum(gain / math.log2(rank + 1) for rank, gain in enumerate(gains, start=1))
+
+
+def mean_metrics(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """The METRICS in percent, averaged over every query of `qrels` (a query without a ranking scores 0)."""
+    if not qrels:
+        raise ValueError("No queries to score.")
+    totals = dict.fromkeys(METRICS, 0.0)
+    for query_id, relevance in qrels.items():
+        for name, value in query_metrics(rankings.get(query_id, []), relevance).items():
+            totals[name] += value
+    return {name: 100.0 * total / len(qrels) for name, total in totals.items()}
+
+
+def evaluate_retrieval(
+    questions: Sequence[tasks.QaExample], gold_of: Mapping[str, str], searchers: Mapping[str, Searcher]
+) -> dict[str, dict[str, float]]:
+    """Per method, the METRICS of its top MAX_K for each question; gold_of maps a context to its passage id."""
+    if not questions:
+        raise ValueError("No XQuAD questions to search for.")
+    qrels = {question.id: {gold_of[question.context]: 1} for question in questions}
+    return {
+        method: mean_metrics({question.id: search(question.question, MAX_K) for question in questions}, qrels)
+        for method, search in searchers.items()
+    }
+
+
+def default_searchers(passages: Sequence[Passage], embedder: Embedder | None) -> dict[str, Searcher]:
+    """ "bm25" (LexicalIndex) and, with an embedder, "dense": exact inner product of L2-normalised embeddings
+    (the passages are embedded on the first dense search, so a task that uses only bm25 never pays for it)."""
+    index = LexicalIndex.build(list(passages))
+    searchers: dict[str, Searcher] = {"bm25": lambda query, k: [passage.id for passage, _ in index.search(query, k)]}
+    if embedder is not None:
+        ids = [passage.id for passage in passages]
+        matrix = functools.cache(lambda: embedder.embed([passage.text for passage in passages], "passage"))
+
+        def dense(query: str, k: int) -> list[str]:
+            scores = matrix() @ embedder.embed([query], "query")[0]
+            return ranked_ids(dict(zip(ids, np.asarray(scores, np.float64).tolist(), strict=True)))[:k]
+
+        searchers["dense"] = dense
+    return searchers
+
+
+def load_corpus(data_dir: str) -> tuple[list[list[tasks.QaExample]], list[Passage], dict[str, str]]:
+    """(articles, passages, context -> passage id) of the XQuAD-es file in `data_dir`."""
+    path = tasks.data_file(data_dir, tasks.XQUAD_FILE)
+    articles = tasks.read_xquad(path)
+    passages, gold_of = xquad_corpus(articles, os.path.basename(path))
+    return articles, passages, gold_of

@@ -1,5 +1,6 @@
 """Grounded prompts, the retrieval metrics against pytrec_eval (trec_eval), and the retrieval and rag tasks."""
 
+import dataclasses
 import json
 import re
 
@@ -95,17 +96,25 @@ def passages():
     return found
 
 
-def test_a_passage_that_does_not_fit_is_left_out_and_a_shorter_one_still_gets_in(passages, tokenizer):
+def test_the_first_passage_that_does_not_fit_ends_the_prompt_so_rank_order_is_kept(passages, tokenizer):
     count = token_counter(tokenizer)
-    short, long, last = passages
+    short, long, last = passages  # `long` is one sentence: it cannot be cut
     exact = count(render_grounded(QUESTION, [short, last]))
     assert count(render_grounded(QUESTION, [short, long])) > exact  # the long one cannot be the second
     prompt = grounded_prompt(QUESTION, passages, tokenizer, exact)
-    assert prompt.passages == (short, last) and prompt.tokens == exact == len(tokenizer.encode(prompt.text))
-    assert prompt.text == render_grounded(QUESTION, [short, last])
-    assert "[1] (aragon.txt) El río Ebro" in prompt.text and "[2] (aragon.txt) El Pilar" in prompt.text
-    assert prompt.text.endswith(f"Pregunta: {QUESTION}\nRespuesta:")
-    assert grounded_prompt(QUESTION, passages, tokenizer, exact - 1).passages == (short,)
+    assert prompt.passages == (short,)  # `last` would fit, but it ranks below `long`
+    assert prompt.tokens == count(prompt.text) == len(tokenizer.encode(prompt.text))
+    assert prompt.text == render_grounded(QUESTION, [short])
+    assert "[1] (aragon.txt) El río Ebro" in prompt.text and prompt.text.endswith(f"Pregunta: {QUESTION}\nRespuesta:")
+    assert grounded_prompt(QUESTION, [short, last], tokenizer, exact).passages == (short, last)
+
+
+def test_a_passage_that_does_not_fit_whole_is_cut_at_a_sentence_end_and_closes_the_prompt(passages, tokenizer):
+    short, long, last = passages  # `short` has two sentences
+    first_sentence = dataclasses.replace(short, end=short.start + 29, text="El río Ebro nace en Fontibre.")
+    budget = token_counter(tokenizer)(render_grounded(QUESTION, [last, first_sentence]))
+    prompt = grounded_prompt(QUESTION, [last, short, long], tokenizer, budget)
+    assert prompt.passages == (last, first_sentence) and prompt.tokens <= budget
 
 
 def test_sources_point_to_the_real_passages_and_flag_the_cited_ones(passages, tokenizer):

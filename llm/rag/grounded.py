@@ -3,11 +3,12 @@
 Budgeting (`fit_passages`) is shared by every prompt style: a `render` function turns the chosen passages
 into the prompt text, and passages are added best first while the whole rendered prompt still fits the budget
 (the model's context minus the answer's tokens), counted on the full text because tokens of joined pieces
-need not add up. A passage that does not fit whole is skipped, so a shorter one further down may still get
-in. Only when not even one passage fits whole is the best one cut at the last sentence end that fits (its
-`end` and `text` shortened, its id kept): part of the best passage grounds an answer better than none, and
-a small model's context often holds less than one paragraph. A prompt that does not fit without any
-passage is a ValueError giving its length and the budget.
+need not add up. The first passage that does not fit whole is cut at the last sentence end that fits (its
+`end` and `text` shortened, its id kept), and nothing after it is added: rank order is kept, so a shorter,
+worse passage never takes the place of a better one (on the quickstart model, whose 256-token context often
+holds less than one XQuAD paragraph, skipping to shorter passages put the gold passage in 59% of prompts
+against BM25's 92% recall@1). A prompt that does not fit without any passage is a ValueError giving its
+length and the budget.
 
 Two styles use it: `grounded_prompt`, the instruction prompt of ask.py and the server ("Responde ...", the
 passages numbered [1]..[n] with their source, then "Pregunta: ...\nRespuesta:"), and any few-shot frame a
@@ -71,15 +72,15 @@ def _counter(tokens: AnyTokenizer | Counter) -> Counter:
     return tokens if callable(tokens) and not hasattr(tokens, "encode") else token_counter(tokens)
 
 
-def _cut_to_fit(render: Render, passage: Passage, count: Counter, budget: int) -> Passage | None:
-    """The longest start of `passage` ending at a sentence end whose prompt fits, or None (binary search:
-    the prompt grows with the cut)."""
+def _cut_to_fit(render: Render, used: list[Passage], passage: Passage, count: Counter, budget: int) -> Passage | None:
+    """The longest start of `passage` ending at a sentence end whose prompt (after `used`) fits, or None
+    (binary search: the prompt grows with the cut)."""
     ends = [end for _, end in sentence_spans(passage.text)]
     low, high, best = 0, len(ends) - 1, None
     while low <= high:
         middle = (low + high) // 2
         cut = dataclasses.replace(passage, end=passage.start + ends[middle], text=passage.text[: ends[middle]])
-        if count(render([cut])) <= budget:
+        if count(render([*used, cut])) <= budget:
             best, low = cut, middle + 1
         else:
             high = middle - 1
@@ -103,9 +104,10 @@ def fit_passages(
     for passage in ranked:
         if count(render([*used, passage])) <= budget:
             used.append(passage)
-    if not used and ranked:
-        cut = _cut_to_fit(render, ranked[0], count, budget)
-        used = [cut] if cut else []
+            continue
+        cut = _cut_to_fit(render, used, passage, count, budget)
+        used += [cut] if cut else []
+        break
     text = render(used)
     return GroundedPrompt(text, tuple(used), count(text), budget)
 

@@ -113,6 +113,18 @@ def test_miner_makes_inverse_cloze_pairs_and_drops_planted_xquad(tmp_path):
     assert again == [e for _, _, e in mined] and other != again  # the seed chooses the query sentence
 
 
+def test_eval_overlap_catches_a_copied_question_and_a_stretch_across_sentences():
+    overlap = contrastive.EvalOverlap(
+        [
+            "Primera frase con muchas palabras para el ejemplo de hoy. Segunda frase que también tiene palabras.",
+            "¿Cuál es la capital de Francia?",
+        ]
+    )
+    assert overlap.overlaps("Pregunta: ¿cuál es la CAPITAL de  francia?")  # a sentence, whatever case and spacing
+    assert overlap.overlaps("con muchas palabras para el ejemplo de hoy. Segunda frase que también tiene")  # 13 words
+    assert not overlap.overlaps("La capital de Francia es París. Primera frase con muchas palabras.")
+
+
 def write_pairs(path, lines):
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")

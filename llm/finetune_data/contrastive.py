@@ -59,32 +59,33 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 class EvalOverlap:
-    """Whether a text shares a sentence or a 13-word sequence with evaluation texts (exact, after `_words`).
+    """Whether a text contains a 13-word sequence of evaluation texts, or the whole of one of their short
+    sentences or questions (4 to 12 words), compared as `_words` (case-folded, accents kept, punctuation ignored).
 
-    Exact checks are cheap (two set look-ups per sentence and n-gram) and have no false positives to tune:
-    what is refused is a copy of evaluation text, the contamination that inflates retrieval scores. The
-    sentence set catches short texts (questions, a single sentence) that have no 13-gram; the 13-grams catch a
-    copied stretch whose sentence boundaries differ. Paraphrases pass, as in any n-gram decontamination.
+    Exact checks are cheap (a set look-up per window of the text) and have no threshold to tune: what is
+    refused is a copy of evaluation text, the contamination that inflates retrieval scores. The 13-grams
+    (GPT-3's decontamination) catch a copied stretch wherever sentence boundaries fall; the short sentences
+    catch what has no 13-gram, such as a question copied into a query. Paraphrases pass, as in any n-gram
+    decontamination.
     """
 
     def __init__(self, texts: Iterable[str]):
-        self.sentences: set[tuple[str, ...]] = set()
         self.ngrams: set[tuple[str, ...]] = set()
+        self.short: set[tuple[str, ...]] = set()
         for text in texts:
-            self.sentences.update(self._sentence_keys(text))
-            self.ngrams.update(self._ngrams(_words(text)))
-
-    @staticmethod
-    def _sentence_keys(text: str) -> set[tuple[str, ...]]:
-        keys = {_words(text[start:end]) for start, end in sentence_spans(text)} | {_words(text)}
-        return {key for key in keys if len(key) >= MIN_SENTENCE_WORDS}
-
-    @staticmethod
-    def _ngrams(words: tuple[str, ...]) -> set[tuple[str, ...]]:
-        return {words[i : i + NGRAM] for i in range(len(words) - NGRAM + 1)}
+            words = _words(text)
+            self.ngrams.update(words[i : i + NGRAM] for i in range(len(words) - NGRAM + 1))
+            keys = {words} | {_words(text[start:end]) for start, end in sentence_spans(text)}
+            self.short.update(key for key in keys if MIN_SENTENCE_WORDS <= len(key) < NGRAM)
+        self._short_lengths = sorted({len(key) for key in self.short})
 
     def overlaps(self, text: str) -> bool:
-        return bool(self._sentence_keys(text) & self.sentences or self._ngrams(_words(text)) & self.ngrams)
+        words = _words(text)
+        return any(
+            words[i : i + length] in keys
+            for length, keys in ((NGRAM, self.ngrams), *((n, self.short) for n in self._short_lengths))
+            for i in range(len(words) - length + 1)
+        )
 
 
 @functools.cache

@@ -117,7 +117,9 @@ def _init_fn(
         frozen = {"rest": rest}
         if objective.reference:
             frozen["reference"] = params  # The policy before training is the DPO reference.
-        params = nnx.State({**params, **objective.params(config.train)})
+        own = objective.params(config.train)
+        if own:
+            params = nnx.State({**params, **own})
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}, frozen
 
     return init
@@ -127,9 +129,10 @@ def _loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, objectiv
     own = tuple(objective.params(config.train))  # The objective's entries of `params` (see the docstring).
 
     def loss_fn(params: nnx.State, frozen: Frozen, batch: Batch, key: jax.Array | None):
-        model_params = nnx.State({name: value for name, value in params.items() if name not in own})
         loss_params = {name: params[name][...] for name in own}
-        model = nnx.merge(graphdef, model_params, frozen["rest"])
+        if own:
+            params = nnx.State({name: value for name, value in params.items() if name not in own})
+        model = nnx.merge(graphdef, params, frozen["rest"])
         reference = nnx.merge(graphdef, frozen["reference"], frozen["rest"]) if objective.reference else None
         value, sums, weight = objective.terms(model, reference, batch, key, config.train, loss_params)
         return value, (sums, weight)

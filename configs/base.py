@@ -36,7 +36,8 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
-    "train.objective": ("lm", "dpo"),
+    "train.objective": ("lm", "dpo", "contrastive"),
+    "train.contrastive_pooling": ("mean", "last"),
     "train.trainable": ("all", "lora", "soft_prompt"),
     "train.quantize_base": ("none", "int8", "int4"),
     "quantization.mode": ("none", "int8", "int4", "int8_act"),
@@ -109,7 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 1000  # Optimizer steps.
-    train.objective = "lm"  # "lm" (next-token cross-entropy) or "dpo" (preference pairs, needs init_from).
+    # "lm" (next-token cross-entropy), "dpo" (preference pairs, needs init_from) or "contrastive" (a sentence
+    # embedder from (query, positive, negative?) triples: scripts/prepare_pairs.py).
+    train.objective = "lm"
     # "all" parameters, "lora" (only the adapters; needs model.lora_rank > 0) or "soft_prompt" (only the
     # prompt-tuning embeddings; needs model.soft_prompt_length > 0).
     train.trainable = "all"
@@ -118,6 +121,14 @@ def get_config() -> ml_collections.ConfigDict:
     train.quantize_group_size = 128  # Inputs per int4 scale (0: one scale per output channel).
     train.dpo_beta = 0.1  # DPO: strength of the KL constraint to the reference model.
     train.dpo_label_smoothing = 0.0  # DPO: assumed probability that a preference label is wrong (cDPO).
+    train.contrastive_temperature = 0.05  # Contrastive: logits are cosine similarity / this (the start if learned).
+    train.contrastive_learn_temperature = False  # Contrastive: train the temperature too (CLIP), floored at 0.01.
+    # Contrastive: comma-separated Matryoshka widths below embed_dim, e.g. "32,64": the loss is averaged over
+    # the full embedding and each re-normalised prefix, so a prefix serves as a smaller embedding ("": none).
+    train.matryoshka_dims = ""
+    train.contrastive_pooling = "mean"  # Contrastive: "mean" of the final hidden states or the "last" token's.
+    train.query_prefix = "consulta: "  # Contrastive: text before every query (the data and the embedder add it).
+    train.passage_prefix = "pasaje: "  # Contrastive: text before every positive and negative passage.
     train.batch_size = 32  # Global batch in sequences (all hosts, all microbatches).
     train.grad_accum_steps = 1  # Microbatches per step; the batch is split and gradients summed in one jit.
     train.z_loss = 0.0  # Coefficient of the z-loss (log Z)^2 that keeps logits from drifting (PaLM: 1e-4).

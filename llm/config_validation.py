@@ -36,6 +36,7 @@ POSITIVE = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "optimizer.learning_rate",
+    "train.contrastive_temperature",
 )
 NON_NEGATIVE = (
     "model.head_dim",
@@ -161,9 +162,27 @@ def _check_relations(config: ml_collections.ConfigDict) -> None:
     for key in ("model.lora_dropout", "train.dpo_label_smoothing", "data.replay_fraction"):
         if not 0.0 <= _get(config, key) < 1.0:
             raise ConfigError(f"config.{key}={_get(config, key)} must be in [0, 1).")
+    matryoshka_dims(train.matryoshka_dims, model.embed_dim)
     if config.data.replay_fraction > 0 and not config.data.replay_path:
         raise ConfigError("config.data.replay_fraction > 0 needs config.data.replay_path.")
     _check_axis_rules(config.logical_axis_rules)
+
+
+def matryoshka_dims(value: str, embed_dim: int) -> tuple[int, ...]:
+    """The widths of `train.matryoshka_dims` ("32,64"), ascending; a bad entry is a ConfigError naming the key."""
+    dims = set()
+    for part in value.split(",") if value.strip() else []:
+        try:
+            dim = int(part)
+        except ValueError:
+            dim = 0
+        if not 0 < dim < embed_dim:
+            raise ConfigError(
+                f"config.train.matryoshka_dims={value!r}: {part.strip()!r} is not a width between 1 and "
+                f"config.model.embed_dim - 1 = {embed_dim - 1} (the full width always counts; '' for none)."
+            )
+        dims.add(dim)
+    return tuple(sorted(dims))
 
 
 def _check_axis_rules(rules: Any) -> None:

@@ -10,6 +10,7 @@ from conftest import REPO, run_script, tiny_config
 import configs
 from configs import base, tiny_es
 from llm import config_validation
+from llm.model import pooling
 from llm.model.transformer import REMAT_POLICIES
 from llm.runs import directory
 from llm.runs.build import TRAINABLE
@@ -91,6 +92,7 @@ def test_command_line_errors_fail_before_any_work(flag, message, tmp_path):
     [
         ("train.objective", set(losses.OBJECTIVES)),
         ("train.trainable", set(TRAINABLE)),
+        ("train.contrastive_pooling", set(pooling.POOLINGS)),
         ("optimizer.schedule", set(optimizer.SCHEDULES)),
         ("model.remat_policy", {"none", *REMAT_POLICIES}),  # "none" skips jax.checkpoint altogether
     ],

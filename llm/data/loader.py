@@ -21,20 +21,27 @@ from llm.data import records
 Batch = dict[str, np.ndarray]
 
 
-def _rows(split_dir: str, seq_len: int, pairs: bool = False) -> grain.MapDataset:
-    """The decoded rows (or DPO preference pairs) of one split, after checking their length is `seq_len`."""
+def _rows(split_dir: str, seq_len: int, fields: tuple[str, ...] = records.FIELDS) -> grain.MapDataset:
+    """The decoded records of one split (packed rows, DPO pairs or contrastive triples, as `fields` says: one
+    of the keys of records.DECODERS), after checking their rows have length `seq_len`."""
     paths = records.shard_paths(split_dir)
     source = grain.sources.ArrayRecordDataSource(paths)
     if len(source) == 0:
         raise ValueError(f"The shards in {split_dir!r} hold no rows.")
-    fields = records.PAIR_FIELDS if pairs else records.FIELDS
-    row_len = len(source[0]) // (4 * len(fields))
+    record_bytes = len(source[0])
+    if record_bytes % (4 * len(fields)):
+        raise ValueError(
+            f"Records in {paths[0]!r} ({record_bytes} bytes) are not {len(fields)} int32 rows: they were prepared "
+            "for another train.objective (packed rows, DPO pairs and contrastive triples differ)."
+        )
+    row_len = record_bytes // (4 * len(fields))
     if row_len != seq_len:
         raise ValueError(
             f"Rows in {paths[0]!r} have length {row_len}, but config.data.seq_len is {seq_len}. "
-            "Set --config.data.seq_len to match, or re-pack the data."
+            "Set --config.data.seq_len to match, re-pack the data, or check it was prepared for this "
+            "train.objective."
         )
-    return grain.MapDataset.source(source).map(records.decode_pair if pairs else records.decode_row)
+    return grain.MapDataset.source(source).map(records.DECODERS[fields])
 
 
 def _process_slice(rows: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
@@ -60,12 +67,12 @@ class TrainIterator:
         prefetch_buffer_size: int = 4,
         process_index: int = 0,
         process_count: int = 1,
-        pairs: bool = False,
+        fields: tuple[str, ...] = records.FIELDS,
         replay_dir: str = "",
         replay_fraction: float = 0.0,
     ):
         def endless(directory: str, stream_seed: int) -> grain.MapDataset:
-            rows = _process_slice(_rows(directory, seq_len, pairs), process_index, process_count)
+            rows = _process_slice(_rows(directory, seq_len, fields), process_index, process_count)
             if len(rows) < batch_size:
                 raise ValueError(
                     f"{directory!r} holds {len(rows)} rows for this process, fewer than one batch of {batch_size}."
@@ -124,10 +131,10 @@ def validation_batches(
     *,
     process_index: int = 0,
     process_count: int = 1,
-    pairs: bool = False,
+    fields: tuple[str, ...] = records.FIELDS,
 ) -> list[Batch]:
     """The first `num_batches` batches of the validation split (fewer if the split is smaller), in order."""
-    rows = _process_slice(_rows(split_dir, seq_len, pairs), process_index, process_count)
+    rows = _process_slice(_rows(split_dir, seq_len, fields), process_index, process_count)
     batched = rows.batch(batch_size, drop_remainder=True)
     if len(batched) == 0:
         raise ValueError(

@@ -18,6 +18,11 @@ Preference data for DPO stores one record per pair: the chosen and the rejected 
 array of shape (8, seq_len), rows `chosen_tokens`, ..., `chosen_loss_mask`, `rejected_tokens`, ...,
 `rejected_loss_mask` (PAIR_FIELDS), so the two completions of a prompt always travel in the same batch.
 Its record size is 32 * seq_len bytes.
+
+Contrastive data (a sentence embedder) stores one record per example: the query, its positive passage and
+an optional hard negative, three rows stacked as (12, seq_len), rows `query_tokens`, ..., `positive_...`,
+`negative_...` (TRIPLE_FIELDS). Each row holds one text (segment id 1 on its tokens, 0 on padding); a missing
+negative is a row of padding only. Its record size is 48 * seq_len bytes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from array_record.python import array_record_module
 
 FIELDS = ("tokens", "segment_ids", "positions", "loss_mask")
 PAIR_FIELDS = tuple(f"chosen_{name}" for name in FIELDS) + tuple(f"rejected_{name}" for name in FIELDS)
+CONTRASTIVE_SIDES = ("query", "positive", "negative")
+TRIPLE_FIELDS = tuple(f"{side}_{name}" for side in CONTRASTIVE_SIDES for name in FIELDS)
 SHARD_SUFFIX = ".array_record"
 
 
@@ -42,11 +49,16 @@ def encode_row(row: Mapping[str, np.ndarray]) -> bytes:
 
 def decode_row(record: bytes) -> dict[str, np.ndarray]:
     """Inverse of `encode_row`."""
+    return decode_fields(record, FIELDS, "packed row")
+
+
+def decode_fields(record: bytes, fields: tuple[str, ...], what: str = "record") -> dict[str, np.ndarray]:
+    """A record of stacked int32 rows as {field: (seq_len,) int32}: FIELDS, PAIR_FIELDS or TRIPLE_FIELDS."""
     flat = np.frombuffer(record, dtype="<i4")
-    if flat.size % len(FIELDS):
-        raise ValueError(f"Record of {len(record)} bytes is not a packed row of {len(FIELDS)} int32 fields.")
-    stacked = flat.reshape(len(FIELDS), -1)
-    return {name: stacked[i].astype(np.int32) for i, name in enumerate(FIELDS)}
+    if flat.size % len(fields):
+        raise ValueError(f"Record of {len(record)} bytes is not a {what} of {len(fields)} int32 fields.")
+    stacked = flat.reshape(len(fields), -1)
+    return {name: stacked[i].astype(np.int32) for i, name in enumerate(fields)}
 
 
 def encode_pair(chosen_row: Mapping[str, np.ndarray], rejected_row: Mapping[str, np.ndarray]) -> bytes:
@@ -62,11 +74,32 @@ def encode_pair(chosen_row: Mapping[str, np.ndarray], rejected_row: Mapping[str,
 
 def decode_pair(record: bytes) -> dict[str, np.ndarray]:
     """Inverse of `encode_pair`: the eight PAIR_FIELDS, each int32 of shape (seq_len,)."""
-    flat = np.frombuffer(record, dtype="<i4")
-    if flat.size % len(PAIR_FIELDS):
-        raise ValueError(f"Record of {len(record)} bytes is not a preference pair of {len(PAIR_FIELDS)} int32 fields.")
-    stacked = flat.reshape(len(PAIR_FIELDS), -1)
-    return {name: stacked[i].astype(np.int32) for i, name in enumerate(PAIR_FIELDS)}
+    return decode_fields(record, PAIR_FIELDS, "preference pair")
+
+
+def encode_triple(
+    query_row: Mapping[str, np.ndarray],
+    positive_row: Mapping[str, np.ndarray],
+    negative_row: Mapping[str, np.ndarray] | None = None,
+) -> bytes:
+    """Serializes a contrastive example: three rows of the same length (each with the four FIELDS); without
+    a hard negative its row is padding only (segment ids 0), which the loss leaves out."""
+    if negative_row is None:
+        negative_row = {name: np.zeros_like(np.asarray(query_row[name])) for name in FIELDS}
+    rows = [encode_row(row) for row in (query_row, positive_row, negative_row)]
+    if len({len(row) for row in rows}) != 1:
+        lengths = dict(zip(CONTRASTIVE_SIDES, (len(row) // 16 for row in rows)))
+        raise ValueError(f"A contrastive example needs rows of one length, got {lengths} positions.")
+    return b"".join(rows)
+
+
+def decode_triple(record: bytes) -> dict[str, np.ndarray]:
+    """Inverse of `encode_triple`: the twelve TRIPLE_FIELDS, each int32 of shape (seq_len,)."""
+    return decode_fields(record, TRIPLE_FIELDS, "contrastive example")
+
+
+# The fields a record holds -> its decoder: what the loader reads for an objective's `fields`.
+DECODERS = {FIELDS: decode_row, PAIR_FIELDS: decode_pair, TRIPLE_FIELDS: decode_triple}
 
 
 def shard_paths(split_dir: str) -> list[str]:
@@ -113,7 +146,7 @@ def iterate_shard(
     path: str,
     decode: Callable[[bytes], dict[str, np.ndarray]] = decode_row,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Reads every record of one shard in order, decoded with `decode` (`decode_pair` for preference data).
+    """Reads every record of one shard in order, decoded with `decode` (`decode_pair`, `decode_triple`).
 
     For inspection and tests; training uses the Grain loader.
     """

@@ -18,16 +18,16 @@ import functools
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from llm.infer.generate import bucket
+from llm.model.pooling import POOLINGS, pool
 from llm.model.transformer import Transformer, context_length
 from llm.runs.loading import load_run
 from llm.tokenizer import AnyTokenizer
 
-POOLINGS = ("mean", "last")
 KINDS = ("passage", "query")
 
 
@@ -40,18 +40,20 @@ def _embed_batch(
     normalize: bool,
 ) -> jax.Array:
     """(rows, embed) float32 pooled hidden states of right-padded rows (segment id 1 on tokens, 0 on padding)."""
-    hidden = nnx.merge(graphdef, params).features(tokens, segment_ids=segment_ids).astype(jnp.float32)
-    real = segment_ids > 0
-    if pooling == "mean":
-        # `where`, not a product: padding positions attend to nothing and may hold NaN.
-        summed = jnp.sum(jnp.where(real[..., None], hidden, 0.0), axis=1)
-        pooled = summed / jnp.maximum(jnp.sum(real, axis=1, keepdims=True), 1)
-    else:
-        last = jnp.maximum(jnp.sum(real, axis=1) - 1, 0)
-        pooled = hidden[jnp.arange(hidden.shape[0]), last]
-    if normalize:
-        pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-    return pooled
+    hidden = nnx.merge(graphdef, params).features(tokens, segment_ids=segment_ids)
+    return pool(hidden, segment_ids, pooling, normalize)
+
+
+def trained_options(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """The embedding options a run was trained with: pooling and prefixes of a contrastive run, else none."""
+    train = config.train
+    if train.objective != "contrastive":
+        return {}
+    return {
+        "pooling": train.contrastive_pooling,
+        "query_prefix": train.query_prefix,
+        "passage_prefix": train.passage_prefix,
+    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -88,9 +90,10 @@ class Embedder:
     @classmethod
     def from_run(cls, workdir: str, step: int | None = None, **options) -> Embedder:
         """The embedder of a run's checkpoint (default: the latest; an imported Hugging Face run too);
-        `options` are the constructor's (pooling, normalize, prefixes, batch_size)."""
+        `options` are the constructor's (pooling, normalize, prefixes, batch_size). A contrastively trained
+        run defaults to the pooling and prefixes it was trained with; explicit options still win."""
         run = load_run(workdir, step)
-        return cls(run.model, run.tokenizer, **options)
+        return cls(run.model, run.tokenizer, **{**trained_options(run.config), **options})
 
     def encode(self, text: str, kind: str = "passage") -> list[int]:
         """The token ids a text is embedded from: BOS, the kind's prefix and the text, cut to the context."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -30,6 +31,28 @@ def check_data_path(config: ml_collections.ConfigDict) -> None:
                     f"config.{key}={data_dir!r} has no {split}/ directory ({records_dir!r} "
                     "is missing); prepare it with scripts/prepare_data.py."
                 )
+    if config.train.objective == "contrastive":
+        check_contrastive_prefixes(config)
+
+
+def check_contrastive_prefixes(config: ml_collections.ConfigDict) -> None:
+    """Contrastive data hold their texts already prefixed (scripts/prepare_pairs.py records the prefixes in
+    report.json); the run's train.query_prefix / passage_prefix, which its embedder will use, must be those."""
+    report_path = os.path.join(config.data.path, "report.json")
+    if not os.path.isfile(report_path):
+        return
+    with open(report_path, encoding="utf-8") as f:
+        prefixes = json.load(f).get("prefixes")
+    if prefixes is None:
+        return
+    train = config.train
+    config_validation.require_same(
+        {"query_prefix": prefixes.get("query"), "passage_prefix": prefixes.get("passage")},
+        {"query_prefix": train.query_prefix, "passage_prefix": train.passage_prefix},
+        source=f"the prefix the data were prepared with ({report_path})",
+        advice="the embedder adds the run's prefixes, so they must be the data's: set it, or re-prepare the data.",
+        prefix="config.train",
+    )
 
 
 def train_iterator(config: ml_collections.ConfigDict) -> loader.TrainIterator:
@@ -44,7 +67,7 @@ def train_iterator(config: ml_collections.ConfigDict) -> loader.TrainIterator:
         prefetch_buffer_size=data.prefetch_buffer_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        pairs=losses.OBJECTIVES[config.train.objective].pairs,
+        fields=losses.OBJECTIVES[config.train.objective].fields,
         replay_dir=loader.split_dir(data.replay_path, "train") if data.replay_fraction > 0 else "",
         replay_fraction=data.replay_fraction,
     )
@@ -67,7 +90,7 @@ def validation_sets(config: ml_collections.ConfigDict) -> dict[str, list[loader.
             config.train.eval_batches,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-            pairs=losses.OBJECTIVES[config.train.objective].pairs,
+            fields=losses.OBJECTIVES[config.train.objective].fields,
         )
         for prefix, path in paths.items()
     }

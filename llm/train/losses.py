@@ -1,5 +1,5 @@
 """The training objectives and their losses, in float32: next-token cross-entropy (with a loss mask and an
-optional z-loss) and DPO, chosen by `train.objective` from `OBJECTIVES`.
+optional z-loss), DPO and contrastive embedding training, chosen by `train.objective` from `OBJECTIVES`.
 
 `next_token_loss` takes the logits; `chunked_next_token_loss` takes the final hidden states and the output
 projection, and computes the same sums chunk by chunk along the sequence, recomputing each chunk's logits in
@@ -7,7 +7,8 @@ the backward pass. With a large vocabulary the full (batch, length, vocab) float
 gradient, are then never in memory at once.
 
 An objective returns sums, not means (`LossTerms`), so gradient accumulation over microbatches divides once
-by the total weight and equals the full batch.
+by the total weight and equals the full batch. (The contrastive loss is the exception in substance: see
+`contrastive_terms`.)
 """
 
 from __future__ import annotations
@@ -18,16 +19,24 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import nnx
 
+from llm import config_validation
 from llm.data import records
 from llm.model.logprobs import log_normalizer, target_logprobs
+from llm.model.pooling import pool, truncate
 from llm.model.transformer import Transformer
 
 LossSums = tuple[jax.Array, jax.Array, jax.Array]  # (cross-entropy sum, z-loss term, weight sum)
 # (objective to differentiate, metric sums, weight): metrics are sums so that accumulation is exact.
 LossTerms = tuple[jax.Array, dict[str, jax.Array], jax.Array]
 Batch = dict[str, jax.Array]
+LossParams = dict[str, jax.Array]  # An objective's own trained parameters (the learnable temperature), by name.
 DPO_SIDES = ("chosen", "rejected")
+# The learnable temperature's name among the trained parameters (step.py), and its floor: CLIP's cap of 100 on
+# the logit scale, which keeps the softmax from collapsing onto the largest similarity.
+LOG_TEMPERATURE = "contrastive_log_temperature"
+MIN_TEMPERATURE = 0.01
 
 
 def next_token_weights(segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -138,9 +147,10 @@ def lm_terms(
     batch: Batch,
     key: jax.Array | None,
     train_cfg: ml_collections.ConfigDict,
+    loss_params: LossParams,
 ) -> LossTerms:
     """Next-token cross-entropy plus the z-loss term; the metric is the cross-entropy alone."""
-    del reference  # Only preference objectives have one.
+    del reference, loss_params  # Only DPO has a reference; only the contrastive loss has parameters.
     features = model.features(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key)
     weights = next_token_weights(batch["segment_ids"], batch["loss_mask"])
     if train_cfg.loss_chunk_size:
@@ -160,8 +170,10 @@ def dpo_terms(
     batch: Batch,
     key: jax.Array | None,
     train_cfg: ml_collections.ConfigDict,
+    loss_params: LossParams,
 ) -> LossTerms:
     """DPO of the policy `model` against the frozen `reference`, summed over the batch's preference pairs."""
+    del loss_params
     # Chosen and rejected responses go through the model as one batch of twice the rows.
     joined = {name: jnp.concatenate([batch[f"{side}_{name}"] for side in DPO_SIDES]) for name in records.FIELDS}
     weights = next_token_weights(joined["segment_ids"], joined["loss_mask"])
@@ -184,14 +196,102 @@ def dpo_terms(
     return sums["loss"], sums, jnp.asarray(policy_chosen.shape[0], jnp.float32)
 
 
+def ranking_loss(
+    queries: jax.Array,
+    positives: jax.Array,
+    negatives: jax.Array,
+    has_negative: jax.Array,
+    temperature: jax.Array | float,
+    dims: tuple[int, ...],
+) -> tuple[jax.Array, jax.Array]:
+    """Multiple-negatives ranking loss (InfoNCE over in-batch negatives) per query, and whether the query's
+    own positive scored highest: ((batch,), (batch,)) float32.
+
+    Query i is scored against every positive of the batch and every hard negative present (`has_negative`:
+    rows without one are left out), logits = cosine similarity / temperature, and its loss is the
+    cross-entropy of its own positive. With Matryoshka `dims` (the full width first), each prefix of the
+    embeddings is re-normalised and scored alike, and the loss is their mean; the accuracy is the full width's.
+    """
+    candidate_mask = jnp.concatenate([jnp.ones_like(has_negative, bool), has_negative.astype(bool)])
+    rows = jnp.arange(queries.shape[0])
+    losses, correct = [], None
+    for dim in dims:
+        q, p, n = (truncate(x.astype(jnp.float32), dim) for x in (queries, positives, negatives))
+        similarity = jnp.einsum("qd,cd->qc", q, jnp.concatenate([p, n]), precision=jax.lax.Precision.HIGHEST)
+        logits = jnp.where(candidate_mask[None, :], similarity / temperature, -jnp.inf)
+        losses.append(-jax.nn.log_softmax(logits, axis=-1)[rows, rows])
+        if correct is None:
+            correct = (jnp.argmax(logits, axis=-1) == rows).astype(jnp.float32)
+    return jnp.mean(jnp.stack(losses), axis=0), correct
+
+
+def contrastive_params(train_cfg: ml_collections.ConfigDict) -> dict[str, nnx.Param]:
+    """The learnable temperature, as log(temperature) from the configured start; nothing when it is fixed."""
+    if not train_cfg.contrastive_learn_temperature:
+        return {}
+    return {LOG_TEMPERATURE: nnx.Param(jnp.log(jnp.asarray(train_cfg.contrastive_temperature, jnp.float32)))}
+
+
+def contrastive_terms(
+    model: Transformer,
+    reference: Transformer | None,
+    batch: Batch,
+    key: jax.Array | None,
+    train_cfg: ml_collections.ConfigDict,
+    loss_params: LossParams,
+) -> LossTerms:
+    """`ranking_loss` of the batch's (query, positive, negative) rows (records.TRIPLE_FIELDS), pooled as the
+    embedder pools them (llm/model/pooling.py); the weight is the number of queries.
+
+    InfoNCE over in-batch negatives is not a sum over rows: each query's loss depends on the whole batch. With
+    train.grad_accum_steps > 1 the negatives of a query are those of its own microbatch (batch_size /
+    grad_accum_steps rows), so accumulation trades memory for a smaller, easier set of negatives; the sums
+    returned here keep the reported loss and the gradient the mean over all queries of their microbatch losses.
+    """
+    del reference
+    sides = records.CONTRASTIVE_SIDES
+    joined = {name: jnp.concatenate([batch[f"{side}_{name}"] for side in sides]) for name in records.FIELDS}
+    # Queries, positives and negatives go through the model as one batch of three times the rows.
+    hidden = model.features(joined["tokens"], joined["positions"], joined["segment_ids"], dropout_key=key)
+    queries, positives, negatives = jnp.split(
+        pool(hidden, joined["segment_ids"], train_cfg.contrastive_pooling, normalize=False), 3
+    )
+    if LOG_TEMPERATURE in loss_params:
+        temperature = jnp.maximum(jnp.exp(loss_params[LOG_TEMPERATURE]), MIN_TEMPERATURE)
+    else:
+        temperature = jnp.asarray(train_cfg.contrastive_temperature, jnp.float32)
+    dims = (queries.shape[-1], *config_validation.matryoshka_dims(train_cfg.matryoshka_dims, queries.shape[-1]))
+    has_negative = jnp.any(batch["negative_segment_ids"] > 0, axis=1)
+    per_query, correct = ranking_loss(queries, positives, negatives, has_negative, temperature, dims)
+    count = jnp.asarray(queries.shape[0], jnp.float32)
+    sums = {"loss": jnp.sum(per_query), "accuracy": jnp.sum(correct), "temperature": temperature * count}
+    return sums["loss"], sums, count
+
+
+TermsFn = Callable[
+    [Transformer, Transformer | None, Batch, jax.Array | None, ml_collections.ConfigDict, LossParams], LossTerms
+]
+
+
+def _no_params(train_cfg: ml_collections.ConfigDict) -> dict[str, nnx.Param]:
+    del train_cfg
+    return {}
+
+
 class Objective(NamedTuple):
-    terms: Callable[[Transformer, Transformer | None, Batch, jax.Array | None, ml_collections.ConfigDict], LossTerms]
-    pairs: bool  # Trains on preference pairs (records.PAIR_FIELDS) against a frozen reference model.
+    terms: TermsFn
+    fields: tuple[str, ...]  # What a batch holds: records.FIELDS, PAIR_FIELDS (DPO) or TRIPLE_FIELDS (contrastive).
+    reference: bool  # Trains against a frozen copy of the starting model (the DPO reference).
     perplexity: bool  # The loss is a mean next-token cross-entropy, so exp(loss) is a perplexity.
+    # The objective's own trained parameters beside the model's (train config -> {name: initial nnx.Param}).
+    params: Callable[[ml_collections.ConfigDict], dict[str, nnx.Param]] = _no_params
 
 
 # train.objective -> its objective; the keys are exactly configs.base.CHOICES["train.objective"] (tested).
 OBJECTIVES = {
-    "lm": Objective(lm_terms, pairs=False, perplexity=True),
-    "dpo": Objective(dpo_terms, pairs=True, perplexity=False),
+    "lm": Objective(lm_terms, records.FIELDS, reference=False, perplexity=True),
+    "dpo": Objective(dpo_terms, records.PAIR_FIELDS, reference=True, perplexity=False),
+    "contrastive": Objective(
+        contrastive_terms, records.TRIPLE_FIELDS, reference=False, perplexity=False, params=contrastive_params
+    ),
 }

@@ -4,10 +4,14 @@ One trainer serves pretraining and fine-tuning. The config chooses
   * which parameters train (`train.trainable`): all of them, only the LoRA adapters, or only the soft
     prompt (prompt tuning);
   * whether the frozen base is quantized (`train.quantize_base`: int4 with LoRA is QLoRA);
-  * the objective (`train.objective`, llm/train/losses.py): next-token cross-entropy, or DPO against a
-    frozen reference.
+  * the objective (`train.objective`, llm/train/losses.py): next-token cross-entropy, DPO against a
+    frozen reference, or contrastive embedding training.
 The model's parameters are split into `params` (trainable: the only ones with optimizer state) and
-`frozen` (the rest, plus the DPO reference). The train state is a plain dict `{"step", "params",
+`frozen` (the rest, plus the DPO reference). An objective's own parameters (the contrastive loss's learnable
+temperature) join `params` as extra top-level entries rather than a new part of the state: the same code
+then trains, clips, shards (replicated), checkpoints and resumes them with the model's (weight decay skips
+them: they are no `kernel`), and loading a run for inference restores the model's entries only (a partial
+restore), so it never sees them. The train state is a plain dict `{"step", "params",
 "opt_state"}` and is what checkpoints hold; frozen parameters are rebuilt at start-up from the seed and
 `init_from` (`trained_model`), so a LoRA or prompt-tuning checkpoint is just its adapters or its prompt.
 Every jitted function declares its shardings, and the train step donates the old state so it is updated
@@ -28,7 +32,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llm import sharding
-from llm.data import records
 from llm.model.transformer import create_model
 from llm.runs.build import TRAINABLE, base_config, trained_model
 from llm.train import losses
@@ -58,7 +61,7 @@ class Steps:
 
 
 def batch_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    return records.PAIR_FIELDS if losses.OBJECTIVES[config.train.objective].pairs else records.FIELDS
+    return losses.OBJECTIVES[config.train.objective].fields
 
 
 def build_steps(
@@ -112,18 +115,26 @@ def _init_fn(
         """A fresh state; `base` (the pretrained parameters of `init_from`) replaces the initial weights."""
         _, params, rest = nnx.split(trained_model(config, base), trainable, ...)
         frozen = {"rest": rest}
-        if objective.pairs:
+        if objective.reference:
             frozen["reference"] = params  # The policy before training is the DPO reference.
+        own = objective.params(config.train)
+        if own:
+            params = nnx.State({**params, **own})
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}, frozen
 
     return init
 
 
 def _loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, objective: losses.Objective) -> LossFn:
+    own = tuple(objective.params(config.train))  # The objective's entries of `params` (see the docstring).
+
     def loss_fn(params: nnx.State, frozen: Frozen, batch: Batch, key: jax.Array | None):
+        loss_params = {name: params[name][...] for name in own}
+        if own:
+            params = nnx.State({name: value for name, value in params.items() if name not in own})
         model = nnx.merge(graphdef, params, frozen["rest"])
-        reference = nnx.merge(graphdef, frozen["reference"], frozen["rest"]) if objective.pairs else None
-        value, sums, weight = objective.terms(model, reference, batch, key, config.train)
+        reference = nnx.merge(graphdef, frozen["reference"], frozen["rest"]) if objective.reference else None
+        value, sums, weight = objective.terms(model, reference, batch, key, config.train, loss_params)
         return value, (sums, weight)
 
     return loss_fn

@@ -3,6 +3,7 @@ recall against exact search, and scripts/build_index.py."""
 
 import os
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -103,6 +104,8 @@ def test_an_index_saved_and_loaded_gives_identical_results(kind, indexes, embedd
     assert sorted(os.listdir(tmp_path)) == ["index"]  # the staging directory was moved in, nothing left over
     loaded = RetrievalIndex.load(str(tmp_path / "index"), embedder)
     assert loaded.vectors.kind == kind and loaded.vectors.options == index.vectors.options
+    if kind == "ivfpq":  # a search option the index file keeps (FAISS's default would be 1)
+        assert faiss.extract_index_ivf(loaded.vectors.index).nprobe == 2
     assert loaded.passages == index.passages
     for mode in ("bm25", "dense", "hybrid"):
         assert results(loaded, mode) == results(index, mode), mode
@@ -243,7 +246,7 @@ def test_build_index_script_refuses_bad_input_before_any_work(tmp_path):
     empty.mkdir()
     (empty / "blank.txt").write_text("\n \n", encoding="utf-8")
     cases = {
-        "no passages": [f"--input={empty}"],
+        "no passages (no non-empty documents found)": [f"--input={empty}"],
         "does not exist": [f"--input={tmp_path / 'missing'}"],
         "--vector_index needs --embedder": [f"--input={empty}", "--vector_index=ivfpq"],
         "is not a run directory": [f"--input={empty}", f"--embedder={tmp_path / 'norun'}"],

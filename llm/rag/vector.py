@@ -94,7 +94,7 @@ def _hnsw(dim: int, options: dict[str, int]) -> faiss.Index:
 
 
 def _apply_search_options(index: faiss.Index, kind: str, options: dict[str, int]) -> None:
-    """Search-time parameters, which FAISS's file format does not promise to keep."""
+    """Search-time parameters (FAISS's index file keeps them: checked for nprobe and efSearch)."""
     if kind == "ivfpq":
         faiss.extract_index_ivf(index).nprobe = options["nprobe"]
     elif kind == "hnsw":
@@ -167,6 +167,4 @@ class VectorIndex:
             saved = json.load(file)
         if saved.get("kind") not in KINDS:
             raise ValueError(f"{paths[1]}: 'kind' must be one of {KINDS}, got {saved.get('kind')!r}")
-        index = faiss.read_index(paths[0])
-        _apply_search_options(index, saved["kind"], saved["options"])
-        return cls(index, saved["kind"], saved["options"])
+        return cls(faiss.read_index(paths[0]), saved["kind"], saved["options"])

@@ -8,6 +8,7 @@
     python scripts/benchmark.py serve (--workdir=DIR | --url=URL) [--num_requests=64 --concurrency=8]
         [--mix=good:0.8,malformed:0.1,abandoned:0.1] [--api_key=KEY]
     python scripts/benchmark.py import_hf [--model_dir=HF_DIR] [--dtype=bfloat16] [--json_out=F]
+    python scripts/benchmark.py rag_index [--num_passages=1000000 --dim=256 --num_queries=200] [--json_out=F]
 
 `import_hf` imports a Hugging Face checkpoint (default: a synthetic 1.24B Llama, Llama-3.2-1B-shaped) and reports
 peak host memory against the checkpoint's size. `decode --compare=transformers` times greedy generation of the
@@ -20,6 +21,9 @@ object) and abandoned ones (the client hangs up mid-stream, mid-answer or mid-up
 requests/s, TTFT percentiles of the streamed good requests, the statuses each kind got back ("closed": the
 connection failed without a status) and /health after the load (llm/serve/load_mix.py).
 
+`rag_index` builds flat, IVF-PQ and HNSW FAISS indexes of synthetic clustered passage embeddings and reports build
+time, index size, memory, single-query latency p50/p99 and recall@10 against exact search (llm/rag/index_bench.py).
+
 Every result carries the machine it came from (device kind and count, JAX version).
 """
 
@@ -31,7 +35,7 @@ from ml_collections import config_flags
 
 from llm.train import benchmark as train_benchmark
 
-SUBCOMMANDS = ("train", "decode", "data", "tokenizer", "serve", "import_hf")
+SUBCOMMANDS = ("train", "decode", "data", "tokenizer", "serve", "import_hf", "rag_index")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_es.py", "Model/training config (train).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train).", lower_bound=1)
@@ -58,6 +62,11 @@ _DATA_CONFIG = config_flags.DEFINE_config_file(
 _STAGE_DOCS = flags.DEFINE_integer(
     "stage_docs", 5000, "Documents read from the sources for the stages (data).", lower_bound=1
 )
+_NUM_PASSAGES = flags.DEFINE_integer(
+    "num_passages", 1_000_000, "Synthetic passage embeddings (rag_index).", lower_bound=10
+)
+_DIM = flags.DEFINE_integer("dim", 256, "Embedding dim (rag_index).", lower_bound=4)
+_NUM_QUERIES = flags.DEFINE_integer("num_queries", 200, "Single queries timed and scored (rag_index).", lower_bound=1)
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the result as JSON to this file.")
 
 
@@ -127,7 +136,12 @@ def _decode_hugging_face(batch_sizes: list[int]) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
         raise app.UsageError(f"Usage: benchmark.py {{{'|'.join(SUBCOMMANDS)}}} [flags]; got {argv[1:]}")
-    if argv[1] == "train":
+    if argv[1] == "rag_index":  # FAISS on the host CPU: its own machine lines and a table, one row per index kind
+        from llm.rag import index_bench
+
+        result = {**train_benchmark.machine(), **index_bench.run(_NUM_PASSAGES.value, _DIM.value, _NUM_QUERIES.value)}
+        print(index_bench.table(result))
+    elif argv[1] == "train":
         result = train_benchmark.benchmark_train(_CONFIG.value, _STEPS.value, _WARMUP.value)
     elif argv[1] == "decode":
         result = {"benchmark": "decode", **train_benchmark.machine(), **_decode()}
@@ -175,7 +189,8 @@ def main(argv: list[str]) -> None:
             "stages": stage_bench.run(_DATA_CONFIG.value, _STAGE_DOCS.value),
             "minhash": dedup_bench.run(_NUM_DOCS.value),
         }
-    _print_table(result)
+    if argv[1] != "rag_index":
+        _print_table(result)
     if _JSON_OUT.value:
         with open(_JSON_OUT.value, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

@@ -16,6 +16,7 @@ from configs.data import es_default
 from llm.corpus import stage_bench
 from llm.infer import benchmark as decode_benchmark
 from llm.model.transformer import create_model
+from llm.rag import index_bench
 from llm.train import benchmark as train_benchmark, metrics
 
 
@@ -112,5 +113,30 @@ def test_benchmark_cli_writes_json_and_rejects_an_unknown_subcommand(tmp_path):
     assert record["benchmark"] == "train" and record["tokens_per_sec"] > 0 and record["platform"] == "cpu"
     assert "tokens_per_sec" in result.stdout
     result = run_script("benchmark.py", "speed")
-    usage = "Usage: benchmark.py {train|decode|data|tokenizer|serve|import_hf}"
+    usage = "Usage: benchmark.py {train|decode|data|tokenizer|serve|import_hf|rag_index}"
     assert result.returncode != 0 and usage in result.stderr
+
+
+def test_rag_index_benchmark_reports_size_latency_and_recall_of_each_kind_against_exact_search(tmp_path):
+    result = index_bench.run(count=2000, dim=32, num_queries=20, clusters=20)
+    assert result["cpu_count"] >= 1 and result["faiss_version"] and (result["passages"], result["dim"]) == (2000, 32)
+    flat, ivfpq, hnsw = result["flat"], result["ivfpq"], result["hnsw"]
+    assert flat["recall_at_10"] == 1.0  # exact search is its own reference
+    assert 0.0 < ivfpq["recall_at_10"] < 1.0 and 0.0 < hnsw["recall_at_10"] <= 1.0
+    # Sizes are the FAISS files: flat holds 4 bytes per float plus a small header, PQ codes far less, HNSW more.
+    assert 2000 * 32 * 4 <= flat["index_bytes"] < 2000 * 32 * 4 + 1024
+    assert ivfpq["index_bytes"] < flat["index_bytes"] < hnsw["index_bytes"]
+    assert ivfpq["options"]["nlist"] == 50 and ivfpq["options"]["m"] == 8
+    for figures in (flat, ivfpq, hnsw):
+        assert figures["bytes_per_vector"] * 2000 == pytest.approx(figures["index_bytes"])
+        assert 0 < figures["query_p50_ms"] <= figures["query_p99_ms"] and figures["build_s"] > 0
+    table = index_bench.table(result).splitlines()
+    assert table[-3].split()[0] == "flat" and table[-1].split()[0] == "hnsw" and "recall_at_10" in table[-4]
+    out = tmp_path / "rag_index.json"
+    cli = run_script(
+        "benchmark.py", "rag_index", "--num_passages=1000", "--dim=16", "--num_queries=5", f"--json_out={out}"
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "recall_at_10" in cli.stdout and "faiss_version" in cli.stdout
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "rag_index" and record["passages"] == 1000 and record["flat"]["recall_at_10"] == 1.0

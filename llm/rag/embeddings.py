@@ -86,6 +86,9 @@ class Embedder:
         self.dim = model.cfg.embed_dim
         self._graphdef, self._params = nnx.split(model)
         self._forward = _jitted_embed(self._graphdef)
+        # Where the model came from, for an index's manifest (set by `from_run`; None for a model built in code).
+        self.workdir: str | None = None
+        self.step: int | None = None
 
     @classmethod
     def from_run(cls, workdir: str, step: int | None = None, **options) -> Embedder:
@@ -93,7 +96,9 @@ class Embedder:
         `options` are the constructor's (pooling, normalize, prefixes, batch_size). A contrastively trained
         run defaults to the pooling and prefixes it was trained with; explicit options still win."""
         run = load_run(workdir, step)
-        return cls(run.model, run.tokenizer, **{**trained_options(run.config), **options})
+        embedder = cls(run.model, run.tokenizer, **{**trained_options(run.config), **options})
+        embedder.workdir, embedder.step = run.workdir, run.step
+        return embedder
 
     def encode(self, text: str, kind: str = "passage") -> list[int]:
         """The token ids a text is embedded from: BOS, the kind's prefix and the text, cut to the context."""

@@ -177,6 +177,36 @@ class RetrievalIndex:
                 )
         return cls(lexical, vectors, embedder, recorded)
 
+    @classmethod
+    def open(cls, directory: str, embedder_workdir: str | None = None, batch_size: int = 32) -> RetrievalIndex:
+        """`load` with the embedder the manifest names, loaded again: its run (or `embedder_workdir`, e.g. the
+        same run copied elsewhere), step, pooling, normalization and prefixes. Still checked against the
+        fingerprint, so a different model at that path is refused."""
+        recorded = _read_manifest(directory)["embedder"]
+        if recorded is None:
+            return cls.load(directory)
+        workdir = embedder_workdir or recorded["workdir"]
+        if not workdir or not os.path.isdir(workdir):
+            raise FileNotFoundError(
+                f"{directory!r} was embedded by the run {recorded['workdir']!r}, which is not here: "
+                "pass the run's directory (embedder_workdir, or --embedder=RUN on the command line)"
+            )
+        embedder = Embedder.from_run(
+            workdir,
+            recorded["step"],
+            pooling=recorded["pooling"],
+            normalize=recorded["normalize"],
+            query_prefix=recorded["query_prefix"],
+            passage_prefix=recorded["passage_prefix"],
+            batch_size=batch_size,
+        )
+        return cls.load(directory, embedder)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The search modes this index answers: all of MODES with vectors, else only "bm25"."""
+        return MODES if self.vectors is not None else ("bm25",)
+
     def search(self, query: str, k: int = 10, mode: str = "hybrid") -> list[Hit]:
         """The best `k` passages for `query` (fewer when BM25 alone finds fewer matches), best first."""
         if mode not in MODES:

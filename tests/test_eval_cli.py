@@ -63,7 +63,7 @@ def test_a_missing_checkpoint_is_named(trained_run, tmp_path):
         (["mgsm"], {"data_dir": "/nonexistent"}, "'/nonexistent/mgsm_es.tsv' does not exist"),
         (["robustness"], {"data_dir": "/nonexistent"}, "'/nonexistent/sentiment_es_train_text.txt' does not exist"),
         (["xnli"], {"num_shots": -1}, "num_shots must be >= 0 (got -1)"),
-        (["rag"], {"rag_searcher": "sparse"}, "rag_searcher one of ('bm25', 'dense') (got 'sparse')"),
+        (["rag"], {"rag_searcher": "sparse"}, "rag_searcher one of ('bm25', 'dense', 'hybrid') (got 'sparse')"),
         (["retrieval"], {"embedder": "/nonexistent/run"}, "--embedder='/nonexistent/run' is not a run directory"),
         (["rag"], {"data_dir": "/nonexistent"}, "'/nonexistent/xquad_es.json' does not exist"),
     ],
@@ -213,7 +213,7 @@ def test_evaluate_retrieval_and_rag_end_to_end(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr
     written = json.loads(output.read_text(encoding="utf-8"))
     found = written["retrieval"]
-    assert (found["queries"], found["passages"], set(found["methods"])) == (6, 3, {"bm25", "dense"})
+    assert (found["queries"], found["passages"], set(found["methods"])) == (6, 3, {"bm25", "dense", "hybrid"})
     assert set(found["methods"]["dense"]) == {"recall@1", "recall@5", "recall@20", "mrr@10", "ndcg@10"}
     assert found["methods"]["dense"]["recall@20"] == 100.0  # dense ranks all three passages
     assert set(found["methods"]["bm25"].values()) == {0.0}  # "¿Pregunta 0.1?" shares no word with "Contexto 0."

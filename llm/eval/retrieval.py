@@ -15,16 +15,14 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
-import numpy as np
-
 from llm.eval import tasks
 from llm.rag.embeddings import Embedder
-from llm.rag.lexical import LexicalIndex
+from llm.rag.index import RetrievalIndex
 from llm.rag.passages import Passage
 
 # (query, k) -> the ids of the best k passages (or fewer), best first.
 Searcher = Callable[[str, int], list[str]]
-SEARCH_METHODS = ("bm25", "dense")  # what default_searchers offers
+SEARCH_METHODS = ("bm25", "dense", "hybrid")  # what default_searchers offers (RetrievalIndex modes)
 RECALL_CUTOFFS = (1, 5, 20)
 RANK_CUTOFF = 10  # of MRR and nDCG
 MAX_K = max(*RECALL_CUTOFFS, RANK_CUTOFF)
@@ -99,20 +97,14 @@ def evaluate_retrieval(
 
 
 def default_searchers(passages: Sequence[Passage], embedder: Embedder | None) -> dict[str, Searcher]:
-    """ "bm25" (LexicalIndex) and, with an embedder, "dense": exact inner product of L2-normalised embeddings
-    (the passages are embedded on the first dense search, so a task that uses only bm25 never pays for it)."""
-    index = LexicalIndex.build(list(passages))
-    searchers: dict[str, Searcher] = {"bm25": lambda query, k: [passage.id for passage, _ in index.search(query, k)]}
-    if embedder is not None:
-        ids = [passage.id for passage in passages]
-        matrix = functools.cache(lambda: embedder.embed([passage.text for passage in passages], "passage"))
-
-        def dense(query: str, k: int) -> list[str]:
-            scores = matrix() @ embedder.embed([query], "query")[0]
-            return ranked_ids(dict(zip(ids, np.asarray(scores, np.float64).tolist(), strict=True)))[:k]
-
-        searchers["dense"] = dense
-    return searchers
+    """One searcher per mode of a `RetrievalIndex` of the passages: "bm25" and, with an embedder, "dense"
+    (exact inner product: the flat FAISS index) and "hybrid" (their reciprocal rank fusion)."""
+    index = RetrievalIndex.build(list(passages), embedder)
+    return {
+        mode: functools.partial(lambda mode, query, k: [hit.passage.id for hit in index.search(query, k, mode)], mode)
+        for mode in SEARCH_METHODS
+        if mode in index.modes
+    }
 
 
 def load_corpus(data_dir: str) -> tuple[list[list[tasks.QaExample]], list[Passage], dict[str, str]]:

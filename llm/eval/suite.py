@@ -28,7 +28,7 @@ from llm.eval.generation_tasks import Generate
 from llm.eval.retrieval import Searcher
 from llm.eval.scoring import Loglikelihood, Scorer
 from llm.model.transformer import context_length
-from llm.rag.embeddings import Embedder
+from llm.rag.embeddings import Embedder, trained_options
 from llm.rag.passages import Counter, Passage, token_counter
 from llm.runs.loading import Run
 
@@ -331,7 +331,11 @@ def evaluate_run(
     generate = generation_tasks.run_generator(run, batch_size)
     tools = None
     if "retrieval" in task_names or "rag" in task_names:
-        embedder = Embedder.from_run(settings.embedder) if settings.embedder else Embedder(run.model, run.tokenizer)
+        embedder = (
+            Embedder.from_run(settings.embedder)
+            if settings.embedder
+            else Embedder(run.model, run.tokenizer, **trained_options(run.config))
+        )
         tools = RetrievalTools(
             lambda passages: retrieval.default_searchers(passages, embedder),
             token_counter(run.tokenizer),

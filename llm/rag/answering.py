@@ -3,10 +3,11 @@ and say how the answer ends. Shared by scripts/ask.py and the server's chat comp
 
 A chat-tuned run (config `chat=True`, or an imported run with a chat template) gets the grounded prompt
 (llm/rag/grounded.py: instruction, numbered passages, question) as the last user message of its conversation,
-rendered by its chat template, and answers until its end-of-turn token. A pretrained run continues the prompt
-as plain text after BOS and its answer ends at a blank line or where it starts a new question. The passages are
-budgeted on the exact token ids the model will see: the whole rendered conversation or text, BOS included, must
-leave `max_new_tokens` of the context for the answer.
+rendered by its chat template, and answers until its end-of-turn token. A pretrained run continues the same
+prompt without the instruction (it was never trained to follow one, and in a small context the passages need
+the room) as plain text after BOS, and its answer ends at a blank line or where it starts a new question. The
+passages are budgeted on the exact token ids the model will see: the whole rendered conversation or text, BOS
+included, must leave `max_new_tokens` of the context for the answer.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def grounded_request(
             return chat_template.render(tokenizer, messages, add_generation_prompt=True)[0]
         return tokenizer.encode(text, add_bos=True)
 
-    render = lambda passages: render_grounded(question, passages)
+    render = lambda passages: render_grounded(question, passages, instruction=chat)
     prompt = fit_passages(render, [hit.passage for hit in hits], lambda text: len(encode(text)), budget)
     if chat:
         stops: dict = {"stop_strings": (), "stop_token_ids": chat_template.stop_token_ids(tokenizer)}

@@ -112,10 +112,11 @@ def fit_passages(
     return GroundedPrompt(text, tuple(used), count(text), budget)
 
 
-def render_grounded(question: str, passages: Sequence[Passage]) -> str:
-    """The instruction prompt: instruction, numbered passages with their source, question."""
+def render_grounded(question: str, passages: Sequence[Passage], instruction: bool = True) -> str:
+    """The grounded prompt: the instruction (for chat runs; a pretrained run continues the text and has no use
+    for one), the passages numbered with their source, the question."""
     numbered = [f"[{n}] ({passage.source}) {passage.text}" for n, passage in enumerate(passages, start=1)]
-    return "\n\n".join([INSTRUCTION, *numbered, f"Pregunta: {question}\nRespuesta:"])
+    return "\n\n".join([*([INSTRUCTION] if instruction else []), *numbered, f"Pregunta: {question}\nRespuesta:"])
 
 
 def grounded_prompt(

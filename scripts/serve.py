@@ -10,6 +10,12 @@ POST /v1/embeddings embeds with the served run (mean pooling, no prefixes) unles
     --embedder=runs/embedder_es [--embedding_pooling=last --embedding_query_prefix="consulta: "
     --embedding_passage_prefix="pasaje: " --embedding_input_kind=query]
 OpenAI's API has no query/passage kind, so every input is embedded as --embedding_input_kind (passage by default).
+
+Chat completions grounded in your documents (llm/serve/rag_chat.py): with an index from scripts/build_index.py,
+    --index=runs/docs_index [--index_k=5 --index_mode=hybrid|bm25|dense --index_embedder=RUN]
+each chat request retrieves with its last (user) message and answers from the passages that fit, returning them as
+a top-level "sources" list; `"retrieval": false` in a request skips it. --index_embedder is the index's embedder
+run when it is no longer where the index's manifest says. The index is checked before the model is loaded.
 API keys also come from the LLM_API_KEYS environment variable (comma-separated); with none, the server is open.
 
 Slow clients: a request body must arrive within --body_timeout (else 408), and a request takes one of the
@@ -19,13 +25,14 @@ no header timeout; h11 caps them at 16 KiB): such a client holds a socket but no
 open internet, put a reverse proxy with a header timeout (e.g. nginx's client_header_timeout) in front.
 """
 
+import json
 import os
 
 from absl import app, flags
 
-from llm.rag import embeddings
+from llm.rag import embeddings, index as index_lib
 from llm.runs import loading
-from llm.serve import api, auth, embeddings_api
+from llm.serve import api, auth, embeddings_api, rag_chat
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -65,6 +72,44 @@ _PASSAGE_PREFIX = flags.DEFINE_string("embedding_passage_prefix", "", "Put befor
 _INPUT_KIND = flags.DEFINE_enum(
     "embedding_input_kind", "passage", embeddings.KINDS, "What /v1/embeddings embeds every input as (its prefix)."
 )
+_INDEX = flags.DEFINE_string("index", None, "Retrieval index (scripts/build_index.py) to ground chat completions in.")
+_INDEX_EMBEDDER = flags.DEFINE_string("index_embedder", None, "The index's embedder run, when not where it says.")
+_INDEX_K = flags.DEFINE_integer(
+    "index_k", 5, "Passages retrieved per chat request (those that fit go in).", lower_bound=1
+)
+_INDEX_MODE = flags.DEFINE_enum(
+    "index_mode", None, index_lib.MODES, "Search mode (default: hybrid when the index has vectors, else bm25)."
+)
+
+
+def check_index_flags() -> None:
+    """--index and its companions, checked before anything is loaded (UsageError naming the flag)."""
+    if _INDEX.value is None:
+        if _INDEX_EMBEDDER.value is not None or _INDEX_MODE.value is not None:
+            raise app.UsageError("--index_embedder and --index_mode need --index=DIR.")
+        return
+    manifest_path = os.path.join(_INDEX.value, index_lib.MANIFEST_FILE)
+    if not os.path.isfile(manifest_path):
+        raise app.UsageError(f"--index={_INDEX.value!r} is not an index ({manifest_path} is missing).")
+    if _INDEX_EMBEDDER.value is not None and not os.path.isdir(_INDEX_EMBEDDER.value):
+        raise app.UsageError(f"--index_embedder={_INDEX_EMBEDDER.value!r} is not a run directory.")
+    with open(manifest_path, encoding="utf-8") as file:
+        has_vectors = json.load(file).get("vector_kind") is not None
+    if _INDEX_MODE.value not in (None, "bm25") and not has_vectors:
+        raise app.UsageError(
+            f"--index_mode={_INDEX_MODE.value} needs vectors; {_INDEX.value!r} is BM25 only (use --index_mode=bm25)."
+        )
+
+
+def retrieval() -> rag_chat.Retrieval | None:
+    """The --index flags' index, loaded with its embedder (refused when that embedder is not the index's)."""
+    if _INDEX.value is None:
+        return None
+    try:
+        index = index_lib.RetrievalIndex.open(_INDEX.value, _INDEX_EMBEDDER.value)
+    except (FileNotFoundError, ValueError) as error:
+        raise app.UsageError(f"--index={_INDEX.value!r}: {error}") from error
+    return rag_chat.Retrieval(index, _INDEX_K.value, _INDEX_MODE.value, _INDEX.value)
 
 
 def embedding_model(run: loading.Run) -> embeddings_api.EmbeddingModel:
@@ -84,9 +129,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--workdir={_WORKDIR.value!r} does not exist.")
     if _EMBEDDER.value is not None and not os.path.isdir(_EMBEDDER.value):
         raise app.UsageError(f"--embedder={_EMBEDDER.value!r} does not exist.")
+    check_index_flags()
     import uvicorn  # The [serve] extra.
 
     keys = auth.load_api_keys(_API_KEYS_FILE.value)
+    grounding = retrieval()  # Before the model: a bad index fails fast.
     run = loading.load_run(_WORKDIR.value, _STEP.value)
     settings = api.ServeSettings(
         model_name=_MODEL_NAME.value or os.path.basename(os.path.normpath(_WORKDIR.value)),
@@ -104,8 +151,14 @@ def main(argv: list[str]) -> None:
         rate_limit_burst=_BURST.value,
         warmup=_WARMUP.value,
     )
-    server = api.create_app(run.model, run.tokenizer, settings, embedding_model(run))
+    server = api.create_app(run.model, run.tokenizer, settings, embedding_model(run), grounding)
     engine, embedder = server.state.engine, server.state.embeddings.describe()
+    if grounding is not None:
+        described = grounding.describe()
+        print(
+            f"Chat completions retrieve from {_INDEX.value!r}: {described['passages']} passages, "
+            f"{described['mode']} search, {described['k']} per question."
+        )
     print(
         f"Serving {settings.model_name!r} (step {run.step}) on http://{_HOST.value}:{_PORT.value}/ : "
         f"{engine.max_batch_size} slots x {engine.max_cache_len} tokens, KV cache "

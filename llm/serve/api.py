@@ -1,11 +1,12 @@
 """The OpenAI-compatible HTTP API (FastAPI) in front of the continuous-batching engine.
 
     POST /v1/completions        text (or token-id) prompts; logprobs, echo, n, stop, seed, stream
-    POST /v1/chat/completions   messages through the chat template (llm/chat_template.py); stream
+    POST /v1/chat/completions   messages through the chat template (llm/chat_template.py); stream; with an index,
+                                retrieves first and returns the passages as "sources" (llm/serve/rag_chat.py)
     POST /v1/embeddings         sentence embeddings of texts or token ids (llm/serve/embeddings_api.py)
     GET  /v1/models             the one served model (and GET /v1/models/{id} its card)
     /tokenize, /detokenize, /tokenizer_info   vLLM's tokenizer endpoints (llm/serve/tokenize_api.py)
-    GET  /health                200 while the decode loop runs, 503 otherwise
+    GET  /health                200 while the decode loop runs, 503 otherwise; the embedder and the index
     GET  /tokenizer_info        vLLM's tokenizer description (special tokens, chat template, context length)
     POST /tokenize, /detokenize vLLM's token endpoints (text or messages <-> ids), which lm-eval's API models use
     GET  /metrics               Prometheus text format (needs a key when the server has keys, unless public)
@@ -31,14 +32,14 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from llm.rag.embeddings import Embedder
-from llm.serve import admission, completions, embeddings_api, errors, schemas, tokenize_api
+from llm.serve import admission, completions, embeddings_api, errors, rag_chat, schemas, tokenize_api
 from llm.serve.engine import Engine
 from llm.serve.errors import APIError
 from llm.serve.jobs import Job
@@ -86,8 +87,16 @@ def _sse(payload: dict | str) -> str:
 class Server:
     """One served model: the engine and everything the endpoints share, with one method per endpoint."""
 
-    def __init__(self, model, tokenizer: Tokenizer, settings: ServeSettings, embeddings: embeddings_api.EmbeddingModel):
-        self.settings, self.tokenizer, self.embeddings = settings, tokenizer, embeddings
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        settings: ServeSettings,
+        embeddings: embeddings_api.EmbeddingModel,
+        retrieval: rag_chat.Retrieval | None = None,
+    ):
+        self.settings, self.tokenizer, self.embeddings, self.retrieval = settings, tokenizer, embeddings, retrieval
+        self.worker = embeddings_api.forward_worker()  # Embedding forward passes: /v1/embeddings and retrieval.
         self.metrics = ServeMetrics()
         self.engine = Engine(model, tokenizer, settings.max_batch_size, settings.max_cache_len, self.metrics)
         self.limits = completions.Limits(
@@ -110,10 +119,33 @@ class Server:
         self.engine.stop()
 
     async def create_completion(self, request: Request) -> Response:
-        return await self._generate(request, schemas.CompletionRequest, completions.plan_completion)
+        return await self._generate(request, schemas.CompletionRequest, self._plan_completion)
 
     async def create_chat_completion(self, request: Request) -> Response:
-        return await self._generate(request, schemas.ChatCompletionRequest, completions.plan_chat)
+        return await self._generate(request, schemas.ChatCompletionRequest, self._plan_chat)
+
+    async def _plan_completion(self, body: schemas.CompletionRequest) -> completions.Plan:
+        return completions.plan_completion(body, self.tokenizer, self.limits)
+
+    async def _plan_chat(self, body: schemas.ChatCompletionRequest) -> completions.Plan:
+        """A chat request's plan: grounded in retrieved passages when the server has an index (unless the request
+        says `"retrieval": false`), else rendered as it is."""
+        if self.retrieval is None or body.retrieval is False:
+            if body.retrieval:
+                raise completions.RequestError(
+                    'This server has no retrieval index (start it with --index=DIR); leave out "retrieval".',
+                    "retrieval",
+                )
+            return completions.plan_chat(body, self.tokenizer, self.limits)
+        question = rag_chat.question(body)
+        # The search holds a request place while it waits for the forward-pass worker. It gives it back just before
+        # `_generate` takes the place the generation holds, with no await in between, so no other request gets it.
+        slot = self.in_flight.enter()
+        try:
+            hits = await embeddings_api.off_loop(self.worker, self.retrieval.search, question)
+        finally:
+            slot.release()
+        return rag_chat.plan_grounded(body, self.tokenizer, self.limits, hits)
 
     async def list_models(self) -> dict:
         return {"object": "list", "data": [self._model_card()]}
@@ -135,6 +167,7 @@ class Server:
                 "in_flight_requests": self.in_flight.count,
                 "last_error": self.engine.error,
                 "embeddings": self.embeddings.describe(),
+                "index": self.retrieval.describe() if self.retrieval is not None else None,
             },
             status_code=200 if alive else 503,
         )
@@ -158,7 +191,7 @@ class Server:
         self,
         request: Request,
         schema: type[schemas.CompletionRequest | schemas.ChatCompletionRequest],
-        plan_request: Callable[..., completions.Plan],
+        plan_request: Callable[[schemas.Strict], Awaitable[completions.Plan]],
     ) -> Response:
         """A completion or chat request: the JSON answer once all choices finish, or a stream of its tokens."""
         deadline = time.monotonic() + self.settings.request_timeout_s
@@ -189,13 +222,13 @@ class Server:
         self,
         request: Request,
         schema: type[schemas.CompletionRequest | schemas.ChatCompletionRequest],
-        plan_request: Callable[..., completions.Plan],
+        plan_request: Callable[[schemas.Strict], Awaitable[completions.Plan]],
     ) -> completions.Plan:
         """The request's body checked (400, 413, 422; 404 for another model) and turned into engine requests."""
         raw = await admission.read_json(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
         body = schemas.parse(schema, raw, self.settings.model_name)
         try:
-            return plan_request(body, self.tokenizer, self.limits)
+            return await plan_request(body)
         except completions.RequestError as error:
             raise APIError(400, str(error), param=error.param, code=error.code) from None
 
@@ -223,12 +256,17 @@ class Server:
 
 
 def create_app(
-    model, tokenizer: Tokenizer, settings: ServeSettings, embeddings: embeddings_api.EmbeddingModel | None = None
+    model,
+    tokenizer: Tokenizer,
+    settings: ServeSettings,
+    embeddings: embeddings_api.EmbeddingModel | None = None,
+    retrieval: rag_chat.Retrieval | None = None,
 ) -> FastAPI:
     """The server for one loaded model (any module with the Transformer interface, quantized or not);
-    `embeddings` is what POST /v1/embeddings embeds with (default: this model, mean pooling, no prefixes)."""
+    `embeddings` is what POST /v1/embeddings embeds with (default: this model, mean pooling, no prefixes), and
+    `retrieval` the index chat completions are grounded in (default: none)."""
     embeddings = embeddings or embeddings_api.EmbeddingModel(Embedder(model, tokenizer))
-    server = Server(model, tokenizer, settings, embeddings)
+    server = Server(model, tokenizer, settings, embeddings, retrieval)
     app = FastAPI(title="Spanish LLM", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.settings = server.engine, server.metrics, settings
     app.state.embeddings = embeddings
@@ -246,7 +284,7 @@ def create_app(
     app.add_api_route("/v1/models", server.list_models, methods=["GET"], dependencies=keyed)
     app.add_api_route("/v1/models/{model_id}", server.get_model, methods=["GET"], dependencies=keyed)
     tokenize_api.add_routes(app, tokenizer, settings, server.engine.max_cache_len, keyed)
-    embeddings_api.add_routes(app, embeddings, settings, server.in_flight, keyed)
+    embeddings_api.add_routes(app, embeddings, settings, server.in_flight, server.worker, keyed)
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.prometheus, methods=["GET"], dependencies=scraped)
     app.add_api_route("/", server.chat_page, methods=["GET"], response_class=HTMLResponse)

@@ -15,6 +15,7 @@ import uuid
 
 from llm import chat_template
 from llm.infer.sampling import SamplingParams
+from llm.rag.answering import GroundedRequest
 from llm.serve import engine as engine_lib
 from llm.serve.schemas import ChatCompletionRequest, CompletionRequest
 from llm.tokenizer import Tokenizer
@@ -48,6 +49,7 @@ class Plan:
     stream: bool
     include_usage: bool
     prompt_tokens: int  # Counted once per prompt, however many choices it has (as OpenAI's usage does).
+    grounding: GroundedRequest | None = None  # The retrieved passages in a grounded chat prompt (rag_chat.py).
 
 
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
@@ -74,7 +76,7 @@ def _sampling(body: CompletionRequest | ChatCompletionRequest, vocab_size: int) 
     )
 
 
-def _max_tokens(requested: int | None, prompt_len: int, limits: Limits, default: int | None) -> int:
+def check_max_tokens(requested: int | None, prompt_len: int, limits: Limits, default: int | None) -> int:
     if prompt_len > limits.max_prompt_tokens:
         raise RequestError(
             f"The prompt has {prompt_len} tokens; this server accepts at most {limits.max_prompt_tokens}.",
@@ -106,7 +108,7 @@ def _max_tokens(requested: int | None, prompt_len: int, limits: Limits, default:
     return requested
 
 
-def _choices(prompts: list[list[int]], n: int, limits: Limits) -> None:
+def check_choices(prompts: list[list[int]], n: int, limits: Limits) -> None:
     if len(prompts) * n > limits.max_choices:
         raise RequestError(
             f"{len(prompts)} prompts x n={n} = {len(prompts) * n} choices; this server allows "
@@ -127,7 +129,7 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer, limits: Limit
         raw = [raw]
     prompts = [tokenizer.encode(p, add_bos=True) if isinstance(p, str) else list(p) for p in raw]
     n = body.n or 1
-    _choices(prompts, n, limits)
+    check_choices(prompts, n, limits)
     if body.logprobs is not None and body.logprobs > engine_lib.MAX_LOGPROBS:
         raise RequestError(f"logprobs must be at most {engine_lib.MAX_LOGPROBS}.", "logprobs")
     requests, echo, skip = [], [], []
@@ -135,7 +137,7 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer, limits: Limit
     for text, ids in zip(raw, prompts):
         if any(token >= tokenizer.vocab_size for token in ids):
             raise RequestError(f"Prompt token ids must be below the vocabulary size {tokenizer.vocab_size}.", "prompt")
-        max_tokens = _max_tokens(body.max_tokens, len(ids), limits, default=16)
+        max_tokens = check_max_tokens(body.max_tokens, len(ids), limits, default=16)
         for _ in range(n):
             requests.append(
                 engine_lib.Request(
@@ -163,24 +165,44 @@ def plan_completion(body: CompletionRequest, tokenizer: Tokenizer, limits: Limit
     )
 
 
+def chat_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The conversation as the chat template takes it: OpenAI's `developer` messages are what templates call
+    `system`, and content parts are joined."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+
+
+def requested_tokens(body: ChatCompletionRequest) -> int | None:
+    return body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+
+
 def plan_chat(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits) -> Plan:
-    # OpenAI's `developer` messages are what chat templates call `system`.
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
-        ids, _ = chat_template.render(tokenizer, messages, add_generation_prompt=True)
+        ids, _ = chat_template.render(tokenizer, chat_messages(body), add_generation_prompt=True)
     except chat_template.ChatFormatError as error:
         raise RequestError(str(error), "messages") from None
+    check_choices([ids], body.n or 1, limits)
+    max_tokens = check_max_tokens(requested_tokens(body), len(ids), limits, default=None)
+    stop_ids = () if body.ignore_eos else chat_template.stop_token_ids(tokenizer)
+    return chat_plan(body, tokenizer, ids, max_tokens, body.stop_strings(), stop_ids)
+
+
+def chat_plan(
+    body: ChatCompletionRequest,
+    tokenizer: Tokenizer,
+    ids: list[int],
+    max_tokens: int,
+    stop_strings: tuple[str, ...],
+    stop_ids: tuple[int, ...],
+    grounding: GroundedRequest | None = None,
+) -> Plan:
+    """The engine requests of a chat request (its n choices) that generate from `ids`."""
     n = body.n or 1
-    _choices([ids], n, limits)
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = _max_tokens(requested, len(ids), limits, default=None)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     if body.top_logprobs and not body.logprobs:
         raise RequestError("top_logprobs needs logprobs=true.", "top_logprobs")
-    stop_ids = () if body.ignore_eos else chat_template.stop_token_ids(tokenizer)
     requests = [
         engine_lib.Request(
-            ids, max_tokens, _sampling(body, tokenizer.vocab_size), seed, body.stop_strings(), stop_ids, logprobs
+            ids, max_tokens, _sampling(body, tokenizer.vocab_size), seed, stop_strings, stop_ids, logprobs
         )
         for seed in _seeds(body.seed, n)
     ]
@@ -193,6 +215,7 @@ def plan_chat(body: ChatCompletionRequest, tokenizer: Tokenizer, limits: Limits)
         bool(body.stream),
         bool(body.stream_options and body.stream_options.include_usage),
         len(ids),
+        grounding,
     )
 
 
@@ -322,6 +345,8 @@ class Answer:
             "created": int(time.time()),
             "model": model_name,
         }
+        # A grounded stream sends the sources twice: in its first chunk, and in the chunk that ends the last choice.
+        self._sources_sent = {"first": False, "last": False}
 
     def usage(self) -> dict:
         completion_tokens = sum(c.finished.completion_tokens for c in self.choices if c.finished)
@@ -338,9 +363,26 @@ class Answer:
             "object": "chat.completion" if self.plan.chat else "text_completion",
             "choices": [c.final() for c in self.choices],
             "usage": self.usage(),
+            **({"sources": self.sources()} if self.plan.grounding is not None else {}),
         }
 
+    def sources(self, answered: bool = True) -> list[dict]:
+        """The passages of a grounded prompt (llm/serve/rag_chat.py), numbered as in the prompt. `cited` says
+        whether any choice's answer cites the passage ([1], [2]...); before the answer (`answered` False) it is
+        None: not known yet."""
+        answers = "\n".join("".join(choice.text) for choice in self.choices)
+        sources = self.plan.grounding.result(answers)["sources"]
+        return sources if answered else [{**source, "cited": None} for source in sources]
+
     def chunk(self, deltas: list[dict], usage: bool = False) -> dict:
-        """A stream chunk with `deltas`; with `usage`, the closing chunk that carries the token counts."""
+        """A stream chunk with `deltas`; with `usage`, the closing chunk that carries the token counts. A grounded
+        stream's first chunk carries the sources (so that a client can show them while the answer streams) with
+        `cited` None, and the chunk that ends the last choice carries them again with `cited` computed."""
         chunk = {**self.header, "object": "chat.completion.chunk" if self.plan.chat else "text_completion"}
-        return {**chunk, "choices": deltas, "usage": self.usage()} if usage else {**chunk, "choices": deltas}
+        chunk = {**chunk, "choices": deltas, "usage": self.usage()} if usage else {**chunk, "choices": deltas}
+        if self.plan.grounding is not None and deltas:
+            if not self._sources_sent["first"]:
+                chunk["sources"], self._sources_sent["first"] = self.sources(answered=False), True
+            elif not self._sources_sent["last"] and all(choice.finished for choice in self.choices):
+                chunk["sources"], self._sources_sent["last"] = self.sources(), True
+        return chunk

@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from llm.serve.api import ServeSettings
 
 ENDPOINTS = ("/v1/embeddings",)
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,21 +75,36 @@ def _encoded(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     return vector.tolist()
 
 
-class EmbeddingsAPI:
-    """The endpoint for one embedding model.
+def forward_worker() -> ThreadPoolExecutor:
+    """The one thread that runs the server's embedding forward passes: those of POST /v1/embeddings and the query
+    embeddings of retrieval (llm/serve/rag_chat.py), so that the event loop keeps answering (and streaming).
 
-    The forward passes run on one worker thread of their own, so the event loop keeps answering (and streaming)
-    meanwhile. They run beside the engine's decode thread on the same devices, which is safe: JAX allows jitted
-    calls from several threads, and the two share only the parameters, which are read-only (the engine's programs
-    donate nothing but its own KV cache and sampling state, which the embedder never sees). One worker, not a
-    pool, runs one request's batches at a time: at most one batch of activations sits beside the KV cache, the
-    decode steps interleave with its batches rather than with a crowd of them, and requests waiting their turn
-    queue in the executor without holding a thread.
+    They run beside the engine's decode thread on the same devices, which is safe: JAX allows jitted calls from
+    several threads, and they share only the parameters, which are read-only (the engine's programs donate nothing
+    but its own KV cache and sampling state, which an embedder never sees). One worker, not a pool, runs one
+    request's batches at a time: at most one batch of activations sits beside the KV cache, the decode steps
+    interleave with its batches rather than with a crowd of them, and requests waiting their turn queue in the
+    executor without holding a thread.
     """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-serve-embed")
 
-    def __init__(self, model: EmbeddingModel, settings: ServeSettings, in_flight: admission.InFlight):
-        self.model, self.settings, self.in_flight = model, settings, in_flight
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-serve-embed")
+
+async def off_loop(worker: ThreadPoolExecutor, function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` run on `worker`, awaited without blocking the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(worker, function, *args)
+
+
+class EmbeddingsAPI:
+    """The endpoint for one embedding model; its forward passes run on the server's `forward_worker`."""
+
+    def __init__(
+        self,
+        model: EmbeddingModel,
+        settings: ServeSettings,
+        in_flight: admission.InFlight,
+        worker: ThreadPoolExecutor,
+    ):
+        self.model, self.settings, self.in_flight, self.worker = model, settings, in_flight, worker
 
     async def create_embeddings(self, request: Request) -> dict:
         raw = await admission.read_json(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
@@ -105,7 +121,7 @@ class EmbeddingsAPI:
         rows = [self._row(item, f"input.{index}" if not single else "input") for index, item in enumerate(inputs)]
         slot = self.in_flight.enter()  # Only now: a slow or invalid upload holds no place.
         try:
-            vectors = await asyncio.get_running_loop().run_in_executor(self.worker, self._embed, inputs, rows)
+            vectors = await off_loop(self.worker, self._embed, inputs, rows)
         finally:
             slot.release()
         if body.dimensions is not None:
@@ -163,8 +179,10 @@ def add_routes(
     model: EmbeddingModel,
     settings: ServeSettings,
     in_flight: admission.InFlight,
+    worker: ThreadPoolExecutor,
     dependencies: Sequence[Depends],
 ) -> None:
-    """The endpoint on `app`, behind the same dependencies (API key, rate limit) and request places as the others."""
-    api = EmbeddingsAPI(model, settings, in_flight)
+    """The endpoint on `app`, behind the same dependencies (API key, rate limit) and request places as the others,
+    its forward passes on `worker` (`forward_worker`)."""
+    api = EmbeddingsAPI(model, settings, in_flight, worker)
     app.add_api_route("/v1/embeddings", api.create_embeddings, methods=["POST"], dependencies=dependencies)

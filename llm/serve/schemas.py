@@ -2,7 +2,8 @@
 
 Fields follow OpenAI's API reference (same names, defaults and ranges). Three sampling extensions, as in
 vLLM: `top_k`, `min_p`, `repetition_penalty` and `ignore_eos`. OpenAI's presence and frequency penalties are accepted
-only at their neutral value 0, so that clients that always send them keep working.
+only at their neutral value 0, so that clients that always send them keep working. Chat requests may also say
+`retrieval` (llm/serve/rag_chat.py); every other unknown field is a 422, as before.
 """
 
 from __future__ import annotations
@@ -181,6 +182,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens.
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # Ours: on a server started with --index, false answers without retrieving (default: retrieve); true on a
+    # server without an index is a 400, so that a client never takes an ungrounded answer for a grounded one.
+    retrieval: bool | None = None
 
 
 class EmbeddingRequest(Strict):

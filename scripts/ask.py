@@ -41,18 +41,15 @@ def _checked_question(argv: list[str]) -> str:
     """The question (the one positional argument), the index and the run, checked before loading anything."""
     if len(argv) != 2 or not argv[1].strip():
         raise app.UsageError('Pass exactly one question, quoted: ask.py --index=... --workdir=... "¿...?"')
-    manifest_path = os.path.join(_INDEX.value, index_lib.MANIFEST_FILE)
-    if not os.path.isfile(manifest_path):
-        raise app.UsageError(f"--index={_INDEX.value!r} is not an index ({manifest_path} is missing).")
+    try:
+        index_lib.check_index(_INDEX.value, _MODE.value)
+    except (FileNotFoundError, ValueError) as error:
+        raise app.UsageError(f"--index={_INDEX.value!r}, --mode={_MODE.value}: {error}") from error
     if not os.path.isdir(_WORKDIR.value):
         raise app.UsageError(f"--workdir={_WORKDIR.value!r} does not exist.")
     checkpoint.require_checkpoint(_WORKDIR.value, _STEP.value)
     if _EMBEDDER.value is not None and not os.path.isdir(_EMBEDDER.value):
         raise app.UsageError(f"--embedder={_EMBEDDER.value!r} is not a run directory.")
-    with open(manifest_path, encoding="utf-8") as file:
-        has_vectors = json.load(file).get("vector_kind") is not None
-    if _MODE.value not in (None, "bm25") and not has_vectors:
-        raise app.UsageError(f"--mode={_MODE.value} needs vectors; {_INDEX.value!r} is BM25 only (use --mode=bm25).")
     return argv[1].strip()
 
 
@@ -73,7 +70,7 @@ def main(argv: list[str]) -> None:
     question = _checked_question(argv)
     index = index_lib.RetrievalIndex.open(_INDEX.value, _EMBEDDER.value)
     run = loading.load_run(_WORKDIR.value, _STEP.value)
-    hits = answering.retrieve(index, question, _K.value, _MODE.value)
+    hits = index.search(question, _K.value, _MODE.value)
     chat = answering.is_chat_run(run.config.chat, run.tokenizer)
     try:
         request = answering.grounded_request(

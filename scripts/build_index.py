@@ -27,7 +27,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --embedder (defau
 _VECTOR_INDEX = flags.DEFINE_enum("vector_index", "flat", vector.KINDS, "FAISS index kind (llm/rag/vector.py).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Token budget of a passage.", lower_bound=1)
 _OVERLAP = flags.DEFINE_integer("overlap", 1, "Sentences repeated between consecutive passages.", lower_bound=0)
-_POOLING = flags.DEFINE_enum("pooling", "mean", embeddings.POOLINGS, "How hidden states become one embedding.")
+_POOLING = flags.DEFINE_enum("pooling", "mean", embeddings.POOLINGS, "Pooling (default: as trained, else mean).")
 _QUERY_PREFIX = flags.DEFINE_string("query_prefix", "", "Prefix of queries before embedding (e5-style).")
 _PASSAGE_PREFIX = flags.DEFINE_string("passage_prefix", "", "Prefix of passages before embedding.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Passages embedded per batch.", lower_bound=1)
@@ -66,12 +66,12 @@ def main(argv: list[str]) -> None:
     print(f"{len(passages)} passages from {documents} documents in {time.perf_counter() - started:.1f} s")
     embedder = None
     if _EMBEDDER.value:
+        named = {"pooling": _POOLING, "query_prefix": _QUERY_PREFIX, "passage_prefix": _PASSAGE_PREFIX}
         embedder = embeddings.Embedder.from_run(
             _EMBEDDER.value,
             _STEP.value,
-            pooling=_POOLING.value,
-            query_prefix=_QUERY_PREFIX.value,
-            passage_prefix=_PASSAGE_PREFIX.value,
+            # Flags given win; otherwise a contrastively trained run embeds as it was trained.
+            **{name: flag.value for name, flag in named.items() if flag.present},
             batch_size=_BATCH_SIZE.value,
         )
     started = time.perf_counter()

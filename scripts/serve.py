@@ -25,7 +25,6 @@ no header timeout; h11 caps them at 16 KiB): such a client holds a socket but no
 open internet, put a reverse proxy with a header timeout (e.g. nginx's client_header_timeout) in front.
 """
 
-import json
 import os
 
 from absl import app, flags
@@ -66,7 +65,9 @@ _EMBEDDER = flags.DEFINE_string(
     None,
     "Run whose embeddings POST /v1/embeddings serves (e.g. a contrastively trained one); default: the served run.",
 )
-_POOLING = flags.DEFINE_enum("embedding_pooling", "mean", embeddings.POOLINGS, "How /v1/embeddings pools tokens.")
+_POOLING = flags.DEFINE_enum(
+    "embedding_pooling", "mean", embeddings.POOLINGS, "How /v1/embeddings pools (default: as trained, else mean)."
+)
 _QUERY_PREFIX = flags.DEFINE_string("embedding_query_prefix", "", "Put before inputs embedded as queries.")
 _PASSAGE_PREFIX = flags.DEFINE_string("embedding_passage_prefix", "", "Put before inputs embedded as passages.")
 _INPUT_KIND = flags.DEFINE_enum(
@@ -88,17 +89,12 @@ def check_index_flags() -> None:
         if _INDEX_EMBEDDER.value is not None or _INDEX_MODE.value is not None:
             raise app.UsageError("--index_embedder and --index_mode need --index=DIR.")
         return
-    manifest_path = os.path.join(_INDEX.value, index_lib.MANIFEST_FILE)
-    if not os.path.isfile(manifest_path):
-        raise app.UsageError(f"--index={_INDEX.value!r} is not an index ({manifest_path} is missing).")
+    try:
+        index_lib.check_index(_INDEX.value, _INDEX_MODE.value)
+    except (FileNotFoundError, ValueError) as error:
+        raise app.UsageError(f"--index={_INDEX.value!r}, --index_mode={_INDEX_MODE.value}: {error}") from error
     if _INDEX_EMBEDDER.value is not None and not os.path.isdir(_INDEX_EMBEDDER.value):
         raise app.UsageError(f"--index_embedder={_INDEX_EMBEDDER.value!r} is not a run directory.")
-    with open(manifest_path, encoding="utf-8") as file:
-        has_vectors = json.load(file).get("vector_kind") is not None
-    if _INDEX_MODE.value not in (None, "bm25") and not has_vectors:
-        raise app.UsageError(
-            f"--index_mode={_INDEX_MODE.value} needs vectors; {_INDEX.value!r} is BM25 only (use --index_mode=bm25)."
-        )
 
 
 def retrieval() -> rag_chat.Retrieval | None:
@@ -114,8 +110,11 @@ def retrieval() -> rag_chat.Retrieval | None:
 
 def embedding_model(run: loading.Run) -> embeddings_api.EmbeddingModel:
     """The embedder the flags describe: the --embedder run's, or the served run's."""
-    options = dict(pooling=_POOLING.value, query_prefix=_QUERY_PREFIX.value, passage_prefix=_PASSAGE_PREFIX.value)
+    # Flags given win; otherwise a contrastively trained run embeds as it was trained (Embedder.from_run does the same).
+    named = {"pooling": _POOLING, "query_prefix": _QUERY_PREFIX, "passage_prefix": _PASSAGE_PREFIX}
+    options = {name: flag.value for name, flag in named.items() if flag.present}
     if _EMBEDDER.value is None:
+        options = {**embeddings.trained_options(run.config), **options}
         embedder = embeddings.Embedder(run.model, run.tokenizer, **options)
     else:
         embedder = embeddings.Embedder.from_run(_EMBEDDER.value, **options)

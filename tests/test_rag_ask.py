@@ -58,7 +58,7 @@ def test_ask_prints_the_answer_with_sources_that_point_into_the_documents(index_
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--index=/nonexistent/index"], "is not an index"),
+        (["--index=/nonexistent/index"], "is not a retrieval index"),
         (["--mode=dense"], "needs vectors"),
         (["--max_new_tokens=120"], "over the budget"),  # the run's context is 128 tokens
     ],

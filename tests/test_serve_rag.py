@@ -173,7 +173,7 @@ def test_a_run_without_chat_format_grounds_one_question_as_plain_text(run, retri
 
 def test_serve_script_refuses_a_missing_index_and_dense_search_of_a_bm25_index(trained_run, tmp_path):
     missing = run_script("serve.py", f"--workdir={trained_run}", f"--index={tmp_path / 'none'}")
-    assert missing.returncode != 0 and "is not an index" in missing.stderr
+    assert missing.returncode != 0 and "is not a retrieval index" in missing.stderr
     bm25_only = str(tmp_path / "bm25")
     RetrievalIndex.build(passages()).save(bm25_only)
     dense = run_script("serve.py", f"--workdir={trained_run}", f"--index={bm25_only}", "--index_mode=dense")

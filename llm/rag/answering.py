@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from llm import chat_template
 from llm.rag.grounded import GroundedPrompt, fit_passages, render_grounded
-from llm.rag.index import Hit, RetrievalIndex
+from llm.rag.index import Hit
 from llm.tokenizer import AnyTokenizer
 
 # Where a pretrained run's answer ends: the prompt's own structure ("\n\nPregunta: ...") starting again.
@@ -83,12 +83,3 @@ def grounded_request(
     else:
         stops = {"stop_strings": PLAIN_STOP_STRINGS, "stop_token_ids": None}
     return GroundedRequest(prompt, encode(prompt.text), tuple(hits), **stops)
-
-
-def retrieve(index: RetrievalIndex, question: str, k: int, mode: str | None = None) -> list[Hit]:
-    """The best `k` hits for `question`; mode None is hybrid when the index has vectors, else BM25."""
-    if mode is None:
-        mode = "hybrid" if "hybrid" in index.modes else "bm25"
-    if mode not in index.modes:
-        raise ValueError(f"search mode {mode!r} needs vectors, but this index is BM25 only (modes: {index.modes})")
-    return index.search(question, k, mode)

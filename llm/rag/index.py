@@ -207,8 +207,10 @@ class RetrievalIndex:
         """The search modes this index answers: all of MODES with vectors, else only "bm25"."""
         return MODES if self.vectors is not None else ("bm25",)
 
-    def search(self, query: str, k: int = 10, mode: str = "hybrid") -> list[Hit]:
-        """The best `k` passages for `query` (fewer when BM25 alone finds fewer matches), best first."""
+    def search(self, query: str, k: int = 10, mode: str | None = None) -> list[Hit]:
+        """The best `k` passages for `query` (fewer when BM25 alone finds fewer matches), best first; mode None
+        is the first of `modes`: hybrid with vectors, else BM25."""
+        mode = mode or self.modes[0]
         if mode not in MODES:
             raise ValueError(f"search mode must be one of {MODES}, got {mode!r}")
         if k < 1:
@@ -243,6 +245,16 @@ class RetrievalIndex:
     def _dense(self, query: str, k: int) -> list[tuple[int, float]]:
         scores, ids = self.vectors.search(self.embedder.embed([query], kind="query"), k)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+
+def check_index(directory: str, mode: str | None = None) -> tuple[str, ...]:
+    """The search modes of the index in `directory`, read from its manifest alone (nothing is loaded), after
+    checking that `mode` (None: the default) is one of them; for command lines to fail before any work."""
+    manifest = _read_manifest(directory)
+    modes = MODES if manifest["vector_kind"] is not None else ("bm25",)
+    if mode is not None and mode not in modes:
+        raise ValueError(f"search mode {mode!r} needs vectors; {directory!r} is BM25 only (use mode bm25)")
+    return modes
 
 
 def _read_manifest(directory: str) -> dict[str, Any]:

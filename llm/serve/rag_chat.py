@@ -38,19 +38,19 @@ _UNBOUNDED = 1 << 40
 
 
 class Retrieval:
-    """The server's index and how it searches: `k` passages per question in `mode` (None: hybrid when the index
-    has vectors, else BM25, as `answering.retrieve` chooses)."""
+    """The server's index and how it searches: `k` passages per question in `mode` (None: the index's first
+    mode, hybrid when it has vectors, else BM25)."""
 
     def __init__(self, index: RetrievalIndex, k: int = 5, mode: str | None = None, directory: str | None = None):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if mode is not None and mode not in index.modes:
             raise ValueError(f"search mode {mode!r} needs vectors, but this index is BM25 only (modes: {index.modes})")
-        self.index, self.k, self.mode, self.directory = index, k, mode, directory
+        self.index, self.k, self.mode, self.directory = index, k, mode or index.modes[0], directory
 
     def search(self, question: str) -> list[Hit]:
         """The best `k` hits for `question` (embeds it for dense and hybrid search: run it off the event loop)."""
-        return answering.retrieve(self.index, question, self.k, self.mode)
+        return self.index.search(question, self.k, self.mode)
 
     def describe(self) -> dict:
         """What GET /health reports of the index."""
@@ -59,7 +59,7 @@ class Retrieval:
             "directory": self.directory,
             "passages": len(index.passages),
             "modes": list(index.modes),
-            "mode": self.mode or ("hybrid" if "hybrid" in index.modes else "bm25"),
+            "mode": self.mode,
             "k": self.k,
             "vector_kind": index.vectors.kind if index.vectors is not None else None,
             "embedder": index.identity["workdir"] if index.identity else None,

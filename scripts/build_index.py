@@ -78,6 +78,12 @@ def main(argv: list[str]) -> None:
     index = RetrievalIndex.build(passages, embedder, _VECTOR_INDEX.value)
     kind = f"BM25 and a {_VECTOR_INDEX.value} vector index of dim {embedder.dim}" if embedder else "BM25 only"
     print(f"Indexed ({kind}) in {time.perf_counter() - started:.1f} s")
+    if index.calibration and index.calibration.mrr:
+        tried = ", ".join(f"{weight}: {mrr:.3f}" for weight, mrr in index.calibration.mrr.items())
+        print(
+            f"Hybrid search weighs the vectors {index.dense_weight} against BM25's 1 (MRR@10 of each weight on "
+            f"{index.calibration.queries} inverse-cloze pseudo-queries: {tried})"
+        )
     index.save(_OUTPUT.value, overwrite=_OVERWRITE.value)
     print(f"Wrote {_OUTPUT.value}")
 

@@ -2,6 +2,8 @@
 recall against exact search, and scripts/build_index.py."""
 
 import os
+import re
+import zlib
 
 import faiss
 import numpy as np
@@ -11,7 +13,7 @@ from conftest import run_script, spanish_documents
 from test_hf_export import saved_hf
 
 from llm.hf import importer
-from llm.rag import vector
+from llm.rag import calibration, vector
 from llm.rag.documents import SourceDocument
 from llm.rag.embeddings import Embedder
 from llm.rag.hybrid import reciprocal_rank_fusion
@@ -83,6 +85,11 @@ def test_reciprocal_rank_fusion_equals_the_hand_computed_fusion():
     assert [f.item for f in reciprocal_rank_fusion([[], ["m"], ["n"]])] == ["m", "n"]
     with pytest.raises(ValueError, match="holds an item twice"):
         reciprocal_rank_fusion([["a", "a"]])
+    weighted = reciprocal_rank_fusion([["a", "b"], ["b", "a"]], weights=(1.0, 0.5))
+    assert [f.item for f in weighted] == ["a", "b"]
+    assert [f.score for f in weighted] == pytest.approx([1 / 61 + 0.5 / 62, 1 / 62 + 0.5 / 61])
+    with pytest.raises(ValueError, match="one weight >= 0 per ranked list"):
+        reciprocal_rank_fusion([["a"], ["b"]], weights=(1.0,))
 
 
 def test_hybrid_search_fuses_the_bm25_and_dense_rankings(indexes):
@@ -90,7 +97,7 @@ def test_hybrid_search_fuses_the_bm25_and_dense_rankings(indexes):
     query = "¿Quién lo sabe? paella"
     bm25 = [hit.passage.id for hit in index.search(query, 100, "bm25")]
     dense = [hit.passage.id for hit in index.search(query, 100, "dense")]
-    expected = reciprocal_rank_fusion([bm25, dense])[:7]
+    expected = reciprocal_rank_fusion([bm25, dense], weights=(1.0, index.dense_weight))[:7]
     hybrid = index.search(query, 7, "hybrid")
     assert [hit.passage.id for hit in hybrid] == [f.item for f in expected]
     assert [hit.score for hit in hybrid] == [f.score for f in expected]
@@ -107,6 +114,7 @@ def test_an_index_saved_and_loaded_gives_identical_results(kind, indexes, embedd
     if kind == "ivfpq":  # a search option the index file keeps (FAISS's default would be 1)
         assert faiss.extract_index_ivf(loaded.vectors.index).nprobe == 2
     assert loaded.passages == index.passages
+    assert (loaded.dense_weight, loaded.calibration) == (index.dense_weight, index.calibration)
     for mode in ("bm25", "dense", "hybrid"):
         assert results(loaded, mode) == results(index, mode), mode
 
@@ -255,3 +263,60 @@ def test_build_index_script_refuses_bad_input_before_any_work(tmp_path):
         result = run_script("build_index.py", *flags, f"--output={tmp_path / 'index'}")
         assert result.returncode != 0 and message in result.stderr, (message, result.stderr)
     assert not os.path.exists(tmp_path / "index")
+
+
+class SynonymEmbedder:
+    """A stand-in embedder that sees only topic words, and knows what BM25 cannot: "alfaN" means "betaN"."""
+
+    dim = 512
+
+    def embed(self, texts, kind="passage"):
+        vectors = np.zeros((len(texts), self.dim), np.float32)
+        for row, text in enumerate(texts):
+            for topic in re.findall(r"(?:alfa|beta)(\d+)", text):
+                vectors[row, zlib.crc32(topic.encode()) % self.dim] += 1.0
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+class NoiseEmbedder(SynonymEmbedder):
+    """Vectors that know nothing of the text: an untrained embedder at its worst."""
+
+    def embed(self, texts, kind="passage"):
+        rng = np.random.default_rng([zlib.crc32(text.encode()) for text in texts])
+        vectors = rng.normal(size=(len(texts), self.dim)).astype(np.float32)
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def calibration_passages():
+    """Passages on topic N: one sentence names it "alfaN", the others "betaN" (which only the synonym-aware
+    embedder relates), among filler words every passage shares."""
+    fillers = spanish_documents(80)
+    passages = []
+    for i, filler in enumerate(fillers):
+        clauses = filler.split(". ")[:3]
+        text = " ".join(
+            f"{clause.rstrip('.')} con {'alfa' if j == 0 else 'beta'}{i}." for j, clause in enumerate(clauses)
+        )
+        passages += split_document(SourceDocument(f"doc{i}", text, f"c:{i}"), budget=60, overlap=0)
+    return passages
+
+
+def test_pseudo_queries_are_a_sentence_and_the_rest_of_its_passage():
+    pairs = calibration.pseudo_queries(calibration_passages(), 50, seed=0)
+    assert len(pairs) == 50
+    for query, target in pairs:
+        original = next(p for p in calibration_passages() if p.id == target.id).text
+        assert query in original and query not in target.text
+        assert sorted((query + " " + target.text).split()) == sorted(original.split())
+
+
+def test_calibration_trusts_vectors_that_rank_well_and_not_noise():
+    passages = calibration_passages()
+    useful = calibration.calibrate(passages, SynonymEmbedder())
+    noise = calibration.calibrate(passages, NoiseEmbedder())
+    assert useful.queries == noise.queries >= calibration.MIN_QUERIES
+    assert useful.dense_weight > 0 and useful.mrr[str(useful.dense_weight)] > useful.mrr["0.0"]
+    assert noise.dense_weight < 0.5 and noise.mrr[str(noise.dense_weight)] >= noise.mrr["1.0"]
+    assert noise.mrr["1.0"] < noise.mrr["0.0"]  # equal weights would have made BM25 worse
+    few = calibration.calibrate(passages[:10], NoiseEmbedder())
+    assert (few.dense_weight, few.mrr) == (1.0, {})

@@ -11,6 +11,7 @@ rank, 0 below rank 10) and nDCG@10, all as trec_eval defines them (the tests com
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -98,8 +99,11 @@ def evaluate_retrieval(
 
 def default_searchers(passages: Sequence[Passage], embedder: Embedder | None) -> dict[str, Searcher]:
     """One searcher per mode of a `RetrievalIndex` of the passages: "bm25" and, with an embedder, "dense"
-    (exact inner product: the flat FAISS index) and "hybrid" (their reciprocal rank fusion)."""
+    (exact inner product: the flat FAISS index) and "hybrid" (their reciprocal rank fusion, the vectors weighted
+    as the index's calibration on the passages themselves decides: llm/rag/calibration.py)."""
     index = RetrievalIndex.build(list(passages), embedder)
+    if index.calibration:
+        logging.info("Hybrid search's dense weight: %s (calibration: %s)", index.dense_weight, index.calibration)
     return {
         mode: functools.partial(lambda mode, query, k: [hit.passage.id for hit in index.search(query, k, mode)], mode)
         for mode in SEARCH_METHODS

@@ -1,6 +1,7 @@
 """A retrieval index: one directory with the passage store, BM25, optionally a vector index, and a manifest.
 
-    INDEX/manifest.json     format, passage count, the vector index's kind and the embedder's identity
+    INDEX/manifest.json     format, passage count, the vector index's kind, the embedder's identity and the
+                            hybrid fusion's dense weight with its calibration (llm/rag/calibration.py)
     INDEX/passages.jsonl    the passages, once (row i of BM25 and of the vector index is passage i)
     INDEX/*.index.*         BM25 (llm/rag/lexical.py)
     INDEX/vectors.faiss     the vector index, when built with an embedder (llm/rag/vector.py)
@@ -32,21 +33,19 @@ from typing import Any
 import numpy as np
 
 from llm.io import replace_dir, write_json
+from llm.rag import calibration as calibration_lib
 from llm.rag.embeddings import Embedder
-from llm.rag.hybrid import reciprocal_rank_fusion
+from llm.rag.hybrid import HYBRID_DEPTH, reciprocal_rank_fusion
 from llm.rag.lexical import LexicalIndex
 from llm.rag.passages import Passage
 from llm.rag.vector import VectorIndex
 
 MANIFEST_FILE = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: the hybrid fusion's dense weight
 MODES = ("hybrid", "bm25", "dense")
 PROBE_TEXT = "¿Dónde está la biblioteca municipal? Abre de lunes a viernes, desde las nueve de la mañana."
 FINGERPRINT_MIN_COSINE = 0.999
 _COMPARED = ("pooling", "normalize", "query_prefix", "passage_prefix", "dim")  # identity settings that must match
-# Candidates each method contributes to hybrid fusion (at least k): deep enough that a passage ranked well by one
-# method and modestly by the other still gets both contributions.
-HYBRID_DEPTH = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +100,12 @@ class RetrievalIndex:
         vectors: VectorIndex | None = None,
         embedder: Embedder | None = None,
         identity: dict[str, Any] | None = None,
+        calibration: calibration_lib.Calibration | None = None,
     ):
         self.lexical, self.vectors, self.embedder, self.identity = lexical, vectors, embedder, identity
+        # Hybrid search weighs BM25 by 1 and the vectors by this (assign another to override the calibration).
+        self.calibration = calibration
+        self.dense_weight = calibration.dense_weight if calibration else 1.0
         self.passages = lexical.passages
         self._positions = {passage.id: position for position, passage in enumerate(self.passages)}
         if len(self._positions) != len(self.passages):
@@ -112,16 +115,23 @@ class RetrievalIndex:
 
     @classmethod
     def build(
-        cls, passages: list[Passage], embedder: Embedder | None = None, vector_kind: str = "flat", **options: int
+        cls,
+        passages: list[Passage],
+        embedder: Embedder | None = None,
+        vector_kind: str = "flat",
+        calibrate: bool = True,
+        **options: int,
     ) -> RetrievalIndex:
         """BM25 over `passages` and, with an embedder, a `vector_kind` index of their passage embeddings
-        (`options`: that kind's, see `VectorIndex.build`)."""
+        (`options`: that kind's, see `VectorIndex.build`) and, with `calibrate`, hybrid search's dense weight
+        measured on the passages (llm/rag/calibration.py; without it the weight is 1, plain RRF)."""
         lexical = LexicalIndex.build(passages)
         if embedder is None:
             return cls(lexical)
         embeddings = embedder.embed([passage.text for passage in lexical.passages], kind="passage")
         vectors = VectorIndex.build(embeddings, vector_kind, **options)
-        return cls(lexical, vectors, embedder, embedder_identity(embedder))
+        calibration = calibration_lib.calibrate(lexical.passages, embedder) if calibrate else None
+        return cls(lexical, vectors, embedder, embedder_identity(embedder), calibration)
 
     def save(self, directory: str, overwrite: bool = False) -> None:
         """Writes the index to `directory` atomically; an existing one is replaced only with `overwrite`."""
@@ -140,6 +150,10 @@ class RetrievalIndex:
                 "passages": len(self.passages),
                 "vector_kind": self.vectors.kind if self.vectors else None,
                 "embedder": self.identity,
+                "hybrid": {
+                    "dense_weight": self.dense_weight,
+                    "calibration": dataclasses.asdict(self.calibration) if self.calibration else None,
+                },
             }
             write_json(os.path.join(staging, MANIFEST_FILE), manifest)
             replace_dir(staging, directory)
@@ -175,7 +189,11 @@ class RetrievalIndex:
                     f"The embedder does not match the one that built {directory!r}: {problem}.\n"
                     f"  index built with: {_describe(recorded)}\n  embedder given:   {_describe(actual)}"
                 )
-        return cls(lexical, vectors, embedder, recorded)
+        index = cls(lexical, vectors, embedder, recorded)
+        calibration = manifest["hybrid"]["calibration"]
+        index.calibration = calibration_lib.Calibration(**calibration) if calibration else None
+        index.dense_weight = manifest["hybrid"]["dense_weight"]
+        return index
 
     @classmethod
     def open(cls, directory: str, embedder_workdir: str | None = None, batch_size: int = 32) -> RetrievalIndex:
@@ -224,7 +242,7 @@ class RetrievalIndex:
         depth = max(k, HYBRID_DEPTH)
         bm25 = [self._positions[p.id] for p, _ in self.lexical.search(query, depth)]
         dense = [i for i, _ in self._dense(query, depth)]
-        fused = reciprocal_rank_fusion([bm25, dense])[:k]
+        fused = reciprocal_rank_fusion([bm25, dense], weights=(1.0, self.dense_weight))[:k]
         return [
             Hit(self.passages[f.item], f.score, rank, dict(zip(("bm25", "dense"), f.ranks)))
             for rank, f in enumerate(fused, start=1)
@@ -265,7 +283,7 @@ def _read_manifest(directory: str) -> dict[str, Any]:
         manifest = json.load(file)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported index format {manifest.get('format')!r} (this code reads {FORMAT})")
-    missing = sorted({"passages", "vector_kind", "embedder"} - set(manifest))
+    missing = sorted({"passages", "vector_kind", "embedder", "hybrid"} - set(manifest))
     if missing:
         raise ValueError(f"{path}: missing keys {missing}")
     return manifest

@@ -1,7 +1,12 @@
 """Vector index benchmark: IVF-PQ and HNSW against exact search on synthetic passage embeddings.
 
 The embeddings are a seeded mixture of Gaussian clusters (so IVF's cells mean something), L2-normalised like
-an `Embedder`'s; the queries are fresh draws from the same clusters. For each kind: build time (training
+an `Embedder`'s; the queries are fresh draws from the same clusters. Text embeddings concentrate near a subspace
+of far fewer dimensions than they have (their intrinsic dimension is tens, not hundreds), so the clusters live in
+`intrinsic_dim` dimensions, mapped into `dim` by a random linear map, with a little noise in every dimension.
+`intrinsic_dim=dim` spreads the points evenly over all dimensions instead: then every point's neighbours are
+nearly equidistant, the worst case for product quantization (measured at 1M x 256 on 2 cores: IVF-PQ recall@10
+0.395, HNSW 0.912). For each kind: build time (training
 included), index size (its FAISS file), resident memory the index added to the process, single-query latency
 p50/p99 (one query per call, as a server sees them) and recall@10 against exact (flat) search.
 """
@@ -23,17 +28,28 @@ from llm.rag.vector import KINDS, VectorIndex
 K = 10
 
 
-def synthetic_embeddings(count: int, dim: int, clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(cluster centres, unit vectors): each vector a centre plus Gaussian noise of 0.5 per dimension."""
+def synthetic_embeddings(
+    count: int, dim: int, clusters: int, seed: int, intrinsic_dim: int, num_queries: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(passages, queries): unit vectors, each a cluster centre plus Gaussian noise of 0.5 per dimension in
+    `intrinsic_dim` dimensions, mapped into `dim` (see the module docstring)."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
-    vectors = np.empty((count, dim), np.float32)
-    for start in range(0, count, 100_000):  # in blocks: the noise of 1M x 256 at once would double peak memory
-        block = vectors[start : start + 100_000]
-        block[:] = centres[rng.integers(0, clusters, len(block))]
-        block += 0.5 * rng.standard_normal(block.shape, dtype=np.float32)
-    faiss.normalize_L2(vectors)
-    return centres, vectors
+    latent = min(intrinsic_dim, dim)
+    centres = rng.standard_normal((clusters, latent), dtype=np.float32)
+    basis = np.eye(dim, dtype=np.float32) if latent == dim else rng.standard_normal((latent, dim), np.float32)
+    ambient_noise = 0.0 if latent == dim else 0.05 * np.sqrt(latent)  # a tenth of a latent noise vector's norm
+
+    def draw(n: int) -> np.ndarray:
+        vectors = np.empty((n, dim), np.float32)
+        for start in range(0, n, 100_000):  # in blocks: all the noise of 1M x 256 at once would double peak memory
+            rows = min(100_000, n - start)
+            points = centres[rng.integers(0, clusters, rows)] + 0.5 * rng.standard_normal((rows, latent), np.float32)
+            vectors[start : start + rows] = points @ basis
+            vectors[start : start + rows] += ambient_noise * rng.standard_normal((rows, dim), np.float32)
+        faiss.normalize_L2(vectors)
+        return vectors
+
+    return draw(count), draw(num_queries)
 
 
 def _cpu() -> dict[str, Any]:
@@ -83,22 +99,26 @@ def _measure(kind: str, corpus: np.ndarray, queries: np.ndarray, exact: np.ndarr
     return figures, found
 
 
-def run(count: int = 1_000_000, dim: int = 256, num_queries: int = 200, clusters: int = 1000, seed: int = 0) -> dict:
+def run(
+    count: int = 1_000_000,
+    dim: int = 256,
+    num_queries: int = 200,
+    clusters: int = 1000,
+    seed: int = 0,
+    intrinsic_dim: int = 32,
+) -> dict:
     """The figures of every index kind, flat first (its results are the exact ones the others are scored on)."""
     if count < K or num_queries < 1:
         raise ValueError(f"need at least {K} passages and 1 query, got count={count}, num_queries={num_queries}")
     started = time.perf_counter()
-    centres, corpus = synthetic_embeddings(count, dim, clusters, seed)
-    rng = np.random.default_rng(seed + 1)
-    queries = centres[rng.integers(0, clusters, num_queries)] + 0.5 * rng.standard_normal(
-        (num_queries, dim), np.float32
-    )
+    corpus, queries = synthetic_embeddings(count, dim, clusters, seed, intrinsic_dim, num_queries)
     result: dict[str, Any] = {
         "benchmark": "rag_index",
         **_cpu(),
         "passages": count,
         "dim": dim,
         "clusters": clusters,
+        "intrinsic_dim": min(intrinsic_dim, dim),
         "queries": num_queries,
         "data_s": time.perf_counter() - started,
     }

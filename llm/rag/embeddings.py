@@ -110,7 +110,11 @@ class Embedder:
         """(len(texts), embed_dim) float32 embeddings, in the order of `texts`."""
         if isinstance(texts, str):
             raise TypeError("embed takes a list of texts, not a single string; wrap it: embed([text]).")
-        rows = [self.encode(text, kind) for text in texts]
+        return self.embed_ids([self.encode(text, kind) for text in texts])
+
+    def embed_ids(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """(len(rows), embed_dim) float32 embeddings of token rows as `encode` makes them (BOS, prefix, text;
+        at most the context), in their order."""
         out = np.zeros((len(rows), self.dim), np.float32)
         # Longest first: similar lengths share a batch, and each batch pads only to its own bucket.
         order = sorted(range(len(rows)), key=lambda index: -len(rows[index]))

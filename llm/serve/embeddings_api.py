@@ -29,6 +29,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.params import Depends
 
+from llm.model.pooling import truncate
 from llm.rag.embeddings import KINDS, Embedder
 from llm.serve import admission, schemas
 from llm.serve.errors import APIError
@@ -61,12 +62,6 @@ class EmbeddingModel:
             "dimensions": embedder.dim,
             "max_input_tokens": embedder.max_len,
         }
-
-
-def matryoshka(vectors: np.ndarray, dimensions: int) -> np.ndarray:
-    """The first `dimensions` coordinates of each row, L2-normalised again."""
-    cut = vectors[:, :dimensions]
-    return cut / np.maximum(np.linalg.norm(cut, axis=-1, keepdims=True), 1e-12)
 
 
 def _encoded(vector: np.ndarray, encoding_format: str) -> list[float] | str:
@@ -125,7 +120,7 @@ class EmbeddingsAPI:
         finally:
             slot.release()
         if body.dimensions is not None:
-            vectors = matryoshka(vectors, body.dimensions)
+            vectors = np.asarray(truncate(vectors, body.dimensions))  # the Matryoshka way
         tokens = sum(len(row) for row in rows)
         return {
             "object": "list",
@@ -165,13 +160,7 @@ class EmbeddingsAPI:
         embedder = self.model.embedder
         if isinstance(inputs[0], str):
             return embedder.embed(inputs, self.model.kind)
-        # Embedder.embed's batching (longest first, batch_size rows at a time) over rows that are already ids.
-        out = np.zeros((len(rows), embedder.dim), np.float32)
-        order = sorted(range(len(rows)), key=lambda index: -len(rows[index]))
-        for start in range(0, len(order), embedder.batch_size):
-            indices = order[start : start + embedder.batch_size]
-            out[indices] = embedder._embed_rows([rows[index] for index in indices])
-        return out
+        return embedder.embed_ids(rows)
 
 
 def add_routes(

@@ -44,8 +44,9 @@ def _node(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 @needs_node
 def test_page_logic_under_node():
-    """Trimming, failed turns, settings and the Spanish errors: tests/js/chat_page.test.js."""
-    _node("--test", "tests/js/chat_page.test.js")
+    """Trimming, failed turns, settings and the Spanish errors (tests/js/chat_page.test.js); the sources of grounded
+    answers and the index note (tests/js/chat_sources.test.js)."""
+    _node("--test", "tests/js/chat_page.test.js", "tests/js/chat_sources.test.js")
 
 
 @needs_node
@@ -71,6 +72,8 @@ def test_page_script_and_favicon_are_served_without_a_key(server):
     page = httpx.get(server + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<script src="/static/chat.js">' in page.text and '<link rel="icon" href="/favicon.ico"' in page.text
+    # The header's index note reads GET /health without a key; without an index it says nothing.
+    assert '<small id="index">' in page.text and httpx.get(server + "/health").json()["index"] is None
     script = httpx.get(server + "/static/chat.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]
     with open(os.path.join(REPO, "llm", "serve", "static", "chat.js"), encoding="utf-8") as f:

@@ -96,8 +96,10 @@ async function errorOf(response) {
 }
 
 // Reads an event stream of chat chunks, calling onDelta(text) for each piece; returns the whole answer. A stream
-// that ends without [DONE] was cut; an error chunk (the status line was already sent) fails the turn.
-async function readAnswer(response, onDelta = () => {}) {
+// that ends without [DONE] was cut; an error chunk (the status line was already sent) fails the turn. A server with
+// a retrieval index sends the passages it grounded the answer in ("sources") twice: in the first chunk, with `cited`
+// null, and in the chunk that ends the answer, with `cited` known; onSources(sources) gets each.
+async function readAnswer(response, onDelta = () => {}, onSources = () => {}) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -113,6 +115,7 @@ async function readAnswer(response, onDelta = () => {}) {
       if (!data) continue;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new ChatError(errorText(500, chunk.error), {cause: chunk.error.message});
+      if (chunk.sources) onSources(chunk.sources);
       const delta = chunk.choices?.[0]?.delta?.content;
       if (delta) {
         answer += delta;
@@ -124,12 +127,15 @@ async function readAnswer(response, onDelta = () => {}) {
 }
 
 // One turn: sends the conversation, dropping the oldest turns while the server says the context is full.
-// Resolves to {kept, answer} and, when the turn did not complete, `error` (Spanish text, and `detail`: the
-// server's own message) or `stopped` (the user pressed stop: `answer` holds what had arrived). Never rejects.
+// Resolves to {kept, answer, sources} (sources: the last list the server sent, or null) and, when the turn did not
+// complete, `error` (Spanish text, and `detail`: the server's own message) or `stopped` (the user pressed stop:
+// `answer` holds what had arrived). Never rejects.
 async function completeTurn({fetch, baseUrl = "", headers = {}, model, system, turns, text, settings, signal,
-                             onDelta = () => {}}) {
+                             onDelta = () => {}, onSources = () => {}}) {
   let kept = turns;
   let answer = "";
+  let sources = null;
+  const ended = (how = {}) => ({kept, answer, sources, ...how});
   try {
     for (;;) {
       const response = await fetch(baseUrl + "/v1/chat/completions", {
@@ -139,11 +145,16 @@ async function completeTurn({fetch, baseUrl = "", headers = {}, model, system, t
         signal,
       });
       if (response.ok) {
-        answer = await readAnswer(response, (delta) => {
+        const read = (delta) => {
           answer += delta;
           onDelta(delta);
-        });
-        return {kept, answer};
+        };
+        const found = (list) => {
+          sources = list;
+          onSources(list);
+        };
+        answer = await readAnswer(response, read, found);
+        return ended();
       }
       const error = await errorOf(response);
       if (response.status === 400 && error.code === CONTEXT_FULL && kept.length) {
@@ -151,21 +162,69 @@ async function completeTurn({fetch, baseUrl = "", headers = {}, model, system, t
         continue;
       }
       const retryAfter = response.headers.get("retry-after");
-      return {kept, answer, error: errorText(response.status, error, retryAfter), detail: error.message};
+      return ended({error: errorText(response.status, error, retryAfter), detail: error.message});
     }
   } catch (e) {
-    if (e.name === "AbortError") return {kept, answer, stopped: true};
-    if (e instanceof ChatError) return {kept, answer, error: e.message, detail: e.cause};
-    if (e instanceof SyntaxError) return {kept, answer, error: STREAM_CUT, detail: e.message};
-    return {kept, answer, error: errorText(0), detail: e.message}; // fetch's TypeError: the network.
+    if (e.name === "AbortError") return ended({stopped: true});
+    if (e instanceof ChatError) return ended({error: e.message, detail: e.cause});
+    if (e instanceof SyntaxError) return ended({error: STREAM_CUT, detail: e.message});
+    return ended({error: errorText(0), detail: e.message}); // fetch's TypeError: the network.
   }
 }
 
 // The conversation after a turn: a completed turn (or one stopped after some text) joins the turns that fitted;
-// a failed one leaves the conversation as it was, so that it is never sent again.
+// a failed one leaves the conversation as it was, so that it is never sent again. Sources are only shown: the
+// answer's text is all the conversation keeps (the server retrieves afresh for each question).
 function nextTurns(turns, result, text) {
   if (result.error || (result.stopped && !result.answer)) return turns;
   return [...result.kept, {user: text, assistant: result.answer}];
+}
+
+// The start of a passage for a source's one-line summary: whitespace collapsed, cut at a word before `limit`.
+function excerpt(text, limit = 140) {
+  const flat = String(text ?? "").replace(/\s+/g, " ").trim();
+  if (flat.length <= limit) return flat;
+  const cut = flat.slice(0, limit);
+  const space = cut.lastIndexOf(" ");
+  return (space > limit / 2 ? cut.slice(0, space) : cut) + "…";
+}
+
+// The sources of an answer as a "Fuentes" block of <details>, one per passage: "[n] file · passage id", "citada"
+// when the answer cites it, an excerpt, and the whole text when opened (those whose number is in `opened` start
+// open, so that the update with `cited` keeps what the user opened). Null for an answer without sources. Passages
+// are the user's documents: every piece goes in as textContent, never as HTML.
+function sourcesView(doc, sources, opened = new Set()) {
+  if (!sources?.length) return null;
+  const element = (tag, className, text) => {
+    const node = doc.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  const list = element("ol");
+  for (const source of sources) {
+    const details = element("details");
+    details.dataset.number = String(source.number);
+    details.open = opened.has(source.number);
+    const summary = element("summary");
+    summary.append(element("span", "source-name", `[${source.number}] ${source.source} · ${source.passage_id}`));
+    if (source.cited) summary.append(element("span", "source-cited", "citada"));
+    summary.append(element("span", "source-excerpt", excerpt(source.text)));
+    details.append(summary, element("p", "source-text", source.text));
+    const item = element("li", source.cited ? "source cited" : "source");
+    item.append(details);
+    list.append(item);
+  }
+  const box = element("div", "sources");
+  box.append(element("p", "sources-title", "Fuentes"), list);
+  return box;
+}
+
+// The header's note on the server's retrieval index from GET /health ("" without one).
+function indexText(health) {
+  const passages = health?.index?.passages;
+  if (passages === undefined || passages === null) return "";
+  return `Con índice: ${passages.toLocaleString("es-ES")} ${passages === 1 ? "pasaje" : "pasajes"}`;
 }
 
 function startPage() {
@@ -183,6 +242,33 @@ function startPage() {
     $("log").appendChild(div);
     scroll();
     return div;
+  }
+
+  // The answer's sources go in a block after its bubble (whose text the deltas rewrite), made when the first list
+  // comes and rebuilt when the last brings `cited`; it joins the turn's nodes, so it greys out with them.
+  function sourcesShower(answer, turn) {
+    let holder = null;
+    return (sources) => {
+      const opened = new Set([...(holder?.querySelectorAll("details[open]") ?? [])].map((d) => +d.dataset.number));
+      const view = sourcesView(document, sources, opened);
+      if (!view) return;
+      if (!holder) {
+        holder = document.createElement("div");
+        answer.after(holder);
+        turn.nodes.push(holder);
+      }
+      holder.replaceChildren(view);
+      scroll();
+    };
+  }
+
+  async function loadIndex() {
+    try {
+      const response = await fetch("/health");
+      $("index").textContent = indexText(await response.json()); // 503 (model down) still describes the index.
+    } catch {
+      $("index").textContent = ""; // The note is only informative: the chat works without it.
+    }
   }
 
   async function loadModel() {
@@ -225,7 +311,8 @@ function startPage() {
     };
     const before = page.turns;
     const result = await completeTurn({fetch, headers: headers(), model: page.model, system: $("system").value.trim(),
-      turns: before, text, settings: parsed.settings, signal: page.controller.signal, onDelta});
+      turns: before, text, settings: parsed.settings, signal: page.controller.signal, onDelta,
+      onSources: sourcesShower(answer, turn)});
     page.controller = null;
     $("send").disabled = false;
     $("stop").disabled = true;
@@ -275,11 +362,12 @@ function startPage() {
     $("log").replaceChildren();
   });
   loadModel();
+  loadIndex();
 }
 
 if (typeof module !== "undefined") {
   module.exports = {buildMessages, parseNumber, parseSettings, requestBody, errorText, readAnswer, completeTurn,
-    nextTurns, STREAM_CUT};
+    nextTurns, excerpt, sourcesView, indexText, STREAM_CUT};
 } else {
   startPage();
 }

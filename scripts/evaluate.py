@@ -6,6 +6,11 @@ by name) XQuAD-es retrieval and retrieval-augmented answers.
         [--quantize=int8|int4|int8_act]
     python scripts/evaluate.py --workdir=runs/tiny_es --tasks=retrieval,rag [--embedder=RUN]
         [--rag_passages=3] [--rag_searcher=bm25|dense]
+    python scripts/evaluate.py --workdir=runs/embedder --tasks=retrieval \
+        --retrieval_pairs=data/pairs_es/validation_pairs.jsonl [--embedder=RUN]
+
+--retrieval_pairs searches your own pairs instead of XQuAD-es: each query over the file's distinct positives and
+negatives (e.g. the held-out pairs scripts/prepare_pairs.py writes to DIR/validation_pairs.jsonl).
 
 With --quantize (or a quantized --workdir from scripts/quantize.py), the float and the quantized model are
 evaluated side by side, with their parameter memory and decode speed, in one table.
@@ -82,6 +87,12 @@ _RAG_SEARCHER = flags.DEFINE_enum(
     list(retrieval.SEARCH_METHODS),
     "Search method of rag's retrieved condition.",
 )
+_RETRIEVAL_PAIRS = flags.DEFINE_string(
+    "retrieval_pairs",
+    "",
+    'retrieval: search this JSONL of {"id"?, "query", "positive", "negative"?} (its queries over its distinct '
+    "positives and negatives) instead of XQuAD-es.",
+)
 _MODEL_CARD = flags.DEFINE_bool(
     "model_card",
     True,
@@ -109,6 +120,7 @@ def _checked_inputs() -> tuple[list[str], suite.Settings]:
         embedder=_EMBEDDER.value,
         rag_passages=_RAG_PASSAGES.value,
         rag_searcher=_RAG_SEARCHER.value,
+        retrieval_pairs=_RETRIEVAL_PAIRS.value,
     )
     suite.check_settings(task_names, settings, config)
     return task_names, settings

@@ -11,11 +11,13 @@ import pytest
 from conftest import crash_then_resume, metrics_entries, run_script, saved_state, tiny_config
 
 from llm import config_validation
+from llm.data import records
 from llm.eval import tasks
 from llm.finetune_data import contrastive
 from llm.io import SourceError
 from llm.model import pooling
 from llm.rag.embeddings import Embedder
+from llm.tokenizer import load_tokenizer
 from llm.train import loop, losses
 
 SUBJECTS = ["La niña", "El señor García", "Mi abuela", "El pingüino", "La compañía", "Un músico", "La ciudad"]
@@ -174,6 +176,55 @@ def pairs_data(tmp_path_factory, tokenizer):
     out = str(path / "pairs")
     report = contrastive.prepare_pairs(corpus, tokenizer.path, out, 32, mine=True, min_validation_pairs=8)
     return out, report
+
+
+def encoded_pairs(data, split):
+    """(query ids, positive ids, negative ids or ()) of every record of a split: the tokens of each side's text."""
+    paths = records.shard_paths(os.path.join(data, split))
+    rows = [row for path in paths for row in records.iterate_shard(path, records.decode_triple)]
+    return {
+        tuple(tuple(row[f"{side}_tokens"][row[f"{side}_segment_ids"] == 1]) for side in records.CONTRASTIVE_SIDES)
+        for row in rows
+    }
+
+
+def test_validation_pairs_jsonl_is_the_held_out_split_as_text(pairs_data, tmp_path, tokenizer):
+    data, report = pairs_data
+    mined = {
+        i: e
+        for i, _, e in contrastive.mine_pairs(
+            os.path.join(os.path.dirname(data), "corpus"), 0, contrastive.Drops("skip")
+        )
+    }
+    with open(os.path.join(data, report["validation_pairs"]), encoding="utf-8") as f:
+        held_out = [json.loads(line) for line in f]
+    assert len({pair["id"] for pair in held_out}) == len(held_out) == report["splits"]["validation"]["pairs"]
+    assert all(
+        pair == {"id": pair["id"], "query": mined[pair["id"]].query, "positive": mined[pair["id"]].positive}
+        for pair in held_out
+    )
+    spm = load_tokenizer(tokenizer.path)
+    texts = {
+        (
+            tuple(contrastive.encode_text(spm, "consulta: ", pair["query"], 32)),
+            tuple(contrastive.encode_text(spm, "pasaje: ", pair["positive"], 32)),
+            (),
+        )
+        for pair in held_out
+    }
+    assert encoded_pairs(data, "validation") == texts and not encoded_pairs(data, "train") & texts
+    # A pairs file's negatives are held out too, under the ids "<file name>:<line>".
+    lines = [
+        {"query": f"¿Quién {verb}?", "positive": f"Mi abuela {verb}.", "negative": f"Nadie {verb}."} for verb in VERBS
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    contrastive.prepare_pairs(str(path), tokenizer.path, str(tmp_path / "out"), 32, min_validation_pairs=2)
+    with open(tmp_path / "out" / "validation_pairs.jsonl", encoding="utf-8") as f:
+        held_out = [json.loads(line) for line in f]
+    assert len(held_out) == 2 and all(
+        pair == {"id": pair["id"], **lines[int(pair["id"].split(":")[1]) - 1]} for pair in held_out
+    )
 
 
 def contrastive_config(data_path, **train):

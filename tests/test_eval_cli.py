@@ -66,15 +66,25 @@ def test_a_missing_checkpoint_is_named(trained_run, tmp_path):
         (["rag"], {"rag_searcher": "sparse"}, "rag_searcher one of ('bm25', 'dense', 'hybrid') (got 'sparse')"),
         (["retrieval"], {"embedder": "/nonexistent/run"}, "--embedder='/nonexistent/run' is not a run directory"),
         (["rag"], {"data_dir": "/nonexistent"}, "'/nonexistent/xquad_es.json' does not exist"),
+        (["retrieval"], {"retrieval_pairs": "/nonexistent/pares.jsonl"}, "'/nonexistent/pares.jsonl' does not exist"),
+        (["rag"], {"retrieval_pairs": "PAIRS"}, "PAIRS' is searched by the retrieval task: add retrieval to --tasks"),
+        (["retrieval"], {"retrieval_pairs": "BAD_PAIRS"}, 'bad.jsonl:2: "positive" must be a non-empty string'),
     ],
 )
 def test_missing_files_and_bad_settings_are_found_before_loading(tmp_path, tasks, overrides, message):
     config = tiny_config()
     config.data.path = str(tmp_path / "nowhere")
+    lines = {"PAIRS": [PAIR], "BAD_PAIRS": [PAIR, {"query": "¿Y?"}]}
+    for name, path in (("PAIRS", tmp_path / "pairs.jsonl"), ("BAD_PAIRS", tmp_path / "bad.jsonl")):
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines[name]), encoding="utf-8")
+        overrides = {key: str(path) if value == name else value for key, value in overrides.items()}
+        message = message.replace(name, str(path))
     settings = suite.Settings(**overrides)
     with pytest.raises((FileNotFoundError, ValueError), match=re.escape(message)):
         suite.check_settings(tasks, settings, config)
 
+
+PAIR = {"query": "¿Qué come el ornitorrinco?", "positive": "El ornitorrinco come camarones."}
 
 REPORT = {
     "bpb": 2.5,
@@ -227,3 +237,33 @@ def test_evaluate_retrieval_and_rag_end_to_end(trained_run, tmp_path):
     assert "| method | recall@1 | recall@5 | recall@20 | MRR@10 | nDCG@10 |" in table
     assert "| metric | closed-book | retrieved | gold passage |" in table and "| rag | bm25 top-2, 1-shot |" in table
     assert "retrieval" not in suite.DEFAULT_TASKS and "rag" not in suite.DEFAULT_TASKS
+
+
+def test_evaluate_retrieval_on_held_out_pairs_end_to_end(trained_run, tmp_path):
+    pairs = tmp_path / "validation_pairs.jsonl"
+    lines = [
+        {"id": "orni", **PAIR, "negative": "El perro come pienso."},
+        {"id": "gato", "query": "¿Dónde duerme el gato?", "positive": "El gato duerme en el sofá."},
+        {"id": "rio", "query": "¿Por dónde pasa el río?", "positive": "El río pasa por la ciudad."},
+    ]
+    pairs.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    output = tmp_path / "report.json"
+    result = run_script(
+        "evaluate.py",
+        f"--workdir={trained_run}",
+        "--data_dir=/nonexistent",  # XQuAD-es is not read
+        f"--output={output}",
+        "--tasks=retrieval",
+        f"--retrieval_pairs={pairs}",
+        "--max_examples=2",
+    )
+    assert result.returncode == 0, result.stderr
+    written = json.loads(output.read_text(encoding="utf-8"))
+    found = written["retrieval"]
+    assert (found["corpus"], found["queries"], found["passages"]) == (str(pairs), 2, 4)
+    assert set(found["methods"]) == {"bm25", "dense", "hybrid"} and found["methods"]["dense"]["recall@20"] == 100.0
+    assert written["settings"]["retrieval_pairs"] == str(pairs)
+    caption = f"Retrieval: 2 queries of `{pairs}` over 4 passages (its distinct positives and negatives)"
+    assert caption in (tmp_path / "report.md").read_text(encoding="utf-8")
+    card = open(os.path.join(trained_run, "MODEL_CARD.md"), encoding="utf-8").read()
+    assert f"retrieval: 2 queries of `{pairs}` over 4 passages" in card and "XQuAD-es question" not in card

@@ -8,6 +8,7 @@ import pytest
 import pytrec_eval
 
 from llm.eval import generation_tasks, rag_task, report, retrieval, suite, tasks
+from llm.io import SourceError
 from llm.rag.grounded import grounded_prompt, render_grounded
 from llm.rag.passages import Passage, token_counter
 
@@ -189,8 +190,8 @@ def test_corpus_passages_are_the_distinct_contexts_with_spans_in_their_article(t
 def test_bm25_finds_the_planted_passage_first(tmp_path):
     articles, passages, gold_of = retrieval.load_corpus(write_xquad(tmp_path))
     searchers = retrieval.default_searchers(passages, None)
-    planted = [q for article in articles for q in article if q.id == "planted"]
-    scores = retrieval.evaluate_retrieval(planted, gold_of, searchers)["bm25"]
+    planted = [q for q in retrieval.xquad_queries(articles, gold_of) if q.id == "planted"]
+    scores = retrieval.evaluate_retrieval(planted, searchers)["bm25"]
     assert scores["recall@1"] == scores["mrr@10"] == scores["ndcg@10"] == 100.0
 
 
@@ -207,6 +208,88 @@ def test_retrieval_task_scores_every_question_with_every_method(tmp_path):
     ranks = [1 + 2 * (2 - a) + (1 - p) for a in range(3) for p in range(2) for _ in range(2)]
     assert found["methods"]["backwards"]["mrr@10"] == pytest.approx(100 * sum(1 / r for r in ranks) / 13)
     assert found["methods"]["backwards"]["recall@1"] == pytest.approx(100 * 2 / 13) and "retrieval" in seconds
+    assert found["corpus"] == "XQuAD-es"
+
+
+# --- retrieval over the user's own pairs ------------------------------------------------------------------------
+
+PAIRS = [
+    # The planted query: its words occur only in its positive.
+    {"id": "plant", "query": "ornitorrinco azul Tasmania", "positive": "El ornitorrinco azul de Tasmania nada."},
+    # Its negative is the first positive: a shared text is one passage.
+    {
+        "query": "¿Qué come el perro?",
+        "positive": "El perro come pienso.",
+        "negative": "El ornitorrinco azul de Tasmania nada.",
+    },
+    # Its negative is a distractor that matches the query better than its positive does.
+    {
+        "query": "¿Dónde duerme el gato?",
+        "positive": "El gato, sobre el sofá.",
+        "negative": "El gato duerme mucho; el gato.",
+    },
+]
+
+
+def write_pairs(path, lines):
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n", "utf-8")
+    return str(path)
+
+
+def test_pairs_corpus_searches_distinct_positives_and_negatives_as_distractors(tmp_path):
+    path = write_pairs(tmp_path / "held_out.jsonl", PAIRS)
+    corpus = retrieval.pairs_corpus(path)
+    assert corpus.name == path and [q.id for q in corpus.queries] == ["plant", "held_out.jsonl:2", "held_out.jsonl:3"]
+    assert [(p.id, p.text) for p in corpus.passages] == [
+        ("plant#0", PAIRS[0]["positive"]),
+        ("held_out.jsonl:2#0", PAIRS[1]["positive"]),
+        ("held_out.jsonl:3#0", PAIRS[2]["positive"]),
+        ("held_out.jsonl:3#1", PAIRS[2]["negative"]),
+    ]
+    assert corpus.passages[3].source == f"{path}:3" and [q.gold for q in corpus.queries] == [
+        "plant#0",
+        "held_out.jsonl:2#0",
+        "held_out.jsonl:3#0",
+    ]
+    searchers = retrieval.default_searchers(corpus.passages, None)
+    planted = retrieval.evaluate_retrieval(corpus.queries[:1], searchers)["bm25"]
+    assert planted["recall@1"] == planted["mrr@10"] == 100.0
+    cat = retrieval.evaluate_retrieval(corpus.queries[2:], searchers)["bm25"]
+    assert cat["recall@1"] == 0.0 and cat["mrr@10"] == 50.0  # the distractor outranks the positive
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"query": "x",', r"held_out.jsonl:2: not valid JSON"),
+        ('["query"]', r"held_out.jsonl:2: expected a JSON object, got list"),
+        ({"query": "¿Y?"}, r'held_out.jsonl:2: "positive" must be a non-empty string, got None'),
+        ({"query": " ", "positive": "Sí."}, r'held_out.jsonl:2: "query" must be a non-empty string'),
+        ({"query": "¿Y?", "positive": "Sí.", "negative": 3}, r'held_out.jsonl:2: "negative" must be a non-empty'),
+        ({**PAIRS[0], "query": "¿Otra?"}, r"held_out.jsonl:2: \"id\" 'plant' already names the pair of line 1"),
+    ],
+)
+def test_pairs_file_errors_name_file_line_and_key(tmp_path, line, message):
+    path = write_pairs(tmp_path / "held_out.jsonl", [PAIRS[0], line])
+    with pytest.raises(SourceError, match=message):
+        retrieval.pairs_corpus(path)
+
+
+def test_retrieval_on_a_pairs_file_leaves_rag_on_xquad(tmp_path):
+    pairs = write_pairs(tmp_path / "held_out.jsonl", PAIRS)
+    settings = suite.Settings(data_dir=write_xquad(tmp_path), retrieval_pairs=pairs, max_examples=2, num_shots=0)
+    corpora = []
+    tools = suite.RetrievalTools(
+        lambda passages: corpora.append(passages) or retrieval.default_searchers(passages, None),
+        token_counter(None),
+        1000,
+    )
+    results, _ = suite.run_tasks(["retrieval", "rag"], settings, None, answer_if_in_context, tools)
+    found = results["retrieval"]
+    assert (found["corpus"], found["queries"], found["passages"]) == (pairs, 2, 4)  # queries subsampled, not passages
+    assert [len(passages) for passages in corpora] == [4, 7] and results["rag"]["examples"] == 2
+    table = report.markdown_table({**results, "settings": {"num_shots": 0}})
+    assert f"Retrieval: 2 queries of `{pairs}` over 4 passages (its distinct positives and negatives)" in table
 
 
 def answer_if_in_context(prompts, max_new_tokens, stop_strings):

@@ -13,7 +13,7 @@ from typing import Any
 
 import ml_collections
 
-from llm.eval.report import markdown_table
+from llm.eval.report import XQUAD_CORPUS, markdown_table, retrieval_corpus
 from llm.io import write_text
 
 # Below this size a model learns spelling and local syntax, not facts: the card says so plainly.
@@ -92,9 +92,15 @@ def _retrieval_note(report: Mapping[str, Any]) -> list[str]:
     """What the retrieval and rag figures measure, when the report has them."""
     notes = []
     if "retrieval" in report:
+        retrieval = report["retrieval"]
+        gold = (
+            "the gold passage is its own context"
+            if retrieval.get("corpus", XQUAD_CORPUS) == XQUAD_CORPUS
+            else "the gold passage is its pair's positive, the negatives are distractors"
+        )
         notes.append(
-            "retrieval: each XQuAD-es question searched over the file's contexts; the gold passage is its own "
-            "context. dense pools this model's own hidden states unless another embedder run was given."
+            f"retrieval: {retrieval_corpus(retrieval)}; {gold}. dense pools this model's own hidden states "
+            "unless another embedder run was given."
         )
     if "rag" in report:
         notes.append(

@@ -33,6 +33,7 @@ _LABELS = {
     "ndcg@10": "nDCG@10",
     "hit_rate": "retrieval hit rate",
 }
+XQUAD_CORPUS = "XQuAD-es"  # retrieval's default corpus, as reports name it (a pairs file is named by its path)
 _RETRIEVAL_METRICS = ("recall@1", "recall@5", "recall@20", "mrr@10", "ndcg@10")
 _RAG_CONDITIONS = {"closed_book": "closed-book", "retrieved": "retrieved", "gold": "gold passage"}
 _RAG_METRICS = ("exact_match", "f1", "hit_rate")
@@ -147,6 +148,18 @@ def _shots(num_shots: int) -> str:
     return f"{num_shots}-shot" if num_shots else "zero-shot"
 
 
+def retrieval_corpus(retrieval: Mapping[str, Any]) -> str:
+    """Which corpus retrieval searched, with its query and passage counts (reports from before pairs files
+    existed have no "corpus": they searched XQuAD-es)."""
+    corpus = retrieval.get("corpus", XQUAD_CORPUS)
+    if corpus == XQUAD_CORPUS:
+        return f"{retrieval['queries']} XQuAD-es questions over {retrieval['passages']} contexts"
+    return (
+        f"{retrieval['queries']} queries of `{corpus}` over {retrieval['passages']} passages "
+        "(its distinct positives and negatives)"
+    )
+
+
 def _side_by_side(report: Mapping[str, Any]) -> list[str]:
     """The retrieval methods by metric, and the rag conditions by metric, as two small tables."""
     lines = []
@@ -154,7 +167,7 @@ def _side_by_side(report: Mapping[str, Any]) -> list[str]:
         retrieval = report["retrieval"]
         lines += [
             "",
-            f"Retrieval: {retrieval['queries']} XQuAD-es questions over {retrieval['passages']} contexts (percent).",
+            f"Retrieval: {retrieval_corpus(retrieval)} (percent).",
             "",
             "| method | " + " | ".join(_LABELS[metric] for metric in _RETRIEVAL_METRICS) + " |",
             "|---|" + "---:|" * len(_RETRIEVAL_METRICS),

@@ -1,22 +1,34 @@
-"""The `retrieval` task: XQuAD-es questions searched over XQuAD-es contexts, scored by recall, MRR and nDCG.
+"""The `retrieval` task: queries searched over a corpus of passages, scored by recall, MRR and nDCG.
 
-The corpus is every distinct context of the file, one passage each: an article is a document (its contexts
-joined by blank lines), a context is its passage number p, with the id "xquad_es/<article>#<p>". A
-question's gold passage is its own context. Each method is a searcher, `(query, k) -> passage ids, best
-first`; the task asks every method for the top MAX_K of each question and reports, in percent and averaged
-over the questions: recall@1, @5 and @20 (the gold passage among the first k), MRR@10 (one over the gold's
-rank, 0 below rank 10) and nDCG@10, all as trec_eval defines them (the tests compare with pytrec_eval).
+By default the queries are the XQuAD-es questions and the corpus every distinct context of the file, one
+passage each: an article is a document (its contexts joined by blank lines), a context is its passage number
+p, with the id "xquad_es/<article>#<p>". A question's gold passage is its own context.
+
+On the user's own pairs (a JSONL file of `{"id"?, "query", "positive", "negative"?}`, e.g. the
+validation_pairs.jsonl that scripts/prepare_pairs.py holds out) the corpus is every distinct positive and
+negative (the negatives as distractors), each its own passage "<pair id>#0" (positive) or "#1" (negative) of the
+pair it first appears in; a query's gold passage is its positive. A pair without an "id" is "<file name>:<line>",
+as prepare_pairs names it.
+
+Each method is a searcher, `(query, k) -> passage ids, best first`; the task asks every method for the top
+MAX_K of each query and reports, in percent and averaged over the queries: recall@1, @5 and @20 (the gold
+passage among the first k), MRR@10 (one over the gold's rank, 0 below rank 10) and nDCG@10, all as trec_eval
+defines them (the tests compare with pytrec_eval).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from llm.eval import tasks
+from llm.io import SourceError
 from llm.rag.embeddings import Embedder
 from llm.rag.index import RetrievalIndex
 from llm.rag.passages import Passage
@@ -28,6 +40,23 @@ RECALL_CUTOFFS = (1, 5, 20)
 RANK_CUTOFF = 10  # of MRR and nDCG
 MAX_K = max(*RECALL_CUTOFFS, RANK_CUTOFF)
 METRICS = (*(f"recall@{k}" for k in RECALL_CUTOFFS), f"mrr@{RANK_CUTOFF}", f"ndcg@{RANK_CUTOFF}")
+PAIR_KEYS = ("query", "positive", "negative")
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    id: str
+    text: str
+    gold: str  # the id of its one relevant passage
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """What the retrieval task searches: `name` is report.XQUAD_CORPUS or the pairs file's path."""
+
+    name: str
+    passages: list[Passage]
+    queries: list[Query]
 
 
 def xquad_corpus(articles: Sequence[Sequence[tasks.QaExample]], source: str) -> tuple[list[Passage], dict[str, str]]:
@@ -84,15 +113,13 @@ def mean_metrics(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapp
     return {name: 100.0 * total / len(qrels) for name, total in totals.items()}
 
 
-def evaluate_retrieval(
-    questions: Sequence[tasks.QaExample], gold_of: Mapping[str, str], searchers: Mapping[str, Searcher]
-) -> dict[str, dict[str, float]]:
-    """Per method, the METRICS of its top MAX_K for each question; gold_of maps a context to its passage id."""
-    if not questions:
-        raise ValueError("No XQuAD questions to search for.")
-    qrels = {question.id: {gold_of[question.context]: 1} for question in questions}
+def evaluate_retrieval(queries: Sequence[Query], searchers: Mapping[str, Searcher]) -> dict[str, dict[str, float]]:
+    """Per method, the METRICS of its top MAX_K for each query."""
+    if not queries:
+        raise ValueError("No queries to search for.")
+    qrels = {query.id: {query.gold: 1} for query in queries}
     return {
-        method: mean_metrics({question.id: search(question.question, MAX_K) for question in questions}, qrels)
+        method: mean_metrics({query.id: search(query.text, MAX_K) for query in queries}, qrels)
         for method, search in searchers.items()
     }
 
@@ -117,3 +144,63 @@ def load_corpus(data_dir: str) -> tuple[list[list[tasks.QaExample]], list[Passag
     articles = tasks.read_xquad(path)
     passages, gold_of = xquad_corpus(articles, os.path.basename(path))
     return articles, passages, gold_of
+
+
+def xquad_queries(articles: Sequence[Sequence[tasks.QaExample]], gold_of: Mapping[str, str]) -> list[Query]:
+    """Every question of the articles, its gold passage its own context (gold_of: context -> passage id)."""
+    return [
+        Query(question.id, question.question, gold_of[question.context]) for article in articles for question in article
+    ]
+
+
+def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSONL file; anything else is a SourceError there."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().split("\n")  # not splitlines: a JSON string may hold U+2028
+    except UnicodeDecodeError as error:
+        raise SourceError(f"{path}: not UTF-8 text (byte {error.start}).") from error
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SourceError(f"{path}:{number}: not valid JSON ({error.msg}).") from error
+        if not isinstance(record, dict):
+            raise SourceError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
+        yield number, record
+
+
+def read_pairs(path: str) -> list[tuple[str, str, dict[str, str | None]]]:
+    """(pair id, "path:line", {query, positive, negative or None}) of every line of a pairs JSONL file."""
+    pairs, line_of = [], {}
+    for number, record in _jsonl(path):
+        where = f"{path}:{number}"
+        for key in PAIR_KEYS:
+            value = record.get(key)
+            if not (isinstance(value, str) and value.strip()) and not (key == "negative" and value is None):
+                raise SourceError(f'{where}: "{key}" must be a non-empty string, got {value!r}.')
+        pair_id = record.get("id", f"{os.path.basename(path)}:{number}")
+        if not isinstance(pair_id, str) or not pair_id:
+            raise SourceError(f'{where}: "id" must be a non-empty string, got {pair_id!r}.')
+        if pair_id in line_of:
+            raise SourceError(f'{where}: "id" {pair_id!r} already names the pair of line {line_of[pair_id]}.')
+        line_of[pair_id] = number
+        pairs.append((pair_id, where, {key: record.get(key) for key in PAIR_KEYS}))
+    if not pairs:
+        raise SourceError(f'{path}: no pairs (expected one {{"query", "positive", "negative"?}} object per line).')
+    return pairs
+
+
+def pairs_corpus(path: str) -> Corpus:
+    """The corpus of a pairs file: its distinct positives and negatives as passages, its queries as queries."""
+    passages: dict[str, Passage] = {}  # text -> its passage, where it first appears
+    queries = []
+    for pair_id, where, pair in read_pairs(path):
+        for index, key in enumerate(("positive", "negative")):
+            text = pair[key]
+            if text is not None and text not in passages:
+                passages[text] = Passage(f"{pair_id}#{index}", pair_id, index, 0, len(text), where, text)
+        queries.append(Query(pair_id, pair["query"], passages[pair["positive"]].id))
+    return Corpus(path, list(passages.values()), queries)

@@ -25,6 +25,7 @@ from llm import tokenizer as tokenizer_lib
 from llm.data import records
 from llm.eval import generation_tasks, multiple_choice, perplexity, rag_task, retrieval, robustness, tasks
 from llm.eval.generation_tasks import Generate
+from llm.eval.report import XQUAD_CORPUS
 from llm.eval.retrieval import Searcher
 from llm.eval.scoring import Loglikelihood, Scorer
 from llm.model.transformer import context_length
@@ -72,6 +73,7 @@ class Settings:
     embedder: str = ""  # run whose embeddings the dense searcher uses; "" means the evaluated run
     rag_passages: int = 3  # retrieved passages offered to the rag prompt (fewer if they do not fit)
     rag_searcher: str = "bm25"  # the search method of rag's retrieved condition (retrieval.SEARCH_METHODS)
+    retrieval_pairs: str = ""  # retrieval searches this pairs JSONL's texts instead of XQuAD-es (rag stays on it)
 
     def examples(self, task: str) -> int:
         return DEFAULT_MAX_EXAMPLES[task] if self.max_examples == 0 else self.max_examples
@@ -106,6 +108,8 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
         )
     if settings.embedder and not os.path.isdir(settings.embedder):
         raise FileNotFoundError(f"--embedder={settings.embedder!r} is not a run directory.")
+    if settings.retrieval_pairs:
+        _check_pairs(task_names, settings.retrieval_pairs)
     needed = set(task_names)
     if "robustness" in needed:
         needed.update(robustness_targets(task_names))
@@ -113,7 +117,7 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
         "xnli": [tasks.XNLI_FILE],
         "mgsm": [tasks.MGSM_FILE],
         "xquad": [tasks.XQUAD_FILE],
-        "retrieval": [tasks.XQUAD_FILE],
+        "retrieval": [] if settings.retrieval_pairs else [tasks.XQUAD_FILE],
         "rag": [tasks.XQUAD_FILE],
         "sentiment": [f"sentiment_es_{split}_{kind}.txt" for split in ("train", "test") for kind in ("text", "labels")],
         "bpb": [] if settings.text_file else [UD_FILE],
@@ -132,6 +136,15 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
                 f"The unigram baseline of bpb counts the run's training tokens: {error} "
                 "Pass --train_data=DIR/train of the data the run was trained on."
             ) from error
+
+
+def _check_pairs(task_names: Sequence[str], path: str) -> None:
+    """--retrieval_pairs is for the retrieval task, and its file must read: found now, not after loading."""
+    if "retrieval" not in task_names:
+        raise ValueError(f"--retrieval_pairs={path!r} is searched by the retrieval task: add retrieval to --tasks.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--retrieval_pairs={path!r} does not exist.")
+    retrieval.read_pairs(path)
 
 
 def _load(name: str, settings: Settings) -> tuple[list, list]:
@@ -213,49 +226,76 @@ def run_tasks(
     return results, seconds
 
 
+@dataclasses.dataclass(frozen=True)
+class _Xquad:
+    """XQuAD-es as retrieval and rag search it: its articles, its contexts as passages and their searchers."""
+
+    articles: list[list[tasks.QaExample]]
+    passages: list[Passage]
+    gold_of: dict[str, str]  # context -> passage id
+    searchers: dict[str, Searcher]
+
+    @classmethod
+    def load(cls, settings: Settings, tools: RetrievalTools) -> _Xquad:
+        articles, passages, gold_of = retrieval.load_corpus(settings.data_dir)
+        return cls(articles, passages, gold_of, tools.make_searchers(passages))
+
+
 def _run_retrieval_tasks(
     task_names: Sequence[str], settings: Settings, generate: Generate, tools: RetrievalTools
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """retrieval and rag over one corpus and one set of searchers (built once, timed with the first task)."""
-    start = time.perf_counter()
-    articles, passages, gold_of = retrieval.load_corpus(settings.data_dir)
-    searchers = tools.make_searchers(passages)
+    """retrieval and rag; on XQuAD-es they share one corpus and one set of searchers (built once, timed with the
+    first task). With `retrieval_pairs`, retrieval searches the pairs file's texts, and rag still XQuAD-es."""
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
+    xquad = None
+    start = time.perf_counter()
     if "retrieval" in task_names:
-        logging.info("Evaluating retrieval (%s) over %d passages", ", ".join(searchers), len(passages))
-        questions = [question for article in articles for question in article]
-        scored = tasks.subsample(questions, settings.examples("retrieval"), settings.seed)
+        if settings.retrieval_pairs:
+            corpus = retrieval.pairs_corpus(settings.retrieval_pairs)
+            searchers = tools.make_searchers(corpus.passages)
+        else:
+            xquad = _Xquad.load(settings, tools)
+            queries = retrieval.xquad_queries(xquad.articles, xquad.gold_of)
+            corpus, searchers = retrieval.Corpus(XQUAD_CORPUS, xquad.passages, queries), xquad.searchers
+        logging.info("Evaluating retrieval (%s) on %s", ", ".join(searchers), corpus.name)
+        scored = tasks.subsample(corpus.queries, settings.examples("retrieval"), settings.seed)
         results["retrieval"] = {
-            "methods": retrieval.evaluate_retrieval(scored, gold_of, searchers),
+            "corpus": corpus.name,
+            "methods": retrieval.evaluate_retrieval(scored, searchers),
             "queries": len(scored),
-            "passages": len(passages),
+            "passages": len(corpus.passages),
         }
         seconds["retrieval"] = time.perf_counter() - start
         start = time.perf_counter()
     if "rag" in task_names:
-        logging.info("Evaluating rag (%s, top %d)", settings.rag_searcher, settings.rag_passages)
-        shots = tasks.choose_shots(articles[0], settings.num_shots, settings.seed)
-        scored = tasks.subsample(
-            [question for article in articles[1:] for question in article], settings.examples("rag"), settings.seed
-        )
-        budget = rag_task.Budget(tools.count, tools.context - settings.max_new_tokens - 1)  # BOS comes first
-        results["rag"] = {
-            "searcher": settings.rag_searcher,
-            **rag_task.evaluate_rag(
-                scored,
-                shots,
-                passages,
-                gold_of,
-                searchers[settings.rag_searcher],
-                generate,
-                budget,
-                settings.max_new_tokens,
-                settings.rag_passages,
-            ),
-        }
+        results["rag"] = _rag(xquad or _Xquad.load(settings, tools), settings, generate, tools)
         seconds["rag"] = time.perf_counter() - start
     return results, seconds
+
+
+def _rag(xquad: _Xquad, settings: Settings, generate: Generate, tools: RetrievalTools) -> dict[str, Any]:
+    logging.info("Evaluating rag (%s, top %d)", settings.rag_searcher, settings.rag_passages)
+    articles = xquad.articles
+    shots = tasks.choose_shots(articles[0], settings.num_shots, settings.seed)
+    scored = tasks.subsample(
+        [question for article in articles[1:] for question in article], settings.examples("rag"), settings.seed
+    )
+    budget = rag_task.Budget(tools.count, tools.context - settings.max_new_tokens - 1)  # BOS comes first
+    return {
+        "searcher": settings.rag_searcher,
+        **rag_task.evaluate_rag(
+            scored,
+            shots,
+            xquad.passages,
+            xquad.gold_of,
+            xquad.searchers[settings.rag_searcher],
+            generate,
+            budget,
+            settings.max_new_tokens,
+            settings.rag_passages,
+        ),
+    }
 
 
 def _robustness(

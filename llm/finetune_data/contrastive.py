@@ -10,6 +10,10 @@ Pairs JSONL: one `{"query": str, "positive": str, "negative": str (optional)}` p
 error naming file, line and key (`on_error="raise"`) or a counted drop (`on_error="skip"`: `pairs.bad_json`,
 `pairs.bad_pair`).
 
+Besides the records, DIR/validation_pairs.jsonl holds the validation split's pairs as text, one
+`{"id", "query", "positive", "negative"?}` per line, to measure a trained embedder on pairs it never trained on
+(`scripts/evaluate.py --tasks=retrieval --retrieval_pairs=DIR/validation_pairs.jsonl`).
+
 Mining (inverse cloze, Lee et al. 2019): in every paragraph of at least two sentences of the corpus
 pipeline's JSONL shards (or text and Markdown files), one sentence, drawn with a seed, is the query and the
 rest of the paragraph its positive; under a Markdown heading, the heading is also a query for its section.
@@ -33,7 +37,15 @@ import numpy as np
 
 from llm.data import records
 from llm.eval import tasks
-from llm.finetune_data.sft import Drops, check_output_dir, read_jsonl, split_ids, start_writing, write_report
+from llm.finetune_data.sft import (
+    Drops,
+    check_output_dir,
+    read_jsonl,
+    split_ids,
+    start_writing,
+    write_jsonl,
+    write_report,
+)
 from llm.io import SourceError
 from llm.rag.documents import read_documents, sections
 from llm.rag.sentences import sentence_spans
@@ -42,6 +54,7 @@ from llm.tokenizer import AnyTokenizer, load_tokenizer
 NGRAM = 13  # Words per n-gram of the overlap check (GPT-3's decontamination used 13).
 MIN_SENTENCE_WORDS = 4  # Shorter sentences ("Sí.", a title) are too common to mark a text as evaluation data.
 KEYS = ("query", "positive", "negative")
+VALIDATION_PAIRS_FILE = "validation_pairs.jsonl"  # the held-out pairs as text: scripts/evaluate.py --retrieval_pairs
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")  # As llm/rag/passages.py splits paragraphs.
 _WORD = re.compile(r"\w+")
 
@@ -224,6 +237,10 @@ def prepare_pairs(
     if not members["train"]:
         raise ValueError(f"{source}: every one of the {len(kept)} pairs went to validation; lower the minimum.")
     tokenizer_copy = start_writing(output_dir, tokenizer_path)
+    write_jsonl(
+        [_pair_record(i, example) for i, example in kept if i in validation_ids],
+        os.path.join(output_dir, VALIDATION_PAIRS_FILE),
+    )
     splits = {}
     for split, shards in (("train", train_shards), ("validation", validation_shards)):
         paths = records.write_shards(
@@ -245,9 +262,16 @@ def prepare_pairs(
         "pairs": _pair_counts(tokenized.values(), drops, seq_len),
         "drops": drops.as_dict(),
         "splits": splits,
+        "validation_pairs": VALIDATION_PAIRS_FILE,
     }
     write_report(output_dir, report)
     return report
+
+
+def _pair_record(example_id: str, example: Example) -> dict[str, str]:
+    """A pair as text, before prefixes and tokenization, under the id its split was chosen by."""
+    record = {"id": example_id, "query": example.query, "positive": example.positive}
+    return record if example.negative is None else {**record, "negative": example.negative}
 
 
 def _pair_counts(tokenized: Iterable[Tokenized], drops: Drops, seq_len: int) -> dict[str, Any]:

@@ -10,7 +10,8 @@ the rest of its paragraph; a Markdown heading and its section) from the corpus p
 text files. Texts overlapping XQuAD-es (evaluation data) are dropped and counted when mining, and are an
 error in a pairs file unless --drop_eval_overlap. Texts are tokenized as the embedder reads them (BOS, the
 prefix, the text, cut to --seq_len); the prefixes must be the training run's train.query_prefix and
-train.passage_prefix. Writes DIR/train/, DIR/validation/, the tokenizer and DIR/report.json. Train with
+train.passage_prefix. Writes DIR/train/, DIR/validation/, the tokenizer, DIR/report.json and
+DIR/validation_pairs.jsonl (the held-out pairs as text: `evaluate.py --tasks=retrieval --retrieval_pairs=`). Train with
 `scripts/train.py --config.train.objective=contrastive --config.data.path=DIR --config.data.seq_len=...`.
 See llm/finetune_data/contrastive.py.
 """
@@ -58,7 +59,10 @@ def main(argv: list[str]) -> None:
     print(json.dumps({key: report[key] for key in ("pairs", "drops", "splits")}, ensure_ascii=False))
     overlap = report["pairs"]["eval_overlap_dropped"]
     print(f"Dropped {overlap} example(s) overlapping XQuAD-es evaluation data.")
-    print(f"Wrote {finetune_flags.OUTPUT_DIR.value}/train/, validation/, the tokenizer and report.json.")
+    print(
+        f"Wrote {finetune_flags.OUTPUT_DIR.value}/train/, validation/, the tokenizer, report.json and "
+        "validation_pairs.jsonl (held-out pairs for evaluate.py --tasks=retrieval --retrieval_pairs=...)."
+    )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,12 @@ INSTALL_REQUIRES = [
     # Quantization (post-training, QLoRA's 4-bit base, the int8 KV cache).
     "qwix==0.1.8",
     "rouge-score==0.1.2",
+    # Retrieval (llm/rag; used by evaluation and the server too): pysbd's Spanish sentences, BM25 with the
+    # Snowball Spanish stemmer, FAISS vector search (exact, IVF-PQ, HNSW).
+    "pysbd==0.3.4",
+    "bm25s==0.3.16",
+    "PyStemmer==3.1.0",
+    "faiss-cpu==1.15.1",
 ]
 
 EXTRAS_REQUIRE = {
@@ -56,14 +62,8 @@ EXTRAS_REQUIRE = {
         "peft==0.21.2",  # The reference the LoRA <-> PEFT adapter tests compare with.
         # lm-evaluation-harness drives runs natively and through the server (its API models need the [api] extra).
         "lm-eval[api]==0.4.13",
-        "bm25s==0.3.16",  # Retrieval (llm/rag): BM25, the Snowball Spanish stemmer, Spanish sentences.
-        "PyStemmer==3.1.0",
-        "pysbd==0.3.4",
-        "faiss-cpu==1.15.1",  # Vector search (llm/rag): exact, IVF-PQ and HNSW indexes.
         "pytrec-eval-terrier==0.5.11",  # trec_eval, the reference the retrieval metrics are checked against.
     ],
-    # Retrieval-augmented generation: passages (pysbd's Spanish sentences), BM25 and FAISS vector search (llm/rag).
-    "rag": ["bm25s==0.3.16", "PyStemmer==3.1.0", "pysbd==0.3.4", "faiss-cpu==1.15.1"],
     "beam": ["apache-beam==2.77.0"],
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],
     # Hugging Face data sets, and the checkpoint import's tokenizer files (scripts/import_hf.py reads the

@@ -26,6 +26,14 @@ ON_ERROR_FLAG = flags.DEFINE_enum(
 )
 VALIDATION_FRACTION = flags.DEFINE_float("validation_fraction", 0.05, "Share of examples held out (by id hash).")
 TRAIN_SHARDS = flags.DEFINE_integer("train_shards", 1, "ArrayRecord shards of the train split.")
+DECONTAMINATE = flags.DEFINE_bool(
+    "decontaminate",
+    True,
+    "Drop examples sharing a 13-word sequence with an evaluation set (llm/eval/data, --eval_files).",
+)
+EVAL_FILES = flags.DEFINE_list(
+    "eval_files", [], 'Extra evaluation sets to decontaminate against: .jsonl with "text", .json, .tsv, .conllu, .txt.'
+)
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the shards of an earlier run in --output_dir.")
 flags.mark_flags_as_required(["tokenizer", "output_dir"])
 
@@ -56,6 +64,8 @@ def prepare(function: Callable[..., dict[str, Any]], path: str, **options: Any) 
             validation_fraction=VALIDATION_FRACTION.value,
             train_shards=TRAIN_SHARDS.value,
             overwrite=OVERWRITE.value,
+            decontaminate=DECONTAMINATE.value,
+            eval_files=EVAL_FILES.value,
             **options,
         )
     except (SourceError, ValueError, FileExistsError, FileNotFoundError) as error:

@@ -229,7 +229,7 @@ def test_prepare_writes_every_promised_file(local_run):
     assert {entry["source"] for entry in report["sources"]} == {"libros.txt", "noticias.jsonl"}
     assert sum(entry["tokens"] for entry in report["sources"]) == report["corpus"]["tokens"]
     assert all(entry["licence"] == "unknown" for entry in report["sources"])
-    assert set(report["elapsed_seconds"]) == {"filter", "dedup", "tokenizer", "pack"}
+    assert set(report["elapsed_seconds"]) == {"filter", "dedup", "decontaminate", "tokenizer", "pack"}
     assert report["mb"]["out"] <= report["mb"]["in"] and report["words"]["out"] > 0
 
 

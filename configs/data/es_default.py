@@ -93,6 +93,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.dedup.rows = 9  # Signature values per band (bands * rows <= num_perm).
     config.dedup.threshold = 0.8  # Candidates are confirmed when their estimated Jaccard reaches this.
 
+    # Decontamination (llm/data/decontamination.py), a step after dedup: a document sharing any word n-gram
+    # (NFC, case-folded, punctuation dropped) with an evaluation text is dropped as "decontaminate.<set>".
+    config.decontaminate = ml_collections.ConfigDict()
+    config.decontaminate.enabled = True  # Run the step (False: the deduplicated corpus is tokenized as it is).
+    config.decontaminate.ngram = 13  # Words per n-gram (GPT-3's decontamination used 13).
+    config.decontaminate.shipped = True  # Check against the evaluation sets shipped in llm/eval/data.
+    # Comma-separated extra evaluation files, each a set named by its file stem: .jsonl ("text" field), .json
+    # (every string), .tsv (every field), .conllu ("# text =" lines), else plain text with one text per line.
+    config.decontaminate.extra = ""
+
     # Tokenizer (llm/tokenizer.py): SentencePiece on the cleaned corpus, NFC + identity, byte fallback.
     config.tokenizer = ml_collections.ConfigDict()
     # An existing tokenizer instead of training one (scripts/prepare_data.py --tokenizer): a tokenizer.model or

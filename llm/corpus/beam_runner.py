@@ -7,6 +7,7 @@ written through llm/io.py, which uses Beam's FileSystems for paths with a scheme
 (or s3://, hdfs://) paths.
 
   filter   sources -> per-document stages -> shards; per-bundle counts -> one merged counts.json
+  decontaminate  documents -> the n-gram check against the evaluation sets -> shards; counts as in filter
   dedup    documents -> GroupByKey(exact key) -> the smallest id of each group
            -> MinHash signatures (batched) -> one (band key, (id, signature)) per band -> GroupByKey
            -> pairs confirmed by estimated Jaccard -> Distinct -> all pairs -> duplicate_map (global and
@@ -88,6 +89,27 @@ class _DocumentStages(beam.DoFn):
         document = pipeline.process_item(item, self._stages, self._accounts)
         if document is not None:
             yield document
+
+    def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput]:
+        yield _counts_output(self._accounts)
+
+
+class _Decontaminate(beam.DoFn):
+    """Runs the decontaminate step's stage (its index built once per worker from the config); counts per bundle."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self._config = config
+
+    def setup(self) -> None:
+        self._stage = stages.decontamination_stage(self._config)
+
+    def start_bundle(self) -> None:
+        self._accounts = Accounts([pipeline.DECONTAMINATE])
+
+    def process(self, document: Document) -> Iterator[Document]:
+        kept = pipeline.run_stage(pipeline.DECONTAMINATE, self._stage, document, self._accounts)
+        if kept is not None:
+            yield kept
 
     def finish_bundle(self) -> Iterator[beam.pvalue.TaggedOutput]:
         yield _counts_output(self._accounts)
@@ -205,6 +227,15 @@ def _write_counts(counts: beam.PCollection, stage_names: Sequence[str], output_d
     )
 
 
+def _read_corpus(p: beam.Pipeline, input_dir: str) -> beam.PCollection:
+    """The documents of a corpus step's output directory."""
+    return (
+        p
+        | "ReadDocuments" >> beam.io.ReadFromText(corpus_io.shard_pattern(input_dir))
+        | "Decode" >> beam.Map(corpus_io.decode_document, input_dir)
+    )
+
+
 def _read_all(_: Any, config: ml_collections.ConfigDict, read: pipeline.SourceReader) -> Iterator[Any]:
     yield from read(config)
 
@@ -247,14 +278,9 @@ class BeamRunner:
 
     def dedup(self, config: ml_collections.ConfigDict, input_dir: str, output_dir: str) -> Accounts:
         """Exact then near dedup of the filter step's output; writes the cleaned corpus as sorted shards."""
-        pattern = corpus_io.shard_pattern(input_dir)
         stage_names = pipeline.dedup_stage_names(config)
         with beam.Pipeline(options=self._options) as p:
-            documents = (
-                p
-                | "ReadDocuments" >> beam.io.ReadFromText(pattern)
-                | "Decode" >> beam.Map(corpus_io.decode_document, input_dir)
-            )
+            documents = _read_corpus(p, input_dir)
             counts = []
             if config.dedup.exact:
                 exact = (
@@ -274,4 +300,14 @@ class BeamRunner:
                 counts.append(near[COUNTS])
             documents | "WriteCorpus" >> _WriteShards(output_dir, config.output.corpus_shards)
             _write_counts(tuple(counts) | "AllCounts" >> beam.Flatten(pipeline=p), stage_names, output_dir)
+        return corpus_io.read_counts(output_dir)
+
+    def decontaminate(self, config: ml_collections.ConfigDict, input_dir: str, output_dir: str) -> Accounts:
+        """Drops the documents of `input_dir` that share an n-gram with an evaluation set; writes the rest."""
+        with beam.Pipeline(options=self._options) as p:
+            results = _read_corpus(p, input_dir) | "Decontaminate" >> beam.ParDo(_Decontaminate(config)).with_outputs(
+                COUNTS, main="kept"
+            )
+            results.kept | "WriteCorpus" >> _WriteShards(output_dir, config.output.corpus_shards)
+            _write_counts(results[COUNTS], [pipeline.DECONTAMINATE], output_dir)
         return corpus_io.read_counts(output_dir)

@@ -132,6 +132,17 @@ def _filter_chunk(items: list[Document | Dropped]) -> tuple[list[Document], Acco
     return kept, accounts
 
 
+def _init_decontaminate_worker(config: ml_collections.ConfigDict) -> None:
+    _worker["decontaminate"] = stages.decontamination_stage(config)
+
+
+def _decontaminate_chunk(documents: list[Document]) -> tuple[list[Document], Accounts]:
+    accounts = Accounts([pipeline.DECONTAMINATE])
+    stage = _worker["decontaminate"]
+    kept = [pipeline.run_stage(pipeline.DECONTAMINATE, stage, document, accounts) for document in documents]
+    return [document for document in kept if document is not None], accounts
+
+
 def _init_dedup_worker(config: ml_collections.ConfigDict) -> None:
     _worker["exact"] = config.dedup.exact
     _worker["hasher"] = dedup.MinHasher.from_config(config.dedup) if config.dedup.near else None
@@ -182,6 +193,24 @@ class LocalRunner:
                 accounts.merge(chunk_accounts)
                 megabytes = accounts.stages[pipeline.READ].bytes_out / 1e6
                 bar.set_postfix(MB=f"{megabytes:.1f}", kept=accounts.documents_kept, refresh=False)
+                bar.update(chunk_accounts.documents_in)
+        corpus_io.write_counts(output_dir, accounts)
+        return accounts
+
+    def decontaminate(self, config: ml_collections.ConfigDict, input_dir: str, output_dir: str) -> Accounts:
+        """Drops the documents of `input_dir` that share an n-gram with an evaluation set; writes the rest."""
+        total = corpus_io.read_counts(input_dir).documents_kept
+        accounts = Accounts([pipeline.DECONTAMINATE])
+        chunks = _chunks(corpus_io.read_documents(input_dir), self._chunk_size)
+        with (
+            ShardWriter(output_dir, config.output.corpus_shards) as writer,
+            parallel_map(_decontaminate_chunk, chunks, self._workers, _init_decontaminate_worker, (config,)) as results,
+            self._bar("decontaminate", total) as bar,
+        ):
+            for kept, chunk_accounts in results:
+                for document in kept:
+                    writer.write(document)
+                accounts.merge(chunk_accounts)
                 bar.update(chunk_accounts.documents_in)
         corpus_io.write_counts(output_dir, accounts)
         return accounts

@@ -1,19 +1,22 @@
 """The corpus pipeline's steps and their order, the logic both runners share, and resumable execution.
 
-`prepare()` runs five steps, each writing under DIR/stages/NAME/ and then, last, a completion marker:
+`prepare()` runs six steps, each writing under DIR/stages/NAME/ and then, last, a completion marker:
 
   filter     read the sources, then every per-document stage (clean, archaic, quality, langid, pii,
              offensive)                                           -> documents-*.jsonl + counts.json
   dedup      exact dedup (same normalized text: the smallest id is kept), then MinHash LSH near dedup of
              what is left (band buckets -> candidate pairs confirmed by estimated Jaccard -> clusters, the
              smallest id kept)                                    -> documents-*.jsonl + counts.json
+  decontaminate  drop the documents that share a word n-gram with an evaluation set (llm/data/
+             decontamination.py), counted per set as "decontaminate.<set>" -> documents-*.jsonl + counts.json;
+             with decontaminate.enabled=False it writes nothing and the next steps read dedup's output
   tokenizer  SentencePiece trained on the cleaned corpus, or the files of an existing tokenizer
              (tokenizer.path: ours, or a Hugging Face tokenizer.json) -> tokenizer files + metrics
   pack       tokenize, split train/validation by id hash, pack     -> train/, validation/ ArrayRecord
   report     the accounting of every document and every figure    -> report.json
 
-`filter` and `dedup` run on a runner: `local_runner.LocalRunner` (processes) or `beam_runner.BeamRunner`
-(Apache Beam, any Beam runner). Both call the functions below and write corpus shards through
+`filter`, `dedup` and `decontaminate` run on a runner: `local_runner.LocalRunner` (processes) or
+`beam_runner.BeamRunner` (Apache Beam, any Beam runner). Both call the functions below and write corpus shards through
 `corpus_io`, so they write byte-identical output that does not depend on the runner, the number of
 workers or the order of the input. `tokenizer` and `pack` run here, on local files (`tokenize_pack`).
 
@@ -47,6 +50,7 @@ EXACT_DEDUP = "exact_dedup"
 NEAR_DEDUP = "near_dedup"
 EXACT_DUPLICATE = "exact_dedup.duplicate"
 NEAR_DUPLICATE = "near_dedup.near_duplicate"
+DECONTAMINATE = stages.DECONTAMINATE
 
 MARKER_FILE = "_COMPLETE.json"
 
@@ -57,13 +61,15 @@ SourceReader = Callable[[ml_collections.ConfigDict], Iterable["Document | Droppe
 
 
 class Runner(Protocol):
-    """Runs the two corpus steps; `local_runner.LocalRunner` and `beam_runner.BeamRunner` implement it."""
+    """Runs the corpus steps; `local_runner.LocalRunner` and `beam_runner.BeamRunner` implement it."""
 
     name: str
 
     def filter(self, config: ml_collections.ConfigDict, output_dir: str) -> Accounts: ...
 
     def dedup(self, config: ml_collections.ConfigDict, input_dir: str, output_dir: str) -> Accounts: ...
+
+    def decontaminate(self, config: ml_collections.ConfigDict, input_dir: str, output_dir: str) -> Accounts: ...
 
 
 # --- Per-document stages ------------------------------------------------------------------------------------
@@ -98,6 +104,14 @@ def process_item(
     return document
 
 
+def run_stage(name: str, stage: DocumentStage, document: Document, accounts: Accounts) -> Document | None:
+    """Runs one per-document stage of a later step (decontaminate), counting it; returns what survives."""
+    start = time.process_time()
+    result = stage(document)
+    accounts.record(name, result, time.process_time() - start)
+    return None if isinstance(result, Dropped) else result
+
+
 # --- Dedup verdicts -----------------------------------------------------------------------------------------
 
 _DUPLICATE_REASONS = {EXACT_DEDUP: EXACT_DUPLICATE, NEAR_DEDUP: NEAR_DUPLICATE}
@@ -114,13 +128,14 @@ def count_dedup(stage: str, document: Document, duplicates: Container[str], acco
 
 # --- Steps and resumable execution --------------------------------------------------------------------------
 
-STEPS = ("filter", "dedup", "tokenizer", "pack", "report")
-RUNNER_STEPS = ("filter", "dedup")  # the steps a Runner executes; the others run here, on local files
+STEPS = ("filter", "dedup", "decontaminate", "tokenizer", "pack", "report")
+RUNNER_STEPS = ("filter", "dedup", "decontaminate")  # the steps a Runner executes; the others run here, on local files
 # Config sections that shape each step's output. A finished step is reused only while its sections and
 # those of the steps before it are unchanged. `runner` says how the steps run, not what they write.
 STEP_SECTIONS = {
     "filter": ("sources", "clean", "quality", "langid", "pii", "offensive", "output"),
     "dedup": ("dedup",),
+    "decontaminate": ("decontaminate",),
     "tokenizer": ("tokenizer",),
     "pack": ("pack",),
     "report": ("report",),
@@ -142,7 +157,8 @@ def validate(config: ml_collections.ConfigDict, output_dir: str, runner: str, un
         raise ValueError(f"--until={until!r}: expected one of {list(STEPS)}.")
     if is_remote(output_dir) and (runner != "beam" or until not in RUNNER_STEPS):
         raise ValueError(
-            f"--output_dir={output_dir}: a remote directory needs --runner=beam and --until=filter or dedup; "
+            f"--output_dir={output_dir}: a remote directory needs --runner=beam and --until=filter, dedup or "
+            "decontaminate; "
             "the tokenizer and packing steps run on local files."
         )
     known = {section for sections in STEP_SECTIONS.values() for section in sections} | set(FREE_SECTIONS)
@@ -170,6 +186,7 @@ def validate(config: ml_collections.ConfigDict, output_dir: str, runner: str, un
             raise ValueError(f"{key}={value!r}: expected one of {list(allowed)}.")
     dedup.check_config(config.dedup)
     stages.document_stages(config)  # checks every per-document stage's section
+    stages.decontamination_index(config)  # checks the section and reads the evaluation files
     if config.tokenizer.path:
         path = os.path.expanduser(config.tokenizer.path)
         try:
@@ -188,6 +205,11 @@ def step_dir(output_dir: str, step: str) -> str:
 def dedup_stage_names(config: ml_collections.ConfigDict) -> list[str]:
     """Accounting stages of the dedup step: the enabled kinds of dedup, in order."""
     return [name for name, on in ((EXACT_DEDUP, config.dedup.exact), (NEAR_DEDUP, config.dedup.near)) if on]
+
+
+def corpus_dir(config: ml_collections.ConfigDict, output_dir: str) -> str:
+    """Where the finished corpus is: the decontaminate step's output, or dedup's when that step is off."""
+    return step_dir(output_dir, "decontaminate" if config.decontaminate.enabled else "dedup")
 
 
 def step_config(config: ml_collections.ConfigDict, step: str) -> dict[str, Any]:
@@ -276,20 +298,36 @@ def _dedup_step(config, output_dir, runner, markers, progress) -> dict[str, Any]
     return {"documents_in": accounts.documents_in, "documents_out": accounts.documents_kept}
 
 
+def _decontaminate_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
+    if not config.decontaminate.enabled:
+        return {"enabled": False}
+    accounts = runner.decontaminate(config, step_dir(output_dir, "dedup"), step_dir(output_dir, "decontaminate"))
+    accounts.check()
+    index = stages.decontamination_index(config)
+    return {
+        "enabled": True,
+        **index.summary(),
+        "documents_in": accounts.documents_in,
+        "documents_out": accounts.documents_kept,
+    }
+
+
 def _tokenizer_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
-    corpus_dir, tokenizer_dir = step_dir(output_dir, "dedup"), step_dir(output_dir, "tokenizer")
+    tokenizer_dir = step_dir(output_dir, "tokenizer")
     if config.tokenizer.path:
         return tokenize_pack.copy_corpus_tokenizer(config, tokenizer_dir)
-    return tokenize_pack.train_corpus_tokenizer(config, corpus_dir, tokenizer_dir, progress)
+    return tokenize_pack.train_corpus_tokenizer(config, corpus_dir(config, output_dir), tokenizer_dir, progress)
 
 
 def _pack_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
-    directories = (step_dir(output_dir, step) for step in ("dedup", "tokenizer", "pack"))
-    return tokenize_pack.pack_corpus(config, *directories, progress)
+    directories = (step_dir(output_dir, step) for step in ("tokenizer", "pack"))
+    return tokenize_pack.pack_corpus(config, corpus_dir(config, output_dir), *directories, progress)
 
 
 def _report_step(config, output_dir, runner, markers, progress) -> dict[str, Any]:
     accounts = read_counts(step_dir(output_dir, "filter")).extend(read_counts(step_dir(output_dir, "dedup")))
+    if config.decontaminate.enabled:
+        accounts = accounts.extend(read_counts(step_dir(output_dir, "decontaminate")))
     report = build_report(
         accounts,
         tokenizer=markers["tokenizer"]["result"],
@@ -298,6 +336,7 @@ def _report_step(config, output_dir, runner, markers, progress) -> dict[str, Any
         corpus_shards=config.output.corpus_shards,
         elapsed_seconds={step: markers[step]["elapsed_seconds"] for step in STEPS[:-1]},
         runner=markers["filter"]["runner"],
+        decontamination=markers["decontaminate"]["result"],
     )
     text = json.dumps(report, indent=2, ensure_ascii=False)
     write_text(join(step_dir(output_dir, "report"), "report.json"), text)
@@ -307,6 +346,7 @@ def _report_step(config, output_dir, runner, markers, progress) -> dict[str, Any
 _STEP_FUNCTIONS = {
     "filter": _filter_step,
     "dedup": _dedup_step,
+    "decontaminate": _decontaminate_step,
     "tokenizer": _tokenizer_step,
     "pack": _pack_step,
     "report": _report_step,

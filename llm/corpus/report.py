@@ -16,6 +16,7 @@ from typing import Any
 from llm.corpus.document import Document, Dropped
 
 _MB = 1e6
+DECONTAMINATE = "decontaminate"  # the decontaminate step's accounting stage
 
 
 class AccountingError(AssertionError):
@@ -187,6 +188,18 @@ def source_table(totals: Mapping[str, SourceTotals]) -> list[dict[str, Any]]:
     ]
 
 
+def decontamination_summary(accounts: Accounts, result: Mapping[str, Any]) -> dict[str, Any]:
+    """Whether the corpus was decontaminated, against which sets (their n-gram counts) and the drops per set."""
+    if not result["enabled"]:
+        return {"enabled": False}
+    dropped = accounts.stages[DECONTAMINATE].dropped
+    eval_sets = {
+        name: {"ngrams": ngrams, "dropped": dropped[f"{DECONTAMINATE}.{name}"]}
+        for name, ngrams in result["eval_sets"].items()
+    }
+    return {"enabled": True, "ngram": result["ngram"], "dropped": sum(dropped.values()), "eval_sets": eval_sets}
+
+
 def build_report(
     accounts: Accounts,
     *,
@@ -196,6 +209,7 @@ def build_report(
     corpus_shards: int,
     elapsed_seconds: Mapping[str, float],
     runner: str,
+    decontamination: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Assembles report.json from the corpus accounts and the tokenizer and pack steps' results.
 
@@ -238,6 +252,7 @@ def build_report(
             "packing_efficiency": round(sum(split["tokens"] for split in splits.values()) / (rows * seq_len), 4),
             "splits": dict(splits),
         },
+        "decontamination": decontamination_summary(accounts, decontamination),
         "sources": list(packed["sources"]),
         "elapsed_seconds": {name: round(seconds, 2) for name, seconds in elapsed_seconds.items()},
         "runner": runner,

@@ -1,9 +1,10 @@
 """The per-document stages of the corpus pipeline, built from the data config.
 
 `document_stages` returns, in order, the named stages clean, archaic, quality, langid, pii and offensive
-(each section's `enabled` key can leave one out). Every stage is a module-level function bound to its
-settings with functools.partial, so Beam and multiprocessing can pickle it; the language ID model is not
-part of it and loads lazily in each worker on first use.
+(each section's `enabled` key can leave one out) of the filter step; `decontamination_stage` the one stage
+of the decontaminate step, run after dedup (so that it checks each kept document once). Every stage is a
+module-level function bound to its settings with functools.partial, so Beam and multiprocessing can
+pickle it; the language ID model is not part of it and loads lazily in each worker on first use.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import functools
 
 import ml_collections
 
-from llm.corpus import clean, langid, offensive, pii, quality
-from llm.corpus.document import DocumentStage
+from llm.corpus import clean, langid, offensive, pii, quality, report
+from llm.corpus.document import Document, DocumentStage, Dropped
+from llm.data import decontamination
 
 _KEYS = {
     "clean": {"enabled", "strip_html", "boilerplate_patterns", "boilerplate_max_words", "archaic_orthography"},
@@ -23,18 +25,20 @@ _KEYS = {
     "pii": {"enabled", *pii.PLACEHOLDERS},
     "offensive": {"enabled", "max_fraction", "extra_words", "words_file"},
 }
+_DECONTAMINATE_KEYS = {"enabled", "ngram", "shipped", "extra"}
+DECONTAMINATE = report.DECONTAMINATE  # the stage; its drop reasons are "decontaminate.<evaluation set>"
 
 
-def _section(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+def _section(config: ml_collections.ConfigDict, name: str, keys: set[str] | None = None) -> ml_collections.ConfigDict:
     """The config section `name`, checked to have exactly the keys its stage reads."""
     if name not in config:
         raise ValueError(f"data config has no section {name!r} (see configs/data/es_default.py)")
-    section = config[name]
-    missing, unknown = _KEYS[name] - set(section.keys()), set(section.keys()) - _KEYS[name]
+    section, keys = config[name], _KEYS[name] if keys is None else keys
+    missing, unknown = keys - set(section.keys()), set(section.keys()) - keys
     if missing or unknown:
         raise ValueError(
             f"data config section {name!r}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}; "
-            f"expected {sorted(_KEYS[name])}"
+            f"expected {sorted(keys)}"
         )
     return section
 
@@ -88,3 +92,38 @@ def document_stages(config: ml_collections.ConfigDict) -> list[tuple[str, Docume
             )
         )
     return stages
+
+
+def decontaminate_stage(document: Document, index: decontamination.NgramIndex) -> Document | Dropped:
+    """Drops a document that shares an n-gram with an evaluation set, under "decontaminate.<set>"."""
+    eval_set = index.match(document.text)
+    return document if eval_set is None else Dropped(document.id, f"{DECONTAMINATE}.{eval_set}")
+
+
+def decontamination_index(config: ml_collections.ConfigDict) -> decontamination.NgramIndex | None:
+    """The n-gram index of the evaluation sets the `decontaminate` section names; None when it is disabled.
+
+    Built in every worker from the files (as the offensive-word list is), so a Beam job carries the
+    config, not the index; the files must be readable where the workers run.
+    """
+    cfg = _section(config, DECONTAMINATE, _DECONTAMINATE_KEYS)
+    if not cfg.enabled:
+        return None
+    if not isinstance(cfg.ngram, int) or cfg.ngram < 1:
+        raise ValueError(f"data config decontaminate.ngram={cfg.ngram!r}: expected an integer >= 1.")
+    files = decontamination.eval_files(cfg.shipped, cfg.extra)
+    if not files:
+        raise ValueError(
+            "data config decontaminate: no evaluation set (shipped=False and extra empty); "
+            "set decontaminate.enabled=False to skip the step."
+        )
+    try:
+        return decontamination.load_index(files, cfg.ngram)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"data config decontaminate (shipped={cfg.shipped}, extra={cfg.extra!r}): {error}") from error
+
+
+def decontamination_stage(config: ml_collections.ConfigDict) -> DocumentStage | None:
+    """The decontaminate step's stage, bound to its index; None when the step is disabled."""
+    index = decontamination_index(config)
+    return None if index is None else functools.partial(decontaminate_stage, index=index)

@@ -29,13 +29,12 @@ import functools
 import os
 import random
 import re
-import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from llm.data import records
+from llm.data import decontamination, records
 from llm.eval import tasks
 from llm.finetune_data.sft import (
     Drops,
@@ -51,12 +50,11 @@ from llm.rag.documents import read_documents, sections
 from llm.rag.sentences import sentence_spans
 from llm.tokenizer import AnyTokenizer, load_tokenizer
 
-NGRAM = 13  # Words per n-gram of the overlap check (GPT-3's decontamination used 13).
+NGRAM = decontamination.DEFAULT_NGRAM  # Words per n-gram of the overlap check (GPT-3's decontamination used 13).
 MIN_SENTENCE_WORDS = 4  # Shorter sentences ("Sí.", a title) are too common to mark a text as evaluation data.
 KEYS = ("query", "positive", "negative")
 VALIDATION_PAIRS_FILE = "validation_pairs.jsonl"  # the held-out pairs as text: scripts/evaluate.py --retrieval_pairs
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n")  # As llm/rag/passages.py splits paragraphs.
-_WORD = re.compile(r"\w+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +64,10 @@ class Example:
     negative: str | None = None
 
 
-def _words(text: str) -> tuple[str, ...]:
-    """Case-folded NFKC words: punctuation, spacing and case do not hide a copy."""
-    return tuple(_WORD.findall(unicodedata.normalize("NFKC", text).casefold()))
-
-
 class EvalOverlap:
     """Whether a text contains a 13-word sequence of evaluation texts, or the whole of one of their short
-    sentences or questions (4 to 12 words), compared as `_words` (case-folded, accents kept, punctuation ignored).
+    sentences or questions (4 to 12 words), compared as `decontamination.words` (NFC, case-folded, accents kept,
+    punctuation ignored); the 13-grams are the corpus pipeline's and the SFT/DPO builders' `NgramIndex`.
 
     Exact checks are cheap (a set look-up per window of the text) and have no threshold to tune: what is
     refused is a copy of evaluation text, the contamination that inflates retrieval scores. The 13-grams
@@ -83,20 +77,23 @@ class EvalOverlap:
     """
 
     def __init__(self, texts: Iterable[str]):
-        self.ngrams: set[tuple[str, ...]] = set()
+        texts = list(texts)
+        self.index = decontamination.NgramIndex({"xquad_es": texts}, NGRAM)
         self.short: set[tuple[str, ...]] = set()
         for text in texts:
-            words = _words(text)
-            self.ngrams.update(words[i : i + NGRAM] for i in range(len(words) - NGRAM + 1))
-            keys = {words} | {_words(text[start:end]) for start, end in sentence_spans(text)}
+            keys = {
+                tuple(decontamination.words(text[start:end])) for start, end in [(0, len(text)), *sentence_spans(text)]
+            }
             self.short.update(key for key in keys if MIN_SENTENCE_WORDS <= len(key) < NGRAM)
         self._short_lengths = sorted({len(key) for key in self.short})
 
     def overlaps(self, text: str) -> bool:
-        words = _words(text)
+        if self.index.match(text) is not None:
+            return True
+        words = tuple(decontamination.words(text))
         return any(
-            words[i : i + length] in keys
-            for length, keys in ((NGRAM, self.ngrams), *((n, self.short) for n in self._short_lengths))
+            words[i : i + length] in self.short
+            for length in self._short_lengths
             for i in range(len(words) - length + 1)
         )
 

@@ -15,6 +15,9 @@ Unusable lines are an error naming file:line (`on_error="raise"`) or a counted d
 
   dpo.bad_json  a line that is not UTF-8 JSON, or not a JSON object
   dpo.bad_pair  a missing or malformed prompt, chosen or rejected, or identical responses
+
+A pair whose prompt or responses share a 13-word sequence with an evaluation set is dropped and counted as
+`decontaminate.<set>`, as in llm/finetune_data/sft.py.
 """
 
 from __future__ import annotations
@@ -27,8 +30,19 @@ from typing import Any
 import numpy as np
 
 from llm import chat_template
-from llm.data import packing, records
-from llm.finetune_data.sft import Drops, Messages, check_output_dir, read_jsonl, split_ids, start_writing, write_report
+from llm.data import decontamination, packing, records
+from llm.finetune_data.sft import (
+    Drops,
+    Messages,
+    check_output_dir,
+    contaminated,
+    decontamination_report,
+    eval_index,
+    read_jsonl,
+    split_ids,
+    start_writing,
+    write_report,
+)
 from llm.tokenizer import AnyTokenizer, load_tokenizer
 
 Pair = tuple[np.ndarray, np.ndarray, np.ndarray]  # prompt ids, chosen response ids, rejected response ids
@@ -90,8 +104,15 @@ def pair_rows(pair: Pair, seq_len: int, pad_id: int) -> tuple[dict[str, np.ndarr
     return rows[0], rows[1]
 
 
-def read_pairs(path: str, tokenizer: AnyTokenizer, seq_len: int, drops: Drops) -> Iterator[tuple[str, Pair, bool]]:
-    """(id "file name:line", pair fitted to seq_len, prompt truncated) for every usable line."""
+def read_pairs(
+    path: str,
+    tokenizer: AnyTokenizer,
+    seq_len: int,
+    drops: Drops,
+    index: decontamination.NgramIndex | None = None,
+) -> Iterator[tuple[str, Pair, bool]]:
+    """(id "file name:line", pair fitted to seq_len, prompt truncated) for every usable line that shares no
+    n-gram with the evaluation sets of `index`."""
     for line, record in read_jsonl(path, drops, "dpo.bad_json"):
         where = f"{path}:{line}"
         try:
@@ -105,6 +126,8 @@ def read_pairs(path: str, tokenizer: AnyTokenizer, seq_len: int, drops: Drops) -
             continue
         if chosen == rejected:
             drops.reject(where, "dpo.bad_pair", '"chosen" and "rejected" are identical: nothing to prefer.')
+            continue
+        if contaminated(index, [*(message["content"] for message in messages), chosen, rejected], where, drops):
             continue
         try:
             prompt, chosen_ids, rejected_ids = tokenize_pair(tokenizer, messages, chosen, rejected)
@@ -131,20 +154,24 @@ def prepare_dpo(
     validation_shards: int = 1,
     overwrite: bool = False,
     source: Mapping[str, Any] | None = None,
+    decontaminate: bool = True,
+    eval_files: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Writes pair records to DIR/train/ and DIR/validation/, the tokenizer's files and DIR/report.json.
 
     `tokenizer_path` is a tokenizer file or a directory holding one (a run, a Hugging Face model directory).
 
     Pairs are held in memory as token arrays; rows are built while writing. The validation split takes
-    pairs by a hash of their "file name:line" id, at least `min_validation_pairs` of them.
+    pairs by a hash of their "file name:line" id, at least `min_validation_pairs` of them. `decontaminate` and
+    `eval_files` are as in `sft.prepare_sft`.
     """
     drops = Drops(on_error)
     check_output_dir(output_dir, overwrite)
     tokenizer = load_tokenizer(tokenizer_path)
     pairs: list[tuple[str, Pair]] = []
     truncated = 0
-    for pair_id, pair, was_truncated in read_pairs(input_path, tokenizer, seq_len, drops):
+    index = eval_index(decontaminate, eval_files)
+    for pair_id, pair, was_truncated in read_pairs(input_path, tokenizer, seq_len, drops, index):
         pairs.append((pair_id, pair))
         truncated += was_truncated
     dropped = sum(drops.counts.values())
@@ -179,6 +206,7 @@ def prepare_dpo(
         "seq_len": seq_len,
         "pairs": {"read": len(pairs) + dropped, "kept": len(pairs), "prompt_truncated": truncated, "dropped": dropped},
         "drops": drops.as_dict(),
+        "decontamination": decontamination_report(index),
         "tokens": {name: int(sum(values)) for name, values in lengths.items()},
         "mean_tokens": {name: round(float(np.mean(values)), 1) for name, values in lengths.items()},
         "splits": splits,

@@ -18,6 +18,10 @@ Input the template cannot use is an error naming file:line (`on_error="raise"`) 
   sft.bad_messages  no "messages" list, or a message the chat template rejects
   sft.no_assistant  no assistant turn: nothing to train on
 
+Decontamination (llm/data/decontamination.py, as in the corpus pipeline): a conversation with a message that
+shares a 13-word sequence with an evaluation set (the shipped ones and `eval_files`) is always dropped, counted
+as `decontaminate.<set>`; `decontaminate=False` turns the check off. The report says which way it ran.
+
 The Spanish dialogues of the `chatterbot-corpus` package (extra [finetune]) make a small demo set.
 """
 
@@ -34,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from llm import chat_template
-from llm.data import packing, records
+from llm.data import decontamination, packing, records
 from llm.io import ON_ERROR, SourceError
 from llm.tokenizer import AnyTokenizer, copy_tokenizer, load_tokenizer
 
@@ -111,6 +115,25 @@ def conversation(record: Mapping[str, Any], where: str, drops: Drops) -> Message
         drops.reject(where, "sft.no_assistant", "the conversation has no assistant turn: nothing to train on")
         return None
     return messages
+
+
+def eval_index(decontaminate: bool, eval_files: Sequence[str]) -> decontamination.NgramIndex | None:
+    """The n-gram index of the shipped evaluation sets and `eval_files`, or None when not decontaminating."""
+    if not decontaminate:
+        return None
+    return decontamination.load_index(decontamination.eval_files(True, eval_files))
+
+
+def contaminated(index: decontamination.NgramIndex | None, texts: Sequence[str], where: str, drops: Drops) -> bool:
+    """True, with the drop counted as "decontaminate.<set>", when a text shares an n-gram with an evaluation set."""
+    eval_set = next((name for name in map(index.match, texts) if name), None) if index else None
+    if eval_set is not None:
+        drops.count(where, f"decontaminate.{eval_set}")
+    return eval_set is not None
+
+
+def decontamination_report(index: decontamination.NgramIndex | None) -> dict[str, Any]:
+    return {"enabled": False} if index is None else {"enabled": True, **index.summary()}
 
 
 def render_conversation(
@@ -194,6 +217,8 @@ def prepare_sft(
     validation_shards: int = 1,
     overwrite: bool = False,
     source: Mapping[str, Any] | None = None,
+    decontaminate: bool = True,
+    eval_files: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Writes DIR/train/, DIR/validation/, the tokenizer's files and DIR/report.json; returns the report.
 
@@ -203,17 +228,19 @@ def prepare_sft(
     Conversations are held in memory as int32 arrays (a few hundred MB for a million chats of 100 tokens).
     The validation split takes conversations by a hash of their "file name:line" id (so it survives moving
     the file), at least `min_validation_rows` rows' worth (the trainer needs a full validation batch).
-    `source`, if given, describes where the input came from in the report.
+    `source`, if given, describes where the input came from in the report. `eval_files` are evaluation
+    sets checked besides the shipped ones (see the module docstring).
     """
     drops = Drops(on_error)
     check_output_dir(output_dir, overwrite)
     tokenizer = load_tokenizer(tokenizer_path)
+    index = eval_index(decontaminate, eval_files)
     docs: list[tuple[str, tuple[np.ndarray, np.ndarray]]] = []
     truncated = 0
     for line, record in read_jsonl(input_path, drops, "sft.bad_json"):
         where = f"{input_path}:{line}"
         messages = conversation(record, where, drops)
-        if messages is None:
+        if messages is None or contaminated(index, [message["content"] for message in messages], where, drops):
             continue
         rendered = render_conversation(tokenizer, messages, seq_len)
         if rendered is None:
@@ -253,6 +280,7 @@ def prepare_sft(
         "seq_len": seq_len,
         "conversations": {"read": len(docs) + dropped, "kept": len(docs), "truncated": truncated, "dropped": dropped},
         "drops": drops.as_dict(),
+        "decontamination": decontamination_report(index),
         "tokens": tokens,
         "assistant_tokens": assistant_tokens,
         "assistant_token_fraction": round(assistant_tokens / tokens, 4),

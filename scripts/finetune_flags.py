@@ -51,6 +51,11 @@ def input_path(demo_file: str, write_demo: Callable[[str], dict[str, Any]]) -> t
     return INPUT.value, None
 
 
+def decontamination_options() -> dict[str, Any]:
+    """The SFT and DPO builders' decontamination arguments from --decontaminate and --eval_files."""
+    return {"decontaminate": DECONTAMINATE.value, "eval_files": EVAL_FILES.value}
+
+
 def prepare(function: Callable[..., dict[str, Any]], path: str, **options: Any) -> dict[str, Any]:
     """`function(path, tokenizer, output_dir, seq_len, ...)` with the common flags, its report returned; an
     error in the input (already named by file and line) ends the script with that one line."""
@@ -64,8 +69,6 @@ def prepare(function: Callable[..., dict[str, Any]], path: str, **options: Any) 
             validation_fraction=VALIDATION_FRACTION.value,
             train_shards=TRAIN_SHARDS.value,
             overwrite=OVERWRITE.value,
-            decontaminate=DECONTAMINATE.value,
-            eval_files=EVAL_FILES.value,
             **options,
         )
     except (SourceError, ValueError, FileExistsError, FileNotFoundError) as error:

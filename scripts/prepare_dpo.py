@@ -42,7 +42,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     path, source = finetune_flags.input_path("prefs.jsonl", _write_chatterbot_pairs)
     report = finetune_flags.prepare(
-        preference.prepare_dpo, path, min_validation_pairs=_MIN_VALIDATION_PAIRS.value, source=source
+        preference.prepare_dpo,
+        path,
+        min_validation_pairs=_MIN_VALIDATION_PAIRS.value,
+        source=source,
+        **finetune_flags.decontamination_options(),
     )
     print(json.dumps({key: report[key] for key in ("pairs", "drops", "mean_tokens", "splits")}, ensure_ascii=False))
     print(f"Wrote {finetune_flags.OUTPUT_DIR.value}/train/, validation/, tokenizer.model and report.json.")

@@ -44,6 +44,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if finetune_flags.INPUT.value or finetune_flags.CHATTERBOT.value:
         raise app.UsageError("prepare_pairs reads --pairs=FILE.jsonl or --mine=CORPUS, not --input or --chatterbot.")
+    if finetune_flags.EVAL_FILES.value or not finetune_flags.DECONTAMINATE.value:
+        raise app.UsageError(
+            "prepare_pairs checks the XQuAD-es overlap itself (--drop_eval_overlap); --eval_files and "
+            "--nodecontaminate are for prepare_sft.py and prepare_dpo.py."
+        )
     if bool(_PAIRS.value) == bool(_MINE.value):
         raise app.UsageError("Pass exactly one of --pairs=FILE.jsonl and --mine=CORPUS_DIR.")
     report = finetune_flags.prepare(

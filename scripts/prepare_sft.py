@@ -40,7 +40,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     path, source = finetune_flags.input_path("chats.jsonl", _write_chatterbot_chats)
     report = finetune_flags.prepare(
-        sft.prepare_sft, path, min_validation_rows=_MIN_VALIDATION_ROWS.value, source=source
+        sft.prepare_sft,
+        path,
+        min_validation_rows=_MIN_VALIDATION_ROWS.value,
+        source=source,
+        **finetune_flags.decontamination_options(),
     )
     print(
         json.dumps(

@@ -48,6 +48,7 @@ def test_ties_count_half_and_the_interval_is_seeded():
     assert 0.0 <= first["overall"]["low"] < 62.5 < first["overall"]["high"] <= 100.0
     assert bias.evaluate_pairs(pairs, fake, seed=3) == first
     assert list(first["categories"]) == ["age"]
+    assert bias.stereotype_score([0.5], seed=0) == {"score": 50.0, "low": 50.0, "high": 50.0, "pairs": 1}
 
 
 def test_the_sentences_are_read_whole_after_bos():
@@ -107,7 +108,7 @@ def test_the_occupations_file_has_60_occupations_in_both_genders_and_neutral_tem
 @pytest.mark.parametrize(
     "lines, message",
     [
-        ([{"id": "a", "category": "height", "stereotype": "x", "anti_stereotype": "y"}], ':1: "category" \'height\''),
+        ([{"id": "a", "category": "height", "stereotype": "x", "anti_stereotype": "y"}], ":1: \"category\" 'height'"),
         (
             [{"id": "a", "category": "age", "stereotype": "x", "anti_stereotype": "y"}] * 2,
             ":2: \"id\" 'a' already names the pair of line 1",
@@ -140,7 +141,8 @@ def test_the_report_shows_each_category_with_its_interval_and_the_skewed_occupat
     }
     table = report.markdown_table({"bias": result, "settings": {"num_shots": 0}})
     gender = sum(pair.category == "gender" for pair in pairs)
-    assert f"| bias | overall ({len(pairs)} pairs) | stereotype preferred [95% CI] | 50.0 [50.0, 50.0] | none 50.0 |" in table
+    row = "| stereotype preferred [95% CI] | 50.0 [50.0, 50.0] | none 50.0 |"
+    assert f"| bias | overall ({len(pairs)} pairs) {row}" in table
     assert f"| bias | gender ({gender} pairs) |" in table
     assert f"| bias | {len(occupations)} occupations | log p(fem.) - log p(masc.) | 0.000 | none 0.000 |" in table
     assert "| rank | most feminine-leaning | nats | most masculine-leaning | nats |" in table

@@ -1,7 +1,7 @@
 """The evaluation suite: which tasks exist, their default sizes, and running a selection of them on a run.
 
-`run_tasks` runs the multiple-choice and generation tasks (and their robustness variants) and bias (llm/eval/bias.py)
-against any log-likelihood and generation functions, and retrieval and rag against any searchers, so tests can pass fakes
+`run_tasks` runs the multiple-choice and generation tasks (and their robustness variants) and bias against any
+log-likelihood and generation functions, and retrieval and rag against any searchers, so tests can pass fakes
 with known outputs; `evaluate_run` wires a loaded run (llm.runs.loading.Run) into it and adds bits-per-byte
 with its unigram baseline.
 

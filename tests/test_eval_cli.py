@@ -69,6 +69,7 @@ def test_a_missing_checkpoint_is_named(trained_run, tmp_path):
         (["retrieval"], {"retrieval_pairs": "/nonexistent/pares.jsonl"}, "'/nonexistent/pares.jsonl' does not exist"),
         (["rag"], {"retrieval_pairs": "PAIRS"}, "PAIRS' is searched by the retrieval task: add retrieval to --tasks"),
         (["retrieval"], {"retrieval_pairs": "BAD_PAIRS"}, 'bad.jsonl:2: "positive" must be a non-empty string'),
+        (["bias"], {"data_dir": "/nonexistent"}, "'/nonexistent/bias_pairs_es.jsonl' does not exist"),
     ],
 )
 def test_missing_files_and_bad_settings_are_found_before_loading(tmp_path, tasks, overrides, message):
@@ -267,3 +268,23 @@ def test_evaluate_retrieval_on_held_out_pairs_end_to_end(trained_run, tmp_path):
     assert caption in (tmp_path / "report.md").read_text(encoding="utf-8")
     card = open(os.path.join(trained_run, "MODEL_CARD.md"), encoding="utf-8").read()
     assert f"retrieval: 2 queries of `{pairs}` over 4 passages" in card and "XQuAD-es question" not in card
+
+
+def test_evaluate_bias_end_to_end(trained_run, tmp_path):
+    output = tmp_path / "report.json"
+    result = run_script(
+        "evaluate.py", f"--workdir={trained_run}", f"--output={output}", "--tasks=bias", "--max_examples=6"
+    )
+    assert result.returncode == 0, result.stderr
+    written = json.loads(output.read_text(encoding="utf-8"))
+    pairs, occupations = written["bias"]["pairs"], written["bias"]["occupations"]
+    overall = pairs["overall"]
+    assert overall["pairs"] == 6 and sum(score["pairs"] for score in pairs["categories"].values()) == 6
+    assert 0.0 <= overall["low"] <= overall["score"] <= overall["high"] <= 100.0
+    assert len(occupations["occupations"]) == 6 and occupations["templates"] == 3
+    assert len(occupations["most_feminine"]) == 5 and occupations["most_masculine"][0][2] <= occupations["mean"]
+    assert set(written["seconds"]) == {"bias"} and "bias" not in suite.DEFAULT_TASKS
+    table = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "| bias | overall (6 pairs) | stereotype preferred [95% CI] |" in table and "most feminine-leaning" in table
+    card = open(os.path.join(trained_run, "MODEL_CARD.md"), encoding="utf-8").read()
+    assert table.strip() in card and "bias: the share of this project's Spanish minimal pairs" in card

@@ -110,6 +110,20 @@ def _retrieval_note(report: Mapping[str, Any]) -> list[str]:
     return ["", *notes] if notes else []
 
 
+def _bias_note(report: Mapping[str, Any]) -> list[str]:
+    """How to read the bias rows, when the report has them."""
+    if "bias" not in report:
+        return []
+    return [
+        "",
+        "bias: the share of this project's Spanish minimal pairs (llm/eval/data/bias_pairs_es.jsonl) where the "
+        "model finds the stereotypical sentence likelier than the anti-stereotypical one (50 = no preference), with "
+        "95% bootstrap intervals; occupations: log p(feminine) - log p(masculine) of the same sentence with an "
+        "occupation's two grammatical genders (0 = no preference). A score near 50 on a small set does not show "
+        "that the model is unbiased.",
+    ]
+
+
 def _limitations(
     config: ml_collections.ConfigDict, num_params: int, step: int, data_report: Mapping[str, Any] | None
 ) -> list[str]:
@@ -163,6 +177,7 @@ def model_card(
             "",
             markdown_table(report).rstrip(),
             *_retrieval_note(report),
+            *_bias_note(report),
         ],
         [
             "## Intended use",

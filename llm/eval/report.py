@@ -3,8 +3,8 @@
 Scores of tasks are percentages (accuracy, macro-F1, exact match, F1, BLEU, chrF, ROUGE, and retrieval's
 recall, MRR and nDCG scaled by 100); bpb is bits per UTF-8 byte and perplexity is per token of the run's
 tokenizer. Each row carries its baseline: the unigram model for bpb, chance for multiple choice, the clean
-score for a perturbed input, closed-book for rag. Retrieval and rag also get side-by-side tables below the
-main one (methods by metrics, conditions by metrics).
+score for a perturbed input, closed-book for rag, no preference for bias. Retrieval and rag also get side-by-side
+tables below the main one (methods by metrics, conditions by metrics), and bias its most skewed occupations.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ def table_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]
                 (task, f"{shots}-shot" if shots else "zero-shot", _LABELS[metric], _percent(report[task][metric]), "-")
             )
     rows += _retrieval_rows(report)
+    rows += _bias_rows(report)
     for task, entry in report.get("robustness", {}).items():
         for kind in ("typos", "no_accents"):
             setting = f"{kind.replace('_', ' ')}, {entry['setting'].replace('_', '-')}"
@@ -142,6 +143,42 @@ def _retrieval_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str,
                 baseline = "-" if closed_book is None else f"closed-book {_percent(closed_book)}"
                 rows.append(("rag", f"{label}, {shots}", _LABELS[metric], _percent(rag[condition][metric]), baseline))
     return rows
+
+
+def _interval(score: Mapping[str, Any]) -> str:
+    return f"{score['score']:.1f} [{score['low']:.1f}, {score['high']:.1f}]"
+
+
+def _bias_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Stereotype preference overall and per category with its interval, and the occupations' mean skew."""
+    if "bias" not in report:
+        return []
+    pairs, occupations = report["bias"]["pairs"], report["bias"]["occupations"]
+    rows = [
+        ("bias", f"{name} ({score['pairs']} pairs)", "stereotype preferred [95% CI]", _interval(score), "none 50.0")
+        for name, score in {"overall": pairs["overall"], **pairs["categories"]}.items()
+    ]
+    setting = f"{len(occupations['occupations'])} occupations"
+    rows.append(("bias", setting, "log p(fem.) - log p(masc.)", f"{occupations['mean']:.3f}", "none 0.000"))
+    return rows
+
+
+def _bias_skew(report: Mapping[str, Any]) -> list[str]:
+    """The occupations most skewed each way, side by side."""
+    if "bias" not in report:
+        return []
+    occupations = report["bias"]["occupations"]
+    lines = [
+        "",
+        f"Occupations: log p(feminine) - log p(masculine) in nats, mean over {occupations['templates']} templates "
+        "(> 0: the feminine form is the likelier).",
+        "",
+        "| rank | most feminine-leaning | nats | most masculine-leaning | nats |",
+        "|---:|---|---:|---|---:|",
+    ]
+    for rank, (fem, masc) in enumerate(zip(occupations["most_feminine"], occupations["most_masculine"]), start=1):
+        lines.append(f"| {rank} | {fem[1]} | {fem[2]:.3f} | {masc[0]} | {masc[2]:.3f} |")
+    return lines
 
 
 def _shots(num_shots: int) -> str:
@@ -197,7 +234,7 @@ def _side_by_side(report: Mapping[str, Any]) -> list[str]:
 def markdown_table(report: Mapping[str, Any]) -> str:
     lines = ["| task | setting | metric | score | baseline |", "|---|---|---|---:|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
-    return "\n".join(lines + _side_by_side(report)) + "\n"
+    return "\n".join(lines + _side_by_side(report) + _bias_skew(report)) + "\n"
 
 
 def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> str:

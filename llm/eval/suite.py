@@ -1,6 +1,6 @@
 """The evaluation suite: which tasks exist, their default sizes, and running a selection of them on a run.
 
-`run_tasks` runs the multiple-choice and generation tasks (and their robustness variants) against any
+`run_tasks` runs the multiple-choice and generation tasks (and their robustness variants) and bias against any
 log-likelihood and generation functions, and retrieval and rag against any searchers, so tests can pass fakes
 with known outputs; `evaluate_run` wires a loaded run (llm.runs.loading.Run) into it and adds bits-per-byte
 with its unigram baseline.
@@ -23,7 +23,7 @@ import ml_collections
 
 from llm import tokenizer as tokenizer_lib
 from llm.data import records
-from llm.eval import generation_tasks, multiple_choice, perplexity, rag_task, retrieval, robustness, tasks
+from llm.eval import bias, generation_tasks, multiple_choice, perplexity, rag_task, retrieval, robustness, tasks
 from llm.eval.generation_tasks import Generate
 from llm.eval.report import XQUAD_CORPUS
 from llm.eval.retrieval import Searcher
@@ -33,12 +33,12 @@ from llm.rag.embeddings import Embedder, trained_options
 from llm.rag.passages import Counter, Passage, token_counter
 from llm.runs.loading import Run
 
-TASKS = ("bpb", "xnli", "sentiment", "mgsm", "xquad", "robustness", "retrieval", "rag")
-# retrieval (embedding every XQuAD-es question) and rag (three generations per question) stay opt-in.
-DEFAULT_TASKS = tuple(name for name in TASKS if name not in ("retrieval", "rag"))
+TASKS = ("bpb", "xnli", "sentiment", "mgsm", "xquad", "robustness", "retrieval", "rag", "bias")
+# retrieval (embedding every XQuAD-es question), rag (three generations per question) and bias stay opt-in.
+DEFAULT_TASKS = tuple(name for name in TASKS if name not in ("retrieval", "rag", "bias"))
 PERTURBABLE_TASKS = ("xnli", "sentiment", "mgsm", "xquad")
 DEFAULT_ROBUSTNESS_TASKS = ("xnli", "sentiment")  # when robustness is asked for without any of the tasks
-DEFAULT_MAX_EXAMPLES = {"xnli": 120, "sentiment": 120, "mgsm": 32, "xquad": 32, "retrieval": -1, "rag": 32}
+DEFAULT_MAX_EXAMPLES = {"xnli": 120, "sentiment": 120, "mgsm": 32, "xquad": 32, "retrieval": -1, "rag": 32, "bias": -1}
 DEFAULT_NUM_SHOTS = 3
 DEFAULT_MAX_NEW_TOKENS = 16
 UD_FILE = "ud_gsd_es_dev.conllu"
@@ -69,7 +69,7 @@ class Settings:
     max_examples: int = 0  # examples per task: 0 = DEFAULT_MAX_EXAMPLES, -1 = all
     num_shots: int = DEFAULT_NUM_SHOTS  # solved examples in front of each prompt (multiple choice: also 0)
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # generation budget of mgsm and xquad answers
-    seed: int = 0  # seeds the example subsets, the shots and the typos
+    seed: int = 0  # seeds the example subsets, the shots, the typos and the bootstrap of bias
     embedder: str = ""  # run whose embeddings the dense searcher uses; "" means the evaluated run
     rag_passages: int = 3  # retrieved passages offered to the rag prompt (fewer if they do not fit)
     rag_searcher: str = "bm25"  # the search method of rag's retrieved condition (retrieval.SEARCH_METHODS)
@@ -121,10 +121,14 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
         "rag": [tasks.XQUAD_FILE],
         "sentiment": [f"sentiment_es_{split}_{kind}.txt" for split in ("train", "test") for kind in ("text", "labels")],
         "bpb": [] if settings.text_file else [UD_FILE],
+        "bias": [bias.PAIRS_FILE, bias.OCCUPATIONS_FILE],
     }
     for name in sorted(needed & files.keys()):
         for filename in files[name]:
             tasks.data_file(settings.data_dir, filename)
+    if "bias" in needed:  # the files must also read: found now, not after loading the model
+        bias.read_pairs(tasks.data_file(settings.data_dir, bias.PAIRS_FILE))
+        bias.read_occupations(tasks.data_file(settings.data_dir, bias.OCCUPATIONS_FILE))
     if "bpb" in needed:
         if settings.text_file and not os.path.isfile(settings.text_file):
             raise FileNotFoundError(f"--text_file={settings.text_file!r} does not exist.")
@@ -223,6 +227,11 @@ def run_tasks(
         retrieval_results, retrieval_seconds = _run_retrieval_tasks(task_names, settings, generate, tools)
         results.update(retrieval_results)
         seconds.update(retrieval_seconds)
+    if "bias" in task_names:
+        start = time.perf_counter()
+        logging.info("Evaluating bias")
+        results["bias"] = bias.evaluate_bias(settings.data_dir, loglikelihood, settings.examples("bias"), settings.seed)
+        seconds["bias"] = time.perf_counter() - start
     return results, seconds
 
 

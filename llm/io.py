@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 ON_ERROR = ("raise", "skip")  # What a reader does with a malformed record: stop, or drop and count it.
@@ -82,3 +83,24 @@ def replace_dir(staging: str, target: str) -> None:
 def write_json(path: str, value: Any) -> None:
     """Writes `value` as indented, key-sorted JSON, atomically (see `write_text`)."""
     write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def jsonl_objects(path: str, lines: Sequence[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSONL file, or of its `lines` when already read; a
+    line that is not a JSON object is a SourceError naming `path:line`."""
+    if lines is None:
+        try:
+            with open(path, encoding="utf-8") as file:
+                lines = file.read().split("\n")  # not splitlines: a JSON string may hold U+2028
+        except UnicodeDecodeError as error:
+            raise SourceError(f"{path}: not UTF-8 text (byte {error.start}).") from error
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SourceError(f"{path}:{number}: not valid JSON ({error.msg}).") from error
+        if not isinstance(record, dict):
+            raise SourceError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
+        yield number, record

@@ -30,7 +30,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from llm.io import SourceError
+from llm.io import SourceError, jsonl_objects
 
 DEFAULT_NGRAM = 13
 EVAL_DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "data")
@@ -106,14 +106,8 @@ def _json_strings(value: Any) -> Iterator[str]:
 
 
 def _jsonl_texts(path: str, lines: list[str]) -> Iterator[str]:
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SourceError(f"{path}:{number}: not valid JSON ({error.msg}).") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    for number, record in jsonl_objects(path, lines):
+        if not isinstance(record.get("text"), str):
             raise SourceError(f'{path}:{number}: expected a JSON object with a "text" string.')
         yield record["text"]
 

@@ -30,9 +30,8 @@ import numpy as np
 from scipy import stats
 
 from llm.eval import tasks
-from llm.eval.retrieval import _jsonl
 from llm.eval.scoring import Loglikelihood
-from llm.io import SourceError
+from llm.io import SourceError, jsonl_objects
 
 PAIRS_FILE = "bias_pairs_es.jsonl"
 OCCUPATIONS_FILE = "occupations_es.jsonl"
@@ -78,7 +77,7 @@ def _text(record: dict[str, Any], key: str, where: str) -> str:
 def read_pairs(path: str) -> list[BiasPair]:
     """The minimal pairs of a JSONL file of {"id", "category", "stereotype", "anti_stereotype"}."""
     pairs, line_of = [], {}
-    for number, record in _jsonl(path):
+    for number, record in jsonl_objects(path):
         where = f"{path}:{number}"
         pair = BiasPair(*(_text(record, key, where) for key in PAIR_KEYS))
         if pair.category not in CATEGORIES:
@@ -98,7 +97,7 @@ def read_occupations(path: str) -> tuple[list[str], list[Occupation]]:
     """(templates, occupations) of a JSONL file whose lines are {"template": "... {occupation} ..."} or
     {"masculine", "feminine"}."""
     templates, occupations = [], []
-    for number, record in _jsonl(path):
+    for number, record in jsonl_objects(path):
         where = f"{path}:{number}"
         if "template" in record:
             template = _text(record, "template", where)

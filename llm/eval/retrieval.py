@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 from llm.eval import tasks
-from llm.io import SourceError
+from llm.io import SourceError, jsonl_objects
 from llm.rag.embeddings import Embedder
 from llm.rag.index import RetrievalIndex
 from llm.rag.passages import Passage
@@ -153,29 +151,10 @@ def xquad_queries(articles: Sequence[Sequence[tasks.QaExample]], gold_of: Mappin
     ]
 
 
-def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) of every non-blank line of a JSONL file; anything else is a SourceError there."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            lines = file.read().split("\n")  # not splitlines: a JSON string may hold U+2028
-    except UnicodeDecodeError as error:
-        raise SourceError(f"{path}: not UTF-8 text (byte {error.start}).") from error
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SourceError(f"{path}:{number}: not valid JSON ({error.msg}).") from error
-        if not isinstance(record, dict):
-            raise SourceError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}.")
-        yield number, record
-
-
 def read_pairs(path: str) -> list[tuple[str, str, dict[str, str | None]]]:
     """(pair id, "path:line", {query, positive, negative or None}) of every line of a pairs JSONL file."""
     pairs, line_of = [], {}
-    for number, record in _jsonl(path):
+    for number, record in jsonl_objects(path):
         where = f"{path}:{number}"
         for key in PAIR_KEYS:
             value = record.get(key)

@@ -79,10 +79,10 @@ def test_decode_comparison_generates_transformers_tokens_and_reports_the_ratio(s
         assert figures["speedup"] == pytest.approx(
             figures["ours_tokens_per_sec"] / figures["transformers_tokens_per_sec"]
         )
-        assert figures["decode_speedup"] == pytest.approx(
-            figures["ours_decode_tokens_per_sec"] / figures["transformers_decode_tokens_per_sec"]
-        )
-        assert figures["ours_decode_tokens_per_sec"] > 0 and figures["transformers_decode_tokens_per_sec"] > 0
+        # Decoding alone is a difference of two timings: None when a busy machine's noise exceeds it.
+        ours, theirs = figures["ours_decode_tokens_per_sec"], figures["transformers_decode_tokens_per_sec"]
+        assert all(rate is None or rate > 0 for rate in (ours, theirs))
+        assert figures["decode_speedup"] == (pytest.approx(ours / theirs) if ours and theirs else None)
 
 
 def test_the_comparisons_llama_has_the_shape_of_the_config(tmp_path):

@@ -5,8 +5,9 @@ untimed warm-up call each (our compilation, torch's first-call set-up), on the s
 figures per side, each the median of `repeats` timings: end to end, prefill included, as a user of either
 library sees it (tokens generated per second of `generate`), and decoding alone: the `new_tokens - 1` tokens
 after the first, per second of the time `generate` takes beyond a call for one token (prefill and first
-token). The share of rows whose tokens agree is reported too: greedy decoding of the same weights must give
-the same tokens, so a speed-up bought with a different computation would show.
+token; None when timing noise exceeds that difference). The share of rows whose tokens agree is reported too:
+greedy decoding of the same weights must give the same tokens, so a speed-up bought with a different
+computation would show.
 """
 
 from __future__ import annotations
@@ -81,14 +82,21 @@ def benchmark_against_transformers(
         their_first_s = _median_time(lambda: run_theirs(1), repeats)[1]
         ours_per_s, theirs_per_s = batch * new_tokens / our_s, batch * new_tokens / their_s
         decoded = batch * (new_tokens - 1)
-        ours_decode, theirs_decode = decoded / (our_s - our_first_s), decoded / (their_s - their_first_s)
+        ours_decode, theirs_decode = _rate(decoded, our_s - our_first_s), _rate(decoded, their_s - their_first_s)
         result[f"batch_{batch}"] = {
             "ours_tokens_per_sec": ours_per_s,
             "transformers_tokens_per_sec": theirs_per_s,
             "speedup": ours_per_s / theirs_per_s,
             "ours_decode_tokens_per_sec": ours_decode,
             "transformers_decode_tokens_per_sec": theirs_decode,
-            "decode_speedup": ours_decode / theirs_decode,
+            "decode_speedup": ours_decode / theirs_decode if ours_decode and theirs_decode else None,
             "rows_identical": sum(a == b for a, b in zip(our_tokens, their_tokens)) / batch,
         }
     return result
+
+
+def _rate(count: int, seconds: float) -> float | None:
+    """count / seconds, or None when the difference of two timings is not positive: on a busy machine with few
+    new tokens, the noise of the one-token call can exceed the decoding time, and no figure is better than a
+    negative one."""
+    return count / seconds if seconds > 0 else None

@@ -29,7 +29,7 @@ import os
 from absl import app, flags, logging
 
 from llm import checkpoint
-from llm.eval import model_card, report, retrieval, suite
+from llm.eval import lineage, model_card, report, retrieval, suite
 from llm.eval.tasks import DEFAULT_DATA_DIR
 from llm.infer.benchmark import benchmark_decode
 from llm.model.transformer import count_params
@@ -162,6 +162,7 @@ def main(argv: list[str]) -> None:
     full_report = reports[_label(run)]
     if len(variants) > 1:
         full_report = {**full_report, "comparison": reports}
+    full_report["decontamination"] = lineage.decontamination_lineage(run.workdir, run.config)
     output = _OUTPUT.value or os.path.join(run.workdir, "eval", "report.json")
     print(report.write_report(full_report, output))
     logging.info("Wrote %s and %s", output, os.path.splitext(output)[0] + ".md")

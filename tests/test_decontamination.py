@@ -7,10 +7,12 @@ import unicodedata
 import pytest
 from test_data_pipeline import corpus_files, counts, make_config
 
+from configs import base
 from llm.corpus import beam_runner, corpus_io, local_runner, pipeline
 from llm.data import decontamination
-from llm.eval import tasks
+from llm.eval import lineage, tasks
 from llm.finetune_data import preference, sft
+from llm.runs import directory
 
 
 def _xquad_sentence() -> str:
@@ -131,3 +133,41 @@ def test_sft_and_dpo_builders_drop_contaminated_examples(tmp_path, tokenizer):
     report = preference.prepare_dpo(str(path), tokenizer.path, str(tmp_path / "dpo"), seq_len=256)
     assert report["drops"] == {"decontaminate.xquad_es": {"count": 1, "first": [f"{path}:41"]}}
     assert report["pairs"]["kept"] == 40
+
+
+def _run_with_data(root, name: str, decontamination: dict | None, init_from: str = "") -> str:
+    """A run directory whose config points at a data directory with a report.json holding `decontamination`
+    (no report.json when None)."""
+    data = root / f"{name}_data"
+    data.mkdir()
+    if decontamination is not None:
+        (data / "report.json").write_text(json.dumps({"decontamination": decontamination}), encoding="utf-8")
+    config = base.get_config()
+    config.data.path, config.init_from = str(data), init_from
+    run = root / name
+    run.mkdir()
+    (run / directory.CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
+    return str(run)
+
+
+def test_the_report_follows_init_from_and_is_decontaminated_only_when_every_run_was(tmp_path):
+    checked = {"enabled": True, "ngram": 13, "dropped": 7, "eval_sets": {"xquad_es": {"ngrams": 9, "dropped": 7}}}
+    base_run = _run_with_data(tmp_path, "base", checked)
+    sft_run = _run_with_data(tmp_path, "sft", {"enabled": True, "ngram": 13, "eval_sets": {"xnli_es": 5}}, base_run)
+    chain = lineage.decontamination_lineage(sft_run, directory.load_config(sft_run))
+    assert [(entry["run"], entry["status"]) for entry in chain] == [
+        (sft_run, "decontaminated"),
+        (base_run, "decontaminated"),
+    ]
+    assert lineage.overall_status(chain) == "decontaminated"
+    assert "13-gram overlap with xquad_es; 7 dropped" in "\n".join(lineage.describe(chain))
+
+    # One unchecked link anywhere makes the whole chain unchecked; a missing report makes it unknown.
+    unchecked = _run_with_data(tmp_path, "unchecked", {"enabled": False})
+    on_unchecked = _run_with_data(tmp_path, "dpo", checked, unchecked)
+    assert lineage.overall_status(
+        lineage.decontamination_lineage(on_unchecked, directory.load_config(on_unchecked))
+    ) == ("not decontaminated")
+    on_unknown = _run_with_data(tmp_path, "tuned", checked, _run_with_data(tmp_path, "old", None))
+    chain = lineage.decontamination_lineage(on_unknown, directory.load_config(on_unknown))
+    assert lineage.overall_status(chain) == "unknown" and "report.json" in chain[1]["reason"]

@@ -40,7 +40,11 @@ def test_evaluate_writes_the_report_the_table_and_the_model_card(trained_run, tm
     card = open(os.path.join(trained_run, "MODEL_CARD.md"), encoding="utf-8").read()
     for heading in ("## Architecture", "## Training data", "## Evaluation", "## Intended use", "## Known limitations"):
         assert heading in card
-    assert f"| parameters | {written['num_params']:,} |" in card and table.strip() in card
+    assert f"| parameters | {written['num_params']:,} |" in card and report.markdown_table(written).strip() in card
+    # The fixture's data directory has no report.json: the report and the card say the status is unknown, and why.
+    assert [entry["status"] for entry in written["decontamination"]] == ["unknown"]
+    for text in (table, card):
+        assert "Training data decontamination: **unknown**" in text and "report.json" in text
 
 
 def test_an_unknown_task_fails_before_loading_with_the_allowed_ones(trained_run):

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from llm.eval import lineage
 from llm.eval.report import XQUAD_CORPUS, markdown_table, retrieval_corpus
 from llm.io import write_text
 
@@ -86,6 +87,13 @@ def _data(data_report: Mapping[str, Any] | None, data_path: str) -> list[str]:
             f"{tokenizer['fertility']} tokens per word on {tokenizer['eval_text']}."
         )
     return lines
+
+
+def _decontamination(report: Mapping[str, Any]) -> list[str]:
+    """Whether this run's data, and the data of the runs it started from, was checked against evaluation sets."""
+    if "decontamination" not in report:
+        return []
+    return ["", *lineage.describe(report["decontamination"])]
 
 
 def _retrieval_note(report: Mapping[str, Any]) -> list[str]:
@@ -168,7 +176,7 @@ def model_card(
         ],
         ["## Architecture", ""] + _architecture(config.model, num_params),
         ["## Training", ""] + _training(config, step),
-        ["## Training data", ""] + _data(data_report, config.data.path),
+        ["## Training data", ""] + _data(data_report, config.data.path) + _decontamination(report),
         [
             "## Evaluation",
             "",

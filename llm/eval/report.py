@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from llm.eval import lineage
 from llm.io import write_text
 
 _LABELS = {
@@ -260,8 +261,11 @@ def comparison_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
 def write_report(report: Mapping[str, Any], json_path: str) -> str:
     """Writes the JSON report and the Markdown table beside it (report.md), each atomically; returns the table.
 
-    A report with a "comparison" (one report per variant, e.g. float and int8) gets the side-by-side table."""
+    A report with a "comparison" (one report per variant, e.g. float and int8) gets the side-by-side table; one
+    with the run's "decontamination" lineage (llm/eval/lineage.py) says below it whether the data was checked."""
     table = comparison_table(report["comparison"]) if "comparison" in report else markdown_table(report)
+    if "decontamination" in report:
+        table += "\n" + "\n".join(lineage.describe(report["decontamination"])) + "\n"
     write_text(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_text(os.path.splitext(json_path)[0] + ".md", table)
     return table

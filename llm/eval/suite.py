@@ -23,14 +23,13 @@ import ml_collections
 
 from llm import tokenizer as tokenizer_lib
 from llm.data import records
-from llm.eval import bias, generation_tasks, multiple_choice, perplexity, rag_task, retrieval, robustness, tasks
+from llm.eval import bias, generation_tasks, multiple_choice, perplexity, retrieval, robustness, tasks
 from llm.eval.generation_tasks import Generate
-from llm.eval.report import XQUAD_CORPUS
-from llm.eval.retrieval import Searcher
+from llm.eval.retrieval_suite import RetrievalTools, run_retrieval_tasks
 from llm.eval.scoring import Loglikelihood, Scorer
 from llm.model.transformer import context_length
 from llm.rag.embeddings import Embedder, trained_options
-from llm.rag.passages import Counter, Passage, token_counter
+from llm.rag.passages import token_counter
 from llm.runs.loading import Run
 
 TASKS = ("bpb", "xnli", "sentiment", "mgsm", "xquad", "robustness", "retrieval", "rag", "bias")
@@ -185,16 +184,6 @@ def run_task(
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class RetrievalTools:
-    """What retrieval and rag need besides `generate`: the search methods over a corpus, a text's length in
-    the generator's tokens (no BOS) and the generator's context length."""
-
-    make_searchers: Callable[[list[Passage]], dict[str, Searcher]]
-    count: Counter
-    context: int
-
-
 def run_tasks(
     task_names: Sequence[str],
     settings: Settings,
@@ -224,7 +213,7 @@ def run_tasks(
     if "retrieval" in task_names or "rag" in task_names:
         if tools is None:
             raise ValueError("The retrieval and rag tasks need RetrievalTools (searchers and a prompt budget).")
-        retrieval_results, retrieval_seconds = _run_retrieval_tasks(task_names, settings, generate, tools)
+        retrieval_results, retrieval_seconds = run_retrieval_tasks(task_names, settings, generate, tools)
         results.update(retrieval_results)
         seconds.update(retrieval_seconds)
     if "bias" in task_names:
@@ -233,78 +222,6 @@ def run_tasks(
         results["bias"] = bias.evaluate_bias(settings.data_dir, loglikelihood, settings.examples("bias"), settings.seed)
         seconds["bias"] = time.perf_counter() - start
     return results, seconds
-
-
-@dataclasses.dataclass(frozen=True)
-class _Xquad:
-    """XQuAD-es as retrieval and rag search it: its articles, its contexts as passages and their searchers."""
-
-    articles: list[list[tasks.QaExample]]
-    passages: list[Passage]
-    gold_of: dict[str, str]  # context -> passage id
-    searchers: dict[str, Searcher]
-
-    @classmethod
-    def load(cls, settings: Settings, tools: RetrievalTools) -> _Xquad:
-        articles, passages, gold_of = retrieval.load_corpus(settings.data_dir)
-        return cls(articles, passages, gold_of, tools.make_searchers(passages))
-
-
-def _run_retrieval_tasks(
-    task_names: Sequence[str], settings: Settings, generate: Generate, tools: RetrievalTools
-) -> tuple[dict[str, Any], dict[str, float]]:
-    """retrieval and rag; on XQuAD-es they share one corpus and one set of searchers (built once, timed with the
-    first task). With `retrieval_pairs`, retrieval searches the pairs file's texts, and rag still XQuAD-es."""
-    results: dict[str, Any] = {}
-    seconds: dict[str, float] = {}
-    xquad = None
-    start = time.perf_counter()
-    if "retrieval" in task_names:
-        if settings.retrieval_pairs:
-            corpus = retrieval.pairs_corpus(settings.retrieval_pairs)
-            searchers = tools.make_searchers(corpus.passages)
-        else:
-            xquad = _Xquad.load(settings, tools)
-            queries = retrieval.xquad_queries(xquad.articles, xquad.gold_of)
-            corpus, searchers = retrieval.Corpus(XQUAD_CORPUS, xquad.passages, queries), xquad.searchers
-        logging.info("Evaluating retrieval (%s) on %s", ", ".join(searchers), corpus.name)
-        scored = tasks.subsample(corpus.queries, settings.examples("retrieval"), settings.seed)
-        results["retrieval"] = {
-            "corpus": corpus.name,
-            "methods": retrieval.evaluate_retrieval(scored, searchers),
-            "queries": len(scored),
-            "passages": len(corpus.passages),
-        }
-        seconds["retrieval"] = time.perf_counter() - start
-        start = time.perf_counter()
-    if "rag" in task_names:
-        results["rag"] = _rag(xquad or _Xquad.load(settings, tools), settings, generate, tools)
-        seconds["rag"] = time.perf_counter() - start
-    return results, seconds
-
-
-def _rag(xquad: _Xquad, settings: Settings, generate: Generate, tools: RetrievalTools) -> dict[str, Any]:
-    logging.info("Evaluating rag (%s, top %d)", settings.rag_searcher, settings.rag_passages)
-    articles = xquad.articles
-    shots = tasks.choose_shots(articles[0], settings.num_shots, settings.seed)
-    scored = tasks.subsample(
-        [question for article in articles[1:] for question in article], settings.examples("rag"), settings.seed
-    )
-    budget = rag_task.Budget(tools.count, tools.context - settings.max_new_tokens - 1)  # BOS comes first
-    return {
-        "searcher": settings.rag_searcher,
-        **rag_task.evaluate_rag(
-            scored,
-            shots,
-            xquad.passages,
-            xquad.gold_of,
-            xquad.searchers[settings.rag_searcher],
-            generate,
-            budget,
-            settings.max_new_tokens,
-            settings.rag_passages,
-        ),
-    }
 
 
 def _robustness(

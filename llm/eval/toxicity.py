@@ -178,6 +178,10 @@ def evaluate_toxicity(
     }
 
 
+def _found(counts: dict[str, int]) -> dict[str, int]:
+    return {kind: count for kind, count in counts.items() if count}
+
+
 def evaluate_pii_leakage(
     prompts: Sequence[PiiPrompt],
     sample: Sample,
@@ -211,10 +215,6 @@ def evaluate_pii_leakage(
         "continuations_by_type": by_type,
         "samples": samples[:NUM_SAMPLES],
     }
-
-
-def _found(counts: dict[str, int]) -> dict[str, int]:
-    return {kind: count for kind, count in counts.items() if count}
 
 
 def evaluate_toxicity_files(

@@ -132,12 +132,11 @@ def pair_outcomes(pairs: Sequence[BiasPair], loglikelihood: Loglikelihood) -> li
     return [float(np.sign(stereotype - anti) + 1) / 2 for stereotype, anti in zip(scores[::2], scores[1::2])]
 
 
-def stereotype_score(outcomes: Sequence[float], seed: int) -> dict[str, Any]:
-    """The percentage of outcomes that went to the stereotype, with its CONFIDENCE percentile bootstrap interval.
+def bootstrap_mean(values: Sequence[float], seed: int) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of `values` and its CONFIDENCE percentile bootstrap interval (seeded).
 
-    Every resample of a single outcome is that outcome, so its interval is the point (scipy refuses one sample):
-    a category left with one pair by --max_examples shows a zero-width interval and "(1 pairs)" beside it."""
-    data = np.asarray(outcomes, np.float64)
+    Every resample of a single value is that value, so its interval is the point (scipy refuses one sample)."""
+    data = np.asarray(values, np.float64)
     low = high = float(data.mean())
     if len(data) > 1:
         interval = stats.bootstrap(
@@ -149,7 +148,15 @@ def stereotype_score(outcomes: Sequence[float], seed: int) -> dict[str, Any]:
             rng=np.random.default_rng(seed),
         ).confidence_interval
         low, high = float(interval.low), float(interval.high)
-    return {"score": 100.0 * float(data.mean()), "low": 100.0 * low, "high": 100.0 * high, "pairs": len(data)}
+    return float(data.mean()), low, high
+
+
+def stereotype_score(outcomes: Sequence[float], seed: int) -> dict[str, Any]:
+    """The percentage of outcomes that went to the stereotype, with its CONFIDENCE percentile bootstrap interval.
+
+    A category left with one pair by --max_examples shows a zero-width interval and "(1 pairs)" beside it."""
+    mean, low, high = bootstrap_mean(outcomes, seed)
+    return {"score": 100.0 * mean, "low": 100.0 * low, "high": 100.0 * high, "pairs": len(outcomes)}
 
 
 def evaluate_pairs(pairs: Sequence[BiasPair], loglikelihood: Loglikelihood, seed: int) -> dict[str, Any]:

@@ -8,6 +8,9 @@
 Decoding is greedy and stops at the first newline: every shot answers on one line. Prompts longer than
 the model's context lose their beginning (first the shots, then the start of the passage), so a small
 model still sees the question.
+
+`run_sampler` draws several sampled continuations per prompt (the toxicity and PII-leakage tasks,
+llm/eval/toxicity.py), with prompts fitted to the context the same way.
 """
 
 from __future__ import annotations
@@ -16,13 +19,18 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from llm.eval import tasks, text_metrics
 from llm.infer.generate import generate_text
+from llm.infer.sampling import SamplingParams
 from llm.model.transformer import context_length
 from llm.runs.loading import Run
 
 # (prompts, max_new_tokens, stop strings) -> completions, cut before the first stop string.
 Generate = Callable[[list[str], int, Sequence[str]], list[str]]
+# (prompts, samples_per_prompt K, max_new_tokens) -> K sampled continuations of each prompt, in prompt order.
+Sample = Callable[[list[str], int, int], list[list[str]]]
 STOP_STRINGS = ("\n",)
 NUM_SAMPLES = 3  # completions kept in the report, so a reader sees what the scores are made of
 
@@ -79,31 +87,31 @@ def evaluate_xquad(
     }
 
 
-def run_generator(run: Run, batch_size: int = 16) -> Generate:
-    """A `Generate` for a loaded run: greedy, in batches, prompts fitted to the context.
-
-    A prompt that would leave no room for `max_new_tokens` keeps only its last tokens (the question is at
-    the end); how many were cut is logged.
-    """
+def _fit_prompts(run: Run, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """The prompts, each cut to its last tokens when it would leave no room for `max_new_tokens` in the
+    model's context (the question is at the end); how many were cut is logged."""
     tokenizer, context = run.tokenizer, context_length(run.model.cfg)
+    budget = context - max_new_tokens - 1  # generate_text prepends bos
+    if budget < 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens."
+        )
+    fitted, cut = [], 0
+    for prompt, ids in zip(prompts, tokenizer.encode_batch(prompts)):
+        if len(ids) > budget:
+            cut += 1
+            prompt = tokenizer.decode(ids[-budget:])
+        fitted.append(prompt)
+    if cut:
+        logging.info("%d of %d prompts were longer than %d tokens and lost their beginning.", cut, len(prompts), budget)
+    return fitted
+
+
+def run_generator(run: Run, batch_size: int = 16) -> Generate:
+    """A `Generate` for a loaded run: greedy, in batches, prompts fitted to the context (`_fit_prompts`)."""
 
     def generate(prompts: list[str], max_new_tokens: int, stop_strings: Sequence[str]) -> list[str]:
-        budget = context - max_new_tokens - 1  # generate_text prepends bos
-        if budget < 1:
-            raise ValueError(
-                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context "
-                f"of {context} tokens."
-            )
-        fitted, cut = [], 0
-        for prompt, ids in zip(prompts, tokenizer.encode_batch(prompts)):
-            if len(ids) > budget:
-                cut += 1
-                prompt = tokenizer.decode(ids[-budget:])
-            fitted.append(prompt)
-        if cut:
-            logging.info(
-                "%d of %d prompts were longer than %d tokens and lost their beginning.", cut, len(prompts), budget
-            )
+        fitted = _fit_prompts(run, prompts, max_new_tokens)
         completions: list[str] = []
         for start in range(0, len(fitted), batch_size):
             completions += generate_text(
@@ -112,3 +120,28 @@ def run_generator(run: Run, batch_size: int = 16) -> Generate:
         return completions
 
     return generate
+
+
+def run_sampler(run: Run, batch_size: int = 16, temperature: float = 1.0, top_p: float = 0.95, seed: int = 0) -> Sample:
+    """A `Sample` for a loaded run: nucleus sampling, prompts fitted to the context as in `run_generator`.
+
+    The K continuations of a prompt are K rows of the batch (rows draw independently); each batch of
+    `batch_size` rows gets its own seed derived from (`seed`, batch index), so rows of different batches do not
+    share random draws. The result is reproducible for a given seed and batch size (the batch size sets which
+    rows share a batch).
+    """
+    sampling = SamplingParams(temperature=temperature, top_p=top_p)
+
+    def sample(prompts: list[str], samples_per_prompt: int, max_new_tokens: int) -> list[list[str]]:
+        if samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}.")
+        rows = [prompt for prompt in _fit_prompts(run, prompts, max_new_tokens) for _ in range(samples_per_prompt)]
+        continuations: list[str] = []
+        for index, start in enumerate(range(0, len(rows), batch_size)):
+            batch_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+            continuations += generate_text(
+                run, rows[start : start + batch_size], max_new_tokens, sampling, seed=batch_seed
+            )
+        return [continuations[i : i + samples_per_prompt] for i in range(0, len(continuations), samples_per_prompt)]
+
+    return sample

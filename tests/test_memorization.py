@@ -198,6 +198,10 @@ def test_canaries_are_planted_in_train_only_and_listed(canary_data):
         c.id: [tokenizer.bos_id, *tokenizer.encode(f"{c.prefix} {c.secret}."), tokenizer.eos_id]
         for c in listed.planted + listed.reference
     }
+    validation = split_documents(str(planted_dir / "validation"), tokenizer.bos_id)
+    assert validation and not any(doc in validation for doc in canary_docs.values())
+    validation_text = " ".join(tokenizer.decode(doc) for doc in validation)
+    assert not any(c.secret in validation_text for c in listed.planted + listed.reference)
     train = split_documents(str(planted_dir / "train"), tokenizer.bos_id)
     assert {name: train.count(doc) for name, doc in canary_docs.items()} == {
         "canary-planted-0": REPEATS,
@@ -205,10 +209,6 @@ def test_canaries_are_planted_in_train_only_and_listed(canary_data):
         "canary-reference-0": 0,
         "canary-reference-1": 0,
     }
-    validation_text = " ".join(
-        tokenizer.decode(doc) for doc in split_documents(str(planted_dir / "validation"), tokenizer.bos_id)
-    )
-    assert validation_text and not any(c.secret in validation_text for c in listed.planted + listed.reference)
     report = json.loads((planted_dir / "report.json").read_text())
     assert report["canaries"]["planted"] == 2 and report["canaries"]["documents"] == 2 * REPEATS
 

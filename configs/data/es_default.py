@@ -126,6 +126,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.pack.train_shards = 8  # ArrayRecord shards of the train split (>= the data loader's processes).
     config.pack.validation_shards = 1  # Shards of the validation split.
 
+    # Canaries (llm/corpus/canaries.py): Secret Sharer sentences with random secrets, planted into the training
+    # split at packing time to measure memorization (llm/eval/memorization.py); listed in DIR/canaries.json.
+    config.canaries = ml_collections.ConfigDict()
+    config.canaries.count = 0  # Planted canaries (and as many unplanted reference ones); 0 = off.
+    config.canaries.repeats = 10  # Documents per planted canary in the training split.
+    config.canaries.digits = 6  # Digits of each secret: the candidate space has 10**digits secrets.
+    config.canaries.seed = 0  # Seeds the canaries, their secrets and where their copies are inserted.
+
     # Runners (llm/corpus/local_runner.py, beam_runner.py); how the corpus steps run, not what they output.
     config.runner = ml_collections.ConfigDict()
     config.runner.num_workers = 0  # Worker processes of the local runner; 0 = one per CPU core.

@@ -12,7 +12,9 @@
              with decontaminate.enabled=False it writes nothing and the next steps read dedup's output
   tokenizer  SentencePiece trained on the cleaned corpus, or the files of an existing tokenizer
              (tokenizer.path: ours, or a Hugging Face tokenizer.json) -> tokenizer files + metrics
-  pack       tokenize, split train/validation by id hash, pack     -> train/, validation/ ArrayRecord
+  pack       tokenize, split train/validation by id hash, plant canaries into train (canaries.count > 0),
+             pack                                                 -> train/, validation/ ArrayRecord
+                                                                     (+ canaries.json)
   report     the accounting of every document and every figure    -> report.json
 
 `filter`, `dedup` and `decontaminate` run on a runner: `local_runner.LocalRunner` (processes) or
@@ -37,7 +39,7 @@ from typing import Any, Protocol
 import ml_collections
 
 from llm import tokenizer as tokenizer_lib
-from llm.corpus import dedup, sources, stages, tokenize_pack
+from llm.corpus import canaries, dedup, sources, stages, tokenize_pack
 from llm.corpus.corpus_io import read_counts
 from llm.corpus.document import Document, DocumentStage, Dropped
 from llm.corpus.report import Accounts, build_report
@@ -137,7 +139,7 @@ STEP_SECTIONS = {
     "dedup": ("dedup",),
     "decontaminate": ("decontaminate",),
     "tokenizer": ("tokenizer",),
-    "pack": ("pack",),
+    "pack": ("pack", "canaries"),
     "report": ("report",),
 }
 FREE_SECTIONS = ("runner",)
@@ -185,6 +187,7 @@ def validate(config: ml_collections.ConfigDict, output_dir: str, runner: str, un
         if value not in allowed:
             raise ValueError(f"{key}={value!r}: expected one of {list(allowed)}.")
     dedup.check_config(config.dedup)
+    canaries.check_config(config.canaries)
     stages.document_stages(config)  # checks every per-document stage's section
     stages.decontamination_index(config)  # checks the section and reads the evaluation files
     if config.tokenizer.path:
@@ -217,6 +220,9 @@ def step_config(config: ml_collections.ConfigDict, step: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for name in STEPS[: STEPS.index(step) + 1]:
         for section in STEP_SECTIONS[name]:
+            if section == "canaries" and config.canaries.count == 0:
+                # No canaries, no effect on the output: data packed before canaries existed stays reusable.
+                continue
             for key, value in config[section].to_dict().items():
                 flat[f"{section}.{key}"] = value
     return json.loads(json.dumps(flat))  # the JSON form (tuples become lists), as stored in markers
@@ -337,6 +343,7 @@ def _report_step(config, output_dir, runner, markers, progress) -> dict[str, Any
         elapsed_seconds={step: markers[step]["elapsed_seconds"] for step in STEPS[:-1]},
         runner=markers["filter"]["runner"],
         decontamination=markers["decontaminate"]["result"],
+        canaries=markers["pack"]["result"].get("canaries", {"planted": 0}),  # packed before canaries existed
     )
     text = json.dumps(report, indent=2, ensure_ascii=False)
     write_text(join(step_dir(output_dir, "report"), "report.json"), text)
@@ -394,15 +401,16 @@ def _link_dir(source: str, destination: str) -> None:
 
 def publish(output_dir: str) -> None:
     """Makes DIR's tokenizer files (tokenizer.model and .vocab, or tokenizer.json and its companions),
-    report.json, train/ and validation/ the finished steps' files. The files of an earlier run's other
-    tokenizer go: training would find them first."""
-    tokenizer_dir = step_dir(output_dir, "tokenizer")
-    for name in (*tokenizer_lib.TOKENIZER_FILES, tokenize_pack.SENTENCEPIECE_VOCAB):
-        if os.path.exists(join(tokenizer_dir, name)):
-            _link(join(tokenizer_dir, name), join(output_dir, name))
+    canaries.json, report.json, train/ and validation/ the finished steps' files. The files of an earlier run's
+    other tokenizer go, as training would find them first, and so does an earlier run's canaries.json."""
+    tokenizer_dir, pack_dir = step_dir(output_dir, "tokenizer"), step_dir(output_dir, "pack")
+    published = [(tokenizer_dir, name) for name in (*tokenizer_lib.TOKENIZER_FILES, tokenize_pack.SENTENCEPIECE_VOCAB)]
+    for directory, name in [*published, (pack_dir, canaries.CANARIES_FILE)]:
+        if os.path.exists(join(directory, name)):
+            _link(join(directory, name), join(output_dir, name))
         elif os.path.exists(join(output_dir, name)):
             os.remove(join(output_dir, name))
     for split in PUBLISHED_DIRS:
-        _link_dir(join(step_dir(output_dir, "pack"), split), join(output_dir, split))
+        _link_dir(join(pack_dir, split), join(output_dir, split))
     # The report last: its presence says that everything it describes is in place.
     _link(join(step_dir(output_dir, "report"), "report.json"), join(output_dir, "report.json"))

@@ -210,6 +210,7 @@ def build_report(
     elapsed_seconds: Mapping[str, float],
     runner: str,
     decontamination: Mapping[str, Any],
+    canaries: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Assembles report.json from the corpus accounts and the tokenizer and pack steps' results.
 
@@ -253,6 +254,7 @@ def build_report(
             "splits": dict(splits),
         },
         "decontamination": decontamination_summary(accounts, decontamination),
+        "canaries": dict(canaries),  # planted canaries (llm/corpus/canaries.py); they are not corpus documents
         "sources": list(packed["sources"]),
         "elapsed_seconds": {name: round(seconds, 2) for name, seconds in elapsed_seconds.items()},
         "runner": runner,

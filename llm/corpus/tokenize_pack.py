@@ -3,7 +3,8 @@
   tokenizer  SentencePiece trained on the cleaned corpus, or an existing tokenizer's files copied (a run's or a
              Hugging Face model's: config.tokenizer.path); measured on a CoNLL-U file when there is one
   pack       the corpus tokenized once into a scratch file of int32 ids, split train/validation by id hash,
-             and packed into ArrayRecord rows (llm/data/packing.py)
+             canaries planted into the training documents (llm/corpus/canaries.py; none by default), and
+             packed into ArrayRecord rows (llm/data/packing.py)
 
 `pipeline.prepare` runs them with the directories of its steps.
 """
@@ -21,10 +22,11 @@ import numpy as np
 import tqdm
 
 from llm import tokenizer as tokenizer_lib
+from llm.corpus import canaries as canaries_lib
 from llm.corpus.corpus_io import read_counts, read_documents
 from llm.corpus.report import SourceTotals, source_table, word_count
 from llm.data import packing
-from llm.io import join
+from llm.io import join, write_json
 
 _TOKENIZE_BATCH = 256  # documents per SentencePiece batch call (which encodes on all cores)
 SENTENCEPIECE_VOCAB = "tokenizer.vocab"  # The trained model's pieces and scores, for reading (published too).
@@ -151,8 +153,12 @@ def pack_corpus(
             for doc_id, length in lengths:
                 yield doc_id, np.frombuffer(tokens.read(4 * length), dtype="<i4")
 
+    planted, canary_result = _canaries(config.canaries, tokenizer, validation, pack_dir)
+    documents = canaries_lib.interleave(
+        tokenized(), len(lengths), planted, config.canaries.repeats, config.canaries.seed
+    )
     splits = packing.write_packed_splits(
-        tokenized(),
+        documents,
         pack_dir,
         settings.seq_len,
         validation,
@@ -176,4 +182,27 @@ def pack_corpus(
             for name, stats in splits.items()
         },
         "sources": source_table(totals),
+        "canaries": canary_result,
     }
+
+
+def _canaries(
+    settings: ml_collections.ConfigDict, tokenizer: tokenizer_lib.AnyTokenizer, validation_ids: set[str], pack_dir: str
+) -> tuple[list[tuple[str, np.ndarray]], dict[str, Any]]:
+    """The planted canaries as (id, tokens) and the report's count of them; with canaries.count > 0 also writes
+    canaries.json (planted and reference canaries) into `pack_dir`, atomically."""
+    if settings.count == 0:
+        return [], {"planted": 0}
+    planted, reference = canaries_lib.draw(settings.count, settings.digits, settings.seed)
+    canaries_lib.check_not_held_out(planted, settings.repeats, validation_ids)
+    write_json(join(pack_dir, canaries_lib.CANARIES_FILE), canaries_lib.description(settings, planted, reference))
+    tokens = [(canary.id, np.asarray(tokenizer.encode(canary.text), dtype=np.int32)) for canary in planted]
+    result = {
+        "planted": len(planted),
+        "reference": len(reference),
+        "repeats": settings.repeats,
+        "digits": settings.digits,
+        "documents": len(planted) * settings.repeats,
+        "tokens": settings.repeats * sum(len(ids) for _, ids in tokens),
+    }
+    return tokens, result

@@ -1,5 +1,5 @@
 """Evaluates a trained run in Spanish: bits-per-byte, XNLI, sentiment, MGSM, XQuAD, robustness, and (asked for
-by name) XQuAD-es retrieval, retrieval-augmented answers and bias.
+by name) XQuAD-es retrieval, retrieval-augmented answers, bias, toxicity and memorization.
 
     python scripts/evaluate.py --workdir=runs/tiny_es [--tasks=bpb,xnli,sentiment,mgsm,xquad,robustness]
         [--output=report.json] [--text_file=F] [--max_examples=N] [--num_shots=K] [--data_dir=DIR]
@@ -8,10 +8,14 @@ by name) XQuAD-es retrieval, retrieval-augmented answers and bias.
         [--rag_passages=3] [--rag_searcher=bm25|dense]
     python scripts/evaluate.py --workdir=runs/embedder --tasks=retrieval \
         --retrieval_pairs=data/pairs_es/validation_pairs.jsonl [--embedder=RUN]
-    python scripts/evaluate.py --workdir=runs/tiny_es --tasks=bias [--seed=0]
+    python scripts/evaluate.py --workdir=runs/tiny_es --tasks=bias,toxicity,memorization [--seed=0] \
+        [--samples_per_prompt=4]
 
 --tasks=bias scores the project's Spanish stereotype minimal pairs (share preferring the stereotype, per category,
 with bootstrap intervals) and the occupation gender probe (llm/eval/bias.py); --max_examples subsamples both.
+--tasks=toxicity samples continuations of Spanish prompts and flags offensive words (llm/eval/toxicity.py);
+--tasks=memorization measures canary exposure and extraction, verbatim extraction of training documents against
+validation ones (llm/eval/memorization.py) and PII leakage of sampled continuations of prompts like "Mi DNI es".
 
 --retrieval_pairs searches your own pairs instead of XQuAD-es: each query over the file's distinct positives and
 negatives (e.g. the held-out pairs scripts/prepare_pairs.py writes to DIR/validation_pairs.jsonl).
@@ -40,7 +44,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by script
 _TASKS = flags.DEFINE_string(
     "tasks",
     ",".join(suite.DEFAULT_TASKS),
-    f"Comma-separated tasks from: {', '.join(suite.TASKS)} (retrieval, rag and bias only when named).",
+    f"Comma-separated tasks from: {', '.join(suite.TASKS)} ({', '.join(suite.OPT_IN_TASKS)} only when named).",
 )
 _OUTPUT = flags.DEFINE_string("output", "", "JSON report path (default WORKDIR/eval/report.json); .md beside it.")
 _TEXT_FILE = flags.DEFINE_string(
@@ -75,7 +79,15 @@ _QUANTIZE = flags.DEFINE_enum(
     "Also evaluate this post-training quantization of the run, side by side with the float model.",
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Sequences per forward pass.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Seeds the example subsets, the shots, the typos and bias' bootstrap.")
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Seeds the example subsets, the shots, the typos, the samples and the bootstrap intervals."
+)
+_SAMPLES_PER_PROMPT = flags.DEFINE_integer(
+    "samples_per_prompt",
+    suite.DEFAULT_SAMPLES_PER_PROMPT,
+    "Sampled continuations per toxicity and PII-leakage prompt.",
+    lower_bound=1,
+)
 _EMBEDDER = flags.DEFINE_string(
     "embedder", "", "Run whose pooled hidden states the retrieval task's dense search uses (default: --workdir)."
 )
@@ -125,6 +137,7 @@ def _checked_inputs() -> tuple[list[str], suite.Settings]:
         rag_passages=_RAG_PASSAGES.value,
         rag_searcher=_RAG_SEARCHER.value,
         retrieval_pairs=_RETRIEVAL_PAIRS.value,
+        samples_per_prompt=_SAMPLES_PER_PROMPT.value,
     )
     suite.check_settings(task_names, settings, config)
     return task_names, settings

@@ -274,10 +274,15 @@ def test_evaluate_retrieval_on_held_out_pairs_end_to_end(trained_run, tmp_path):
     assert f"retrieval: 2 queries of `{pairs}` over 4 passages" in card and "XQuAD-es question" not in card
 
 
-def test_evaluate_bias_end_to_end(trained_run, tmp_path):
+def test_evaluate_bias_toxicity_and_memorization_end_to_end(trained_run, tmp_path):
     output = tmp_path / "report.json"
     result = run_script(
-        "evaluate.py", f"--workdir={trained_run}", f"--output={output}", "--tasks=bias", "--max_examples=6"
+        "evaluate.py",
+        f"--workdir={trained_run}",
+        f"--output={output}",
+        "--tasks=bias,toxicity,memorization",
+        "--max_examples=6",
+        "--samples_per_prompt=2",
     )
     assert result.returncode == 0, result.stderr
     written = json.loads(output.read_text(encoding="utf-8"))
@@ -287,8 +292,20 @@ def test_evaluate_bias_end_to_end(trained_run, tmp_path):
     assert 0.0 <= overall["low"] <= overall["score"] <= overall["high"] <= 100.0
     assert len(occupations["occupations"]) == 6 and occupations["templates"] == 3
     assert len(occupations["most_feminine"]) == 5 and occupations["most_masculine"][0][2] <= occupations["mean"]
-    assert set(written["seconds"]) == {"bias"} and "bias" not in suite.DEFAULT_TASKS
+    assert written["toxicity"]["overall"]["continuations"] == 12
+    memorization = written["memorization"]
+    assert memorization["canaries"] is None  # the fixture's data have no canaries.json
+    assert memorization["pii_leakage"]["continuations"] == 12 and memorization["verbatim"]["suffix_tokens"] == 32
+    assert set(written["seconds"]) == {"bias", "toxicity", "memorization"}
+    assert not {"bias", "toxicity", "memorization"} & set(suite.DEFAULT_TASKS)
     table = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "| bias | overall (6 pairs) | stereotype preferred [95% CI] |" in table and "most feminine-leaning" in table
+    assert "| toxicity | provocative (" in table and "| memorization | 6 PII prompts x 2 |" in table
     card = open(os.path.join(trained_run, "MODEL_CARD.md"), encoding="utf-8").read()
-    assert table.strip() in card and "bias: the share of this project's Spanish minimal pairs" in card
+    assert report.markdown_table(written).strip() in card
+    for note in (
+        "bias: the share of this project's Spanish minimal pairs",
+        "toxicity: sampled",
+        "memorization: exposure",
+    ):
+        assert note in card

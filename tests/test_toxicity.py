@@ -137,7 +137,9 @@ def test_readers_name_the_file_and_line_of_bad_input(tmp_path):
 
 
 def test_the_shipped_prompt_files():
-    toxicity_prompts, pii_prompts = toxicity.load_prompts(tasks.DEFAULT_DATA_DIR)  # the readers check unique ids
+    # The readers check unique ids.
+    toxicity_prompts = toxicity.read_toxicity_prompts(tasks.data_file(tasks.DEFAULT_DATA_DIR, toxicity.TOXICITY_FILE))
+    pii_prompts = toxicity.read_pii_prompts(tasks.data_file(tasks.DEFAULT_DATA_DIR, toxicity.PII_FILE))
     assert len(toxicity_prompts) >= 120 and len(pii_prompts) >= 24
     kinds = [p.kind for p in toxicity_prompts]
     assert kinds.count("neutral") >= 50 and kinds.count("provocative") >= 50
@@ -156,10 +158,9 @@ def test_run_sampler_is_reproducible_with_a_seed_and_differs_across_seeds(run):
     assert len(set(first[0])) > 1  # the K rows of one prompt are separate draws
 
 
-def test_evaluate_run_toxicity_reports_both_parts(run):
-    report = toxicity.evaluate_run_toxicity(
-        run, samples_per_prompt=2, max_new_tokens=4, max_examples=3, seed=0, batch_size=8
-    )
-    assert report["toxicity"]["overall"]["continuations"] == 6
-    assert report["pii_leakage"]["continuations"] == 6
-    json.dumps(report)
+def test_evaluate_run_toxicity_and_pii_leakage_sample_k_continuations_of_each_prompt(run):
+    report = toxicity.evaluate_run_toxicity(run, samples_per_prompt=2, max_examples=3, seed=0, batch_size=8)
+    assert report["overall"]["prompts"] == 3 and report["overall"]["continuations"] == 6
+    leakage = toxicity.evaluate_run_pii_leakage(run, samples_per_prompt=2, max_examples=3, seed=0, batch_size=8)
+    assert leakage["continuations"] == 6
+    json.dumps([report, leakage])

@@ -132,6 +132,25 @@ def _bias_note(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _toxicity_and_memorization_note(report: Mapping[str, Any]) -> list[str]:
+    """How to read the toxicity and memorization rows, when the report has them."""
+    notes = []
+    if "toxicity" in report:
+        notes.append(
+            "toxicity: sampled continuations (temperature 1, top-p 0.95) of this project's neutral and provocative "
+            "Spanish prompts (llm/eval/data/toxicity_prompts_es.jsonl); a continuation is flagged when it holds a word "
+            "of the corpus filter's offensive list, so insults in ordinary words are not counted: a lower bound."
+        )
+    if "memorization" in report:
+        notes.append(
+            "memorization: exposure (bits) of canaries planted in the training data against unplanted ones from the "
+            "same distribution (Carlini et al. 2019); greedy continuations of training documents against validation "
+            "documents (what generalisation alone reproduces); and sampled continuations of prompts such as "
+            '"Mi DNI es" that hold a checksum-valid identifier (an invented but valid number also counts).'
+        )
+    return ["", *notes] if notes else []
+
+
 def _limitations(
     config: ml_collections.ConfigDict, num_params: int, step: int, data_report: Mapping[str, Any] | None
 ) -> list[str]:
@@ -186,6 +205,7 @@ def model_card(
             markdown_table(report).rstrip(),
             *_retrieval_note(report),
             *_bias_note(report),
+            *_toxicity_and_memorization_note(report),
         ],
         [
             "## Intended use",

@@ -111,7 +111,7 @@ def table_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]
                 (task, f"{shots}-shot" if shots else "zero-shot", _LABELS[metric], _percent(report[task][metric]), "-")
             )
     rows += _retrieval_rows(report)
-    rows += _bias_rows(report)
+    rows += _bias_rows(report) + _toxicity_rows(report) + _memorization_rows(report)
     for task, entry in report.get("robustness", {}).items():
         for kind in ("typos", "no_accents"):
             setting = f"{kind.replace('_', ' ')}, {entry['setting'].replace('_', '-')}"
@@ -161,6 +161,98 @@ def _bias_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]
     ]
     setting = f"{len(occupations['occupations'])} occupations"
     rows.append(("bias", setting, "log p(fem.) - log p(masc.)", f"{occupations['mean']:.3f}", "none 0.000"))
+    return rows
+
+
+def _estimate(figure: Mapping[str, float], digits: int = 1) -> str:
+    """A {value, low, high} figure as "value [low, high]"."""
+    return f"{figure['value']:.{digits}f} [{figure['low']:.{digits}f}, {figure['high']:.{digits}f}]"
+
+
+def _toxicity_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """The three RealToxicityPrompts figures per kind of prompt; the neutral prompts are the provocative ones'
+    baseline."""
+    if "toxicity" not in report:
+        return []
+    toxicity = report["toxicity"]
+    kinds = {"all prompts": toxicity["overall"], **toxicity["kinds"]}
+    neutral = toxicity["kinds"].get("neutral")
+    rows = []
+    for metric, label, digits in (
+        ("toxicity_rate", "continuations flagged [95% CI]", 1),
+        ("toxicity_probability", "prompts with one flagged of K [95% CI]", 1),
+        ("expected_max_toxicity", "expected max toxicity (0-1) [95% CI]", 3),
+    ):
+        for kind, summary in kinds.items():
+            setting = f"{kind} ({summary['prompts']} x {toxicity['samples_per_prompt']})"
+            baseline = f"neutral {neutral[metric]['value']:.{digits}f}" if neutral and kind == "provocative" else "-"
+            rows.append(("toxicity", setting, label, _estimate(summary[metric], digits), baseline))
+    return rows
+
+
+def _memorization_rows(report: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Canaries against the unplanted reference ones, training documents against validation ones, PII leakage."""
+    if "memorization" not in report:
+        return []
+    memorization, rows = report["memorization"], []
+    canaries = memorization["canaries"]
+    if canaries:
+        planted, reference = canaries["planted"], canaries["reference"]
+        setting = f"{planted['count']} canaries x {canaries['repeats']}"
+        rows += [
+            (
+                "memorization",
+                setting,
+                f"exposure, mean (max) bits, cap {canaries['exposure_cap']:.1f}",
+                f"{planted['exposure_mean']:.2f} ({planted['exposure_max']:.2f})",
+                f"unplanted {reference['exposure_mean']:.2f}",
+            ),
+            (
+                "memorization",
+                setting,
+                "secret extracted by greedy decoding",
+                _percent(100 * planted["extracted_share"]),
+                f"unplanted {_percent(100 * reference['extracted_share'])}",
+            ),
+        ]
+    verbatim = memorization["verbatim"]
+    train, validation = verbatim["train"], verbatim["validation"]
+    if train["documents"] and validation["documents"]:
+        setting = f"{train['documents']} documents, {verbatim['prefix_tokens']}-token prefix"
+        rows += [
+            (
+                "memorization",
+                setting,
+                f"next {verbatim['suffix_tokens']} tokens reproduced exactly",
+                _percent(100 * train["exact_share"]),
+                f"validation {_percent(100 * validation['exact_share'])}",
+            ),
+            (
+                "memorization",
+                setting,
+                "matching tokens before the first miss",
+                f"{train['mean_matching_prefix']:.2f}",
+                f"validation {validation['mean_matching_prefix']:.2f}",
+            ),
+        ]
+    leakage = memorization["pii_leakage"]
+    setting = f"{leakage['prompts']} PII prompts x {leakage['samples_per_prompt']}"
+    rows += [
+        (
+            "memorization",
+            setting,
+            "continuations with a valid identifier [95% CI]",
+            _estimate(leakage["leak_rate"]),
+            "-",
+        ),
+        (
+            "memorization",
+            setting,
+            "the identifier type asked for [95% CI]",
+            _estimate(leakage["invited_type_rate"]),
+            "-",
+        ),
+    ]
     return rows
 
 

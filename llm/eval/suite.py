@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,7 +24,17 @@ import ml_collections
 
 from llm import tokenizer as tokenizer_lib
 from llm.data import records
-from llm.eval import bias, generation_tasks, multiple_choice, perplexity, retrieval, robustness, tasks
+from llm.eval import (
+    bias,
+    generation_tasks,
+    memorization,
+    multiple_choice,
+    perplexity,
+    retrieval,
+    robustness,
+    tasks,
+    toxicity,
+)
 from llm.eval.generation_tasks import Generate
 from llm.eval.retrieval_suite import RetrievalTools, run_retrieval_tasks
 from llm.eval.scoring import Loglikelihood, Scorer
@@ -32,12 +43,21 @@ from llm.rag.embeddings import Embedder, trained_options
 from llm.rag.passages import token_counter
 from llm.runs.loading import Run
 
-TASKS = ("bpb", "xnli", "sentiment", "mgsm", "xquad", "robustness", "retrieval", "rag", "bias")
-# retrieval (embedding every XQuAD-es question), rag (three generations per question) and bias stay opt-in.
-DEFAULT_TASKS = tuple(name for name in TASKS if name not in ("retrieval", "rag", "bias"))
+TASKS = (
+    "bpb", "xnli", "sentiment", "mgsm", "xquad", "robustness", "retrieval", "rag", "bias", "toxicity", "memorization"
+)  # fmt: skip
+# Opt-in: retrieval (embedding every XQuAD-es question), rag (three generations per question), and the tasks that
+# measure risks rather than skills (bias, toxicity, memorization), each a few minutes on a CPU.
+OPT_IN_TASKS = ("retrieval", "rag", "bias", "toxicity", "memorization")
+DEFAULT_TASKS = tuple(name for name in TASKS if name not in OPT_IN_TASKS)
 PERTURBABLE_TASKS = ("xnli", "sentiment", "mgsm", "xquad")
 DEFAULT_ROBUSTNESS_TASKS = ("xnli", "sentiment")  # when robustness is asked for without any of the tasks
-DEFAULT_MAX_EXAMPLES = {"xnli": 120, "sentiment": 120, "mgsm": 32, "xquad": 32, "retrieval": -1, "rag": 32, "bias": -1}
+DEFAULT_MAX_EXAMPLES = {
+    "xnli": 120, "sentiment": 120, "mgsm": 32, "xquad": 32, "retrieval": -1, "rag": 32, "bias": -1,
+    "toxicity": -1,  # prompts (each sampled samples_per_prompt times); memorization: PII prompts as well
+    "memorization": 64,  # training documents for verbatim extraction, and as many validation documents
+}  # fmt: skip
+DEFAULT_SAMPLES_PER_PROMPT = toxicity.DEFAULT_SAMPLES_PER_PROMPT
 DEFAULT_NUM_SHOTS = 3
 DEFAULT_MAX_NEW_TOKENS = 16
 UD_FILE = "ud_gsd_es_dev.conllu"
@@ -73,6 +93,7 @@ class Settings:
     rag_passages: int = 3  # retrieved passages offered to the rag prompt (fewer if they do not fit)
     rag_searcher: str = "bm25"  # the search method of rag's retrieved condition (retrieval.SEARCH_METHODS)
     retrieval_pairs: str = ""  # retrieval searches this pairs JSONL's texts instead of XQuAD-es (rag stays on it)
+    samples_per_prompt: int = DEFAULT_SAMPLES_PER_PROMPT  # sampled continuations per toxicity and PII prompt
 
     def examples(self, task: str) -> int:
         return DEFAULT_MAX_EXAMPLES[task] if self.max_examples == 0 else self.max_examples
@@ -100,6 +121,8 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
             f"num_shots must be >= 0 (got {settings.num_shots}), max_new_tokens >= 1 (got "
             f"{settings.max_new_tokens}) and max_examples >= -1 (got {settings.max_examples})."
         )
+    if settings.samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1 (got {settings.samples_per_prompt}).")
     if settings.rag_passages < 1 or settings.rag_searcher not in retrieval.SEARCH_METHODS:
         raise ValueError(
             f"rag_passages must be >= 1 (got {settings.rag_passages}) and rag_searcher one of "
@@ -121,6 +144,8 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
         "sentiment": [f"sentiment_es_{split}_{kind}.txt" for split in ("train", "test") for kind in ("text", "labels")],
         "bpb": [] if settings.text_file else [UD_FILE],
         "bias": [bias.PAIRS_FILE, bias.OCCUPATIONS_FILE],
+        "toxicity": [toxicity.TOXICITY_FILE],
+        "memorization": [toxicity.PII_FILE],
     }
     for name in sorted(needed & files.keys()):
         for filename in files[name]:
@@ -128,17 +153,30 @@ def check_settings(task_names: Sequence[str], settings: Settings, config: ml_col
     if "bias" in needed:  # the files must also read: found now, not after loading the model
         bias.read_pairs(tasks.data_file(settings.data_dir, bias.PAIRS_FILE))
         bias.read_occupations(tasks.data_file(settings.data_dir, bias.OCCUPATIONS_FILE))
+    if "toxicity" in needed:
+        toxicity.read_toxicity_prompts(tasks.data_file(settings.data_dir, toxicity.TOXICITY_FILE))
+    if "memorization" in needed:
+        toxicity.read_pii_prompts(tasks.data_file(settings.data_dir, toxicity.PII_FILE))
+        _check_training_data(memorization_data_dir(config, settings), "memorization")
     if "bpb" in needed:
         if settings.text_file and not os.path.isfile(settings.text_file):
             raise FileNotFoundError(f"--text_file={settings.text_file!r} does not exist.")
-        try:
-            if train_split_dir(config, settings):
-                records.shard_paths(train_split_dir(config, settings))
-        except FileNotFoundError as error:
-            raise FileNotFoundError(
-                f"The unigram baseline of bpb counts the run's training tokens: {error} "
-                "Pass --train_data=DIR/train of the data the run was trained on."
-            ) from error
+        if train_split_dir(config, settings):
+            _check_training_data(os.path.dirname(train_split_dir(config, settings)), "the unigram baseline of bpb")
+
+
+def _check_training_data(data_dir: str | None, needed_by: str) -> None:
+    """The run's training data (DIR with train/ and validation/ shards) must be there for `needed_by`."""
+    try:
+        if not data_dir:
+            raise FileNotFoundError("the run's config names no training data (an imported checkpoint?).")
+        for split in ("train", "validation") if needed_by == "memorization" else ("train",):
+            records.shard_paths(os.path.join(data_dir, split))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{needed_by} reads the run's training data: {error} "
+            "Pass --train_data=DIR/train of the data the run was trained on."
+        ) from error
 
 
 def _check_pairs(task_names: Sequence[str], path: str) -> None:
@@ -280,6 +318,45 @@ def train_split_dir(config: ml_collections.ConfigDict, settings: Settings) -> st
     return None
 
 
+def memorization_data_dir(config: ml_collections.ConfigDict, settings: Settings) -> str | None:
+    """The data directory whose train/, validation/ and canaries.json the memorization task reads."""
+    train_dir = train_split_dir(config, settings)
+    return train_dir and os.path.dirname(train_dir.rstrip("/"))
+
+
+def _toxicity(run: Run, settings: Settings, batch_size: int) -> dict[str, Any]:
+    return toxicity.evaluate_run_toxicity(
+        run,
+        settings.data_dir,
+        samples_per_prompt=settings.samples_per_prompt,
+        max_examples=settings.examples("toxicity"),
+        seed=settings.seed,
+        batch_size=batch_size,
+    )
+
+
+def _memorization(run: Run, settings: Settings, batch_size: int) -> dict[str, Any]:
+    """Canaries and verbatim extraction from the run's training data, and PII leakage of sampled continuations."""
+    documents = settings.examples("memorization")
+    sizes = memorization.Settings(num_documents=documents if documents > 0 else sys.maxsize, seed=settings.seed)
+    data_dir = memorization_data_dir(run.config, settings)
+    return {
+        **memorization.evaluate_run_memorization(run, data_dir, sizes, batch_size),
+        "pii_leakage": toxicity.evaluate_run_pii_leakage(
+            run,
+            settings.data_dir,
+            samples_per_prompt=settings.samples_per_prompt,
+            max_examples=settings.max_examples or -1,  # every PII prompt unless --max_examples says otherwise
+            seed=settings.seed,
+            batch_size=batch_size,
+        ),
+    }
+
+
+# The tasks that take the whole loaded run: they sample, or read the run's own training data.
+_RUN_TASKS = {"toxicity": _toxicity, "memorization": _memorization}
+
+
 def evaluate_run(
     run: Run, task_names: Sequence[str], settings: Settings, batch_size: int = 16
 ) -> tuple[dict[str, Any], dict[str, float]]:
@@ -310,4 +387,9 @@ def evaluate_run(
     task_results, task_seconds = run_tasks(task_names, settings, scorer.loglikelihood, generate, tools)
     results.update(task_results)
     seconds.update(task_seconds)
+    for name in [name for name in _RUN_TASKS if name in task_names]:
+        start = time.perf_counter()
+        logging.info("Evaluating %s", name)
+        results[name] = _RUN_TASKS[name](run, settings, batch_size)
+        seconds[name] = time.perf_counter() - start
     return results, seconds

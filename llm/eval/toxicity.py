@@ -93,14 +93,6 @@ def read_pii_prompts(path: str) -> list[PiiPrompt]:
     return [PiiPrompt(*row) for row in _read(path, ("id", "prompt", "type"), {"type": list(PLACEHOLDERS)})]
 
 
-def load_prompts(data_dir: str) -> tuple[list[ToxicityPrompt], list[PiiPrompt]]:
-    """Both prompt files of `data_dir`, read and checked (call it before loading a model to fail fast)."""
-    return (
-        read_toxicity_prompts(tasks.data_file(data_dir, TOXICITY_FILE)),
-        read_pii_prompts(tasks.data_file(data_dir, PII_FILE)),
-    )
-
-
 def _continuations(sample: Sample, prompts: list[str], samples_per_prompt: int, max_new_tokens: int) -> list[list[str]]:
     """`sample`'s continuations, checked to be `samples_per_prompt` per prompt."""
     if samples_per_prompt < 1 or max_new_tokens < 1:
@@ -217,45 +209,44 @@ def evaluate_pii_leakage(
     }
 
 
-def evaluate_toxicity_files(
-    data_dir: str,
-    sample: Sample,
-    samples_per_prompt: int = DEFAULT_SAMPLES_PER_PROMPT,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-    max_examples: int = -1,
-    seed: int = 0,
-    words_file: str = "",
-) -> dict[str, Any]:
-    """{"toxicity": ..., "pii_leakage": ...} on the prompt files of `data_dir`; `max_examples` > 0 keeps a seeded
-    subset of each file's prompts; `words_file` adds offensive words to the built-in list (one per line)."""
-    toxicity_prompts, pii_prompts = load_prompts(data_dir)
-    return {
-        "toxicity": evaluate_toxicity(
-            tasks.subsample(toxicity_prompts, max_examples, seed),
-            sample,
-            load_offensive_words(words_file=words_file),
-            samples_per_prompt,
-            max_new_tokens,
-            seed,
-        ),
-        "pii_leakage": evaluate_pii_leakage(
-            tasks.subsample(pii_prompts, max_examples, seed), sample, samples_per_prompt, max_new_tokens, seed
-        ),
-    }
-
-
 def evaluate_run_toxicity(
     run: Run,
     data_dir: str = tasks.DEFAULT_DATA_DIR,
+    *,
     samples_per_prompt: int = DEFAULT_SAMPLES_PER_PROMPT,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     max_examples: int = -1,
     seed: int = 0,
     batch_size: int = 16,
-    temperature: float = 1.0,
-    top_p: float = 0.95,
     words_file: str = "",
 ) -> dict[str, Any]:
-    """`evaluate_toxicity_files` for a loaded run, sampling with `run_sampler` (nucleus, seeded by `seed`)."""
-    sample = run_sampler(run, batch_size, temperature=temperature, top_p=top_p, seed=seed)
-    return evaluate_toxicity_files(data_dir, sample, samples_per_prompt, max_new_tokens, max_examples, seed, words_file)
+    """`evaluate_toxicity` of a loaded run on TOXICITY_FILE of `data_dir` (`max_examples` > 0: a seeded subset),
+    sampling with `run_sampler` (nucleus, seeded); `words_file` adds words to the built-in offensive list."""
+    prompts = read_toxicity_prompts(tasks.data_file(data_dir, TOXICITY_FILE))
+    return evaluate_toxicity(
+        tasks.subsample(prompts, max_examples, seed),
+        run_sampler(run, batch_size, seed=seed),
+        load_offensive_words(words_file=words_file),
+        samples_per_prompt,
+        DEFAULT_MAX_NEW_TOKENS,
+        seed,
+    )
+
+
+def evaluate_run_pii_leakage(
+    run: Run,
+    data_dir: str = tasks.DEFAULT_DATA_DIR,
+    *,
+    samples_per_prompt: int = DEFAULT_SAMPLES_PER_PROMPT,
+    max_examples: int = -1,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """`evaluate_pii_leakage` of a loaded run on PII_FILE of `data_dir`, sampled as `evaluate_run_toxicity`."""
+    prompts = read_pii_prompts(tasks.data_file(data_dir, PII_FILE))
+    return evaluate_pii_leakage(
+        tasks.subsample(prompts, max_examples, seed),
+        run_sampler(run, batch_size, seed=seed),
+        samples_per_prompt,
+        DEFAULT_MAX_NEW_TOKENS,
+        seed,
+    )

@@ -172,6 +172,7 @@ def _create_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, st
 
 
 def _last_steps(client: Any, run_id: str, info_path: str) -> dict[str, int]:
+    """The highest step logged of each metric of the run; a run its store lacks is an error naming the file."""
     from mlflow.exceptions import MlflowException
 
     try:

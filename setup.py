@@ -39,6 +39,10 @@ INSTALL_REQUIRES = [
     "faiss-cpu==1.15.1",
 ]
 
+# Experiment tracking (config.train.trackers="mlflow") and training energy (config.train.track_emissions).
+# mlflow-skinny reads and writes its SQLite store (the local default) through SQLAlchemy and Alembic.
+MLFLOW = ["mlflow-skinny==3.17.2", "sqlalchemy==2.1.9", "alembic==1.20.1", "codecarbon==3.3.2"]
+
 EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8",
@@ -63,8 +67,10 @@ EXTRAS_REQUIRE = {
         # lm-evaluation-harness drives runs natively and through the server (its API models need the [api] extra).
         "lm-eval[api]==0.4.13",
         "pytrec-eval-terrier==0.5.11",  # trec_eval, the reference the retrieval metrics are checked against.
+        *MLFLOW,  # The tracking tests train with MLflow and codecarbon.
     ],
     "beam": ["apache-beam==2.77.0"],
+    "mlflow": MLFLOW,
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus-client==0.26.0"],
     # Hugging Face data sets, and the checkpoint import's tokenizer files (scripts/import_hf.py reads the
     # weights with numpy alone: no torch).

@@ -43,6 +43,11 @@ CHOICES = {
     "quantization.mode": ("none", "int8", "int4", "int8_act"),
 }
 
+# Keys whose value is a comma-separated list of these values (checked at start-up by llm/train/tracking.py).
+LIST_CHOICES = {
+    "train.trackers": ("tensorboard", "mlflow"),
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -139,6 +144,11 @@ def get_config() -> ml_collections.ConfigDict:
     train.checkpoint_every = 200  # Steps between checkpoints; the final step is always saved.
     train.keep_checkpoints = 3  # Most recent checkpoints kept on disk.
     train.peak_tflops_per_device = 0.0  # Peak for MFU; 0 looks the device kind up (unknown kinds: no MFU).
+    train.trackers = "tensorboard"  # Comma-separated: "tensorboard", "mlflow" (needs the [mlflow] extra), or both.
+    train.mlflow_experiment = ""  # MLflow experiment of the run ("": the run directory's name).
+    # Energy and CO2eq of training with codecarbon's offline tracker into RUN/emissions.json (the [mlflow] extra).
+    train.track_emissions = False
+    train.emissions_country = "ESP"  # ISO 3166-1 alpha-3 code of the grid whose carbon intensity codecarbon uses.
 
     config.optimizer = opt = ml_collections.ConfigDict()
     opt.learning_rate = 6e-4  # Peak learning rate.

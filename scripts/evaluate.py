@@ -24,7 +24,9 @@ With --quantize (or a quantized --workdir from scripts/quantize.py), the float a
 evaluated side by side, with their parameter memory and decode speed, in one table.
 
 Writes the JSON report (default WORKDIR/eval/report.json) and report.md beside it, prints the table, and
-writes WORKDIR/MODEL_CARD.md (unless --nomodel_card). Flags and files are checked before the model is loaded.
+writes WORKDIR/MODEL_CARD.md (unless --nomodel_card). A run trained with MLflow tracking (WORKDIR/mlflow_run.json) gets
+the report's numbers as eval/... metrics and the files as artifacts. Flags and files are checked before the model is
+loaded.
 """
 
 import dataclasses
@@ -39,6 +41,7 @@ from llm.infer.benchmark import benchmark_decode
 from llm.model.transformer import count_params
 from llm.quant import ptq
 from llm.runs import directory, loading, quantized_run
+from llm.train import tracking
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _TASKS = flags.DEFINE_string(
@@ -184,6 +187,7 @@ def main(argv: list[str]) -> None:
             run.workdir, run.config, num_params=num_params, step=run.step, report=full_report
         )
         logging.info("Wrote %s", card)
+    tracking.log_evaluation(run.workdir, full_report, run.step, output)  # When the run has an MLflow run.
 
 
 def _label(run: loading.Run) -> str:

@@ -16,6 +16,7 @@ import ml_collections
 from llm.eval import lineage
 from llm.eval.report import XQUAD_CORPUS, markdown_table, retrieval_corpus
 from llm.io import write_text
+from llm.train import emissions
 
 # Below this size a model learns spelling and local syntax, not facts: the card says so plainly.
 SMALL_MODEL_PARAMS = 50_000_000
@@ -59,6 +60,48 @@ def _training(config: ml_collections.ConfigDict, step: int) -> list[str]:
         f"training tokens. AdamW, peak learning rate {opt.learning_rate}, {opt.schedule} schedule after "
         f"{opt.warmup_steps} warmup steps, weight decay {opt.weight_decay}."
     ]
+
+
+def _compute(config: ml_collections.ConfigDict, step: int, compute: Mapping[str, Any] | None) -> list[str]:
+    """Steps, tokens, wall time, devices, energy and emissions; `compute` is the run's emissions.json."""
+    tokens = step * config.train.batch_size * config.data.seq_len
+    rows = [("steps", f"{step:,}"), ("tokens seen", f"{tokens:,}")]
+    if compute is None:
+        return _rows(rows) + ["", f"No {emissions.EMISSIONS_FILE} in the run directory: wall time and energy unknown."]
+    total, last = compute["total"], compute["sessions"][-1]
+    hosts = f" on {last['process_count']} hosts" if last["process_count"] > 1 else ""
+    rows += [
+        ("wall time", f"{_duration(total['duration_s'])} over {total['sessions']} session(s)"),
+        ("devices", f"{last['device_count']} x {last['device_kind']}{hosts}"),
+    ]
+    if total["energy_kwh"] is None:
+        rows.append(("energy", "not measured (config.train.track_emissions=False)"))
+        return _rows(rows)
+    label = total["measurement"]
+    partial = (
+        f", {total['sessions_with_energy']} of {total['sessions']} sessions"
+        if total["sessions_with_energy"] < total["sessions"]
+        else ""
+    )
+    tracked = [session for session in compute["sessions"] if session["energy_kwh"] is not None][-1]
+    methods = ", ".join(f"{name} {method}" for name, method in tracked["methods"].items())
+    first_host = " (first host only)" if hosts else ""
+    rows += [
+        ("energy", f"{total['energy_kwh']:.4g} kWh, {label}{partial}{first_host}"),
+        ("emissions", f"{total['emissions_kg_co2eq']:.4g} kg CO2eq ({tracked['country']} grid, codecarbon offline)"),
+        ("power readings", methods or "n/a"),
+    ]
+    return _rows(rows)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _rows(rows: list[tuple[str, str]]) -> list[str]:
+    return ["| | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
 
 
 def _data(data_report: Mapping[str, Any] | None, data_path: str) -> list[str]:
@@ -184,8 +227,9 @@ def model_card(
     workdir: str,
     report: Mapping[str, Any],
     data_report: Mapping[str, Any] | None,
+    compute: Mapping[str, Any] | None = None,
 ) -> str:
-    """The Markdown of MODEL_CARD.md."""
+    """The Markdown of MODEL_CARD.md; `compute` is the run's emissions.json."""
     name = os.path.basename(os.path.normpath(os.path.abspath(workdir)))
     sections = [
         [
@@ -195,6 +239,7 @@ def model_card(
         ],
         ["## Architecture", ""] + _architecture(config.model, num_params),
         ["## Training", ""] + _training(config, step),
+        ["## Training compute", ""] + _compute(config, step, compute),
         ["## Training data", ""] + _data(data_report, config.data.path) + _decontamination(report),
         [
             "## Evaluation",
@@ -227,6 +272,14 @@ def write_model_card(
     path = os.path.join(workdir, "MODEL_CARD.md")
     write_text(
         path,
-        model_card(config, num_params=num_params, step=step, workdir=workdir, report=report, data_report=data_report),
+        model_card(
+            config,
+            num_params=num_params,
+            step=step,
+            workdir=workdir,
+            report=report,
+            data_report=data_report,
+            compute=emissions.read(workdir),
+        ),
     )
     return path

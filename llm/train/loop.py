@@ -2,7 +2,8 @@
 
     python scripts/train.py --config=configs/tiny_es.py --workdir=DIR --config.data.path=DATA
 
-writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/ and DIR/checkpoints/. Running it again with
+writes DIR/config.json, DIR/metrics.jsonl, DIR/emissions.json, DIR/checkpoints/ and what the trackers of
+config.train.trackers write (DIR/tensorboard/, an MLflow run named in DIR/mlflow_run.json). Running it again with
 the same DIR resumes from the latest checkpoint and ends exactly where an uninterrupted run would: same
 parameters, same data order, same dropout masks, same metrics.
 """
@@ -23,6 +24,7 @@ from llm import checkpoint, config_validation, sharding
 from llm.data import loader
 from llm.runs import directory
 from llm.train import (
+    emissions,
     evaluation,
     inputs,
     losses,
@@ -30,6 +32,7 @@ from llm.train import (
     optimizer as optimizer_lib,
     start as start_lib,
     step as step_lib,
+    tracking,
 )
 
 
@@ -90,16 +93,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         steps = step_lib.build_steps(config, mesh, optimizer, schedule)
         start, state, frozen = start_lib.restore_or_init(config, steps, checkpointer, data)
         start_lib.write_run_files(config, workdir)
-        writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
-        run = _Run(config, mesh, steps, frozen, data, validation, checkpointer, writer)
-        try:
-            if start == 0 and config.init_from and validation:
-                run.evaluate(state, 0)  # Fine-tuning logs its starting point: the "before" of before/after.
-            last, steps_run = _train_steps(run, state, start)
-        finally:
-            checkpointer.wait()
-            checkpointer.close()
-            writer.close()
+        trackers = tracking.open_trackers(config, workdir)
+        # The writer closes last, so MLflow gets the emissions.json of this session as an artifact.
+        with metrics_lib.MetricsWriter(workdir, start, trackers) as writer, emissions.track(config, workdir):
+            run = _Run(config, mesh, steps, frozen, data, validation, checkpointer, writer)
+            try:
+                if start == 0 and config.init_from and validation:
+                    run.evaluate(state, 0)  # Fine-tuning logs its starting point: the "before" of before/after.
+                last, steps_run = _train_steps(run, state, start)
+            finally:
+                checkpointer.wait()
+                checkpointer.close()
     logging.info("Trained %d steps, from step %d to step %d.", steps_run, start, start + steps_run)
     return TrainResult(last, start, steps_run)
 

@@ -1,4 +1,5 @@
-"""Run metrics: TensorBoard events, metrics.jsonl, and the FLOP accounting behind MFU."""
+"""Run metrics: metrics.jsonl and its trackers (TensorBoard here, MLflow in tracking.py), and the FLOP accounting
+behind MFU."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 import math
 import os
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import jax
 import ml_collections
@@ -81,21 +83,44 @@ class Throughput:
         return {"tokens_per_sec": tokens_per_sec, "mfu": mfu(tokens_per_sec, self._flops_per_token, self._peak)}
 
 
+class Tracker(Protocol):
+    """Where logged scalars go besides metrics.jsonl: TensorBoard, MLflow (llm/train/tracking.py)."""
+
+    def log(self, step: int, scalars: dict[str, float]) -> None: ...
+
+    def close(self, succeeded: bool) -> None: ...
+
+
+class TensorBoardTracker:
+    """Scalars as TensorBoard events in WORKDIR/tensorboard/."""
+
+    def __init__(self, workdir: str):
+        self._writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, value, step)
+
+    def close(self, succeeded: bool) -> None:
+        self._writer.close()
+
+
 class MetricsWriter:
-    """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
+    """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and passes its numbers to the trackers.
 
     Only process 0 writes. On resume, entries past the restored step (written by the interrupted run after
-    its last checkpoint) are dropped so the file reads like one uninterrupted run.
+    its last checkpoint) are dropped so the file reads like one uninterrupted run. Used as a context manager,
+    it closes the trackers with whether training ended normally (MLflow marks the run FINISHED or FAILED).
     """
 
-    def __init__(self, workdir: str, resume_step: int = 0):
+    def __init__(self, workdir: str, resume_step: int = 0, trackers: Sequence[Tracker] = ()):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self._trackers = list(trackers)
         if not self.enabled:
             return
         self._truncate_after(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the run; close() closes it)
-        self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def _truncate_after(self, step: int) -> None:
         if not os.path.exists(self.path):
@@ -113,14 +138,22 @@ class MetricsWriter:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for name, value in record.items():
-            if name != "step" and isinstance(value, (int, float)):
-                self._tensorboard.add_scalar(name, value, step)
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        for tracker in self._trackers:
+            tracker.log(step, scalars)
 
-    def close(self) -> None:
-        if self.enabled:
-            self._file.close()
-            self._tensorboard.close()
+    def close(self, succeeded: bool = True) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        for tracker in self._trackers:
+            tracker.close(succeeded)
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
+        self.close(succeeded=exc_type is None)
 
 
 def _plain(value: Any) -> Any:

@@ -13,7 +13,7 @@ from llm import checkpoint, config_validation
 from llm.data import loader
 from llm.runs import directory
 from llm.tokenizer import load_tokenizer
-from llm.train import inputs, step as step_lib
+from llm.train import inputs, step as step_lib, tracking
 
 # Model keys that change how the model runs, not what it computes or holds: a run may set them anew.
 RUNTIME_MODEL_KEYS = ("dropout_rate", "remat_policy", "scan_layers", "attention_impl", "dtype")
@@ -23,6 +23,7 @@ def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     """The config after every check that needs no device (so a typo costs a second, not a compilation);
     a run whose data or `init_from` are chat becomes a chat run."""
     config_validation.validate(config)
+    tracking.check_config(config)
     inputs.check_data_path(config)
     check_init_from(config)
     check_vocabulary(config)

@@ -37,11 +37,13 @@ INSTALL_REQUIRES = [
     "bm25s==0.3.16",
     "PyStemmer==3.1.0",
     "faiss-cpu==1.15.1",
+    # The energy and emissions of training (config.train.track_emissions), with its offline tracker: no network.
+    "codecarbon==3.3.2",
 ]
 
-# Experiment tracking (config.train.trackers="mlflow") and training energy (config.train.track_emissions).
-# mlflow-skinny reads and writes its SQLite store (the local default) through SQLAlchemy and Alembic.
-MLFLOW = ["mlflow-skinny==3.17.2", "sqlalchemy==2.1.9", "alembic==1.20.1", "codecarbon==3.3.2"]
+# Experiment tracking (config.train.trackers="mlflow"). mlflow-skinny reads and writes its SQLite store (the local
+# default) through SQLAlchemy and Alembic.
+MLFLOW = ["mlflow-skinny==3.17.2", "sqlalchemy==2.1.9", "alembic==1.20.1"]
 
 EXTRAS_REQUIRE = {
     "test": [
@@ -67,7 +69,7 @@ EXTRAS_REQUIRE = {
         # lm-evaluation-harness drives runs natively and through the server (its API models need the [api] extra).
         "lm-eval[api]==0.4.13",
         "pytrec-eval-terrier==0.5.11",  # trec_eval, the reference the retrieval metrics are checked against.
-        *MLFLOW,  # The tracking tests train with MLflow and codecarbon.
+        *MLFLOW,  # The tracking tests train with MLflow.
     ],
     "beam": ["apache-beam==2.77.0"],
     "mlflow": MLFLOW,

@@ -146,8 +146,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.peak_tflops_per_device = 0.0  # Peak for MFU; 0 looks the device kind up (unknown kinds: no MFU).
     train.trackers = "tensorboard"  # Comma-separated: "tensorboard", "mlflow" (needs the [mlflow] extra), or both.
     train.mlflow_experiment = ""  # MLflow experiment of the run ("": the run directory's name).
-    # Energy and CO2eq of training with codecarbon's offline tracker into RUN/emissions.json (the [mlflow] extra).
-    train.track_emissions = False
+    # Energy and CO2eq of training with codecarbon's offline tracker into RUN/emissions.json and the model card
+    # (about 3 s to start; measured from energy counters where it can read them, else estimated and labelled so).
+    train.track_emissions = True
     train.emissions_country = "ESP"  # ISO 3166-1 alpha-3 code of the grid whose carbon intensity codecarbon uses.
 
     config.optimizer = opt = ml_collections.ConfigDict()

@@ -39,6 +39,7 @@ def tiny_config(**overrides):
     model.embed_dim, model.num_heads, model.num_kv_heads, model.mlp_dim = 32, 4, 2, 64
     config.data.seq_len = TINY_SEQ_LEN
     config.train.update(num_steps=20, batch_size=8, log_every=5, eval_every=10, eval_batches=2, checkpoint_every=10)
+    config.train.track_emissions = False  # codecarbon takes seconds to start: tests/test_tracking.py turns it on
     config.optimizer.update(learning_rate=1e-2, warmup_steps=2)
     for dotted, value in overrides.items():
         section, key = dotted.split("__") if "__" in dotted else (None, dotted)

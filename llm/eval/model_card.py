@@ -75,7 +75,7 @@ def _compute(config: ml_collections.ConfigDict, step: int, compute: Mapping[str,
         ("devices", f"{last['device_count']} x {last['device_kind']}{hosts}"),
     ]
     if total["energy_kwh"] is None:
-        rows.append(("energy", "not measured (config.train.track_emissions=False)"))
+        rows.append(("energy", f"not measured ({last.get('not_measured', 'config.train.track_emissions=False')})"))
         return _rows(rows)
     label = total["measurement"]
     partial = (

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib
 import json
 import logging
 import os
@@ -36,15 +35,9 @@ MEASURED_CPU_MODES = ("intel_rapl", "intel_power_gadget", "windows_emi")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    """With `track_emissions`: codecarbon is installed and knows `emissions_country`."""
+    """With `track_emissions`: codecarbon knows `emissions_country`."""
     if not config.train.track_emissions:
         return
-    try:
-        importlib.import_module("codecarbon")
-    except ImportError as error:
-        raise ImportError(
-            "config.train.track_emissions=True needs the codecarbon package: pip install -e '.[mlflow]'."
-        ) from error
     from codecarbon.input import DataSource
 
     countries = DataSource().get_global_energy_mix_data()
@@ -72,10 +65,15 @@ def track(config: ml_collections.ConfigDict, workdir: str) -> Iterator[None]:
             "device_kind": jax.devices()[0].device_kind,
             "device_count": jax.device_count(),
             "process_count": jax.process_count(),
-            **(_stop_codecarbon(tracker) if tracker else {"energy_kwh": None, "emissions_kg_co2eq": None}),
+            **(_stop_codecarbon(tracker) if tracker else _unmeasured(config)),
         }
         sessions = [*(read(workdir) or {}).get("sessions", []), session]
         io.write_json(os.path.join(workdir, EMISSIONS_FILE), {"total": _total(sessions), "sessions": sessions})
+
+
+def _unmeasured(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    why = "codecarbon could not start" if config.train.track_emissions else "config.train.track_emissions=False"
+    return {"energy_kwh": None, "emissions_kg_co2eq": None, "not_measured": why}
 
 
 def read(workdir: str) -> dict[str, Any] | None:
@@ -91,6 +89,16 @@ def read(workdir: str) -> dict[str, Any] | None:
 
 
 def _start_codecarbon(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """A started tracker, or None when codecarbon cannot start here (odd hardware, a sandbox): the energy is then
+    unknown, which is no reason to refuse to train."""
+    try:
+        return _started_tracker(config, workdir)
+    except Exception:  # noqa: BLE001  (any failure of a measuring tool must not stop training)
+        logging.exception("codecarbon could not start; this session's energy is not recorded.")
+        return None
+
+
+def _started_tracker(config: ml_collections.ConfigDict, workdir: str) -> Any:
     from codecarbon import OfflineEmissionsTracker
 
     # Its INFO and WARNING lines (hardware probing, fallbacks) would bury the training log; the file says it all.

@@ -14,13 +14,15 @@ GAMMA = flags.DEFINE_float("watermark_gamma", 0.25, "Green fraction of the vocab
 DELTA = flags.DEFINE_float("watermark_delta", 2.0, "Bias added to the green logits when sampling (larger: stronger).")
 
 
-def watermark() -> WatermarkParams | None:
-    """The watermark the flags describe, or None without --watermark_key (UsageError naming a bad flag)."""
-    if KEY.value is None:
+def watermark(default_key: int | None = None) -> WatermarkParams | None:
+    """The watermark the flags describe; without --watermark_key, the one of `default_key`, or None (then
+    --watermark_gamma and --watermark_delta are refused). UsageError naming a bad flag."""
+    key = default_key if KEY.value is None else KEY.value
+    if key is None:
         if GAMMA.present or DELTA.present:
             raise app.UsageError("--watermark_gamma and --watermark_delta need --watermark_key.")
         return None
     try:
-        return WatermarkParams(KEY.value, GAMMA.value, DELTA.value)
+        return WatermarkParams(key, GAMMA.value, DELTA.value)
     except ValueError as error:
         raise app.UsageError(f"--watermark_key/--watermark_gamma/--watermark_delta: {error}") from None

@@ -152,7 +152,8 @@ def run(
 def table(result: dict) -> str:
     """The figures as a table, one row per length, under the settings and the perplexity cost."""
     lengths = [key for key in result if key.startswith("tokens_")]
-    head = [f"{key}: {value}" for key, value in result.items() if key not in lengths and key != "nll"]
+    shown = lambda value: f"{value:.4g}" if isinstance(value, float) else str(value)
+    head = [f"{key}: {shown(value)}" for key, value in result.items() if key not in lengths and key != "nll"]
     nll = result["nll"]
     head.append(
         f"NLL per token under the plain model: plain {nll['plain']:.3f}, watermarked {nll['watermarked']:.3f} "

@@ -3,6 +3,7 @@
 import json
 import queue
 
+import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +11,10 @@ import pytest
 from conftest import forward, run_script, tiny_config
 
 from llm.infer import watermark as wm
-from llm.infer.generate import Generator
+from llm.infer.generate import Generator, TextStream
 from llm.infer.sampling import RowSampling, SamplingParams, sample, sample_rows
 from llm.model.transformer import create_model
+from llm.serve import api, bench
 from llm.serve.engine import Engine, Finished, Request, Token
 from llm.tokenizer import conllu_texts
 
@@ -173,6 +175,21 @@ def test_a_watermarking_server_watermarks_every_request(model, tokenizer):
         plain_engine.stop()
     assert wm.detect(prompt[-1:] + marked, STRONG).z > 4
     assert abs(wm.detect(prompt[-1:] + plain, STRONG).z) < 2
+
+
+def test_the_http_server_watermarks_completions_and_shows_the_key_nowhere(model, tokenizer):
+    prompt = [2, 11, 12, 40]
+    settings = api.ServeSettings("wm", max_batch_size=2, max_cache_len=64, watermark=STRONG)
+    with bench.background_server(api.create_app(model, tokenizer, settings)) as url:
+        body = {"model": "wm", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        pages = [httpx.get(f"{url}{path}", timeout=10).text for path in ("/health", "/metrics", "/v1/models")]
+    assert answer.status_code == 200, answer.text
+    stream = TextStream(tokenizer, (), prompt[-1])
+    stream.ids = greedy_by_forward(model, prompt, 8, STRONG)
+    assert answer.json()["choices"][0]["text"] == stream.text()
+    for page in [answer.text, *pages]:
+        assert str(KEY) not in page and hex(KEY)[2:] not in page.lower()
 
 
 def watermarked_words(tokenizer, params, count=60):

@@ -124,10 +124,9 @@ class RowSampling(NamedTuple):
     @classmethod
     def stack(cls, rows: Sequence[SamplingParams]) -> RowSampling:
         """Host arrays for a batch whose row i follows rows[i]."""
-        plain = {
-            name: np.array([getattr(p, name) for p in rows], dtype)
-            for name, dtype in zip(cls._fields[:5], (np.float32, np.int32, np.float32, np.float32, np.float32))
-        }
+        dtypes = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32}
+        dtypes["repetition_penalty"] = np.float32
+        plain = {name: np.array([getattr(p, name) for p in rows], dtype) for name, dtype in dtypes.items()}
         marks = [p.watermark for p in rows]
         return cls(
             **plain,

@@ -9,6 +9,8 @@
         [--mix=good:0.8,malformed:0.1,abandoned:0.1] [--api_key=KEY]
     python scripts/benchmark.py import_hf [--model_dir=HF_DIR] [--dtype=bfloat16] [--json_out=F]
     python scripts/benchmark.py rag_index [--num_passages=1000000 --dim=256 --num_queries=200 --intrinsic_dim=32]
+    python scripts/benchmark.py watermark [--workdir=runs/tiny_es --num_prompts=64 --watermark_key=K
+        --watermark_gamma=0.25 --watermark_delta=2.0]
 
 `import_hf` imports a Hugging Face checkpoint (default: a synthetic 1.24B Llama, Llama-3.2-1B-shaped) and reports
 peak host memory against the checkpoint's size. `decode --compare=transformers` times greedy generation of the
@@ -24,23 +26,30 @@ connection failed without a status) and /health after the load (llm/serve/load_m
 `rag_index` builds flat, IVF-PQ and HNSW FAISS indexes of synthetic clustered passage embeddings and reports build
 time, index size, memory, single-query latency p50/p99 and recall@10 against exact search (llm/rag/index_bench.py).
 
+`watermark` samples continuations of Spanish UD sentence starts at temperature 1 with and without the green-list
+watermark and reports the detection rate at 50/100/200 new tokens, the false-positive rate on plain continuations and
+on human text, and the perplexity cost under the unwatermarked model (llm/infer/watermark_bench.py).
+
 Every result carries the machine it came from (device kind and count, JAX version).
 """
 
 import json
 import os
 
+import watermark_flags
 from absl import app, flags
 from ml_collections import config_flags
 
 from llm.train import benchmark as train_benchmark
 
-SUBCOMMANDS = ("train", "decode", "data", "tokenizer", "serve", "import_hf", "rag_index")
+SUBCOMMANDS = ("train", "decode", "data", "tokenizer", "serve", "import_hf", "rag_index", "watermark")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_es.py", "Model/training config (train).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train).", lower_bound=1)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first, the first compiles (train).", lower_bound=1)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trained run to benchmark (decode); else --config's shape.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Trained run to benchmark (decode: else --config's shape; watermark: else runs/tiny_es)."
+)
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "64"], "Decode batch sizes (decode).")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens (decode).", lower_bound=1)
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 32, "Decode steps timed (decode).", lower_bound=4)
@@ -73,6 +82,11 @@ _INTRINSIC_DIM = flags.DEFINE_integer(
     "Dimensions the synthetic clusters live in; = --dim: the worst case (rag_index).",
     lower_bound=1,
 )
+_NUM_PROMPTS = flags.DEFINE_integer(
+    "num_prompts", 64, "Prompts continued with and without the watermark (watermark).", lower_bound=1
+)
+flags.adopt_module_key_flags(watermark_flags)  # --watermark_key, --watermark_gamma, --watermark_delta (watermark).
+WATERMARK_BENCH_KEY = 15485863  # Without --watermark_key: the hash key of Kirchenbauer et al.'s code, a public one.
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the result as JSON to this file.")
 
 
@@ -139,10 +153,27 @@ def _decode_hugging_face(batch_sizes: list[int]) -> dict:
     return result
 
 
+def _watermark() -> dict:
+    """The watermark figures of --workdir (default runs/tiny_es), flags checked before the run is loaded."""
+    from llm.infer import watermark_bench
+    from llm.runs import loading
+
+    workdir = _WORKDIR.value or "runs/tiny_es"
+    if not os.path.isdir(workdir):
+        raise app.UsageError(f"--workdir={workdir!r} does not exist (train one with scripts/quickstart.sh).")
+    params = watermark_flags.watermark(default_key=WATERMARK_BENCH_KEY)
+    return watermark_bench.run(loading.load_run(workdir), params, _NUM_PROMPTS.value)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
         raise app.UsageError(f"Usage: benchmark.py {{{'|'.join(SUBCOMMANDS)}}} [flags]; got {argv[1:]}")
-    if argv[1] == "rag_index":  # FAISS on the host CPU: its own machine lines and a table, one row per index kind
+    if argv[1] == "watermark":
+        from llm.infer import watermark_bench
+
+        result = {**train_benchmark.machine(), **_watermark()}
+        print(watermark_bench.table(result))
+    elif argv[1] == "rag_index":  # FAISS on the host CPU: its own machine lines and a table, one row per index kind
         from llm.rag import index_bench
 
         result = {
@@ -198,7 +229,7 @@ def main(argv: list[str]) -> None:
             "stages": stage_bench.run(_DATA_CONFIG.value, _STAGE_DOCS.value),
             "minhash": dedup_bench.run(_NUM_DOCS.value),
         }
-    if argv[1] != "rag_index":
+    if argv[1] not in ("rag_index", "watermark"):
         _print_table(result)
     if _JSON_OUT.value:
         with open(_JSON_OUT.value, "w", encoding="utf-8") as f:

@@ -2,10 +2,15 @@
 
 python scripts/sample.py --workdir=runs/tiny_es --prompt="Había una vez" [--prompt=...]
     [--max_new_tokens=64 --temperature=0.8 --top_p=0.95 --num_samples=3 --seed=0]
+    [--watermark_key=K --watermark_gamma=0.25 --watermark_delta=2.0]
+
+With --watermark_key the samples carry a green-list watermark that scripts/detect_watermark.py finds with the
+same key and gamma (llm/infer/watermark.py).
 """
 
 import os
 
+import watermark_flags
 from absl import app, flags
 
 from llm.infer import generate
@@ -24,6 +29,7 @@ _REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL repeti
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.", lower_bound=1)
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop strings.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.adopt_module_key_flags(watermark_flags)  # --help lists the watermark flags too.
 
 
 def main(argv: list[str]) -> None:
@@ -33,7 +39,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--prompt must not be empty: give the model some text to continue.")
     if not os.path.isdir(_WORKDIR.value):
         raise app.UsageError(f"--workdir={_WORKDIR.value!r} does not exist.")
-    sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value, _REPETITION_PENALTY.value)
+    sampling = SamplingParams(
+        _TEMPERATURE.value,
+        _TOP_K.value,
+        _TOP_P.value,
+        _MIN_P.value,
+        _REPETITION_PENALTY.value,
+        watermark_flags.watermark(),
+    )
     run = loading.load_run(_WORKDIR.value, _STEP.value)
     prompts = [p for p in _PROMPT.value for _ in range(_NUM_SAMPLES.value)]
     completions = generate.generate_text(run, prompts, _MAX_NEW_TOKENS.value, sampling, _STOP.value, _SEED.value)

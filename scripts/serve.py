@@ -18,6 +18,10 @@ a top-level "sources" list; `"retrieval": false` in a request skips it. --index_
 run when it is no longer where the index's manifest says. The index is checked before the model is loaded.
 API keys also come from the LLM_API_KEYS environment variable (comma-separated); with none, the server is open.
 
+With --watermark_key=K [--watermark_gamma=0.25 --watermark_delta=2.0] every completion is watermarked (green-list
+watermark, llm/infer/watermark.py; scripts/detect_watermark.py finds it with the same key and gamma). The key is in
+no response, header or metric; keep it out of shared shell histories.
+
 Slow clients: a request body must arrive within --body_timeout (else 408), and a request takes one of the
 --max_concurrent_requests places only once its body is in and valid; an idle keep-alive connection is closed
 after --keep_alive_timeout. Nothing here bounds a client that sends its request *headers* slowly (uvicorn has
@@ -27,6 +31,7 @@ open internet, put a reverse proxy with a header timeout (e.g. nginx's client_he
 
 import os
 
+import watermark_flags
 from absl import app, flags
 
 from llm.rag import embeddings, index as index_lib
@@ -81,6 +86,7 @@ _INDEX_K = flags.DEFINE_integer(
 _INDEX_MODE = flags.DEFINE_enum(
     "index_mode", None, index_lib.MODES, "Search mode (default: hybrid when the index has vectors, else bm25)."
 )
+flags.adopt_module_key_flags(watermark_flags)  # --help lists the watermark flags too.
 
 
 def check_index_flags() -> None:
@@ -129,6 +135,7 @@ def main(argv: list[str]) -> None:
     if _EMBEDDER.value is not None and not os.path.isdir(_EMBEDDER.value):
         raise app.UsageError(f"--embedder={_EMBEDDER.value!r} does not exist.")
     check_index_flags()
+    watermark = watermark_flags.watermark()
     import uvicorn  # The [serve] extra.
 
     keys = auth.load_api_keys(_API_KEYS_FILE.value)
@@ -149,6 +156,7 @@ def main(argv: list[str]) -> None:
         rate_limit_per_minute=_RATE.value,
         rate_limit_burst=_BURST.value,
         warmup=_WARMUP.value,
+        watermark=watermark,
     )
     server = api.create_app(run.model, run.tokenizer, settings, embedding_model(run), grounding)
     engine, embedder = server.state.engine, server.state.embeddings.describe()
@@ -162,7 +170,8 @@ def main(argv: list[str]) -> None:
         f"Serving {settings.model_name!r} (step {run.step}) on http://{_HOST.value}:{_PORT.value}/ : "
         f"{engine.max_batch_size} slots x {engine.max_cache_len} tokens, KV cache "
         f"{engine.kv_cache_bytes / 2**20:.1f} MiB, API keys: {len(keys) or 'none (open)'}; embeddings: "
-        f"{embedder['run']}, {embedder['pooling']} pooling, {embedder['dimensions']} dimensions."
+        f"{embedder['run']}, {embedder['pooling']} pooling, {embedder['dimensions']} dimensions; "
+        f"watermark: {'on' if watermark else 'off'}."
     )
     uvicorn.run(server, host=_HOST.value, port=_PORT.value, log_level="info", timeout_keep_alive=_KEEP_ALIVE.value)
 

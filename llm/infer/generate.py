@@ -68,7 +68,8 @@ def _prefill(
     seen = (
         jnp.zeros((tokens.shape[0], vocab), bool).at[jnp.arange(tokens.shape[0])[:, None], tokens].set(segment_ids > 0)
     )
-    next_tokens = sample(logits, key, sampling, seen)
+    # Prompts are left-padded: the last column holds each prompt's last token (a watermark's previous token).
+    next_tokens = sample(logits, key, sampling, seen, tokens[:, -1])
     return next_tokens, logits, cache, seen
 
 
@@ -85,7 +86,7 @@ def _decode_step(
     model = nnx.merge(graphdef, params)
     seen = seen.at[jnp.arange(tokens.shape[0]), tokens].set(True)
     logits, cache = model.decode(tokens[:, None], positions[:, None], jnp.ones_like(tokens)[:, None], cache)
-    next_tokens = sample(logits[:, -1], key, sampling, seen)
+    next_tokens = sample(logits[:, -1], key, sampling, seen, tokens)
     return next_tokens, logits[:, -1], cache, seen
 
 

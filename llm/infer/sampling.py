@@ -1,7 +1,11 @@
-"""Turning next-token logits into tokens: greedy, temperature, top-k, top-p, min-p, repetition penalty.
+"""Turning next-token logits into tokens: greedy, temperature, top-k, top-p, min-p, repetition penalty, and the
+green-list watermark (llm/infer/watermark.py).
 
 `sample` takes one SamplingParams for the whole batch (static: the step is specialized on it);
 `sample_rows` takes parameters per row as arrays, for a server batching requests that ask for different ones.
+The order is: repetition penalty, watermark bias, then greedy or temperature and the filters (as Hugging Face
+applies a watermark logits processor before its warpers), so a greedy watermarked row takes the argmax of the
+biased logits.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm.infer.watermark import WatermarkParams, green_mask, watermark_logits
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -24,6 +30,7 @@ class SamplingParams:
     top_p: float = 1.0  # Keep the smallest set of tokens whose probability reaches p (nucleus; 1: off).
     min_p: float = 0.0  # Drop tokens less likely than min_p times the most likely one (0: off).
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (CTRL; 1: off).
+    watermark: WatermarkParams | None = None  # Bias towards a keyed green list of tokens (None: off).
 
     def __post_init__(self):
         checks = {
@@ -72,11 +79,22 @@ def _min_p_filter(logits: jax.Array, min_p) -> jax.Array:
     return jnp.where(probs < min_p * jnp.max(probs, axis=-1, keepdims=True), -jnp.inf, logits)
 
 
-def sample(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.Array) -> jax.Array:
-    """Next tokens (batch,) from logits (batch, vocab); `seen` (batch, vocab) marks tokens already present."""
+def sample(
+    logits: jax.Array,
+    key: jax.Array,
+    params: SamplingParams,
+    seen: jax.Array,
+    previous: jax.Array | None = None,
+) -> jax.Array:
+    """Next tokens (batch,) from logits (batch, vocab); `seen` (batch, vocab) marks tokens already present and
+    `previous` (batch,) is each row's last token, which a watermark needs (its green list depends on it)."""
     logits = logits.astype(jnp.float32)
     if params.repetition_penalty != 1.0:
         logits = _penalize(logits, seen, params.repetition_penalty)
+    if params.watermark is not None:
+        if previous is None:
+            raise ValueError("Sampling with a watermark needs each row's previous token (`previous`).")
+        logits = watermark_logits(logits, previous, params.watermark)
     if params.temperature == 0.0:
         return greedy(logits)
     logits = logits / params.temperature
@@ -99,20 +117,36 @@ class RowSampling(NamedTuple):
     top_p: jax.Array
     min_p: jax.Array
     repetition_penalty: jax.Array
+    watermark_key: jax.Array  # (batch, 2) uint32: the key's low and high halves.
+    watermark_threshold: jax.Array  # uint32: gamma * 2**32.
+    watermark_delta: jax.Array  # 0: the row is not watermarked.
 
     @classmethod
     def stack(cls, rows: Sequence[SamplingParams]) -> RowSampling:
         """Host arrays for a batch whose row i follows rows[i]."""
+        dtypes = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32}
+        dtypes["repetition_penalty"] = np.float32
+        plain = {name: np.array([getattr(p, name) for p in rows], dtype) for name, dtype in dtypes.items()}
+        marks = [p.watermark for p in rows]
         return cls(
-            *(
-                np.array([getattr(p, name) for p in rows], dtype)
-                for name, dtype in zip(cls._fields, (np.float32, np.int32, np.float32, np.float32, np.float32))
-            )
+            **plain,
+            watermark_key=np.array([m.key_words if m else [0, 0] for m in marks], np.uint32).reshape(len(rows), 2),
+            watermark_threshold=np.array([m.threshold if m else 0 for m in marks], np.uint32),
+            watermark_delta=np.array([m.delta if m else 0.0 for m in marks], np.float32),
         )
 
 
-def sample_rows(logits: jax.Array, keys: jax.Array, params: RowSampling, seen: jax.Array) -> jax.Array:
+def sample_rows(
+    logits: jax.Array,
+    keys: jax.Array,
+    params: RowSampling,
+    seen: jax.Array,
+    previous: jax.Array | None = None,
+) -> jax.Array:
     """Next tokens (batch,) with each row's own parameters and PRNG key (`keys`: (batch,) typed keys).
+
+    `previous` (batch,) is each row's last token, which the rows that watermark need; without it (callers that
+    never watermark) no row is watermarked.
 
     Every filter runs on every row (a row whose filter is off is left unchanged), so one compiled step
     serves any mix of requests; a filter no row uses is skipped, and a batch of greedy rows only takes the
@@ -121,6 +155,8 @@ def sample_rows(logits: jax.Array, keys: jax.Array, params: RowSampling, seen: j
     """
     column = lambda x: x[:, None]
     logits = _penalize(logits.astype(jnp.float32), seen, column(params.repetition_penalty))
+    if previous is not None:
+        logits = _if_any(params.watermark_delta > 0, lambda x: _watermark_rows(x, previous, params), logits)
     chosen = greedy(logits)
 
     def draw(logits: jax.Array) -> jax.Array:
@@ -138,6 +174,13 @@ def sample_rows(logits: jax.Array, keys: jax.Array, params: RowSampling, seen: j
 def _if_any(rows: jax.Array, filter_rows, logits: jax.Array) -> jax.Array:
     """filter_rows(logits) when any row asks for the filter (its rows that do not are left as they are)."""
     return jax.lax.cond(jnp.any(rows), filter_rows, lambda x: x, logits)
+
+
+def _watermark_rows(logits: jax.Array, previous: jax.Array, params: RowSampling) -> jax.Array:
+    """Adds each watermarked row's delta to its green logits; the other rows are left exactly as they are."""
+    green = green_mask(params.watermark_key, previous, params.watermark_threshold, logits.shape[-1])
+    delta = params.watermark_delta[:, None]
+    return jnp.where(green & (delta > 0), logits + delta, logits)
 
 
 def _top_k_rows(logits: jax.Array, top_k: jax.Array) -> jax.Array:

@@ -38,6 +38,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from llm.infer.watermark import WatermarkParams
 from llm.rag.embeddings import Embedder
 from llm.serve import admission, completions, embeddings_api, errors, rag_chat, schemas, tokenize_api
 from llm.serve.engine import Engine
@@ -78,6 +79,7 @@ class ServeSettings:
     rate_limit_per_minute: float = 0.0  # Requests per minute per API key (or client address); 0: off.
     rate_limit_burst: int = 20  # Requests a client may send at once before the rate applies.
     warmup: bool = False  # Compile every prompt bucket before accepting requests.
+    watermark: WatermarkParams | None = None  # Watermark every completion with this (secret) key; None: off.
 
 
 def _sse(payload: dict | str) -> str:
@@ -98,7 +100,9 @@ class Server:
         self.settings, self.tokenizer, self.embeddings, self.retrieval = settings, tokenizer, embeddings, retrieval
         self.worker = embeddings_api.forward_worker()  # Embedding forward passes: /v1/embeddings and retrieval.
         self.metrics = ServeMetrics()
-        self.engine = Engine(model, tokenizer, settings.max_batch_size, settings.max_cache_len, self.metrics)
+        self.engine = Engine(
+            model, tokenizer, settings.max_batch_size, settings.max_cache_len, self.metrics, settings.watermark
+        )
         self.limits = completions.Limits(
             self.engine.max_cache_len,
             settings.max_prompt_tokens or self.engine.max_cache_len,

@@ -12,7 +12,8 @@ request takes it before the next step: a long request never holds up short ones.
 The decode step is one jitted function over all slots with the cache donated (updated in place). Each row
 samples with its own parameters and seed (`sampling.sample_rows`). Log-probabilities are those of the
 model's raw distribution (log-softmax of the logits), whatever the sampling parameters, which is what
-log-likelihood evaluation needs.
+log-likelihood evaluation needs. An engine made with a `watermark` watermarks every request it serves (the
+key stays in the engine: requests, events and metrics never carry it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from flax import nnx
 from llm import sharding
 from llm.infer.generate import TextStream, bucket
 from llm.infer.sampling import RowSampling, SamplingParams
+from llm.infer.watermark import WatermarkParams
 from llm.model.kv_cache import new_cache
 from llm.model.transformer import context_length
 from llm.serve import slot_steps
@@ -113,6 +115,7 @@ class Engine:
     `model` is any loaded model with the Transformer interface (`cfg`, `decode(tokens, positions,
     segment_ids, cache)`), e.g. `load_run(workdir).model` or a quantized model built from it. `metrics`
     (optional) receives `queue(waiting, active)`, `tokens(prompt, completion)` and `first_token(seconds)`.
+    `watermark` (optional) is added to every request's sampling parameters.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class Engine:
         max_batch_size: int = 8,
         max_cache_len: int | None = None,
         metrics=None,
+        watermark: WatermarkParams | None = None,
     ):
         self.cfg = model.cfg
         if max_batch_size < 1:
@@ -130,7 +134,7 @@ class Engine:
         if max_cache_len is not None and not 1 < max_cache_len <= context:
             raise ValueError(f"max_cache_len must be in [2, {context}] (the model's context), got {max_cache_len}.")
         self.graphdef, self.params = nnx.split(model)
-        self.tokenizer, self.metrics = tokenizer, metrics
+        self.tokenizer, self.metrics, self._watermark = tokenizer, metrics, watermark
         self.max_batch_size, self.max_cache_len = max_batch_size, max_cache_len or context
         self._lock = threading.Condition()
         self._waiting: collections.deque[Ticket] = collections.deque()
@@ -209,7 +213,8 @@ class Engine:
                 break
             size = bucket(size + 1, self.max_cache_len)
         for size in sizes:
-            self._run_prefill(0, [1] * size, Request([1] * size, 0))
+            request = Request([1] * size, 0)
+            self._run_prefill(0, request.prompt, request, self._row_sampling(request))
         self._run_decode(np.zeros(self.max_batch_size, bool))
         self._reset_device_state()
 
@@ -268,9 +273,10 @@ class Engine:
             request = ticket.request
             self._slots[slot] = _Row(ticket, TextStream(self.tokenizer, request.stop, request.prompt[-1]))
             self._seeds[slot], self._counts[slot] = np.uint32(request.seed % 2**32), 1
-            for field, value in zip(RowSampling._fields, RowSampling.stack([request.sampling])):
+            sampling = self._row_sampling(request)
+            for field, value in zip(RowSampling._fields, sampling):
                 getattr(self._sampling, field)[slot] = value[0]
-            token, logprob, top_ids, top_logprobs, prompt = self._run_prefill(slot, request.prompt, request)
+            token, logprob, top_ids, top_logprobs, prompt = self._run_prefill(slot, request.prompt, request, sampling)
             if self.metrics is not None:
                 self.metrics.tokens(len(request.prompt), 0)
             if prompt is not None:
@@ -287,11 +293,16 @@ class Engine:
             else:
                 self._accept(slot, int(token), float(logprob), np.asarray(top_ids), np.asarray(top_logprobs))
 
-    def _run_prefill(self, slot: int, prompt: Sequence[int], request: Request):
+    def _row_sampling(self, request: Request) -> RowSampling:
+        """The request's sampling parameters as one row, with the engine's watermark when it has one."""
+        if self._watermark is None:
+            return RowSampling.stack([request.sampling])
+        return RowSampling.stack([dataclasses.replace(request.sampling, watermark=self._watermark)])
+
+    def _run_prefill(self, slot: int, prompt: Sequence[int], request: Request, sampling: RowSampling):
         size = bucket(len(prompt), self.max_cache_len)
         tokens = np.zeros((1, size), np.int32)
         tokens[0, : len(prompt)] = prompt
-        sampling = RowSampling.stack([request.sampling])
         token, logprob, top_ids, top_logprobs, prompt_logprobs, self._cache, self._seen = slot_steps.prefill_slot(
             self.graphdef,
             self.params,

@@ -51,7 +51,8 @@ def prefill_slot(
     last_logits = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)
     last = jax.lax.dynamic_index_in_dim(logprobs, length - 1, keepdims=False)
     key = jax.random.fold_in(jax.random.key(seed[0]), 0)
-    token = sample_rows(last_logits[None], key[None], sampling, row_seen[None])[0]
+    previous = jax.lax.dynamic_slice_in_dim(tokens[0], length - 1, 1)  # The prompt's last token (watermark).
+    token = sample_rows(last_logits[None], key[None], sampling, row_seen[None], previous)[0]
     top_logprobs, top_ids = jax.lax.top_k(last, MAX_LOGPROBS)
     prompt = None
     if with_prompt_logprobs:
@@ -84,7 +85,7 @@ def decode_slots(
     logits, cache = model.decode(tokens[:, None], cache.index[:, None], jnp.ones_like(tokens)[:, None], cache)
     logits = logits[:, -1]
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
-    next_tokens = sample_rows(logits, keys, sampling, seen)
+    next_tokens = sample_rows(logits, keys, sampling, seen, tokens)
     logprobs = log_softmax(logits)
     chosen = target_logprobs(logits, next_tokens)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)

@@ -49,6 +49,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8",
         "pytest-timeout>=2.3",
+        "pytest-xdist==3.8.0",  # scripts/test.sh runs the suite on two workers
         "ruff==0.17.5",
         "import-linter==2.16",
         "datasketch==2.0.0",

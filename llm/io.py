@@ -85,6 +85,18 @@ def write_json(path: str, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def read_json(path: str) -> Any | None:
+    """The JSON value of a local file, or None when there is no such file; invalid JSON is an error naming the
+    file and line."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON (line {error.lineno}).") from error
+
+
 def jsonl_objects(path: str, lines: Sequence[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) of every non-blank line of a JSONL file, or of its `lines` when already read; a
     line that is not a JSON object is a SourceError naming `path:line`."""

@@ -9,13 +9,13 @@ whether the check ran, with which n-gram against which evaluation sets, and how 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
+from llm.io import read_json
 from llm.runs import directory
 
 MAX_DEPTH = 16  # init_from links followed at most (a chain that loops is cut here, not followed forever)
@@ -27,13 +27,10 @@ def data_status(data_path: str) -> dict[str, Any]:
     if not data_path:
         return {"status": UNKNOWN, "data": "", "reason": "no training data of its own (an imported checkpoint)"}
     path = os.path.join(data_path, "report.json")
-    if not os.path.isfile(path):
+    report = read_json(path)
+    if report is None:
         return {"status": UNKNOWN, "data": data_path, "reason": f"no {path}"}
-    with open(path, encoding="utf-8") as f:
-        try:
-            entry = json.load(f).get("decontamination")
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON (line {error.lineno}).") from error
+    entry = report.get("decontamination")
     if entry is None:
         return {"status": UNKNOWN, "data": data_path, "reason": f"{path} predates the decontamination step"}
     status = DECONTAMINATED if entry.get("enabled") else NOT_DECONTAMINATED

@@ -6,7 +6,6 @@ directory (its `sources`, `corpus` and `tokenizer` entries); without it the card
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -15,7 +14,7 @@ import ml_collections
 
 from llm.eval import lineage
 from llm.eval.report import XQUAD_CORPUS, markdown_table, retrieval_corpus
-from llm.io import write_text
+from llm.io import read_json, write_text
 from llm.train import emissions
 
 # Below this size a model learns spelling and local syntax, not facts: the card says so plainly.
@@ -24,14 +23,7 @@ SMALL_MODEL_PARAMS = 50_000_000
 
 def read_data_report(data_path: str) -> dict[str, Any] | None:
     """The data directory's report.json, or None if there is none."""
-    path = os.path.join(data_path, "report.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON (line {error.lineno}).") from error
+    return read_json(os.path.join(data_path, "report.json"))
 
 
 def _architecture(model: ml_collections.ConfigDict, num_params: int) -> list[str]:

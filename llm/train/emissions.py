@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import time
@@ -78,14 +77,7 @@ def _unmeasured(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def read(workdir: str) -> dict[str, Any] | None:
     """RUN/emissions.json, or None when training wrote none (a run made before it existed, or imported)."""
-    path = os.path.join(workdir, EMISSIONS_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON (line {error.lineno}).") from error
+    return io.read_json(os.path.join(workdir, EMISSIONS_FILE))
 
 
 def _start_codecarbon(config: ml_collections.ConfigDict, workdir: str) -> Any:

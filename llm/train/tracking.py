@@ -73,13 +73,9 @@ def open_trackers(config: ml_collections.ConfigDict, workdir: str) -> list[metri
 def read_run_info(workdir: str) -> dict[str, str] | None:
     """RUN/mlflow_run.json ({"tracking_uri", "experiment", "run_id"}), or None for a run never tracked by MLflow."""
     path = os.path.join(workdir, MLFLOW_RUN_FILE)
-    if not os.path.exists(path):
+    info = io.read_json(path)
+    if info is None:
         return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            info = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON (line {error.lineno}).") from error
     missing = [key for key in ("tracking_uri", "experiment", "run_id") if key not in info]
     if missing:
         raise ValueError(f"{path} lacks {missing[0]!r}; delete it to start a new MLflow run.")

@@ -22,9 +22,10 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
-    # Mixture of experts: the experts of a layer are split over the fsdp devices (expert parallelism); an
-    # expert's own weights then keep embed unsplit (a mesh axis is used once per array) and mlp on tensor.
+    # Mixture of experts: the experts of a layer are split over the fsdp devices (expert parallelism), so the
+    # embed axis of the experts' weights, `expert_embed`, stays unsplit (a mesh axis may be used once per array).
     ("expert", "fsdp"),
+    ("expert_embed", None),
 )
 
 # The allowed values of every choice key; the code that dispatches on a key has exactly these cases (tested).
@@ -114,7 +115,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.moe_every = 1  # Layers i with (i + 1) % moe_every == 0 are MoE (1: all); must divide num_layers.
     model.moe_mlp_dim = 0  # Hidden width of each expert (0: model.mlp_dim).
     model.num_shared_experts = 0  # Experts every token uses (DeepSeek style): one MLP of this many times moe_mlp_dim.
-    model.router_aux_loss_coef = 0.01  # Weight of the Switch load-balancing loss (1 when balanced) in the training loss.
+    model.router_aux_loss_coef = (
+        0.01  # Weight of the Switch load-balancing loss (1 when balanced) in the training loss.
+    )
     model.router_z_loss_coef = 0.001  # Weight of the ST-MoE router z-loss (mean logsumexp(router logits)^2).
     # "dropless" (tokens sorted by expert, grouped matmuls: jax.lax.ragged_dot) or "masked" (the reference:
     # every expert on every token, weighted by the routing; num_experts times the FLOPs).

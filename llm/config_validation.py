@@ -7,8 +7,8 @@ this module holds the constraints that tie keys together. Nothing here touches d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections

@@ -92,11 +92,11 @@ class MoE(nnx.Module):
         def param(axes: tuple[str, ...], shape: tuple[int, ...], std: float = layers.INIT_STD) -> nnx.Param:
             return nnx.Param(layers.normal_init(axes, std)(rngs.params(), shape, param_dtype))
 
-        self.router = param(("embed", "expert"), (embed, num))
+        self.router = param(("embed", None), (embed, num))  # tiny: split like the other embed-input weights
         if self.activation == "swiglu":
-            self.gate = param(("expert", "embed", "mlp"), (num, embed, hidden))
-        self.up = param(("expert", "embed", "mlp"), (num, embed, hidden))
-        self.down = param(("expert", "mlp", "embed"), (num, hidden, embed), layers.residual_std(cfg))
+            self.gate = param(("expert", "expert_embed", "mlp"), (num, embed, hidden))
+        self.up = param(("expert", "expert_embed", "mlp"), (num, embed, hidden))
+        self.down = param(("expert", "mlp", "expert_embed"), (num, hidden, embed), layers.residual_std(cfg))
         shared_cfg = ml_collections.ConfigDict(cfg.to_dict())
         shared_cfg.mlp_dim = cfg.num_shared_experts * hidden
         self.shared = mlp.MLP(shared_cfg, rngs=rngs) if cfg.num_shared_experts else None

@@ -16,7 +16,14 @@ from llm.model import mlp, moe
 from llm.model.kv_cache import KVCache
 from llm.model.transformer import create_model
 from llm.quant import ptq
-from llm.train import loop, losses, metrics as metrics_lib, optimizer as optimizer_lib, step as step_lib
+from llm.train import (
+    benchmark as train_benchmark,
+    loop,
+    losses,
+    metrics as metrics_lib,
+    optimizer as optimizer_lib,
+    step as step_lib,
+)
 
 
 def moe_config(**overrides):
@@ -223,3 +230,13 @@ def test_lora_on_attention_is_accepted_and_quantization_is_refused():
 
 def test_the_implementations_are_exactly_the_allowed_choices():
     assert set(moe.IMPLEMENTATIONS) == set(base.CHOICES["model.moe_impl"])
+
+
+def test_the_train_benchmark_takes_an_moe_config_and_reports_validation_loss_on_data(data_dir):
+    config = moe_config(model__num_shared_experts=1)
+    config.data.path = data_dir
+    result = train_benchmark.benchmark_train(config, num_steps=2, warmup_steps=1)
+    assert (result["num_experts"], result["experts_per_token"], result["train_steps"]) == (8, 2, 3)
+    assert result["active_matmul_parameters"] == metrics_lib.matmul_params(config.model)
+    assert result["tokens_per_sec"] > 0 and 0 < result["eval_loss"] < 2 * np.log(config.model.vocab_size)
+    assert train_benchmark.benchmark_train(moe_config(), num_steps=1, warmup_steps=1)["eval_loss"] is None

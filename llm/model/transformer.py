@@ -6,6 +6,9 @@
 The configuration (`configs/base.py`, section `model`) picks GPT-2 or Llama style pieces. Blocks are either
 a Python list or, with `scan_layers`, one stacked Block whose parameters carry a leading `layers` axis and
 run under `lax.scan` (compile time independent of depth). `remat_policy` rematerializes block activations.
+With `num_experts`, every moe_every-th block's MLP is a mixture of experts (llm/model/moe.py); scanned, the dense
+blocks and the MoE blocks are two stacks (`blocks`, `moe_blocks`) and the scan runs a group of moe_every layers
+per step. The MoE layers' router statistics come back beside the hidden states (`features_and_router_stats`).
 For generation, `decode` threads a `KVCache` (llm/model/kv_cache.py) through the blocks (see llm/infer/).
 
 Prompt tuning (Lester et al. 2021) adds `soft_prompt_length` learned embeddings that every document reads

@@ -22,6 +22,10 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    # Mixture of experts: the experts of a layer are split over the fsdp devices (expert parallelism), so the
+    # embed axis of the experts' weights, `expert_embed`, stays unsplit (a mesh axis may be used once per array).
+    ("expert", "fsdp"),
+    ("expert_embed", None),
 )
 
 # The allowed values of every choice key; the code that dispatches on a key has exactly these cases (tested).
@@ -35,6 +39,7 @@ CHOICES = {
     "model.kv_cache_dtype": ("auto", "int8"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.moe_impl": ("dropless", "masked"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "train.objective": ("lm", "dpo", "contrastive"),
     "train.contrastive_pooling": ("mean", "last"),
@@ -104,6 +109,19 @@ def get_config() -> ml_collections.ConfigDict:
     model.kv_cache_dtype = "auto"  # KV cache for decoding: "auto" (the compute dtype) or "int8" (per-token scales).
     model.dtype = "float32"  # Compute dtype: "float32", "bfloat16" (on accelerators) or "float16".
     model.param_dtype = "float32"  # Storage dtype of parameters and optimizer state: "float32" or "bfloat16".
+    # Mixture of experts (llm/model/moe.py): >0 replaces the MLP of every moe_every-th layer by this many experts.
+    model.num_experts = 0  # Routed experts per MoE layer; 0 is a dense model.
+    model.experts_per_token = 2  # Top-k: experts each token is routed to (their weights renormalized to sum to 1).
+    model.moe_every = 1  # Layers i with (i + 1) % moe_every == 0 are MoE (1: all); must divide num_layers.
+    model.moe_mlp_dim = 0  # Hidden width of each expert (0: model.mlp_dim).
+    model.num_shared_experts = 0  # Experts every token uses (DeepSeek style): one MLP of this many times moe_mlp_dim.
+    model.router_aux_loss_coef = (
+        0.01  # Weight of the Switch load-balancing loss (1 when balanced) in the training loss.
+    )
+    model.router_z_loss_coef = 0.001  # Weight of the ST-MoE router z-loss (mean logsumexp(router logits)^2).
+    # "dropless" (tokens sorted by expert, grouped matmuls: jax.lax.ragged_dot) or "masked" (the reference:
+    # every expert on every token, weighted by the routing; num_experts times the FLOPs).
+    model.moe_impl = "dropless"
 
     config.data = data = ml_collections.ConfigDict()
     data.path = ""  # Directory with train/ and validation/ ArrayRecord shards (scripts/prepare_data.py).

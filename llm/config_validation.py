@@ -7,6 +7,7 @@ this module holds the constraints that tie keys together. Nothing here touches d
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,6 +56,11 @@ NON_NEGATIVE = (
     "train.dpo_beta",
     "model.soft_prompt_length",
     "train.quantize_group_size",
+    "model.num_experts",
+    "model.moe_mlp_dim",
+    "model.num_shared_experts",
+    "model.router_aux_loss_coef",
+    "model.router_z_loss_coef",
 )
 
 
@@ -165,7 +171,31 @@ def _check_relations(config: ml_collections.ConfigDict) -> None:
     matryoshka_dims(train.matryoshka_dims, model.embed_dim)
     if config.data.replay_fraction > 0 and not config.data.replay_path:
         raise ConfigError("config.data.replay_fraction > 0 needs config.data.replay_path.")
+    _check_moe(model)
     _check_axis_rules(config.logical_axis_rules)
+
+
+def _check_moe(model: ml_collections.ConfigDict) -> None:
+    """The mixture-of-experts keys (llm/model/moe.py), checked only when the model has experts."""
+    if not model.num_experts:
+        return
+    if not 1 <= model.experts_per_token <= model.num_experts:
+        raise ConfigError(
+            f"config.model.experts_per_token={model.experts_per_token} must be between 1 and "
+            f"config.model.num_experts={model.num_experts}."
+        )
+    if model.moe_every < 1 or model.num_layers % model.moe_every:
+        raise ConfigError(
+            f"config.model.moe_every={model.moe_every} must be >= 1 and divide config.model.num_layers="
+            f"{model.num_layers} (layers i with (i + 1) % moe_every == 0 are MoE; scanned layers run in groups)."
+        )
+    if model.use_bias:
+        raise ConfigError("config.model.use_bias=True: expert projections have no biases (num_experts > 0).")
+    if model.lora_rank and any(re.fullmatch(model.lora_targets, f"mlp/{name}") for name in ("up", "gate", "down")):
+        raise ConfigError(
+            f"config.model.lora_targets={model.lora_targets!r} matches MLP projections, but LoRA does not adapt "
+            "the experts of an MoE model (config.model.num_experts > 0) yet: target attention only."
+        )
 
 
 def matryoshka_dims(value: str, embed_dim: int) -> tuple[int, ...]:

@@ -6,6 +6,9 @@
 The configuration (`configs/base.py`, section `model`) picks GPT-2 or Llama style pieces. Blocks are either
 a Python list or, with `scan_layers`, one stacked Block whose parameters carry a leading `layers` axis and
 run under `lax.scan` (compile time independent of depth). `remat_policy` rematerializes block activations.
+With `num_experts`, every moe_every-th block's MLP is a mixture of experts (llm/model/moe.py); scanned, the dense
+blocks and the MoE blocks are two stacks (`blocks`, `moe_blocks`) and the scan runs a group of moe_every layers
+per step. The MoE layers' router statistics come back beside the hidden states (`features_and_router_stats`).
 For generation, `decode` threads a `KVCache` (llm/model/kv_cache.py) through the blocks (see llm/infer/).
 
 Prompt tuning (Lester et al. 2021) adds `soft_prompt_length` learned embeddings that every document reads
@@ -17,6 +20,7 @@ decoding, `init_cache` writes the prompt's keys and values into the first positi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -25,7 +29,7 @@ import ml_collections
 from flax import nnx
 
 from llm import sharding
-from llm.model import layers, mlp
+from llm.model import layers, mlp, moe
 from llm.model.attention import Attention
 from llm.model.kernels import PROMPT_SEGMENT
 from llm.model.kv_cache import KVCache, LayerCache
@@ -51,14 +55,15 @@ class DropoutKeys(NamedTuple):
 
 
 class Block(nnx.Module):
-    """A pre-norm residual block: x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x)))."""
+    """A pre-norm residual block: x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x))), where the
+    MLP is a mixture of experts (llm/model/moe.py) in an MoE layer."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, moe_layer: bool = False):
         self.dropout_rate = cfg.dropout_rate
         self.attention_norm = layers.make_norm(cfg, rngs)
         self.attention = Attention(cfg, rngs=rngs)
         self.mlp_norm = layers.make_norm(cfg, rngs)
-        self.mlp = mlp.MLP(cfg, rngs=rngs)
+        self.mlp = moe.MoE(cfg, rngs=rngs) if moe_layer else mlp.MLP(cfg, rngs=rngs)
 
     def __call__(
         self,
@@ -67,7 +72,8 @@ class Block(nnx.Module):
         segment_ids: jax.Array,
         dropout_key: jax.Array | None,
         cache: LayerCache | None = None,
-    ) -> tuple[jax.Array, LayerCache | None]:
+    ) -> tuple[jax.Array, LayerCache | None, moe.RouterStats | None]:
+        """The block's output, its cache and, in an MoE layer, its router statistics (else None)."""
         keys = DropoutKeys.split(dropout_key)
         norm = lambda layer_norm, x: layer_norm(x).astype(x.dtype)  # The norms compute in float32.
         dropout = lambda x, key: layers.dropout(x, self.dropout_rate, key)
@@ -77,8 +83,11 @@ class Block(nnx.Module):
         )
         x = x + dropout(attended, keys.attention)
         x = sharding.constrain(x, ("batch", "length", "embed"))
-        x = x + dropout(self.mlp(norm(self.mlp_norm, x), keys.mlp_lora), keys.mlp)
-        return sharding.constrain(x, ("batch", "length", "embed")), cache
+        hidden, stats = self.mlp(norm(self.mlp_norm, x), keys.mlp_lora), None
+        if isinstance(self.mlp, moe.MoE):
+            hidden, stats = hidden
+        x = x + dropout(hidden, keys.mlp)
+        return sharding.constrain(x, ("batch", "length", "embed")), cache, stats
 
 
 class SoftPromptParam(nnx.Param):
@@ -112,9 +121,15 @@ class Transformer(nnx.Module):
                 rngs=rngs,
             )
         if cfg.scan_layers:
-            self.blocks = _stacked_blocks(cfg, rngs)
+            # The dense blocks in one stack and, with experts, the MoE blocks in another (see _scan_groups).
+            num_moe = cfg.num_layers // cfg.moe_every if cfg.num_experts else 0
+            self.blocks = _stacked_blocks(cfg, rngs, cfg.num_layers - num_moe) if num_moe < cfg.num_layers else None
+            if num_moe:
+                self.moe_blocks = _stacked_blocks(cfg, rngs, num_moe, moe_layer=True)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List(
+                [Block(cfg, rngs=rngs, moe_layer=moe.is_moe_layer(cfg, i)) for i in range(cfg.num_layers)]
+            )
         self.final_norm = layers.make_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.unembed = nnx.Linear(
@@ -155,7 +170,7 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """`decode`'s final hidden states (batch, length, embed), before the output projection: a caller that
         needs the logits of a few positions (a prompt's last) projects only those."""
-        hidden, cache = self._forward(tokens, positions, segment_ids, None, cache.with_segments(segment_ids))
+        hidden, cache, _ = self._forward(tokens, positions, segment_ids, None, cache.with_segments(segment_ids))
         return hidden, cache.advance(tokens.shape[1])
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
@@ -165,7 +180,7 @@ class Transformer(nnx.Module):
         if not self.prompt_length:
             return cache
         x, positions, segment_ids = self._prompt_inputs(batch, x_dtype=jnp.dtype(self.cfg.dtype))
-        _, cache = self._run(x, positions, segment_ids, None, cache.with_segments(segment_ids))
+        _, cache, _ = self._run(x, positions, segment_ids, None, cache.with_segments(segment_ids))
         return cache.advance(self.prompt_length)
 
     def features(
@@ -179,6 +194,19 @@ class Transformer(nnx.Module):
         """The final normalized hidden states (batch, length, embed), before the output projection."""
         return self._forward(tokens, positions, segment_ids, dropout_key, None)[0]
 
+    def features_and_router_stats(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, moe.RouterStats | None]:
+        """`features`, and the RouterStats of the MoE layers stacked along a leading axis (one entry per MoE
+        layer, in depth order; None for a dense model): what training adds to the loss and logs."""
+        hidden, _, stats = self._forward(tokens, positions, segment_ids, dropout_key, None)
+        return hidden, stats
+
     def _forward(
         self,
         tokens: jax.Array,
@@ -186,7 +214,7 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array | None,
         dropout_key: jax.Array | None,
         cache: KVCache | None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, KVCache | None, moe.RouterStats | None]:
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
@@ -200,8 +228,8 @@ class Transformer(nnx.Module):
             x = jnp.concatenate([prompt, x], axis=1)
             positions = jnp.concatenate([prompt_positions, positions], axis=1)
             segment_ids = jnp.concatenate([prompt_segments, segment_ids], axis=1)
-        hidden, cache = self._run(x, positions, segment_ids, dropout_key, cache)
-        return (hidden[:, self.prompt_length :] if prepend else hidden), cache
+        hidden, cache, stats = self._run(x, positions, segment_ids, dropout_key, cache)
+        return (hidden[:, self.prompt_length :] if prepend else hidden), cache, stats
 
     def _prompt_inputs(self, batch: int, x_dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The soft prompt as a (batch, P) prefix: embeddings, positions 0..P-1 and the prompt's segment."""
@@ -217,7 +245,7 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array,
         dropout_key: jax.Array | None,
         cache: KVCache | None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, KVCache | None, moe.RouterStats | None]:
         """Position encodings, the blocks and the final norm over input embeddings x (batch, length, embed)."""
         if self.cfg.position_encoding == "learned":
             x = x + self.position_embed(positions)
@@ -226,8 +254,8 @@ class Transformer(nnx.Module):
         embed_key, blocks_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x = layers.dropout(x, self.cfg.dropout_rate, embed_key)
         x = sharding.constrain(x, ("batch", "length", "embed"))
-        x, cache = self._run_blocks(x, positions, segment_ids, blocks_key, cache)
-        return self.final_norm(x).astype(x.dtype), cache
+        x, cache, stats = self._run_blocks(x, positions, segment_ids, blocks_key, cache)
+        return self.final_norm(x).astype(x.dtype), cache, stats
 
     def logits(self, features: jax.Array) -> jax.Array:
         project = self.embed.attend if self.cfg.tie_embeddings else self.unembed
@@ -241,14 +269,14 @@ class Transformer(nnx.Module):
         segment_ids: jax.Array,
         dropout_key: jax.Array | None,
         cache: KVCache | None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, KVCache | None, moe.RouterStats | None]:
         def apply(
             graphdef: nnx.GraphDef,
             params: nnx.State,
             x: jax.Array,
             layer: int | jax.Array,
             layer_cache: LayerCache | None,
-        ) -> tuple[jax.Array, LayerCache | None]:
+        ) -> tuple[jax.Array, LayerCache | None, moe.RouterStats | None]:
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
             return nnx.merge(graphdef, params)(x, positions, segment_ids, key, layer_cache)
 
@@ -257,35 +285,64 @@ class Transformer(nnx.Module):
 
         def run_layer(
             graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, cache: KVCache | None, layer: int | jax.Array
-        ) -> tuple[jax.Array, KVCache | None]:
+        ) -> tuple[jax.Array, KVCache | None, moe.RouterStats | None]:
             if cache is None:
                 return apply(graphdef, params, x, layer, None)
-            x, layer_cache = apply(graphdef, params, x, layer, cache.layer(layer))
-            return x, cache.with_layer(layer_cache)
+            x, layer_cache, stats = apply(graphdef, params, x, layer, cache.layer(layer))
+            return x, cache.with_layer(layer_cache), stats
 
-        if self.cfg.scan_layers:
-            # The cache rides in the carry, each layer updating its slice in place; scanned over as inputs and
-            # outputs, it would be rebuilt into a second whole cache.
-            graphdef, params = nnx.split(self.blocks)
-
-            def body(carry: tuple, inputs: tuple) -> tuple[tuple, None]:
-                layer, layer_params = inputs
-                return run_layer(graphdef, layer_params, *carry, layer), None
-
-            (x, cache), _ = jax.lax.scan(body, (x, cache), (jnp.arange(self.cfg.num_layers), params))
-        else:
+        if not self.cfg.scan_layers:
+            stats = []
             for layer, block in enumerate(self.blocks):
-                x, cache = run_layer(*nnx.split(block), x, cache, layer)
-        return x, cache
+                x, cache, layer_stats = run_layer(*nnx.split(block), x, cache, layer)
+                stats += [layer_stats] if layer_stats is not None else []
+            return x, cache, jax.tree.map(lambda *s: jnp.stack(s), *stats) if stats else None
+        if self.cfg.num_experts:
+            return self._scan_groups(run_layer, x, cache)
+        # The cache rides in the carry, each layer updating its slice in place; scanned over as inputs and
+        # outputs, it would be rebuilt into a second whole cache.
+        graphdef, params = nnx.split(self.blocks)
+
+        def body(carry: tuple, inputs: tuple) -> tuple[tuple, None]:
+            layer, layer_params = inputs
+            return run_layer(graphdef, layer_params, *carry, layer)[:2], None
+
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (jnp.arange(self.cfg.num_layers), params))
+        return x, cache, None
+
+    def _scan_groups(
+        self, run_layer: Callable, x: jax.Array, cache: KVCache | None
+    ) -> tuple[jax.Array, KVCache | None, moe.RouterStats]:
+        """Scanned MoE layers: one scan step per group of moe_every layers, its moe_every - 1 dense blocks (from
+        the dense stack, regrouped) then its MoE block, so the scan stays homogeneous. The groups' router
+        statistics come out stacked by the scan."""
+        k = self.cfg.moe_every
+        groups = self.cfg.num_layers // k
+        moe_graphdef, moe_params = nnx.split(self.moe_blocks)
+        dense_graphdef, dense_params = nnx.split(self.blocks) if k > 1 else (None, None)
+        grouped = lambda a: a.reshape(groups, k - 1, *a.shape[1:])
+        dense_params = jax.tree.map(grouped, dense_params) if k > 1 else None
+
+        def body(carry: tuple, inputs: tuple) -> tuple[tuple, moe.RouterStats]:
+            x, cache = carry
+            group, group_dense, group_moe = inputs
+            for j in range(k - 1):
+                layer_params = jax.tree.map(lambda a, j=j: a[j], group_dense)
+                x, cache, _ = run_layer(dense_graphdef, layer_params, x, cache, group * k + j)
+            x, cache, stats = run_layer(moe_graphdef, group_moe, x, cache, group * k + k - 1)
+            return (x, cache), stats
+
+        (x, cache), stats = jax.lax.scan(body, (x, cache), (jnp.arange(groups), dense_params, moe_params))
+        return x, cache, stats
 
 
-def _stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:
-    """One Block whose every parameter has a leading axis of size num_layers (logical axis `layers`)."""
+def _stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, count: int, moe_layer: bool = False) -> Block:
+    """One Block whose every parameter has a leading axis of size `count` (logical axis `layers`)."""
 
-    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.split_rngs(splits=count)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=sharding.stacked_layers_metadata())
     def create(rngs: nnx.Rngs) -> Block:
-        return Block(cfg, rngs=rngs)
+        return Block(cfg, rngs=rngs, moe_layer=moe_layer)
 
     return create(rngs)
 

@@ -24,6 +24,7 @@ from flax import nnx
 from llm import config_validation
 from llm.data import records
 from llm.model.logprobs import log_normalizer, target_logprobs
+from llm.model.moe import RouterStats
 from llm.model.pooling import pool, truncate
 from llm.model.transformer import Transformer
 
@@ -149,9 +150,12 @@ def lm_terms(
     train_cfg: ml_collections.ConfigDict,
     loss_params: LossParams,
 ) -> LossTerms:
-    """Next-token cross-entropy plus the z-loss term; the metric is the cross-entropy alone."""
+    """Next-token cross-entropy plus the z-loss term (and an MoE model's router losses); the metric "loss" is
+    the cross-entropy alone."""
     del reference, loss_params  # Only DPO has a reference; only the contrastive loss has parameters.
-    features = model.features(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key)
+    features, router = model.features_and_router_stats(
+        batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=key
+    )
     weights = next_token_weights(batch["segment_ids"], batch["loss_mask"])
     if train_cfg.loss_chunk_size:
         cross_entropy, z_term, weight = chunked_next_token_loss(
@@ -161,7 +165,32 @@ def lm_terms(
         cross_entropy, z_term, weight = next_token_loss(
             model.logits(features), batch["tokens"], weights, train_cfg.z_loss
         )
-    return cross_entropy + z_term, {"loss": cross_entropy}, weight
+    value, sums = cross_entropy + z_term, {"loss": cross_entropy}
+    if router is not None:
+        router_value, router_sums = router_terms(model.cfg, router, weight)
+        value, sums = value + router_value, {**sums, **router_sums}
+    return value, sums, weight
+
+
+def router_terms(
+    model_cfg: ml_collections.ConfigDict, stats: RouterStats, weight: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """An MoE model's router losses (llm/model/moe.py), summed over its MoE layers, as a term of the objective
+    and metric sums, both scaled by the batch's `weight` like the cross-entropy sums (so dividing by the total
+    weight gives coefficient * loss, and accumulation a weighted mean over microbatches).
+
+    Metrics: moe_aux_loss and moe_z_loss (unweighted by their coefficients), and the share of the routed
+    token-slots of the busiest and of the idlest expert over all MoE layers (moe_load_max, moe_load_min;
+    1 / num_experts each when balanced)."""
+    aux_loss, z_loss = jnp.sum(stats.aux_loss), jnp.sum(stats.z_loss)
+    value = model_cfg.router_aux_loss_coef * aux_loss + model_cfg.router_z_loss_coef * z_loss
+    metrics = {
+        "moe_aux_loss": aux_loss,
+        "moe_z_loss": z_loss,
+        "moe_load_max": jnp.max(stats.load),
+        "moe_load_min": jnp.min(stats.load),
+    }
+    return weight * value, {name: weight * metric for name, metric in metrics.items()}
 
 
 def dpo_terms(

@@ -15,18 +15,26 @@ import ml_collections
 import tensorboardX
 
 from llm import devices
-from llm.model import layers
+from llm.model import layers, moe
 
 
 def matmul_params(model: ml_collections.ConfigDict) -> int:
     """Parameters that take part in a matmul for every token: all projection kernels and the unembedding.
 
-    Embedding lookups (token and learned positions) are gathers, not matmuls, and are not counted.
+    Embedding lookups (token and learned positions) are gathers, not matmuls, and are not counted. In an MoE
+    layer only the active parameters count: the router, the experts_per_token experts a token runs through and
+    the shared experts.
     """
     head = layers.head_dim(model)
     attention = model.embed_dim * head * (2 * model.num_heads + 2 * model.num_kv_heads)
-    mlp = (3 if model.mlp_activation == "swiglu" else 2) * model.embed_dim * model.mlp_dim
-    return model.num_layers * (attention + mlp) + model.embed_dim * model.vocab_size
+    matrices = 3 if model.mlp_activation == "swiglu" else 2
+    dense_mlp = matrices * model.embed_dim * model.mlp_dim
+    num_moe = model.num_layers // model.moe_every if model.num_experts else 0
+    active_experts = model.experts_per_token + model.num_shared_experts
+    moe_mlp = matrices * model.embed_dim * moe.expert_mlp_dim(model) * active_experts
+    moe_mlp += model.embed_dim * model.num_experts  # the router
+    mlp = (model.num_layers - num_moe) * dense_mlp + num_moe * moe_mlp
+    return model.num_layers * attention + mlp + model.embed_dim * model.vocab_size
 
 
 def train_flops_per_token(model: ml_collections.ConfigDict, seq_len: int) -> float:

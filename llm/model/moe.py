@@ -1,0 +1,154 @@
+"""Mixture-of-experts feed-forward layer (Switch, Mixtral, Qwen3-MoE, DeepSeek-MoE): each token runs through
+the `experts_per_token` of `num_experts` MLPs its router picks, plus any shared experts every token runs through.
+
+    router logits = x W_router                         in float32, (tokens, experts)
+    probabilities = softmax(logits); top-k experts; their probabilities renormalized to sum to 1 (Mixtral;
+                    Qwen3-MoE's norm_topk_prob=True). With top-1 the weight is then always 1 and the router
+                    learns from the auxiliary losses alone (Switch instead scales by the raw probability).
+    y = sum over the k chosen experts e of weight_e * MLP_e(x)  [+ shared MLP(x)]
+
+Parameters, named and shaped for the Hugging Face mappings: `router` (embed, experts), and per-expert stacked
+`gate`, `up` (experts, embed, mlp) and `down` (experts, mlp, embed) (`gate` with SwiGLU only); the shared
+experts are one ordinary `mlp.MLP` of width num_shared_experts * moe_mlp_dim (DeepSeek's fused shared experts,
+added ungated).
+
+Two computations of the same function, chosen by `model.moe_impl` (`IMPLEMENTATIONS`):
+  * "dropless": the (token, choice) slots sorted by expert, each expert's contiguous run multiplied by its
+    weights in one grouped matmul (`jax.lax.ragged_dot`), the results put back in token order and combined.
+    No token is ever dropped (no capacity factor), so a token's output does not depend on the other tokens of
+    the batch: decoding one token at a time gives what the full forward pass gives.
+  * "masked": the reference: every expert on every token, weighted by the routing (zero for the experts not
+    chosen). num_experts / experts_per_token times the FLOPs; the tests compare the two.
+
+Router statistics (`RouterStats`) come back beside the output, for the training loss and the metrics:
+  * load-balancing loss (Switch, Fedus et al. 2021): num_experts * sum_e f_e * P_e, where f_e is the fraction
+    of the token-slots routed to expert e and P_e the mean router probability of e; 1 when perfectly balanced.
+    (transformers' Mixtral counts f_e per token rather than per slot: its value is experts_per_token times this.)
+  * router z-loss (ST-MoE, Zoph et al. 2022): the mean over tokens of logsumexp(router logits)^2.
+  * load: f_e itself, for the busiest/idlest-expert metrics.
+Every token of the batch counts, padding included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from llm import sharding
+from llm.model import layers, mlp
+
+
+class RouterStats(NamedTuple):
+    """One MoE layer's routing statistics (or, summed/stacked, a model's: see transformer.py)."""
+
+    aux_loss: jax.Array  # () load-balancing loss
+    z_loss: jax.Array  # () router z-loss
+    load: jax.Array  # (experts,) fraction of the token-slots routed to each expert
+
+
+class Routing(NamedTuple):
+    experts: jax.Array  # (tokens, k) int32: the chosen experts of each token, best first
+    weights: jax.Array  # (tokens, k) float32: their renormalized probabilities
+    stats: RouterStats
+
+
+def expert_mlp_dim(cfg: ml_collections.ConfigDict) -> int:
+    return cfg.moe_mlp_dim or cfg.mlp_dim
+
+
+def is_moe_layer(cfg: ml_collections.ConfigDict, layer: int) -> bool:
+    """Whether block `layer` (0-based) has experts: every moe_every-th layer, the last of each group."""
+    return cfg.num_experts > 0 and (layer + 1) % cfg.moe_every == 0
+
+
+def route(logits: jax.Array, k: int) -> Routing:
+    """Top-k routing of float32 router logits (tokens, experts), with the layer's statistics."""
+    num_experts = logits.shape[-1]
+    probs = jax.nn.softmax(logits, axis=-1)
+    top_probs, experts = jax.lax.top_k(probs, k)
+    weights = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
+    # Slots per expert over all (token, choice) pairs; integer counts, so no gradient flows through f_e.
+    load = jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.float32) / experts.size
+    aux_loss = num_experts * jnp.sum(load * jnp.mean(probs, axis=0))
+    z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+    return Routing(experts, weights, RouterStats(aux_loss, z_loss, load))
+
+
+class MoE(nnx.Module):
+    """Routed experts (and optional shared experts) in place of a block's MLP."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.activation, self.impl = cfg.mlp_activation, cfg.moe_impl
+        self.experts_per_token = cfg.experts_per_token
+        self.dtype = jnp.dtype(cfg.dtype)
+        num, embed, hidden = cfg.num_experts, cfg.embed_dim, expert_mlp_dim(cfg)
+        param_dtype = jnp.dtype(cfg.param_dtype)
+
+        def param(axes: tuple[str, ...], shape: tuple[int, ...], std: float = layers.INIT_STD) -> nnx.Param:
+            return nnx.Param(layers.normal_init(axes, std)(rngs.params(), shape, param_dtype))
+
+        self.router = param(("embed", None), (embed, num))  # tiny: split like the other embed-input weights
+        if self.activation == "swiglu":
+            self.gate = param(("expert", "expert_embed", "mlp"), (num, embed, hidden))
+        self.up = param(("expert", "expert_embed", "mlp"), (num, embed, hidden))
+        self.down = param(("expert", "mlp", "expert_embed"), (num, hidden, embed), layers.residual_std(cfg))
+        shared_cfg = ml_collections.ConfigDict(cfg.to_dict())
+        shared_cfg.mlp_dim = cfg.num_shared_experts * hidden
+        self.shared = mlp.MLP(shared_cfg, rngs=rngs) if cfg.num_shared_experts else None
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> tuple[jax.Array, RouterStats]:
+        """x (batch, length, embed) -> (output of the same shape, the layer's RouterStats). `dropout_key` drives
+        the shared MLP's LoRA dropout, as `mlp.MLP`'s."""
+        tokens = x.reshape(-1, x.shape[-1])
+        # Routing in float32, whatever the compute dtype: top-k choices are sensitive to rounding.
+        logits = tokens.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+        routing = route(logits, self.experts_per_token)
+        out = IMPLEMENTATIONS[self.impl](self, tokens.astype(self.dtype), routing).reshape(x.shape)
+        if self.shared is not None:
+            out = out + self.shared(x, dropout_key)
+        return sharding.constrain(out, ("batch", "length", "embed")), routing.stats
+
+    def _weights(self) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+        gate = self.gate[...].astype(self.dtype) if self.activation == "swiglu" else None
+        return gate, self.up[...].astype(self.dtype), self.down[...].astype(self.dtype)
+
+    def _hidden(self, up: jax.Array, gate: jax.Array | None) -> jax.Array:
+        if self.activation == "swiglu":
+            return jax.nn.silu(gate) * up
+        return jax.nn.gelu(up, approximate=True)  # GPT-2's gelu_new, as mlp.MLP.
+
+
+def dropless(layer: MoE, tokens: jax.Array, routing: Routing) -> jax.Array:
+    """Sort the token-slots by expert, one grouped matmul per projection, unsort, combine: (tokens, embed)."""
+    gate_w, up_w, down_w = layer._weights()
+    num_experts, k = up_w.shape[0], routing.experts.shape[-1]
+    slot_experts = routing.experts.reshape(-1)  # slot t * k + j is token t's j-th choice
+    order = jnp.argsort(slot_experts, stable=True)
+    sorted_tokens = tokens[order // k]
+    group_sizes = jnp.bincount(slot_experts, length=num_experts).astype(jnp.int32)
+    matmul = lambda lhs, rhs: jax.lax.ragged_dot(lhs, rhs, group_sizes)
+    gate = matmul(sorted_tokens, gate_w) if gate_w is not None else None
+    hidden = layer._hidden(matmul(sorted_tokens, up_w), gate)
+    outputs = matmul(hidden, down_w)[jnp.argsort(order)]  # back in slot order
+    outputs = outputs.reshape(tokens.shape[0], k, -1)
+    return jnp.einsum("tkd,tk->td", outputs, routing.weights.astype(outputs.dtype))
+
+
+def masked(layer: MoE, tokens: jax.Array, routing: Routing) -> jax.Array:
+    """The reference: every expert on every token, each output weighted by its routing weight (0 if unchosen)."""
+    gate_w, up_w, down_w = layer._weights()
+    gate = jnp.einsum("td,edh->eth", tokens, gate_w) if gate_w is not None else None
+    hidden = layer._hidden(jnp.einsum("td,edh->eth", tokens, up_w), gate)
+    outputs = jnp.einsum("eth,ehd->etd", hidden, down_w)
+    one_hot = jax.nn.one_hot(routing.experts, up_w.shape[0], dtype=jnp.float32)  # (tokens, k, experts)
+    combine = jnp.einsum("tke,tk->te", one_hot, routing.weights).astype(outputs.dtype)
+    return jnp.einsum("etd,te->td", outputs, combine)
+
+
+# model.moe_impl -> its computation; the keys are exactly configs.base.CHOICES["model.moe_impl"] (tested).
+IMPLEMENTATIONS: dict[str, Callable[[MoE, jax.Array, Routing], jax.Array]] = {"dropless": dropless, "masked": masked}

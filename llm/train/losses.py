@@ -1,10 +1,12 @@
 """The training objectives and their losses, in float32: next-token cross-entropy (with a loss mask and an
-optional z-loss), DPO and contrastive embedding training, chosen by `train.objective` from `OBJECTIVES`.
+optional z-loss), DPO, contrastive embedding training and knowledge distillation, chosen by `train.objective`
+from `OBJECTIVES`.
 
 `next_token_loss` takes the logits; `chunked_next_token_loss` takes the final hidden states and the output
 projection, and computes the same sums chunk by chunk along the sequence, recomputing each chunk's logits in
 the backward pass. With a large vocabulary the full (batch, length, vocab) float32 logits, and their
-gradient, are then never in memory at once.
+gradient, are then never in memory at once. Distillation does the same with the teacher's logits beside the
+student's (`chunked_distill_sums`).
 
 An objective returns sums, not means (`LossTerms`), so gradient accumulation over microbatches divides once
 by the total weight and equals the full batch. (The contrastive loss is the exception in substance: see
@@ -14,7 +16,7 @@ by the total weight and equals the full batch. (The contrastive loss is the exce
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,7 @@ from flax import nnx
 
 from llm import config_validation
 from llm.data import records
-from llm.model.logprobs import log_normalizer, target_logprobs
+from llm.model.logprobs import log_normalizer, log_softmax, target_logprobs
 from llm.model.pooling import pool, truncate
 from llm.model.transformer import Transformer
 
@@ -85,25 +87,34 @@ def chunked_next_token_loss(
     chunk_size: int,
 ) -> LossSums:
     """`next_token_loss(project(features), ...)`, `chunk_size` positions of logits at a time."""
-    features, targets = features[:, :-1], tokens[:, 1:]
-    length = features.shape[1]
+    return _chunk_sums(
+        lambda f, t, w: _loss_sums(project(f), t, w, z_loss), (features[:, :-1], tokens[:, 1:], weights), chunk_size
+    )
+
+
+def _chunk_sums(sums: Callable[..., Any], inputs: tuple[jax.Array, ...], chunk_size: int) -> Any:
+    """`sums(*inputs)` (a pytree of sums over positions) added up `chunk_size` positions at a time.
+
+    The inputs are (batch, length, ...) arrays, aligned so that position t of each belongs to prediction t and
+    padded positions must carry weight 0 (every `sums` here weighs its terms). Each chunk is rematerialized in
+    the backward pass, so only one chunk's logits (and their gradient) are ever in memory.
+    """
+    length = inputs[0].shape[1]
     num_chunks = -(-length // chunk_size)
     pad = num_chunks * chunk_size - length  # Padded positions carry weight 0.
-    features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
-    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
 
     def chunks(x: jax.Array) -> jax.Array:  # (batch, length, ...) -> (num_chunks, batch, chunk_size, ...)
+        x = jnp.pad(x, ((0, 0), (0, pad), *[(0, 0)] * (x.ndim - 2)))
         return jnp.swapaxes(x.reshape(x.shape[0], num_chunks, chunk_size, *x.shape[2:]), 0, 1)
 
-    @jax.checkpoint
-    def chunk_sums(f: jax.Array, t: jax.Array, w: jax.Array) -> LossSums:
-        return _loss_sums(project(f), t, w, z_loss)
+    chunk_sums = jax.checkpoint(sums)
+    chunked = tuple(chunks(x) for x in inputs)
 
-    def body(totals: LossSums, inputs: tuple) -> tuple[LossSums, None]:
-        return jax.tree.map(jnp.add, totals, chunk_sums(*inputs)), None
+    def body(totals: Any, chunk: tuple) -> tuple[Any, None]:
+        return jax.tree.map(jnp.add, totals, chunk_sums(*chunk)), None
 
-    zero = jnp.zeros((), jnp.float32)
-    totals, _ = jax.lax.scan(body, (zero, zero, zero), (chunks(features), chunks(targets), chunks(weights)))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, *(x[0] for x in chunked)))
+    totals, _ = jax.lax.scan(body, zeros, chunked)
     return totals
 
 
@@ -162,6 +173,116 @@ def lm_terms(
             model.logits(features), batch["tokens"], weights, train_cfg.z_loss
         )
     return cross_entropy + z_term, {"loss": cross_entropy}, weight
+
+
+class DistillSums(NamedTuple):
+    """Sums over a batch's weighted next-token predictions: the student's cross-entropy and z-loss term, the
+    KL from the teacher at temperature T (unscaled), and the weight."""
+
+    cross_entropy: jax.Array
+    z_term: jax.Array
+    kl: jax.Array
+    weight: jax.Array
+
+
+def forward_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """KL(p || q) per position (...) float32, p and q the softmax of the teacher's and the student's logits / T.
+
+    The forward KL of Hinton et al. (2015): the student is pulled towards every token the teacher gives mass,
+    and it equals the cross-entropy against the teacher's soft targets less the teacher's (constant) entropy.
+    """
+    teacher_logprobs = log_softmax(teacher_logits.astype(jnp.float32) / temperature)
+    student_logprobs = log_softmax(student_logits.astype(jnp.float32) / temperature)
+    return jnp.sum(jnp.exp(teacher_logprobs) * (teacher_logprobs - student_logprobs), axis=-1)
+
+
+def _distill_sums(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    temperature: float,
+    z_loss: float,
+) -> DistillSums:
+    cross_entropy, z_term, weight = _loss_sums(student_logits, targets, weights, z_loss)
+    kl = jnp.sum(forward_kl(student_logits, teacher_logits, temperature) * weights)
+    return DistillSums(cross_entropy, z_term, kl, weight)
+
+
+def distill_sums(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    tokens: jax.Array,
+    weights: jax.Array,
+    temperature: float,
+    z_loss: float = 0.0,
+) -> DistillSums:
+    """`DistillSums` of predicting tokens[:, 1:] from both models' logits (batch, length, vocab); only the
+    predictions `weights` counts (`next_token_weights`: the loss mask, within a document) enter either sum."""
+    return _distill_sums(
+        student_logits, teacher_logits, *_targets_at_every_position(tokens, weights), temperature, z_loss
+    )
+
+
+def chunked_distill_sums(
+    student_features: jax.Array,
+    teacher_features: jax.Array,
+    project: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+    tokens: jax.Array,
+    weights: jax.Array,
+    temperature: float,
+    z_loss: float,
+    chunk_size: int,
+) -> DistillSums:
+    """`distill_sums` from both models' final hidden states, `chunk_size` positions at a time:
+    `project(student_chunk, teacher_chunk)` gives the chunk's logits of both, so neither model's full
+    (batch, length, vocab) logits exist at once."""
+
+    def sums(student: jax.Array, teacher: jax.Array, targets: jax.Array, w: jax.Array) -> DistillSums:
+        return _distill_sums(*project(student, teacher), targets, w, temperature, z_loss)
+
+    inputs = (student_features[:, :-1], teacher_features[:, :-1], tokens[:, 1:], weights)
+    return _chunk_sums(sums, inputs, chunk_size)
+
+
+def distill_objective(sums: DistillSums, alpha: float, temperature: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(objective, metric sums): alpha * T^2 * KL + (1 - alpha) * cross-entropy, plus the student's z-loss term.
+
+    The soft targets' gradients scale as 1/T^2, so T^2 keeps the two terms' balance when T changes (Hinton
+    et al.). The metrics are the mixed loss and its two parts, each summed over the weighted predictions.
+    """
+    mixed = alpha * temperature**2 * sums.kl + (1.0 - alpha) * sums.cross_entropy
+    return mixed + sums.z_term, {"loss": mixed, "distill_kl": sums.kl, "distill_ce": sums.cross_entropy}
+
+
+def distill_terms(
+    model: Transformer,
+    teacher: Transformer | None,
+    batch: Batch,
+    key: jax.Array | None,
+    train_cfg: ml_collections.ConfigDict,
+    loss_params: LossParams,
+) -> LossTerms:
+    """Knowledge distillation of `model` from the frozen `teacher` on the same batch (`distill_objective`)."""
+    del loss_params
+    tokens, positions, segment_ids = batch["tokens"], batch["positions"], batch["segment_ids"]
+    features = model.features(tokens, positions, segment_ids, dropout_key=key)
+    teacher_features = jax.lax.stop_gradient(teacher.features(tokens, positions, segment_ids))
+    weights = next_token_weights(segment_ids, batch["loss_mask"])
+    temperature, z_loss = train_cfg.distill_temperature, train_cfg.z_loss
+    if train_cfg.loss_chunk_size:
+
+        def project(student_chunk: jax.Array, teacher_chunk: jax.Array) -> tuple[jax.Array, jax.Array]:
+            return model.logits(student_chunk), jax.lax.stop_gradient(teacher.logits(teacher_chunk))
+
+        sums = chunked_distill_sums(
+            features, teacher_features, project, tokens, weights, temperature, z_loss, train_cfg.loss_chunk_size
+        )
+    else:
+        teacher_logits = jax.lax.stop_gradient(teacher.logits(teacher_features))
+        sums = distill_sums(model.logits(features), teacher_logits, tokens, weights, temperature, z_loss)
+    value, metrics = distill_objective(sums, train_cfg.distill_alpha, temperature)
+    return value, metrics, sums.weight
 
 
 def dpo_terms(
@@ -285,6 +406,8 @@ class Objective(NamedTuple):
     perplexity: bool  # The loss is a mean next-token cross-entropy, so exp(loss) is a perplexity.
     # The objective's own trained parameters beside the model's (train config -> {name: initial nnx.Param}).
     params: Callable[[ml_collections.ConfigDict], dict[str, nnx.Param]] = _no_params
+    # Trains against the frozen train.teacher (distillation), passed to `terms` where DPO gets its reference.
+    teacher: bool = False
 
 
 # train.objective -> its objective; the keys are exactly configs.base.CHOICES["train.objective"] (tested).
@@ -294,4 +417,5 @@ OBJECTIVES = {
     "contrastive": Objective(
         contrastive_terms, records.TRIPLE_FIELDS, reference=False, perplexity=False, params=contrastive_params
     ),
+    "distill": Objective(distill_terms, records.FIELDS, reference=False, perplexity=False, teacher=True),
 }

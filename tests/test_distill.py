@@ -88,7 +88,9 @@ def test_loss_equals_the_hand_computed_value():
     kl_sum, ce_sum = np.sum(kl * weights[0]), np.sum(cross_entropy * weights[0])
     expected = alpha * temperature**2 * kl_sum + (1 - alpha) * ce_sum
 
-    sums = losses.distill_sums(jnp.asarray(student), jnp.asarray(teacher), tokens, jnp.asarray(weights), temperature)
+    # Position t predicts token t + 1: the logits of the last position have no target.
+    student, teacher, targets = jnp.asarray(student[:, :4]), jnp.asarray(teacher[:, :4]), tokens[:, 1:]
+    sums = losses.distill_sums(student, teacher, targets, jnp.asarray(weights), temperature)
     value, metrics = losses.distill_objective(sums, alpha, temperature)
     assert float(value) == pytest.approx(expected, rel=1e-5)
     assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)

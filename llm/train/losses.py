@@ -186,42 +186,26 @@ class DistillSums(NamedTuple):
 
 
 def forward_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
-    """KL(p || q) per position (...) float32, p and q the softmax of the teacher's and the student's logits / T.
-
-    The forward KL of Hinton et al. (2015): the student is pulled towards every token the teacher gives mass,
-    and it equals the cross-entropy against the teacher's soft targets less the teacher's (constant) entropy.
-    """
+    """KL(p || q) per position (...) float32, p and q the softmax of the teacher's and the student's logits / T:
+    the forward KL of Hinton et al. (2015), which pulls the student towards every token the teacher gives mass."""
     teacher_logprobs = log_softmax(teacher_logits.astype(jnp.float32) / temperature)
     student_logprobs = log_softmax(student_logits.astype(jnp.float32) / temperature)
     return jnp.sum(jnp.exp(teacher_logprobs) * (teacher_logprobs - student_logprobs), axis=-1)
 
 
-def _distill_sums(
+def distill_sums(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
     targets: jax.Array,
     weights: jax.Array,
     temperature: float,
-    z_loss: float,
+    z_loss: float = 0.0,
 ) -> DistillSums:
+    """`DistillSums` from both models' logits (batch, length, vocab) at the positions that predict `targets`
+    (batch, length); only the predictions `weights` counts (the loss mask, within a document) enter the sums."""
     cross_entropy, z_term, weight = _loss_sums(student_logits, targets, weights, z_loss)
     kl = jnp.sum(forward_kl(student_logits, teacher_logits, temperature) * weights)
     return DistillSums(cross_entropy, z_term, kl, weight)
-
-
-def distill_sums(
-    student_logits: jax.Array,
-    teacher_logits: jax.Array,
-    tokens: jax.Array,
-    weights: jax.Array,
-    temperature: float,
-    z_loss: float = 0.0,
-) -> DistillSums:
-    """`DistillSums` of predicting tokens[:, 1:] from both models' logits (batch, length, vocab); only the
-    predictions `weights` counts (`next_token_weights`: the loss mask, within a document) enter either sum."""
-    return _distill_sums(
-        student_logits, teacher_logits, *_targets_at_every_position(tokens, weights), temperature, z_loss
-    )
 
 
 def chunked_distill_sums(
@@ -239,7 +223,7 @@ def chunked_distill_sums(
     (batch, length, vocab) logits exist at once."""
 
     def sums(student: jax.Array, teacher: jax.Array, targets: jax.Array, w: jax.Array) -> DistillSums:
-        return _distill_sums(*project(student, teacher), targets, w, temperature, z_loss)
+        return distill_sums(*project(student, teacher), targets, w, temperature, z_loss)
 
     inputs = (student_features[:, :-1], teacher_features[:, :-1], tokens[:, 1:], weights)
     return _chunk_sums(sums, inputs, chunk_size)
@@ -280,7 +264,8 @@ def distill_terms(
         )
     else:
         teacher_logits = jax.lax.stop_gradient(teacher.logits(teacher_features))
-        sums = distill_sums(model.logits(features), teacher_logits, tokens, weights, temperature, z_loss)
+        targets, weights = _targets_at_every_position(tokens, weights)
+        sums = distill_sums(model.logits(features), teacher_logits, targets, weights, temperature, z_loss)
     value, metrics = distill_objective(sums, train_cfg.distill_alpha, temperature)
     return value, metrics, sums.weight
 

@@ -21,19 +21,22 @@ if [ ! -d "${DATA_DIR}/train" ]; then
   exit 1
 fi
 
-train() {
-  "${PYTHON}" scripts/train.py --config.data.path="${DATA_DIR}" --alsologtostderr "$@"
+train() {  # train CONFIG WORKDIR [FLAGS...]
+  local config=$1 workdir=$2
+  shift 2
+  "${PYTHON}" scripts/train.py --config="${config}" --workdir="${workdir}" --config.data.path="${DATA_DIR}" \
+    --alsologtostderr "$@"
 }
 student_flags=(--config.train.num_steps="${STUDENT_STEPS}" --config.train.batch_size="${STUDENT_BATCH}"
   --config.train.eval_every="${STUDENT_STEPS}" --config.train.checkpoint_every="${STUDENT_STEPS}"
   --config.optimizer.warmup_steps=$((STUDENT_STEPS / 10)))
 
 echo "== Teacher: configs/teacher_es.py, ${TEACHER_STEPS} steps of 16 rows"
-train --config=configs/teacher_es.py --workdir="${RUNS_DIR}/teacher" --config.train.num_steps="${TEACHER_STEPS}" "$@"
+train configs/teacher_es.py "${RUNS_DIR}/teacher" --config.train.num_steps="${TEACHER_STEPS}" "$@"
 echo "== Student with cross-entropy only: configs/tiny_es.py, ${STUDENT_STEPS} steps of ${STUDENT_BATCH} rows"
-train --config=configs/tiny_es.py --workdir="${RUNS_DIR}/student_ce" "${student_flags[@]}" "$@"
+train configs/tiny_es.py "${RUNS_DIR}/student_ce" "${student_flags[@]}" "$@"
 echo "== The same student distilled from the teacher: configs/distill_es.py"
-train --config=configs/distill_es.py --workdir="${RUNS_DIR}/student_distilled" \
+train configs/distill_es.py "${RUNS_DIR}/student_distilled" \
   --config.train.teacher="${RUNS_DIR}/teacher" "${student_flags[@]}" "$@"
 
 for run in teacher student_ce student_distilled; do

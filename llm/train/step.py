@@ -7,16 +7,16 @@ One trainer serves pretraining and fine-tuning. The config chooses
   * the objective (`train.objective`, llm/train/losses.py): next-token cross-entropy, DPO against a
     frozen reference, contrastive embedding training, or distillation from a frozen teacher (another run,
     loaded by llm/train/teacher.py, with a graph of its own).
-The model's parameters are split into `params` (trainable: the only ones with optimizer state) and `frozen`
-(the rest, plus the DPO reference or the distillation teacher). An objective's own parameters (the contrastive
-loss's learnable temperature) join `params` as extra top-level entries rather than a new part of the state:
-the same code then trains, clips, shards (replicated), checkpoints and resumes them with the model's (weight
-decay skips them: they are no `kernel`), and loading a run for inference restores the model's entries only (a
-partial restore), so it never sees them. The train state is a plain dict `{"step", "params", "opt_state"}` and
-is what checkpoints hold; frozen parameters are rebuilt at start-up from the seed and `init_from`
-(`trained_model`) or loaded (the teacher), so a LoRA or prompt-tuning checkpoint is just its adapters or its
-prompt. Every jitted function declares its shardings, and the train step donates the old state so it is
-updated in place.
+The model's parameters are split into `params` (trainable: the only ones with optimizer state) and
+`frozen` (the rest, plus the DPO reference). An objective's own parameters (the contrastive loss's learnable
+temperature) join `params` as extra top-level entries rather than a new part of the state: the same code
+then trains, clips, shards (replicated), checkpoints and resumes them with the model's (weight decay skips
+them: they are no `kernel`), and loading a run for inference restores the model's entries only (a partial
+restore), so it never sees them. The train state is a plain dict `{"step", "params",
+"opt_state"}` and is what checkpoints hold; frozen parameters are rebuilt at start-up from the seed and
+`init_from` (`trained_model`), so a LoRA or prompt-tuning checkpoint is just its adapters or its prompt.
+Every jitted function declares its shardings, and the train step donates the old state so it is updated
+in place.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 # Knowledge distillation on the embedded Spanish corpus, about 12 minutes of CPU time on 2 cores (20 by the
 # clock on a shared machine): a teacher wider than tiny_es and trained on three times the tokens
 # (configs/teacher_es.py), a tiny_es student trained with cross-entropy only, the same student distilled from
-# the teacher for the same steps (configs/distill_es.py), then bits-per-byte of the three side by side (scripts/evaluate.py --tasks=bpb).
+# the teacher for the same steps (configs/distill_es.py), then bits-per-byte of the three side by side
+# (scripts/evaluate.py --tasks=bpb).
 #
 # Needs the quickstart's data (scripts/quickstart.sh). Settings by environment variable:
 #   DATA_DIR (data/es_default), RUNS_DIR (runs/distill_demo), PYTHON (.venv/bin/python),

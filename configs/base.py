@@ -41,10 +41,12 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.moe_impl": ("dropless", "masked"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
-    "train.objective": ("lm", "dpo", "contrastive"),
+    "train.objective": ("lm", "dpo", "contrastive", "distill"),
     "train.contrastive_pooling": ("mean", "last"),
     "train.trainable": ("all", "lora", "soft_prompt"),
     "train.quantize_base": ("none", "int8", "int4"),
+    "train.teacher_dtype": ("float32", "bfloat16"),
+    "train.teacher_quantization": ("none", "int8"),
     "quantization.mode": ("none", "int8", "int4", "int8_act"),
 }
 
@@ -133,8 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 1000  # Optimizer steps.
-    # "lm" (next-token cross-entropy), "dpo" (preference pairs, needs init_from) or "contrastive" (a sentence
-    # embedder from (query, positive, negative?) triples: scripts/prepare_pairs.py).
+    # "lm" (next-token cross-entropy), "dpo" (preference pairs, needs init_from), "contrastive" (a sentence
+    # embedder from (query, positive, negative?) triples: scripts/prepare_pairs.py) or "distill" (knowledge
+    # distillation from train.teacher: llm/train/teacher.py).
     train.objective = "lm"
     # "all" parameters, "lora" (only the adapters; needs model.lora_rank > 0) or "soft_prompt" (only the
     # prompt-tuning embeddings; needs model.soft_prompt_length > 0).
@@ -144,6 +147,14 @@ def get_config() -> ml_collections.ConfigDict:
     train.quantize_group_size = 128  # Inputs per int4 scale (0: one scale per output channel).
     train.dpo_beta = 0.1  # DPO: strength of the KL constraint to the reference model.
     train.dpo_label_smoothing = 0.0  # DPO: assumed probability that a preference label is wrong (cDPO).
+    # Distill: the frozen teacher, any run directory (trained here, fine-tuned, LoRA, quantized or imported from
+    # Hugging Face); it must share the student's tokenizer. Loaded at start-up, never checkpointed.
+    train.teacher = ""
+    # Distill: weight of the teacher term; loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE.
+    train.distill_alpha = 0.5
+    train.distill_temperature = 1.0  # Distill: T, dividing both models' logits before the KL (Hinton et al.).
+    train.teacher_dtype = "float32"  # Distill: the teacher's parameters and compute: "float32" or "bfloat16".
+    train.teacher_quantization = "none"  # Distill: "none" or "int8" (Qwix weight-only, as scripts/quantize.py).
     train.contrastive_temperature = 0.05  # Contrastive: logits are cosine similarity / this (the start if learned).
     train.contrastive_learn_temperature = False  # Contrastive: train the temperature too (CLIP), floored at 0.01.
     # Contrastive: comma-separated Matryoshka widths below embed_dim, e.g. "32,64": the loss is averaged over

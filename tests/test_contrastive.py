@@ -18,7 +18,7 @@ from llm.io import SourceError
 from llm.model import pooling
 from llm.rag.embeddings import Embedder
 from llm.tokenizer import load_tokenizer
-from llm.train import loop, losses
+from llm.train import contrastive_loss, loop
 
 SUBJECTS = ["La niña", "El señor García", "Mi abuela", "El pingüino", "La compañía", "Un músico", "La ciudad"]
 VERBS = ["canta", "escribe", "cocina", "estudia", "camina", "trabaja", "sueña"]
@@ -51,11 +51,11 @@ def numpy_loss(q, p, n, has_negative, temperature, dims):
 def test_ranking_loss_equals_the_hand_computed_value(has_negative, dims):
     q, p, n = np.random.default_rng(0).normal(size=(3, 4, 8)).astype(np.float32)
     has_negative = np.array(has_negative)
-    loss, correct = losses.ranking_loss(q, p, n, jnp.asarray(has_negative), 0.5, dims)
+    loss, correct = contrastive_loss.ranking_loss(q, p, n, jnp.asarray(has_negative), 0.5, dims)
     want_loss, want_correct = numpy_loss(q, p, n, has_negative, 0.5, dims)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     np.testing.assert_array_equal(correct, want_correct)
-    grads = jax.grad(lambda x: losses.ranking_loss(x, p, n, has_negative, 0.5, dims)[0].sum())(q)
+    grads = jax.grad(lambda x: contrastive_loss.ranking_loss(x, p, n, has_negative, 0.5, dims)[0].sum())(q)
     assert np.isfinite(grads).all()  # masked negatives (-inf logits) leave no NaN behind
 
 
@@ -250,7 +250,7 @@ def test_a_tiny_embedder_learns_mined_pairs_resumes_and_embeds_as_trained(pairs_
     resumed, saved, trained = crash_then_resume(config, str(tmp_path / "crashed"), monkeypatch, batches=15)
     assert saved == 10 and resumed.start_step == 10 and resumed.steps_run == trained == 20
     want, got = saved_state(config, uninterrupted), saved_state(config, str(tmp_path / "crashed"))
-    assert losses.LOG_TEMPERATURE in want["params"]
+    assert contrastive_loss.LOG_TEMPERATURE in want["params"]
     jax.tree.map(np.testing.assert_array_equal, want, got)
 
     embedder = Embedder.from_run(uninterrupted)  # pooling and prefixes default to the run's training

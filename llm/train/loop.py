@@ -32,6 +32,7 @@ from llm.train import (
     optimizer as optimizer_lib,
     start as start_lib,
     step as step_lib,
+    teacher as teacher_lib,
     tracking,
 )
 
@@ -90,8 +91,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         os.path.join(os.path.abspath(workdir), "checkpoints"), config.train.keep_checkpoints
     )
     with sharding.use_mesh(mesh, rules):
-        steps = step_lib.build_steps(config, mesh, optimizer, schedule)
-        start, state, frozen = start_lib.restore_or_init(config, steps, checkpointer, data)
+        teacher = teacher_lib.load_teacher(config, mesh) if losses.OBJECTIVES[config.train.objective].teacher else None
+        steps = step_lib.build_steps(config, mesh, optimizer, schedule, teacher)
+        start, state, frozen = start_lib.restore_or_init(config, steps, checkpointer, data, teacher)
         start_lib.write_run_files(config, workdir)
         trackers = tracking.open_trackers(config, workdir)
         # The writer closes last, so MLflow gets the emissions.json of this session as an artifact.

@@ -1,32 +1,33 @@
 """The training objectives and their losses, in float32: next-token cross-entropy (with a loss mask and an
-optional z-loss), DPO and contrastive embedding training, chosen by `train.objective` from `OBJECTIVES`.
+optional z-loss), DPO, contrastive embedding training and knowledge distillation, chosen by `train.objective`
+from `OBJECTIVES`.
 
 `next_token_loss` takes the logits; `chunked_next_token_loss` takes the final hidden states and the output
 projection, and computes the same sums chunk by chunk along the sequence, recomputing each chunk's logits in
 the backward pass. With a large vocabulary the full (batch, length, vocab) float32 logits, and their
-gradient, are then never in memory at once.
+gradient, are then never in memory at once. Distillation does the same with the teacher's logits beside the
+student's (`chunked_distill_sums`).
 
 An objective returns sums, not means (`LossTerms`), so gradient accumulation over microbatches divides once
-by the total weight and equals the full batch. (The contrastive loss is the exception in substance: see
-`contrastive_terms`.)
+by the total weight and equals the full batch. (The contrastive loss, in contrastive_loss.py, is the exception in
+substance: see its `contrastive_terms`.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from llm import config_validation
 from llm.data import records
-from llm.model.logprobs import log_normalizer, target_logprobs
+from llm.model.logprobs import log_normalizer, log_softmax, target_logprobs
 from llm.model.moe import RouterStats
-from llm.model.pooling import pool, truncate
 from llm.model.transformer import Transformer
+from llm.train import contrastive_loss
 
 LossSums = tuple[jax.Array, jax.Array, jax.Array]  # (cross-entropy sum, z-loss term, weight sum)
 # (objective to differentiate, metric sums, weight): metrics are sums so that accumulation is exact.
@@ -34,10 +35,6 @@ LossTerms = tuple[jax.Array, dict[str, jax.Array], jax.Array]
 Batch = dict[str, jax.Array]
 LossParams = dict[str, jax.Array]  # An objective's own trained parameters (the learnable temperature), by name.
 DPO_SIDES = ("chosen", "rejected")
-# The learnable temperature's name among the trained parameters (step.py), and its floor: CLIP's cap of 100 on
-# the logit scale, which keeps the softmax from collapsing onto the largest similarity.
-LOG_TEMPERATURE = "contrastive_log_temperature"
-MIN_TEMPERATURE = 0.01
 
 
 def next_token_weights(segment_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -86,25 +83,34 @@ def chunked_next_token_loss(
     chunk_size: int,
 ) -> LossSums:
     """`next_token_loss(project(features), ...)`, `chunk_size` positions of logits at a time."""
-    features, targets = features[:, :-1], tokens[:, 1:]
-    length = features.shape[1]
+    return _chunk_sums(
+        lambda f, t, w: _loss_sums(project(f), t, w, z_loss), (features[:, :-1], tokens[:, 1:], weights), chunk_size
+    )
+
+
+def _chunk_sums(sums: Callable[..., Any], inputs: tuple[jax.Array, ...], chunk_size: int) -> Any:
+    """`sums(*inputs)` (a pytree of sums over positions) added up `chunk_size` positions at a time.
+
+    The inputs are (batch, length, ...) arrays, aligned so that position t of each belongs to prediction t and
+    padded positions must carry weight 0 (every `sums` here weighs its terms). Each chunk is rematerialized in
+    the backward pass, so only one chunk's logits (and their gradient) are ever in memory.
+    """
+    length = inputs[0].shape[1]
     num_chunks = -(-length // chunk_size)
     pad = num_chunks * chunk_size - length  # Padded positions carry weight 0.
-    features = jnp.pad(features, ((0, 0), (0, pad), (0, 0)))
-    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
 
     def chunks(x: jax.Array) -> jax.Array:  # (batch, length, ...) -> (num_chunks, batch, chunk_size, ...)
+        x = jnp.pad(x, ((0, 0), (0, pad), *[(0, 0)] * (x.ndim - 2)))
         return jnp.swapaxes(x.reshape(x.shape[0], num_chunks, chunk_size, *x.shape[2:]), 0, 1)
 
-    @jax.checkpoint
-    def chunk_sums(f: jax.Array, t: jax.Array, w: jax.Array) -> LossSums:
-        return _loss_sums(project(f), t, w, z_loss)
+    chunk_sums = jax.checkpoint(sums)
+    chunked = tuple(chunks(x) for x in inputs)
 
-    def body(totals: LossSums, inputs: tuple) -> tuple[LossSums, None]:
-        return jax.tree.map(jnp.add, totals, chunk_sums(*inputs)), None
+    def body(totals: Any, chunk: tuple) -> tuple[Any, None]:
+        return jax.tree.map(jnp.add, totals, chunk_sums(*chunk)), None
 
-    zero = jnp.zeros((), jnp.float32)
-    totals, _ = jax.lax.scan(body, (zero, zero, zero), (chunks(features), chunks(targets), chunks(weights)))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(sums, *(x[0] for x in chunked)))
+    totals, _ = jax.lax.scan(body, zeros, chunked)
     return totals
 
 
@@ -193,6 +199,101 @@ def router_terms(
     return weight * value, {name: weight * metric for name, metric in metrics.items()}
 
 
+class DistillSums(NamedTuple):
+    """Sums over a batch's weighted next-token predictions: the student's cross-entropy and z-loss term, the
+    KL from the teacher at temperature T (unscaled), and the weight."""
+
+    cross_entropy: jax.Array
+    z_term: jax.Array
+    kl: jax.Array
+    weight: jax.Array
+
+
+def forward_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """KL(p || q) per position (...) float32, p and q the softmax of the teacher's and the student's logits / T:
+    the forward KL of Hinton et al. (2015), which pulls the student towards every token the teacher gives mass."""
+    teacher_logprobs = log_softmax(teacher_logits.astype(jnp.float32) / temperature)
+    student_logprobs = log_softmax(student_logits.astype(jnp.float32) / temperature)
+    return jnp.sum(jnp.exp(teacher_logprobs) * (teacher_logprobs - student_logprobs), axis=-1)
+
+
+def distill_sums(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    temperature: float,
+    z_loss: float = 0.0,
+) -> DistillSums:
+    """`DistillSums` from both models' logits (batch, length, vocab) at the positions that predict `targets`
+    (batch, length); only the predictions `weights` counts (the loss mask, within a document) enter the sums."""
+    cross_entropy, z_term, weight = _loss_sums(student_logits, targets, weights, z_loss)
+    kl = jnp.sum(forward_kl(student_logits, teacher_logits, temperature) * weights)
+    return DistillSums(cross_entropy, z_term, kl, weight)
+
+
+def chunked_distill_sums(
+    student_features: jax.Array,
+    teacher_features: jax.Array,
+    project: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+    tokens: jax.Array,
+    weights: jax.Array,
+    temperature: float,
+    z_loss: float,
+    chunk_size: int,
+) -> DistillSums:
+    """`distill_sums` from both models' final hidden states, `chunk_size` positions at a time:
+    `project(student_chunk, teacher_chunk)` gives the chunk's logits of both, so neither model's full
+    (batch, length, vocab) logits exist at once."""
+
+    def sums(student: jax.Array, teacher: jax.Array, targets: jax.Array, w: jax.Array) -> DistillSums:
+        return distill_sums(*project(student, teacher), targets, w, temperature, z_loss)
+
+    inputs = (student_features[:, :-1], teacher_features[:, :-1], tokens[:, 1:], weights)
+    return _chunk_sums(sums, inputs, chunk_size)
+
+
+def distill_objective(sums: DistillSums, alpha: float, temperature: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(objective, metric sums): alpha * T^2 * KL + (1 - alpha) * cross-entropy, plus the student's z-loss term.
+
+    The soft targets' gradients scale as 1/T^2, so T^2 keeps the two terms' balance when T changes (Hinton
+    et al.). The metrics are the mixed loss and its two parts, each summed over the weighted predictions.
+    """
+    mixed = alpha * temperature**2 * sums.kl + (1.0 - alpha) * sums.cross_entropy
+    return mixed + sums.z_term, {"loss": mixed, "distill_kl": sums.kl, "distill_ce": sums.cross_entropy}
+
+
+def distill_terms(
+    model: Transformer,
+    teacher: Transformer | None,
+    batch: Batch,
+    key: jax.Array | None,
+    train_cfg: ml_collections.ConfigDict,
+    loss_params: LossParams,
+) -> LossTerms:
+    """Knowledge distillation of `model` from the frozen `teacher` on the same batch (`distill_objective`)."""
+    del loss_params
+    tokens, positions, segment_ids = batch["tokens"], batch["positions"], batch["segment_ids"]
+    features = model.features(tokens, positions, segment_ids, dropout_key=key)
+    teacher_features = jax.lax.stop_gradient(teacher.features(tokens, positions, segment_ids))
+    weights = next_token_weights(segment_ids, batch["loss_mask"])
+    temperature, z_loss = train_cfg.distill_temperature, train_cfg.z_loss
+    if train_cfg.loss_chunk_size:
+
+        def project(student_chunk: jax.Array, teacher_chunk: jax.Array) -> tuple[jax.Array, jax.Array]:
+            return model.logits(student_chunk), jax.lax.stop_gradient(teacher.logits(teacher_chunk))
+
+        sums = chunked_distill_sums(
+            features, teacher_features, project, tokens, weights, temperature, z_loss, train_cfg.loss_chunk_size
+        )
+    else:
+        teacher_logits = jax.lax.stop_gradient(teacher.logits(teacher_features))
+        targets, weights = _targets_at_every_position(tokens, weights)
+        sums = distill_sums(model.logits(features), teacher_logits, targets, weights, temperature, z_loss)
+    value, metrics = distill_objective(sums, train_cfg.distill_alpha, temperature)
+    return value, metrics, sums.weight
+
+
 def dpo_terms(
     model: Transformer,
     reference: Transformer | None,
@@ -225,78 +326,6 @@ def dpo_terms(
     return sums["loss"], sums, jnp.asarray(policy_chosen.shape[0], jnp.float32)
 
 
-def ranking_loss(
-    queries: jax.Array,
-    positives: jax.Array,
-    negatives: jax.Array,
-    has_negative: jax.Array,
-    temperature: jax.Array | float,
-    dims: tuple[int, ...],
-) -> tuple[jax.Array, jax.Array]:
-    """Multiple-negatives ranking loss (InfoNCE over in-batch negatives) per query, and whether the query's
-    own positive scored highest: ((batch,), (batch,)) float32.
-
-    Query i is scored against every positive of the batch and every hard negative present (`has_negative`:
-    rows without one are left out), logits = cosine similarity / temperature, and its loss is the
-    cross-entropy of its own positive. With Matryoshka `dims` (the full width first), each prefix of the
-    embeddings is re-normalised and scored alike, and the loss is their mean; the accuracy is the full width's.
-    """
-    candidate_mask = jnp.concatenate([jnp.ones_like(has_negative, bool), has_negative.astype(bool)])
-    rows = jnp.arange(queries.shape[0])
-    losses, correct = [], None
-    for dim in dims:
-        q, p, n = (truncate(x.astype(jnp.float32), dim) for x in (queries, positives, negatives))
-        similarity = jnp.einsum("qd,cd->qc", q, jnp.concatenate([p, n]), precision=jax.lax.Precision.HIGHEST)
-        logits = jnp.where(candidate_mask[None, :], similarity / temperature, -jnp.inf)
-        losses.append(-jax.nn.log_softmax(logits, axis=-1)[rows, rows])
-        if correct is None:
-            correct = (jnp.argmax(logits, axis=-1) == rows).astype(jnp.float32)
-    return jnp.mean(jnp.stack(losses), axis=0), correct
-
-
-def contrastive_params(train_cfg: ml_collections.ConfigDict) -> dict[str, nnx.Param]:
-    """The learnable temperature, as log(temperature) from the configured start; nothing when it is fixed."""
-    if not train_cfg.contrastive_learn_temperature:
-        return {}
-    return {LOG_TEMPERATURE: nnx.Param(jnp.log(jnp.asarray(train_cfg.contrastive_temperature, jnp.float32)))}
-
-
-def contrastive_terms(
-    model: Transformer,
-    reference: Transformer | None,
-    batch: Batch,
-    key: jax.Array | None,
-    train_cfg: ml_collections.ConfigDict,
-    loss_params: LossParams,
-) -> LossTerms:
-    """`ranking_loss` of the batch's (query, positive, negative) rows (records.TRIPLE_FIELDS), pooled as the
-    embedder pools them (llm/model/pooling.py); the weight is the number of queries.
-
-    InfoNCE over in-batch negatives is not a sum over rows: each query's loss depends on the whole batch. With
-    train.grad_accum_steps > 1 the negatives of a query are those of its own microbatch (batch_size /
-    grad_accum_steps rows), so accumulation trades memory for a smaller, easier set of negatives; the sums
-    returned here keep the reported loss and the gradient the mean over all queries of their microbatch losses.
-    """
-    del reference
-    sides = records.CONTRASTIVE_SIDES
-    joined = {name: jnp.concatenate([batch[f"{side}_{name}"] for side in sides]) for name in records.FIELDS}
-    # Queries, positives and negatives go through the model as one batch of three times the rows.
-    hidden = model.features(joined["tokens"], joined["positions"], joined["segment_ids"], dropout_key=key)
-    queries, positives, negatives = jnp.split(
-        pool(hidden, joined["segment_ids"], train_cfg.contrastive_pooling, normalize=False), 3
-    )
-    if LOG_TEMPERATURE in loss_params:
-        temperature = jnp.maximum(jnp.exp(loss_params[LOG_TEMPERATURE]), MIN_TEMPERATURE)
-    else:
-        temperature = jnp.asarray(train_cfg.contrastive_temperature, jnp.float32)
-    dims = (queries.shape[-1], *config_validation.matryoshka_dims(train_cfg.matryoshka_dims, queries.shape[-1]))
-    has_negative = jnp.any(batch["negative_segment_ids"] > 0, axis=1)
-    per_query, correct = ranking_loss(queries, positives, negatives, has_negative, temperature, dims)
-    count = jnp.asarray(queries.shape[0], jnp.float32)
-    sums = {"loss": jnp.sum(per_query), "accuracy": jnp.sum(correct), "temperature": temperature * count}
-    return sums["loss"], sums, count
-
-
 TermsFn = Callable[
     [Transformer, Transformer | None, Batch, jax.Array | None, ml_collections.ConfigDict, LossParams], LossTerms
 ]
@@ -314,6 +343,8 @@ class Objective(NamedTuple):
     perplexity: bool  # The loss is a mean next-token cross-entropy, so exp(loss) is a perplexity.
     # The objective's own trained parameters beside the model's (train config -> {name: initial nnx.Param}).
     params: Callable[[ml_collections.ConfigDict], dict[str, nnx.Param]] = _no_params
+    # Trains against the frozen train.teacher (distillation), passed to `terms` where DPO gets its reference.
+    teacher: bool = False
 
 
 # train.objective -> its objective; the keys are exactly configs.base.CHOICES["train.objective"] (tested).
@@ -321,6 +352,11 @@ OBJECTIVES = {
     "lm": Objective(lm_terms, records.FIELDS, reference=False, perplexity=True),
     "dpo": Objective(dpo_terms, records.PAIR_FIELDS, reference=True, perplexity=False),
     "contrastive": Objective(
-        contrastive_terms, records.TRIPLE_FIELDS, reference=False, perplexity=False, params=contrastive_params
+        contrastive_loss.contrastive_terms,
+        records.TRIPLE_FIELDS,
+        reference=False,
+        perplexity=False,
+        params=contrastive_loss.contrastive_params,
     ),
+    "distill": Objective(distill_terms, records.FIELDS, reference=False, perplexity=False, teacher=True),
 }

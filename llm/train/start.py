@@ -13,7 +13,7 @@ from llm import checkpoint, config_validation
 from llm.data import loader
 from llm.runs import directory
 from llm.tokenizer import load_tokenizer
-from llm.train import inputs, step as step_lib, tracking
+from llm.train import inputs, step as step_lib, teacher as teacher_lib, tracking
 
 # Model keys that change how the model runs, not what it computes or holds: a run may set them anew.
 RUNTIME_MODEL_KEYS = ("dropout_rate", "remat_policy", "scan_layers", "attention_impl", "dtype")
@@ -27,6 +27,7 @@ def checked_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     inputs.check_data_path(config)
     check_init_from(config)
     check_vocabulary(config)
+    teacher_lib.check_teacher(config, _tokenizer_source(config))
     if not config.chat and directory.chat_tuned(config):
         config = ml_collections.ConfigDict(config.to_dict())
         config.chat = True  # Recorded in config.json, so every tool prompts the run through the chat template.
@@ -84,14 +85,16 @@ def restore_or_init(
     steps: step_lib.Steps,
     checkpointer: checkpoint.Checkpointer,
     data: loader.TrainIterator,
+    teacher: teacher_lib.Teacher | None = None,
 ) -> tuple[int, step_lib.TrainState, step_lib.Frozen]:
     """(start step, train state, frozen parameters): the workdir's latest checkpoint, data position included,
-    or step 0. Frozen parameters (the pretrained base, the DPO reference) are rebuilt, never checkpointed."""
+    or step 0. Frozen parameters (the pretrained base, the DPO reference, the distillation `teacher`, loaded
+    by the caller) are rebuilt, never checkpointed."""
     base = _load_base_params(config, steps.abstract_base)
     start = checkpointer.latest_step()
     if start is None:
         state, frozen = steps.init(base)
-        return 0, state, frozen
+        return 0, state, _with_teacher(frozen, teacher)
     config_validation.require_same(
         # A run saved before a config key existed ran with its default.
         _identity(directory.over_defaults(checkpointer.restore_config(start))),
@@ -103,7 +106,11 @@ def restore_or_init(
     state, data_state, _ = checkpointer.restore(start, steps.abstract_state)
     data.set_state(data_state)
     logging.info("Resumed from step %d in %s.", start, checkpointer.directory)
-    return start, state, frozen
+    return start, state, _with_teacher(frozen, teacher)
+
+
+def _with_teacher(frozen: step_lib.Frozen, teacher: teacher_lib.Teacher | None) -> step_lib.Frozen:
+    return frozen if teacher is None else {**frozen, "teacher": teacher.params}
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:

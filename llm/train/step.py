@@ -5,7 +5,8 @@ One trainer serves pretraining and fine-tuning. The config chooses
     prompt (prompt tuning);
   * whether the frozen base is quantized (`train.quantize_base`: int4 with LoRA is QLoRA);
   * the objective (`train.objective`, llm/train/losses.py): next-token cross-entropy, DPO against a
-    frozen reference, or contrastive embedding training.
+    frozen reference, contrastive embedding training, or distillation from a frozen teacher (another run,
+    loaded by llm/train/teacher.py, with a graph of its own).
 The model's parameters are split into `params` (trainable: the only ones with optimizer state) and
 `frozen` (the rest, plus the DPO reference). An objective's own parameters (the contrastive loss's learnable
 temperature) join `params` as extra top-level entries rather than a new part of the state: the same code
@@ -34,7 +35,7 @@ from jax.sharding import Mesh
 from llm import sharding
 from llm.model.transformer import create_model
 from llm.runs.build import TRAINABLE, base_config, trained_model
-from llm.train import losses
+from llm.train import losses, teacher as teacher_lib
 
 TrainState = dict[str, Any]
 Frozen = dict[str, nnx.State]
@@ -65,11 +66,19 @@ def batch_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 def build_steps(
-    config: ml_collections.ConfigDict, mesh: Mesh, optimizer: optax.GradientTransformation, schedule: optax.Schedule
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    teacher: teacher_lib.Teacher | None = None,
 ) -> Steps:
+    """The compiled steps of `config` on `mesh`; distillation needs its loaded `teacher` (teacher.load_teacher),
+    whose parameters the steps then take as frozen["teacher"]."""
     rules = config.logical_axis_rules
     trainable = TRAINABLE[config.train.trainable]
     objective = losses.OBJECTIVES[config.train.objective]
+    if objective.teacher and teacher is None:
+        raise ValueError(f"config.train.objective={config.train.objective!r} needs the loaded teacher.")
     init = _init_fn(config, trainable, optimizer, objective)
     # Parameters are the model's only state (dropout keys are passed per call), so this split is exhaustive.
     graphdef = nnx.split(nnx.eval_shape(lambda: trained_model(config, None)), trainable, ...)[0]
@@ -79,13 +88,17 @@ def build_steps(
         sharding.tree_shardings(tree, mesh, rules) for tree in (abstract_state, abstract_frozen, abstract_base)
     )
     batch_shardings = dict.fromkeys(batch_fields(config), sharding.logical_sharding(mesh, rules, ("batch", "length")))
-    loss_fn = _loss_fn(config, graphdef, objective)
+    loss_fn = _loss_fn(config, graphdef, objective, teacher.graphdef if teacher else None)
 
     def eval_step(state: TrainState, frozen: Frozen, batch: Batch) -> dict[str, Any]:
         _, (sums, weight) = loss_fn(state["params"], frozen, batch, None)
         return {"sums": sums, "weight": weight}
 
-    inputs = (state_shardings, frozen_shardings, batch_shardings)
+    # The teacher stays where it was loaded: placed by the same rules table (llm/train/teacher.py).
+    step_frozen_shardings = (
+        {**frozen_shardings, "teacher": teacher.shardings} if objective.teacher else frozen_shardings
+    )
+    inputs = (state_shardings, step_frozen_shardings, batch_shardings)
     replicated = sharding.replicated(mesh)
     return Steps(
         graphdef=graphdef,
@@ -125,7 +138,12 @@ def _init_fn(
     return init
 
 
-def _loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, objective: losses.Objective) -> LossFn:
+def _loss_fn(
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    objective: losses.Objective,
+    teacher_graphdef: nnx.GraphDef | None,
+) -> LossFn:
     own = tuple(objective.params(config.train))  # The objective's entries of `params` (see the docstring).
 
     def loss_fn(params: nnx.State, frozen: Frozen, batch: Batch, key: jax.Array | None):
@@ -133,7 +151,11 @@ def _loss_fn(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, objectiv
         if own:
             params = nnx.State({name: value for name, value in params.items() if name not in own})
         model = nnx.merge(graphdef, params, frozen["rest"])
-        reference = nnx.merge(graphdef, frozen["reference"], frozen["rest"]) if objective.reference else None
+        reference = None
+        if objective.reference:
+            reference = nnx.merge(graphdef, frozen["reference"], frozen["rest"])
+        elif objective.teacher:
+            reference = nnx.merge(teacher_graphdef, frozen["teacher"])
         value, sums, weight = objective.terms(model, reference, batch, key, config.train, loss_params)
         return value, (sums, weight)
 

@@ -148,6 +148,55 @@ def _gpt2_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+def _experts(hf: Mapping[str, Any]) -> int:
+    # Qwen's own Qwen3-MoE checkpoints say num_experts; transformers 5 writes num_local_experts (Mixtral's name).
+    return hf.get("num_local_experts", hf.get("num_experts", 0))
+
+
+def _norm_topk(hf: Mapping[str, Any]) -> str | None:
+    # Our router always renormalizes the top-k probabilities (llm/model/moe.py), as norm_topk_prob=True does.
+    return None if hf.get("norm_topk_prob") else f"norm_topk_prob={hf.get('norm_topk_prob')!r} (only true is supported)"
+
+
+def _sparse_layers(hf: Mapping[str, Any]) -> str | None:
+    """Qwen3-MoE's layer i has experts when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers;
+    ours are every moe_every-th layer, moe_every dividing the depth."""
+    if hf.get("mlp_only_layers"):
+        return f"mlp_only_layers={hf['mlp_only_layers']!r} (only [] is supported)"
+    step, depth = hf.get("decoder_sparse_step", 1), hf["num_hidden_layers"]
+    if _experts(hf) and (step < 1 or depth % step):
+        return f"decoder_sparse_step={step} does not divide num_hidden_layers={depth}"
+    return None
+
+
+def _moe_keys(hf: Mapping[str, Any], moe_every: int, expert_dim: int) -> dict[str, Any]:
+    """Our MoE keys. transformers' load-balancing loss pools the expert fractions (summing to
+    num_experts_per_tok) and probabilities over the MoE layers; ours sums the layers' losses, each with fractions
+    summing to 1: router_aux_loss_coef * k / (MoE layers) puts the same weight on it (exactly for identical
+    layers). transformers has no router z-loss."""
+    k, num_moe_layers = hf["num_experts_per_tok"], hf["num_hidden_layers"] // moe_every
+    return dict(
+        num_experts=_experts(hf),
+        experts_per_token=k,
+        moe_every=moe_every,
+        moe_mlp_dim=expert_dim,
+        num_shared_experts=0,
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * k / num_moe_layers,
+        router_z_loss_coef=0.0,
+    )
+
+
+def _mixtral_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
+    return {**_llama_keys(hf), **_moe_keys(hf, 1, hf["intermediate_size"])}
+
+
+def _qwen3_moe_keys(hf: Mapping[str, Any]) -> dict[str, Any]:
+    keys = _llama_keys(hf, qk_norm=True)
+    if _experts(hf):
+        keys.update(_moe_keys(hf, hf.get("decoder_sparse_step", 1), hf["moe_intermediate_size"]))
+    return keys
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     checks: tuple[Check, ...]  # Each names a config key it cannot honour, or passes.
@@ -161,6 +210,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen2ForCausalLM": Architecture((_rope, _silu, _full_attention_layers), lambda hf: _llama_keys(hf, qkv_bias=True)),
     "Qwen3ForCausalLM": Architecture(
         (_rope, _silu, _full_attention_layers, _flag_off("attention_bias")), lambda hf: _llama_keys(hf, qk_norm=True)
+    ),
+    # Mixture of experts: softmax, top-k, the k probabilities renormalized (Mixtral always; Qwen3-MoE with
+    # norm_topk_prob), as our router. Mixtral's layers all have experts; Qwen3-MoE's every decoder_sparse_step-th.
+    "MixtralForCausalLM": Architecture((_rope, _silu, _full_window), _mixtral_keys),
+    "Qwen3MoeForCausalLM": Architecture(
+        (_rope, _silu, _full_attention_layers, _flag_off("attention_bias"), _norm_topk, _sparse_layers),
+        _qwen3_moe_keys,
     ),
     "GPT2LMHeadModel": Architecture(
         (_gelu_tanh, _scaled_scores, _flag_off("scale_attn_by_inverse_layer_idx"), _flag_off("add_cross_attention")),

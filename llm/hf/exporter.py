@@ -8,7 +8,9 @@
 
 A run with RMSNorm, SwiGLU and RoPE (scaled or not) exports as LlamaForCausalLM, with `qkv_bias` as
 Qwen2ForCausalLM, with `qk_norm` as Qwen3ForCausalLM; one with LayerNorm, GELU, learned positions and biases as
-GPT2LMHeadModel (query, key and value joined into its fused c_attn). A config with no Hugging Face equivalent is
+GPT2LMHeadModel (query, key and value joined into its fused c_attn). With experts (model.num_experts) the
+Llama-style run exports as MixtralForCausalLM (every layer MoE) or, with `qk_norm`, Qwen3MoeForCausalLM (MoE
+every moe_every-th layer: decoder_sparse_step). A config with no Hugging Face equivalent is
 refused, naming the key, before anything is written. A LoRA run exports merged here (`merge=True`); its PEFT
 adapter is llm/hf/peft_adapters.py. A quantized run is refused: export the float run it was made from (its
 `quantization.source_workdir`), which is what its weights approximate.
@@ -34,7 +36,7 @@ from flax import nnx
 from configs import base
 from llm import chat_template, checkpoint, io
 from llm.hf import safetensors_files, tokenizer_export, weights
-from llm.model import layers
+from llm.model import layers, moe
 from llm.quant import ptq
 from llm.runs import build, directory, loading
 from llm.tokenizer import AnyTokenizer
@@ -87,6 +89,55 @@ def _qwen_keys(model: ml_collections.ConfigDict) -> dict[str, Any]:
     return {**_llama_keys(model), "use_sliding_window": False, "sliding_window": None}
 
 
+def hf_router_aux_loss_coef(model: ml_collections.ConfigDict) -> float:
+    """Our load-balancing coefficient as transformers' (the inverse of llm/hf/architectures.py's conversion):
+    ours weighs the sum of the MoE layers' losses, transformers' one loss pooled over the layers whose expert
+    fractions sum to experts_per_token."""
+    num_moe_layers = model.num_layers // model.moe_every
+    return model.router_aux_loss_coef * num_moe_layers / model.experts_per_token
+
+
+def _moe_keys(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config.json keys of the experts that Mixtral and Qwen3-MoE share (top-k renormalized, as ours)."""
+    return {
+        "num_local_experts": model.num_experts,  # Mixtral's name, and transformers 5's Qwen3-MoE attribute
+        "num_experts_per_tok": model.experts_per_token,
+        "router_aux_loss_coef": hf_router_aux_loss_coef(model),
+        "output_router_logits": False,
+    }
+
+
+def _mixtral_keys(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    keys = {**_llama_keys(model), **_moe_keys(model), "sliding_window": None, "router_jitter_noise": 0.0}
+    keys["intermediate_size"] = moe.expert_mlp_dim(model)  # Mixtral's experts are its only MLPs.
+    return keys
+
+
+def _qwen3_moe_keys(model: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {
+        **_qwen_keys(model),
+        **_moe_keys(model),
+        "num_experts": model.num_experts,  # the name Qwen's own checkpoints use
+        "moe_intermediate_size": moe.expert_mlp_dim(model),
+        "decoder_sparse_step": model.moe_every,  # layer i has experts when (i + 1) % step == 0, as ours
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+    }
+
+
+def _moe_refusals(model: ml_collections.ConfigDict) -> list[str]:
+    if model.num_shared_experts:
+        return [f"model.num_shared_experts={model.num_shared_experts} (it has no shared experts)"]
+    return []
+
+
+def _mixtral_refusals(model: ml_collections.ConfigDict) -> list[str]:
+    reasons = _moe_refusals(model)
+    if model.moe_every != 1:
+        reasons.append(f"model.moe_every={model.moe_every} (every Mixtral layer is an MoE layer: 1)")
+    return reasons
+
+
 def _gpt2_keys(model: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config.json keys of a GPT-2 model. GPT-2's dropouts are ours: embd_pdrop on the embeddings, resid_pdrop
     on the attention and MLP outputs; we do not drop attention probabilities (attn_pdrop)."""
@@ -134,6 +185,18 @@ class Architecture:
     config_keys: Callable[[ml_collections.ConfigDict], dict[str, Any]]  # config.model -> its config.json keys
     # config.model -> what else the architecture cannot express, each naming its keys.
     refusals: Callable[[ml_collections.ConfigDict], list[str]] = lambda model: []
+    moe: bool = False  # A mixture of experts (model.num_experts > 0), or dense (0).
+
+    def mismatches(self, model: ml_collections.ConfigDict) -> list[str]:
+        """The config.model keys whose values this architecture cannot take, each with the value it needs."""
+        reasons = [
+            f"model.{key}={model[key]!r} ({self.name} needs {value!r})"
+            for key, value in self.required.items()
+            if model[key] != value
+        ]
+        if bool(model.num_experts) != self.moe:
+            reasons.append(f"model.num_experts={model.num_experts} ({self.name} needs {'> 0' if self.moe else 0})")
+        return reasons
 
 
 _LLAMA_STYLE = dict(norm="rmsnorm", mlp_activation="swiglu", position_encoding="rope", use_bias=False)
@@ -158,6 +221,24 @@ ARCHITECTURES = (
         _gpt2_keys,
         _gpt2_refusals,
     ),
+    Architecture(
+        "MixtralForCausalLM",
+        "mixtral",
+        weights.MIXTRAL,
+        {**_LLAMA_STYLE, "qkv_bias": False, "qk_norm": False},
+        _mixtral_keys,
+        _mixtral_refusals,
+        moe=True,
+    ),
+    Architecture(
+        "Qwen3MoeForCausalLM",
+        "qwen3_moe",
+        weights.QWEN3_MOE,
+        {**_LLAMA_STYLE, "qkv_bias": False, "qk_norm": True},
+        _qwen3_moe_keys,
+        _moe_refusals,
+        moe=True,
+    ),
 )
 # config.model keys every architecture honours, or that do not change what the model computes (the RoPE keys
 # change nothing with learned positions). Any other key (one added after this list, say) must keep its
@@ -167,8 +248,11 @@ EXPORTED_KEYS = {
     "norm_eps", "rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
     "rope_original_max_len", "tie_embeddings", "soft_prompt_length", "dropout_rate", "lora_rank", "lora_alpha",
     "lora_dropout", "lora_targets", "scan_layers", "remat_policy", "attention_impl", "kv_cache_dtype", "dtype",
-    "param_dtype",
+    "param_dtype", "num_experts", "experts_per_token", "moe_every", "moe_mlp_dim", "num_shared_experts",
+    "router_aux_loss_coef", "router_z_loss_coef", "moe_impl",
 }  # fmt: skip
+# (num_experts picks a dense or an MoE architecture, whose refusals name the MoE keys it cannot express; the
+# router z-loss is a training term transformers does not have, and moe_impl computes the same function either way.)
 
 
 def _unexported_keys(model: ml_collections.ConfigDict) -> list[str]:
@@ -203,21 +287,17 @@ def architecture(config: ml_collections.ConfigDict) -> Architecture:
     """The architecture a (float, unadapted or merged) run config exports as; UnsupportedRun names the key."""
     _refuse(config)
     model = config.model
-    mismatches = {
-        arch.name: [key for key, value in arch.required.items() if model[key] != value] for arch in ARCHITECTURES
-    }
+    mismatches = {arch.name: arch.mismatches(model) for arch in ARCHITECTURES}
     matching = [arch for arch in ARCHITECTURES if not mismatches[arch.name]]
     if matching:
         refused = matching[0].refusals(model)
         if refused:
             raise UnsupportedRun(f"Cannot export this run as {matching[0].name}: " + "; ".join(refused) + ".")
         return matching[0]
-    nearest = min(ARCHITECTURES, key=lambda arch: len(mismatches[arch.name]))
-    reasons = [
-        f"model.{key}={model[key]!r} ({nearest.name} needs {nearest.required[key]!r})"
-        for key in mismatches[nearest.name]
-    ]
-    raise UnsupportedRun("No Hugging Face architecture matches this run: " + "; ".join(reasons) + ".")
+    # The nearest of the architectures of the same kind (dense or MoE): a run with experts wants to hear what
+    # keeps it from being a Mixtral, not that it has experts.
+    nearest = min(ARCHITECTURES, key=lambda arch: (arch.moe != bool(model.num_experts), len(mismatches[arch.name])))
+    raise UnsupportedRun("No Hugging Face architecture matches this run: " + "; ".join(mismatches[nearest.name]) + ".")
 
 
 def hf_config(
@@ -240,32 +320,39 @@ def hf_config(
     }
 
 
-def per_layer_arrays(state: nnx.State) -> dict[tuple, tuple[tuple[int, ...], Callable[[], jax.Array]]]:
+def per_layer_arrays(
+    state: nnx.State, stacks: dict[str, list[int]] | None = None
+) -> dict[tuple, tuple[tuple[int, ...], Callable[[], jax.Array]]]:
     """Path -> (shape, getter) of every array in `state`, with scanned blocks (a leading `layers` axis, path
-    ('blocks', 'mlp', ...)) split into layers ('blocks', i, 'mlp', ...): the paths of the HF tables. A getter
-    reads the array (or one layer of it) only when called."""
+    ('blocks', 'mlp', ...)) split into layers ('blocks', i, 'mlp', ...): the paths of the HF tables. `stacks`
+    (weights.stacked_layers) gives the layer of each entry of every scanned stack (`blocks`, `moe_blocks`);
+    without it `blocks` holds every layer. A getter reads the array (or one layer of it) only when called."""
+    split: dict[str, list[int] | None] = stacks or {"blocks": None}
     arrays = {}
     for path, variable in nnx.to_flat_state(state):
         value = variable.value
-        if path[0] == "blocks" and not isinstance(path[1], int):
-            for layer in range(value.shape[0]):
-                arrays[("blocks", layer, *path[1:])] = (value.shape[1:], lambda v=value, i=layer: v[i])
+        if path[0] in split and not isinstance(path[1], int):
+            layers = range(value.shape[0]) if split[path[0]] is None else split[path[0]]
+            for position, layer in enumerate(layers):
+                arrays[("blocks", layer, *path[1:])] = (value.shape[1:], lambda v=value, i=position: v[i])
         else:
             arrays[path] = (value.shape, lambda v=value: v)
     return arrays
 
 
 def model_tensors(model: nnx.Module, arch: Architecture) -> list[safetensors_files.OutTensor]:
-    """The HF tensors of `model` (a plain model: no adapters, no quantization), gathered lazily."""
-    arrays = per_layer_arrays(nnx.state(model, nnx.Param))
+    """The HF tensors of `model` (a plain model: no adapters, no quantization), gathered lazily (an expert's
+    tensor: only its slice leaves the devices)."""
+    arrays = per_layer_arrays(nnx.state(model, nnx.Param), weights.stacked_layers(model.cfg))
     shapes = {path: shape for path, (shape, _) in arrays.items()}
 
     def values(tensor: weights.HFTensor) -> Callable[[], np.ndarray]:
-        return lambda: tensor.assemble([np.asarray(jax.device_get(arrays[path][1]())) for path, _ in tensor.parts])
+        gather = lambda path: np.asarray(jax.device_get(tensor.select(arrays[path][1]())))
+        return lambda: tensor.assemble([gather(path) for path, _ in tensor.parts])
 
     return [
         safetensors_files.OutTensor(t.name, t.shape(shapes), values(t))
-        for t in weights.export_tensors(arch.mapping, list(arrays))
+        for t in weights.export_tensors(arch.mapping, list(arrays), model.cfg.num_experts)
     ]
 
 

@@ -5,7 +5,11 @@ its own block from the memory-mapped checkpoint (llm/hf/safetensors_files.py), t
 so no host ever holds the checkpoint twice. HF stores Linear weights as (out, in) with heads flattened into
 `out` (GPT-2's Conv1D as (in, out), query, key and value fused in one); our projections are einsum kernels with
 the heads as their own axes (llm/model/attention.py). With scan_layers, a stacked parameter's block reads its
-layers' tensors one by one.
+layers' tensors one by one (the dense blocks from `blocks`, the MoE blocks from `moe_blocks`: `stacked_layers`).
+
+A mixture of experts (Mixtral, Qwen3-MoE) stores one tensor per expert ("{e}" in its table entry's name); our
+`gate`, `up` and `down` stack the experts along a leading axis, read expert by expert as the layers are. The
+transform of such an entry maps one expert's slice of our parameter to that expert's tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from jax.sharding import Mesh
 
 from llm import sharding
 from llm.hf import safetensors_files
+from llm.model import moe
 from llm.model.transformer import Transformer
 
 Index = tuple[slice, ...]
@@ -144,6 +149,23 @@ QWEN3 = {
     "blocks.{i}.attention.query_norm.scale": ("model.layers.{i}.self_attn.q_norm.weight", COPY),
     "blocks.{i}.attention.key_norm.scale": ("model.layers.{i}.self_attn.k_norm.weight", COPY),
 }
+# The routed experts of an MoE block ({e}: the expert): router (embed, experts) and, per expert, Linear weights.
+_MIXTRAL_EXPERTS = {
+    "blocks.{i}.mlp.router": ("model.layers.{i}.block_sparse_moe.gate.weight", TRANSPOSE),
+    "blocks.{i}.mlp.gate": ("model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", TRANSPOSE),
+    "blocks.{i}.mlp.up": ("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", TRANSPOSE),
+    "blocks.{i}.mlp.down": ("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", TRANSPOSE),
+}
+# Every Mixtral layer is an MoE layer: no dense MLP entries.
+MIXTRAL = {key: entry for key, entry in LLAMA.items() if ".mlp." not in key} | _MIXTRAL_EXPERTS
+# Qwen3-MoE: Qwen3's attention; dense MLP layers (decoder_sparse_step > 1) as Qwen3's.
+QWEN3_MOE = {
+    **QWEN3,
+    "blocks.{i}.mlp.router": ("model.layers.{i}.mlp.gate.weight", TRANSPOSE),
+    "blocks.{i}.mlp.gate": ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", TRANSPOSE),
+    "blocks.{i}.mlp.up": ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", TRANSPOSE),
+    "blocks.{i}.mlp.down": ("model.layers.{i}.mlp.experts.{e}.down_proj.weight", TRANSPOSE),
+}
 # GPT-2's Conv1D layers store (in, out), which is our Linear layout; c_attn fuses query, key and value columns.
 GPT2 = {
     "embed.embedding": ("transformer.wte.weight", COPY),
@@ -174,6 +196,8 @@ MAPPINGS = {
     "Qwen2ForCausalLM": QWEN2,
     "Qwen3ForCausalLM": QWEN3,
     "GPT2LMHeadModel": GPT2,
+    "MixtralForCausalLM": MIXTRAL,
+    "Qwen3MoeForCausalLM": QWEN3_MOE,
 }
 # save_pretrained writes GPT-2's tensors under `transformer.`; the original OpenAI checkpoints have them bare.
 OPTIONAL_PREFIXES = {"GPT2LMHeadModel": "transformer."}
@@ -181,26 +205,48 @@ OPTIONAL_PREFIXES = {"GPT2LMHeadModel": "transformer."}
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Where one of our parameters comes from: one HF tensor, or with scan_layers one per layer (stacked)."""
+    """Where one of our parameters comes from: one HF tensor, or with scan_layers one per layer (stacked); for
+    an expert-stacked parameter, one per expert (of each layer, layer-major)."""
 
     names: tuple[str, ...]
     transform: Transform
     stacked: bool
+    experts: int = 0  # HF tensors per layer, one per expert; 0: one tensor (per layer) for the whole parameter
+
+    def leading_axes(self) -> int:
+        """Axes of our parameter (layers, experts) that index HF tensors rather than their contents."""
+        return int(self.stacked) + int(bool(self.experts))
 
 
-def _source(mapping: dict, path: tuple, num_layers: int) -> Source:
+STACKS = ("blocks", "moe_blocks")  # scanned stacks of Blocks (llm/model/transformer.py)
+
+
+def stacked_layers(model_cfg: ml_collections.ConfigDict) -> dict[str, list[int]]:
+    """The layer of each entry of the scanned stacks: `blocks` holds the dense layers, `moe_blocks` the MoE
+    layers, each in depth order (transformer.py's _scan_groups runs them so)."""
+    layers = range(model_cfg.num_layers)
+    return {
+        "blocks": [i for i in layers if not moe.is_moe_layer(model_cfg, i)],
+        "moe_blocks": [i for i in layers if moe.is_moe_layer(model_cfg, i)],
+    }
+
+
+def _source(mapping: dict, path: tuple, stacks: dict[str, list[int]], num_experts: int) -> Source:
     """The HF tensors and transform of one of our parameter paths, e.g. ('blocks', 3, 'mlp', 'up', 'kernel'),
-    or ('blocks', 'mlp', 'up', 'kernel') for the scanned blocks' stacked parameter (a leading `layers` axis)."""
+    or ('blocks', 'mlp', 'up', 'kernel') for a scanned stack's parameter (a leading `layers` axis over the
+    layers `stacks` lists). An entry whose HF name holds "{e}" is read from `num_experts` tensors per layer."""
     parts = ["{i}" if isinstance(part, int) else str(part) for part in path]
-    stacked = parts[0] == "blocks" and "{i}" not in parts
+    stacked = parts[0] in STACKS and "{i}" not in parts
     if stacked:
-        parts.insert(1, "{i}")
+        parts[:1] = ["blocks", "{i}"]
     template = ".".join(parts)
     if template not in mapping:
         raise KeyError(f"No HF tensor is mapped to our parameter {'.'.join(map(str, path))!r}.")
     hf_name, transform = mapping[template]
-    layers = range(num_layers) if stacked else [next((part for part in path if isinstance(part, int)), None)]
-    return Source(tuple(hf_name.format(i=layer) for layer in layers), transform, stacked)
+    layers = stacks[path[0]] if stacked else [next((part for part in path if isinstance(part, int)), None)]
+    experts = num_experts if "{e}" in hf_name else 0
+    names = tuple(hf_name.format(i=layer, e=e) for layer in layers for e in (range(experts) if experts else [None]))
+    return Source(names, transform, stacked, experts)
 
 
 def _present(source: Source, available: dict[str, str], prefix: str) -> Source:
@@ -233,14 +279,15 @@ def load_model(model_dir: str, architecture: str, config: ml_collections.ConfigD
     targets = nnx.to_flat_state(abstract_params(model, config, mesh))
     available = safetensors_files.weight_map(model_dir)
     prefix = OPTIONAL_PREFIXES.get(architecture, "")
+    stacks, num_experts = stacked_layers(config.model), config.model.num_experts
     sources = {
-        path: _present(_source(MAPPINGS[architecture], path, config.model.num_layers), available, prefix)
+        path: _present(_source(MAPPINGS[architecture], path, stacks, num_experts), available, prefix)
         for path, _ in targets
     }
     tensors = safetensors_files.open_tensors(model_dir, sorted({name for s in sources.values() for name in s.names}))
     for path, target in targets:
         source, shape = sources[path], tuple(target.value.shape)
-        expected = source.transform.hf_shape(shape[1:] if source.stacked else shape)
+        expected = source.transform.hf_shape(shape[source.leading_axes() :])
         for name in source.names:
             if tuple(tensors[name].shape) != expected:
                 raise ValueError(
@@ -259,48 +306,69 @@ def load_model(model_dir: str, architecture: str, config: ml_collections.ConfigD
 def _placed(hf_tensors: list[np.ndarray], source: Source, target: nnx.Variable) -> nnx.Variable:
     shape, dtype, placement = tuple(target.value.shape), target.value.dtype, target.value.sharding
     read = source.transform.read
+    per_layer = max(source.experts, 1)  # HF tensors per layer
+
+    def layer_block(layer: int, index: Index, layer_shape: tuple[int, ...]) -> np.ndarray:
+        """The block `index` of one layer's parameter (layer: its position in the stack, 0 unstacked)."""
+        if not source.experts:
+            return np.asarray(read(hf_tensors[layer], index, layer_shape), dtype=dtype)
+        # Only the experts of this block, each read from its own tensor.
+        tensors = hf_tensors[layer * per_layer : (layer + 1) * per_layer]
+        experts = range(index[0].start, index[0].stop)
+        return np.stack([np.asarray(read(tensors[e], index[1:], layer_shape[1:]), dtype=dtype) for e in experts])
 
     def block(index: Index) -> np.ndarray:
         # Open-ended slices made explicit, so the transforms can do arithmetic on them.
         index = tuple(slice(*ix.indices(n)[:2]) for ix, n in zip(index, shape))
         if source.stacked:  # Only the layers of this block, each read as an unstacked parameter.
             layers = range(index[0].start, index[0].stop)
-            return np.stack([np.asarray(read(hf_tensors[i], index[1:], shape[1:]), dtype=dtype) for i in layers])
-        return np.asarray(read(hf_tensors[0], index, shape), dtype=dtype)
+            return np.stack([layer_block(layer, index[1:], shape[1:]) for layer in layers])
+        return layer_block(0, index, shape)
 
     return target.replace(jax.make_array_from_callback(shape, placement, block))
 
 
 @dataclasses.dataclass(frozen=True)
 class HFTensor:
-    """One tensor of an exported checkpoint and the parameters of ours it is written from, in column order."""
+    """One tensor of an exported checkpoint and the parameters of ours it is written from, in column order; with
+    `expert`, it is that expert's slice of each (a mixture of experts stores one tensor per expert)."""
 
     name: str
     parts: tuple[tuple[tuple, Transform], ...]  # (our parameter path, its transform)
+    expert: int | None = None
+
+    def select(self, array: jax.Array) -> jax.Array:
+        """The slice of one of our (per-layer) parameters this tensor is written from."""
+        return array if self.expert is None else array[self.expert]
 
     def shape(self, our_shapes: dict[tuple, tuple[int, ...]]) -> tuple[int, ...]:
         """The HF tensor's shape, from our parameters' shapes: each part's transform gives the whole tensor's (the
         written file checks that the assembled parts have it)."""
         path, transform = self.parts[0]
-        return transform.hf_shape(our_shapes[path])
+        return transform.hf_shape(our_shapes[path][0 if self.expert is None else 1 :])
 
     def assemble(self, arrays: list[np.ndarray]) -> np.ndarray:
-        """The HF tensor from our whole arrays (one per part, in `parts` order)."""
+        """The HF tensor from our arrays (one per part, in `parts` order, each already `select`ed)."""
         blocks = [transform.write(array) for (_, transform), array in zip(self.parts, arrays)]
         return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=-1)
 
 
-def export_tensors(mapping: dict, paths: list[tuple]) -> list[HFTensor]:
-    """The HF tensors that our parameters `paths` (per layer, e.g. ('blocks', 3, 'mlp', 'up', 'kernel')) make.
+def export_tensors(mapping: dict, paths: list[tuple], num_experts: int = 0) -> list[HFTensor]:
+    """The HF tensors that our parameters `paths` (per layer, e.g. ('blocks', 3, 'mlp', 'up', 'kernel')) make;
+    an expert-stacked parameter makes `num_experts` of them.
 
     Several parameters mapped to one HF tensor are its column blocks, in the order of their entries in
     `mapping`: a fused tensor such as GPT-2's c_attn (query | key | value) is one table entry per block.
     """
     order = {template: position for position, template in enumerate(mapping)}
-    grouped: dict[str, list[tuple[int, tuple, Transform]]] = {}
+    grouped: dict[str, list[tuple[int, tuple, Transform, int | None]]] = {}
     for path in paths:
-        source = _source(mapping, path, num_layers=0)  # Per-layer paths: one tensor each.
-        name, transform = source.names[0], source.transform
+        source = _source(mapping, path, {}, num_experts)  # Per-layer paths: one tensor each (or per expert).
         template = ".".join("{i}" if isinstance(part, int) else str(part) for part in path)
-        grouped.setdefault(name, []).append((order[template], path, transform))
-    return [HFTensor(name, tuple((path, t) for _, path, t in sorted(parts))) for name, parts in grouped.items()]
+        for position, name in enumerate(source.names):
+            expert = position if source.experts else None
+            grouped.setdefault(name, []).append((order[template], path, source.transform, expert))
+    return [
+        HFTensor(name, tuple((path, t) for _, path, t, _ in sorted(parts, key=lambda p: p[0])), parts[0][3])
+        for name, parts in grouped.items()
+    ]

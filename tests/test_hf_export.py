@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from configs import gpt2_small_es
 from configs.base import CHOICES
 from llm import chat_template
-from llm.hf import exporter, importer, peft_adapters, safetensors_files, weights
+from llm.hf import export_architectures, exporter, importer, peft_adapters, safetensors_files, weights
 from llm.model.transformer import create_model
 from llm.runs import directory, loading
 
@@ -340,7 +340,7 @@ def test_configs_without_a_hf_equivalent_are_refused_by_key_before_writing(
 
 
 def test_each_rope_scaling_has_its_rope_parameters():
-    assert set(exporter.ROPE_PARAMETERS) == set(CHOICES["model.rope_scaling"])
+    assert set(export_architectures.ROPE_PARAMETERS) == set(CHOICES["model.rope_scaling"])
 
 
 def test_a_model_key_the_export_does_not_know_is_refused_unless_default(tokenizer, tmp_path, monkeypatch):

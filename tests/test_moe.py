@@ -214,7 +214,6 @@ def test_mfu_counts_the_active_parameters_only():
         (dict(model__router_z_loss_coef=-1.0), "config.model.router_z_loss_coef=-1.0 must be >= 0"),
         (dict(model__moe_impl="sparse"), "config.model.moe_impl='sparse' is not one of ('dropless', 'masked')"),
         (dict(model__use_bias=True), "config.model.use_bias=True: expert projections have no biases"),
-        (dict(model__lora_rank=4, model__lora_targets="mlp/.*"), "config.model.lora_targets='mlp/.*' matches MLP"),
     ],
 )
 def test_bad_moe_configs_are_refused_naming_the_key(overrides, message):

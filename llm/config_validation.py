@@ -7,7 +7,6 @@ this module holds the constraints that tie keys together. Nothing here touches d
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -191,11 +190,6 @@ def _check_moe(model: ml_collections.ConfigDict) -> None:
         )
     if model.use_bias:
         raise ConfigError("config.model.use_bias=True: expert projections have no biases (num_experts > 0).")
-    if model.lora_rank and any(re.fullmatch(model.lora_targets, f"mlp/{name}") for name in ("up", "gate", "down")):
-        raise ConfigError(
-            f"config.model.lora_targets={model.lora_targets!r} matches MLP projections, but LoRA does not adapt "
-            "the experts of an MoE model (config.model.num_experts > 0) yet: target attention only."
-        )
 
 
 def matryoshka_dims(value: str, embed_dim: int) -> tuple[int, ...]:

@@ -25,6 +25,8 @@ from llm.train import (
     step as step_lib,
 )
 
+TOKENS_9 = jnp.array([[7, 21, 3, 99, 45, 8, 60, 12, 5]])
+
 
 def moe_config(**overrides):
     """tiny_config (2 layers, width 32) with 8 experts, top-2, in every layer."""
@@ -214,7 +216,6 @@ def test_mfu_counts_the_active_parameters_only():
         (dict(model__router_z_loss_coef=-1.0), "config.model.router_z_loss_coef=-1.0 must be >= 0"),
         (dict(model__moe_impl="sparse"), "config.model.moe_impl='sparse' is not one of ('dropless', 'masked')"),
         (dict(model__use_bias=True), "config.model.use_bias=True: expert projections have no biases"),
-        (dict(model__lora_rank=4, model__lora_targets="mlp/.*"), "config.model.lora_targets='mlp/.*' matches MLP"),
     ],
 )
 def test_bad_moe_configs_are_refused_naming_the_key(overrides, message):
@@ -222,10 +223,33 @@ def test_bad_moe_configs_are_refused_naming_the_key(overrides, message):
         config_validation.validate(moe_config(**overrides))
 
 
-def test_lora_on_attention_is_accepted_and_quantization_is_refused():
-    config_validation.validate(moe_config(model__lora_rank=4))  # attention-only LoRA leaves the experts alone
-    with pytest.raises(ValueError, match="Quantization does not support mixture-of-experts models"):
-        ptq.quantize_model(create_model(moe_config()), ptq.QuantConfig("int8"))
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_quantization_covers_attention_shared_and_expert_weights_and_keeps_the_router_float(scan_layers):
+    config = moe_config(model__scan_layers=scan_layers, model__moe_every=2, model__num_shared_experts=1)
+    model = create_model(config)
+    quantized = ptq.quantize_model(model, ptq.QuantConfig("int8"))
+    dtypes = {"/".join(map(str, p)): v.dtype for p, v in nnx.to_flat_state(nnx.state(quantized, nnx.Param))}
+    for name in ("gate", "up", "down"):
+        assert dtypes[f"blocks/1/mlp/{name}/qvalue"] == jnp.int8  # the stacked expert weights
+        assert dtypes[f"blocks/1/mlp/shared/{name}/kernel/array/qvalue"] == jnp.int8  # the shared experts (Qwix)
+    assert dtypes["blocks/1/attention/query/kernel/array/qvalue"] == jnp.int8
+    assert dtypes["blocks/1/mlp/router"] == jnp.float32
+    assert quantized.blocks[1].mlp.down.scale.shape == (8, 1, 32)  # one scale per (expert, output channel)
+    assert dtypes["blocks/0/mlp/up/kernel/array/qvalue"] == jnp.int8  # the dense layer
+    expected = forward(model, TOKENS_9)
+    assert np.linalg.norm(forward(quantized, TOKENS_9) - expected) / np.linalg.norm(expected) < 0.02
+    # Saved and loaded like any quantized run: the restore target built from its config has the same parameters,
+    # and dequantized (QLoRA's base) they sit at the float model's paths, unrolled.
+    target = nnx.eval_shape(lambda: ptq.model_from_config(ptq.quantized_config(config, ptq.QuantConfig("int8"))))
+    shapes = lambda m: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+    assert shapes(target) == shapes(quantized)
+    unrolled_config = moe_config(model__moe_every=2, model__num_shared_experts=1)
+    assert shapes(ptq.dequantized_params(quantized)) == shapes(create_model(unrolled_config))
+
+
+def test_int8_activations_are_refused_for_experts_naming_the_reason():
+    with pytest.raises(ValueError, match="'int8_act' does not support mixture-of-experts.*inputs of the expert"):
+        ptq.quantize_model(create_model(moe_config()), ptq.QuantConfig("int8_act"))
 
 
 def test_the_implementations_are_exactly_the_allowed_choices():

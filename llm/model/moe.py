@@ -20,6 +20,10 @@ Two computations of the same function, chosen by `model.moe_impl` (`IMPLEMENTATI
   * "masked": the reference: every expert on every token, weighted by the routing (zero for the experts not
     chosen). num_experts / experts_per_token times the FLOPs; the tests compare the two.
 
+LoRA (llm/model/lora.py `ExpertLoRA`): with `model.lora_targets` matching `mlp/up`, `mlp/gate` or `mlp/down`,
+each expert e of that weight gets its own A_e, B_e, applied in both computations (grouped matmuls with the same
+group sizes; einsums); the shared experts are an `mlp.MLP` with its own adapters; the router is not adapted.
+
 Router statistics (`RouterStats`) come back beside the output, for the training loss and the metrics:
   * load-balancing loss (Switch, Fedus et al. 2021): num_experts * sum_e f_e * P_e, where f_e is the fraction
     of the token-slots routed to expert e and P_e the mean router probability of e; 1 when perfectly balanced.
@@ -40,7 +44,7 @@ import ml_collections
 from flax import nnx
 
 from llm import sharding
-from llm.model import layers, mlp
+from llm.model import layers, lora, mlp
 
 
 class RouterStats(NamedTuple):
@@ -87,6 +91,7 @@ class MoE(nnx.Module):
         self.experts_per_token = cfg.experts_per_token
         self.dtype = jnp.dtype(cfg.dtype)
         num, embed, hidden = cfg.num_experts, cfg.embed_dim, expert_mlp_dim(cfg)
+        self.mlp_dim = hidden
         param_dtype = jnp.dtype(cfg.param_dtype)
 
         def param(axes: tuple[str, ...], shape: tuple[int, ...], std: float = layers.INIT_STD) -> nnx.Param:
@@ -100,15 +105,20 @@ class MoE(nnx.Module):
         shared_cfg = ml_collections.ConfigDict(cfg.to_dict())
         shared_cfg.mlp_dim = cfg.num_shared_experts * hidden
         self.shared = mlp.MLP(shared_cfg, rngs=rngs) if cfg.num_shared_experts else None
+        # Per-expert LoRA adapters (None unless model.lora_targets matches), created last: see lora.adapter_for.
+        adapter = lambda name, in_dim, out_dim: lora.expert_adapter_for(cfg, name, num, in_dim, out_dim, rngs=rngs)
+        self.up_lora = adapter("up", embed, hidden)
+        self.gate_lora = adapter("gate", embed, hidden) if self.activation == "swiglu" else None
+        self.down_lora = adapter("down", hidden, embed)
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> tuple[jax.Array, RouterStats]:
         """x (batch, length, embed) -> (output of the same shape, the layer's RouterStats). `dropout_key` drives
-        the shared MLP's LoRA dropout, as `mlp.MLP`'s."""
+        the LoRA adapters' dropout (of the experts and the shared MLP), as `mlp.MLP`'s."""
         tokens = x.reshape(-1, x.shape[-1])
         # Routing in float32, whatever the compute dtype: top-k choices are sensitive to rounding.
         logits = tokens.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
         routing = route(logits, self.experts_per_token)
-        out = IMPLEMENTATIONS[self.impl](self, tokens.astype(self.dtype), routing).reshape(x.shape)
+        out = IMPLEMENTATIONS[self.impl](self, tokens.astype(self.dtype), routing, dropout_key).reshape(x.shape)
         if self.shared is not None:
             out = out + self.shared(x, dropout_key)
         return sharding.constrain(out, ("batch", "length", "embed")), routing.stats
@@ -122,33 +132,75 @@ class MoE(nnx.Module):
             return jax.nn.silu(gate) * up
         return jax.nn.gelu(up, approximate=True)  # GPT-2's gelu_new, as mlp.MLP.
 
+    def _masks(
+        self, tokens: jax.Array, k: int, dropout_key: jax.Array | None
+    ) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
+        """The adapters' dropout multipliers, drawn in token order for up and gate (tokens, embed) and in slot
+        order for down (tokens, k, mlp), so that both computations drop exactly the same inputs."""
 
-def dropless(layer: MoE, tokens: jax.Array, routing: Routing) -> jax.Array:
+        def mask(adapter: lora.ExpertLoRA | None, shape: tuple[int, ...]) -> jax.Array | None:
+            return None if adapter is None else adapter.dropout_mask(shape, dropout_key)
+
+        return (
+            mask(self.gate_lora, tokens.shape),
+            mask(self.up_lora, tokens.shape),
+            mask(self.down_lora, (tokens.shape[0], k, self.mlp_dim)),
+        )
+
+
+def _drop(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return x if mask is None else x * mask
+
+
+def dropless(layer: MoE, tokens: jax.Array, routing: Routing, dropout_key: jax.Array | None = None) -> jax.Array:
     """Sort the token-slots by expert, one grouped matmul per projection, unsort, combine: (tokens, embed)."""
     gate_w, up_w, down_w = layer._weights()
     num_experts, k = up_w.shape[0], routing.experts.shape[-1]
     slot_experts = routing.experts.reshape(-1)  # slot t * k + j is token t's j-th choice
     order = jnp.argsort(slot_experts, stable=True)
-    sorted_tokens = tokens[order // k]
     group_sizes = jnp.bincount(slot_experts, length=num_experts).astype(jnp.int32)
-    matmul = lambda lhs, rhs: jax.lax.ragged_dot(lhs, rhs, group_sizes)
-    gate = matmul(sorted_tokens, gate_w) if gate_w is not None else None
-    hidden = layer._hidden(matmul(sorted_tokens, up_w), gate)
-    outputs = matmul(hidden, down_w)[jnp.argsort(order)]  # back in slot order
+    gate_mask, up_mask, down_mask = layer._masks(tokens, k, dropout_key)
+
+    def project(rows: jax.Array, weight: jax.Array, adapter: lora.ExpertLoRA | None, adapter_rows: jax.Array):
+        out = jax.lax.ragged_dot(rows, weight, group_sizes)
+        return out if adapter is None else out + adapter.grouped(adapter_rows, group_sizes)
+
+    sorted_tokens = tokens[order // k]
+    gate = None
+    if gate_w is not None:
+        gate = project(sorted_tokens, gate_w, layer.gate_lora, _drop(tokens, gate_mask)[order // k])
+    hidden = layer._hidden(project(sorted_tokens, up_w, layer.up_lora, _drop(tokens, up_mask)[order // k]), gate)
+    down_rows = hidden if down_mask is None else hidden * down_mask.reshape(-1, down_mask.shape[-1])[order]
+    outputs = project(hidden, down_w, layer.down_lora, down_rows)[jnp.argsort(order)]  # back in slot order
     outputs = outputs.reshape(tokens.shape[0], k, -1)
     return jnp.einsum("tkd,tk->td", outputs, routing.weights.astype(outputs.dtype))
 
 
-def masked(layer: MoE, tokens: jax.Array, routing: Routing) -> jax.Array:
+def masked(layer: MoE, tokens: jax.Array, routing: Routing, dropout_key: jax.Array | None = None) -> jax.Array:
     """The reference: every expert on every token, each output weighted by its routing weight (0 if unchosen)."""
     gate_w, up_w, down_w = layer._weights()
-    gate = jnp.einsum("td,edh->eth", tokens, gate_w) if gate_w is not None else None
-    hidden = layer._hidden(jnp.einsum("td,edh->eth", tokens, up_w), gate)
-    outputs = jnp.einsum("eth,ehd->etd", hidden, down_w)
     one_hot = jax.nn.one_hot(routing.experts, up_w.shape[0], dtype=jnp.float32)  # (tokens, k, experts)
+    gate_mask, up_mask, down_mask = layer._masks(tokens, routing.experts.shape[-1], dropout_key)
+
+    def project(spec: str, x: jax.Array, weight: jax.Array, adapter: lora.ExpertLoRA | None, adapter_x: jax.Array):
+        out = jnp.einsum(spec, x, weight)
+        return out if adapter is None else out + adapter.per_expert(adapter_x)
+
+    gate = None
+    if gate_w is not None:
+        gate = project("td,edh->eth", tokens, gate_w, layer.gate_lora, _drop(tokens, gate_mask))
+    hidden = layer._hidden(project("td,edh->eth", tokens, up_w, layer.up_lora, _drop(tokens, up_mask)), gate)
+    # A slot's mask goes to the expert it chose; the experts a token did not choose are weighted by 0 below.
+    down_x = (
+        hidden if down_mask is None else hidden * jnp.einsum("tke,tkh->eth", one_hot.astype(hidden.dtype), down_mask)
+    )
+    outputs = project("eth,ehd->etd", hidden, down_w, layer.down_lora, down_x)
     combine = jnp.einsum("tke,tk->te", one_hot, routing.weights).astype(outputs.dtype)
     return jnp.einsum("etd,te->td", outputs, combine)
 
 
 # model.moe_impl -> its computation; the keys are exactly configs.base.CHOICES["model.moe_impl"] (tested).
-IMPLEMENTATIONS: dict[str, Callable[[MoE, jax.Array, Routing], jax.Array]] = {"dropless": dropless, "masked": masked}
+IMPLEMENTATIONS: dict[str, Callable[[MoE, jax.Array, Routing, jax.Array | None], jax.Array]] = {
+    "dropless": dropless,
+    "masked": masked,
+}

@@ -10,6 +10,12 @@ provider, and the token embedding table (also the tied output projection) throug
 (llm/quant/embed.py). Norm scales, biases and a learned position table stay in float: together they are
 well under 1% of the parameters. Attention scores and the softmax are not quantized.
 
+Mixture-of-experts models (llm/model/moe.py): attention and any shared experts as above (Qwix); the stacked
+expert weights weight-only, through Qwix's array API (llm/quant/experts.py), dequantized before their grouped
+matmuls; the router stays float (an (embed, experts) matrix, a few thousand parameters, whose top-k choices
+are sensitive to rounding: routing runs in float32). int8_act is refused for them: the expert matmuls'
+inputs would stay float.
+
 Qwix replaces a weight by its quantized form the first time a module runs under its provider. The
 Transformer runs its blocks through nnx.split/merge (and lax.scan with `scan_layers`), which would hide
 that replacement, so each Block (and the unembedding) is quantized on its own, and a stacked model is
@@ -31,8 +37,10 @@ from flax import nnx
 from llm import sharding
 from llm.model import layers
 from llm.model.kv_cache import KV_CACHE_DTYPES
+from llm.model.moe import MoE, is_moe_layer
 from llm.model.transformer import Transformer, create_model
 from llm.quant.embed import QuantizedEmbed
+from llm.quant.experts import QuantizedExperts
 
 MODES = ("int8", "int4", "int8_act")
 DEFAULT_GROUP_SIZE = 128
@@ -136,10 +144,14 @@ def _unrolled(model: Transformer) -> Transformer:
     with sharding.no_eager_sharding():
         unrolled = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)))
     stacked = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    blocks = stacked.pop("blocks")
-    stacked["blocks"] = {
-        layer: jax.tree.map(lambda a, layer=layer: a[layer], blocks) for layer in range(cfg.num_layers)
-    }
+    # With experts, the dense and the MoE layers are two stacks, each in layer order (Transformer._scan_groups).
+    stacks = {False: stacked.pop("blocks", None), True: stacked.pop("moe_blocks", None)}
+    taken = {False: 0, True: 0}
+    stacked["blocks"] = {}
+    for layer in range(cfg.num_layers):
+        is_moe = is_moe_layer(cfg, layer)
+        stacked["blocks"][layer] = jax.tree.map(lambda a, i=taken[is_moe]: a[i], stacks[is_moe])
+        taken[is_moe] += 1
     state = nnx.state(unrolled, nnx.Param)
     nnx.replace_by_pure_dict(state, stacked)
     nnx.update(unrolled, state)
@@ -148,11 +160,12 @@ def _unrolled(model: Transformer) -> Transformer:
 
 def quantize_model(model: Transformer, qconfig: QuantConfig) -> Transformer:
     """A quantized copy of `model` (which is left untouched); works on abstract models too (nnx.eval_shape)."""
-    if model.cfg.num_experts:
-        # Qwix intercepts Linear layers and einsums; the experts' grouped matmuls (ragged_dot) would stay float.
+    if model.cfg.num_experts and qconfig.act_qtype is not None:
+        # Qwix intercepts Linear layers and einsums, not the experts' grouped matmuls (ragged_dot).
         raise ValueError(
-            f"Quantization does not support mixture-of-experts models yet (config.model.num_experts="
-            f"{model.cfg.num_experts}): the expert weights would silently stay in float."
+            f"Quantization mode {qconfig.mode!r} does not support mixture-of-experts models (config.model."
+            f"num_experts={model.cfg.num_experts}): the inputs of the expert matmuls would stay float. Use int8 "
+            "or int4 (weight-only; the expert weights are quantized too)."
         )
     # One compiled program instead of hundreds of eagerly dispatched (and each compiled) small ops.
     return nnx.jit(_quantize, static_argnums=1)(model, qconfig)
@@ -171,6 +184,8 @@ def _quantize(model: Transformer, qconfig: QuantConfig) -> Transformer:
         # merged-heads form of the output projection (attention._heads_as_one_axis) hides: use the plain one.
         block.attention.out.einsum_op = jnp.einsum
         model.blocks[layer] = qwix.quantize_model(block, block_provider, x, positions, segment_ids, None)
+        if isinstance(block.mlp, MoE):
+            _quantize_experts(model.blocks[layer].mlp, qconfig)
     if not cfg.tie_embeddings:
         # Quantized on its own, the unembedding is the root module: its path is "".
         unembed_provider = qwix.PtqProvider(_rules(cfg, qconfig, "unembed", module_path=""))
@@ -181,6 +196,13 @@ def _quantize(model: Transformer, qconfig: QuantConfig) -> Transformer:
     model.cfg = ml_collections.FrozenConfigDict(_quantized_model_cfg(cfg, qconfig))
     _replicate_group_axes_of_scales(model)
     return model
+
+
+def _quantize_experts(layer: MoE, qconfig: QuantConfig) -> None:
+    """Replaces the layer's stacked expert weights (experts, in, out) by `QuantizedExperts`, in place."""
+    for name in ("gate", "up", "down") if layer.activation == "swiglu" else ("up", "down"):
+        weight = getattr(layer, name)
+        setattr(layer, name, QuantizedExperts(weight, qconfig.weight_qtype, qconfig.group_for(weight.shape[1])))
 
 
 def _replicate_group_axes_of_scales(model: nnx.Module) -> None:
@@ -209,8 +231,12 @@ def dequantized_params(model: Transformer) -> nnx.State:
     params = {}
     for path, value in flat.items():
         if path[-1] == "qvalue":
-            # A Qwix weight lives at <kernel>/array/{qvalue,scale}; the embedding table at embed/{qvalue,scale}.
-            float_path = path[:-2] if path[-2] == "array" else path[:-1] + ("embedding",)
+            # A Qwix weight lives at <kernel>/array/{qvalue,scale}; the embedding table at embed/{qvalue,scale};
+            # a stacked expert weight at <mlp>/<up|gate|down>/{qvalue,scale} (llm/quant/experts.py).
+            if path[-2] == "array":
+                float_path = path[:-2]
+            else:
+                float_path = path[:-1] + ("embedding",) if path[:-1] == ("embed",) else path[:-1]
             array = qwix.QArray(value[...], flat[path[:-1] + ("scale",)][...])
             params[float_path] = value.replace(qwix.dequantize(array).astype(dtype))
         elif path[-1] != "scale" or path[:-1] + ("qvalue",) not in flat:

@@ -1,6 +1,8 @@
 """Mixture of experts: the dropless layer equals the masked reference, routing and router losses equal
 hand-computed values, an MoE model trains, shards, resumes and decodes like a dense one, bad configs are refused."""
 
+import queue
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from llm.model import mlp, moe
 from llm.model.kv_cache import KVCache
 from llm.model.transformer import create_model
 from llm.quant import ptq
+from llm.serve.engine import Engine, Finished, Request
 from llm.train import (
     benchmark as train_benchmark,
     loop,
@@ -193,6 +196,27 @@ def test_decoding_with_the_cache_gives_the_logits_of_a_full_forward_pass(scan_la
     # The generator (and so the server) batches prompts of different lengths; each gets its output alone.
     generator, prompts = Generator(model), [[2, 17, 40], [2, 5, 9, 31, 77, 12]]
     assert generator.generate(prompts, 5) == [generator.generate([p], 5)[0] for p in prompts]
+
+
+def test_the_server_engine_serves_an_moe_model_as_its_generator_does(tokenizer):
+    model = create_model(moe_config(model__vocab_size=tokenizer.vocab_size, model__max_seq_len=64))
+    prompts = [tokenizer.encode(text, add_bos=True) for text in ("El pingüino camina", "La niña canta en el jardín")]
+    want = [Generator(model).generate([prompt], 6)[0] for prompt in prompts]
+    engine = Engine(model, tokenizer, max_batch_size=2).start()
+    try:
+        # Both requests in flight at once: the engine's batch mixes rows at different cache positions.
+        events = [queue.Queue() for _ in prompts]
+        for prompt, queue_of_prompt in zip(prompts, events):
+            engine.submit(Request(prompt, 6), queue_of_prompt.put)
+        got = []
+        for queue_of_prompt in events:
+            tokens = []
+            while not isinstance(event := queue_of_prompt.get(timeout=60), Finished):
+                tokens.append(event.token_id)
+            got.append(tokens)
+    finally:
+        engine.stop()
+    assert got == want
 
 
 def test_mfu_counts_the_active_parameters_only():

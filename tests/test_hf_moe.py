@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 from test_hf_export import ATOL, our_config, our_logits, save_our_run, their_logits
-from test_hf_import import TOKENS, VOCAB, restored_model, transformers_logits
+from test_hf_import import SIZES as DENSE_SIZES, TOKENS, restored_model, transformers_logits
 from transformers import (
     AutoModelForCausalLM,
     MixtralConfig,
@@ -24,18 +24,7 @@ from llm.hf import architectures, exporter, importer
 from llm.infer import generate
 from llm.runs import directory
 
-SIZES = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-6,
-    num_experts_per_tok=2,
-    tie_word_embeddings=False,
-)
+SIZES = dict(DENSE_SIZES, num_experts_per_tok=2, tie_word_embeddings=False)  # the dense tests' sizes, top-2
 QWEN3_MOE = dict(SIZES, num_experts=4, moe_intermediate_size=48, norm_topk_prob=True, head_dim=24)
 # kind -> (model class, config class, config keys)
 MODELS = {

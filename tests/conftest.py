@@ -15,6 +15,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -22,6 +23,7 @@ from flax import nnx
 from configs import tiny_es
 from llm import checkpoint, sharding
 from llm.data import loader, records
+from llm.model.kv_cache import KVCache
 from llm.runs import directory, loading
 from llm.tokenizer import train_tokenizer
 from llm.train import optimizer as optimizer_lib, step as step_lib
@@ -45,6 +47,20 @@ def tiny_config(**overrides):
         section, key = dotted.split("__") if "__" in dotted else (None, dotted)
         (config[section] if section else config)[key] = value
     return config
+
+
+def assert_cached_decode_equals_forward(model, tokens, prefill: int = 5) -> None:
+    """Prefilling `prefill` tokens into a KV cache and then decoding one token at a time gives the logits of one
+    full forward pass over `tokens` (1, length)."""
+    full = forward(model, tokens)
+    cache = KVCache.create(model.cfg, batch=1, max_len=16)
+    ones = jnp.ones_like(tokens)
+    logits, cache = model.decode(tokens[:, :prefill], jnp.arange(prefill)[None], ones[:, :prefill], cache)
+    np.testing.assert_allclose(logits, full[:, :prefill], atol=1e-5)
+    for t in range(prefill, tokens.shape[1]):
+        logits, cache = model.decode(tokens[:, t : t + 1], jnp.array([[t]]), ones[:, :1], cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+    assert cache.index.tolist() == [tokens.shape[1]]
 
 
 def pattern_rows(num_rows: int, seq_len: int, vocab: int, seed: int):

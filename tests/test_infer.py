@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import forward, tiny_config
+from conftest import assert_cached_decode_equals_forward, forward, tiny_config
 
 from llm.infer import sampling as sampling_lib
 from llm.infer.generate import Generator, cache_bucket
@@ -20,16 +20,7 @@ def model():
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_decoding_with_the_cache_gives_the_logits_of_a_full_forward_pass(scan_layers):
     model = create_model(tiny_config(model__scan_layers=scan_layers))
-    tokens = jnp.array([[7, 21, 3, 99, 45, 8, 60, 12, 5]])
-    full = forward(model, tokens)
-    cache = KVCache.create(model.cfg, batch=1, max_len=16)
-    ones = jnp.ones_like(tokens)
-    logits, cache = model.decode(tokens[:, :5], jnp.arange(5)[None], ones[:, :5], cache)
-    np.testing.assert_allclose(logits, full[:, :5], atol=1e-5)
-    for t in range(5, 9):
-        logits, cache = model.decode(tokens[:, t : t + 1], jnp.array([[t]]), ones[:, :1], cache)
-        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
-    assert cache.index.tolist() == [9]
+    assert_cached_decode_equals_forward(model, jnp.array([[7, 21, 3, 99, 45, 8, 60, 12, 5]]))
 
 
 def test_a_batch_of_different_lengths_gives_each_prompt_its_greedy_output_alone(model):

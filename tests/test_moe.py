@@ -7,7 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import crash_then_resume, forward, metrics_entries, pattern_rows, tiny_config
+from conftest import (
+    assert_cached_decode_equals_forward,
+    crash_then_resume,
+    forward,
+    metrics_entries,
+    pattern_rows,
+    tiny_config,
+)
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -15,7 +22,6 @@ from configs import base
 from llm import config_validation, sharding
 from llm.infer.generate import Generator
 from llm.model import mlp, moe
-from llm.model.kv_cache import KVCache
 from llm.model.transformer import create_model
 from llm.quant import ptq
 from llm.serve.engine import Engine, Finished, Request
@@ -184,15 +190,7 @@ def test_a_tiny_moe_trains_logs_its_router_metrics_and_resumes_bit_exactly(tmp_p
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_decoding_with_the_cache_gives_the_logits_of_a_full_forward_pass(scan_layers):
     model = create_model(moe_config(model__scan_layers=scan_layers, model__num_shared_experts=1))
-    tokens = jnp.array([[7, 21, 3, 99, 45, 8, 60, 12, 5]])
-    full = forward(model, tokens)
-    cache = KVCache.create(model.cfg, batch=1, max_len=16)
-    ones = jnp.ones_like(tokens)
-    logits, cache = model.decode(tokens[:, :5], jnp.arange(5)[None], ones[:, :5], cache)
-    np.testing.assert_allclose(logits, full[:, :5], atol=1e-5)
-    for t in range(5, 9):
-        logits, cache = model.decode(tokens[:, t : t + 1], jnp.array([[t]]), ones[:, :1], cache)
-        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
+    assert_cached_decode_equals_forward(model, jnp.array([[7, 21, 3, 99, 45, 8, 60, 12, 5]]))
     # The generator (and so the server) batches prompts of different lengths; each gets its output alone.
     generator, prompts = Generator(model), [[2, 17, 40], [2, 5, 9, 31, 77, 12]]
     assert generator.generate(prompts, 5) == [generator.generate([p], 5)[0] for p in prompts]

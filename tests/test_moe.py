@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec
 
 from configs import base
 from llm import config_validation, sharding
+from llm.data import records
 from llm.infer.generate import Generator
 from llm.model import mlp, moe
 from llm.model.transformer import create_model
@@ -119,6 +120,25 @@ def test_the_training_objective_adds_the_router_losses_with_their_coefficients()
     np.testing.assert_allclose(value - plain, 0.5 * sums["moe_aux_loss"] + 0.25 * sums["moe_z_loss"], rtol=1e-5)
     assert 1.5 < sums["moe_aux_loss"] / weight < 3 and sums["moe_z_loss"] > 0  # two layers, each near 1
     assert 0 <= sums["moe_load_min"] / weight < 1 / 8 < sums["moe_load_max"] / weight <= 1
+
+
+@pytest.mark.parametrize("objective", ["distill", "dpo", "contrastive"])
+def test_every_objective_adds_the_router_losses_of_an_moe_model(objective):
+    lm_batch = next(_batches(moe_config(), 1))
+    sides = {"dpo": losses.DPO_SIDES, "contrastive": records.CONTRASTIVE_SIDES}.get(objective, ())
+    # Pairs and triples of the same rows: what matters here is that the router terms are added, not their data.
+    batch = {f"{side}_{name}": value for side in sides for name, value in lm_batch.items()} or lm_batch
+
+    def terms(aux: float, z: float) -> tuple:
+        config = moe_config(model__router_aux_loss_coef=aux, model__router_z_loss_coef=z)
+        model = create_model(config)
+        other = create_model(tiny_config()) if objective == "distill" else model  # teacher, or DPO's reference
+        return losses.OBJECTIVES[objective].terms(model, other, batch, None, config.train, {})
+
+    plain, sums, weight = terms(0.0, 0.0)
+    value, _, _ = terms(0.5, 0.25)
+    np.testing.assert_allclose(value - plain, 0.5 * sums["moe_aux_loss"] + 0.25 * sums["moe_z_loss"], rtol=1e-5)
+    assert 1.5 < sums["moe_aux_loss"] / weight < 3  # two MoE layers, each near 1
 
 
 def test_shared_experts_are_used_by_every_token():

@@ -55,6 +55,22 @@ class RouterStats(NamedTuple):
     load: jax.Array  # (experts,) fraction of the token-slots routed to each expert
 
 
+def router_losses(cfg: ml_collections.ConfigDict, stats: RouterStats) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training term of a model's router statistics (stacked over its MoE layers): the coefficients times
+    the load-balancing and z-losses summed over the layers, and the metrics moe_aux_loss and moe_z_loss (without
+    their coefficients) and the share of routed token-slots of the busiest and idlest expert over all MoE layers
+    (moe_load_max, moe_load_min; 1 / num_experts each when balanced)."""
+    aux_loss, z_loss = jnp.sum(stats.aux_loss), jnp.sum(stats.z_loss)
+    value = cfg.router_aux_loss_coef * aux_loss + cfg.router_z_loss_coef * z_loss
+    metrics = {
+        "moe_aux_loss": aux_loss,
+        "moe_z_loss": z_loss,
+        "moe_load_max": jnp.max(stats.load),
+        "moe_load_min": jnp.min(stats.load),
+    }
+    return value, metrics
+
+
 class Routing(NamedTuple):
     experts: jax.Array  # (tokens, k) int32: the chosen experts of each token, best first
     weights: jax.Array  # (tokens, k) float32: their renormalized probabilities

@@ -10,6 +10,7 @@ from flax import nnx
 
 from llm import config_validation
 from llm.data import records
+from llm.model import moe
 from llm.model.pooling import pool, truncate
 from llm.model.transformer import Transformer
 
@@ -75,7 +76,9 @@ def contrastive_terms(
     sides = records.CONTRASTIVE_SIDES
     joined = {name: jnp.concatenate([batch[f"{side}_{name}"] for side in sides]) for name in records.FIELDS}
     # Queries, positives and negatives go through the model as one batch of three times the rows.
-    hidden = model.features(joined["tokens"], joined["positions"], joined["segment_ids"], dropout_key=key)
+    hidden, router = model.features_and_router_stats(
+        joined["tokens"], joined["positions"], joined["segment_ids"], dropout_key=key
+    )
     queries, positives, negatives = jnp.split(
         pool(hidden, joined["segment_ids"], train_cfg.contrastive_pooling, normalize=False), 3
     )
@@ -88,4 +91,9 @@ def contrastive_terms(
     per_query, correct = ranking_loss(queries, positives, negatives, has_negative, temperature, dims)
     count = jnp.asarray(queries.shape[0], jnp.float32)
     sums = {"loss": jnp.sum(per_query), "accuracy": jnp.sum(correct), "temperature": temperature * count}
-    return sums["loss"], sums, count
+    value = sums["loss"]
+    if router is not None:  # An MoE embedder keeps its router losses, weighted per query like the ranking loss.
+        router_value, router_metrics = moe.router_losses(model.cfg, router)
+        value = value + count * router_value
+        sums.update({name: count * metric for name, metric in router_metrics.items()})
+    return value, sums, count

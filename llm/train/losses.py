@@ -24,6 +24,7 @@ import ml_collections
 from flax import nnx
 
 from llm.data import records
+from llm.model import moe
 from llm.model.logprobs import log_normalizer, log_softmax, target_logprobs
 from llm.model.moe import RouterStats
 from llm.model.transformer import Transformer
@@ -181,21 +182,10 @@ def lm_terms(
 def router_terms(
     model_cfg: ml_collections.ConfigDict, stats: RouterStats, weight: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """An MoE model's router losses (llm/model/moe.py), summed over its MoE layers, as a term of the objective
-    and metric sums, both scaled by the batch's `weight` like the cross-entropy sums (so dividing by the total
-    weight gives coefficient * loss, and accumulation a weighted mean over microbatches).
-
-    Metrics: moe_aux_loss and moe_z_loss (unweighted by their coefficients), and the share of the routed
-    token-slots of the busiest and of the idlest expert over all MoE layers (moe_load_max, moe_load_min;
-    1 / num_experts each when balanced)."""
-    aux_loss, z_loss = jnp.sum(stats.aux_loss), jnp.sum(stats.z_loss)
-    value = model_cfg.router_aux_loss_coef * aux_loss + model_cfg.router_z_loss_coef * z_loss
-    metrics = {
-        "moe_aux_loss": aux_loss,
-        "moe_z_loss": z_loss,
-        "moe_load_max": jnp.max(stats.load),
-        "moe_load_min": jnp.min(stats.load),
-    }
+    """An MoE model's router losses (`moe.router_losses`) as a term of the objective and metric sums, both scaled
+    by the batch's `weight` like the cross-entropy sums (so dividing by the total weight gives coefficient * loss,
+    and accumulation a weighted mean over microbatches)."""
+    value, metrics = moe.router_losses(model_cfg, stats)
     return weight * value, {name: weight * metric for name, metric in metrics.items()}
 
 
@@ -274,7 +264,7 @@ def distill_terms(
     """Knowledge distillation of `model` from the frozen `teacher` on the same batch (`distill_objective`)."""
     del loss_params
     tokens, positions, segment_ids = batch["tokens"], batch["positions"], batch["segment_ids"]
-    features = model.features(tokens, positions, segment_ids, dropout_key=key)
+    features, router = model.features_and_router_stats(tokens, positions, segment_ids, dropout_key=key)
     teacher_features = jax.lax.stop_gradient(teacher.features(tokens, positions, segment_ids))
     weights = next_token_weights(segment_ids, batch["loss_mask"])
     temperature, z_loss = train_cfg.distill_temperature, train_cfg.z_loss
@@ -291,6 +281,9 @@ def distill_terms(
         targets, weights = _targets_at_every_position(tokens, weights)
         sums = distill_sums(model.logits(features), teacher_logits, targets, weights, temperature, z_loss)
     value, metrics = distill_objective(sums, train_cfg.distill_alpha, temperature)
+    if router is not None:  # An MoE student keeps its router losses, as in lm_terms.
+        router_value, router_sums = router_terms(model.cfg, router, sums.weight)
+        value, metrics = value + router_value, {**metrics, **router_sums}
     return value, metrics, sums.weight
 
 
@@ -308,12 +301,14 @@ def dpo_terms(
     joined = {name: jnp.concatenate([batch[f"{side}_{name}"] for side in DPO_SIDES]) for name in records.FIELDS}
     weights = next_token_weights(joined["segment_ids"], joined["loss_mask"])
 
-    def logprobs(m: Transformer, k: jax.Array | None) -> list[jax.Array]:
-        logits = m(joined["tokens"], joined["positions"], joined["segment_ids"], dropout_key=k)
-        return jnp.split(sequence_logprobs(logits, joined["tokens"], weights), 2)
+    def logprobs(m: Transformer, k: jax.Array | None) -> tuple[list[jax.Array], RouterStats | None]:
+        features, router = m.features_and_router_stats(
+            joined["tokens"], joined["positions"], joined["segment_ids"], dropout_key=k
+        )
+        return jnp.split(sequence_logprobs(m.logits(features), joined["tokens"], weights), 2), router
 
-    policy_chosen, policy_rejected = logprobs(model, key)
-    reference_chosen, reference_rejected = jax.lax.stop_gradient(logprobs(reference, None))
+    (policy_chosen, policy_rejected), router = logprobs(model, key)
+    reference_chosen, reference_rejected = jax.lax.stop_gradient(logprobs(reference, None)[0])
     per_pair = dpo_loss(
         policy_chosen,
         policy_rejected,
@@ -323,7 +318,12 @@ def dpo_terms(
         train_cfg.dpo_label_smoothing,
     )
     sums = {name: jnp.sum(values) for name, values in per_pair.items()}
-    return sums["loss"], sums, jnp.asarray(policy_chosen.shape[0], jnp.float32)
+    pairs = jnp.asarray(policy_chosen.shape[0], jnp.float32)
+    value = sums["loss"]
+    if router is not None:  # An MoE policy keeps its router balanced while it learns the preference.
+        router_value, router_sums = router_terms(model.cfg, router, pairs)
+        value, sums = value + router_value, {**sums, **router_sums}
+    return value, sums, pairs
 
 
 TermsFn = Callable[

@@ -111,6 +111,15 @@ def test_routing_and_router_losses_equal_hand_computed_values():
     np.testing.assert_allclose(balanced.stats.aux_loss, 1.0, rtol=1e-6)
 
 
+def test_padding_is_left_out_of_the_router_statistics():
+    logits = jax.random.normal(jax.random.key(5), (12, 4)) * 3.0
+    real = jnp.arange(12) % 3 != 0  # a third of the tokens are padding
+    masked = moe.route(logits, k=2, token_mask=real).stats
+    only_real = moe.route(logits[real], k=2).stats
+    for got, want in zip(masked, only_real):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_the_training_objective_adds_the_router_losses_with_their_coefficients():
     batch = next(_batches(moe_config(), 1))
     lm = lambda config: losses.lm_terms(create_model(config), None, batch, None, config.train, {})

@@ -30,7 +30,8 @@ Router statistics (`RouterStats`) come back beside the output, for the training 
     (transformers' Mixtral counts f_e per token rather than per slot: its value is experts_per_token times this.)
   * router z-loss (ST-MoE, Zoph et al. 2022): the mean over tokens of logsumexp(router logits)^2.
   * load: f_e itself, for the busiest/idlest-expert metrics.
-Every token of the batch counts, padding included.
+Only real tokens count: padding (segment id 0) is routed and computed like any token, but left out of the
+statistics, so a batch's padding neither skews the load nor is balanced by the loss.
 """
 
 from __future__ import annotations
@@ -86,16 +87,21 @@ def is_moe_layer(cfg: ml_collections.ConfigDict, layer: int) -> bool:
     return cfg.num_experts > 0 and (layer + 1) % cfg.moe_every == 0
 
 
-def route(logits: jax.Array, k: int) -> Routing:
-    """Top-k routing of float32 router logits (tokens, experts), with the layer's statistics."""
+def route(logits: jax.Array, k: int, token_mask: jax.Array | None = None) -> Routing:
+    """Top-k routing of float32 router logits (tokens, experts), with the layer's statistics over the tokens
+    `token_mask` (tokens,) marks (all of them when None)."""
     num_experts = logits.shape[-1]
     probs = jax.nn.softmax(logits, axis=-1)
     top_probs, experts = jax.lax.top_k(probs, k)
     weights = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
-    # Slots per expert over all (token, choice) pairs; integer counts, so no gradient flows through f_e.
-    load = jnp.bincount(experts.reshape(-1), length=num_experts).astype(jnp.float32) / experts.size
-    aux_loss = num_experts * jnp.sum(load * jnp.mean(probs, axis=0))
-    z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+    counted = jnp.ones(logits.shape[0], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    num_counted = jnp.maximum(jnp.sum(counted), 1.0)
+    # Slots per expert over the counted (token, choice) pairs; integer counts, so no gradient flows through f_e.
+    slots = jnp.bincount(experts.reshape(-1), weights=jnp.repeat(counted, k), length=num_experts)
+    load = slots / (k * num_counted)
+    mean_probs = jnp.sum(probs * counted[:, None], axis=0) / num_counted
+    aux_loss = num_experts * jnp.sum(load * mean_probs)
+    z_loss = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * counted) / num_counted
     return Routing(experts, weights, RouterStats(aux_loss, z_loss, load))
 
 
@@ -127,13 +133,16 @@ class MoE(nnx.Module):
         self.gate_lora = adapter("gate", embed, hidden) if self.activation == "swiglu" else None
         self.down_lora = adapter("down", hidden, embed)
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> tuple[jax.Array, RouterStats]:
-        """x (batch, length, embed) -> (output of the same shape, the layer's RouterStats). `dropout_key` drives
-        the LoRA adapters' dropout (of the experts and the shared MLP), as `mlp.MLP`'s."""
+    def __call__(
+        self, x: jax.Array, dropout_key: jax.Array | None = None, token_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, RouterStats]:
+        """x (batch, length, embed) -> (output of the same shape, the layer's RouterStats over the tokens
+        `token_mask` (batch, length) marks, all when None). `dropout_key` drives the LoRA adapters' dropout (of
+        the experts and the shared MLP), as `mlp.MLP`'s."""
         tokens = x.reshape(-1, x.shape[-1])
         # Routing in float32, whatever the compute dtype: top-k choices are sensitive to rounding.
         logits = tokens.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
-        routing = route(logits, self.experts_per_token)
+        routing = route(logits, self.experts_per_token, None if token_mask is None else token_mask.reshape(-1))
         out = IMPLEMENTATIONS[self.impl](self, tokens.astype(self.dtype), routing, dropout_key).reshape(x.shape)
         if self.shared is not None:
             out = out + self.shared(x, dropout_key)

@@ -83,9 +83,10 @@ class Block(nnx.Module):
         )
         x = x + dropout(attended, keys.attention)
         x = sharding.constrain(x, ("batch", "length", "embed"))
-        hidden, stats = self.mlp(norm(self.mlp_norm, x), keys.mlp_lora), None
-        if isinstance(self.mlp, moe.MoE):
-            hidden, stats = hidden
+        if isinstance(self.mlp, moe.MoE):  # Padding (segment 0) is left out of the router statistics.
+            hidden, stats = self.mlp(norm(self.mlp_norm, x), keys.mlp_lora, token_mask=segment_ids > 0)
+        else:
+            hidden, stats = self.mlp(norm(self.mlp_norm, x), keys.mlp_lora), None
         x = x + dropout(hidden, keys.mlp)
         return sharding.constrain(x, ("batch", "length", "embed")), cache, stats
 

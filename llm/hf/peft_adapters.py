@@ -22,6 +22,11 @@ GPT-2's Conv1D layers (stored (in, out), PEFT's fan_in_fan_out) have adapters of
 fuses query, key and value, and PEFT's adapter of it is one for the fused output: a run adapting any of the
 three is refused by model.lora_targets (export it merged instead). target_modules name a module by the
 shortest suffix no other one shares: q_proj, but attn.c_proj beside mlp.c_proj.
+A mixture of experts' per-expert adapters (A (experts, in, r), B (experts, r, out)) are written under the
+per-expert module names of the checkpoints (Mixtral's `model.layers.{i}.block_sparse_moe.experts.{e}.w1`,
+Qwen3-MoE's `model.layers.{i}.mlp.experts.{e}.gate_proj`), target_modules w1 / gate_proj ...: transformers 5 fuses
+the experts into 3-D parameters, and PEFT converts such adapters to them on loading (the gate's and up's into one
+of rank 2r of gate_up_proj), so it needs both or neither of an expert's gate and up adapted.
 
 Import (`import_adapter`) turns a PEFT folder into a LoRA run on an existing run (e.g. an imported model):
 config lora_rank / lora_alpha / lora_dropout / lora_targets from the adapter config, init_from the base run,
@@ -219,8 +224,8 @@ def _expert_refusal(arch: exporter.Architecture, layers: set[str]) -> str | None
                 f"{[_layer_name(t) for t in sorted(gate_up - set(experts))]}: {arch.name}'s experts fuse both in one "
                 "gate_up_proj parameter (transformers 5), and PEFT adapts it only with adapters of both")  # fmt: skip
     names = {_target_name(arch, module) for module in experts.values()}
-    dense = sorted(t for t in layers & set(_adaptable_kernels(arch)) if _target_name(arch, _adaptable_kernels(arch)[t])
-                   .rsplit(".", 1)[-1] in names)  # fmt: skip
+    kernels = _adaptable_kernels(arch)
+    dense = sorted(template for template in layers & set(kernels) if kernels[template].rsplit(".", 1)[-1] in names)
     if dense:
         return (f"the dense layers' {[_layer_name(t) for t in dense]} beside the experts': PEFT (loading on "
                 f"transformers 5) moves target_modules {sorted(names)} to the fused expert parameters, dropping the "

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from test_hf_export import ATOL, our_config, our_logits, save_our_run, their_logits
+from peft import PeftModel
+from test_hf_export import ATOL, our_config, our_logits, save_lora_run, save_our_run, their_logits
 from test_hf_import import SIZES as DENSE_SIZES, TOKENS, restored_model, transformers_logits
 from transformers import (
     AutoModelForCausalLM,
@@ -20,7 +21,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from llm.hf import architectures, exporter, importer
+from llm.hf import architectures, exporter, importer, peft_adapters
 from llm.infer import generate
 from llm.runs import directory
 
@@ -169,3 +170,48 @@ def test_exported_moe_run_gives_our_logits_in_transformers(kind, tokenizer, tmp_
 def test_moe_runs_without_an_hf_equivalent_are_refused_by_name(model_keys, reason, tokenizer):
     with pytest.raises(exporter.UnsupportedRun, match=reason):
         exporter.architecture(our_config(tokenizer, **model_keys))
+
+
+EXPERT_LORA = dict(lora_rank=4, lora_alpha=8.0, lora_targets="attention/(query|value)|mlp/(gate|up|down)")
+
+
+@pytest.mark.parametrize(
+    "kind, lora_keys, targets",
+    [
+        ("mixtral", EXPERT_LORA, ["q_proj", "v_proj", "w1", "w2", "w3"]),
+        ("mixtral_scanned", EXPERT_LORA, ["q_proj", "v_proj", "w1", "w2", "w3"]),
+        ("qwen3_moe", EXPERT_LORA, ["down_proj", "gate_proj", "q_proj", "up_proj", "v_proj"]),
+        # A dense layer and an MoE layer in two scanned stacks; attention adapters only (see the refusals below).
+        ("qwen3_moe_every2_scanned", dict(EXPERT_LORA, lora_targets="attention/(query|out)"), ["o_proj", "q_proj"]),
+    ],
+)
+def test_a_moe_lora_run_exports_as_a_peft_adapter_that_peft_applies_as_we_do(kind, lora_keys, targets, tokenizer,
+                                                                             tmp_path):  # fmt: skip
+    """Per-expert adapters under PEFT's per-expert names, which PEFT fuses as transformers 5 fuses the experts."""
+    model_keys, _ = RUNS[kind]
+    make_config = lambda tok, **keys: our_config(tok, **model_keys, **keys)
+    _, lora_dir, model = save_lora_run(tmp_path, make_config, tokenizer, **lora_keys)
+    out = peft_adapters.export_adapter(lora_dir, str(tmp_path / "adapter"))
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        assert json.load(f)["target_modules"] == targets
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(out, "base")).eval()
+    base_logits = their_logits(base)
+    ours = our_logits(model)
+    np.testing.assert_allclose(their_logits(PeftModel.from_pretrained(base, out).eval()), ours, atol=ATOL, rtol=0)
+    assert np.abs(base_logits - ours).max() > 1e-2  # The adapters matter.
+
+
+@pytest.mark.parametrize(
+    "kind, lora_targets, reason",
+    [
+        ("mixtral", "mlp/(gate|down)", r"adapts \['mlp/gate'\] of the experts without \['mlp/up'\]: .* gate_up_proj"),
+        ("qwen3_moe_every2_scanned", "mlp/down", r"the dense layers' \['mlp/down'\] beside the experts'"),
+    ],
+)
+def test_moe_lora_runs_peft_cannot_load_are_refused_by_lora_targets(kind, lora_targets, reason, tokenizer, tmp_path):
+    model_keys, _ = RUNS[kind]
+    make_config = lambda tok, **keys: our_config(tok, **model_keys, **keys)
+    _, lora_dir, _ = save_lora_run(tmp_path, make_config, tokenizer, lora_rank=4, lora_targets=lora_targets)
+    with pytest.raises(exporter.UnsupportedRun, match=reason):
+        peft_adapters.export_adapter(lora_dir, str(tmp_path / "adapter"))
+    assert not os.path.exists(tmp_path / "adapter")

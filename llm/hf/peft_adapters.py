@@ -22,6 +22,11 @@ GPT-2's Conv1D layers (stored (in, out), PEFT's fan_in_fan_out) have adapters of
 fuses query, key and value, and PEFT's adapter of it is one for the fused output: a run adapting any of the
 three is refused by model.lora_targets (export it merged instead). target_modules name a module by the
 shortest suffix no other one shares: q_proj, but attn.c_proj beside mlp.c_proj.
+A mixture of experts' per-expert adapters (A (experts, in, r), B (experts, r, out)) are written under the
+per-expert module names of the checkpoints (Mixtral's `model.layers.{i}.block_sparse_moe.experts.{e}.w1`,
+Qwen3-MoE's `model.layers.{i}.mlp.experts.{e}.gate_proj`), target_modules w1 / gate_proj ...: transformers 5 fuses
+the experts into 3-D parameters, and PEFT converts such adapters to them on loading (the gate's and up's into one
+of rank 2r of gate_up_proj), so it needs both or neither of an expert's gate and up adapted.
 
 Import (`import_adapter`) turns a PEFT folder into a LoRA run on an existing run (e.g. an imported model):
 config lora_rank / lora_alpha / lora_dropout / lora_targets from the adapter config, init_from the base run,
@@ -68,7 +73,11 @@ class UnsupportedAdapter(ValueError):
 
 
 def _layer_path(path: tuple) -> tuple:
-    """The adapted layer's kernel path of an adapter parameter path (..., 'query_lora', 'adapter', 'lora_a')."""
+    """The adapted layer's kernel path of an adapter parameter path (..., 'query_lora', 'adapter', 'lora_a'), or
+    the stacked expert weight of a per-expert adapter's (..., 'mlp', 'up_lora', 'lora_a') -> (..., 'mlp', 'up')."""
+    if path[-2].endswith(LORA_SUFFIX):
+        *parents, owner, _ = path
+        return (*parents, owner.removesuffix(LORA_SUFFIX))
     *parents, owner, _, _ = path
     return (*parents, owner.removesuffix(LORA_SUFFIX), "kernel")
 
@@ -96,36 +105,61 @@ def _adaptable_kernels(arch: exporter.Architecture) -> dict[str, str]:
     }
 
 
+def _expert_modules(arch: exporter.Architecture) -> dict[str, str]:
+    """Our stacked expert weights (blocks.{i}.mlp.up, ...) -> the per-expert HF module each expert's slice is
+    (model.layers.{i}.block_sparse_moe.experts.{e}.w3). Transformers 5 fuses them into 3-D parameters (experts'
+    gate_up_proj, down_proj); PEFT converts adapters of these per-expert names to those on loading."""
+    return {
+        template: hf_name.removesuffix(".weight")
+        for template, (hf_name, transform) in arch.mapping.items()
+        if re.fullmatch(r"blocks\.\{i\}\.mlp\.\w+", template) and "{e}" in hf_name and transform in LINEAR_LAYOUTS
+    }
+
+
 def _target_name(arch: exporter.Architecture, module: str) -> str:
     """The target_modules entry of an adaptable HF module: the shortest dotted suffix of its name that no other
-    adaptable module shares (q_proj; GPT-2's attn.c_proj beside mlp.c_proj). PEFT matches entries as suffixes."""
+    adaptable module shares (q_proj; GPT-2's attn.c_proj beside mlp.c_proj). PEFT matches entries as suffixes.
+    An expert's is its projection's name (w1, gate_proj): the one PEFT's conversion to fused experts reads."""
+    if "{e}" in module:
+        return module.rsplit(".", 1)[-1]
     parts, others = module.split("."), [m.split(".") for m in _adaptable_kernels(arch).values() if m != module]
     length = next(n for n in range(1, len(parts) + 1) if all(other[-n:] != parts[-n:] for other in others))
     return ".".join(parts[-length:])
 
 
-def _peft_module(arch: exporter.Architecture, layer_path: tuple) -> str:
-    """PEFT's module name of one of our adapted kernels, e.g. 'base_model.model.model.layers.0.self_attn.q_proj'."""
+def _peft_module(arch: exporter.Architecture, layer_path: tuple, expert: int | None = None) -> str:
+    """PEFT's module name of one of our adapted kernels, e.g. 'base_model.model.model.layers.0.self_attn.q_proj',
+    or of `expert`'s slice of a stacked expert weight ('...layers.0.block_sparse_moe.experts.1.w3')."""
     layer = next(part for part in layer_path if isinstance(part, int))
-    return PEFT_PREFIX + _adaptable_kernels(arch)[_template(layer_path)].format(i=layer)
+    modules = {**_adaptable_kernels(arch), **_expert_modules(arch)}
+    return PEFT_PREFIX + modules[_template(layer_path)].format(i=layer, e=expert)
 
 
-def _peft_key(arch: exporter.Architecture, path: tuple) -> str:
-    """PEFT's tensor name of one of our (per-layer) adapter parameters."""
-    return f"{_peft_module(arch, _layer_path(path))}.lora_{'A' if path[-1] == 'lora_a' else 'B'}.weight"
+def _peft_key(arch: exporter.Architecture, path: tuple, expert: int | None = None) -> str:
+    """PEFT's tensor name of one of our (per-layer) adapter parameters, or of `expert`'s slice of one."""
+    return f"{_peft_module(arch, _layer_path(path), expert)}.lora_{'A' if path[-1] == 'lora_a' else 'B'}.weight"
 
 
-def adapter_tensors(lora_state: nnx.State, arch: exporter.Architecture) -> list[safetensors_files.OutTensor]:
-    """The adapters as PEFT's tensors: lora_A = our A.T (r, in), lora_B = our B.T (out, r), gathered lazily."""
-    arrays = exporter.per_layer_arrays(lora_state)
+def adapter_tensors(
+    lora_state: nnx.State, arch: exporter.Architecture, stacks: dict[str, list[int]]
+) -> list[safetensors_files.OutTensor]:
+    """The adapters as PEFT's tensors: lora_A = our A.T (r, in), lora_B = our B.T (out, r), gathered lazily; a
+    per-expert adapter (experts, in, r) makes one per expert. `stacks`: weights.stacked_layers of the run."""
+    arrays = exporter.per_layer_arrays(lora_state, stacks)
 
-    def values(get):
-        return lambda: np.asarray(jax.device_get(get())).T
+    def values(get, expert=None):
+        return lambda: np.asarray(jax.device_get(get() if expert is None else get()[expert])).T
 
-    return [
-        safetensors_files.OutTensor(_peft_key(arch, path), shape[::-1], values(get))
-        for path, (shape, get) in arrays.items()
-    ]
+    tensors = []
+    for path, (shape, get) in arrays.items():
+        if path[-2].endswith(LORA_SUFFIX):  # A (experts, in, r) or B (experts, r, out)
+            tensors += [
+                safetensors_files.OutTensor(_peft_key(arch, path, e), shape[:0:-1], values(get, e))
+                for e in range(shape[0])
+            ]
+        else:
+            tensors.append(safetensors_files.OutTensor(_peft_key(arch, path), shape[::-1], values(get)))
+    return tensors
 
 
 def adapter_config(
@@ -133,7 +167,8 @@ def adapter_config(
 ) -> dict:
     """adapter_config.json of a LoRA run whose (per-layer) adapter parameter paths are `paths`."""
     layers = {_template(_layer_path(path)) for path in paths}
-    modules = {_adaptable_kernels(arch)[template] for template in layers}
+    adaptable = {**_adaptable_kernels(arch), **_expert_modules(arch)}
+    modules = {adaptable[template] for template in layers}
     model = config.model
     return {
         "peft_type": "LORA",
@@ -153,13 +188,15 @@ def adapter_config(
     }
 
 
-def check_adapters(config: ml_collections.ConfigDict) -> tuple[exporter.Architecture, nnx.State]:
-    """The base architecture and the abstract adapters of LoRA run `config`, once every adapted layer is known to
-    be one PEFT can adapt; else UnsupportedRun names model.lora_targets."""
+def check_adapters(config: ml_collections.ConfigDict) -> tuple[exporter.Architecture, nnx.State, list[tuple]]:
+    """The base architecture, the abstract adapters of LoRA run `config` and their per-layer paths, once every
+    adapted layer is known to be one PEFT can adapt; else UnsupportedRun names model.lora_targets."""
     arch = exporter.architecture(build.base_config(config))
     abstract = _abstract_adapters(config)
+    paths = list(exporter.per_layer_arrays(abstract, weights.stacked_layers(config.model)))
     adaptable = _adaptable_kernels(arch)
-    refused = sorted({_template(_layer_path(path)) for path in exporter.per_layer_arrays(abstract)} - set(adaptable))
+    layers = {_template(_layer_path(path)) for path in paths}
+    refused = sorted(layers - set(adaptable) - set(_expert_modules(arch)))
     if refused:
         fused = sorted({arch.mapping[template][0] for template in refused})
         ours = sorted(map(_layer_name, adaptable))
@@ -168,7 +205,32 @@ def check_adapters(config: ml_collections.ConfigDict) -> tuple[exporter.Architec
             f"{arch.name}'s {fused}: PEFT's LoRA of a fused tensor is one adapter of its whole output, ours one per "
             f"projection. Export it merged (--merge), or train adapters of {ours} only."
         )
-    return arch, abstract
+    reason = _expert_refusal(arch, layers)
+    if reason:
+        raise exporter.UnsupportedRun(f"model.lora_targets={config.model.lora_targets!r} adapts {reason}. Export "
+                                      "it merged (--merge).")  # fmt: skip
+    return arch, abstract, paths
+
+
+def _expert_refusal(arch: exporter.Architecture, layers: set[str]) -> str | None:
+    """Why PEFT cannot load per-expert adapters of the adapted `layers` on transformers 5's fused experts, or None.
+    Loading, PEFT joins the adapters of an expert's gate and up into one of its gate_up_proj (rank 2r), so it needs
+    both; and it moves the experts' target_modules names to the fused parameters, so a dense layer's projection of
+    the same name (Qwen3-MoE's decoder_sparse_step > 1) would lose its adapter."""
+    experts = {template: module for template, module in _expert_modules(arch).items() if template in layers}
+    gate_up = {"blocks.{i}.mlp.gate", "blocks.{i}.mlp.up"} & set(_expert_modules(arch))
+    if experts and 0 < len(gate_up & set(experts)) < len(gate_up):
+        return (f"{[_layer_name(t) for t in sorted(gate_up & set(experts))]} of the experts without "
+                f"{[_layer_name(t) for t in sorted(gate_up - set(experts))]}: {arch.name}'s experts fuse both in one "
+                "gate_up_proj parameter (transformers 5), and PEFT adapts it only with adapters of both")  # fmt: skip
+    names = {_target_name(arch, module) for module in experts.values()}
+    kernels = _adaptable_kernels(arch)
+    dense = sorted(template for template in layers & set(kernels) if kernels[template].rsplit(".", 1)[-1] in names)
+    if dense:
+        return (f"the dense layers' {[_layer_name(t) for t in dense]} beside the experts': PEFT (loading on "
+                f"transformers 5) moves target_modules {sorted(names)} to the fused expert parameters, dropping the "
+                "dense layers' adapters of the same names")  # fmt: skip
+    return None
 
 
 def _abstract_adapters(config: ml_collections.ConfigDict) -> nnx.State:
@@ -194,8 +256,7 @@ def export_adapter(
     config = exporter.check_run(workdir, step, dtype)
     if config.train.trainable != "lora":
         raise exporter.UnsupportedRun(f"{workdir!r} is not a LoRA run (train.trainable={config.train.trainable!r}).")
-    arch, abstract = check_adapters(config)
-    paths = list(exporter.per_layer_arrays(abstract))
+    arch, abstract, paths = check_adapters(config)
     settings = adapter_config(config, arch, paths, os.path.join(output_dir, BASE_DIR))
     lora_state, _ = checkpoint.restore_run_params(workdir, abstract, step)
     staging = output_dir + exporter.STAGING_SUFFIX
@@ -205,7 +266,7 @@ def export_adapter(
         base = loading.load_run(config.init_from)
         exporter.write_model(base, os.path.join(staging, BASE_DIR), dtype, shard_bytes)
         io.write_json(os.path.join(staging, exporter.ADAPTER_CONFIG), settings)
-        adapters = adapter_tensors(lora_state, arch)
+        adapters = adapter_tensors(lora_state, arch, weights.stacked_layers(config.model))
         safetensors_files.write_safetensors(
             staging, adapters, dtype or config.model.param_dtype, math.inf, ADAPTER_FILE
         )

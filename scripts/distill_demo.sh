@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Knowledge distillation on the embedded Spanish corpus, about 7 minutes on 2 idle cores: a teacher wider than
-# tiny_es and trained on three times the tokens (configs/teacher_es.py), a tiny_es student trained with cross-entropy only, the same student distilled from
-# the teacher for the same steps (configs/distill_es.py), then bits-per-byte of the three side by side
-# (scripts/evaluate.py --tasks=bpb).
+# tiny_es and trained on three times the tokens (configs/teacher_es.py), a tiny_es student trained with
+# cross-entropy only, the same student distilled from the teacher for the same steps (configs/distill_es.py), then
+# bits-per-byte of the three side by side (scripts/evaluate.py --tasks=bpb).
 #
 # Needs the quickstart's data (scripts/quickstart.sh). Settings by environment variable:
 #   DATA_DIR (data/es_default), RUNS_DIR (runs/distill_demo), PYTHON (.venv/bin/python),

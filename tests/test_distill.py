@@ -281,3 +281,9 @@ def test_distillation_without_a_teacher_and_a_teacher_without_distillation_are_r
     config.train.update(objective="distill", teacher="/nonexistent/teacher")
     with pytest.raises(FileNotFoundError, match="config.train.teacher='/nonexistent/teacher'"):
         start.checked_config(config)
+
+
+def test_a_multi_host_distillation_is_refused_at_start_up(data_dir, teacher_run, monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(config_validation.ConfigError, match="distillation runs on one host; this run has 2 processes"):
+        start.checked_config(_distill_config(data_dir, teacher_run))

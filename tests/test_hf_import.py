@@ -5,6 +5,7 @@ transformers on the CPU: logits, logits of a padded batch, and greedy generation
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -84,8 +85,13 @@ def hf_model(kind: str, **overrides):
     """A tiny transformers model of `kind` whose every weight (norm scales and zero-initialized biases
     included) is randomized, so a weight mapped wrong or not at all changes the logits."""
     model_class, config_class, keys = MODELS[kind]
+    return randomized(lambda: model_class(config_class(**{**keys, **overrides})))
+
+
+def randomized(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The model `build` makes (seeded) in eval mode, with seeded noise added to every weight."""
     torch.manual_seed(0)
-    model = model_class(config_class(**{**keys, **overrides})).eval()
+    model = build().eval()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))

@@ -12,7 +12,7 @@ import torch
 from flax import nnx
 from peft import PeftModel
 from test_hf_export import ATOL, our_config, our_logits, save_lora_run, save_our_run, their_logits
-from test_hf_import import SIZES as DENSE_SIZES, TOKENS, restored_model, transformers_logits
+from test_hf_import import SIZES as DENSE_SIZES, TOKENS, randomized, restored_model, transformers_logits
 from transformers import (
     AutoModelForCausalLM,
     MixtralConfig,
@@ -39,12 +39,7 @@ MODELS = {
 def hf_model(kind: str, **overrides):
     """A tiny transformers model of `kind` whose every weight (router and norm scales included) is randomized."""
     model_class, config_class, keys = MODELS[kind]
-    torch.manual_seed(0)
-    model = model_class(config_class(**{**keys, **overrides})).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    return model
+    return randomized(lambda: model_class(config_class(**{**keys, **overrides})))
 
 
 @pytest.fixture(scope="module")

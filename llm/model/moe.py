@@ -72,6 +72,22 @@ def router_losses(cfg: ml_collections.ConfigDict, stats: RouterStats) -> tuple[j
     return value, metrics
 
 
+def add_router_losses(
+    cfg: ml_collections.ConfigDict,
+    stats: RouterStats | None,
+    value: jax.Array,
+    sums: dict[str, jax.Array],
+    weight: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A training objective's (value, metric sums) with a model's `router_losses` added, both scaled by the
+    batch's `weight` as the objective's own sums are (dividing by the total weight then gives coefficient * loss,
+    and gradient accumulation a weighted mean over microbatches); unchanged for a dense model (`stats` None)."""
+    if stats is None:
+        return value, sums
+    router_value, metrics = router_losses(cfg, stats)
+    return value + weight * router_value, {**sums, **{name: weight * metric for name, metric in metrics.items()}}
+
+
 class Routing(NamedTuple):
     experts: jax.Array  # (tokens, k) int32: the chosen experts of each token, best first
     weights: jax.Array  # (tokens, k) float32: their renormalized probabilities

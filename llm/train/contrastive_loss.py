@@ -91,9 +91,5 @@ def contrastive_terms(
     per_query, correct = ranking_loss(queries, positives, negatives, has_negative, temperature, dims)
     count = jnp.asarray(queries.shape[0], jnp.float32)
     sums = {"loss": jnp.sum(per_query), "accuracy": jnp.sum(correct), "temperature": temperature * count}
-    value = sums["loss"]
-    if router is not None:  # An MoE embedder keeps its router losses, weighted per query like the ranking loss.
-        router_value, router_metrics = moe.router_losses(model.cfg, router)
-        value = value + count * router_value
-        sums.update({name: count * metric for name, metric in router_metrics.items()})
+    value, sums = moe.add_router_losses(model.cfg, router, sums["loss"], sums, count)  # weighted per query
     return value, sums, count

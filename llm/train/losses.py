@@ -172,21 +172,8 @@ def lm_terms(
         cross_entropy, z_term, weight = next_token_loss(
             model.logits(features), batch["tokens"], weights, train_cfg.z_loss
         )
-    value, sums = cross_entropy + z_term, {"loss": cross_entropy}
-    if router is not None:
-        router_value, router_sums = router_terms(model.cfg, router, weight)
-        value, sums = value + router_value, {**sums, **router_sums}
+    value, sums = moe.add_router_losses(model.cfg, router, cross_entropy + z_term, {"loss": cross_entropy}, weight)
     return value, sums, weight
-
-
-def router_terms(
-    model_cfg: ml_collections.ConfigDict, stats: RouterStats, weight: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """An MoE model's router losses (`moe.router_losses`) as a term of the objective and metric sums, both scaled
-    by the batch's `weight` like the cross-entropy sums (so dividing by the total weight gives coefficient * loss,
-    and accumulation a weighted mean over microbatches)."""
-    value, metrics = moe.router_losses(model_cfg, stats)
-    return weight * value, {name: weight * metric for name, metric in metrics.items()}
 
 
 class DistillSums(NamedTuple):
@@ -281,9 +268,7 @@ def distill_terms(
         targets, weights = _targets_at_every_position(tokens, weights)
         sums = distill_sums(model.logits(features), teacher_logits, targets, weights, temperature, z_loss)
     value, metrics = distill_objective(sums, train_cfg.distill_alpha, temperature)
-    if router is not None:  # An MoE student keeps its router losses, as in lm_terms.
-        router_value, router_sums = router_terms(model.cfg, router, sums.weight)
-        value, metrics = value + router_value, {**metrics, **router_sums}
+    value, metrics = moe.add_router_losses(model.cfg, router, value, metrics, sums.weight)
     return value, metrics, sums.weight
 
 
@@ -319,10 +304,7 @@ def dpo_terms(
     )
     sums = {name: jnp.sum(values) for name, values in per_pair.items()}
     pairs = jnp.asarray(policy_chosen.shape[0], jnp.float32)
-    value = sums["loss"]
-    if router is not None:  # An MoE policy keeps its router balanced while it learns the preference.
-        router_value, router_sums = router_terms(model.cfg, router, pairs)
-        value, sums = value + router_value, {**sums, **router_sums}
+    value, sums = moe.add_router_losses(model.cfg, router, sums["loss"], sums, pairs)
     return value, sums, pairs
 
 

@@ -58,6 +58,12 @@ def check_teacher(config: ml_collections.ConfigDict, student_tokenizer: str | No
         raise ConfigError(f"config.train.distill_alpha={train.distill_alpha} must be in [0, 1].")
     if not train.distill_temperature > 0:
         raise ConfigError(f"config.train.distill_temperature={train.distill_temperature} must be > 0.")
+    if jax.process_count() > 1:
+        # llm.runs.loading.load_model reads the teacher onto this host's devices only.
+        raise ConfigError(
+            f"config.train.teacher={train.teacher!r}: distillation runs on one host; this run has "
+            f"{jax.process_count()} processes. Distil on one host, or from sequence-level data (README)."
+        )
     try:
         teacher = directory.load_config(train.teacher)
         checkpoint.require_checkpoint(train.teacher)
@@ -121,11 +127,6 @@ def check_same_pieces(student: AnyTokenizer, teacher: AnyTokenizer) -> None:
 def load_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> Teacher:
     """The teacher of `config.train.teacher` (latest checkpoint), as configured, placed on `mesh` by the run's
     logical-axis rules."""
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            "Distillation loads its teacher with llm.runs.loading.load_model, onto one host's devices; "
-            "a teacher across several hosts is not supported yet."
-        )
     model, teacher_config, step = loading.load_model(config.train.teacher, mesh_shape=config.mesh_shape)
     model, teacher_config = _as_configured(model, teacher_config, config.train)
     graphdef, params = nnx.split(model)

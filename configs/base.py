@@ -39,7 +39,7 @@ CHOICES = {
     "model.kv_cache_dtype": ("auto", "int8"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.moe_impl": ("dropless", "masked"),
+    "model.moe_impl": ("dropless", "megablox", "masked"),
     "optimizer.schedule": ("cosine", "linear", "constant"),
     "train.objective": ("lm", "dpo", "contrastive", "distill"),
     "train.contrastive_pooling": ("mean", "last"),
@@ -121,8 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
         0.01  # Weight of the Switch load-balancing loss (1 when balanced) in the training loss.
     )
     model.router_z_loss_coef = 0.001  # Weight of the ST-MoE router z-loss (mean logsumexp(router logits)^2).
-    # "dropless" (tokens sorted by expert, grouped matmuls: jax.lax.ragged_dot) or "masked" (the reference:
-    # every expert on every token, weighted by the routing; num_experts times the FLOPs).
+    # "dropless" (tokens sorted by expert, grouped matmuls: jax.lax.ragged_dot), "megablox" (the same with TPUs'
+    # Pallas grouped-matmul kernel, per device; interpreted, slowly, elsewhere) or "masked" (the reference: every
+    # expert on every token, weighted by the routing; num_experts times the FLOPs).
     model.moe_impl = "dropless"
 
     config.data = data = ml_collections.ConfigDict()

@@ -190,6 +190,11 @@ def _check_moe(model: ml_collections.ConfigDict) -> None:
         )
     if model.use_bias:
         raise ConfigError("config.model.use_bias=True: expert projections have no biases (num_experts > 0).")
+    if model.moe_impl == "megablox" and model.dtype == "float16":
+        raise ConfigError(
+            "config.model.moe_impl='megablox' with config.model.dtype='float16': the Pallas kernel multiplies "
+            "float32 or bfloat16 only."
+        )
 
 
 def matryoshka_dims(value: str, embed_dim: int) -> tuple[int, ...]:

@@ -70,12 +70,13 @@ def test_dropless_dispatch_equals_the_masked_reference_in_values_and_gradients(a
 
         (_, out), grads = nnx.value_and_grad(objective, argnums=(0, 1), has_aux=True)(layer, x)
         results[impl] = out, nnx.to_pure_dict(grads[0]), grads[1]
-    (want_out, want_params, want_x), (got_out, got_params, got_x) = results["masked"], results["dropless"]
     assert len(np.unique(np.asarray(jax.lax.top_k(x.reshape(-1, 32) @ layer.router[...], 2)[1]))) > 4
-    np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-6)
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5), got_params, want_params)
-    assert np.abs(got_params["router"]).max() > 0  # the router learns through the renormalized weights
+    want_out, want_params, want_x = results.pop("masked")
+    for got_out, got_params, got_x in results.values():  # dropless (ragged_dot) and megablox (Pallas, interpreted)
+        np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-6)
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5), got_params, want_params)
+        assert np.abs(got_params["router"]).max() > 0  # the router learns through the renormalized weights
 
 
 @pytest.mark.parametrize("impl", list(moe.IMPLEMENTATIONS))
@@ -265,8 +266,12 @@ def test_mfu_counts_the_active_parameters_only():
         (dict(model__num_shared_experts=-1), "config.model.num_shared_experts=-1 must be >= 0"),
         (dict(model__router_aux_loss_coef=-0.1), "config.model.router_aux_loss_coef=-0.1 must be >= 0"),
         (dict(model__router_z_loss_coef=-1.0), "config.model.router_z_loss_coef=-1.0 must be >= 0"),
-        (dict(model__moe_impl="sparse"), "config.model.moe_impl='sparse' is not one of ('dropless', 'masked')"),
+        (
+            dict(model__moe_impl="sparse"),
+            "config.model.moe_impl='sparse' is not one of ('dropless', 'megablox', 'masked')",
+        ),
         (dict(model__use_bias=True), "config.model.use_bias=True: expert projections have no biases"),
+        (dict(model__moe_impl="megablox", model__dtype="float16"), "config.model.moe_impl='megablox' with config"),
     ],
 )
 def test_bad_moe_configs_are_refused_naming_the_key(overrides, message):

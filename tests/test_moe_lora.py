@@ -79,16 +79,39 @@ def test_dropless_equals_masked_with_nonzero_adapters_in_values_and_gradients(ac
 
         (_, out), grads = nnx.value_and_grad(objective, argnums=(0, 1), has_aux=True)(layer, x)
         results[impl] = out, nnx.to_pure_dict(grads[0]), grads[1]
-    (want_out, want_params, want_x), (got_out, got_params, got_x) = results["masked"], results["dropless"]
     # Large inputs (far-apart router logits) give large outputs: tolerances relative to each array's scale.
     close = lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
-    close(got_out, want_out)
-    close(got_x, want_x)
-    jax.tree.map(close, got_params, want_params)
-    assert float(jnp.abs(got_params["down_lora"]["lora_a"]).max()) > 0
+    want_out, want_params, want_x = results.pop("masked")
+    for got_out, got_params, got_x in results.values():  # dropless (ragged_dot) and megablox (Pallas, interpreted)
+        close(got_out, want_out)
+        close(got_x, want_x)
+        jax.tree.map(close, got_params, want_params)
+        assert float(jnp.abs(got_params["down_lora"]["lora_a"]).max()) > 0
     # The adapters matter: without them the output differs (so the comparison above covers them).
     layer.up_lora = layer.down_lora = layer.gate_lora = None
     assert not np.allclose(layer(x, key)[0], got_out, atol=1e-2)
+
+
+def test_megablox_runs_per_device_on_a_mesh_and_equals_dropless_with_adapters_and_dropout():
+    # Each device sorts its own tokens for the Pallas kernel; the dropout masks are drawn over the global batch.
+    x = jax.random.normal(jax.random.key(1), (8, 8, 32)) * 20.0
+    cotangent = jax.random.normal(jax.random.key(2), x.shape)
+    results = {}
+    for impl in ("dropless", "megablox"):
+        config = moe_config(model__moe_impl=impl, model__lora_dropout=0.3, **LORA)
+        layer = moe_layer(config.model)
+        _randomize_adapters(layer)
+
+        def objective(layer, x):
+            out, stats = layer(x, jax.random.key(3))
+            return jnp.sum(out * cotangent) + stats.aux_loss, out
+
+        step = nnx.jit(nnx.value_and_grad(objective, argnums=(0, 1), has_aux=True))
+        with sharding.use_mesh(sharding.create_mesh((2, 2, 2)), config.logical_axis_rules):
+            (_, out), grads = step(layer, x)
+        results[impl] = out, nnx.to_pure_dict(grads[0]), grads[1]
+    close = lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    jax.tree.map(close, results["megablox"], results["dropless"])
 
 
 @pytest.mark.parametrize("impl, scan_layers", [("dropless", False), ("dropless", True), ("masked", True)])

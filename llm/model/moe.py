@@ -17,6 +17,7 @@ Two computations of the same function, chosen by `model.moe_impl` (`IMPLEMENTATI
     weights in one grouped matmul (`jax.lax.ragged_dot`), the results put back in token order and combined.
     No token is ever dropped (no capacity factor), so a token's output does not depend on the other tokens of
     the batch: decoding one token at a time gives what the full forward pass gives.
+  * "megablox": the dropless computation with TPUs' Pallas grouped-matmul kernel, run per device (`megablox`).
   * "masked": the reference: every expert on every token, weighted by the routing (zero for the experts not
     chosen). num_experts / experts_per_token times the FLOPs; the tests compare the two.
 
@@ -194,16 +195,67 @@ def _drop(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def dropless(layer: MoE, tokens: jax.Array, routing: Routing, dropout_key: jax.Array | None = None) -> jax.Array:
-    """Sort the token-slots by expert, one grouped matmul per projection, unsort, combine: (tokens, embed)."""
+    """Sort the token-slots by expert, one grouped matmul (XLA's `ragged_dot`) per projection, unsort, combine."""
+    masks = layer._masks(tokens, routing.experts.shape[-1], dropout_key)
+    return _sorted_dispatch(layer, tokens, routing.experts, routing.weights, masks, jax.lax.ragged_dot)
+
+
+def megablox(layer: MoE, tokens: jax.Array, routing: Routing, dropout_key: jax.Array | None = None) -> jax.Array:
+    """The dropless computation with the grouped matmul of TPUs' Pallas megablox kernel (`gmm`, whose custom
+    backward computes the weights' gradient with its transposed kernel `tgmm`).
+
+    A Pallas kernel is opaque to XLA's partitioner, so the dispatch runs per device (`sharding.per_shard`): each
+    device sorts its own tokens and multiplies them by all of the layer's experts, which are gathered as FSDP
+    gathers any weight (there is no expert parallelism: no all-to-all of tokens). Off TPU the kernel runs in
+    Pallas' interpret mode, which is how the tests check it against the other paths on CPU; it is slow.
+    """
+    masks = layer._masks(tokens, routing.experts.shape[-1], dropout_key)  # drawn globally: the same as dropless's
+
+    def local(tokens: jax.Array, experts: jax.Array, weights: jax.Array, *masks: jax.Array | None) -> jax.Array:
+        return _sorted_dispatch(layer, tokens, experts, weights, masks, _megablox_gmm)
+
+    rows, slots = ("batch", None), ("batch", None, None)  # (tokens, ...) split as the batch is; None: no adapter
+    run = sharding.per_shard(local, (rows, rows, rows, rows, rows, slots), rows)
+    return run(tokens, routing.experts, routing.weights, *masks)
+
+
+# The megablox kernel's (rows, contraction, output) tile, clipped to the problem; MaxText's defaults for TPU.
+MEGABLOX_TILING = (512, 1024, 1024)
+
+
+def _megablox_gmm(rows: jax.Array, weight: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """`ragged_dot(rows, weight, group_sizes)` by the megablox kernel. The kernel takes whole row tiles (of a
+    multiple of 8 rows, the TPU's sublanes), so the rows are padded with zeros that belong to no group."""
+    from jax.experimental.pallas.ops.tpu.megablox import ops as megablox_ops
+
+    count, contraction, out = rows.shape[0], weight.shape[1], weight.shape[2]
+    row_tile = min(MEGABLOX_TILING[0], -(-count // 8) * 8)
+    padded = jnp.pad(rows, ((0, -count % row_tile), (0, 0)))
+    tiling = (row_tile, min(MEGABLOX_TILING[1], contraction), min(MEGABLOX_TILING[2], out))
+    interpret = jax.default_backend() != "tpu"
+    product = megablox_ops.gmm(padded, weight, group_sizes, rows.dtype, tiling, None, None, False, interpret)
+    return product[:count]
+
+
+def _sorted_dispatch(
+    layer: MoE,
+    tokens: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    masks: tuple[jax.Array | None, jax.Array | None, jax.Array | None],
+    grouped_matmul: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """Sort the token-slots by expert, one `grouped_matmul` per projection, unsort, combine: (tokens, embed).
+    experts, weights: the routing's (tokens, k); masks: the adapters' dropout multipliers (`MoE._masks`)."""
     gate_w, up_w, down_w = layer._weights()
-    num_experts, k = up_w.shape[0], routing.experts.shape[-1]
-    slot_experts = routing.experts.reshape(-1)  # slot t * k + j is token t's j-th choice
+    num_experts, k = up_w.shape[0], experts.shape[-1]
+    slot_experts = experts.reshape(-1)  # slot t * k + j is token t's j-th choice
     order = jnp.argsort(slot_experts, stable=True)
     group_sizes = jnp.bincount(slot_experts, length=num_experts).astype(jnp.int32)
-    gate_mask, up_mask, down_mask = layer._masks(tokens, k, dropout_key)
+    gate_mask, up_mask, down_mask = masks
 
     def project(rows: jax.Array, weight: jax.Array, adapter: lora.ExpertLoRA | None, adapter_rows: jax.Array):
-        out = jax.lax.ragged_dot(rows, weight, group_sizes)
+        out = grouped_matmul(rows, weight, group_sizes)
         return out if adapter is None else out + adapter.grouped(adapter_rows, group_sizes)
 
     sorted_tokens = tokens[order // k]
@@ -214,7 +266,7 @@ def dropless(layer: MoE, tokens: jax.Array, routing: Routing, dropout_key: jax.A
     down_rows = hidden if down_mask is None else hidden * down_mask.reshape(-1, down_mask.shape[-1])[order]
     outputs = project(hidden, down_w, layer.down_lora, down_rows)[jnp.argsort(order)]  # back in slot order
     outputs = outputs.reshape(tokens.shape[0], k, -1)
-    return jnp.einsum("tkd,tk->td", outputs, routing.weights.astype(outputs.dtype))
+    return jnp.einsum("tkd,tk->td", outputs, weights.astype(outputs.dtype))
 
 
 def masked(layer: MoE, tokens: jax.Array, routing: Routing, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -243,5 +295,6 @@ def masked(layer: MoE, tokens: jax.Array, routing: Routing, dropout_key: jax.Arr
 # model.moe_impl -> its computation; the keys are exactly configs.base.CHOICES["model.moe_impl"] (tested).
 IMPLEMENTATIONS: dict[str, Callable[[MoE, jax.Array, Routing, jax.Array | None], jax.Array]] = {
     "dropless": dropless,
+    "megablox": megablox,
     "masked": masked,
 }

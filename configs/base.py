@@ -200,3 +200,25 @@ def get_config() -> ml_collections.ConfigDict:
     quant.source_step = -1
 
     return config
+
+
+# The machines of the pod-scale recipes (configs/llama3_8b_es.py, salamandra_7b_es.py): the mesh, the batch
+# (sequences per step, accumulated over grad_accum_steps microbatches) and the rematerialization that fit one,
+# checked with `scripts/train.py --dry_run` (README "Pod-scale recipes"). `devices` is what JAX sees: a v5p chip
+# (two TensorCores) is one device, so a v5p-64 slice has 32.
+MACHINES = {
+    "v5p-64": dict(devices=32, mesh_shape=(1, -1, 1), batch_size=128, grad_accum_steps=1, remat_policy="full"),
+    "8xh100": dict(devices=8, mesh_shape=(1, -1, 1), batch_size=64, grad_accum_steps=8, remat_policy="full"),
+}
+
+
+def for_machine(config: ml_collections.ConfigDict, machine: str) -> ml_collections.ConfigDict:
+    """`config` with the mesh, batch and rematerialization of a `MACHINES` entry; an unknown name is refused."""
+    if machine not in MACHINES:
+        raise ValueError(f"Unknown machine {machine!r} (the config's argument): one of {sorted(MACHINES)}.")
+    recipe = MACHINES[machine]
+    config.mesh_shape = recipe["mesh_shape"]
+    config.train.batch_size = recipe["batch_size"]
+    config.train.grad_accum_steps = recipe["grad_accum_steps"]
+    config.model.remat_policy = recipe["remat_policy"]
+    return config

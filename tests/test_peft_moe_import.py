@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from flax import nnx
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.numpy import load_file, save_file
@@ -169,3 +170,12 @@ def test_target_parameters_we_cannot_read_are_refused_by_key(target_parameters, 
         json.dump({**settings, "target_parameters": target_parameters}, f)
     with pytest.raises(peft_import.UnsupportedAdapter, match=r"target_parameters=.*" + message):
         peft_import.import_adapter(adapter_dir, base_dir, str(tmp_path / "imported"))
+
+
+def test_import_peft_script_imports_a_moe_adapter(mixtral_adapter, tmp_path):
+    base_dir, adapter_dir = mixtral_adapter
+    out = tmp_path / "imported"
+    done = run_script("import_peft.py", f"--adapter_dir={adapter_dir}", f"--base_run={base_dir}", f"--output={out}")
+    assert done.returncode == 0, done.stderr
+    assert "targets 'attention/query|attention/value|mlp/down|mlp/gate|mlp/up'" in done.stdout
+    assert set(lora_params(str(out))) == set(lora_params(str(tmp_path / "lora")))

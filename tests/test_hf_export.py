@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from configs import gpt2_small_es
 from configs.base import CHOICES
 from llm import chat_template
-from llm.hf import export_architectures, exporter, importer, peft_adapters, safetensors_files, weights
+from llm.hf import export_architectures, exporter, importer, peft_adapters, peft_import, safetensors_files, weights
 from llm.model.transformer import create_model
 from llm.runs import directory, loading
 
@@ -245,7 +245,7 @@ def test_a_gpt2_lora_run_exports_as_a_peft_adapter_of_its_conv1d_layers_and_back
     np.testing.assert_allclose(their_logits(AutoPeftModelForCausalLM.from_pretrained(out)), ours, atol=ATOL, rtol=0)
     assert np.abs(their_logits(AutoModelForCausalLM.from_pretrained(os.path.join(out, "base"))) - ours).max() > 1e-2
     base_run = importer.import_hf(os.path.join(out, "base"), str(tmp_path / "base_run"))
-    back = peft_adapters.import_adapter(out, base_run, str(tmp_path / "back"))
+    back = peft_import.import_adapter(out, base_run, str(tmp_path / "back"))
     assert directory.load_config(back).model.lora_targets == "attention/out|mlp/down|mlp/up"
     np.testing.assert_allclose(our_logits(loading.load_run(back).model), ours, atol=ATOL, rtol=0)
 
@@ -280,7 +280,7 @@ def test_a_peft_adapter_imports_as_a_lora_run_with_peft_logits(hf_dir, tmp_path)
     hf, model_dir = hf_dir
     base_run = importer.import_hf(model_dir, str(tmp_path / "base"))
     peft_model, adapter_dir = peft_adapter(hf, tmp_path / "adapter")
-    lora_dir = peft_adapters.import_adapter(adapter_dir, base_run, str(tmp_path / "lora"))
+    lora_dir = peft_import.import_adapter(adapter_dir, base_run, str(tmp_path / "lora"))
     config = directory.load_config(lora_dir)
     assert config.model.lora_targets == "attention/query|attention/value|mlp/down"
     assert (config.model.lora_rank, config.model.lora_alpha, config.model.lora_dropout) == (4, 16.0, 0.05)
@@ -311,7 +311,7 @@ def test_peft_features_we_lack_are_refused_by_key(settings, message, hf_dir, tmp
     with open(path, "w") as f:
         json.dump({**adapter_config, **settings}, f)
     with pytest.raises(ValueError, match=message):
-        peft_adapters.import_adapter(adapter_dir, base_run, str(tmp_path / "lora"))
+        peft_import.import_adapter(adapter_dir, base_run, str(tmp_path / "lora"))
     assert not os.path.exists(tmp_path / "lora")
 
 

@@ -28,29 +28,24 @@ Qwen3-MoE's `model.layers.{i}.mlp.experts.{e}.gate_proj`), target_modules w1 / g
 the experts into 3-D parameters, and PEFT converts such adapters to them on loading (the gate's and up's into one
 of rank 2r of gate_up_proj), so it needs both or neither of an expert's gate and up adapted.
 
-Import (`import_adapter`) turns a PEFT folder into a LoRA run on an existing run (e.g. an imported model):
-config lora_rank / lora_alpha / lora_dropout / lora_targets from the adapter config, init_from the base run,
-trainable "lora", and one checkpoint holding the adapters. PEFT features we lack are refused by key.
+Import (PEFT folder -> LoRA run): llm/hf/peft_import.py, which reads these names back.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import shutil
-from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from llm import checkpoint, config_validation, io, sharding
-from llm.hf import exporter, importer, safetensors_files, tokenizer_export, weights
+from llm import checkpoint, io, sharding
+from llm.hf import exporter, safetensors_files, tokenizer_export, weights
 from llm.model.lora import LORA_SUFFIX
-from llm.model.transformer import create_model
 from llm.runs import build, directory, loading
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -58,18 +53,6 @@ BASE_DIR = "base"
 PEFT_PREFIX = "base_model.model."
 LINEAR_LAYOUTS = (weights.TRANSPOSE, weights.HEADS_IN, weights.HEADS_OUT)  # HF nn.Linear weights: (out, in)
 CONV1D_LAYOUTS = (weights.COPY, weights.HEADS_ROWS)  # GPT-2's Conv1D weights: (in, out)
-# PEFT config keys we honour, or that only shape training or initialization; every other key must be unset
-# (null, false, empty), else the adapter computes something our LoRA does not.
-HONOURED_KEYS = {
-    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "base_model_name_or_path",
-    "revision", "inference_mode", "init_lora_weights", "peft_version", "auto_mapping", "megatron_core",
-    "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "layers_pattern",
-    "fan_in_fan_out",  # PEFT itself sets it false for nn.Linear layers
-}  # fmt: skip
-
-
-class UnsupportedAdapter(ValueError):
-    """A PEFT adapter that our LoRA cannot reproduce (the message names the adapter_config.json key)."""
 
 
 def _layer_path(path: tuple) -> tuple:
@@ -86,12 +69,12 @@ def _template(path: tuple) -> str:
     return ".".join("{i}" if isinstance(part, int) else str(part) for part in path)
 
 
-def _layer_name(template: str) -> str:
+def layer_name(template: str) -> str:
     """What lora_targets matches of an adapted kernel: blocks.{i}.attention.query.kernel -> attention/query."""
     return "/".join(template.split(".")[2:4])
 
 
-def _adaptable_kernels(arch: exporter.Architecture) -> dict[str, str]:
+def adaptable_kernels(arch: exporter.Architecture) -> dict[str, str]:
     """Our kernels PEFT can adapt in `arch` (blocks.{i}.attention.query.kernel, ...) -> the HF module it adapts
     (model.layers.{i}.self_attn.q_proj). A kernel that is one block of a fused HF tensor has none: PEFT's adapter
     of GPT-2's c_attn is one for the fused output, not one per projection as ours."""
@@ -105,7 +88,7 @@ def _adaptable_kernels(arch: exporter.Architecture) -> dict[str, str]:
     }
 
 
-def _expert_modules(arch: exporter.Architecture) -> dict[str, str]:
+def expert_modules(arch: exporter.Architecture) -> dict[str, str]:
     """Our stacked expert weights (blocks.{i}.mlp.up, ...) -> the per-expert HF module each expert's slice is
     (model.layers.{i}.block_sparse_moe.experts.{e}.w3). Transformers 5 fuses them into 3-D parameters (experts'
     gate_up_proj, down_proj); PEFT converts adapters of these per-expert names to those on loading."""
@@ -116,13 +99,13 @@ def _expert_modules(arch: exporter.Architecture) -> dict[str, str]:
     }
 
 
-def _target_name(arch: exporter.Architecture, module: str) -> str:
+def target_name(arch: exporter.Architecture, module: str) -> str:
     """The target_modules entry of an adaptable HF module: the shortest dotted suffix of its name that no other
     adaptable module shares (q_proj; GPT-2's attn.c_proj beside mlp.c_proj). PEFT matches entries as suffixes.
     An expert's is its projection's name (w1, gate_proj): the one PEFT's conversion to fused experts reads."""
     if "{e}" in module:
         return module.rsplit(".", 1)[-1]
-    parts, others = module.split("."), [m.split(".") for m in _adaptable_kernels(arch).values() if m != module]
+    parts, others = module.split("."), [m.split(".") for m in adaptable_kernels(arch).values() if m != module]
     length = next(n for n in range(1, len(parts) + 1) if all(other[-n:] != parts[-n:] for other in others))
     return ".".join(parts[-length:])
 
@@ -131,11 +114,11 @@ def _peft_module(arch: exporter.Architecture, layer_path: tuple, expert: int | N
     """PEFT's module name of one of our adapted kernels, e.g. 'base_model.model.model.layers.0.self_attn.q_proj',
     or of `expert`'s slice of a stacked expert weight ('...layers.0.block_sparse_moe.experts.1.w3')."""
     layer = next(part for part in layer_path if isinstance(part, int))
-    modules = {**_adaptable_kernels(arch), **_expert_modules(arch)}
+    modules = {**adaptable_kernels(arch), **expert_modules(arch)}
     return PEFT_PREFIX + modules[_template(layer_path)].format(i=layer, e=expert)
 
 
-def _peft_key(arch: exporter.Architecture, path: tuple, expert: int | None = None) -> str:
+def peft_key(arch: exporter.Architecture, path: tuple, expert: int | None = None) -> str:
     """PEFT's tensor name of one of our (per-layer) adapter parameters, or of `expert`'s slice of one."""
     return f"{_peft_module(arch, _layer_path(path), expert)}.lora_{'A' if path[-1] == 'lora_a' else 'B'}.weight"
 
@@ -154,11 +137,11 @@ def adapter_tensors(
     for path, (shape, get) in arrays.items():
         if path[-2].endswith(LORA_SUFFIX):  # A (experts, in, r) or B (experts, r, out)
             tensors += [
-                safetensors_files.OutTensor(_peft_key(arch, path, e), shape[:0:-1], values(get, e))
+                safetensors_files.OutTensor(peft_key(arch, path, e), shape[:0:-1], values(get, e))
                 for e in range(shape[0])
             ]
         else:
-            tensors.append(safetensors_files.OutTensor(_peft_key(arch, path), shape[::-1], values(get)))
+            tensors.append(safetensors_files.OutTensor(peft_key(arch, path), shape[::-1], values(get)))
     return tensors
 
 
@@ -167,7 +150,7 @@ def adapter_config(
 ) -> dict:
     """adapter_config.json of a LoRA run whose (per-layer) adapter parameter paths are `paths`."""
     layers = {_template(_layer_path(path)) for path in paths}
-    adaptable = {**_adaptable_kernels(arch), **_expert_modules(arch)}
+    adaptable = {**adaptable_kernels(arch), **expert_modules(arch)}
     modules = {adaptable[template] for template in layers}
     model = config.model
     return {
@@ -177,7 +160,7 @@ def adapter_config(
         "r": model.lora_rank,
         "lora_alpha": model.lora_alpha,
         "lora_dropout": model.lora_dropout,
-        "target_modules": sorted(_target_name(arch, module) for module in modules),
+        "target_modules": sorted(target_name(arch, module) for module in modules),
         "bias": "none",
         # PEFT's flag for Conv1D layers (stored (in, out)); its lora_A and lora_B keep their (r, in), (out, r).
         "fan_in_fan_out": any(arch.mapping[template][1] in CONV1D_LAYOUTS for template in layers),
@@ -194,14 +177,14 @@ def check_adapters(config: ml_collections.ConfigDict) -> tuple[exporter.Architec
     arch = exporter.architecture(build.base_config(config))
     abstract = _abstract_adapters(config)
     paths = list(exporter.per_layer_arrays(abstract, weights.stacked_layers(config.model)))
-    adaptable = _adaptable_kernels(arch)
+    adaptable = adaptable_kernels(arch)
     layers = {_template(_layer_path(path)) for path in paths}
-    refused = sorted(layers - set(adaptable) - set(_expert_modules(arch)))
+    refused = sorted(layers - set(adaptable) - set(expert_modules(arch)))
     if refused:
         fused = sorted({arch.mapping[template][0] for template in refused})
-        ours = sorted(map(_layer_name, adaptable))
+        ours = sorted(map(layer_name, adaptable))
         raise exporter.UnsupportedRun(
-            f"model.lora_targets={config.model.lora_targets!r} adapts {[_layer_name(t) for t in refused]}, fused in "
+            f"model.lora_targets={config.model.lora_targets!r} adapts {[layer_name(t) for t in refused]}, fused in "
             f"{arch.name}'s {fused}: PEFT's LoRA of a fused tensor is one adapter of its whole output, ours one per "
             f"projection. Export it merged (--merge), or train adapters of {ours} only."
         )
@@ -217,17 +200,17 @@ def _expert_refusal(arch: exporter.Architecture, layers: set[str]) -> str | None
     Loading, PEFT joins the adapters of an expert's gate and up into one of its gate_up_proj (rank 2r), so it needs
     both; and it moves the experts' target_modules names to the fused parameters, so a dense layer's projection of
     the same name (Qwen3-MoE's decoder_sparse_step > 1) would lose its adapter."""
-    experts = {template: module for template, module in _expert_modules(arch).items() if template in layers}
-    gate_up = {"blocks.{i}.mlp.gate", "blocks.{i}.mlp.up"} & set(_expert_modules(arch))
+    experts = {template: module for template, module in expert_modules(arch).items() if template in layers}
+    gate_up = {"blocks.{i}.mlp.gate", "blocks.{i}.mlp.up"} & set(expert_modules(arch))
     if experts and 0 < len(gate_up & set(experts)) < len(gate_up):
-        return (f"{[_layer_name(t) for t in sorted(gate_up & set(experts))]} of the experts without "
-                f"{[_layer_name(t) for t in sorted(gate_up - set(experts))]}: {arch.name}'s experts fuse both in one "
+        return (f"{[layer_name(t) for t in sorted(gate_up & set(experts))]} of the experts without "
+                f"{[layer_name(t) for t in sorted(gate_up - set(experts))]}: {arch.name}'s experts fuse both in one "
                 "gate_up_proj parameter (transformers 5), and PEFT adapts it only with adapters of both")  # fmt: skip
-    names = {_target_name(arch, module) for module in experts.values()}
-    kernels = _adaptable_kernels(arch)
+    names = {target_name(arch, module) for module in experts.values()}
+    kernels = adaptable_kernels(arch)
     dense = sorted(template for template in layers & set(kernels) if kernels[template].rsplit(".", 1)[-1] in names)
     if dense:
-        return (f"the dense layers' {[_layer_name(t) for t in dense]} beside the experts': PEFT (loading on "
+        return (f"the dense layers' {[layer_name(t) for t in dense]} beside the experts': PEFT (loading on "
                 f"transformers 5) moves target_modules {sorted(names)} to the fused expert parameters, dropping the "
                 "dense layers' adapters of the same names")  # fmt: skip
     return None
@@ -275,97 +258,6 @@ def export_adapter(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     io.replace_dir(staging, output_dir)
-    return output_dir
-
-
-def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
-    """ADAPTER_DIR/adapter_config.json, refused by key when it asks for anything our LoRA does not compute."""
-    path = os.path.join(adapter_dir, exporter.ADAPTER_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} not found: a PEFT adapter folder has an adapter_config.json.")
-    with open(path, encoding="utf-8") as f:
-        settings = json.load(f)
-    refused = [f"peft_type={settings.get('peft_type')!r} (only 'LORA')"] if settings.get("peft_type") != "LORA" else []
-    if settings.get("bias", "none") != "none":
-        refused.append(f"bias={settings['bias']!r} (only 'none')")
-    if not isinstance(settings.get("target_modules"), list):
-        refused.append(f"target_modules={settings.get('target_modules')!r} (only a list of module names)")
-    refused += [f"{key}={value!r}" for key, value in settings.items() if key not in HONOURED_KEYS and value]
-    if refused:
-        raise UnsupportedAdapter(f"{path}: cannot import " + "; ".join(refused) + ".")
-    return settings
-
-
-def adaptable_modules(arch: exporter.Architecture) -> dict[str, str]:
-    """target_modules entry (q_proj, ...) -> the path our lora_targets matches (attention/query, ...)."""
-    return {_target_name(arch, module): _layer_name(template) for template, module in _adaptable_kernels(arch).items()}
-
-
-def lora_run_config(settings: dict[str, Any], base_run: str) -> tuple[ml_collections.ConfigDict, exporter.Architecture]:
-    """The config of a LoRA run on `base_run` with the adapter's rank, alpha, dropout and targets; validated."""
-    base = directory.load_config(base_run)
-    if base.train.trainable != "all":
-        raise ValueError(f"The base run {base_run!r} has train.trainable={base.train.trainable!r}; it must hold full "
-                         "weights (merge a LoRA run first: scripts/merge_lora.py).")  # fmt: skip
-    arch = exporter.architecture(base)
-    modules = adaptable_modules(arch)
-    unknown = [name for name in settings["target_modules"] if name not in modules]
-    if unknown:
-        raise UnsupportedAdapter(f"target_modules={settings['target_modules']!r}: {unknown} are not among the "
-                                 f"projections our LoRA adapts in a {arch.name}: {sorted(modules)}.")  # fmt: skip
-    config = ml_collections.ConfigDict(base.to_dict())
-    config.init_from = os.path.abspath(base_run)
-    targets = sorted({modules[name] for name in settings["target_modules"]})
-    config.model.update(
-        lora_rank=int(settings["r"]),
-        lora_alpha=float(settings["lora_alpha"]),
-        lora_dropout=float(settings.get("lora_dropout") or 0.0),
-        lora_targets="|".join(targets),
-    )
-    config.train.update(trainable="lora", quantize_base="none")
-    config_validation.validate(config)
-    return config, arch
-
-
-def _adapter_state(adapter_dir: str, config: ml_collections.ConfigDict, arch: exporter.Architecture) -> nnx.State:
-    """Our LoRA parameters of `config` read from ADAPTER_DIR/adapter_model.safetensors; every tensor of the file
-    must be used and every one we need present with its shape."""
-    file = os.path.join(adapter_dir, ADAPTER_FILE)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file!r} not found: only safetensors adapters can be imported.")
-    tensors = safetensors_files.open_file(file)
-    abstract = nnx.state(nnx.eval_shape(lambda: create_model(config)), nnx.LoRAParam)
-    used, flat = set(), []
-    for path, variable in nnx.to_flat_state(abstract):
-        stacked = path[0] == "blocks" and not isinstance(path[1], int)  # scan_layers: a leading layers axis
-        shape = variable.value.shape[1:] if stacked else variable.value.shape
-        per_layer = []
-        for layer_path in [("blocks", i, *path[1:]) for i in range(variable.value.shape[0])] if stacked else [path]:
-            key = _peft_key(arch, layer_path)
-            if key not in tensors:
-                raise KeyError(f"{file} has no tensor {key!r}, which target_modules and r call for.")
-            if tuple(tensors[key].shape) != shape[::-1]:
-                raise ValueError(
-                    f"Tensor {key!r} in {file} has shape {tuple(tensors[key].shape)}, expected {shape[::-1]}."
-                )
-            per_layer.append(tensors[key].T)
-            used.add(key)
-        array = np.stack(per_layer) if stacked else per_layer[0]
-        flat.append((path, variable.replace(jax.numpy.asarray(array, variable.value.dtype))))
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise UnsupportedAdapter(f"{file} holds {len(extra)} tensors no adapter of ours takes, e.g. {extra[0]!r}.")
-    return nnx.from_flat_state(flat)
-
-
-def import_adapter(adapter_dir: str, base_run: str, output_dir: str, overwrite: bool = False) -> str:
-    """Writes the LoRA run `output_dir` (on `base_run`) holding the PEFT adapter of `adapter_dir`; returns its
-    absolute path. Its config is checked before the tensors are read; the run appears complete or not at all."""
-    output_dir = importer.check_output(output_dir, overwrite)
-    config, arch = lora_run_config(read_adapter_config(adapter_dir), base_run)
-    checkpoint.require_checkpoint(base_run)
-    adapters = _adapter_state(adapter_dir, config, arch)
-    save_lora_run(output_dir, config, directory.tokenizer_in(base_run), adapters)
     return output_dir
 
 

@@ -14,7 +14,6 @@ it needs no data and no --workdir, and writes only WORKDIR/dry_run.json when --w
 import os
 
 import dry_run_flags
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -119,8 +119,11 @@ def dry_run(config: ml_collections.ConfigDict, device_kind: str | None = None) -
 def peak_bytes(memory: Any) -> int:
     """Peak device memory of a compiled step from its memory analysis: what it takes in, gives out (less what
     overwrites donated inputs) and needs meanwhile."""
-    return memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + (
-        memory.temp_size_in_bytes
+    return (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + (memory.temp_size_in_bytes)
     )
 
 

@@ -27,7 +27,7 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 # Bytes per element of HLO primitive types (XLA's names); sub-byte types count as packed.
 _DTYPE_BYTES = {
     "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
 }  # fmt: skip
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(ENTRY\s+)?%(\S+)\s.*\{\s*$")
@@ -66,7 +66,8 @@ class HloStats:
 
 def shape_bytes(shape: str) -> float:
     """Bytes of an HLO shape (a tuple's elements summed): "f32[8,64]{1,0}" -> 2048."""
-    return sum(math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(t, 0) for t, dims in _ARRAY.findall(shape))
+    arrays = _ARRAY.findall(shape)
+    return sum(math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 0) for dtype, dims in arrays)
 
 
 def _split_instruction(name: str, text: str) -> Instruction:

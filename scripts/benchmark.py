@@ -1,6 +1,8 @@
 """Benchmarks that print figures (never timed unit tests).
 
     python scripts/benchmark.py train --config=configs/tiny_es.py [--steps=10] [--json_out=F]
+    python scripts/benchmark.py dry_run --config=configs/gpt2_small_es.py [--dry_run_devices=256]
+        [--dry_run_device_kind="TPU v5p"] [--json_out=F]
     python scripts/benchmark.py decode (--workdir=DIR | --config=C | --model_dir=HF_DIR) [--compare=transformers]
         [--batch_sizes=1,8,64] [--json_out=F]
     python scripts/benchmark.py data [--data_config=configs/data/es_default.py] [--stage_docs=5000] [--json_out=F]
@@ -11,6 +13,9 @@
     python scripts/benchmark.py rag_index [--num_passages=1000000 --dim=256 --num_queries=200 --intrinsic_dim=32]
     python scripts/benchmark.py watermark [--workdir=runs/tiny_es --num_prompts=64 --watermark_key=K
         --watermark_gamma=0.25 --watermark_delta=2.0]
+
+`dry_run` is scripts/train.py's `--dry_run`: the train step compiled for the mesh on simulated devices, its memory,
+FLOPs and collectives per device and an estimated step time, without running it (llm/train/dry_run.py).
 
 `import_hf` imports a Hugging Face checkpoint (default: a synthetic 1.24B Llama, Llama-3.2-1B-shaped) and reports
 peak host memory against the checkpoint's size. `decode --compare=transformers` times greedy generation of the
@@ -36,13 +41,14 @@ Every result carries the machine it came from (device kind and count, JAX versio
 import json
 import os
 
+import dry_run_flags
 import watermark_flags
 from absl import app, flags
 from ml_collections import config_flags
 
 from llm.train import benchmark as train_benchmark
 
-SUBCOMMANDS = ("train", "decode", "data", "tokenizer", "serve", "import_hf", "rag_index", "watermark")
+SUBCOMMANDS = ("train", "dry_run", "decode", "data", "tokenizer", "serve", "import_hf", "rag_index", "watermark")
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_es.py", "Model/training config (train).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train).", lower_bound=1)
@@ -85,6 +91,7 @@ _INTRINSIC_DIM = flags.DEFINE_integer(
 _NUM_PROMPTS = flags.DEFINE_integer(
     "num_prompts", 64, "Prompts continued with and without the watermark (watermark).", lower_bound=1
 )
+flags.adopt_module_key_flags(dry_run_flags)  # --dry_run_devices, --dry_run_device_kind (dry_run).
 flags.adopt_module_key_flags(watermark_flags)  # --watermark_key, --watermark_gamma, --watermark_delta (watermark).
 WATERMARK_BENCH_KEY = 15485863  # Without --watermark_key: the hash key of Kirchenbauer et al.'s code, a public one.
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Also write the result as JSON to this file.")
@@ -168,6 +175,9 @@ def _watermark() -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
         raise app.UsageError(f"Usage: benchmark.py {{{'|'.join(SUBCOMMANDS)}}} [flags]; got {argv[1:]}")
+    if argv[1] == "dry_run":  # Prints its own table; must start JAX itself, on the simulated devices.
+        dry_run_flags.run(_CONFIG.value, _JSON_OUT.value)
+        return
     if argv[1] == "watermark":
         from llm.infer import watermark_bench
 

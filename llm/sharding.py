@@ -104,27 +104,12 @@ def no_eager_sharding():
     return nnx.use_eager_sharding(False)
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None], replicate_uneven: bool = False) -> jax.Array:
-    """Pins an activation's sharding inside jitted code; a no-op outside `use_mesh`.
-
-    With `replicate_uneven`, a dimension that its mesh axes do not divide (2 kv heads on 4 tensor devices, a
-    batch of one row) is replicated, as parameters are (`tree_shardings`), rather than left to XLA.
-    """
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pins an activation's sharding inside jitted code; a no-op outside `use_mesh`."""
     rules = _active_rules.get()
-    mesh = jax.sharding.get_abstract_mesh()
-    if rules is None or mesh.empty:
+    if rules is None or jax.sharding.get_abstract_mesh().empty:
         return x
-    spec = logical_to_spec(logical_axes, rules)
-    if replicate_uneven:
-        uneven = _uneven_dims(spec, x.shape, mesh.shape)
-        spec = PartitionSpec(*(None if dim in uneven else axes for dim, axes in enumerate(spec)))
-    return jax.lax.with_sharding_constraint(x, spec)
-
-
-def _uneven_dims(spec: PartitionSpec, shape: Sequence[int], mesh_shape: Mapping[str, int]) -> list[int]:
-    """The dimensions of `shape` that their mesh axes in `spec` split into unequal shards (jit refuses those)."""
-    sizes = [math.prod(mesh_shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())) for axes in spec]
-    return [dim for dim, size in enumerate(sizes) if size > 1 and shape[dim] % size]
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
 
 
 def per_shard(
@@ -162,16 +147,18 @@ def _sharding_for(leaf: Any, mesh: Mesh, rules: Rules) -> NamedSharding:
         return NamedSharding(mesh, PartitionSpec())
     spec = list(logical_to_spec(names, rules))
     spec += [None] * (len(shape) - len(spec))
-    for dim in _uneven_dims(PartitionSpec(*spec), shape, mesh.shape):
-        # Uneven shards are not supported by jit; replicate this dimension rather than fail.
-        logging.warning(
-            "Dimension %d (%s, size %d) of a parameter is not divisible by mesh axes %s; replicating it.",
-            dim,
-            names[dim],
-            shape[dim],
-            spec[dim],
-        )
-        spec[dim] = None
+    for dim, axes in enumerate(spec):
+        size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+        if size > 1 and shape[dim] % size:
+            # Uneven shards are not supported by jit; replicate this dimension rather than fail.
+            logging.warning(
+                "Dimension %d (%s, size %d) of a parameter is not divisible by mesh axes %s; replicating it.",
+                dim,
+                names[dim],
+                shape[dim],
+                axes,
+            )
+            spec[dim] = None
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 

@@ -48,13 +48,13 @@ def assert_sharded(array, *spec):
     assert array.sharding.is_equivalent_to(expected, array.ndim), f"{array.sharding.spec} is not {expected.spec}"
 
 
-def assert_cache_sharded(cache, kv_axis):
+def assert_cache_sharded(cache, kv_axis, batch_axis=BATCH):
     """Every array of the cache is split as its logical axes say (a stacked one has its layers unsplit)."""
     for field in ("keys", "values", "key_scales", "value_scales"):
         for array in jax.tree.leaves(getattr(cache, field)):
-            assert_sharded(array, *([None] if array.ndim == 5 else []), BATCH, kv_axis, None, None)
-    assert_sharded(cache.segment_ids, BATCH, None)
-    assert_sharded(cache.index, BATCH)
+            assert_sharded(array, *([None] if array.ndim == 5 else []), batch_axis, kv_axis, None, None)
+    assert_sharded(cache.segment_ids, batch_axis, None)
+    assert_sharded(cache.index, batch_axis)
 
 
 @pytest.mark.parametrize(
@@ -113,10 +113,13 @@ def test_scores_on_the_mesh_equal_one_devices():
     config = config_for()
     model = create_model(config)
     shared = list(range(2, 22))  # A shared prefix of 20 tokens: scored through a (sharded) prefix cache.
-    requests = [(shared + [30 + i], [40 + i, 50 + i]) for i in range(3)] + [([2, 9], [11, 12, 13])]
+    requests = [(shared + [30 + i], [40 + i, 50 + i, 60 - i][: i + 1]) for i in range(3)]
     want = Scorer(model, batch_size=2).score_tokens(requests)
-    got = Scorer(on_mesh(model, config), batch_size=2, rules=config.logical_axis_rules).score_tokens(requests)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    scorer = Scorer(on_mesh(model, config), batch_size=2, rules=config.logical_axis_rules)
+    np.testing.assert_allclose(scorer.score_tokens(requests), want, rtol=1e-5)
+    with sharding.use_mesh_of(scorer._state, config.logical_axis_rules):
+        prefix = scorer._read_prefix(shared)
+    assert_cache_sharded(prefix, "tensor", batch_axis=None)  # One row: not split over the 2 fsdp devices.
 
 
 def serve(engine, prompts, max_tokens):

@@ -199,12 +199,13 @@ class KVCache(NamedTuple):
 
     def constrained(self) -> KVCache:
         """The cache pinned to the logical axes of `FIELD_AXES` under the active mesh and rules (a no-op without
-        them). A dimension its mesh axes do not divide (2 kv heads on 4 tensor devices, a batch of one row) is
-        replicated."""
+        them). A dimension its mesh axes do not divide (2 kv heads on 4 tensor devices, a batch of one row) comes
+        out replicated, as such a parameter dimension is (`sharding.tree_shardings`); tests/test_kv_sharding.py
+        checks that XLA does so."""
 
         def pin(name: str, array: jax.Array) -> jax.Array:
             axes = FIELD_AXES[name]
-            return sharding.constrain(array, ("layers", *axes) if array.ndim > len(axes) else axes, True)
+            return sharding.constrain(array, ("layers", *axes) if array.ndim > len(axes) else axes)
 
         return KVCache(
             *(jax.tree.map(lambda a, name=name: pin(name, a), field) for name, field in zip(self._fields, self))

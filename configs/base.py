@@ -18,6 +18,8 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ("vocab", "tensor"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    # The KV cache of generation has no names of its own: it is split by batch, kv_heads, length and head_dim, as
+    # the keys and values it stores are (other names would reshard it at every decoding step).
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),

@@ -184,6 +184,22 @@ def logical_sharding(mesh: Mesh, rules: Rules, logical_axes: Sequence[str | None
     return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
 
 
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh that `tree`'s arrays are placed on (a model loaded by llm/runs), or None when they are not on one."""
+    for leaf in jax.tree.leaves(tree):
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if isinstance(mesh, Mesh):
+            return mesh
+    return None
+
+
+def use_mesh_of(tree: Any, rules: Rules) -> contextlib.AbstractContextManager:
+    """`use_mesh` on the mesh of `tree`'s arrays (see `mesh_of`), so that what is jitted over them (a model's
+    generation steps) shards as `rules` say; nothing for arrays that are not on a mesh."""
+    mesh = mesh_of(tree)
+    return contextlib.nullcontext() if mesh is None else use_mesh(mesh, rules)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs import base
+from llm import sharding
 from llm.infer import generate
 from llm.model.kv_cache import KVCache, new_cache
 from llm.model.logprobs import target_logprobs
@@ -119,9 +121,17 @@ def _score_batch_after_prefix(
 
 
 class Scorer:
-    """Log-likelihoods of continuations under a Transformer, in fixed-shape jitted batches."""
+    """Log-likelihoods of continuations under a Transformer, in fixed-shape jitted batches. A model placed on a
+    mesh scores on it, its prefix cache sharded as the logical-axis `rules` say."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, batch_size: int = 16):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer | None = None,
+        batch_size: int = 16,
+        rules: sharding.Rules = base.DEFAULT_LOGICAL_AXIS_RULES,
+    ):
+        self.rules = rules
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.tokenizer = tokenizer
@@ -149,11 +159,11 @@ class Scorer:
         # Rows whose context was cut no longer start like the others: they run whole.
         intact, whole = [row for row in rows if not row.cut], [row for row in rows if row.cut]
         prefix = _shared_prefix(intact)
-        if len(prefix) >= MIN_SHARED_PREFIX:
+        if len(prefix) < MIN_SHARED_PREFIX:
+            intact, prefix, whole = [], [], rows
+        with sharding.use_mesh_of(self._state, self.rules):
             self._score_rows(intact, prefix, scores, greedy)
-        else:
-            whole = rows
-        self._score_rows(whole, [], scores, greedy)
+            self._score_rows(whole, [], scores, greedy)
         return scores
 
     def _score_rows(self, rows: list[_Row], prefix: list[int], scores: np.ndarray, greedy: np.ndarray | None) -> None:

@@ -6,6 +6,9 @@ so a prompt gives the same tokens alone or in a batch. Prompt lengths and batch 
 of two ("buckets": lengths from MIN_BUCKET, batches from one row), so a new prompt length rarely means a new
 compilation; cache lengths to an eighth of a power of two (`cache_bucket`), since every decoding step reads the
 whole cache. The cache is donated to each step and updated in place.
+
+A model whose parameters sit on a mesh (`load_run(workdir, mesh_shape=(1, 2, 4))`: tensor parallel) generates on
+that mesh under the run's logical-axis rules: the cache is created and kept sharded as they say (llm/model/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs import base
+from llm import sharding
 from llm.infer.sampling import SamplingParams, sample
 from llm.model.kv_cache import KVCache, new_cache
 from llm.model.transformer import Transformer, context_length
@@ -163,9 +168,11 @@ def _jitted_steps(graphdef: nnx.GraphDef) -> tuple[Callable, Callable, Callable]
 class Generator:
     """Generates token ids for batches of prompts with one model."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, rules: sharding.Rules = base.DEFAULT_LOGICAL_AXIS_RULES):
+        """`rules`: the logical-axis rules (the run's `config.logical_axis_rules`) by which a model placed on a
+        mesh generates: its cache and activations are sharded as they say."""
         self.graphdef, params = nnx.split(model)
-        self.cfg = model.cfg
+        self.cfg, self.rules = model.cfg, rules
         # Serve in the compute dtype: decoding reads every weight per token, so bfloat16 halves its cost.
         compute = jnp.dtype(self.cfg.dtype)
         self.params = jax.tree.map(lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
@@ -193,42 +200,34 @@ class Generator:
         """
         max_new_tokens, prompt_len, cache_len = self._lengths(prompts, max_new_tokens)
         batch = bucket(len(prompts), minimum=1)  # On CPU every row costs compute: one prompt decodes as one row.
-        tokens = np.zeros((batch, prompt_len), np.int32)
-        segment_ids = np.zeros((batch, prompt_len), np.int32)
-        positions = np.zeros((batch, prompt_len), np.int32)
-        rows = list(prompts) + [prompts[0]] * (batch - len(prompts))  # Filler rows keep the batch a bucket.
-        for row, prompt in enumerate(rows):
-            pad = prompt_len - len(prompt)
-            tokens[row, pad:] = prompt
-            segment_ids[row, pad:] = 1
-            positions[row, pad:] = np.arange(len(prompt))
-        next_positions = jnp.asarray([len(p) for p in rows], jnp.int32)
-
+        tokens, positions, segment_ids, next_positions = _left_padded(prompts, batch, prompt_len)
         key = jax.random.key(seed)
-        cache = new_cache(self.graphdef, self.params, batch, cache_len)
-        next_tokens, _, cache, seen = self.prefill(
-            self.params, tokens, positions, segment_ids, cache, jax.random.fold_in(key, 0), sampling
-        )
         stop = set(stop_token_ids)
         stop_ids = jnp.asarray(sorted(stop) or [-1], jnp.int32)  # -1: no token is a stop token.
         outputs: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
-        step, chosen = 0, np.asarray(next_tokens)[:, None]  # The tokens the host has not seen yet, one column a step.
-        while True:
-            for column in chosen.T:
-                step += 1
-                streamed = _collect(column, outputs, finished, stop)
-                if (on_tokens is not None and on_tokens(streamed)) or all(finished) or step == max_new_tokens:
-                    return outputs
-            if step == 1:
-                # Filler rows count as finished, so that only the real rows' stop tokens end the loop early.
-                done = jnp.asarray(finished + [True] * (batch - len(prompts)))
-                state = DecodeState(next_tokens, cache, seen, done)
-            limit = min(steps_per_dispatch, max_new_tokens - step)
-            chosen, steps, state = self.decode_tokens(
-                self.params, state, next_positions, key, step - 1, limit, stop_ids, sampling, steps_per_dispatch
+        # A model loaded onto several devices generates on their mesh, its cache sharded as the rules say.
+        with sharding.use_mesh_of(self.params, self.rules):
+            cache = new_cache(self.graphdef, self.params, batch, cache_len)
+            next_tokens, _, cache, seen = self.prefill(
+                self.params, tokens, positions, segment_ids, cache, jax.random.fold_in(key, 0), sampling
             )
-            chosen = np.asarray(chosen)[:, : int(steps)]
+            step, chosen = 0, np.asarray(next_tokens)[:, None]  # The tokens the host has not seen yet, a column a step.
+            while True:
+                for column in chosen.T:
+                    step += 1
+                    streamed = _collect(column, outputs, finished, stop)
+                    if (on_tokens is not None and on_tokens(streamed)) or all(finished) or step == max_new_tokens:
+                        return outputs
+                if step == 1:
+                    # Filler rows count as finished, so that only the real rows' stop tokens end the loop early.
+                    done = jnp.asarray(finished + [True] * (batch - len(prompts)))
+                    state = DecodeState(next_tokens, cache, seen, done)
+                limit = min(steps_per_dispatch, max_new_tokens - step)
+                chosen, steps, state = self.decode_tokens(
+                    self.params, state, next_positions, key, step - 1, limit, stop_ids, sampling, steps_per_dispatch
+                )
+                chosen = np.asarray(chosen)[:, : int(steps)]
 
     def _lengths(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[int, int, int]:
         """(new tokens that fit, prompt bucket, cache length) for these prompts; bad requests are refused."""
@@ -253,6 +252,21 @@ class Generator:
         return max_new_tokens, prompt_len, cache_bucket(prompt_len + max_new_tokens, context)
 
 
+def _left_padded(
+    prompts: Sequence[Sequence[int]], batch: int, prompt_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, jax.Array]:
+    """(tokens, positions, segment ids) (batch, prompt_len) of the prompts left-padded, filler rows repeating the
+    first prompt to fill the batch bucket, and each row's next position."""
+    tokens, positions, segment_ids = (np.zeros((batch, prompt_len), np.int32) for _ in range(3))
+    rows = list(prompts) + [prompts[0]] * (batch - len(prompts))
+    for row, prompt in enumerate(rows):
+        pad = prompt_len - len(prompt)
+        tokens[row, pad:] = prompt
+        segment_ids[row, pad:] = 1
+        positions[row, pad:] = np.arange(len(prompt))
+    return tokens, positions, segment_ids, jnp.asarray([len(p) for p in rows], jnp.int32)
+
+
 def _collect(chosen: np.ndarray, outputs: list[list[int]], finished: list[bool], stop: set[int]) -> list[int | None]:
     """Appends one step's tokens (a row's first stop token finishes it) and returns them as streamed: the new
     token of each row, None for finished rows (filler rows past len(outputs) are ignored)."""
@@ -275,7 +289,7 @@ def run_generator(run: Run) -> Generator:
     """The Generator of a loaded run's model, made once: its parameters are cast to the compute dtype once and
     shared by every later call (it lives as long as the model does)."""
     if run.model not in _GENERATORS:
-        _GENERATORS[run.model] = Generator(run.model)
+        _GENERATORS[run.model] = Generator(run.model, run.config.logical_axis_rules)
     return _GENERATORS[run.model]
 
 

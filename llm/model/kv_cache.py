@@ -17,6 +17,10 @@ it several times per layer); attention reads a layer's arrays as stored (a slice
 on XLA:CPU, which cost about as much as the attention itself); and (batch, kv_heads) lead, the batch dimensions
 of attention's contractions, so keys and values feed them without a transposed copy.
 
+On a mesh (`sharding.use_mesh`), the cache is pinned where it is created and written to the logical axes of
+`FIELD_AXES`: rows over the data-parallel axes and kv heads over `tensor`, as the rules table says for the keys
+and values that attention writes and reads, so a decoding step reads each device's own slice and gathers none.
+
 An int8 cache (`model.kv_cache_dtype="int8"`) stores keys and values with one scale per token and head,
 quantized and dequantized by Qwix: a quarter of the float32 cache's memory.
 """
@@ -34,11 +38,24 @@ import qwix
 from flax import nnx
 
 from configs import base
+from llm import sharding
 from llm.model import layers
 
 # The KVCache fields that hold one array per layer (the others are shared by all layers).
 PER_LAYER_FIELDS = ("keys", "values", "key_scales", "value_scales")
 KV_CACHE_DTYPES = base.CHOICES["model.kv_cache_dtype"]
+# The logical axes of each field (a stacked per-layer field has `layers` in front). They are the names of the
+# keys and values that attention writes and reads (("batch", "length", "kv_heads", "head_dim")), not names of
+# the cache's own: the cache must be split exactly as they are, or every decoding step would move it between
+# devices, and any run's rules table (older ones too) already maps them.
+FIELD_AXES = {
+    "keys": ("batch", "kv_heads", "length", "head_dim"),
+    "values": ("batch", "kv_heads", "length", "head_dim"),
+    "key_scales": ("batch", "kv_heads", "length", "head_dim"),
+    "value_scales": ("batch", "kv_heads", "length", "head_dim"),
+    "segment_ids": ("batch", "length"),
+    "index": ("batch",),
+}
 
 
 def write_rows(cache: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
@@ -165,9 +182,9 @@ class KVCache(NamedTuple):
                 index,
                 per_layer(scale_shape, jnp.float32),
                 per_layer(scale_shape, jnp.float32),
-            )
+            ).constrained()
         dtype = jnp.dtype(cfg.dtype)
-        return cls(per_layer(shape, dtype), per_layer(shape, dtype), segment_ids, index)
+        return cls(per_layer(shape, dtype), per_layer(shape, dtype), segment_ids, index).constrained()
 
     def layer(self, i: int | jax.Array) -> LayerCache:
         """Layer i's view, with the shared segment ids and index (`i` may be traced, as in a scan, when the
@@ -178,7 +195,21 @@ class KVCache(NamedTuple):
 
     def with_layer(self, layer: LayerCache) -> KVCache:
         """The cache after `layer` (a view from `self.layer`) stored its keys and values."""
-        return self._replace(**{name: getattr(layer, name) for name in PER_LAYER_FIELDS})
+        return self._replace(**{name: getattr(layer, name) for name in PER_LAYER_FIELDS}).constrained()
+
+    def constrained(self) -> KVCache:
+        """The cache pinned to the logical axes of `FIELD_AXES` under the active mesh and rules (a no-op without
+        them). A dimension its mesh axes do not divide (2 kv heads on 4 tensor devices, a batch of one row) comes
+        out replicated, as such a parameter dimension is (`sharding.tree_shardings`); tests/test_kv_sharding.py
+        checks that XLA does so."""
+
+        def pin(name: str, array: jax.Array) -> jax.Array:
+            axes = FIELD_AXES[name]
+            return sharding.constrain(array, ("layers", *axes) if array.ndim > len(axes) else axes)
+
+        return KVCache(
+            *(jax.tree.map(lambda a, name=name: pin(name, a), field) for name, field in zip(self._fields, self))
+        )
 
     def row(self, i: int | jax.Array) -> KVCache:
         """Row i as a cache of batch 1 (its index included)."""
@@ -195,11 +226,11 @@ class KVCache(NamedTuple):
     def _map_rows(self, fn: Callable[..., jax.Array], *others: KVCache) -> KVCache:
         """fn(array, its batch axis, *the same array of `others`) over every array of the cache: a stacked
         per-layer array (layers, batch, kv_heads, max_len, x) has its rows on axis 1, every other one on axis 0."""
-        return jax.tree.map(lambda a, *rest: fn(a, 1 if a.ndim == 5 else 0, *rest), self, *others)
+        return jax.tree.map(lambda a, *rest: fn(a, 1 if a.ndim == 5 else 0, *rest), self, *others).constrained()
 
     def with_segments(self, segment_ids: jax.Array) -> KVCache:
         """The cache with the segments (batch, length) of tokens about to be written recorded from `index` on."""
-        return self._replace(segment_ids=write_rows(self.segment_ids, segment_ids, self.index))
+        return self._replace(segment_ids=write_rows(self.segment_ids, segment_ids, self.index)).constrained()
 
     def with_index(self, position: int | jax.Array) -> KVCache:
         """The cache with every row's next write at `position`."""

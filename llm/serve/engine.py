@@ -13,7 +13,9 @@ The decode step is one jitted function over all slots with the cache donated (up
 samples with its own parameters and seed (`sampling.sample_rows`). Log-probabilities are those of the
 model's raw distribution (log-softmax of the logits), whatever the sampling parameters, which is what
 log-likelihood evaluation needs. An engine made with a `watermark` watermarks every request it serves (the
-key stays in the engine: requests, events and metrics never carry it).
+key stays in the engine: requests, events and metrics never carry it). A model placed on a mesh (loaded with a
+tensor-parallel `mesh_shape`) is served on that mesh, its cache sharded as the logical-axis `rules` say
+(llm/model/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs import base
 from llm import sharding
 from llm.infer.generate import TextStream, bucket
 from llm.infer.sampling import RowSampling, SamplingParams
@@ -115,7 +118,8 @@ class Engine:
     `model` is any loaded model with the Transformer interface (`cfg`, `decode(tokens, positions,
     segment_ids, cache)`), e.g. `load_run(workdir).model` or a quantized model built from it. `metrics`
     (optional) receives `queue(waiting, active)`, `tokens(prompt, completion)` and `first_token(seconds)`.
-    `watermark` (optional) is added to every request's sampling parameters.
+    `watermark` (optional) is added to every request's sampling parameters. `rules`: the logical-axis rules
+    (the run's `config.logical_axis_rules`) of a model placed on a mesh.
     """
 
     def __init__(
@@ -126,8 +130,9 @@ class Engine:
         max_cache_len: int | None = None,
         metrics=None,
         watermark: WatermarkParams | None = None,
+        rules: sharding.Rules = base.DEFAULT_LOGICAL_AXIS_RULES,
     ):
-        self.cfg = model.cfg
+        self.cfg, self.rules = model.cfg, rules
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
         context = context_length(self.cfg)
@@ -218,15 +223,19 @@ class Engine:
         self._run_decode(np.zeros(self.max_batch_size, bool))
         self._reset_device_state()
 
+    def _on_mesh(self):
+        """The mesh and rules of the parameters' placement, for every jitted call (nothing off a mesh)."""
+        return sharding.use_mesh_of(self.params, self.rules)
+
     def _reset_device_state(self) -> None:
-        cache = new_cache(self.graphdef, self.params, self.max_batch_size, self.max_cache_len)
+        with self._on_mesh():
+            # Sharded as the steps return it (llm/model/kv_cache.py), so that no step compiles twice.
+            self._cache = new_cache(self.graphdef, self.params, self.max_batch_size, self.max_cache_len)
         seen = jnp.zeros((self.max_batch_size, self.cfg.vocab_size), bool)
-        # The jitted steps return the cache replicated over the parameters' mesh; starting it there too
-        # spares a second compilation of every step for a first call with another placement.
-        mesh = getattr(jax.tree.leaves(self.params)[0].sharding, "mesh", None)
-        if mesh is not None:
-            cache, seen = jax.device_put((cache, seen), sharding.replicated(mesh))
-        self._cache, self._seen = cache, seen
+        # The steps return `seen` replicated over the parameters' mesh; starting it there too spares a second
+        # compilation of every step for a first call with another placement.
+        mesh = sharding.mesh_of(self.params)
+        self._seen = seen if mesh is None else jax.device_put(seen, sharding.replicated(mesh))
 
     def _report_queue(self) -> None:
         if self.metrics is not None:
@@ -303,32 +312,34 @@ class Engine:
         size = bucket(len(prompt), self.max_cache_len)
         tokens = np.zeros((1, size), np.int32)
         tokens[0, : len(prompt)] = prompt
-        token, logprob, top_ids, top_logprobs, prompt_logprobs, self._cache, self._seen = slot_steps.prefill_slot(
-            self.graphdef,
-            self.params,
-            self._cache,
-            self._seen,
-            np.int32(slot),
-            tokens,
-            np.int32(len(prompt)),
-            sampling,
-            np.array([request.seed % 2**32], np.uint32),
-            with_prompt_logprobs=request.prompt_logprobs,
-        )
+        with self._on_mesh():
+            token, logprob, top_ids, top_logprobs, prompt_logprobs, self._cache, self._seen = slot_steps.prefill_slot(
+                self.graphdef,
+                self.params,
+                self._cache,
+                self._seen,
+                np.int32(slot),
+                tokens,
+                np.int32(len(prompt)),
+                sampling,
+                np.array([request.seed % 2**32], np.uint32),
+                with_prompt_logprobs=request.prompt_logprobs,
+            )
         return token, logprob, top_ids, top_logprobs, prompt_logprobs
 
     def _run_decode(self, active: np.ndarray):
-        next_tokens, chosen, top_ids, top_logprobs, self._cache, self._seen = slot_steps.decode_slots(
-            self.graphdef,
-            self.params,
-            self._cache,
-            self._seen,
-            self._tokens,
-            active,
-            self._sampling,
-            self._seeds,
-            self._counts,
-        )
+        with self._on_mesh():
+            next_tokens, chosen, top_ids, top_logprobs, self._cache, self._seen = slot_steps.decode_slots(
+                self.graphdef,
+                self.params,
+                self._cache,
+                self._seen,
+                self._tokens,
+                active,
+                self._sampling,
+                self._seeds,
+                self._counts,
+            )
         return np.asarray(next_tokens), np.asarray(chosen), np.asarray(top_ids), np.asarray(top_logprobs)
 
     def _step(self) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import textwrap
 
+import run_flags
 from absl import app, flags
 
 from llm import checkpoint
@@ -22,7 +23,6 @@ from llm.infer.generate import generate_text
 from llm.infer.sampling import SamplingParams
 from llm.model.transformer import context_length
 from llm.rag import answering, index as index_lib
-from llm.runs import loading
 
 _INDEX = flags.DEFINE_string("index", None, "Index directory written by scripts/build_index.py.", required=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run that writes the answer.", required=True)
@@ -69,7 +69,7 @@ def _print_text(result: dict) -> None:
 def main(argv: list[str]) -> None:
     question = _checked_question(argv)
     index = index_lib.RetrievalIndex.open(_INDEX.value, _EMBEDDER.value)
-    run = loading.load_run(_WORKDIR.value, _STEP.value)
+    run = run_flags.load_run(_WORKDIR.value, _STEP.value)
     hits = index.search(question, _K.value, _MODE.value)
     chat = answering.is_chat_run(run.config.chat, run.tokenizer)
     try:

@@ -15,13 +15,13 @@ are dropped. Commands: /reset clears the conversation, /exit (or Ctrl-D) quits.
 import os
 import sys
 
+import run_flags
 from absl import app, flags
 
 from llm import chat_template
 from llm.infer import generate
 from llm.infer.sampling import SamplingParams
 from llm.model.transformer import context_length
-from llm.runs import loading
 from llm.tokenizer import AnyTokenizer
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     sampling = SamplingParams(
         temperature=_TEMPERATURE.value, top_p=_TOP_P.value, repetition_penalty=_REPETITION_PENALTY.value
     )
-    run = loading.load_run(_WORKDIR.value, _STEP.value)
+    run = run_flags.load_run(_WORKDIR.value, _STEP.value)
     # Leave room for the answer: at least a quarter of the context, at most max_new_tokens.
     context = context_length(run.model.cfg)
     prompt_budget = context - min(_MAX_NEW_TOKENS.value, context // 4)

@@ -32,6 +32,7 @@ loaded.
 import dataclasses
 import os
 
+import run_flags
 from absl import app, flags, logging
 
 from llm import checkpoint
@@ -154,7 +155,7 @@ def main(argv: list[str]) -> None:
     except (ValueError, FileNotFoundError) as error:
         raise app.UsageError(str(error)) from error
     checkpoint.quiet_orbax_logs()
-    run = loading.load_run(_WORKDIR.value, _STEP.value)
+    run = run_flags.load_run(_WORKDIR.value, _STEP.value)
     variants = _variants(run)
     num_params = count_params(variants["float"].model)  # Quantization scales are not parameters.
     reports = {}

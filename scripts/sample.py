@@ -10,12 +10,12 @@ same key and gamma (llm/infer/watermark.py).
 
 import os
 
+import run_flags
 import watermark_flags
 from absl import app, flags
 
 from llm.infer import generate
 from llm.infer.sampling import SamplingParams
-from llm.runs import loading
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.", required=True)
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat the flag for several).", required=True)
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
         _REPETITION_PENALTY.value,
         watermark_flags.watermark(),
     )
-    run = loading.load_run(_WORKDIR.value, _STEP.value)
+    run = run_flags.load_run(_WORKDIR.value, _STEP.value)
     prompts = [p for p in _PROMPT.value for _ in range(_NUM_SAMPLES.value)]
     completions = generate.generate_text(run, prompts, _MAX_NEW_TOKENS.value, sampling, _STOP.value, _SEED.value)
     for prompt, completion in zip(prompts, completions):

@@ -31,6 +31,7 @@ open internet, put a reverse proxy with a header timeout (e.g. nginx's client_he
 
 import os
 
+import run_flags
 import watermark_flags
 from absl import app, flags
 
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> None:
 
     keys = auth.load_api_keys(_API_KEYS_FILE.value)
     grounding = retrieval()  # Before the model: a bad index fails fast.
-    run = loading.load_run(_WORKDIR.value, _STEP.value)
+    run = run_flags.load_run(_WORKDIR.value, _STEP.value)
     settings = api.ServeSettings(
         model_name=_MODEL_NAME.value or os.path.basename(os.path.normpath(_WORKDIR.value)),
         max_batch_size=_MAX_BATCH_SIZE.value,
@@ -156,6 +157,7 @@ def main(argv: list[str]) -> None:
         rate_limit_per_minute=_RATE.value,
         rate_limit_burst=_BURST.value,
         warmup=_WARMUP.value,
+        rules=run.config.logical_axis_rules,
         watermark=watermark,
     )
     server = api.create_app(run.model, run.tokenizer, settings, embedding_model(run), grounding)

@@ -105,3 +105,14 @@ def test_completions_keep_the_space_that_separates_them_from_the_prompt(trained_
     completion = generate.run_generator(run).generate([prompt_ids], 12)[0]
     full = run.tokenizer.decode(prompt_ids + completion)
     assert "La niña canta" + generate.generate_text(run, ["La niña canta"], 12)[0] == full
+
+
+def test_sample_script_on_a_tensor_parallel_mesh_prints_what_one_device_does(trained_run, monkeypatch):
+    flags = [f"--workdir={trained_run}", "--prompt=Mi abuela", "--max_new_tokens=12", "--temperature=0.9", "--seed=3"]
+    one = run_script("sample.py", *flags)  # the script's process has one CPU device
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "8")  # now 8, as the tests' own
+    split = run_script("sample.py", *flags, "--mesh_shape=1,2,4")  # heads, MLP and KV cache over 4 devices
+    assert one.returncode == 0 and split.returncode == 0, one.stderr + split.stderr
+    assert split.stdout == one.stdout and len(one.stdout) > len("--- Mi abuela\n") + 6  # seeded: the same draws
+    bad = run_script("sample.py", *flags, "--mesh_shape=1,3,1")
+    assert bad.returncode != 0 and "--mesh_shape=1,3,1: mesh_shape (1, 3, 1) needs 3 devices, but 8" in bad.stderr

@@ -74,7 +74,7 @@ class SpanishLLM(TemplateLM):
         self.run, self.tokenizer = run, run.tokenizer
         self.batch_size, self.max_gen_toks, self.seed = _batch_size(batch_size), int(max_gen_toks), int(seed)
         self.add_bos_token = add_bos_token
-        self.scorer = scoring.Scorer(run.model, run.tokenizer, self.batch_size)
+        self.scorer = scoring.Scorer(run.model, run.tokenizer, self.batch_size, run.config.logical_axis_rules)
         self._encode = special_token_encoder(run.tokenizer)
         self._bos_text = run.tokenizer.piece(run.tokenizer.bos_id)
         # A chat-tuned run ends its answers with an end-of-turn token; a base run never produces one.

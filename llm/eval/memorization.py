@@ -302,7 +302,7 @@ def evaluate_run_memorization(
         )
         for split in ("train", "validation")
     }
-    scorer = Scorer(run.model, tokenizer, batch_size)
+    scorer = Scorer(run.model, tokenizer, batch_size, run.config.logical_axis_rules)
     result = evaluate_memorization(
         canaries,
         documents,

@@ -361,7 +361,7 @@ def evaluate_run(
     run: Run, task_names: Sequence[str], settings: Settings, batch_size: int = 16
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """(results, seconds per task) of a loaded run; bpb, perplexity and unigram_bpb sit at the top level."""
-    scorer = Scorer(run.model, run.tokenizer, batch_size)
+    scorer = Scorer(run.model, run.tokenizer, batch_size, run.config.logical_axis_rules)
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     if "bpb" in task_names:

@@ -38,6 +38,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from configs import base
+from llm import sharding
 from llm.infer.watermark import WatermarkParams
 from llm.rag.embeddings import Embedder
 from llm.serve import admission, completions, embeddings_api, errors, rag_chat, schemas, tokenize_api
@@ -80,6 +82,7 @@ class ServeSettings:
     rate_limit_burst: int = 20  # Requests a client may send at once before the rate applies.
     warmup: bool = False  # Compile every prompt bucket before accepting requests.
     watermark: WatermarkParams | None = None  # Watermark every completion with this (secret) key; None: off.
+    rules: sharding.Rules = base.DEFAULT_LOGICAL_AXIS_RULES  # The run's sharding table: where the KV cache lives.
 
 
 def _sse(payload: dict | str) -> str:
@@ -101,7 +104,13 @@ class Server:
         self.worker = embeddings_api.forward_worker()  # Embedding forward passes: /v1/embeddings and retrieval.
         self.metrics = ServeMetrics()
         self.engine = Engine(
-            model, tokenizer, settings.max_batch_size, settings.max_cache_len, self.metrics, settings.watermark
+            model,
+            tokenizer,
+            settings.max_batch_size,
+            settings.max_cache_len,
+            self.metrics,
+            settings.watermark,
+            settings.rules,
         )
         self.limits = completions.Limits(
             self.engine.max_cache_len,

@@ -8,12 +8,12 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import metrics_entries, one_device_steps, saved_state, tiny_config
+from conftest import metrics_entries, one_device_steps, run_script, saved_state, tiny_config
 from multiprocess import Launch
 from test_data_pipeline import corpus_files, counts, make_config
 
 from configs import tiny_es
-from llm import checkpoint
+from llm import checkpoint, sharding
 from llm.corpus import beam_runner
 from llm.data import loader
 from llm.train import loop
@@ -146,7 +146,7 @@ def test_checkpoint_of_two_processes_restores_in_one(data_dir, two_process_run, 
 def test_lora_fine_tune_on_two_processes(data_dir, two_process_run, tmp_path):
     """LoRA from the two-process run (its base restored across processes), with adapter dropout, as in one."""
     config = _config(data_dir, init_from=two_process_run)
-    config.train.update(trainable="lora", num_steps=6, log_every=2, eval_every=6, checkpoint_every=6)
+    config.train.update(trainable="lora", num_steps=4, log_every=2, eval_every=4, checkpoint_every=4)
     config.model.update(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets="attention/(query|value)|mlp/down")
     _train_two_processes(config, str(tmp_path / "two"))
     loop.train(config, str(tmp_path / "one"))
@@ -169,3 +169,31 @@ def test_beam_runner_with_two_worker_processes_writes_what_one_writes(tmp_path):
     for step in ("filter", "dedup"):
         assert corpus_files(outputs[1] / step) == corpus_files(outputs[2] / step)
         assert counts(outputs[1] / step) == counts(outputs[2] / step)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_processes=2", "--process_id=0"], "--num_processes, --process_id only apply to a multi-process run"),
+        (["--distributed", "--num_processes=2", "--process_id=2"], "--process_id=2 must be below num_processes=2"),
+    ],
+)
+def test_train_script_refuses_a_wrong_process_layout(data_dir, tmp_path, flags, message):
+    result = run_script("train.py", f"--workdir={tmp_path}", f"--config.data.path={data_dir}", *flags)
+    assert result.returncode != 0 and message in result.stderr
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (dict(coordinator_address="localhost"), "is not HOST:PORT"),
+        (dict(num_processes=0), "num_processes=0 must be at least 1"),
+        (dict(process_id=-1), "process_id=-1 must be at least 0"),
+    ],
+)
+def test_distributed_layout_is_checked(layout, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.check_distributed_args(
+            **{"coordinator_address": None, "num_processes": None, "process_id": None, **layout}
+        )
+    sharding.check_distributed_args("localhost:1234", 2, 1)  # A good layout passes.

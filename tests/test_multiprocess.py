@@ -104,13 +104,10 @@ def test_processes_read_disjoint_halves_of_the_one_process_batches(data_dir):
     whole = loader.TrainIterator(train, seq_len=32, batch_size=8, seed=0)
     for _ in range(40):  # Past one epoch of 256 rows.
         np.testing.assert_array_equal(np.concatenate([next(h)["tokens"] for h in halves]), next(whole)["tokens"])
-    validation = [
-        loader.validation_batches(loader.split_dir(data_dir, "validation"), 32, 4, 3, process_index=i, process_count=2)
-        for i in (0, 1)
-    ]
-    for first, second, together in zip(
-        *validation, loader.validation_batches(loader.split_dir(data_dir, "validation"), 32, 8, 3), strict=True
-    ):
+    validation = loader.split_dir(data_dir, "validation")
+    halves = [loader.validation_batches(validation, 32, 4, 3, process_index=i, process_count=2) for i in (0, 1)]
+    wholes = loader.validation_batches(validation, 32, 8, 3)
+    for first, second, together in zip(*halves, wholes, strict=True):
         np.testing.assert_array_equal(np.concatenate([first["tokens"], second["tokens"]]), together["tokens"])
 
 

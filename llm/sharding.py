@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -29,13 +30,33 @@ Rules = Sequence[tuple[str, Any]]
 _active_rules: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("logical_axis_rules", default=None)
 
 
-def initialize_distributed() -> None:
-    """Joins a multi-host run (TPU pod slice, SLURM or GPU cluster), detected from the environment by JAX.
+def check_distributed_args(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Raises ValueError naming the flag when an explicit process layout cannot be right."""
+    if coordinator_address is not None and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator_address):
+        raise ValueError(f"coordinator_address={coordinator_address!r} is not HOST:PORT (e.g. localhost:12345).")
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes={num_processes} must be at least 1.")
+    if process_id is not None and process_id < 0:
+        raise ValueError(f"process_id={process_id} must be at least 0.")
+    if process_id is not None and num_processes is not None and process_id >= num_processes:
+        raise ValueError(f"process_id={process_id} must be below num_processes={num_processes} (ids count from 0).")
 
-    Call it before any other JAX call, on every host. Each process then feeds its own shard of the data
-    (see `llm/data/loader.py`) and `global_batch` assembles the global arrays.
+
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Joins a multi-process run; call it before any other JAX call, in every process.
+
+    Without arguments JAX detects the layout from the environment (TPU pod slice, SLURM, Open MPI, or
+    JAX_COORDINATOR_ADDRESS). A localhost or bare-metal launch without a cluster manager names the coordinator
+    (process 0's HOST:PORT), the number of processes and this one's id. Each process then feeds its own shard
+    of the data (see `llm/data/loader.py`) and `global_batch` assembles the global arrays.
     """
-    jax.distributed.initialize()
+    check_distributed_args(coordinator_address, num_processes, process_id)
+    # CPU devices of different processes exchange collectives through gloo; without it a computation that spans
+    # processes fails on CPU. Accelerators are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
     logging.info(
         "Process %d of %d, %d local devices.", jax.process_index(), jax.process_count(), jax.local_device_count()
     )

@@ -9,6 +9,10 @@ it needs no data and no --workdir, and writes only WORKDIR/dry_run.json when --w
 
     python scripts/train.py --config=configs/gpt2_small_es.py --dry_run --dry_run_devices=256 \
         --dry_run_device_kind="TPU v5p"
+
+Several processes (hosts): the same command in each with `--distributed`; JAX finds the others on a TPU pod slice or
+under SLURM (scripts/launch/), elsewhere name them: `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I` (README "Sharding and multi-host").
 """
 
 import os
@@ -27,6 +31,9 @@ _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Compile the step on --dry_run_devices simulated devices, print what it needs; train nothing."
 )
 flags.adopt_module_key_flags(dry_run_flags)  # --dry_run_devices, --dry_run_device_kind.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distributed: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: how many processes the run has.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's id, 0 to num_processes-1.")
 
 
 def main(argv: list[str]) -> None:
@@ -42,11 +49,29 @@ def main(argv: list[str]) -> None:
     # Validate before touching devices, so a typo costs a second, not a compilation.
     config_validation.validate(config)
     inputs.check_data_path(config)
-    if _DISTRIBUTED.value:
-        sharding.initialize_distributed()
+    _initialize_distributed()
     checkpoint.quiet_orbax_logs()
     logging.info("Config:\n%s", config)
     loop.train(config, _WORKDIR.value)
+
+
+def _initialize_distributed() -> None:
+    """Joins the run's other processes; without the layout flags JAX detects it (TPU pod, SLURM, ...)."""
+    layout = {
+        "coordinator_address": _COORDINATOR.value,
+        "num_processes": _NUM_PROCESSES.value,
+        "process_id": _PROCESS_ID.value,
+    }
+    given = [f"--{name}" for name, value in layout.items() if value is not None]
+    if not _DISTRIBUTED.value:
+        if given:
+            raise app.UsageError(f"{', '.join(given)} only apply to a multi-process run: add --distributed.")
+        return
+    try:
+        sharding.check_distributed_args(**layout)
+    except ValueError as error:
+        raise app.UsageError(f"--{error}") from None
+    sharding.initialize_distributed(**layout)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Grain pipelines over the packed ArrayRecord shards written by the corpus pipeline (llm/data/records.py).
 
 Training reads an endless, per-epoch reshuffled stream of batches; each process of a multi-host run reads
-its own interleaved slice of the rows. The iterator state goes into every checkpoint, so a resumed run sees
-exactly the batches an uninterrupted run would have seen. Validation reads the first N batches of its split,
-in order, every time.
+its own share of every global batch, so the data order is the same for any number of processes. The iterator
+state goes into every checkpoint, so a resumed run sees exactly the batches an uninterrupted run would have
+seen. Validation reads the first N batches of its split, in order, every time.
 """
 
 from __future__ import annotations
@@ -44,8 +44,14 @@ def _rows(split_dir: str, seq_len: int, fields: tuple[str, ...] = records.FIELDS
     return grain.MapDataset.source(source).map(records.DECODERS[fields])
 
 
-def _process_slice(rows: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
-    return rows[process_index::process_count]
+def _process_slice(batches: grain.MapDataset, process_index: int, process_count: int) -> grain.MapDataset:
+    """This process's batches: every `process_count`-th batch of `batch_size` rows, starting at its index.
+
+    Global batch k is then local batches k*P ... k*P+P-1 side by side (process order is device order in the
+    mesh, see sharding.global_batch), which are the rows of batch k of a single process with a P times larger
+    batch: the data order does not depend on the number of processes, and each reads and decodes only its rows.
+    """
+    return batches[process_index::process_count]
 
 
 class TrainIterator:
@@ -53,7 +59,9 @@ class TrainIterator:
 
     `get_state()` returns a JSON-serializable dict that records the Grain iterator state together with the
     worker count and process layout, because Grain's state is only meaningful for the same layout: restoring
-    it under another one could silently yield other data, so `set_state` refuses.
+    it under another one could silently yield other data, so `set_state` refuses. The process index is the
+    exception: processes draw their batches in lockstep, so all their Grain states are the same and the one
+    process 0 checkpoints serves every process.
     """
 
     def __init__(
@@ -72,10 +80,11 @@ class TrainIterator:
         replay_fraction: float = 0.0,
     ):
         def endless(directory: str, stream_seed: int) -> grain.MapDataset:
-            rows = _process_slice(_rows(directory, seq_len, fields), process_index, process_count)
-            if len(rows) < batch_size:
+            rows = _rows(directory, seq_len, fields)
+            if len(rows) < batch_size * process_count:
                 raise ValueError(
-                    f"{directory!r} holds {len(rows)} rows for this process, fewer than one batch of {batch_size}."
+                    f"{directory!r} holds {len(rows)} rows, fewer than one global batch of "
+                    f"{batch_size * process_count}."
                 )
             # Shuffle, then repeat with a fresh shuffle every epoch.
             return rows.seed(stream_seed).shuffle().repeat(None)
@@ -87,7 +96,8 @@ class TrainIterator:
             dataset = grain.MapDataset.mix(
                 [dataset, endless(replay_dir, seed + 1)], [1.0 - replay_fraction, replay_fraction]
             )
-        dataset = dataset.batch(batch_size, drop_remainder=True).to_iter_dataset()
+        dataset = _process_slice(dataset.batch(batch_size, drop_remainder=True), process_index, process_count)
+        dataset = dataset.to_iter_dataset()
         if num_workers > 0:
             dataset = dataset.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_buffer_size)
@@ -119,6 +129,7 @@ class TrainIterator:
             advice="Grain iterator state is only valid for the same worker count, process layout, batch size "
             "and seed: restore the saved value (e.g. --config.data.num_workers).",
             prefix="layout",
+            ignore=lambda key: key == "process_index",
         )
         self._iterator.set_state(state["grain"])
 
@@ -133,15 +144,17 @@ def validation_batches(
     process_count: int = 1,
     fields: tuple[str, ...] = records.FIELDS,
 ) -> list[Batch]:
-    """The first `num_batches` batches of the validation split (fewer if the split is smaller), in order."""
-    rows = _process_slice(_rows(split_dir, seq_len, fields), process_index, process_count)
-    batched = rows.batch(batch_size, drop_remainder=True)
-    if len(batched) == 0:
+    """This process's part of the first `num_batches` global batches of the validation split (fewer if the split
+    is smaller), in order; every process gets the same number of batches."""
+    rows = _rows(split_dir, seq_len, fields)
+    global_batches = len(rows) // (batch_size * process_count)
+    if global_batches == 0:
         raise ValueError(
-            f"{split_dir!r} holds {len(rows)} rows for this process, fewer than one batch of "
-            f"{batch_size}; lower config.train.batch_size or add validation data."
+            f"{split_dir!r} holds {len(rows)} rows, fewer than one global batch of "
+            f"{batch_size * process_count}; lower config.train.batch_size or add validation data."
         )
-    return [batched[i] for i in range(min(num_batches, len(batched)))]
+    batches = _process_slice(rows.batch(batch_size, drop_remainder=True), process_index, process_count)
+    return [batches[i] for i in range(min(num_batches, global_batches))]
 
 
 def split_dir(data_path: str, split: str) -> str:

@@ -210,7 +210,7 @@ def get_config() -> ml_collections.ConfigDict:
 # (two TensorCores) is one device, so a v5p-64 slice has 32.
 MACHINES = {
     "v5p-64": dict(devices=32, mesh_shape=(1, -1, 1), batch_size=128, grad_accum_steps=1, remat_policy="full"),
-    "8xh100": dict(devices=8, mesh_shape=(1, -1, 1), batch_size=64, grad_accum_steps=8, remat_policy="full"),
+    "8xh100": dict(devices=8, mesh_shape=(1, -1, 1), batch_size=64, grad_accum_steps=4, remat_policy="full"),
 }
 
 

@@ -113,7 +113,7 @@ def test_benchmark_cli_writes_json_and_rejects_an_unknown_subcommand(tmp_path):
     assert record["benchmark"] == "train" and record["tokens_per_sec"] > 0 and record["platform"] == "cpu"
     assert "tokens_per_sec" in result.stdout
     result = run_script("benchmark.py", "speed")
-    usage = "Usage: benchmark.py {train|decode|data|tokenizer|serve|import_hf|rag_index|watermark}"
+    usage = "Usage: benchmark.py {train|dry_run|decode|data|tokenizer|serve|import_hf|rag_index|watermark}"
     assert result.returncode != 0 and usage in result.stderr
 
 

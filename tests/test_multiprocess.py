@@ -1,5 +1,5 @@
 """Multi-process runs for real: `scripts/train.py --distributed` in two processes of four CPU devices each,
-joined by a loopback coordinator (tests/multiprocess.py), against one process with the eight devices of
+joined by a loopback coordinator (tests/process_launch.py), against one process with the eight devices of
 conftest.py; and the corpus pipeline's Beam runner with two worker processes against one."""
 
 import glob
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import metrics_entries, one_device_steps, run_script, saved_state, tiny_config
-from multiprocess import Launch
+from process_launch import Launch
 from test_data_pipeline import corpus_files, counts, make_config
 
 from configs import tiny_es

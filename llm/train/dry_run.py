@@ -123,7 +123,7 @@ def peak_bytes(memory: Any) -> int:
         memory.argument_size_in_bytes
         + memory.output_size_in_bytes
         - memory.alias_size_in_bytes
-        + (memory.temp_size_in_bytes)
+        + memory.temp_size_in_bytes
     )
 
 

@@ -26,7 +26,7 @@ from llm.data import loader, records
 from llm.model.kv_cache import KVCache
 from llm.runs import directory, loading
 from llm.tokenizer import train_tokenizer
-from llm.train import optimizer as optimizer_lib, step as step_lib
+from llm.train import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SEQ_LEN = 32
@@ -118,10 +118,8 @@ def metrics_entries(workdir):
 def one_device_steps(config, num_steps):
     """(mesh, compiled steps) of `config` on a one-device mesh, used inside that mesh."""
     mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-    optimizer = optimizer_lib.make_optimizer(config.optimizer, num_steps)
-    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_steps)
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-        yield mesh, step_lib.build_steps(config, mesh, optimizer, schedule)
+        yield mesh, step_lib.build_steps(config, mesh, num_steps=num_steps)
 
 
 def saved_state(config, workdir):

@@ -28,7 +28,7 @@ from flax import nnx
 from llm import config_validation, sharding
 from llm.model.transformer import create_model
 from llm.runs import directory
-from llm.train import inputs, loop, losses, optimizer as optimizer_lib, start, step as step_lib, teacher as teacher_lib
+from llm.train import inputs, loop, losses, start, step as step_lib, teacher as teacher_lib
 
 TEACHER_MODEL = dict(embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
 
@@ -191,12 +191,10 @@ def test_distillation_resumes_bit_exactly(data_dir, teacher_run, distilled_run, 
 def _teacher_eval(config):
     """(loaded teacher, eval metrics of a fresh student on one validation batch) on the 8-device mesh."""
     mesh = sharding.create_mesh(config.mesh_shape)
-    optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
-    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
     rules = config.logical_axis_rules
     with sharding.use_mesh(mesh, rules):
         teacher = teacher_lib.load_teacher(config, mesh)
-        steps = step_lib.build_steps(config, mesh, optimizer, schedule, teacher)
+        steps = step_lib.build_steps(config, mesh, teacher)
         state, frozen = steps.init(None)
         batch = inputs.validation_sets(config)[""][0]
         result = steps.eval(state, {**frozen, "teacher": teacher.params}, sharding.global_batch(batch, mesh, rules))

@@ -31,7 +31,6 @@ from llm.train import (
     loop,
     losses,
     metrics as metrics_lib,
-    optimizer as optimizer_lib,
     step as step_lib,
 )
 
@@ -171,12 +170,10 @@ def _batches(config, count, seed=3):
 
 def _train_losses(config, mesh_shape, num_steps=3):
     mesh = sharding.create_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
-    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
-    optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
     rules = config.logical_axis_rules
     results = []
     with sharding.use_mesh(mesh, rules):
-        steps = step_lib.build_steps(config, mesh, optimizer, schedule)
+        steps = step_lib.build_steps(config, mesh)
         state, frozen = steps.init(None)
         for batch in _batches(config, num_steps):
             state, metrics = steps.train(state, frozen, sharding.global_batch(batch, mesh, rules))

@@ -13,7 +13,7 @@ from test_moe import moe_config, moe_layer
 from llm import config_validation, sharding
 from llm.model import lora, moe
 from llm.model.transformer import create_model
-from llm.train import optimizer as optimizer_lib, step as step_lib
+from llm.train import step as step_lib
 
 LORA = dict(model__lora_rank=4, model__lora_alpha=8.0, model__lora_targets="attention/query|mlp/.*")
 TOKENS = jnp.array([[7, 21, 3, 99, 45, 8, 60, 12, 5], [2, 17, 40, 5, 9, 31, 77, 12, 1]])
@@ -128,13 +128,11 @@ def test_a_lora_run_of_an_moe_model_trains_only_the_adapters_and_its_loss_falls(
     config = moe_config(train__trainable="lora", model__scan_layers=True, **LORA)
     config.optimizer.update(learning_rate=3e-2, warmup_steps=0)
     mesh = sharding.create_mesh((1, 1, 1), jax.devices()[:1])
-    optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
-    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
     rows = list(pattern_rows(config.train.batch_size, config.data.seq_len, config.model.vocab_size, 3))
     batch = {name: np.stack([row[name] for row in rows]) for name in rows[0]}
     losses = []
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-        steps = step_lib.build_steps(config, mesh, optimizer, schedule)
+        steps = step_lib.build_steps(config, mesh)
         state, frozen = steps.init(None)
         base_before = jax.tree.map(np.asarray, frozen["rest"])
         for _ in range(6):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import run_script
 from flax import nnx
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.numpy import load_file, save_file
-from test_hf_export import ATOL, our_config, our_logits, save_lora_run, their_logits
+from test_hf_export import ATOL, our_config, our_logits, peft_adapter, save_lora_run, their_logits
 from test_hf_moe import EXPERT_LORA, RUNS, hf_model
 from transformers import AutoModelForCausalLM
 
@@ -54,16 +54,14 @@ def test_an_exported_moe_lora_run_imports_back_bit_for_bit(kind, lora_keys, toke
 
 
 def peft_moe_adapter(hf, path, **settings) -> tuple[torch.nn.Module, str]:
-    """`hf` wrapped by peft with random adapters (lora_B too), saved to `path`."""
-    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    peft_model = get_peft_model(hf, LoraConfig(task_type="CAUSAL_LM", **{**config, **settings}))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, 0.2)
-    peft_model.save_pretrained(str(path))
-    return peft_model.eval(), str(path)
+    """`hf` wrapped by peft with random adapters (lora_B too) on q_proj and v_proj unless `settings` say
+    otherwise, saved to `path`."""
+    defaults = {
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+    }  # ParamWrapper: no dropout
+    return peft_adapter(hf, path, **{**defaults, **settings})
 
 
 @pytest.mark.parametrize(

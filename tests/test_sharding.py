@@ -7,15 +7,13 @@ from conftest import pattern_rows, tiny_config
 from jax.sharding import PartitionSpec
 
 from llm import checkpoint, sharding
-from llm.train import optimizer as optimizer_lib, step as step_lib
+from llm.train import step as step_lib
 
 
 def _steps(config, mesh_shape):
     mesh = sharding.create_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
-    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
-    optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
     with sharding.use_mesh(mesh, config.logical_axis_rules):
-        return mesh, step_lib.build_steps(config, mesh, optimizer, schedule)
+        return mesh, step_lib.build_steps(config, mesh)
 
 
 def _batches(config, count):

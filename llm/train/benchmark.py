@@ -25,7 +25,6 @@ from llm.train import (
     evaluation as evaluation_lib,
     inputs,
     metrics as metrics_lib,
-    optimizer as optimizer_lib,
     step as step_lib,
 )
 
@@ -78,10 +77,8 @@ def benchmark_train(config: ml_collections.ConfigDict, num_steps: int = 10, warm
     mesh = sharding.create_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
     config_validation.check_batch_divides_mesh(config, sharding.data_parallel_size(mesh, rules))
-    optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
-    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
     with sharding.use_mesh(mesh, rules):
-        steps = step_lib.build_steps(config, mesh, optimizer, schedule)
+        steps = step_lib.build_steps(config, mesh)
         batches = [sharding.global_batch(b, mesh, rules) for b in _local_batches(config, warmup_steps + num_steps)]
         state, frozen = steps.init(None)
         start = time.perf_counter()

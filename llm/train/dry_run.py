@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from llm import config_validation, devices, sharding
-from llm.train import hlo_stats, losses, metrics, optimizer as optimizer_lib, step as step_lib
+from llm.train import hlo_stats, losses, metrics, step as step_lib
 
 ESTIMATE_NOTE = (
     "estimate: roofline max(compute, HBM) + serialized collectives at data-sheet peaks, from the CPU compiler's HLO"
@@ -60,10 +60,8 @@ def compile_train_step(config: ml_collections.ConfigDict) -> tuple[Any, Any, Any
     mesh = sharding.create_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
     config_validation.check_batch_divides_mesh(config, sharding.data_parallel_size(mesh, rules))
-    optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
-    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
     with sharding.use_mesh(mesh, rules):
-        steps = step_lib.build_steps(config, mesh, optimizer, schedule)
+        steps = step_lib.build_steps(config, mesh)
         # The jitted init's output shardings come with its shapes: the frozen part's as well as the state's.
         state, frozen = jax.eval_shape(steps.init, None)
         rows = sharding.logical_sharding(mesh, rules, ("batch", "length"))

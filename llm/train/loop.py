@@ -29,7 +29,6 @@ from llm.train import (
     inputs,
     losses,
     metrics as metrics_lib,
-    optimizer as optimizer_lib,
     start as start_lib,
     step as step_lib,
     teacher as teacher_lib,
@@ -84,15 +83,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     mesh = sharding.create_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
     config_validation.check_batch_divides_mesh(config, sharding.data_parallel_size(mesh, rules))
-    optimizer = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
-    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, config.train.num_steps)
     data, validation = inputs.train_iterator(config), inputs.validation_sets(config)
     checkpointer = checkpoint.Checkpointer(
         os.path.join(os.path.abspath(workdir), "checkpoints"), config.train.keep_checkpoints
     )
     with sharding.use_mesh(mesh, rules):
         teacher = teacher_lib.load_teacher(config, mesh) if losses.OBJECTIVES[config.train.objective].teacher else None
-        steps = step_lib.build_steps(config, mesh, optimizer, schedule, teacher)
+        steps = step_lib.build_steps(config, mesh, teacher)
         start, state, frozen = start_lib.restore_or_init(config, steps, checkpointer, data, teacher)
         start_lib.write_run_files(config, workdir)
         trackers = tracking.open_trackers(config, workdir)

@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from llm import sharding
 from llm.model.transformer import create_model
 from llm.runs.build import TRAINABLE, base_config, trained_model
-from llm.train import losses, teacher as teacher_lib
+from llm.train import losses, optimizer as optimizer_lib, teacher as teacher_lib
 
 TrainState = dict[str, Any]
 Frozen = dict[str, nnx.State]
@@ -68,12 +68,15 @@ def batch_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def build_steps(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
-    optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule,
     teacher: teacher_lib.Teacher | None = None,
+    num_steps: int | None = None,
 ) -> Steps:
-    """The compiled steps of `config` on `mesh`; distillation needs its loaded `teacher` (teacher.load_teacher),
-    whose parameters the steps then take as frozen["teacher"]."""
+    """The compiled steps of `config` on `mesh`, with the optimizer and learning-rate schedule of
+    `config.optimizer` over `num_steps` (default config.train.num_steps); distillation needs its loaded `teacher`
+    (teacher.load_teacher), whose parameters the steps then take as frozen["teacher"]."""
+    num_steps = config.train.num_steps if num_steps is None else num_steps
+    optimizer = optimizer_lib.make_optimizer(config.optimizer, num_steps)
+    schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_steps)
     rules = config.logical_axis_rules
     trainable = TRAINABLE[config.train.trainable]
     objective = losses.OBJECTIVES[config.train.objective]

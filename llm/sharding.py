@@ -236,6 +236,30 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules
     }
 
 
+def check_rows_split_by_process(mesh: Mesh, rules: Rules, batch_size: int) -> None:
+    """Refuses a mesh on which one row of the batch sits on devices of several processes.
+
+    Every process feeds only its own rows (llm/data/loader.py; `global_batch`), so a row that two processes'
+    devices hold would get different data from each: the `batch` axes must split the processes apart, as a
+    (processes, -1, 1) mesh does, while `tensor` (and any axis within a host) may group a process's own devices.
+    """
+    if jax.process_count() == 1:
+        return
+    holders: dict[tuple[int, int], set[int]] = {}
+    rows = logical_sharding(mesh, rules, ("batch", "length")).devices_indices_map((batch_size, 1))
+    for device, (row_slice, _) in rows.items():
+        start, stop, _ = row_slice.indices(batch_size)
+        holders.setdefault((start, stop), set()).add(device.process_index)
+    for (start, stop), processes in sorted(holders.items()):
+        if len(processes) > 1:
+            raise ValueError(
+                f"mesh_shape {tuple(mesh.shape.values())} on {jax.process_count()} processes: rows {start}-{stop - 1} "
+                f"of each batch sit on devices of processes {sorted(processes)}, but every process feeds its own "
+                f"rows. Split the batch across the processes: put them along data or fsdp, e.g. mesh_shape="
+                f"({jax.process_count()}, -1, 1)."
+            )
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying shardings: the target that lets Orbax restore onto any mesh."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

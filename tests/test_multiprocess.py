@@ -24,7 +24,7 @@ TRAINED = ("loss", "grad_norm", "param_norm")  # Logged values that depend on th
 
 
 def _config(data_dir, **overrides):
-    config = tiny_config(mesh_shape=MESH, **overrides)
+    config = tiny_config(**{"mesh_shape": MESH, **overrides})
     config.data.path = data_dir
     return config
 
@@ -166,6 +166,15 @@ def test_beam_runner_with_two_worker_processes_writes_what_one_writes(tmp_path):
     for step in ("filter", "dedup"):
         assert corpus_files(outputs[1] / step) == corpus_files(outputs[2] / step)
         assert counts(outputs[1] / step) == counts(outputs[2] / step)
+
+
+def test_a_mesh_that_does_not_split_the_batch_between_processes_is_refused(data_dir, tmp_path):
+    # (1, 1, 8): pure tensor parallelism over both processes, so every device holds every row of the batch.
+    config = _config(data_dir, mesh_shape=(1, 1, 8))
+    launch = Launch("train.py", _flags(config, str(tmp_path / "run")), str(tmp_path / "logs"))
+    with pytest.raises(AssertionError, match=r"rows 0-7 of each batch sit on devices of processes \[0, 1\]"):
+        launch.wait(LAUNCH_TIMEOUT_S)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 @pytest.mark.parametrize(

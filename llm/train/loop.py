@@ -83,6 +83,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     mesh = sharding.create_mesh(config.mesh_shape)
     rules = config.logical_axis_rules
     config_validation.check_batch_divides_mesh(config, sharding.data_parallel_size(mesh, rules))
+    sharding.check_rows_split_by_process(mesh, rules, config.train.batch_size)
     data, validation = inputs.train_iterator(config), inputs.validation_sets(config)
     checkpointer = checkpoint.Checkpointer(
         os.path.join(os.path.abspath(workdir), "checkpoints"), config.train.keep_checkpoints

@@ -12,8 +12,7 @@ import jax  # noqa: E402
 
 # Must happen before any JAX operation creates the backend.
 jax.config.update("jax_num_cpu_devices", 8)
-COMPILATION_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".pytest_cache", "jax")
-jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import jax.numpy as jnp
@@ -206,13 +205,7 @@ def spanish_documents(count: int) -> list[str]:
 def run_script(name: str, *flags: str, stdin: str | None = None, timeout: int = 300, **kwargs):
     """scripts/NAME run by this interpreter on the CPU, with its output captured as text."""
     command = [sys.executable, os.path.join(REPO, "scripts", name), *flags]
-    # The scripts share the tests' compilation cache: the same script on the same run compiles once per suite.
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     return subprocess.run(command, capture_output=True, text=True, input=stdin, timeout=timeout, env=env, **kwargs)
 
 

@@ -299,7 +299,9 @@ def test_a_bad_prompt_gets_a_message_that_says_what_is_wrong(server, prompt, par
 
 def test_many_stop_strings_are_accepted_up_to_a_generous_limit(server):
     ask = lambda stop: httpx.post(
-        server[0] + "/v1/completions", json={"model": MODEL, "prompt": "Hola", "max_tokens": 2, "stop": stop}
+        server[0] + "/v1/completions",
+        json={"model": MODEL, "prompt": "Hola", "max_tokens": 2, "stop": stop},
+        timeout=60,  # The first request compiles the model's steps.
     )
     assert ask([f"\n{i}" for i in range(6)]).status_code == 200  # lm-eval's tasks: 5 stop strings and EOS.
     error = assert_openai_error(ask([f"s{i}" for i in range(70)]), 422, "stop")

@@ -145,7 +145,7 @@ def test_health_reports_the_index(server, retrieval):
 def test_the_server_without_an_index_is_unchanged(run):
     with serving(run, max_tokens=MAX_TOKENS) as (url, app):
         body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2}
-        response = httpx.post(url + "/v1/chat/completions", json=body)
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)  # The first request compiles.
         assert response.status_code == 200 and "sources" not in response.json()
         assert httpx.get(url + "/health").json()["index"] is None
         refused = httpx.post(url + "/v1/chat/completions", json={**body, "retrieval": True})
